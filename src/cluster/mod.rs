@@ -1,0 +1,132 @@
+//! Cluster membership and operator tools: `add_node`, `remove_node`, `run_on_workers`.
+
+pub mod membership;
+pub mod run_on_workers;
+
+use std::ffi::CStr;
+
+use pgrx::{pg_sys, PgSqlErrorCode};
+
+use crate::error::PgError;
+use crate::metadata::MetadataError;
+use crate::remote::{NodeAddress, NodeTarget, RemoteError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("role must be 'primary' or 'replica', not \"{0}\"")]
+    BadRole(String),
+    #[error("port {0} is out of range")]
+    BadPort(i32),
+    #[error("{host}:{port} is already in the cluster as node {node_id}")]
+    AlreadyAdded { host: String, port: u16, node_id: i32 },
+    #[error("{node} is the same server as node {existing} (same system identifier)")]
+    SameServer { node: NodeAddress, existing: i32 },
+    #[error("{0} is this coordinator itself")]
+    IsCoordinator(NodeAddress),
+    #[error("{node} runs PostgreSQL {found}, the coordinator runs PostgreSQL {expected}")]
+    VersionMismatch { node: NodeAddress, found: i32, expected: i32 },
+    #[error("pgdist is not available on {0}")]
+    ExtensionMissing(NodeAddress),
+    #[error("{node} has pgdist {found}, the coordinator has pgdist {expected}")]
+    ExtensionVersionMismatch { node: NodeAddress, found: String, expected: String },
+    #[error("{node} is {actual}, so it cannot be added as a {role}")]
+    WrongRecoveryState { node: NodeAddress, role: &'static str, actual: &'static str },
+    #[error("{0} is a standby of no node in the cluster")]
+    UnknownPrimary(NodeAddress),
+    #[error("node {0} does not exist")]
+    NoSuchNode(i32),
+    #[error("node {node_id} still has replicas registered: {replicas}")]
+    HasReplicas { node_id: i32, replicas: String },
+    #[error("unexpected answer from {0} while checking it")]
+    BadAnswer(NodeAddress),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+}
+
+impl PgError for ClusterError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        use ClusterError::*;
+        match self {
+            BadRole(_) | BadPort(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            AlreadyAdded { .. } | SameServer { .. } => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            IsCoordinator(_) | WrongRecoveryState { .. } | UnknownPrimary(_) => {
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+            }
+            VersionMismatch { .. } | ExtensionMissing(_) | ExtensionVersionMismatch { .. } => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            NoSuchNode(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            HasReplicas { .. } => PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+            BadAnswer(_) => PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+            Remote(err) => err.sqlstate(),
+            Metadata(err) => err.sqlstate(),
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            ClusterError::Remote(err) => err.detail(),
+            _ => None,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        use ClusterError::*;
+        match self {
+            AlreadyAdded { .. } | SameServer { .. } => {
+                Some("See SELECT * FROM pgdist.nodes; to add a node again, remove it first.".into())
+            }
+            IsCoordinator(_) => Some("Add worker servers, not the coordinator.".into()),
+            ExtensionMissing(_) => Some(
+                "Install the pgdist package on that server and add pgdist to its \
+                 shared_preload_libraries."
+                    .into(),
+            ),
+            ExtensionVersionMismatch { .. } => Some(
+                "Install the same pgdist version on every node, then run ALTER EXTENSION pgdist \
+                 UPDATE where it is older."
+                    .into(),
+            ),
+            WrongRecoveryState { .. } => Some(
+                "Add primaries with role => 'primary' and streaming standbys with \
+                 role => 'replica'."
+                    .into(),
+            ),
+            UnknownPrimary(_) => Some("Add the standby's primary first.".into()),
+            HasReplicas { .. } => Some("Remove the replicas first.".into()),
+            Remote(err) => err.hint(),
+            _ => None,
+        }
+    }
+}
+
+/// Name of the role the current statement runs as (connections to nodes use the same name).
+pub fn current_user_name() -> String {
+    // SAFETY: GetUserId() is valid inside a transaction; GetUserNameFromId(.., false) raises an
+    // ERROR rather than returning NULL, and returns a palloc'd C string we copy at once.
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false);
+        CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+/// Name of the current database; every node uses a database of the same name.
+pub fn current_database_name() -> String {
+    // SAFETY: MyDatabaseId is set for every backend connected to a database, which is the only
+    // place SQL functions run; get_database_name returns a palloc'd copy (or NULL if dropped).
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(name).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// How to reach `node` as the current user in the current database.
+pub fn target_for(node: NodeAddress) -> Result<NodeTarget, RemoteError> {
+    NodeTarget::new(node, current_database_name(), current_user_name())
+}

@@ -1,0 +1,56 @@
+//! Every `pgdist.*` setting: private statics, registration in `init()`, typed accessors.
+
+use std::ffi::CString;
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+static NODE_CONNINFO: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static LOG_REMOTE_COMMANDS: GucSetting<bool> = GucSetting::<bool>::new(false);
+static CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"pgdist.node_conninfo",
+        c"Extra libpq-style parameters for connections to worker nodes.",
+        c"Space-separated key=value pairs (for example 'sslmode=disable passfile=/etc/pgdist/pgpass') \
+          added to every connection the coordinator opens to a node. host, port, dbname and user \
+          are set by pgdist.",
+        &NODE_CONNINFO,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pgdist.log_remote_commands",
+        c"Logs every command sent to a worker node (at LOG level).",
+        c"",
+        &LOG_REMOTE_COMMANDS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgdist.node_connect_timeout",
+        c"How long to wait for a connection to a node to be established.",
+        c"",
+        &CONNECT_TIMEOUT_MS,
+        100,
+        600_000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+}
+
+/// The `pgdist.node_conninfo` setting, or an empty string.
+pub fn node_conninfo() -> String {
+    NODE_CONNINFO
+        .get()
+        .map(|value| value.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+pub fn log_remote_commands() -> bool {
+    LOG_REMOTE_COMMANDS.get()
+}
+
+pub fn node_connect_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(CONNECT_TIMEOUT_MS.get().max(1) as u64)
+}

@@ -1,0 +1,51 @@
+//! pgdist: a PostgreSQL extension that turns stock PostgreSQL servers into one sharded database.
+//!
+//! `_PG_init` only checks that the library is preloaded and then calls each module's `init()`;
+//! everything else lives in the modules below (see `docs/architecture.md`).
+
+use pgrx::prelude::*;
+
+pub mod cluster;
+pub mod error;
+pub mod gucs;
+pub mod metadata;
+pub mod remote;
+pub mod transaction;
+
+::pgrx::pg_module_magic!(name, version);
+
+pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+
+/// The version this library implements; `add_node` requires the same version on every worker.
+pub const EXTENSION_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: a plain read of a global that the postmaster sets while loading preload libraries.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    if !preloading {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pgdist must be loaded via shared_preload_libraries",
+            "Add 'pgdist' to shared_preload_libraries in postgresql.conf and restart the server."
+        );
+    }
+    gucs::init();
+    transaction::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`: the server it starts must preload pgdist like every real node.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'pgdist'", "max_prepared_transactions = 10"]
+    }
+}

@@ -1,0 +1,158 @@
+//! One open connection to a node, and the backend's cache of idle ones.
+//!
+//! A connection is *taken* out of the cache for a piece of work and *given back* when the work
+//! succeeded. Work that fails or is interrupted simply drops its connection, which closes it, so
+//! no half-finished remote state can leak into the next statement.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use crate::remote::conninfo::ConnectParams;
+use crate::remote::runtime::InFlight;
+use crate::remote::{NodeAddress, RemoteError};
+
+/// How many idle connections per node and user the cache keeps.
+const MAX_IDLE_PER_NODE: usize = 8;
+
+/// Everything needed to reach a node, prepared on the backend's thread.
+#[derive(Clone, Debug)]
+pub struct NodeTarget {
+    pub node: NodeAddress,
+    pub config: tokio_postgres::Config,
+}
+
+impl NodeTarget {
+    pub fn new(node: NodeAddress, dbname: String, user: String) -> Result<Self, RemoteError> {
+        let params = ConnectParams { host: node.host.clone(), port: node.port, dbname, user };
+        let config =
+            params.to_config(&crate::gucs::node_conninfo(), crate::gucs::node_connect_timeout())?;
+        Ok(NodeTarget { node, config })
+    }
+
+    fn cache_key(&self) -> CacheKey {
+        CacheKey {
+            node_id: self.node.node_id,
+            user: self.config.get_user().unwrap_or_default().to_string(),
+        }
+    }
+}
+
+pub struct NodeConnection {
+    pub node: NodeAddress,
+    client: Client,
+    driver: JoinHandle<()>,
+    key: CacheKey,
+    /// True when this connection came from the cache (it may have died since).
+    pub reused: bool,
+}
+
+impl NodeConnection {
+    /// Opens a new connection (runs on the runtime; touches nothing of PostgreSQL's).
+    pub async fn open(target: &NodeTarget) -> Result<NodeConnection, RemoteError> {
+        let (client, connection) = target.config.connect(NoTls).await.map_err(|err| {
+            RemoteError::Connect { node: target.node.clone(), cause: super::error::error_chain(&err) }
+        })?;
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(NodeConnection {
+            node: target.node.clone(),
+            client,
+            driver,
+            key: target.cache_key(),
+            reused: false,
+        })
+    }
+
+    /// Runs `sql` with the simple query protocol; cancellable while it runs.
+    pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, RemoteError> {
+        let _in_flight = InFlight::register(self.client.cancel_token());
+        self.client.simple_query(sql).await.map_err(|err| RemoteError::from_postgres(&self.node, err))
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
+impl Drop for NodeConnection {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct CacheKey {
+    node_id: i32,
+    user: String,
+}
+
+thread_local! {
+    static IDLE: RefCell<HashMap<CacheKey, Vec<NodeConnection>>> = RefCell::new(HashMap::new());
+}
+
+/// An idle cached connection for `target`, if there is a live one.
+pub fn take_cached(target: &NodeTarget) -> Option<NodeConnection> {
+    let key = target.cache_key();
+    IDLE.with_borrow_mut(|idle| {
+        let pool = idle.get_mut(&key)?;
+        while let Some(mut conn) = pool.pop() {
+            if !conn.is_closed() {
+                conn.reused = true;
+                return Some(conn);
+            }
+        }
+        None
+    })
+}
+
+/// Returns a connection whose work finished cleanly to the cache.
+pub fn give_back(conn: NodeConnection) {
+    if conn.is_closed() {
+        return;
+    }
+    IDLE.with_borrow_mut(|idle| {
+        let pool = idle.entry(conn.key.clone()).or_default();
+        if pool.len() < MAX_IDLE_PER_NODE {
+            pool.push(conn);
+        }
+    });
+}
+
+/// Closes every cached connection to `node_id` (the node was removed or changed).
+pub fn forget_node(node_id: i32) {
+    IDLE.with_borrow_mut(|idle| idle.retain(|key, _| key.node_id != node_id));
+}
+
+/// Runs `sql` on a cached connection or a new one. When a cached connection turns out to be
+/// dead (the node restarted since it was last used) the command is sent once more on a fresh
+/// connection: a server that has gone away cannot have received it on the old one.
+pub async fn run_simple(
+    target: &NodeTarget,
+    cached: Option<NodeConnection>,
+    sql: &str,
+) -> (Option<NodeConnection>, Result<Vec<SimpleQueryMessage>, RemoteError>) {
+    let conn = match cached {
+        Some(conn) => conn,
+        None => match NodeConnection::open(target).await {
+            Ok(conn) => conn,
+            Err(err) => return (None, Err(err)),
+        },
+    };
+    match conn.simple_query(sql).await {
+        Err(err) if conn.reused && err.is_connection_failure() => {
+            drop(conn);
+            match NodeConnection::open(target).await {
+                Ok(fresh) => {
+                    let result = fresh.simple_query(sql).await;
+                    (Some(fresh), result)
+                }
+                Err(err) => (None, Err(err)),
+            }
+        }
+        result => (Some(conn), result),
+    }
+}

@@ -1,0 +1,106 @@
+//! Errors of the remote layer: connecting to nodes and running commands on them.
+
+use pgrx::PgSqlErrorCode;
+
+use crate::error::{sqlstate_from_code, PgError};
+use crate::remote::NodeAddress;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("could not connect to {node}: {cause}")]
+    Connect { node: NodeAddress, cause: String },
+
+    /// The node ran the command and reported an error; its SQLSTATE and text are kept.
+    #[error("{message}")]
+    Worker {
+        node: NodeAddress,
+        sqlstate: String,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+
+    #[error("lost the connection to {node}: {cause}")]
+    ConnectionLost { node: NodeAddress, cause: String },
+
+    /// The statement was cancelled (cancel request, statement_timeout, termination) while
+    /// waiting on nodes; the remote work was cancelled too.
+    #[error("canceling statement: the remote commands were cancelled")]
+    Interrupted,
+
+    #[error("invalid pgdist.node_conninfo: {0}")]
+    BadConninfo(String),
+}
+
+impl RemoteError {
+    /// Builds the error for a failed call on an open connection.
+    pub fn from_postgres(node: &NodeAddress, err: tokio_postgres::Error) -> Self {
+        match err.as_db_error() {
+            Some(db) => RemoteError::Worker {
+                node: node.clone(),
+                sqlstate: db.code().code().to_string(),
+                message: db.message().to_string(),
+                detail: db.detail().map(str::to_string),
+                hint: db.hint().map(str::to_string),
+            },
+            None => RemoteError::ConnectionLost { node: node.clone(), cause: error_chain(&err) },
+        }
+    }
+
+    /// True when the connection itself failed (so a fresh connection may succeed).
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(self, RemoteError::ConnectionLost { .. } | RemoteError::Connect { .. })
+    }
+}
+
+/// The error and all its sources in one line ("error connecting to server: Connection refused").
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+impl PgError for RemoteError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        match self {
+            RemoteError::Connect { .. } => PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+            RemoteError::Worker { sqlstate, .. } => sqlstate_from_code(sqlstate),
+            RemoteError::ConnectionLost { .. } => PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+            RemoteError::Interrupted => PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+            RemoteError::BadConninfo(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            RemoteError::Worker { node, detail: Some(detail), .. } => {
+                Some(format!("on {node}: {detail}"))
+            }
+            RemoteError::Worker { node, .. } => Some(format!("on {node}")),
+            _ => None,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            RemoteError::Worker { hint, .. } => hint.clone(),
+            RemoteError::Connect { .. } | RemoteError::ConnectionLost { .. } => Some(
+                "Check that the node is running and accepts connections from the coordinator \
+                 (listen_addresses, pg_hba.conf, pgdist.node_conninfo)."
+                    .into(),
+            ),
+            RemoteError::BadConninfo(_) => {
+                Some("pgdist.node_conninfo takes libpq key=value pairs.".into())
+            }
+            RemoteError::Interrupted => None,
+        }
+    }
+}
