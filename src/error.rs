@@ -54,10 +54,9 @@ pub fn sqlstate_from_code(code: &str) -> PgSqlErrorCode {
         return PgSqlErrorCode::ERRCODE_INTERNAL_ERROR;
     }
     // PostgreSQL's MAKE_SQLSTATE: six bits per character, first character lowest.
-    let packed = bytes
-        .iter()
-        .enumerate()
-        .fold(0i32, |acc, (i, ch)| acc + ((((*ch as i32) - ('0' as i32)) & 0x3F) << (6 * i)));
+    let packed = bytes.iter().enumerate().fold(0i32, |acc, (i, ch)| {
+        acc + ((((*ch as i32) - ('0' as i32)) & 0x3F) << (6 * i))
+    });
     PgSqlErrorCode::from(packed)
 }
 
@@ -67,8 +66,17 @@ mod unit {
 
     #[test]
     fn worker_sqlstates_keep_their_code() {
-        assert_eq!(sqlstate_from_code("57014"), PgSqlErrorCode::ERRCODE_QUERY_CANCELED);
-        assert_eq!(sqlstate_from_code("42P01"), PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE);
-        assert_eq!(sqlstate_from_code("bad"), PgSqlErrorCode::ERRCODE_INTERNAL_ERROR);
+        assert_eq!(
+            sqlstate_from_code("57014"),
+            PgSqlErrorCode::ERRCODE_QUERY_CANCELED
+        );
+        assert_eq!(
+            sqlstate_from_code("42P01"),
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE
+        );
+        assert_eq!(
+            sqlstate_from_code("bad"),
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR
+        );
     }
 }

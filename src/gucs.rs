@@ -54,3 +54,18 @@ pub fn log_remote_commands() -> bool {
 pub fn node_connect_timeout() -> std::time::Duration {
     std::time::Duration::from_millis(CONNECT_TIMEOUT_MS.get().max(1) as u64)
 }
+
+/// In-server tests of the settings.
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn settings_are_registered() {
+        let timeout = Spi::get_one::<String>("SHOW pgdist.node_connect_timeout").unwrap();
+        assert_eq!(timeout.as_deref(), Some("5s"));
+        let conninfo = Spi::get_one::<String>("SHOW pgdist.node_conninfo").unwrap();
+        assert_eq!(conninfo.as_deref(), Some(""));
+    }
+}

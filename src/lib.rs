@@ -35,10 +35,6 @@ pub extern "C-unwind" fn _PG_init() {
     transaction::init();
 }
 
-#[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
-mod tests;
-
 /// Required by `cargo pgrx test`: the server it starts must preload pgdist like every real node.
 #[cfg(test)]
 pub mod pg_test {
@@ -46,6 +42,9 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'pgdist'", "max_prepared_transactions = 10"]
+        vec![
+            "shared_preload_libraries = 'pgdist'",
+            "max_prepared_transactions = 10",
+        ]
     }
 }

@@ -109,7 +109,10 @@ fn check_and_install(node: &NodeAddress, role: &NodeRole) -> Result<ServerFacts,
 
 fn add_node_impl(host: &str, port: i32, role: &str) -> Result<i32, ClusterError> {
     let role = NodeRole::parse(role).ok_or_else(|| ClusterError::BadRole(role.to_string()))?;
-    let port = u16::try_from(port).ok().filter(|p| *p > 0).ok_or(ClusterError::BadPort(port))?;
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or(ClusterError::BadPort(port))?;
     nodes::lock_membership()?;
     if let Some(existing) = nodes::node_by_address(host, port)? {
         return Err(ClusterError::AlreadyAdded {
@@ -118,7 +121,11 @@ fn add_node_impl(host: &str, port: i32, role: &str) -> Result<i32, ClusterError>
             node_id: existing.address.node_id,
         });
     }
-    let address = NodeAddress { node_id: 0, host: host.to_string(), port };
+    let address = NodeAddress {
+        node_id: 0,
+        host: host.to_string(),
+        port,
+    };
     let facts = check_and_install(&address, &role)?;
     let same_server = nodes::all_nodes()?
         .into_iter()
@@ -151,7 +158,7 @@ fn add_node_impl(host: &str, port: i32, role: &str) -> Result<i32, ClusterError>
 }
 
 /// Adds a server to the cluster and returns its node_id.
-#[pg_extern(schema = "pgdist")]
+#[pg_extern]
 fn add_node(host: &str, port: i32, role: default!(&str, "'primary'")) -> i32 {
     add_node_impl(host, port, role).or_raise()
 }
@@ -161,8 +168,14 @@ fn remove_node_impl(node_id: i32) -> Result<(), ClusterError> {
     nodes::node_by_id(node_id)?.ok_or(ClusterError::NoSuchNode(node_id))?;
     let replicas = nodes::replicas_of(node_id)?;
     if !replicas.is_empty() {
-        let replicas = replicas.iter().map(|n| n.address.to_string()).collect::<Vec<_>>();
-        return Err(ClusterError::HasReplicas { node_id, replicas: replicas.join(", ") });
+        let replicas = replicas
+            .iter()
+            .map(|n| n.address.to_string())
+            .collect::<Vec<_>>();
+        return Err(ClusterError::HasReplicas {
+            node_id,
+            replicas: replicas.join(", "),
+        });
     }
     nodes::delete_node(node_id)?;
     remote::connection::forget_node(node_id);
@@ -170,7 +183,7 @@ fn remove_node_impl(node_id: i32) -> Result<(), ClusterError> {
 }
 
 /// Removes a node from the cluster's catalog (the server itself is left untouched).
-#[pg_extern(schema = "pgdist")]
+#[pg_extern]
 fn remove_node(node_id: i32) {
     remove_node_impl(node_id).or_raise()
 }

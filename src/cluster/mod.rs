@@ -18,19 +18,35 @@ pub enum ClusterError {
     #[error("port {0} is out of range")]
     BadPort(i32),
     #[error("{host}:{port} is already in the cluster as node {node_id}")]
-    AlreadyAdded { host: String, port: u16, node_id: i32 },
+    AlreadyAdded {
+        host: String,
+        port: u16,
+        node_id: i32,
+    },
     #[error("{node} is the same server as node {existing} (same system identifier)")]
     SameServer { node: NodeAddress, existing: i32 },
     #[error("{0} is this coordinator itself")]
     IsCoordinator(NodeAddress),
     #[error("{node} runs PostgreSQL {found}, the coordinator runs PostgreSQL {expected}")]
-    VersionMismatch { node: NodeAddress, found: i32, expected: i32 },
+    VersionMismatch {
+        node: NodeAddress,
+        found: i32,
+        expected: i32,
+    },
     #[error("pgdist is not available on {0}")]
     ExtensionMissing(NodeAddress),
     #[error("{node} has pgdist {found}, the coordinator has pgdist {expected}")]
-    ExtensionVersionMismatch { node: NodeAddress, found: String, expected: String },
+    ExtensionVersionMismatch {
+        node: NodeAddress,
+        found: String,
+        expected: String,
+    },
     #[error("{node} is {actual}, so it cannot be added as a {role}")]
-    WrongRecoveryState { node: NodeAddress, role: &'static str, actual: &'static str },
+    WrongRecoveryState {
+        node: NodeAddress,
+        role: &'static str,
+        actual: &'static str,
+    },
     #[error("{0} is a standby of no node in the cluster")]
     UnknownPrimary(NodeAddress),
     #[error("node {0} does not exist")]
@@ -129,4 +145,46 @@ pub fn current_database_name() -> String {
 /// How to reach `node` as the current user in the current database.
 pub fn target_for(node: NodeAddress) -> Result<NodeTarget, RemoteError> {
     NodeTarget::new(node, current_database_name(), current_user_name())
+}
+
+/// In-server tests; the multi-node behaviour is tested on real clusters in `pg_test/`.
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn create_extension_makes_the_catalog() {
+        let nodes = Spi::get_one::<i64>("SELECT count(*) FROM pgdist.nodes").unwrap();
+        assert_eq!(nodes, Some(0));
+        let schema = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgdist')",
+        )
+        .unwrap();
+        assert_eq!(schema, Some(true));
+    }
+
+    #[pg_test(
+        error = "could not connect to 127.0.0.1:1: error connecting to server: Connection refused (os error 111)"
+    )]
+    fn add_node_of_a_closed_port_fails_clearly() {
+        Spi::run("SELECT pgdist.add_node('127.0.0.1', 1)").unwrap();
+    }
+
+    #[pg_test(error = "role must be 'primary' or 'replica', not \"leader\"")]
+    fn add_node_rejects_unknown_roles() {
+        Spi::run("SELECT pgdist.add_node('127.0.0.1', 5432, 'leader')").unwrap();
+    }
+
+    #[pg_test(error = "node 42 does not exist")]
+    fn remove_node_of_an_unknown_node_fails() {
+        Spi::run("SELECT pgdist.remove_node(42)").unwrap();
+    }
+
+    #[pg_test]
+    fn run_on_workers_without_workers_returns_nothing() {
+        let rows =
+            Spi::get_one::<i64>("SELECT count(*) FROM pgdist.run_on_workers('SELECT 1')").unwrap();
+        assert_eq!(rows, Some(0));
+    }
 }

@@ -60,10 +60,16 @@ fn run_impl(command: &str) -> Result<Vec<(i32, bool, Option<String>)>, ClusterEr
 }
 
 /// Runs `command` on every worker at once, each in its own autocommit session.
-#[pg_extern(schema = "pgdist")]
+#[pg_extern]
 fn run_on_workers(
     command: &str,
-) -> TableIterator<'static, (name!(node_id, i32), name!(success, bool), name!(result, Option<String>))>
-{
+) -> TableIterator<
+    'static,
+    (
+        name!(node_id, i32),
+        name!(success, bool),
+        name!(result, Option<String>),
+    ),
+> {
     TableIterator::new(run_impl(command).or_raise())
 }

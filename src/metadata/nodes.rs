@@ -59,10 +59,16 @@ fn node_from_row(row: pgrx::spi::SpiHeapTupleData) -> Result<Node, MetadataError
     })
 }
 
-fn select_nodes(filter: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<Vec<Node>, MetadataError> {
+fn select_nodes(
+    filter: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> Result<Vec<Node>, MetadataError> {
     let query = format!("SELECT {NODE_COLUMNS} FROM pgdist.node {filter} ORDER BY node_id");
     Spi::connect(|client| {
-        client.select(query.as_str(), None, args)?.map(node_from_row).collect()
+        client
+            .select(query.as_str(), None, args)?
+            .map(node_from_row)
+            .collect()
     })
 }
 
@@ -81,12 +87,18 @@ pub fn node_by_id(node_id: i32) -> Result<Option<Node>, MetadataError> {
 }
 
 pub fn node_by_address(host: &str, port: u16) -> Result<Option<Node>, MetadataError> {
-    Ok(select_nodes("WHERE host = $1 AND port = $2", &[host.into(), (port as i32).into()])?.pop())
+    Ok(select_nodes(
+        "WHERE host = $1 AND port = $2",
+        &[host.into(), (port as i32).into()],
+    )?
+    .pop())
 }
 
 /// Serialises node membership changes against each other.
 pub fn lock_membership() -> Result<(), MetadataError> {
-    Ok(Spi::run("LOCK TABLE pgdist.node IN SHARE ROW EXCLUSIVE MODE")?)
+    Ok(Spi::run(
+        "LOCK TABLE pgdist.node IN SHARE ROW EXCLUSIVE MODE",
+    )?)
 }
 
 pub fn insert_node(node: &NewNode) -> Result<i32, MetadataError> {
@@ -110,5 +122,8 @@ pub fn replicas_of(primary_node_id: i32) -> Result<Vec<Node>, MetadataError> {
 }
 
 pub fn delete_node(node_id: i32) -> Result<(), MetadataError> {
-    Ok(Spi::run_with_args("DELETE FROM pgdist.node WHERE node_id = $1", &[node_id.into()])?)
+    Ok(Spi::run_with_args(
+        "DELETE FROM pgdist.node WHERE node_id = $1",
+        &[node_id.into()],
+    )?)
 }

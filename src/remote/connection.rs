@@ -26,9 +26,16 @@ pub struct NodeTarget {
 
 impl NodeTarget {
     pub fn new(node: NodeAddress, dbname: String, user: String) -> Result<Self, RemoteError> {
-        let params = ConnectParams { host: node.host.clone(), port: node.port, dbname, user };
-        let config =
-            params.to_config(&crate::gucs::node_conninfo(), crate::gucs::node_connect_timeout())?;
+        let params = ConnectParams {
+            host: node.host.clone(),
+            port: node.port,
+            dbname,
+            user,
+        };
+        let config = params.to_config(
+            &crate::gucs::node_conninfo(),
+            crate::gucs::node_connect_timeout(),
+        )?;
         Ok(NodeTarget { node, config })
     }
 
@@ -52,9 +59,15 @@ pub struct NodeConnection {
 impl NodeConnection {
     /// Opens a new connection (runs on the runtime; touches nothing of PostgreSQL's).
     pub async fn open(target: &NodeTarget) -> Result<NodeConnection, RemoteError> {
-        let (client, connection) = target.config.connect(NoTls).await.map_err(|err| {
-            RemoteError::Connect { node: target.node.clone(), cause: super::error::error_chain(&err) }
-        })?;
+        let (client, connection) =
+            target
+                .config
+                .connect(NoTls)
+                .await
+                .map_err(|err| RemoteError::Connect {
+                    node: target.node.clone(),
+                    cause: super::error::error_chain(&err),
+                })?;
         let driver = tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -70,7 +83,10 @@ impl NodeConnection {
     /// Runs `sql` with the simple query protocol; cancellable while it runs.
     pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, RemoteError> {
         let _in_flight = InFlight::register(self.client.cancel_token());
-        self.client.simple_query(sql).await.map_err(|err| RemoteError::from_postgres(&self.node, err))
+        self.client
+            .simple_query(sql)
+            .await
+            .map_err(|err| RemoteError::from_postgres(&self.node, err))
     }
 
     pub fn is_closed(&self) -> bool {
@@ -134,7 +150,10 @@ pub async fn run_simple(
     target: &NodeTarget,
     cached: Option<NodeConnection>,
     sql: &str,
-) -> (Option<NodeConnection>, Result<Vec<SimpleQueryMessage>, RemoteError>) {
+) -> (
+    Option<NodeConnection>,
+    Result<Vec<SimpleQueryMessage>, RemoteError>,
+) {
     let conn = match cached {
         Some(conn) => conn,
         None => match NodeConnection::open(target).await {

@@ -27,7 +27,9 @@ pub fn parse_conninfo(text: &str) -> Result<Vec<(String, String)>, RemoteError> 
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next() != Some('=') {
-            return Err(RemoteError::BadConninfo(format!("missing \"=\" after \"{key}\"")));
+            return Err(RemoteError::BadConninfo(format!(
+                "missing \"=\" after \"{key}\""
+            )));
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();
@@ -80,7 +82,11 @@ impl ConnectParams {
             if RESERVED_KEYS.contains(&key.as_str()) {
                 return Err(RemoteError::BadConninfo(format!(
                     "\"{key}\" is set by pgdist for each node{}",
-                    if key == "password" { "; put passwords in a passfile" } else { "" }
+                    if key == "password" {
+                        "; put passwords in a passfile"
+                    } else {
+                        ""
+                    }
                 )));
             }
             match key.as_str() {
@@ -93,7 +99,11 @@ impl ConnectParams {
         }
         let mut config = tokio_postgres::Config::from_str(&text)
             .map_err(|err| RemoteError::BadConninfo(err.to_string()))?;
-        config.host(&self.host).port(self.port).dbname(&self.dbname).user(&self.user);
+        config
+            .host(&self.host)
+            .port(self.port)
+            .dbname(&self.dbname)
+            .user(&self.user);
         if config.get_application_name().is_none() {
             config.application_name("pgdist");
         }
@@ -101,7 +111,9 @@ impl ConnectParams {
             config.connect_timeout(default_connect_timeout);
         }
         let passfile = passfile.or_else(|| {
-            std::env::var("HOME").ok().map(|home| format!("{home}/.pgpass"))
+            std::env::var("HOME")
+                .ok()
+                .map(|home| format!("{home}/.pgpass"))
         });
         if let Some(password) = passfile.and_then(|path| self.password_from_file(&path)) {
             config.password(password);
@@ -113,15 +125,26 @@ impl ConnectParams {
     fn password_from_file(&self, path: &str) -> Option<String> {
         let content = std::fs::read_to_string(path).ok()?;
         let port = self.port.to_string();
-        let wanted = [self.host.as_str(), port.as_str(), self.dbname.as_str(), self.user.as_str()];
-        content.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
-            let fields = split_passfile_line(line);
-            if fields.len() != 5 {
-                return None;
-            }
-            let matches = fields[..4].iter().zip(wanted).all(|(f, w)| f == "*" || f == w);
-            matches.then(|| fields[4].clone())
-        })
+        let wanted = [
+            self.host.as_str(),
+            port.as_str(),
+            self.dbname.as_str(),
+            self.user.as_str(),
+        ];
+        content
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .find_map(|line| {
+                let fields = split_passfile_line(line);
+                if fields.len() != 5 {
+                    return None;
+                }
+                let matches = fields[..4]
+                    .iter()
+                    .zip(wanted)
+                    .all(|(f, w)| f == "*" || f == w);
+                matches.then(|| fields[4].clone())
+            })
     }
 }
 
@@ -131,7 +154,10 @@ fn split_passfile_line(line: &str) -> Vec<String> {
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => fields.last_mut().into_iter().for_each(|f| f.extend(chars.next())),
+            '\\' => fields
+                .last_mut()
+                .into_iter()
+                .for_each(|f| f.extend(chars.next())),
             ':' if fields.len() < 5 => fields.push(String::new()),
             _ => fields.last_mut().into_iter().for_each(|f| f.push(c)),
         }
@@ -144,12 +170,18 @@ mod unit {
     use super::*;
 
     fn params() -> ConnectParams {
-        ConnectParams { host: "10.0.0.1".into(), port: 5433, dbname: "app".into(), user: "alice".into() }
+        ConnectParams {
+            host: "10.0.0.1".into(),
+            port: 5433,
+            dbname: "app".into(),
+            user: "alice".into(),
+        }
     }
 
     #[test]
     fn parses_plain_and_quoted_values() {
-        let pairs = parse_conninfo(" sslmode=disable  application_name = 'my app' x='a\\'b'").unwrap();
+        let pairs =
+            parse_conninfo(" sslmode=disable  application_name = 'my app' x='a\\'b'").unwrap();
         assert_eq!(
             pairs,
             vec![
@@ -171,12 +203,21 @@ mod unit {
     #[test]
     fn password_comes_from_the_passfile() {
         let path = std::env::temp_dir().join(format!("pgdist-pass-{}", std::process::id()));
-        std::fs::write(&path, "# comment\nother:5433:app:alice:nope\n10.0.0.1:*:app:alice:p\\:w\n").unwrap();
+        std::fs::write(
+            &path,
+            "# comment\nother:5433:app:alice:nope\n10.0.0.1:*:app:alice:p\\:w\n",
+        )
+        .unwrap();
         let extra = format!("passfile={} connect_timeout=3", path.display());
-        let config = params().to_config(&extra, std::time::Duration::from_secs(1)).unwrap();
+        let config = params()
+            .to_config(&extra, std::time::Duration::from_secs(1))
+            .unwrap();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(config.get_password(), Some(&b"p:w"[..]));
-        assert_eq!(config.get_connect_timeout(), Some(&std::time::Duration::from_secs(3)));
+        assert_eq!(
+            config.get_connect_timeout(),
+            Some(&std::time::Duration::from_secs(3))
+        );
         assert_eq!(config.get_application_name(), Some("pgdist"));
     }
 }

@@ -43,13 +43,19 @@ impl RemoteError {
                 detail: db.detail().map(str::to_string),
                 hint: db.hint().map(str::to_string),
             },
-            None => RemoteError::ConnectionLost { node: node.clone(), cause: error_chain(&err) },
+            None => RemoteError::ConnectionLost {
+                node: node.clone(),
+                cause: error_chain(&err),
+            },
         }
     }
 
     /// True when the connection itself failed (so a fresh connection may succeed).
     pub fn is_connection_failure(&self) -> bool {
-        matches!(self, RemoteError::ConnectionLost { .. } | RemoteError::Connect { .. })
+        matches!(
+            self,
+            RemoteError::ConnectionLost { .. } | RemoteError::Connect { .. }
+        )
     }
 }
 
@@ -81,9 +87,11 @@ impl PgError for RemoteError {
 
     fn detail(&self) -> Option<String> {
         match self {
-            RemoteError::Worker { node, detail: Some(detail), .. } => {
-                Some(format!("on {node}: {detail}"))
-            }
+            RemoteError::Worker {
+                node,
+                detail: Some(detail),
+                ..
+            } => Some(format!("on {node}: {detail}")),
             RemoteError::Worker { node, .. } => Some(format!("on {node}")),
             _ => None,
         }

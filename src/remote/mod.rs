@@ -76,9 +76,11 @@ pub fn rows_as_text(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>>
     messages
         .iter()
         .filter_map(|message| match message {
-            SimpleQueryMessage::Row(row) => {
-                Some((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect())
-            }
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_string))
+                    .collect(),
+            ),
             _ => None,
         })
         .collect()

@@ -94,7 +94,10 @@ pub fn block_on<F: Future>(future: F) -> Result<F::Output, RemoteError> {
     with_runtime(|runtime| {
         let mut future = pin!(future);
         loop {
-            if let Ok(output) = runtime.block_on(tokio::time::timeout(POLL_SLICE, future.as_mut())) {
+            // The timer must be created inside the runtime, hence the async block.
+            let slice =
+                runtime.block_on(async { tokio::time::timeout(POLL_SLICE, future.as_mut()).await });
+            if let Ok(output) = slice {
                 return Ok(output);
             }
             if interrupt_requested() {
@@ -102,11 +105,9 @@ pub fn block_on<F: Future>(future: F) -> Result<F::Output, RemoteError> {
                     IN_FLIGHT.with_borrow(|set| set.tokens.values().cloned().collect());
                 runtime.block_on(async {
                     let cancels = tokens.iter().map(|token| token.cancel_query(NoTls));
-                    let _ = tokio::time::timeout(
-                        CANCEL_GRACE,
-                        futures_util::future::join_all(cancels),
-                    )
-                    .await;
+                    let _ =
+                        tokio::time::timeout(CANCEL_GRACE, futures_util::future::join_all(cancels))
+                            .await;
                     // Let the commands fail with the node's "canceling statement" error, so that
                     // nothing is still running on any node when the statement ends here.
                     let _ = tokio::time::timeout(CANCEL_GRACE, future.as_mut()).await;

@@ -9,7 +9,10 @@ pub fn init() {
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     if event == pg_sys::XactEvent::XACT_EVENT_ABORT {
         crate::remote::on_abort();
     }
