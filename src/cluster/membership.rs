@@ -165,7 +165,7 @@ fn add_node(host: &str, port: i32, role: default!(&str, "'primary'")) -> i32 {
 
 fn remove_node_impl(node_id: i32) -> Result<(), ClusterError> {
     nodes::lock_membership()?;
-    nodes::node_by_id(node_id)?.ok_or(ClusterError::NoSuchNode(node_id))?;
+    let node = nodes::node_by_id(node_id)?.ok_or(ClusterError::NoSuchNode(node_id))?;
     let replicas = nodes::replicas_of(node_id)?;
     if !replicas.is_empty() {
         let replicas = replicas
@@ -178,7 +178,7 @@ fn remove_node_impl(node_id: i32) -> Result<(), ClusterError> {
         });
     }
     nodes::delete_node(node_id)?;
-    remote::connection::forget_node(node_id);
+    remote::connection::forget_node(&node.address);
     Ok(())
 }
 

@@ -41,7 +41,8 @@ impl NodeTarget {
 
     fn cache_key(&self) -> CacheKey {
         CacheKey {
-            node_id: self.node.node_id,
+            host: self.node.host.clone(),
+            port: self.node.port,
             user: self.config.get_user().unwrap_or_default().to_string(),
         }
     }
@@ -102,7 +103,8 @@ impl Drop for NodeConnection {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct CacheKey {
-    node_id: i32,
+    host: String,
+    port: u16,
     user: String,
 }
 
@@ -138,9 +140,11 @@ pub fn give_back(conn: NodeConnection) {
     });
 }
 
-/// Closes every cached connection to `node_id` (the node was removed or changed).
-pub fn forget_node(node_id: i32) {
-    IDLE.with_borrow_mut(|idle| idle.retain(|key, _| key.node_id != node_id));
+/// Closes every cached connection to `node` (the node was removed or changed).
+pub fn forget_node(node: &NodeAddress) {
+    IDLE.with_borrow_mut(|idle| {
+        idle.retain(|key, _| key.host != node.host || key.port != node.port)
+    });
 }
 
 /// Runs `sql` on a cached connection or a new one. When a cached connection turns out to be

@@ -50,12 +50,14 @@ impl RemoteError {
         }
     }
 
-    /// True when the connection itself failed (so a fresh connection may succeed).
+    /// True when the connection itself failed (so a fresh connection may succeed): it broke, or
+    /// the server ended the session because it shut down or crashed (SQLSTATE class 57P).
     pub fn is_connection_failure(&self) -> bool {
-        matches!(
-            self,
-            RemoteError::ConnectionLost { .. } | RemoteError::Connect { .. }
-        )
+        match self {
+            RemoteError::ConnectionLost { .. } | RemoteError::Connect { .. } => true,
+            RemoteError::Worker { sqlstate, .. } => sqlstate.starts_with("57P"),
+            _ => false,
+        }
     }
 }
 
