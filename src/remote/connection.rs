@@ -179,3 +179,36 @@ pub async fn run_simple(
         result => (Some(conn), result),
     }
 }
+
+impl NodeConnection {
+    /// Runs `copy_sql` (a `COPY … FROM STDIN`) and streams `chunks` (COPY text format) into it.
+    pub async fn copy_in(
+        &self,
+        copy_sql: &str,
+        chunks: Vec<bytes::Bytes>,
+    ) -> Result<u64, RemoteError> {
+        use futures_util::SinkExt;
+        let _in_flight = InFlight::register(self.client.cancel_token());
+        let fail = |err| RemoteError::from_postgres(&self.node, err);
+        let sink = self
+            .client
+            .copy_in::<_, bytes::Bytes>(copy_sql)
+            .await
+            .map_err(fail)?;
+        let mut sink = std::pin::pin!(sink);
+        for chunk in chunks {
+            sink.send(chunk).await.map_err(fail)?;
+        }
+        sink.as_mut().finish().await.map_err(fail)
+    }
+}
+
+impl NodeConnection {
+    /// Like [`NodeConnection::simple_query`] for a command built on the spot.
+    pub async fn simple_query_owned(
+        &self,
+        sql: String,
+    ) -> Result<Vec<SimpleQueryMessage>, RemoteError> {
+        self.simple_query(&sql).await
+    }
+}
