@@ -16,6 +16,7 @@ NAMES=(coordinator worker1 worker2)
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 # PostgreSQL refuses to run as root: run the servers as the postgres OS user then.
 as_server_user() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+unset RUST_BACKTRACE  # keep Rust backtraces out of the servers' error messages
 port_of() { echo $((BASE_PORT + $1)); }
 psql_on() { local port=$1; shift; psql -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres "$@"; }
 

@@ -20,13 +20,70 @@ COMMENT ON TABLE pgdist.node IS 'Nodes of the cluster (workers and their replica
 SELECT pg_catalog.pg_extension_config_dump('pgdist.node', '');
 SELECT pg_catalog.pg_extension_config_dump('pgdist.node_node_id_seq', '');
 
+-- Co-location groups: tables in one group have the same shard count, method, distribution
+-- column type and placements, so shard i of each lives on the same nodes.
+CREATE TABLE pgdist.colocation_group (
+    colocation_id      serial PRIMARY KEY,
+    method             text NOT NULL CHECK (method IN ('hash', 'range', 'reference')),
+    shard_count        int NOT NULL CHECK (shard_count > 0),
+    distribution_type  regtype,
+    replication_factor int NOT NULL CHECK (replication_factor > 0)
+);
+SELECT pg_catalog.pg_extension_config_dump('pgdist.colocation_group', '');
+SELECT pg_catalog.pg_extension_config_dump('pgdist.colocation_group_colocation_id_seq', '');
+
+-- Distributed and reference tables (the coordinator keeps an empty shell of each).
+CREATE TABLE pgdist.dist_table (
+    table_oid           regclass PRIMARY KEY,
+    method              text NOT NULL CHECK (method IN ('hash', 'range', 'reference')),
+    distribution_column text,
+    colocation_id       int NOT NULL REFERENCES pgdist.colocation_group (colocation_id),
+    CHECK ((method = 'reference') = (distribution_column IS NULL))
+);
+SELECT pg_catalog.pg_extension_config_dump('pgdist.dist_table', '');
+
+CREATE SEQUENCE pgdist.shard_id_seq START 102008;
+SELECT pg_catalog.pg_extension_config_dump('pgdist.shard_id_seq', '');
+
+-- Shards: for hash tables [min_value, max_value] is the inclusive int4 hash range; for range
+-- tables [min_value, max_value) in the column type's text form, NULL meaning unbounded.
+CREATE TABLE pgdist.shard (
+    shard_id    bigint PRIMARY KEY DEFAULT nextval('pgdist.shard_id_seq'),
+    table_oid   regclass NOT NULL REFERENCES pgdist.dist_table (table_oid) ON DELETE CASCADE,
+    shard_index int NOT NULL,
+    min_value   text,
+    max_value   text,
+    UNIQUE (table_oid, shard_index)
+);
+SELECT pg_catalog.pg_extension_config_dump('pgdist.shard', '');
+
+-- Where each shard lives.
+CREATE TABLE pgdist.placement (
+    placement_id bigserial PRIMARY KEY,
+    shard_id     bigint NOT NULL REFERENCES pgdist.shard (shard_id) ON DELETE CASCADE,
+    node_id      int NOT NULL REFERENCES pgdist.node (node_id),
+    state        text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'inactive', 'to_delete')),
+    UNIQUE (shard_id, node_id)
+);
+CREATE INDEX ON pgdist.placement (node_id);
+SELECT pg_catalog.pg_extension_config_dump('pgdist.placement', '');
+SELECT pg_catalog.pg_extension_config_dump('pgdist.placement_placement_id_seq', '');
+
+-- Commit decisions of two-phase commits, written in the coordinator's local transaction;
+-- recovery commits prepared transactions that have a record and rolls back the others.
+CREATE TABLE pgdist.transaction_decision (
+    gid        text PRIMARY KEY,
+    node_id    int NOT NULL,
+    decided_at timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE VIEW pgdist.nodes AS
 SELECT n.node_id,
        n.host,
        n.port,
        n.role,
        n.status,
-       0::bigint AS shard_count,
+       (SELECT count(*) FROM pgdist.placement p WHERE p.node_id = n.node_id) AS shard_count,
        n.last_heartbeat,
        n.consecutive_failures
 FROM pgdist.node n

@@ -7,8 +7,30 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 static NODE_CONNINFO: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static LOG_REMOTE_COMMANDS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+static SHARD_COUNT: GucSetting<i32> = GucSetting::<i32>::new(32);
+static REPLICATION_FACTOR: GucSetting<i32> = GucSetting::<i32>::new(1);
 
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"pgdist.shard_count",
+        c"Number of shards of a new hash-distributed table when shard_count is not given.",
+        c"",
+        &SHARD_COUNT,
+        1,
+        64_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgdist.replication_factor",
+        c"Number of placements of each shard of a new distributed table when not given.",
+        c"",
+        &REPLICATION_FACTOR,
+        1,
+        100,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"pgdist.node_conninfo",
         c"Extra libpq-style parameters for connections to worker nodes.",
@@ -45,6 +67,14 @@ pub fn node_conninfo() -> String {
         .get()
         .map(|value| value.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+pub fn shard_count() -> i32 {
+    SHARD_COUNT.get()
+}
+
+pub fn replication_factor() -> i32 {
+    REPLICATION_FACTOR.get()
 }
 
 pub fn log_remote_commands() -> bool {

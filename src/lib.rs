@@ -6,6 +6,7 @@
 use pgrx::prelude::*;
 
 pub mod cluster;
+pub mod distribution;
 pub mod error;
 pub mod gucs;
 pub mod metadata;
@@ -15,6 +16,7 @@ pub mod transaction;
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+pgrx::extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 /// The version this library implements; `add_node` requires the same version on every worker.
 pub const EXTENSION_VERSION: &str = env!("CARGO_PKG_VERSION");

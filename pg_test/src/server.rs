@@ -134,7 +134,10 @@ impl Server {
         if let Some((uid, gid)) = self.os_user {
             cmd.uid(uid).gid(gid);
         }
-        cmd.env_remove("PGDATA").env("HOME", &self.dir);
+        // Keep Rust backtraces out of the servers' error messages.
+        cmd.env_remove("PGDATA")
+            .env_remove("RUST_BACKTRACE")
+            .env("HOME", &self.dir);
         cmd
     }
 

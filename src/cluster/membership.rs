@@ -52,10 +52,8 @@ fn probe(node: &NodeAddress) -> Result<ServerFacts, ClusterError> {
 }
 
 fn coordinator_system_identifier() -> i64 {
-    Spi::get_one::<i64>("SELECT system_identifier FROM pg_catalog.pg_control_system()")
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    // SAFETY: GetSystemIdentifier reads a value fixed at initdb from shared memory.
+    unsafe { pg_sys::GetSystemIdentifier() as i64 }
 }
 
 fn check_and_install(node: &NodeAddress, role: &NodeRole) -> Result<ServerFacts, ClusterError> {

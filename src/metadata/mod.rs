@@ -1,6 +1,7 @@
 //! Catalog access: the coordinator's own tables in schema `pgdist`, read and written via SPI.
 
 pub mod nodes;
+pub mod tables;
 
 use pgrx::PgSqlErrorCode;
 

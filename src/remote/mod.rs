@@ -36,21 +36,33 @@ impl fmt::Display for NodeAddress {
 /// The outcome of one command on one node.
 pub type NodeOutcome = Result<Vec<SimpleQueryMessage>, RemoteError>;
 
-/// Runs `sql` on every target at once, each on its own connection, and waits for all of them
-/// (interruptibly: a cancel or timeout cancels the commands on the nodes and raises here).
-/// Connections that are still usable go back to the cache.
+/// Runs `sql` on every target at once, each on its own connection outside any transaction.
 pub fn run_on_each(targets: &[NodeTarget], sql: &str) -> Vec<NodeOutcome> {
+    let work: Vec<(NodeTarget, String)> = targets
+        .iter()
+        .map(|t| (t.clone(), sql.to_string()))
+        .collect();
+    run_each(&work)
+}
+
+/// Runs each target's own SQL at once, each on its own connection outside any transaction, and
+/// waits for all of them (interruptibly: a cancel or timeout cancels the commands on the nodes
+/// and raises here). Connections that are still usable go back to the cache.
+pub fn run_each(work: &[(NodeTarget, String)]) -> Vec<NodeOutcome> {
     if crate::gucs::log_remote_commands() {
-        for target in targets {
+        for (target, sql) in work {
             pgrx::log!("pgdist: issuing on {}: {}", target.node, sql);
         }
     }
-    let cached: Vec<_> = targets.iter().map(connection::take_cached).collect();
-    let work = targets
+    let cached: Vec<_> = work
+        .iter()
+        .map(|(target, _)| connection::take_cached(target))
+        .collect();
+    let runs = work
         .iter()
         .zip(cached)
-        .map(|(target, cached)| connection::run_simple(target, cached, sql));
-    let finished = match runtime::block_on(futures_util::future::join_all(work)) {
+        .map(|((target, sql), cached)| connection::run_simple(target, cached, sql));
+    let finished = match runtime::block_on(futures_util::future::join_all(runs)) {
         Ok(finished) => finished,
         Err(_) => runtime::raise_interrupt(),
     };

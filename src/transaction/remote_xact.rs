@@ -206,21 +206,11 @@ pub fn has_participants() -> bool {
     XACT.with_borrow(|state| !state.participants.is_empty())
 }
 
-fn coordinator_gid_prefix() -> String {
-    thread_local! {
-        static PREFIX: std::cell::OnceCell<String> = const { std::cell::OnceCell::new() };
-    }
-    PREFIX.with(|cell| {
-        cell.get_or_init(|| {
-            let sysid =
-                Spi::get_one::<i64>("SELECT system_identifier FROM pg_catalog.pg_control_system()")
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default();
-            format!("pgdist_{sysid}_")
-        })
-        .clone()
-    })
+/// What every pgdist GID of this coordinator starts with: `pgdist_<system identifier>_`.
+pub fn coordinator_gid_prefix() -> String {
+    // SAFETY: GetSystemIdentifier reads a value fixed at initdb from shared memory.
+    format!("pgdist_{}_", unsafe { pg_sys::GetSystemIdentifier() }
+        as i64)
 }
 
 /// The global transaction id for the current local transaction on `node_id`.
@@ -300,10 +290,15 @@ fn record_commit_decision(gids: &[String]) {
         .iter()
         .filter_map(|gid| gid.rsplit('_').next().and_then(|id| id.parse().ok()))
         .collect();
+    // Pre-commit runs without an active snapshot; SPI needs one.
+    // SAFETY: we are inside a live transaction; the pushed snapshot is popped right after.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     let result = Spi::run_with_args(
         "INSERT INTO pgdist.transaction_decision (gid, node_id) SELECT * FROM unnest($1::text[], $2::int[])",
         &[gids.to_vec().into(), node_ids.into()],
     );
+    // SAFETY: pops the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
     if let Err(err) = result {
         pgrx::error!("pgdist could not record the commit decision: {err}");
     }

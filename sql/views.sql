@@ -1,0 +1,39 @@
+-- Views over the catalog plus live numbers from the nodes (created after the functions).
+
+CREATE VIEW pgdist.shards AS
+WITH stats AS (SELECT * FROM pgdist.shard_statistics())
+SELECT s.shard_id,
+       s.table_oid AS table_name,
+       pgdist.shard_name(s.table_oid, s.shard_id) AS shard_name,
+       p.node_id,
+       n.host,
+       n.port,
+       s.min_value,
+       s.max_value,
+       st.row_estimate,
+       st.bytes,
+       p.state
+FROM pgdist.shard s
+JOIN pgdist.placement p USING (shard_id)
+JOIN pgdist.node n USING (node_id)
+LEFT JOIN stats st ON st.shard_id = s.shard_id AND st.node_id = p.node_id
+ORDER BY s.table_oid::text, s.shard_index, p.node_id;
+COMMENT ON VIEW pgdist.shards IS 'One row per shard placement, with its hash or range bounds, row estimate and size on its node.';
+
+CREATE VIEW pgdist.tables AS
+WITH stats AS (SELECT * FROM pgdist.shard_statistics())
+SELECT t.table_oid AS table_name,
+       t.method,
+       t.distribution_column,
+       (SELECT count(*) FROM pgdist.shard s WHERE s.table_oid = t.table_oid)::int AS shard_count,
+       t.colocation_id,
+       CASE WHEN t.method = 'reference'
+            THEN (SELECT count(*) FROM pgdist.placement p JOIN pgdist.shard s USING (shard_id)
+                  WHERE s.table_oid = t.table_oid)::int
+            ELSE g.replication_factor END AS replication_factor,
+       (SELECT sum(st.bytes) FROM pgdist.shard s JOIN stats st USING (shard_id)
+        WHERE s.table_oid = t.table_oid)::bigint AS total_bytes
+FROM pgdist.dist_table t
+JOIN pgdist.colocation_group g USING (colocation_id)
+ORDER BY t.table_oid::text;
+COMMENT ON VIEW pgdist.tables IS 'One row per distributed or reference table; total_bytes sums every placement on the nodes.';

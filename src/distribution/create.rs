@@ -1,0 +1,688 @@
+//! `pgdist.create_distributed_table` and `pgdist.create_reference_table`.
+//!
+//! Order of work, all inside the caller's transaction so that a failure anywhere leaves nothing
+//! behind (remote work is rolled back with it, see `transaction::remote_xact`):
+//! validate → plan shards and placements → create the shards on the workers → copy the existing
+//! rows into them → empty the local table (it stays as the shell) → record it in the catalog.
+
+use std::collections::BTreeMap;
+
+use pgrx::prelude::*;
+
+use crate::cluster::target_for;
+use crate::distribution::data_move::{self, ShardSink};
+use crate::distribution::hashing;
+use crate::distribution::shell::{self, TableDefinition};
+use crate::distribution::DistributionError;
+use crate::error::OrRaise;
+use crate::metadata::nodes::{self, Node};
+use crate::metadata::tables::{self, ColocationGroup, DistTable, Method, Placement};
+use crate::remote::quote::{quote_identifier, quote_literal};
+use crate::remote::NodeAddress;
+use crate::transaction::remote_xact;
+
+/// What the caller asked for.
+pub struct DistributionSpec {
+    pub method: Method,
+    pub column: Option<String>,
+    pub shard_count: Option<i32>,
+    pub colocate_with: String,
+    pub replication_factor: Option<i32>,
+    pub split_points: Option<Vec<String>>,
+}
+
+/// One shard to create: its bounds and the nodes of its placements.
+struct PlannedShard {
+    shard_id: i64,
+    index: i32,
+    min_value: Option<String>,
+    max_value: Option<String>,
+    nodes: Vec<NodeAddress>,
+}
+
+/// `relation::regclass::text`, as PostgreSQL prints it (quoted where needed).
+pub fn relation_name(oid: pg_sys::Oid) -> String {
+    Spi::get_one_with_args::<String>("SELECT $1::oid::regclass::text", &[oid.into()])
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| format!("{}", u32::from(oid)))
+}
+
+fn type_name(type_oid: pg_sys::Oid) -> String {
+    Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.format_type($1, NULL)",
+        &[type_oid.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default()
+}
+
+fn unsupported(table: &str, what: &str, hint: &str) -> DistributionError {
+    DistributionError::Unsupported {
+        table: table.into(),
+        what: what.into(),
+        hint: hint.into(),
+    }
+}
+
+/// Refuses tables pgdist cannot distribute (yet).
+fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError> {
+    if tables::dist_table(oid)?.is_some() {
+        return Err(DistributionError::AlreadyDistributed(name.into()));
+    }
+    let row = Spi::connect(|client| -> Result<_, DistributionError> {
+        let rows = client.select(
+            "SELECT c.relkind::text,
+                    c.relhassubclass OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid),
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal),
+                    (SELECT string_agg(k.conrelid::regclass::text, ', ') FROM pg_catalog.pg_constraint k
+                      WHERE k.confrelid = c.oid AND k.contype = 'f')
+             FROM pg_catalog.pg_class c WHERE c.oid = $1",
+            None,
+            &[oid.into()],
+        )?;
+        let mut found = None;
+        for row in rows {
+            found = Some((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<bool>(2)?.unwrap_or_default(),
+                row.get::<bool>(3)?.unwrap_or_default(),
+                row.get::<String>(4)?,
+            ));
+        }
+        Ok(found)
+    })?;
+    let Some((relkind, inherits, triggers, referenced_by)) = row else {
+        return Err(DistributionError::NotATable(name.into()));
+    };
+    match relkind.as_str() {
+        "r" => {}
+        "p" => {
+            return Err(unsupported(
+                name,
+                "partitioned tables",
+                "Distribute an ordinary table.",
+            ))
+        }
+        _ => return Err(DistributionError::NotATable(name.into())),
+    }
+    if inherits {
+        return Err(unsupported(
+            name,
+            "tables with inheritance",
+            "Distribute a table without parents or children.",
+        ));
+    }
+    if triggers {
+        return Err(unsupported(
+            name,
+            "triggers",
+            "Drop the table's triggers before distributing it; they would not fire on the shards.",
+        ));
+    }
+    if let Some(referencing) = referenced_by {
+        return Err(unsupported(
+            name,
+            "foreign keys that reference the table",
+            &format!("Drop the foreign keys of {referencing} that reference it first."),
+        ));
+    }
+    Ok(())
+}
+
+/// Uniqueness must include the distribution column; foreign keys are not supported yet.
+fn validate_constraints(
+    table: &TableDefinition,
+    name: &str,
+    column: Option<&shell::Column>,
+) -> Result<(), DistributionError> {
+    for constraint in &table.constraints {
+        if constraint.kind == "f" {
+            return Err(unsupported(
+                name,
+                "foreign keys",
+                &format!(
+                    "Drop constraint \"{}\" before distributing the table.",
+                    constraint.name
+                ),
+            ));
+        }
+    }
+    let Some(column) = column else { return Ok(()) };
+    let unique = table
+        .constraints
+        .iter()
+        .filter(|c| matches!(c.kind.as_str(), "p" | "u" | "x"))
+        .map(|c| (&c.name, &c.columns))
+        .chain(
+            table
+                .indexes
+                .iter()
+                .filter(|i| i.unique)
+                .map(|i| (&i.name, &i.columns)),
+        );
+    for (constraint, columns) in unique {
+        if !columns.contains(&column.attnum) {
+            return Err(DistributionError::UniqueWithoutDistributionColumn {
+                table: name.into(),
+                constraint: constraint.clone(),
+                column: column.name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Statements that make the table's user-defined column types exist on a worker: enums are
+/// created there, any other type must already exist (a clear error says so otherwise).
+fn type_statements(oid: pg_sys::Oid) -> Result<Vec<String>, DistributionError> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT DISTINCT n.nspname::text, b.typname::text, b.typtype::text,
+                    (SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder) FROM pg_catalog.pg_enum e WHERE e.enumtypid = b.oid)
+             FROM pg_catalog.pg_attribute a
+             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+             JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typelem <> 0 AND t.typlen = -1 THEN t.typelem ELSE t.oid END
+             JOIN pg_catalog.pg_namespace n ON n.oid = b.typnamespace
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND b.oid >= 16384",
+            None,
+            &[oid.into()],
+        )?;
+        let mut statements = Vec::new();
+        for row in rows {
+            let schema: String = row.get(1)?.unwrap_or_default();
+            let name = format!(
+                "{}.{}",
+                quote_identifier(&schema),
+                quote_identifier(&row.get::<String>(2)?.unwrap_or_default())
+            );
+            let kind: String = row.get(3)?.unwrap_or_default();
+            let labels: Option<Vec<String>> = row.get(4)?;
+            let create = match (kind.as_str(), labels) {
+                ("e", Some(labels)) => format!(
+                    "CREATE TYPE {name} AS ENUM ({})",
+                    labels.iter().map(|l| quote_literal(l)).collect::<Vec<_>>().join(", ")
+                ),
+                _ => format!(
+                    "RAISE EXCEPTION 'type % does not exist on this node', {} USING ERRCODE = 'feature_not_supported', \
+                     HINT = 'Create the type on every worker first, for example with pgdist.run_on_workers().'",
+                    quote_literal(&name)
+                ),
+            };
+            statements.push(format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                quote_identifier(&schema)
+            ));
+            statements.push(format!(
+                "DO $pgdist$ BEGIN IF pg_catalog.to_regtype({}) IS NULL THEN {create}; END IF; END $pgdist$",
+                quote_literal(&name)
+            ));
+        }
+        Ok(statements)
+    })
+}
+
+/// Placement nodes of each shard of a new co-location group: round robin, `replication_factor`
+/// consecutive nodes per shard.
+fn round_robin(shard_count: i32, replication_factor: i32, nodes: &[Node]) -> Vec<Vec<NodeAddress>> {
+    (0..shard_count as usize)
+        .map(|i| {
+            (0..replication_factor as usize)
+                .map(|k| nodes[(i + k) % nodes.len()].address.clone())
+                .collect()
+        })
+        .collect()
+}
+
+/// Placement nodes of each shard of an existing group (those of a member table).
+fn group_placements(group: &ColocationGroup) -> Result<Vec<Vec<NodeAddress>>, DistributionError> {
+    let member = tables::group_member(group.colocation_id)?.ok_or_else(|| {
+        DistributionError::BadArgument(format!(
+            "co-location group {} has no tables",
+            group.colocation_id
+        ))
+    })?;
+    let mut by_index: BTreeMap<i32, Vec<NodeAddress>> = BTreeMap::new();
+    for placement in tables::placements(member)? {
+        by_index
+            .entry(placement.shard_index)
+            .or_default()
+            .push(placement.node);
+    }
+    Ok(by_index.into_values().collect())
+}
+
+/// Sorted, distinct range split points in the column type's text form.
+fn range_split_points(
+    table: &TableDefinition,
+    column: &shell::Column,
+    given: Option<Vec<String>>,
+    shard_count: i32,
+) -> Result<Vec<String>, DistributionError> {
+    let points = match given {
+        Some(points) => Spi::get_one_with_args::<Vec<String>>(
+            &format!(
+                "SELECT array_agg(v::text ORDER BY v) FROM (SELECT DISTINCT x::{} AS v FROM unnest($1::text[]) x) s",
+                column.type_sql
+            ),
+            &[points.into()],
+        )?,
+        None => Spi::get_one::<Vec<String>>(&format!(
+            "SELECT array_agg(q::text ORDER BY q) FROM (
+               SELECT DISTINCT q FROM unnest((
+                 SELECT percentile_disc(ARRAY(SELECT g::float8 / {shard_count} FROM generate_series(1, {last}) g))
+                        WITHIN GROUP (ORDER BY {col}) FROM ONLY {rel})) q) s",
+            last = shard_count - 1,
+            col = quote_identifier(&column.name),
+            rel = crate::remote::quote::quote_qualified(&table.schema, &table.name),
+        ))?,
+    };
+    match points {
+        Some(points) if !points.is_empty() => Ok(points),
+        _ if shard_count == 1 => Ok(Vec::new()),
+        _ => Err(DistributionError::BadArgument(
+            "range distribution needs split_points, or rows to compute them from".into(),
+        )),
+    }
+}
+
+/// The co-location group a new hash table joins (None: a new group).
+fn choose_group(
+    spec: &DistributionSpec,
+    type_oid: pg_sys::Oid,
+    shard_count: i32,
+    replication_factor: i32,
+) -> Result<Option<ColocationGroup>, DistributionError> {
+    match spec.colocate_with.as_str() {
+        "none" => Ok(None),
+        "default" => Ok(tables::matching_group(
+            spec.method,
+            shard_count,
+            Some(type_oid),
+            replication_factor,
+        )?),
+        other => {
+            let other_oid =
+                Spi::get_one_with_args::<pg_sys::Oid>("SELECT $1::regclass::oid", &[other.into()])?
+                    .unwrap_or(pg_sys::InvalidOid);
+            let cannot = |why: &str| DistributionError::CannotColocate {
+                other: other.into(),
+                why: why.into(),
+            };
+            let other_table = tables::dist_table(other_oid)?
+                .ok_or_else(|| cannot("it is not a distributed table"))?;
+            if other_table.method != spec.method || spec.method != Method::Hash {
+                return Err(cannot("only hash-distributed tables can be co-located"));
+            }
+            let group = tables::colocation_group(other_table.colocation_id)?
+                .ok_or_else(|| cannot("its group is missing"))?;
+            if group.distribution_type != Some(type_oid) {
+                return Err(cannot("the distribution columns have different types"));
+            }
+            if spec.shard_count.is_some_and(|n| n != group.shard_count) {
+                return Err(cannot(&format!("it has {} shards", group.shard_count)));
+            }
+            if spec
+                .replication_factor
+                .is_some_and(|n| n != group.replication_factor)
+            {
+                return Err(cannot(&format!(
+                    "its replication factor is {}",
+                    group.replication_factor
+                )));
+            }
+            Ok(Some(group))
+        }
+    }
+}
+
+/// Creates shards and placements, moves the rows, records the table. The heart of both SQL
+/// functions.
+pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), DistributionError> {
+    let name = relation_name(oid);
+    nodes::lock_membership()?;
+    Spi::run(&format!("LOCK TABLE {name} IN EXCLUSIVE MODE"))?;
+    validate_table(oid, &name)?;
+    let table = shell::read_definition(oid)?;
+    let column = match &spec.column {
+        Some(column) => {
+            Some(
+                table
+                    .column(column)
+                    .ok_or_else(|| DistributionError::NoSuchColumn {
+                        table: name.clone(),
+                        column: column.clone(),
+                    })?,
+            )
+        }
+        None => None,
+    };
+    validate_constraints(&table, &name, column)?;
+    let workers = nodes::primary_nodes()?;
+    if workers.is_empty() {
+        return Err(DistributionError::NoWorkers);
+    }
+
+    let (group, shard_nodes, bounds, index_sql) = match (spec.method, column) {
+        (Method::Reference, _) => {
+            let group = tables::matching_group(Method::Reference, 1, None, 1)?;
+            let nodes: Vec<NodeAddress> = workers.iter().map(|n| n.address.clone()).collect();
+            (
+                group.map(|g| g.colocation_id),
+                vec![nodes],
+                vec![(None, None)],
+                "0".to_string(),
+            )
+        }
+        (_, None) => {
+            return Err(DistributionError::BadArgument(
+                "a distribution column is required".into(),
+            ))
+        }
+        (Method::Hash, Some(column)) => {
+            let (proc, input_type) = hashing::hash_function(column.type_oid)
+                .ok_or_else(|| DistributionError::NoHashFunction(type_name(column.type_oid)))?;
+            let requested_rf = spec
+                .replication_factor
+                .unwrap_or_else(crate::gucs::replication_factor);
+            let requested_count = spec.shard_count.unwrap_or_else(crate::gucs::shard_count);
+            if requested_count < 1 {
+                return Err(DistributionError::BadArgument(
+                    "shard_count must be at least 1".into(),
+                ));
+            }
+            let group = choose_group(&spec, column.type_oid, requested_count, requested_rf)?;
+            let (shard_count, rf) = group.as_ref().map_or((requested_count, requested_rf), |g| {
+                (g.shard_count, g.replication_factor)
+            });
+            if rf as usize > workers.len() {
+                return Err(DistributionError::BadArgument(format!(
+                    "replication_factor {rf} needs at least {rf} worker nodes, there are {}",
+                    workers.len()
+                )));
+            }
+            let shard_nodes = match &group {
+                Some(group) => group_placements(group)?,
+                None => round_robin(shard_count, rf, &workers),
+            };
+            let bounds = hashing::hash_ranges(shard_count)
+                .into_iter()
+                .map(|(min, max)| (Some(min.to_string()), Some(max.to_string())))
+                .collect();
+            let proc_name =
+                Spi::get_one_with_args::<String>("SELECT $1::oid::regproc::text", &[proc.into()])?
+                    .unwrap_or_default();
+            let index_sql = hashing::hash_index_sql(
+                &quote_identifier(&column.name),
+                &proc_name,
+                &type_name(input_type),
+                shard_count,
+            );
+            (
+                group.map(|g| g.colocation_id),
+                shard_nodes,
+                bounds,
+                index_sql,
+            )
+        }
+        (Method::Range, Some(column)) => {
+            if !hashing::has_btree_ordering(column.type_oid) {
+                return Err(DistributionError::NoOrdering(type_name(column.type_oid)));
+            }
+            if spec.colocate_with != "default" && spec.colocate_with != "none" {
+                return Err(unsupported(
+                    &name,
+                    "co-located range tables",
+                    "Use colocate_with => 'none'.",
+                ));
+            }
+            let rf = spec
+                .replication_factor
+                .unwrap_or_else(crate::gucs::replication_factor);
+            let requested = spec.shard_count.unwrap_or_else(crate::gucs::shard_count);
+            let points = range_split_points(&table, column, spec.split_points.clone(), requested)?;
+            let shard_count = points.len() as i32 + 1;
+            if rf as usize > workers.len() {
+                return Err(DistributionError::BadArgument(format!(
+                    "replication_factor {rf} needs at least {rf} worker nodes"
+                )));
+            }
+            let mut lower = vec![None];
+            lower.extend(points.iter().cloned().map(Some));
+            let mut upper: Vec<Option<String>> = points.iter().cloned().map(Some).collect();
+            upper.push(None);
+            let array = format!(
+                "ARRAY[{}]::{}[]",
+                points
+                    .iter()
+                    .map(|p| quote_literal(p))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                column.type_sql
+            );
+            let index_sql = if points.is_empty() {
+                "0".to_string()
+            } else {
+                format!(
+                    "pg_catalog.width_bucket({}, {array})",
+                    quote_identifier(&column.name)
+                )
+            };
+            (
+                None,
+                round_robin(shard_count, rf, &workers),
+                lower.into_iter().zip(upper).collect(),
+                index_sql,
+            )
+        }
+    };
+    if let Some(column) = column {
+        let has_nulls = Spi::get_one::<bool>(&format!(
+            "SELECT EXISTS (SELECT 1 FROM ONLY {name} WHERE {} IS NULL)",
+            quote_identifier(&column.name)
+        ))?;
+        if has_nulls == Some(true) {
+            return Err(DistributionError::NullDistributionValue);
+        }
+    }
+
+    let mut shards = Vec::with_capacity(shard_nodes.len());
+    for (index, (nodes, (min_value, max_value))) in shard_nodes.into_iter().zip(bounds).enumerate()
+    {
+        shards.push(PlannedShard {
+            shard_id: tables::next_shard_id()?,
+            index: index as i32,
+            min_value,
+            max_value,
+            nodes,
+        });
+    }
+    create_shards(&table, &shards)?;
+    let moved = move_rows(&table, &shards, &index_sql)?;
+    Spi::run(&format!("TRUNCATE ONLY {name}"))?;
+
+    let colocation_id = match group {
+        Some(id) => id,
+        None => {
+            let type_oid = column.map(|c| c.type_oid);
+            let rf = shards.first().map_or(1, |s| s.nodes.len() as i32);
+            let rf = if spec.method == Method::Reference {
+                1
+            } else {
+                rf
+            };
+            tables::insert_group(spec.method, shards.len() as i32, type_oid, rf)?
+        }
+    };
+    tables::insert_table(&DistTable {
+        oid,
+        method: spec.method,
+        distribution_column: column.map(|c| c.name.clone()),
+        colocation_id,
+    })?;
+    for shard in &shards {
+        for node in &shard.nodes {
+            tables::insert_placement(
+                &Placement {
+                    shard_id: shard.shard_id,
+                    shard_index: shard.index,
+                    min_value: shard.min_value.clone(),
+                    max_value: shard.max_value.clone(),
+                    node: node.clone(),
+                },
+                oid,
+            )?;
+        }
+    }
+    let node_count = shards
+        .iter()
+        .flat_map(|s| s.nodes.iter().map(|n| n.node_id))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    pgrx::notice!(
+        "pgdist: {name} now has {} shard{} on {node_count} node{}; {moved} existing row{} moved",
+        shards.len(),
+        if shards.len() == 1 { "" } else { "s" },
+        if node_count == 1 { "" } else { "s" },
+        if moved == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
+/// The statements that create `shard_ids` of `table` (and what they need) on one node.
+pub fn shard_creation_batch(
+    table: &TableDefinition,
+    shard_ids: &[i64],
+) -> Result<String, DistributionError> {
+    let mut statements = vec![format!(
+        "CREATE SCHEMA IF NOT EXISTS {}",
+        quote_identifier(&table.schema)
+    )];
+    statements.extend(type_statements(table.oid)?);
+    for shard_id in shard_ids {
+        statements.extend(shell::create_shard_sql(table, *shard_id));
+    }
+    Ok(statements.join(";\n"))
+}
+
+/// Creates every shard on its nodes, one batch per node, all nodes at once.
+fn create_shards(
+    table: &TableDefinition,
+    shards: &[PlannedShard],
+) -> Result<(), DistributionError> {
+    let mut per_node: BTreeMap<i32, (NodeAddress, Vec<i64>)> = BTreeMap::new();
+    for shard in shards {
+        for node in &shard.nodes {
+            per_node
+                .entry(node.node_id)
+                .or_insert_with(|| (node.clone(), Vec::new()))
+                .1
+                .push(shard.shard_id);
+        }
+    }
+    let mut work = Vec::new();
+    for (node, shard_ids) in per_node.into_values() {
+        work.push((target_for(node)?, shard_creation_batch(table, &shard_ids)?));
+    }
+    remote_xact::run_batches(&work);
+    Ok(())
+}
+
+/// Copies the local rows into the new shards.
+fn move_rows(
+    table: &TableDefinition,
+    shards: &[PlannedShard],
+    index_sql: &str,
+) -> Result<u64, DistributionError> {
+    let mut nodes: Vec<NodeAddress> = Vec::new();
+    for node in shards.iter().flat_map(|s| &s.nodes) {
+        if !nodes.contains(node) {
+            nodes.push(node.clone());
+        }
+    }
+    let targets = nodes
+        .iter()
+        .cloned()
+        .map(target_for)
+        .collect::<Result<Vec<_>, _>>()?;
+    let checkout = remote_xact::checkout(&targets)?;
+    let sinks: Vec<ShardSink> = shards
+        .iter()
+        .map(|shard| {
+            let conns = shard
+                .nodes
+                .iter()
+                .filter_map(|n| nodes.iter().position(|m| m == n))
+                .collect();
+            ShardSink::new(table, shard.shard_id, conns)
+        })
+        .collect();
+    let moved = data_move::copy_local_rows(table, index_sql, &sinks, &checkout.conns)?;
+    checkout.finish();
+    if moved > 0 {
+        // Fresh statistics: real row estimates in pgdist.shards and good plans on the workers.
+        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
+        for shard in shards {
+            for node in &shard.nodes {
+                let entry = per_node
+                    .entry(node.node_id)
+                    .or_insert_with(|| (node.clone(), Vec::new()));
+                entry
+                    .1
+                    .push(format!("ANALYZE {}", table.shard_relation(shard.shard_id)));
+            }
+        }
+        let work = per_node
+            .into_values()
+            .map(|(node, statements)| Ok((target_for(node)?, statements.join(";\n"))))
+            .collect::<Result<Vec<_>, DistributionError>>()?;
+        remote_xact::run_batches(&work);
+    }
+    Ok(moved)
+}
+
+/// Distributes a table by the hash (or range) of one column.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern]
+fn create_distributed_table(
+    table_name: pgrx::PgRelation,
+    distribution_column: &str,
+    method: default!(&str, "'hash'"),
+    shard_count: default!(Option<i32>, "NULL"),
+    colocate_with: default!(&str, "'default'"),
+    replication_factor: default!(Option<i32>, "NULL"),
+    split_points: default!(Option<Vec<String>>, "NULL"),
+) {
+    let method = match Method::parse(method) {
+        Some(method @ (Method::Hash | Method::Range)) => method,
+        _ => crate::error::raise(DistributionError::BadMethod(method.into())),
+    };
+    let spec = DistributionSpec {
+        method,
+        column: Some(distribution_column.into()),
+        shard_count,
+        colocate_with: colocate_with.into(),
+        replication_factor,
+        split_points,
+    };
+    let oid = table_name.oid();
+    drop(table_name); // close it: TRUNCATE refuses a relation this statement still holds open
+    distribute(oid, spec).or_raise()
+}
+
+/// Makes a table a reference table: one full copy on every worker.
+#[pg_extern]
+fn create_reference_table(table_name: pgrx::PgRelation) {
+    let spec = DistributionSpec {
+        method: Method::Reference,
+        column: None,
+        shard_count: Some(1),
+        colocate_with: "default".into(),
+        replication_factor: None,
+        split_points: None,
+    };
+    let oid = table_name.oid();
+    drop(table_name);
+    distribute(oid, spec).or_raise()
+}

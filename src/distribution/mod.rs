@@ -1,0 +1,117 @@
+//! Distributed and reference tables: creating them (shards, placements, moving existing rows),
+//! and turning them back into local tables.
+
+pub mod create;
+pub mod data_move;
+pub mod hashing;
+pub mod shell;
+pub mod statistics;
+pub mod undistribute;
+
+use pgrx::PgSqlErrorCode;
+
+use crate::error::PgError;
+use crate::metadata::MetadataError;
+use crate::remote::RemoteError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DistributionError {
+    #[error("table \"{0}\" is already distributed")]
+    AlreadyDistributed(String),
+    #[error("table \"{0}\" is not a distributed or reference table")]
+    NotDistributed(String),
+    #[error("\"{0}\" is not an ordinary table")]
+    NotATable(String),
+    #[error("{what} are not supported for distributed tables yet (table \"{table}\")")]
+    Unsupported {
+        table: String,
+        what: String,
+        hint: String,
+    },
+    #[error("column \"{column}\" of relation \"{table}\" does not exist")]
+    NoSuchColumn { table: String, column: String },
+    #[error("could not identify a hash function for type {0}")]
+    NoHashFunction(String),
+    #[error("type {0} has no default btree ordering, so it cannot be range-distributed")]
+    NoOrdering(String),
+    #[error("cannot distribute \"{table}\": constraint \"{constraint}\" does not include the distribution column \"{column}\"")]
+    UniqueWithoutDistributionColumn {
+        table: String,
+        constraint: String,
+        column: String,
+    },
+    #[error("the distribution column contains NULL values")]
+    NullDistributionValue,
+    #[error("method must be 'hash' or 'range', not \"{0}\"")]
+    BadMethod(String),
+    #[error("{0}")]
+    BadArgument(String),
+    #[error("there are no worker nodes to place shards on")]
+    NoWorkers,
+    #[error("cannot co-locate with \"{other}\": {why}")]
+    CannotColocate { other: String, why: String },
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+}
+
+impl From<pgrx::spi::Error> for DistributionError {
+    fn from(err: pgrx::spi::Error) -> Self {
+        DistributionError::Metadata(MetadataError::Spi(err))
+    }
+}
+
+impl PgError for DistributionError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        use DistributionError::*;
+        match self {
+            AlreadyDistributed(_) => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            NotDistributed(_) | NotATable(_) => PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            Unsupported { .. } | UniqueWithoutDistributionColumn { .. } => {
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
+            }
+            NoSuchColumn { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            NoHashFunction(_) | NoOrdering(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
+            NullDistributionValue => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+            BadMethod(_) | BadArgument(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            NoWorkers => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            CannotColocate { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            Remote(err) => err.sqlstate(),
+            Metadata(err) => err.sqlstate(),
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            DistributionError::Remote(err) => err.detail(),
+            _ => None,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        use DistributionError::*;
+        match self {
+            AlreadyDistributed(_) => Some("See SELECT * FROM pgdist.tables.".into()),
+            NotDistributed(_) => Some("See SELECT * FROM pgdist.tables.".into()),
+            Unsupported { hint, .. } => Some(hint.clone()),
+            NoHashFunction(_) => Some(
+                "Choose a column whose type has a default hash operator class, or use method => 'range'."
+                    .into(),
+            ),
+            UniqueWithoutDistributionColumn { .. } => Some(
+                "Uniqueness can only be enforced per shard: add the distribution column to the \
+                 constraint, or distribute by one of its columns."
+                    .into(),
+            ),
+            NullDistributionValue => Some(
+                "Every row needs a value in the distribution column: fill or delete the NULL rows \
+                 (and consider a NOT NULL constraint)."
+                    .into(),
+            ),
+            NoWorkers => Some("Add workers with SELECT pgdist.add_node(host, port).".into()),
+            Remote(err) => err.hint(),
+            _ => None,
+        }
+    }
+}
