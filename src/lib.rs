@@ -6,6 +6,7 @@
 use pgrx::prelude::*;
 
 pub mod cluster;
+pub mod ddl;
 pub mod distribution;
 pub mod error;
 pub mod gucs;
@@ -35,6 +36,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     gucs::init();
     transaction::init();
+    ddl::init();
 }
 
 /// Required by `cargo pgrx test`: the server it starts must preload pgdist like every real node.

@@ -9,8 +9,11 @@
 use pgrx::prelude::*;
 
 use crate::cluster::{target_for, ClusterError};
+use crate::distribution::create::{relation_name, replicate_reference_table};
+use crate::distribution::shell;
 use crate::error::OrRaise;
 use crate::metadata::nodes::{self, NewNode, NodeRole};
+use crate::metadata::tables;
 use crate::remote::{self, NodeAddress};
 use crate::EXTENSION_VERSION;
 
@@ -146,13 +149,25 @@ fn add_node_impl(host: &str, port: i32, role: &str) -> Result<i32, ClusterError>
                 .ok_or(ClusterError::UnknownPrimary(address))?,
         ),
     };
-    Ok(nodes::insert_node(&NewNode {
+    let node_id = nodes::insert_node(&NewNode {
         host,
         port,
-        role,
+        role: role.clone(),
         primary_node_id,
         system_identifier: facts.system_identifier,
-    })?)
+    })?;
+    if role == NodeRole::Primary {
+        let node = NodeAddress {
+            node_id,
+            host: host.to_string(),
+            port,
+        };
+        for table in tables::reference_tables()? {
+            pgrx::notice!("copying reference table {} to {node}", relation_name(table));
+            replicate_reference_table(table, &node)?;
+        }
+    }
+    Ok(node_id)
 }
 
 /// Adds a server to the cluster and returns its node_id.
@@ -175,8 +190,36 @@ fn remove_node_impl(node_id: i32) -> Result<(), ClusterError> {
             replicas: replicas.join(", "),
         });
     }
+    let (all, reference) = tables::placement_counts(node_id)?;
+    if all > reference {
+        return Err(ClusterError::HasPlacements {
+            node_id,
+            count: all - reference,
+        });
+    }
+    if reference > 0 {
+        if nodes::primary_nodes()?.len() <= 1 {
+            return Err(ClusterError::LastReferenceCopy(node_id));
+        }
+        drop_reference_copies(&node.address)?;
+    }
     nodes::delete_node(node_id)?;
     remote::connection::forget_node(&node.address);
+    Ok(())
+}
+
+/// Drops the node's copies of reference tables (best effort: a node that is down keeps them).
+fn drop_reference_copies(node: &NodeAddress) -> Result<(), ClusterError> {
+    let mut names = Vec::new();
+    for (table, shard_id) in tables::placements_on(node.node_id)? {
+        names.push(shell::read_definition(table)?.shard_relation(shard_id));
+    }
+    let sql = format!("DROP TABLE IF EXISTS {}", names.join(", "));
+    let target = target_for(node.clone())?;
+    if let Some(Err(err)) = remote::run_on_each(std::slice::from_ref(&target), &sql).pop() {
+        pgrx::notice!("could not drop the reference table copies on {node}: {err}");
+    }
+    tables::delete_placements_on(node.node_id)?;
     Ok(())
 }
 

@@ -55,10 +55,16 @@ pub enum ClusterError {
     HasReplicas { node_id: i32, replicas: String },
     #[error("unexpected answer from {0} while checking it")]
     BadAnswer(NodeAddress),
+    #[error("node {node_id} still holds {count} shard placement(s)")]
+    HasPlacements { node_id: i32, count: i64 },
+    #[error("node {0} holds the last copy of the reference tables")]
+    LastReferenceCopy(i32),
     #[error(transparent)]
     Remote(#[from] RemoteError),
     #[error(transparent)]
     Metadata(#[from] MetadataError),
+    #[error(transparent)]
+    Distribution(#[from] crate::distribution::DistributionError),
 }
 
 impl PgError for ClusterError {
@@ -74,16 +80,20 @@ impl PgError for ClusterError {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             NoSuchNode(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            HasReplicas { .. } => PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+            HasReplicas { .. } | HasPlacements { .. } | LastReferenceCopy(_) => {
+                PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST
+            }
             BadAnswer(_) => PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
             Remote(err) => err.sqlstate(),
             Metadata(err) => err.sqlstate(),
+            Distribution(err) => err.sqlstate(),
         }
     }
 
     fn detail(&self) -> Option<String> {
         match self {
             ClusterError::Remote(err) => err.detail(),
+            ClusterError::Distribution(err) => err.detail(),
             _ => None,
         }
     }
@@ -112,7 +122,15 @@ impl PgError for ClusterError {
             ),
             UnknownPrimary(_) => Some("Add the standby's primary first.".into()),
             HasReplicas { .. } => Some("Remove the replicas first.".into()),
+            HasPlacements { .. } => Some(
+                "Move its shards to other nodes first, or undistribute the tables that use it."
+                    .into(),
+            ),
+            LastReferenceCopy(_) => {
+                Some("Add another worker first, or undistribute the reference tables.".into())
+            }
             Remote(err) => err.hint(),
+            Distribution(err) => err.hint(),
             _ => None,
         }
     }

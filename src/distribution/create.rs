@@ -686,3 +686,38 @@ fn create_reference_table(table_name: pgrx::PgRelation) {
     drop(table_name);
     distribute(oid, spec).or_raise()
 }
+
+/// Gives a node that joins the cluster its copy of reference table `oid`.
+pub fn replicate_reference_table(
+    oid: pg_sys::Oid,
+    node: &NodeAddress,
+) -> Result<(), DistributionError> {
+    let table = shell::read_definition(oid)?;
+    let placements = tables::placements(oid)?;
+    let Some(source) = placements.iter().find(|p| p.node != *node) else {
+        return Ok(());
+    };
+    let target = target_for(node.clone())?;
+    remote_xact::run_batches(&[(
+        target.clone(),
+        shard_creation_batch(&table, &[source.shard_id])?,
+    )]);
+    let checkout = remote_xact::checkout(&[target_for(source.node.clone())?, target])?;
+    let sink = ShardSink::new(&table, source.shard_id, vec![1]);
+    data_move::copy_between_nodes(
+        &checkout.conns[0],
+        &table.shard_relation(source.shard_id),
+        &data_move::column_list(&table),
+        &sink,
+        &checkout.conns,
+    )?;
+    checkout.finish();
+    tables::insert_placement(
+        &Placement {
+            node: node.clone(),
+            ..source.clone()
+        },
+        oid,
+    )?;
+    Ok(())
+}

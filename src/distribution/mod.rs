@@ -28,6 +28,10 @@ pub enum DistributionError {
         what: String,
         hint: String,
     },
+    #[error("{what} is not supported on distributed tables yet")]
+    UnsupportedStatement { what: String, hint: String },
+    #[error("cannot drop extension pgdist while {0} distributed or reference table(s) exist")]
+    StillDistributed(i64),
     #[error("column \"{column}\" of relation \"{table}\" does not exist")]
     NoSuchColumn { table: String, column: String },
     #[error("could not identify a hash function for type {0}")]
@@ -68,7 +72,9 @@ impl PgError for DistributionError {
         match self {
             AlreadyDistributed(_) => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
             NotDistributed(_) | NotATable(_) => PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
-            Unsupported { .. } | UniqueWithoutDistributionColumn { .. } => {
+            Unsupported { .. }
+            | UnsupportedStatement { .. }
+            | UniqueWithoutDistributionColumn { .. } => {
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
             }
             NoSuchColumn { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
@@ -76,6 +82,7 @@ impl PgError for DistributionError {
             NullDistributionValue => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
             BadMethod(_) | BadArgument(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             NoWorkers => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            StillDistributed(_) => PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
             CannotColocate { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             Remote(err) => err.sqlstate(),
             Metadata(err) => err.sqlstate(),
@@ -94,7 +101,10 @@ impl PgError for DistributionError {
         match self {
             AlreadyDistributed(_) => Some("See SELECT * FROM pgdist.tables.".into()),
             NotDistributed(_) => Some("See SELECT * FROM pgdist.tables.".into()),
-            Unsupported { hint, .. } => Some(hint.clone()),
+            Unsupported { hint, .. } | UnsupportedStatement { hint, .. } => Some(hint.clone()),
+            StillDistributed(_) => Some(
+                "Undistribute them first: SELECT pgdist.undistribute_table(table_name) FROM pgdist.tables;".into(),
+            ),
             NoHashFunction(_) => Some(
                 "Choose a column whose type has a default hash operator class, or use method => 'range'."
                     .into(),

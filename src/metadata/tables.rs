@@ -281,3 +281,18 @@ pub fn delete_placements_on(node_id: i32) -> Result<(), MetadataError> {
         &[node_id.into()],
     )?)
 }
+
+/// `(table, shard_id)` of every placement on `node_id`.
+pub fn placements_on(node_id: i32) -> Result<Vec<(pg_sys::Oid, i64)>, MetadataError> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT s.table_oid::oid, s.shard_id FROM pgdist.placement p JOIN pgdist.shard s USING (shard_id)
+                 WHERE p.node_id = $1",
+                None,
+                &[node_id.into()],
+            )?
+            .map(|row| Ok((row.get(1)?.unwrap_or(pg_sys::InvalidOid), row.get(2)?.unwrap_or_default())))
+            .collect()
+    })
+}

@@ -1,0 +1,548 @@
+//! DDL on distributed and reference tables, propagated to their shards (ProcessUtility hook).
+//!
+//! For a statement that touches such a table the hook (1) refuses what cannot be propagated yet
+//! with 0A000, (2) snapshots the shell table's definition, (3) lets PostgreSQL run the statement
+//! on the shell, (4) snapshots again and sends the difference to every shard placement inside
+//! the coordinator's transaction (see `diff.rs`). Remote work commits with the local
+//! transaction (two-phase when needed) or not at all, so a statement that one worker rejects
+//! changes nothing anywhere.
+//!
+//! Handled: CREATE INDEX, DROP INDEX, ALTER TABLE (ADD / DROP / ALTER COLUMN TYPE, SET / DROP
+//! DEFAULT, SET / DROP NOT NULL, ADD / DROP CONSTRAINT), RENAME of tables, columns, constraints
+//! and indexes, DROP TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE.
+
+pub mod diff;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CStr;
+
+use pgrx::prelude::*;
+use pgrx::PgList;
+
+use crate::cluster::target_for;
+use crate::distribution::create::relation_name;
+use crate::distribution::shell::{self, with_suffix, TableDefinition};
+use crate::distribution::DistributionError;
+use crate::error::OrRaise;
+use crate::metadata::tables::{self, DistTable, Method, Placement};
+use crate::remote::quote::quote_qualified;
+use crate::remote::NodeAddress;
+use crate::transaction::remote_xact;
+
+static mut PREVIOUS_HOOK: pg_sys::ProcessUtility_hook_type = None;
+
+pub fn init() {
+    // SAFETY: _PG_init runs once in the postmaster before any backend exists; we chain to the
+    // hook that was installed before us.
+    unsafe {
+        PREVIOUS_HOOK = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+    }
+}
+
+/// What to do on the shards once PostgreSQL has run the statement on the shell.
+enum Propagation {
+    /// ALTER TABLE, RENAME, CREATE INDEX: send the definition difference.
+    Change {
+        table: DistTable,
+        before: TableDefinition,
+        using: HashMap<String, String>,
+    },
+    /// DROP TABLE / DROP SCHEMA CASCADE: drop the shards, forget the table.
+    Drop(Vec<(DistTable, TableDefinition, Vec<Placement>)>),
+    /// DROP INDEX: drop the shard indexes.
+    DropIndexes(Vec<(TableDefinition, String)>),
+    Truncate(Vec<TableDefinition>),
+}
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: pstmt and query_string are valid for the duration of the call (PostgreSQL's
+    // contract for this hook); everything we read from them is copied before the statement runs.
+    let propagation = unsafe {
+        if pgdist_is_active() {
+            plan(pstmt, query_string).or_raise()
+        } else {
+            None
+        }
+    };
+    // SAFETY: chaining to the previous hook or the standard implementation with the arguments
+    // we were given, unchanged.
+    unsafe {
+        match PREVIOUS_HOOK {
+            Some(previous) => previous(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
+        }
+    }
+    if let Some(propagation) = propagation {
+        propagate(propagation).or_raise();
+    }
+}
+
+/// pgdist is installed in this database and we may read its catalog.
+unsafe fn pgdist_is_active() -> bool {
+    // SAFETY: plain reads of backend globals; get_extension_oid only runs inside a transaction.
+    unsafe {
+        pg_sys::IsTransactionState()
+            && !pg_sys::creating_extension
+            && pg_sys::get_extension_oid(c"pgdist".as_ptr(), true) != pg_sys::InvalidOid
+    }
+}
+
+fn unsupported(what: &str, hint: &str) -> DistributionError {
+    DistributionError::UnsupportedStatement {
+        what: what.into(),
+        hint: hint.into(),
+    }
+}
+
+/// The relation a RangeVar names (InvalidOid when there is none).
+unsafe fn relation_oid(rv: *mut pg_sys::RangeVar) -> pg_sys::Oid {
+    // SAFETY: rv is a valid RangeVar from the parse tree; missing relations give InvalidOid.
+    unsafe {
+        pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as _,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        )
+    }
+}
+
+/// The distributed table a RangeVar names, if any.
+unsafe fn distributed(rv: *mut pg_sys::RangeVar) -> Result<Option<DistTable>, DistributionError> {
+    // SAFETY: see relation_oid.
+    let oid = unsafe { relation_oid(rv) };
+    if oid == pg_sys::InvalidOid {
+        return Ok(None);
+    }
+    Ok(tables::dist_table(oid)?)
+}
+
+fn change(table: DistTable) -> Result<Option<Propagation>, DistributionError> {
+    let before = shell::read_definition(table.oid)?;
+    Ok(Some(Propagation::Change {
+        table,
+        before,
+        using: HashMap::new(),
+    }))
+}
+
+/// Decides, before the statement runs, what it means for distributed tables.
+unsafe fn plan(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+) -> Result<Option<Propagation>, DistributionError> {
+    // SAFETY: see process_utility; node types are checked before each cast.
+    unsafe {
+        let node = (*pstmt).utilityStmt;
+        if node.is_null() {
+            return Ok(None);
+        }
+        match (*node).type_ {
+            pg_sys::NodeTag::T_IndexStmt => {
+                let stmt = node.cast::<pg_sys::IndexStmt>();
+                let Some(table) = distributed((*stmt).relation)? else {
+                    return Ok(None);
+                };
+                if (*stmt).concurrent {
+                    return Err(unsupported(
+                        "CREATE INDEX CONCURRENTLY",
+                        "Use CREATE INDEX; it runs on all shards in parallel.",
+                    ));
+                }
+                change(table)
+            }
+            pg_sys::NodeTag::T_AlterTableStmt => {
+                let stmt = node.cast::<pg_sys::AlterTableStmt>();
+                if (*stmt).objtype != pg_sys::ObjectType::OBJECT_TABLE {
+                    return Ok(None);
+                }
+                let Some(table) = distributed((*stmt).relation)? else {
+                    return Ok(None);
+                };
+                let text = CStr::from_ptr(query_string).to_string_lossy().into_owned();
+                let mut using = HashMap::new();
+                for cmd in PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds).iter_ptr() {
+                    check_alter_command(&table, cmd, &text, &mut using)?;
+                }
+                let before = shell::read_definition(table.oid)?;
+                Ok(Some(Propagation::Change {
+                    table,
+                    before,
+                    using,
+                }))
+            }
+            pg_sys::NodeTag::T_RenameStmt => {
+                let stmt = node.cast::<pg_sys::RenameStmt>();
+                match (*stmt).renameType {
+                    pg_sys::ObjectType::OBJECT_TABLE
+                    | pg_sys::ObjectType::OBJECT_COLUMN
+                    | pg_sys::ObjectType::OBJECT_TABCONSTRAINT => distributed((*stmt).relation)?
+                        .map(change)
+                        .transpose()
+                        .map(Option::flatten),
+                    pg_sys::ObjectType::OBJECT_INDEX => {
+                        let index = relation_oid((*stmt).relation);
+                        let table = if index == pg_sys::InvalidOid {
+                            None
+                        } else {
+                            tables::dist_table(pg_sys::IndexGetRelation(index, true))?
+                        };
+                        table.map(change).transpose().map(Option::flatten)
+                    }
+                    pg_sys::ObjectType::OBJECT_SCHEMA => {
+                        let name = CStr::from_ptr((*stmt).subname).to_string_lossy();
+                        let schema = pg_sys::get_namespace_oid((*stmt).subname, true);
+                        if schema != pg_sys::InvalidOid
+                            && !tables::tables_in_schemas(&[schema])?.is_empty()
+                        {
+                            return Err(unsupported(
+                                &format!(
+                                    "renaming schema \"{name}\", which holds distributed tables,"
+                                ),
+                                "Keep the schema name, or undistribute its tables first.",
+                            ));
+                        }
+                        Ok(None)
+                    }
+                    _ => Ok(None),
+                }
+            }
+            pg_sys::NodeTag::T_AlterObjectSchemaStmt => {
+                let stmt = node.cast::<pg_sys::AlterObjectSchemaStmt>();
+                if !(*stmt).relation.is_null() && distributed((*stmt).relation)?.is_some() {
+                    return Err(unsupported(
+                        "ALTER TABLE … SET SCHEMA",
+                        "Undistribute the table, move it, and distribute it again.",
+                    ));
+                }
+                Ok(None)
+            }
+            pg_sys::NodeTag::T_DropStmt => plan_drop(node.cast::<pg_sys::DropStmt>()),
+            pg_sys::NodeTag::T_TruncateStmt => {
+                let stmt = node.cast::<pg_sys::TruncateStmt>();
+                let mut targets = Vec::new();
+                for rv in PgList::<pg_sys::RangeVar>::from_pg((*stmt).relations).iter_ptr() {
+                    if let Some(table) = distributed(rv)? {
+                        targets.push(shell::read_definition(table.oid)?);
+                    }
+                }
+                Ok((!targets.is_empty()).then_some(Propagation::Truncate(targets)))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The text of one expression starting at byte `start` of `text`: up to the first comma or
+/// semicolon outside parentheses and quotes.
+fn expression_at(text: &str, start: usize) -> String {
+    let bytes = text.as_bytes();
+    let (mut depth, mut quote) = (0i32, None::<u8>);
+    let mut end = start;
+    while end < bytes.len() {
+        let byte = bytes[end];
+        match quote {
+            Some(q) if byte == q => quote = None,
+            Some(_) => {}
+            None => match byte {
+                b'\'' | b'"' => quote = Some(byte),
+                b'(' => depth += 1,
+                b')' if depth == 0 => break,
+                b')' => depth -= 1,
+                b',' | b';' if depth == 0 => break,
+                _ => {}
+            },
+        }
+        end += 1;
+    }
+    text.get(start..end).unwrap_or_default().trim().to_string()
+}
+
+/// Refuses ALTER TABLE subcommands that cannot be propagated; collects USING expressions.
+#[allow(non_upper_case_globals)]
+unsafe fn check_alter_command(
+    table: &DistTable,
+    cmd: *mut pg_sys::AlterTableCmd,
+    query: &str,
+    using: &mut HashMap<String, String>,
+) -> Result<(), DistributionError> {
+    #[allow(non_upper_case_globals)]
+    use pg_sys::AlterTableType::*;
+    // SAFETY: cmd comes from the statement's parse tree; name may be NULL.
+    unsafe {
+        let name = if (*cmd).name.is_null() {
+            None
+        } else {
+            Some(CStr::from_ptr((*cmd).name).to_string_lossy().into_owned())
+        };
+        let on_distribution_column = name.is_some() && name == table.distribution_column;
+        match (*cmd).subtype {
+            AT_AddColumn | AT_ColumnDefault | AT_DropNotNull | AT_SetNotNull | AT_DropConstraint => Ok(()),
+            AT_DropColumn if on_distribution_column => Err(unsupported(
+                "dropping the distribution column",
+                "Undistribute the table first.",
+            )),
+            AT_DropColumn => Ok(()),
+            AT_AlterColumnType if on_distribution_column => Err(unsupported(
+                "changing the type of the distribution column",
+                "Undistribute the table, change the type, and distribute it again.",
+            )),
+            AT_AlterColumnType => {
+                let def = (*cmd).def.cast::<pg_sys::ColumnDef>();
+                if !def.is_null() && !(*def).raw_default.is_null() {
+                    // Parse locations are byte offsets into the whole query string.
+                    let location = pg_sys::exprLocation((*def).raw_default);
+                    if let (Ok(location), Some(name)) = (usize::try_from(location), name) {
+                        using.insert(name, expression_at(query, location));
+                    }
+                }
+                Ok(())
+            }
+            AT_AddConstraint => {
+                let constraint = (*cmd).def.cast::<pg_sys::Constraint>();
+                if !constraint.is_null() && (*constraint).contype == pg_sys::ConstrType::CONSTR_FOREIGN {
+                    return Err(unsupported("foreign keys", "Foreign keys on distributed tables are not supported yet."));
+                }
+                Ok(())
+            }
+            _ => Err(unsupported(
+                "this ALTER TABLE subcommand",
+                "Supported on distributed tables: ADD / DROP COLUMN, ALTER COLUMN TYPE, SET / DROP DEFAULT, \
+                 SET / DROP NOT NULL, ADD / DROP CONSTRAINT, RENAME.",
+            )),
+        }
+    }
+}
+
+unsafe fn plan_drop(stmt: *mut pg_sys::DropStmt) -> Result<Option<Propagation>, DistributionError> {
+    // SAFETY: stmt is a DropStmt from the parse tree; its objects are lists of name lists.
+    unsafe {
+        match (*stmt).removeType {
+            pg_sys::ObjectType::OBJECT_TABLE => {
+                let mut drops = Vec::new();
+                for names in PgList::<pg_sys::List>::from_pg((*stmt).objects).iter_ptr() {
+                    if let Some(table) = distributed(pg_sys::makeRangeVarFromNameList(names))? {
+                        drops.push(table);
+                    }
+                }
+                plan_table_drops(drops)
+            }
+            pg_sys::ObjectType::OBJECT_SCHEMA => {
+                let mut schemas = Vec::new();
+                for name in PgList::<pg_sys::String>::from_pg((*stmt).objects).iter_ptr() {
+                    let oid = pg_sys::get_namespace_oid((*name).sval, true);
+                    if oid != pg_sys::InvalidOid {
+                        schemas.push(oid);
+                    }
+                }
+                let mut drops = Vec::new();
+                for oid in tables::tables_in_schemas(&schemas)? {
+                    drops.extend(tables::dist_table(oid)?);
+                }
+                plan_table_drops(drops)
+            }
+            pg_sys::ObjectType::OBJECT_INDEX => {
+                let mut indexes = Vec::new();
+                for names in PgList::<pg_sys::List>::from_pg((*stmt).objects).iter_ptr() {
+                    let rv = pg_sys::makeRangeVarFromNameList(names);
+                    let index = relation_oid(rv);
+                    if index == pg_sys::InvalidOid {
+                        continue;
+                    }
+                    let table = pg_sys::IndexGetRelation(index, true);
+                    if tables::dist_table(table)?.is_some() {
+                        let definition = shell::read_definition(table)?;
+                        let name = CStr::from_ptr((*rv).relname).to_string_lossy().into_owned();
+                        if (*stmt).concurrent {
+                            return Err(unsupported("DROP INDEX CONCURRENTLY", "Use DROP INDEX."));
+                        }
+                        indexes.push((definition, name));
+                    }
+                }
+                Ok((!indexes.is_empty()).then_some(Propagation::DropIndexes(indexes)))
+            }
+            pg_sys::ObjectType::OBJECT_EXTENSION => {
+                for name in PgList::<pg_sys::String>::from_pg((*stmt).objects).iter_ptr() {
+                    if CStr::from_ptr((*name).sval).to_bytes() == b"pgdist" {
+                        let count =
+                            pgrx::Spi::get_one::<i64>("SELECT count(*) FROM pgdist.dist_table")?
+                                .unwrap_or_default();
+                        if count > 0 {
+                            return Err(DistributionError::StillDistributed(count));
+                        }
+                    }
+                }
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+fn plan_table_drops(drops: Vec<DistTable>) -> Result<Option<Propagation>, DistributionError> {
+    let mut planned = Vec::new();
+    for table in drops {
+        let definition = shell::read_definition(table.oid)?;
+        let placements = tables::placements(table.oid)?;
+        planned.push((table, definition, placements));
+    }
+    Ok((!planned.is_empty()).then_some(Propagation::Drop(planned)))
+}
+
+/// Groups per-shard statements into one batch per node and runs them in the transaction.
+fn run_per_node(
+    placements: &[Placement],
+    statements: impl Fn(i64) -> Vec<String>,
+) -> Result<(), DistributionError> {
+    let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
+    for placement in placements {
+        let entry = per_node
+            .entry(placement.node.node_id)
+            .or_insert_with(|| (placement.node.clone(), Vec::new()));
+        entry.1.extend(statements(placement.shard_id));
+    }
+    let work = per_node
+        .into_values()
+        .filter(|(_, statements)| !statements.is_empty())
+        .map(|(node, statements)| Ok((target_for(node)?, statements.join(";\n"))))
+        .collect::<Result<Vec<_>, DistributionError>>()?;
+    if !work.is_empty() {
+        remote_xact::run_batches(&work);
+    }
+    Ok(())
+}
+
+fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
+    match propagation {
+        Propagation::Change {
+            table,
+            before,
+            using,
+        } => {
+            let after = shell::read_definition(table.oid)?;
+            if table.method != Method::Reference {
+                check_uniqueness(&table, &after)?;
+            }
+            if after.constraints.iter().any(|c| c.kind == "f") {
+                return Err(unsupported(
+                    "foreign keys",
+                    "Foreign keys on distributed tables are not supported yet.",
+                ));
+            }
+            if let Some(column) = &table.distribution_column {
+                if let Some(old) = before.column(column) {
+                    if let Some(new) = after.column_by_attnum(old.attnum) {
+                        if new.name != *column {
+                            tables::set_distribution_column(table.oid, &new.name)?;
+                        }
+                    }
+                }
+            }
+            let placements = tables::placements(table.oid)?;
+            run_per_node(&placements, |shard_id| {
+                diff::shard_statements(&before, &after, shard_id, &using)
+            })
+        }
+        Propagation::Drop(drops) => {
+            for (table, definition, placements) in drops {
+                run_per_node(&placements, |shard_id| {
+                    vec![format!(
+                        "DROP TABLE IF EXISTS {}",
+                        definition.shard_relation(shard_id)
+                    )]
+                })?;
+                tables::delete_table(table.oid, table.colocation_id)?;
+            }
+            Ok(())
+        }
+        Propagation::DropIndexes(indexes) => {
+            for (definition, index) in indexes {
+                let placements = tables::placements(definition.oid)?;
+                run_per_node(&placements, |shard_id| {
+                    vec![format!(
+                        "DROP INDEX IF EXISTS {}",
+                        quote_qualified(
+                            &definition.schema,
+                            &with_suffix(&index, &shard_id.to_string())
+                        )
+                    )]
+                })?;
+            }
+            Ok(())
+        }
+        Propagation::Truncate(definitions) => {
+            for definition in definitions {
+                let placements = tables::placements(definition.oid)?;
+                run_per_node(&placements, |shard_id| {
+                    vec![format!("TRUNCATE {}", definition.shard_relation(shard_id))]
+                })?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A new UNIQUE / PRIMARY KEY / EXCLUDE constraint or unique index must include the
+/// distribution column (uniqueness is enforced per shard).
+fn check_uniqueness(table: &DistTable, after: &TableDefinition) -> Result<(), DistributionError> {
+    let Some(column) = table
+        .distribution_column
+        .as_deref()
+        .and_then(|c| after.column(c))
+    else {
+        return Ok(());
+    };
+    let unique = after
+        .constraints
+        .iter()
+        .filter(|c| matches!(c.kind.as_str(), "p" | "u" | "x"))
+        .map(|c| (&c.name, &c.columns))
+        .chain(
+            after
+                .indexes
+                .iter()
+                .filter(|i| i.unique)
+                .map(|i| (&i.name, &i.columns)),
+        );
+    for (name, columns) in unique {
+        if !columns.contains(&column.attnum) {
+            return Err(DistributionError::UniqueWithoutDistributionColumn {
+                table: relation_name(table.oid),
+                constraint: name.clone(),
+                column: column.name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
