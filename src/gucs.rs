@@ -7,10 +7,19 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 static NODE_CONNINFO: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static LOG_REMOTE_COMMANDS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+static ENABLE_DDL_PROPAGATION: GucSetting<bool> = GucSetting::<bool>::new(true);
 static SHARD_COUNT: GucSetting<i32> = GucSetting::<i32>::new(32);
 static REPLICATION_FACTOR: GucSetting<i32> = GucSetting::<i32>::new(1);
 
 pub fn init() {
+    GucRegistry::define_bool_guc(
+        c"pgdist.enable_ddl_propagation",
+        c"Applies DDL on distributed tables to their shards too.",
+        c"Turn off only while restoring a coordinator dump whose shards already exist on the workers.",
+        &ENABLE_DDL_PROPAGATION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"pgdist.shard_count",
         c"Number of shards of a new hash-distributed table when shard_count is not given.",
@@ -67,6 +76,10 @@ pub fn node_conninfo() -> String {
         .get()
         .map(|value| value.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+pub fn enable_ddl_propagation() -> bool {
+    ENABLE_DDL_PROPAGATION.get()
 }
 
 pub fn shard_count() -> i32 {

@@ -93,4 +93,12 @@ impl Cluster {
     pub fn coordinator_client(&self) -> postgres::Client {
         self.coordinator.connect()
     }
+
+    /// The worker listening on `port`.
+    pub fn worker_on(&self, port: u16) -> &Server {
+        self.workers
+            .iter()
+            .find(|w| w.port == port)
+            .unwrap_or_else(|| panic!("no worker on port {port}"))
+    }
 }

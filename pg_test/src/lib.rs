@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod compare;
+pub mod errors;
 pub mod harness;
 pub mod server;
 

@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use pgdist_pg_test::compare::{compare, query_text, run_on_both, Comparison};
+use pgdist_pg_test::errors::{message, sqlstate};
 use pgdist_pg_test::server::{free_ports, pg_bin, Server};
 use pgdist_pg_test::{harness, tests, Cluster};
 
@@ -26,18 +27,6 @@ fn main() {
             differential_helper_catches_differences,
         ],
     )
-}
-
-fn sqlstate(err: &postgres::Error) -> String {
-    err.code().map(|c| c.code().to_string()).unwrap_or_default()
-}
-
-/// The server's message and detail (postgres::Error itself only displays "db error").
-fn message(err: &postgres::Error) -> String {
-    match err.as_db_error() {
-        Some(db) => format!("{} {}", db.message(), db.detail().unwrap_or_default()),
-        None => err.to_string(),
-    }
 }
 
 fn node_count(cluster: &Cluster) -> i64 {

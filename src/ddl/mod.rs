@@ -113,6 +113,7 @@ unsafe fn pgdist_is_active() -> bool {
     unsafe {
         pg_sys::IsTransactionState()
             && !pg_sys::creating_extension
+            && crate::gucs::enable_ddl_propagation()
             && pg_sys::get_extension_oid(c"pgdist".as_ptr(), true) != pg_sys::InvalidOid
     }
 }

@@ -358,7 +358,6 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
         }
         None => None,
     };
-    validate_constraints(&table, &name, column)?;
     let workers = nodes::primary_nodes()?;
     if workers.is_empty() {
         return Err(DistributionError::NoWorkers);
@@ -381,8 +380,11 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
             ))
         }
         (Method::Hash, Some(column)) => {
-            let (proc, input_type) = hashing::hash_function(column.type_oid)
-                .ok_or_else(|| DistributionError::NoHashFunction(type_name(column.type_oid)))?;
+            if hashing::hash_function(column.type_oid).is_none() {
+                return Err(DistributionError::NoHashFunction(type_name(
+                    column.type_oid,
+                )));
+            }
             let requested_rf = spec
                 .replication_factor
                 .unwrap_or_else(crate::gucs::replication_factor);
@@ -410,15 +412,7 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
                 .into_iter()
                 .map(|(min, max)| (Some(min.to_string()), Some(max.to_string())))
                 .collect();
-            let proc_name =
-                Spi::get_one_with_args::<String>("SELECT $1::oid::regproc::text", &[proc.into()])?
-                    .unwrap_or_default();
-            let index_sql = hashing::hash_index_sql(
-                &quote_identifier(&column.name),
-                &proc_name,
-                &type_name(input_type),
-                shard_count,
-            );
+            let index_sql = hashing::hash_index_sql(&quote_identifier(&column.name), shard_count);
             (
                 group.map(|g| g.colocation_id),
                 shard_nodes,
@@ -477,6 +471,7 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
             )
         }
     };
+    validate_constraints(&table, &name, column)?;
     if let Some(column) = column {
         let has_nulls = Spi::get_one::<bool>(&format!(
             "SELECT EXISTS (SELECT 1 FROM ONLY {name} WHERE {} IS NULL)",

@@ -262,7 +262,7 @@ pub fn copy_shard_rows_to_local(
         .collect();
     let aliases: Vec<String> = (0..stored.len()).map(|i| format!("c{i}")).collect();
     let insert = format!(
-        "INSERT INTO ONLY {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({})",
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({})",
         quote_qualified(&table.schema, &table.name),
         names.join(", "),
         casts.join(", "),

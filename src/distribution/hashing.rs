@@ -56,16 +56,53 @@ pub fn hash_shard_index(hash: i32, shard_count: i32) -> i32 {
     (offset / range_width(shard_count)).min(i64::from(shard_count - 1)) as i32
 }
 
+thread_local! {
+    /// Hash function and collation per type, looked up once per backend.
+    static HASHERS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, Option<(pg_sys::Oid, pg_sys::Oid)>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The hash of `datum` (of type `type_oid`) that decides its shard, or None when the type has
+/// no hash function. Collatable types hash under the database's default collation.
+pub fn hash_datum(type_oid: pg_sys::Oid, datum: pg_sys::Datum) -> Option<i32> {
+    let hasher = HASHERS.with_borrow_mut(|cache| {
+        *cache.entry(type_oid).or_insert_with(|| {
+            hash_function(type_oid).map(|(proc, _)| {
+                // SAFETY: a catalog lookup by oid.
+                let collatable =
+                    unsafe { pg_sys::get_typcollation(type_oid) } != pg_sys::InvalidOid;
+                (
+                    proc,
+                    if collatable {
+                        pg_sys::DEFAULT_COLLATION_OID
+                    } else {
+                        pg_sys::InvalidOid
+                    },
+                )
+            })
+        })
+    })?;
+    // SAFETY: `proc` is the type's hash support function, which takes one non-NULL value of
+    // this type and returns an int4 Datum.
+    let hash = unsafe { pg_sys::OidFunctionCall1Coll(hasher.0, hasher.1, datum) };
+    Some(hash.value() as u32 as i32)
+}
+
+/// The hash of a value, as pgdist computes it to choose a shard.
+#[pg_extern(immutable, parallel_safe, strict)]
+fn hash_value(value: pgrx::AnyElement) -> i32 {
+    hash_datum(value.oid(), value.datum()).unwrap_or_else(|| {
+        crate::error::raise(crate::distribution::DistributionError::NoHashFunction(
+            format!("{}", u32::from(value.oid())),
+        ))
+    })
+}
+
 /// SQL that computes the shard index of `column` (already quoted) for a hash-distributed table
-/// with `shard_count` shards; `hash_proc` and `hash_input_type` are qualified names.
-pub fn hash_index_sql(
-    column: &str,
-    hash_proc: &str,
-    hash_input_type: &str,
-    shard_count: i32,
-) -> String {
+/// with `shard_count` shards.
+pub fn hash_index_sql(column: &str, shard_count: i32) -> String {
     format!(
-        "least(((({hash_proc}({column}::{hash_input_type}))::int8 + 2147483648) / {width})::int4, {last})",
+        "least(((pgdist.hash_value({column})::int8 + 2147483648) / {width})::int4, {last})",
         width = range_width(shard_count),
         last = shard_count - 1
     )

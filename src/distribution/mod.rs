@@ -38,7 +38,7 @@ pub enum DistributionError {
     NoHashFunction(String),
     #[error("type {0} has no default btree ordering, so it cannot be range-distributed")]
     NoOrdering(String),
-    #[error("cannot distribute \"{table}\": constraint \"{constraint}\" does not include the distribution column \"{column}\"")]
+    #[error("constraint \"{constraint}\" on \"{table}\" does not include the distribution column \"{column}\"")]
     UniqueWithoutDistributionColumn {
         table: String,
         constraint: String,
@@ -120,6 +120,8 @@ impl PgError for DistributionError {
                     .into(),
             ),
             NoWorkers => Some("Add workers with SELECT pgdist.add_node(host, port).".into()),
+            BadArgument(_) => Some("See the arguments of pgdist.create_distributed_table in the README.".into()),
+            BadMethod(_) => Some("Use method => 'hash' (the default) or method => 'range'.".into()),
             Remote(err) => err.hint(),
             _ => None,
         }

@@ -120,6 +120,8 @@ pub fn take_cached(target: &NodeTarget) -> Option<NodeConnection> {
         while let Some(mut conn) = pool.pop() {
             if !conn.is_closed() {
                 conn.reused = true;
+                // The same server may have been cached before it had a node id (add_node).
+                conn.node = target.node.clone();
                 return Some(conn);
             }
         }

@@ -1,0 +1,837 @@
+//! Distributed, range and reference tables on a real coordinator + 2 workers: data lands in the
+//! right shard (checked on the workers, with the type's hash function looked up there), DDL
+//! reaches every shard or none, and bad input changes nothing.
+
+use postgres::Client;
+
+use pgdist_pg_test::compare::query_text;
+use pgdist_pg_test::errors::{message, sqlstate};
+use pgdist_pg_test::server::{free_ports, pg_bin, Server};
+use pgdist_pg_test::{harness, tests, Cluster};
+
+fn main() {
+    harness::run(
+        || Cluster::start(2),
+        tests![
+            hash_distribution_of_every_column_type_puts_rows_in_their_shards,
+            empty_tables_get_empty_shards,
+            range_distribution_splits_at_the_split_points,
+            colocated_tables_share_placements,
+            reference_tables_are_copied_to_every_worker_and_to_new_ones,
+            remove_node_refuses_a_node_with_shards,
+            ddl_reaches_every_shard,
+            ddl_that_a_worker_rejects_changes_nothing,
+            bad_input_gives_clear_errors_and_changes_nothing,
+            a_node_down_during_distribution_leaves_nothing_behind,
+            a_worker_failing_mid_distribution_leaves_nothing_behind,
+            undistribute_brings_every_row_back,
+            views_show_estimates_and_sizes,
+            catalog_survives_pg_dump_and_restore,
+        ],
+    )
+}
+
+/// One placement as `pgdist.shards` shows it.
+struct Shard {
+    name: String,
+    port: u16,
+    min: Option<String>,
+    max: Option<String>,
+}
+
+fn shards(client: &mut Client, table: &str) -> Vec<Shard> {
+    client
+        .query(
+            "SELECT shard_name, port, min_value, max_value FROM pgdist.shards WHERE table_name = $1::text::regclass",
+            &[&table],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| Shard {
+            name: row.get(0),
+            port: row.get::<_, i32>(1) as u16,
+            min: row.get(2),
+            max: row.get(3),
+        })
+        .collect()
+}
+
+fn one_i64(client: &mut Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .get(0)
+}
+
+/// Row count and an order-independent checksum of every row's text.
+const CHECKSUM: &str = "count(*)::int8, coalesce(sum(hashtext(t::text)::int8), 0)::int8";
+
+fn local_checksum(client: &mut Client, table: &str) -> (i64, i64) {
+    let row = client
+        .query_one(&format!("SELECT {CHECKSUM} FROM {table} t"), &[])
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Count and checksum over every shard, read on the workers.
+fn shard_checksum(cluster: &Cluster, client: &mut Client, table: &str) -> (i64, i64) {
+    let mut total = (0, 0);
+    for shard in shards(client, table) {
+        let row = cluster
+            .worker_on(shard.port)
+            .connect()
+            .query_one(&format!("SELECT {CHECKSUM} FROM {} t", shard.name), &[])
+            .unwrap();
+        total.0 += row.get::<_, i64>(0);
+        total.1 += row.get::<_, i64>(1);
+    }
+    total
+}
+
+/// The standard hash support function of `type_name`, looked up on `client`'s server.
+fn hash_function(client: &mut Client, type_name: &str) -> String {
+    client
+        .query_one(
+            "SELECT p.amproc::regproc::text FROM pg_opclass c
+             JOIN pg_amproc p ON p.amprocfamily = c.opcfamily AND p.amprocnum = 1
+              AND p.amproclefttype = c.opcintype AND p.amprocrighttype = c.opcintype
+             WHERE c.opcmethod = (SELECT oid FROM pg_am WHERE amname = 'hash') AND c.opcdefault
+               AND c.opcintype = $1::text::regtype",
+            &[&type_name],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Shard tables on a worker whose name starts with `prefix_`.
+fn shard_tables_on(server: &Server, prefix: &str) -> i64 {
+    server
+        .connect()
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relkind = 'r' AND relname LIKE $1",
+            &[&format!("{}\\_%", prefix.replace('_', "\\_"))],
+        )
+        .unwrap()
+        .get(0)
+}
+
+fn hash_distribution_of_every_column_type_puts_rows_in_their_shards(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    let kinds = [
+        ("int4", "integer", "i"),
+        ("int8", "bigint", "i::int8 * 1000003"),
+        ("text", "text", "'key-' || i"),
+        ("uuid", "uuid", "md5(i::text)::uuid"),
+        ("numeric", "numeric", "i::numeric / 7"),
+        ("date", "date", "date '1800-01-01' + i"),
+    ];
+    for (suffix, type_name, expr) in kinds {
+        let table = format!("by_{suffix}");
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (k {type_name} NOT NULL, v int, payload text);
+                 INSERT INTO {table} SELECT {expr}, i, repeat('x', i % 20) FROM generate_series(1, 100000) i;"
+            ))
+            .unwrap();
+        let before = local_checksum(&mut client, &table);
+        client
+            .execute(
+                "SELECT pgdist.create_distributed_table($1::text::regclass, 'k')",
+                &[&table],
+            )
+            .unwrap();
+        assert_eq!(
+            shard_checksum(cluster, &mut client, &table),
+            before,
+            "{table}: rows changed"
+        );
+        assert_eq!(
+            one_i64(&mut client, &format!("SELECT pg_relation_size('{table}')")),
+            0,
+            "shell not empty"
+        );
+        let placements = shards(&mut client, &table);
+        assert_eq!(placements.len(), 32);
+        for shard in placements {
+            let mut worker = cluster.worker_on(shard.port).connect();
+            let hash = hash_function(&mut worker, type_name);
+            // date hashes as its int4 representation (days since 2000-01-01).
+            let argument = if type_name == "date" {
+                "k - date '2000-01-01'"
+            } else {
+                "k"
+            };
+            let misplaced = one_i64(
+                &mut worker,
+                &format!(
+                    "SELECT count(*) FROM {} WHERE {hash}({argument}) NOT BETWEEN {} AND {}",
+                    shard.name,
+                    shard.min.unwrap(),
+                    shard.max.unwrap()
+                ),
+            );
+            assert_eq!(misplaced, 0, "{table}: rows outside {}", shard.name);
+        }
+    }
+}
+
+fn empty_tables_get_empty_shards(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute("CREATE TABLE empty_one (k int, v text)")
+        .unwrap();
+    client
+        .execute(
+            "SELECT pgdist.create_distributed_table('empty_one', 'k', shard_count => 6)",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(shards(&mut client, "empty_one").len(), 6);
+    assert_eq!(shard_checksum(cluster, &mut client, "empty_one"), (0, 0));
+}
+
+fn range_distribution_splits_at_the_split_points(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE events (day date NOT NULL, v int);
+             INSERT INTO events SELECT date '2024-01-01' + (i % 366), i FROM generate_series(1, 20000) i;
+             CREATE TABLE readings (sensor int NOT NULL, v float8);
+             INSERT INTO readings SELECT i, i * 0.5 FROM generate_series(1, 10000) i;",
+        )
+        .unwrap();
+    let before = local_checksum(&mut client, "events");
+    client
+        .execute(
+            "SELECT pgdist.create_distributed_table('events', 'day', 'range', \
+             split_points => ARRAY['2024-04-01', '2024-07-01', '2024-10-01'])",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(shard_checksum(cluster, &mut client, "events"), before);
+    let placements = shards(&mut client, "events");
+    assert_eq!(placements.len(), 4);
+    for shard in &placements {
+        let mut condition = Vec::new();
+        if let Some(min) = &shard.min {
+            condition.push(format!("day < '{min}'"));
+        }
+        if let Some(max) = &shard.max {
+            condition.push(format!("day >= '{max}'"));
+        }
+        let outside = one_i64(
+            &mut cluster.worker_on(shard.port).connect(),
+            &format!(
+                "SELECT count(*) FROM {} WHERE {}",
+                shard.name,
+                condition.join(" OR ")
+            ),
+        );
+        assert_eq!(outside, 0, "rows outside {}", shard.name);
+        assert!(
+            one_i64(
+                &mut cluster.worker_on(shard.port).connect(),
+                &format!("SELECT count(*) FROM {}", shard.name)
+            ) > 0
+        );
+    }
+    // Without split points, they come from the data's quantiles.
+    let before = local_checksum(&mut client, "readings");
+    client.execute("SELECT pgdist.create_distributed_table('readings', 'sensor', 'range', shard_count => 4)", &[]).unwrap();
+    assert_eq!(shard_checksum(cluster, &mut client, "readings"), before);
+    let bounds: Vec<Option<String>> = shards(&mut client, "readings")
+        .into_iter()
+        .map(|s| s.max)
+        .collect();
+    assert_eq!(
+        bounds,
+        vec![
+            Some("2500".into()),
+            Some("5000".into()),
+            Some("7500".into()),
+            None
+        ]
+    );
+}
+
+fn colocated_tables_share_placements(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE co_a (k int); CREATE TABLE co_b (k int, x text); CREATE TABLE co_c (k int);
+             CREATE TABLE co_text (k text);
+             SELECT pgdist.create_distributed_table('co_a', 'k', shard_count => 8);
+             SELECT pgdist.create_distributed_table('co_b', 'k', shard_count => 8);
+             SELECT pgdist.create_distributed_table('co_c', 'k', shard_count => 8, colocate_with => 'none');",
+        )
+        .unwrap();
+    let group = |client: &mut Client, t: &str| -> i32 {
+        client
+            .query_one(
+                "SELECT colocation_id FROM pgdist.tables WHERE table_name = $1::text::regclass",
+                &[&t],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(group(&mut client, "co_a"), group(&mut client, "co_b"));
+    assert_ne!(group(&mut client, "co_a"), group(&mut client, "co_c"));
+    let nodes = |client: &mut Client, t: &str| -> Vec<u16> {
+        shards(client, t).iter().map(|s| s.port).collect()
+    };
+    assert_eq!(nodes(&mut client, "co_a"), nodes(&mut client, "co_b"));
+    let err = client
+        .execute(
+            "SELECT pgdist.create_distributed_table('co_text', 'k', colocate_with => 'co_a')",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "22023", "{err:?}");
+    assert!(
+        message(&err).contains("different types"),
+        "{}",
+        message(&err)
+    );
+}
+
+fn reference_tables_are_copied_to_every_worker_and_to_new_ones(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
+             INSERT INTO countries SELECT 'c' || i, 'Country ' || i FROM generate_series(1, 500) i;",
+        )
+        .unwrap();
+    let before = local_checksum(&mut client, "countries");
+    client
+        .execute("SELECT pgdist.create_reference_table('countries')", &[])
+        .unwrap();
+    let placements = shards(&mut client, "countries");
+    assert_eq!(placements.len(), 2);
+    for shard in &placements {
+        let row = cluster
+            .worker_on(shard.port)
+            .connect()
+            .query_one(&format!("SELECT {CHECKSUM} FROM {} t", shard.name), &[])
+            .unwrap();
+        assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), before);
+    }
+    // A worker that joins later gets its own copy; removing it takes the copy away.
+    let port = free_ports(1)[0];
+    let mut extra = Server::create(cluster.root(), "worker3", port, true);
+    extra.start();
+    let node_id: i32 = client
+        .query_one("SELECT pgdist.add_node('127.0.0.1', $1)", &[&(port as i32)])
+        .unwrap()
+        .get(0);
+    let name = &placements[0].name;
+    let copied = extra
+        .connect()
+        .query_one(&format!("SELECT {CHECKSUM} FROM {name} t"), &[])
+        .unwrap();
+    assert_eq!((copied.get::<_, i64>(0), copied.get::<_, i64>(1)), before);
+    assert_eq!(shards(&mut client, "countries").len(), 3);
+    client
+        .execute("SELECT pgdist.remove_node($1)", &[&node_id])
+        .unwrap();
+    assert_eq!(shard_tables_on(&extra, "countries"), 0);
+    assert_eq!(shards(&mut client, "countries").len(), 2);
+    cluster.extra.lock().unwrap().push(extra);
+}
+
+fn remove_node_refuses_a_node_with_shards(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    let port = cluster.workers[0].port as i32;
+    let node_id: i32 = client
+        .query_one("SELECT node_id FROM pgdist.nodes WHERE port = $1", &[&port])
+        .unwrap()
+        .get(0);
+    let err = client
+        .execute("SELECT pgdist.remove_node($1)", &[&node_id])
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "2BP01", "{err:?}");
+    assert!(
+        message(&err).contains("shard placement"),
+        "{}",
+        message(&err)
+    );
+    assert_eq!(one_i64(&mut client, "SELECT count(*) FROM pgdist.nodes"), 2);
+}
+
+/// Columns, constraints and indexes of a relation, without its name (to compare shell and shard).
+fn shape(client: &mut Client, relation: &str) -> Vec<Vec<Option<String>>> {
+    query_text(
+        client,
+        &format!(
+            "SELECT 'column', attname, format_type(atttypid, atttypmod), attnotnull::text,
+                    pg_get_expr(adbin, adrelid)
+             FROM pg_attribute LEFT JOIN pg_attrdef ON adrelid = attrelid AND adnum = attnum
+             WHERE attrelid = '{relation}'::regclass AND attnum > 0 AND NOT attisdropped
+             UNION ALL
+             SELECT 'constraint', contype::text, pg_get_constraintdef(oid), NULL, NULL
+             FROM pg_constraint WHERE conrelid = '{relation}'::regclass
+             UNION ALL
+             SELECT 'index', regexp_replace(pg_get_indexdef(indexrelid), '^.* USING ', ''), NULL, NULL, NULL
+             FROM pg_index WHERE indrelid = '{relation}'::regclass
+             ORDER BY 1, 2, 3"
+        ),
+    )
+    .unwrap()
+}
+
+fn assert_shards_match_shell(cluster: &Cluster, client: &mut Client, table: &str) {
+    let expected = shape(client, table);
+    for shard in shards(client, table) {
+        let got = shape(&mut cluster.worker_on(shard.port).connect(), &shard.name);
+        assert_eq!(got, expected, "{} differs from {table}", shard.name);
+    }
+}
+
+fn ddl_reaches_every_shard(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE accounts (id int PRIMARY KEY, owner text, balance int NOT NULL DEFAULT 0);
+             INSERT INTO accounts SELECT i, 'o' || i, i FROM generate_series(1, 1000) i;
+             SELECT pgdist.create_distributed_table('accounts', 'id', shard_count => 4);",
+        )
+        .unwrap();
+    let steps = [
+        "CREATE INDEX accounts_owner ON accounts (owner)",
+        "CREATE UNIQUE INDEX accounts_id_owner ON accounts (id, owner)",
+        "ALTER TABLE accounts ADD COLUMN opened date DEFAULT '2020-01-01' NOT NULL",
+        "ALTER TABLE accounts ADD CONSTRAINT balance_positive CHECK (balance >= 0)",
+        "ALTER TABLE accounts ALTER COLUMN balance TYPE bigint USING balance::bigint * 100",
+        "ALTER TABLE accounts ALTER COLUMN owner SET DEFAULT 'nobody'",
+        "ALTER TABLE accounts ALTER COLUMN owner SET NOT NULL",
+        "ALTER TABLE accounts ALTER COLUMN owner DROP NOT NULL",
+        "ALTER TABLE accounts ALTER COLUMN balance DROP DEFAULT",
+        "ALTER TABLE accounts RENAME COLUMN owner TO holder",
+        "ALTER TABLE accounts RENAME CONSTRAINT balance_positive TO balance_not_negative",
+        "ALTER INDEX accounts_owner RENAME TO accounts_holder",
+        "ALTER TABLE accounts DROP CONSTRAINT balance_not_negative",
+        "DROP INDEX accounts_holder",
+        "ALTER TABLE accounts DROP COLUMN opened",
+        "ALTER TABLE accounts RENAME TO ledger",
+    ];
+    for step in steps {
+        client
+            .batch_execute(step)
+            .unwrap_or_else(|e| panic!("{step}: {e:?}"));
+        let table = if step.contains("RENAME TO ledger") {
+            "ledger"
+        } else {
+            "accounts"
+        };
+        assert_shards_match_shell(cluster, &mut client, table);
+    }
+    // The USING expression converted the data on the shards.
+    let (count, _) = shard_checksum(cluster, &mut client, "ledger");
+    assert_eq!(count, 1000);
+    let total: i64 = shards(&mut client, "ledger")
+        .iter()
+        .map(|s| {
+            one_i64(
+                &mut cluster.worker_on(s.port).connect(),
+                &format!("SELECT sum(balance)::int8 FROM {}", s.name),
+            )
+        })
+        .sum();
+    assert_eq!(total, 500_500 * 100);
+    client.batch_execute("TRUNCATE ledger").unwrap();
+    assert_eq!(shard_checksum(cluster, &mut client, "ledger"), (0, 0));
+    let names: Vec<String> = shards(&mut client, "ledger")
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    client.batch_execute("DROP TABLE ledger").unwrap();
+    assert_eq!(one_i64(&mut client, "SELECT count(*) FROM pgdist.shard s WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.table_oid)"), 0);
+    for worker in &cluster.workers {
+        for name in &names {
+            let exists: bool = worker
+                .connect()
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[name])
+                .unwrap()
+                .get(0);
+            assert!(!exists, "{name} still exists on {}", worker.name);
+        }
+    }
+    // Distribution column renames are followed; dropping it is refused.
+    client
+        .batch_execute(
+            "CREATE TABLE renamed (k int, v int); SELECT pgdist.create_distributed_table('renamed', 'k', shard_count => 2);
+             ALTER TABLE renamed RENAME COLUMN k TO key;",
+        )
+        .unwrap();
+    let column: String = client
+        .query_one(
+            "SELECT distribution_column FROM pgdist.tables WHERE table_name = 'renamed'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(column, "key");
+    let err = client
+        .batch_execute("ALTER TABLE renamed DROP COLUMN key")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    assert!(err.as_db_error().and_then(|d| d.hint()).is_some());
+    let err = client
+        .batch_execute("ALTER TABLE renamed ADD CONSTRAINT u UNIQUE (v)")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+}
+
+fn ddl_that_a_worker_rejects_changes_nothing(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE guarded (k int, v int); SELECT pgdist.create_distributed_table('guarded', 'k', shard_count => 4);",
+        )
+        .unwrap();
+    // A row that only one shard holds violates the new constraint.
+    let victim = shards(&mut client, "guarded").into_iter().next().unwrap();
+    cluster
+        .worker_on(victim.port)
+        .connect()
+        .batch_execute(&format!("INSERT INTO {} VALUES (1, -5)", victim.name))
+        .unwrap();
+    let before = shape(&mut client, "guarded");
+    let err = client
+        .batch_execute(
+            "ALTER TABLE guarded ADD CONSTRAINT v_positive CHECK (v > 0), ADD COLUMN extra int",
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23514", "{err:?}");
+    assert!(
+        message(&err).contains(&format!("127.0.0.1:{}", victim.port)),
+        "{}",
+        message(&err)
+    );
+    assert_eq!(shape(&mut client, "guarded"), before);
+    assert_shards_match_shell(cluster, &mut client, "guarded");
+    for worker in &cluster.workers {
+        assert_eq!(
+            one_i64(
+                &mut worker.connect(),
+                "SELECT count(*) FROM pg_prepared_xacts"
+            ),
+            0
+        );
+    }
+}
+
+fn bad_input_gives_clear_errors_and_changes_nothing(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE shapes (k int, p point, u int UNIQUE);
+             INSERT INTO shapes VALUES (1, '(1,1)', 1);
+             CREATE TABLE parent (k int PRIMARY KEY); CREATE TABLE child (k int REFERENCES parent);
+             CREATE TABLE twice (k int); SELECT pgdist.create_distributed_table('twice', 'k', shard_count => 2);",
+        )
+        .unwrap();
+    let shards_before = one_i64(&mut client, "SELECT count(*) FROM pgdist.shard");
+    let cases = [
+        (
+            "SELECT pgdist.create_distributed_table('no_such_table', 'k')",
+            "42P01",
+        ),
+        (
+            "SELECT pgdist.create_distributed_table('shapes', 'nope')",
+            "42703",
+        ),
+        (
+            "SELECT pgdist.create_distributed_table('shapes', 'p')",
+            "42883",
+        ),
+        (
+            "SELECT pgdist.create_distributed_table('shapes', 'k')",
+            "0A000",
+        ),
+        (
+            "SELECT pgdist.create_distributed_table('twice', 'k')",
+            "42710",
+        ),
+        (
+            "SELECT pgdist.create_distributed_table('parent', 'k')",
+            "0A000",
+        ),
+        (
+            "SELECT pgdist.create_distributed_table('child', 'k')",
+            "0A000",
+        ),
+        (
+            "SELECT pgdist.create_distributed_table('shapes', 'k', 'list')",
+            "22023",
+        ),
+        (
+            "SELECT pgdist.create_distributed_table('shapes', 'k', 'hash', 0)",
+            "22023",
+        ),
+        ("SELECT pgdist.create_reference_table('twice')", "42710"),
+        ("SELECT pgdist.undistribute_table('shapes')", "42809"),
+    ];
+    for (sql, expected) in cases {
+        let err = client.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&err), expected, "{sql}: {err:?}");
+        let db = err.as_db_error().unwrap();
+        if expected != "42P01" {
+            assert!(
+                db.hint().is_some() || expected.starts_with("42"),
+                "{sql}: no hint: {err:?}"
+            );
+        }
+    }
+    assert_eq!(
+        one_i64(&mut client, "SELECT count(*) FROM pgdist.shard"),
+        shards_before
+    );
+    assert_eq!(one_i64(&mut client, "SELECT count(*) FROM shapes"), 1);
+    for worker in &cluster.workers {
+        for prefix in ["shapes", "parent", "child"] {
+            assert_eq!(
+                shard_tables_on(worker, prefix),
+                0,
+                "{prefix} shards on {}",
+                worker.name
+            );
+        }
+    }
+    // NULLs in the distribution column are refused.
+    client
+        .batch_execute("CREATE TABLE holes (k int); INSERT INTO holes VALUES (1), (NULL)")
+        .unwrap();
+    let err = client
+        .batch_execute("SELECT pgdist.create_distributed_table('holes', 'k')")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23502", "{err:?}");
+}
+
+fn restart(server: &Server, action: &str) {
+    let mut cmd = server.command(pg_bin("pg_ctl"));
+    cmd.arg("-D")
+        .arg(server.data())
+        .args(["-w", "-m", "fast", "-l"])
+        .arg(server.log_path())
+        .arg(action);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn a_node_down_during_distribution_leaves_nothing_behind(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute("CREATE TABLE unlucky (k int, v text); INSERT INTO unlucky SELECT i, 'v' FROM generate_series(1, 5000) i;")
+        .unwrap();
+    let down = &cluster.workers[1];
+    restart(down, "stop");
+    let result = client.batch_execute("SELECT pgdist.create_distributed_table('unlucky', 'k')");
+    restart(down, "start");
+    let err = result.unwrap_err();
+    assert_eq!(sqlstate(&err), "08006", "{err:?}");
+    assert!(
+        message(&err).contains(&down.port.to_string()),
+        "{}",
+        message(&err)
+    );
+    assert_eq!(
+        one_i64(
+            &mut client,
+            "SELECT count(*) FROM pgdist.dist_table WHERE table_oid = 'unlucky'::regclass"
+        ),
+        0
+    );
+    assert_eq!(one_i64(&mut client, "SELECT count(*) FROM unlucky"), 5000);
+    for worker in &cluster.workers {
+        assert_eq!(shard_tables_on(worker, "unlucky"), 0);
+    }
+}
+
+fn a_worker_failing_mid_distribution_leaves_nothing_behind(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute("CREATE TABLE midway (k int, v text); INSERT INTO midway SELECT i, 'v' FROM generate_series(1, 5000) i;")
+        .unwrap();
+    // Occupy the name of the shard that will go to the second worker: creating it fails there
+    // after the first worker has created its shards.
+    let next: i64 = one_i64(
+        &mut client,
+        "SELECT last_value + 1 FROM pgdist.shard_id_seq",
+    );
+    let second_worker_port: i32 = client
+        .query_one(
+            "SELECT port FROM pgdist.nodes ORDER BY node_id OFFSET 1 LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let blocker = cluster.worker_on(second_worker_port as u16);
+    blocker
+        .connect()
+        .batch_execute(&format!("CREATE TABLE midway_{} (x int)", next + 1))
+        .unwrap();
+    let err = client
+        .batch_execute("SELECT pgdist.create_distributed_table('midway', 'k', shard_count => 4)")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "42P07", "{err:?}");
+    blocker
+        .connect()
+        .batch_execute(&format!("DROP TABLE midway_{}", next + 1))
+        .unwrap();
+    for worker in &cluster.workers {
+        assert_eq!(
+            shard_tables_on(worker, "midway"),
+            0,
+            "orphan shards on {}",
+            worker.name
+        );
+        assert_eq!(
+            one_i64(
+                &mut worker.connect(),
+                "SELECT count(*) FROM pg_prepared_xacts"
+            ),
+            0
+        );
+    }
+    assert_eq!(one_i64(&mut client, "SELECT count(*) FROM midway"), 5000);
+    assert_eq!(
+        one_i64(
+            &mut client,
+            "SELECT count(*) FROM pgdist.dist_table WHERE table_oid = 'midway'::regclass"
+        ),
+        0
+    );
+}
+
+fn undistribute_brings_every_row_back(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE roundtrip (k bigint PRIMARY KEY, t text, d timestamptz, n numeric, g int GENERATED ALWAYS AS (k::int % 7) STORED);
+             INSERT INTO roundtrip SELECT i, CASE WHEN i % 10 = 0 THEN NULL ELSE E'tab\\there ' || i END,
+                    '2024-01-01'::timestamptz + i * interval '1 minute', i / 3.0 FROM generate_series(1, 20000) i;",
+        )
+        .unwrap();
+    let before = local_checksum(&mut client, "roundtrip");
+    client
+        .execute(
+            "SELECT pgdist.create_distributed_table('roundtrip', 'k')",
+            &[],
+        )
+        .unwrap();
+    let names: Vec<(String, u16)> = shards(&mut client, "roundtrip")
+        .into_iter()
+        .map(|s| (s.name, s.port))
+        .collect();
+    client
+        .execute("SELECT pgdist.undistribute_table('roundtrip')", &[])
+        .unwrap();
+    assert_eq!(local_checksum(&mut client, "roundtrip"), before);
+    assert_eq!(
+        one_i64(
+            &mut client,
+            "SELECT count(*) FROM pgdist.tables WHERE table_name = 'roundtrip'::regclass"
+        ),
+        0
+    );
+    for (name, port) in names {
+        let exists: bool = cluster
+            .worker_on(port)
+            .connect()
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+            .unwrap()
+            .get(0);
+        assert!(!exists, "{name} still exists");
+    }
+}
+
+fn views_show_estimates_and_sizes(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE sized (k int, filler text);
+             INSERT INTO sized SELECT i, repeat('f', 100) FROM generate_series(1, 8000) i;
+             SELECT pgdist.create_distributed_table('sized', 'k', shard_count => 4);",
+        )
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT method, distribution_column, shard_count, replication_factor, total_bytes
+             FROM pgdist.tables WHERE table_name = 'sized'::regclass",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "hash");
+    assert_eq!(row.get::<_, String>(1), "k");
+    assert_eq!(row.get::<_, i32>(2), 4);
+    assert_eq!(row.get::<_, i32>(3), 1);
+    assert!(row.get::<_, i64>(4) > 8000 * 100, "total_bytes too small");
+    let estimate = one_i64(
+        &mut client,
+        "SELECT sum(row_estimate)::int8 FROM pgdist.shards WHERE table_name = 'sized'::regclass",
+    );
+    assert_eq!(estimate, 8000);
+    let smallest = one_i64(
+        &mut client,
+        "SELECT min(bytes) FROM pgdist.shards WHERE table_name = 'sized'::regclass",
+    );
+    assert!(smallest > 0);
+    let _ = cluster;
+}
+
+fn catalog_survives_pg_dump_and_restore(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    let dump = cluster.root().join("coordinator.dump");
+    let port = cluster.coordinator.port.to_string();
+    let out = std::process::Command::new(pg_bin("pg_dump"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-Fc",
+            "-f",
+        ])
+        .arg(&dump)
+        .arg("postgres")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    client.batch_execute("CREATE DATABASE restored").unwrap();
+    let out = std::process::Command::new(pg_bin("pg_restore"))
+        .env("PGOPTIONS", "-c pgdist.enable_ddl_propagation=off")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "--exit-on-error",
+            "-d",
+            "restored",
+        ])
+        .arg(&dump)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let catalog = "SELECT t.table_oid::text, t.method, t.distribution_column, count(s.shard_id)
+                   FROM pgdist.dist_table t JOIN pgdist.shard s USING (table_oid) GROUP BY 1, 2, 3 ORDER BY 1";
+    let original = query_text(&mut client, catalog).unwrap();
+    let mut restored = postgres::Client::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=restored"),
+        postgres::NoTls,
+    )
+    .unwrap();
+    assert_eq!(query_text(&mut restored, catalog).unwrap(), original);
+    assert!(!original.is_empty());
+    drop(restored);
+    client.batch_execute("DROP DATABASE restored").unwrap();
+}
