@@ -11,6 +11,7 @@ pub mod distribution;
 pub mod error;
 pub mod gucs;
 pub mod metadata;
+pub mod planner;
 pub mod remote;
 pub mod transaction;
 
@@ -37,6 +38,8 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     transaction::init();
     ddl::init();
+    metadata::cache::init();
+    planner::init();
 }
 
 /// Required by `cargo pgrx test`: the server it starts must preload pgdist like every real node.

@@ -27,6 +27,7 @@ fn main() {
             undistribute_brings_every_row_back,
             views_show_estimates_and_sizes,
             catalog_survives_pg_dump_and_restore,
+            queries_on_distributed_tables_are_refused_not_answered_from_the_shell,
         ],
     )
 }
@@ -834,4 +835,37 @@ fn catalog_survives_pg_dump_and_restore(cluster: &Cluster) {
     assert!(!original.is_empty());
     drop(restored);
     client.batch_execute("DROP DATABASE restored").unwrap();
+}
+
+fn queries_on_distributed_tables_are_refused_not_answered_from_the_shell(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE guarded_reads (k int, v int); INSERT INTO guarded_reads VALUES (1, 1);
+             SELECT pgdist.create_distributed_table('guarded_reads', 'k', shard_count => 2);
+             CREATE VIEW guarded_view AS SELECT * FROM guarded_reads;
+             CREATE TABLE plain_local (k int); INSERT INTO plain_local VALUES (1), (2);",
+        )
+        .unwrap();
+    for sql in [
+        "SELECT count(*) FROM guarded_reads",
+        "SELECT 1 WHERE EXISTS (SELECT 1 FROM guarded_reads)",
+        "WITH c AS (SELECT * FROM guarded_reads) SELECT * FROM c",
+        "SELECT * FROM guarded_view",
+        "SELECT * FROM plain_local WHERE k IN (SELECT k FROM guarded_reads)",
+        "INSERT INTO guarded_reads VALUES (2, 2)",
+        "UPDATE guarded_reads SET v = 3",
+        "DELETE FROM guarded_reads",
+        "COPY guarded_reads FROM STDIN",
+        "COPY guarded_reads TO STDOUT",
+    ] {
+        let err = client.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+        assert!(
+            err.as_db_error().and_then(|d| d.hint()).is_some(),
+            "{sql}: no hint"
+        );
+    }
+    assert_eq!(one_i64(&mut client, "SELECT count(*) FROM plain_local"), 2);
+    assert_eq!(shard_checksum(cluster, &mut client, "guarded_reads").0, 1);
 }

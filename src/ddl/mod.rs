@@ -107,14 +107,14 @@ unsafe extern "C-unwind" fn process_utility(
     }
 }
 
-/// pgdist is installed in this database and we may read its catalog.
+/// pgdist has distributed tables in this database and we may read its catalog.
 unsafe fn pgdist_is_active() -> bool {
     // SAFETY: plain reads of backend globals; get_extension_oid only runs inside a transaction.
     unsafe {
         pg_sys::IsTransactionState()
             && !pg_sys::creating_extension
             && crate::gucs::enable_ddl_propagation()
-            && pg_sys::get_extension_oid(c"pgdist".as_ptr(), true) != pg_sys::InvalidOid
+            && crate::metadata::cache::with_tables(|tables| !tables.is_empty())
     }
 }
 
@@ -146,7 +146,7 @@ unsafe fn distributed(rv: *mut pg_sys::RangeVar) -> Result<Option<DistTable>, Di
     if oid == pg_sys::InvalidOid {
         return Ok(None);
     }
-    Ok(tables::dist_table(oid)?)
+    Ok(crate::metadata::cache::lookup(oid))
 }
 
 fn change(table: DistTable) -> Result<Option<Propagation>, DistributionError> {
@@ -250,6 +250,28 @@ unsafe fn plan(
                 Ok(None)
             }
             pg_sys::NodeTag::T_DropStmt => plan_drop(node.cast::<pg_sys::DropStmt>()),
+            pg_sys::NodeTag::T_CopyStmt => {
+                let stmt = node.cast::<pg_sys::CopyStmt>();
+                if (*stmt).relation.is_null() || distributed((*stmt).relation)?.is_none() {
+                    return Ok(None);
+                }
+                // pg_dump saves the (empty) shell and the catalog; anything else would silently
+                // read or write the coordinator's shell instead of the shards.
+                let from_pg_dump = pg_sys::application_name
+                    .is_null()
+                    .then_some(false)
+                    .unwrap_or_else(|| {
+                        CStr::from_ptr(pg_sys::application_name).to_bytes() == b"pg_dump"
+                    });
+                if (*stmt).is_from || !from_pg_dump {
+                    return Err(unsupported(
+                        "COPY",
+                        "COPY to and from distributed tables comes with distributed writes; until then \
+                         load the data before distributing the table.",
+                    ));
+                }
+                Ok(None)
+            }
             pg_sys::NodeTag::T_TruncateStmt => {
                 let stmt = node.cast::<pg_sys::TruncateStmt>();
                 let mut targets = Vec::new();

@@ -1,5 +1,6 @@
 //! Catalog access: the coordinator's own tables in schema `pgdist`, read and written via SPI.
 
+pub mod cache;
 pub mod nodes;
 pub mod tables;
 

@@ -60,22 +60,34 @@ pub struct ColocationGroup {
 }
 
 pub fn dist_table(oid: pg_sys::Oid) -> Result<Option<DistTable>, MetadataError> {
+    Ok(select_tables("WHERE table_oid = $1", &[oid.into()])?.pop())
+}
+
+/// Every distributed and reference table (what the planner's cache holds).
+pub fn all_tables() -> Result<Vec<DistTable>, MetadataError> {
+    select_tables("", &[])
+}
+
+fn select_tables(
+    filter: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> Result<Vec<DistTable>, MetadataError> {
+    let query = format!(
+        "SELECT table_oid::oid, method, distribution_column, colocation_id FROM pgdist.dist_table {filter}"
+    );
     Spi::connect(|client| {
-        let rows = client.select(
-            "SELECT method, distribution_column, colocation_id FROM pgdist.dist_table WHERE table_oid = $1",
-            None,
-            &[oid.into()],
-        )?;
-        for row in rows {
-            let method: String = row.get(1)?.unwrap_or_default();
-            return Ok(Some(DistTable {
-                oid,
-                method: Method::parse(&method).unwrap_or(Method::Hash),
-                distribution_column: row.get(2)?,
-                colocation_id: row.get(3)?.unwrap_or_default(),
-            }));
-        }
-        Ok(None)
+        client
+            .select(query.as_str(), None, args)?
+            .map(|row| {
+                let method: String = row.get(2)?.unwrap_or_default();
+                Ok(DistTable {
+                    oid: row.get(1)?.unwrap_or(pg_sys::InvalidOid),
+                    method: Method::parse(&method).unwrap_or(Method::Hash),
+                    distribution_column: row.get(3)?,
+                    colocation_id: row.get(4)?.unwrap_or_default(),
+                })
+            })
+            .collect()
     })
 }
 
@@ -184,6 +196,7 @@ pub fn next_shard_id() -> Result<i64, MetadataError> {
 }
 
 pub fn insert_table(table: &DistTable) -> Result<(), MetadataError> {
+    crate::metadata::cache::invalidate();
     Ok(Spi::run_with_args(
         "INSERT INTO pgdist.dist_table (table_oid, method, distribution_column, colocation_id)
          VALUES ($1::oid::regclass, $2, $3, $4)",
@@ -217,6 +230,7 @@ pub fn insert_placement(placement: &Placement, table: pg_sys::Oid) -> Result<(),
 /// Removes a table and (by cascade) its shards and placements from the catalog, and its
 /// co-location group when it was the last member.
 pub fn delete_table(oid: pg_sys::Oid, colocation_id: i32) -> Result<(), MetadataError> {
+    crate::metadata::cache::invalidate();
     Spi::run_with_args(
         "DELETE FROM pgdist.dist_table WHERE table_oid = $1::oid::regclass",
         &[oid.into()],
@@ -229,6 +243,7 @@ pub fn delete_table(oid: pg_sys::Oid, colocation_id: i32) -> Result<(), Metadata
 }
 
 pub fn set_distribution_column(oid: pg_sys::Oid, column: &str) -> Result<(), MetadataError> {
+    crate::metadata::cache::invalidate();
     Ok(Spi::run_with_args(
         "UPDATE pgdist.dist_table SET distribution_column = $2 WHERE table_oid = $1::oid::regclass",
         &[oid.into(), column.into()],

@@ -1,0 +1,103 @@
+//! Per-backend cache of which relations are distributed or reference tables.
+//!
+//! Planning must not read the catalog for every query, so the set is loaded once and dropped
+//! when a relcache invalidation names the catalog table `pgdist.dist_table` (every change pgdist
+//! makes to it sends one, see [`invalidate`]), one of the cached tables, or everything.
+//! Databases without pgdist pay one syscache lookup per planned query.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+use pgrx::prelude::*;
+
+use crate::metadata::tables::{self, DistTable};
+use crate::metadata::MetadataError;
+
+struct Loaded {
+    catalog_relid: pg_sys::Oid,
+    tables: HashMap<pg_sys::Oid, DistTable>,
+}
+
+thread_local! {
+    static CACHE: RefCell<Option<Loaded>> = const { RefCell::new(None) };
+    static LOADING: Cell<bool> = const { Cell::new(false) };
+}
+
+pub fn init() {
+    // SAFETY: registering a plain function once, from _PG_init.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(
+            Some(on_relcache_invalidation),
+            pg_sys::Datum::from(0),
+        )
+    };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    CACHE.with_borrow_mut(|cache| {
+        let stale = match cache {
+            None => false,
+            Some(loaded) => {
+                relid == pg_sys::InvalidOid
+                    || relid == loaded.catalog_relid
+                    || loaded.tables.contains_key(&relid)
+            }
+        };
+        if stale {
+            *cache = None;
+        }
+    });
+}
+
+/// The oid of `pgdist.dist_table`, or None where pgdist is not installed.
+fn catalog_relid() -> Option<pg_sys::Oid> {
+    // SAFETY: syscache lookups by name; both return InvalidOid when nothing matches.
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"pgdist".as_ptr(), true);
+        if namespace == pg_sys::InvalidOid {
+            return None;
+        }
+        let relid = pg_sys::get_relname_relid(c"dist_table".as_ptr(), namespace);
+        (relid != pg_sys::InvalidOid).then_some(relid)
+    }
+}
+
+/// Runs `f` on the cached set of distributed tables (empty where pgdist is not installed).
+pub fn with_tables<R>(f: impl FnOnce(&HashMap<pg_sys::Oid, DistTable>) -> R) -> R {
+    let empty = HashMap::new();
+    // SAFETY: a plain getter of backend state.
+    if LOADING.get() || !unsafe { pg_sys::IsTransactionState() } {
+        return f(&empty);
+    }
+    let loaded = CACHE.with_borrow(|cache| cache.is_some());
+    if !loaded {
+        let Some(catalog_relid) = catalog_relid() else {
+            return f(&empty);
+        };
+        LOADING.set(true);
+        let result = tables::all_tables();
+        LOADING.set(false);
+        let tables = result.unwrap_or_else(|err: MetadataError| crate::error::raise(err));
+        CACHE.with_borrow_mut(|cache| {
+            *cache = Some(Loaded {
+                catalog_relid,
+                tables: tables.into_iter().map(|t| (t.oid, t)).collect(),
+            })
+        });
+    }
+    CACHE.with_borrow(|cache| f(cache.as_ref().map_or(&empty, |loaded| &loaded.tables)))
+}
+
+/// The distributed table `oid`, if it is one.
+pub fn lookup(oid: pg_sys::Oid) -> Option<DistTable> {
+    with_tables(|tables| tables.get(&oid).cloned())
+}
+
+/// Tells every backend (at commit; this one at the next command) that the set changed.
+pub fn invalidate() {
+    if let Some(relid) = catalog_relid() {
+        // SAFETY: queues a relcache invalidation message for an existing relation.
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+    }
+}
