@@ -4,7 +4,7 @@
 #   bash scripts/demo.sh          set up everything, start the cluster, show it
 #   bash scripts/demo.sh stop     stop the cluster and delete its data
 # Settings: PGDIST_DEMO_DIR (default /tmp/pgdist-demo), PGDIST_DEMO_PORT (default 9700: the
-# coordinator; workers on the next ports).
+# coordinator; workers on the next ports), PGDIST_DEMO_NO_SAMPLE=1 (skip the sample dataset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,6 +72,25 @@ CONF
         say "adding worker$i"
         psql_on "$coordinator" -q -c "SELECT pgdist.add_node('127.0.0.1', $(port_of "$i"))" >/dev/null
     done
+    if [ -z "${PGDIST_DEMO_NO_SAMPLE:-}" ]; then
+        say "distributing a sample dataset: customers and orders (co-located by customer_id), countries (reference)"
+        psql_on "$coordinator" -q <<'SQL'
+CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
+INSERT INTO countries VALUES ('de', 'Germany'), ('fr', 'France'), ('jp', 'Japan'), ('us', 'United States');
+CREATE TABLE customers (customer_id int PRIMARY KEY, name text NOT NULL, country text);
+INSERT INTO customers SELECT i, 'customer ' || i, (ARRAY['de', 'fr', 'jp', 'us'])[1 + i % 4]
+FROM generate_series(1, 10000) i;
+CREATE TABLE orders (customer_id int NOT NULL, order_id bigint NOT NULL, amount numeric(10,2), ordered_at date,
+                     PRIMARY KEY (customer_id, order_id));
+CREATE INDEX ON orders (ordered_at);
+INSERT INTO orders SELECT 1 + i % 10000, i, (i % 997) / 10.0, date '2025-01-01' + i % 365
+FROM generate_series(1, 200000) i;
+SELECT pgdist.create_reference_table('countries');
+SELECT pgdist.create_distributed_table('customers', 'customer_id');
+SELECT pgdist.create_distributed_table('orders', 'customer_id');
+ALTER TABLE orders ADD COLUMN status text NOT NULL DEFAULT 'new';
+SQL
+    fi
 fi
 
 coordinator=$(port_of 0)
@@ -79,6 +98,14 @@ say "the cluster: SELECT * FROM pgdist.nodes"
 psql_on "$coordinator" -c "SELECT * FROM pgdist.nodes"
 say "one command on every worker: SELECT * FROM pgdist.run_on_workers('SELECT version()')"
 psql_on "$coordinator" -c "SELECT node_id, success, left(result, 40) AS result FROM pgdist.run_on_workers('SELECT version()')"
+if [ -z "${PGDIST_DEMO_NO_SAMPLE:-}" ]; then
+    say "distributed tables: SELECT * FROM pgdist.tables"
+    psql_on "$coordinator" -c "SELECT * FROM pgdist.tables"
+    say "their shards (first 6): SELECT * FROM pgdist.shards"
+    psql_on "$coordinator" -c "SELECT shard_id, table_name, shard_name, node_id, min_value, max_value, row_estimate, bytes FROM pgdist.shards LIMIT 6"
+    say "the ALTER TABLE above reached every shard: SELECT * FROM pgdist.run_on_workers(...)"
+    psql_on "$coordinator" -c "SELECT node_id, result AS shards_with_status_column FROM pgdist.run_on_workers(\$\$SELECT count(*) FROM pg_attribute WHERE attname = 'status' AND attrelid::regclass::text LIKE 'orders\\_%'\$\$)"
+fi
 
 cat <<EOF_TEXT
 
