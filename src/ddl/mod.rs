@@ -539,33 +539,16 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
 /// A new UNIQUE / PRIMARY KEY / EXCLUDE constraint or unique index must include the
 /// distribution column (uniqueness is enforced per shard).
 fn check_uniqueness(table: &DistTable, after: &TableDefinition) -> Result<(), DistributionError> {
-    let Some(column) = table
+    match table
         .distribution_column
         .as_deref()
         .and_then(|c| after.column(c))
-    else {
-        return Ok(());
-    };
-    let unique = after
-        .constraints
-        .iter()
-        .filter(|c| matches!(c.kind.as_str(), "p" | "u" | "x"))
-        .map(|c| (&c.name, &c.columns))
-        .chain(
-            after
-                .indexes
-                .iter()
-                .filter(|i| i.unique)
-                .map(|i| (&i.name, &i.columns)),
-        );
-    for (name, columns) in unique {
-        if !columns.contains(&column.attnum) {
-            return Err(DistributionError::UniqueWithoutDistributionColumn {
-                table: relation_name(table.oid),
-                constraint: name.clone(),
-                column: column.name.clone(),
-            });
-        }
+    {
+        Some(column) => crate::distribution::create::require_column_in_unique_keys(
+            after,
+            &relation_name(table.oid),
+            column,
+        ),
+        None => Ok(()),
     }
-    Ok(())
 }

@@ -149,20 +149,30 @@ fn validate_constraints(
             ));
         }
     }
-    let Some(column) = column else { return Ok(()) };
-    let unique = table
+    match column {
+        Some(column) => require_column_in_unique_keys(table, name, column),
+        None => Ok(()),
+    }
+}
+
+/// UNIQUE, PRIMARY KEY and EXCLUDE constraints and unique indexes must include the distribution
+/// column: uniqueness is enforced per shard.
+pub fn require_column_in_unique_keys(
+    table: &TableDefinition,
+    name: &str,
+    column: &shell::Column,
+) -> Result<(), DistributionError> {
+    let constraints = table
         .constraints
         .iter()
         .filter(|c| matches!(c.kind.as_str(), "p" | "u" | "x"))
-        .map(|c| (&c.name, &c.columns))
-        .chain(
-            table
-                .indexes
-                .iter()
-                .filter(|i| i.unique)
-                .map(|i| (&i.name, &i.columns)),
-        );
-    for (constraint, columns) in unique {
+        .map(|c| (&c.name, &c.columns));
+    let indexes = table
+        .indexes
+        .iter()
+        .filter(|i| i.unique)
+        .map(|i| (&i.name, &i.columns));
+    for (constraint, columns) in constraints.chain(indexes) {
         if !columns.contains(&column.attnum) {
             return Err(DistributionError::UniqueWithoutDistributionColumn {
                 table: name.into(),
@@ -590,18 +600,8 @@ fn move_rows(
     shards: &[PlannedShard],
     index_sql: &str,
 ) -> Result<u64, DistributionError> {
-    let mut nodes: Vec<NodeAddress> = Vec::new();
-    for node in shards.iter().flat_map(|s| &s.nodes) {
-        if !nodes.contains(node) {
-            nodes.push(node.clone());
-        }
-    }
-    let targets = nodes
-        .iter()
-        .cloned()
-        .map(target_for)
-        .collect::<Result<Vec<_>, _>>()?;
-    let checkout = remote_xact::checkout(&targets)?;
+    let nodes = distinct_nodes(shards.iter().flat_map(|s| &s.nodes));
+    let checkout = checkout_nodes(&nodes)?;
     let sinks: Vec<ShardSink> = shards
         .iter()
         .map(|shard| {
@@ -715,4 +715,25 @@ pub fn replicate_reference_table(
         oid,
     )?;
     Ok(())
+}
+
+/// Each node once, in first-seen order.
+pub fn distinct_nodes<'a>(nodes: impl IntoIterator<Item = &'a NodeAddress>) -> Vec<NodeAddress> {
+    let mut distinct: Vec<NodeAddress> = Vec::new();
+    for node in nodes {
+        if !distinct.contains(node) {
+            distinct.push(node.clone());
+        }
+    }
+    distinct
+}
+
+/// The participant connections (in the coordinator transaction) for `nodes`, in that order.
+pub fn checkout_nodes(nodes: &[NodeAddress]) -> Result<remote_xact::Checkout, DistributionError> {
+    let targets = nodes
+        .iter()
+        .cloned()
+        .map(target_for)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(remote_xact::checkout(&targets)?)
 }

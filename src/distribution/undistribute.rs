@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use pgrx::prelude::*;
 
 use crate::cluster::target_for;
-use crate::distribution::create::relation_name;
+use crate::distribution::create::{checkout_nodes, distinct_nodes, relation_name};
 use crate::distribution::data_move;
 use crate::distribution::shell;
 use crate::distribution::DistributionError;
@@ -24,18 +24,8 @@ fn undistribute(oid: pg_sys::Oid) -> Result<(), DistributionError> {
     // From here on the table is local again for everything this transaction does.
     tables::delete_table(oid, table.colocation_id)?;
 
-    let mut nodes: Vec<NodeAddress> = Vec::new();
-    for placement in &placements {
-        if !nodes.contains(&placement.node) {
-            nodes.push(placement.node.clone());
-        }
-    }
-    let targets = nodes
-        .iter()
-        .cloned()
-        .map(target_for)
-        .collect::<Result<Vec<_>, _>>()?;
-    let checkout = remote_xact::checkout(&targets)?;
+    let nodes = distinct_nodes(placements.iter().map(|p| &p.node));
+    let checkout = checkout_nodes(&nodes)?;
     let mut copied = 0;
     let mut done = std::collections::BTreeSet::new();
     for placement in &placements {
