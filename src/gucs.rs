@@ -8,10 +8,21 @@ static NODE_CONNINFO: GucSetting<Option<CString>> = GucSetting::<Option<CString>
 static LOG_REMOTE_COMMANDS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 static ENABLE_DDL_PROPAGATION: GucSetting<bool> = GucSetting::<bool>::new(true);
+static MAX_CONNECTIONS_PER_NODE: GucSetting<i32> = GucSetting::<i32>::new(4);
 static SHARD_COUNT: GucSetting<i32> = GucSetting::<i32>::new(32);
 static REPLICATION_FACTOR: GucSetting<i32> = GucSetting::<i32>::new(1);
 
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"pgdist.max_connections_per_node",
+        c"Connections one query may use per node to run its fragments in parallel.",
+        c"",
+        &MAX_CONNECTIONS_PER_NODE,
+        1,
+        1000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"pgdist.enable_ddl_propagation",
         c"Applies DDL on distributed tables to their shards too.",
@@ -80,6 +91,10 @@ pub fn node_conninfo() -> String {
 
 pub fn enable_ddl_propagation() -> bool {
     ENABLE_DDL_PROPAGATION.get()
+}
+
+pub fn max_connections_per_node() -> i32 {
+    MAX_CONNECTIONS_PER_NODE.get()
 }
 
 pub fn shard_count() -> i32 {

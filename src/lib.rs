@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod ddl;
 pub mod distribution;
 pub mod error;
+pub mod executor;
 pub mod gucs;
 pub mod metadata;
 pub mod planner;
@@ -40,6 +41,7 @@ pub extern "C-unwind" fn _PG_init() {
     ddl::init();
     metadata::cache::init();
     planner::init();
+    executor::init();
 }
 
 /// Required by `cargo pgrx test`: the server it starts must preload pgdist like every real node.

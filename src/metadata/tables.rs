@@ -311,3 +311,17 @@ pub fn placements_on(node_id: i32) -> Result<Vec<(pg_sys::Oid, i64)>, MetadataEr
             .collect()
     })
 }
+
+/// `(shard_id, shard_index)` of every shard of `oid`, by index.
+pub fn shard_ids(oid: pg_sys::Oid) -> Result<Vec<(i64, i32)>, MetadataError> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT shard_id, shard_index FROM pgdist.shard WHERE table_oid = $1 ORDER BY shard_index",
+                None,
+                &[oid.into()],
+            )?
+            .map(|row| Ok((row.get(1)?.unwrap_or_default(), row.get(2)?.unwrap_or_default())))
+            .collect()
+    })
+}

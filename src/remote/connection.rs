@@ -93,6 +93,15 @@ impl NodeConnection {
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
     }
+
+    pub fn cancel_token(&self) -> tokio_postgres::CancelToken {
+        self.client.cancel_token()
+    }
+
+    /// Starts `sql` (simple protocol) and returns its messages as they arrive.
+    pub async fn stream_query(&self, sql: &str) -> Result<tokio_postgres::SimpleQueryStream, RemoteError> {
+        self.client.simple_query_raw(sql).await.map_err(|err| RemoteError::from_postgres(&self.node, err))
+    }
 }
 
 impl Drop for NodeConnection {

@@ -79,6 +79,16 @@ fn with_runtime<R>(f: impl FnOnce(&Runtime) -> R) -> R {
     })
 }
 
+/// Starts `future` on the backend's runtime; it makes progress whenever the backend waits in
+/// [`block_on`].
+pub fn spawn<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    with_runtime(|runtime| runtime.spawn(future))
+}
+
 /// True when PostgreSQL wants the current statement to stop.
 fn interrupt_requested() -> bool {
     // SAFETY: plain reads of `volatile sig_atomic_t` flags that signal handlers set on this

@@ -1,0 +1,420 @@
+//! The Distributed Scan node: reads the shards of one distributed or reference table.
+//!
+//! At the first fetch it prunes shards by the value of a `$n` parameter when the plan says so,
+//! builds one fragment per shard — `SELECT <needed columns> FROM <shard> WHERE <shipped clauses>`,
+//! preceded by the session settings that change how values are written and read — and starts
+//! them on every node at once. Rows arrive as text and become Datums through the column types'
+//! input functions, on the backend's thread. Local filters and projection are PostgreSQL's
+//! (ExecScan).
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::cluster::target_for;
+use crate::distribution::hashing;
+use crate::distribution::shell::with_suffix;
+use crate::error::raise;
+use crate::executor::fragments::FragmentStream;
+use crate::metadata::tables;
+use crate::planner::scan_path::{from_list, ScanPlan, SCAN_NAME};
+use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified};
+use crate::remote::NodeAddress;
+
+static mut SCAN_METHODS: pg_sys::CustomScanMethods = pg_sys::CustomScanMethods {
+    CustomName: SCAN_NAME.as_ptr(),
+    CreateCustomScanState: Some(create_state),
+};
+
+static mut EXEC_METHODS: pg_sys::CustomExecMethods = pg_sys::CustomExecMethods {
+    CustomName: SCAN_NAME.as_ptr(),
+    BeginCustomScan: Some(begin),
+    ExecCustomScan: Some(exec),
+    EndCustomScan: Some(end),
+    ReScanCustomScan: Some(rescan),
+    MarkPosCustomScan: None,
+    RestrPosCustomScan: None,
+    EstimateDSMCustomScan: None,
+    InitializeDSMCustomScan: None,
+    ReInitializeDSMCustomScan: None,
+    InitializeWorkerCustomScan: None,
+    ShutdownCustomScan: None,
+    ExplainCustomScan: Some(explain),
+};
+
+pub fn init() {
+    // SAFETY: registers static method tables once, from _PG_init.
+    unsafe { pg_sys::RegisterCustomScanMethods(&raw const SCAN_METHODS) };
+}
+
+pub fn scan_methods() -> *const pg_sys::CustomScanMethods {
+    &raw const SCAN_METHODS
+}
+
+#[repr(C)]
+struct DistributedScanState {
+    css: pg_sys::CustomScanState,
+    runtime: *mut ScanRuntime,
+}
+
+/// How to turn one fetched text value into a Datum.
+struct ColumnInput {
+    /// 0-based index into the slot.
+    slot_index: usize,
+    finfo: Box<pg_sys::FmgrInfo>,
+    io_param: pg_sys::Oid,
+    typmod: i32,
+}
+
+struct ScanRuntime {
+    plan: ScanPlan,
+    relid: pg_sys::Oid,
+    inputs: Vec<ColumnInput>,
+    stream: Option<FragmentStream>,
+    /// For EXPLAIN: fragments, nodes, one fragment's SQL.
+    shape: Option<(usize, usize, String)>,
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut pg_sys::Node {
+    // SAFETY: allocates our node in the current (executor) memory context, tagged as a
+    // CustomScanState whose first member is the CustomScanState PostgreSQL expects.
+    unsafe {
+        let state = pg_sys::palloc0(std::mem::size_of::<DistributedScanState>()).cast::<DistributedScanState>();
+        (*state).css.ss.ps.type_ = pg_sys::NodeTag::T_CustomScanState;
+        (*state).css.methods = &raw const EXEC_METHODS;
+        (*state).css.flags = (*cscan).flags;
+        let plan = ScanPlan::decode(&from_list((*cscan).custom_private));
+        let runtime = Box::into_raw(Box::new(ScanRuntime {
+            plan,
+            relid: pg_sys::InvalidOid,
+            inputs: Vec::new(),
+            stream: None,
+            shape: None,
+        }));
+        (*state).runtime = runtime;
+        // Freed with the query's memory, also when the query fails.
+        let callback = pg_sys::palloc0(std::mem::size_of::<pg_sys::MemoryContextCallback>())
+            .cast::<pg_sys::MemoryContextCallback>();
+        (*callback).func = Some(free_runtime);
+        (*callback).arg = runtime.cast();
+        pg_sys::MemoryContextRegisterResetCallback(pg_sys::CurrentMemoryContext, callback);
+        state.cast()
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn free_runtime(arg: *mut std::ffi::c_void) {
+    // SAFETY: arg is the Box we leaked in create_state; this callback runs exactly once.
+    drop(unsafe { Box::from_raw(arg.cast::<ScanRuntime>()) });
+}
+
+unsafe fn runtime_of<'a>(node: *mut pg_sys::CustomScanState) -> &'a mut ScanRuntime {
+    // SAFETY: node was created by create_state; the runtime lives as long as the query memory.
+    unsafe { &mut *(*node.cast::<DistributedScanState>()).runtime }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, _estate: *mut pg_sys::EState, _eflags: i32) {
+    // SAFETY: the scan relation is open (scanrelid > 0); we read its descriptor.
+    unsafe {
+        let runtime = runtime_of(node);
+        let relation = (*node).ss.ss_currentRelation;
+        runtime.relid = (*relation).rd_id;
+        let tupdesc = (*relation).rd_att;
+        runtime.inputs = runtime
+            .plan
+            .columns
+            .iter()
+            .map(|attno| {
+                let attribute = (*tupdesc).attrs.as_ptr().add(*attno as usize - 1);
+                let mut input = pg_sys::InvalidOid;
+                let mut io_param = pg_sys::InvalidOid;
+                pg_sys::getTypeInputInfo((*attribute).atttypid, &mut input, &mut io_param);
+                let mut finfo = Box::new(pg_sys::FmgrInfo::default());
+                pg_sys::fmgr_info(input, &mut *finfo);
+                ColumnInput { slot_index: *attno as usize - 1, finfo, io_param, typmod: (*attribute).atttypmod }
+            })
+            .collect();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn exec(node: *mut pg_sys::CustomScanState) -> *mut pg_sys::TupleTableSlot {
+    // SAFETY: ExecScan drives our access method and applies local quals and projection.
+    unsafe { pg_sys::ExecScan(&mut (*node).ss, Some(next_tuple), Some(recheck)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn recheck(_node: *mut pg_sys::ScanState, _slot: *mut pg_sys::TupleTableSlot) -> bool {
+    true
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn next_tuple(scan: *mut pg_sys::ScanState) -> *mut pg_sys::TupleTableSlot {
+    // SAFETY: scan is our CustomScanState (ss is its first member); the slot belongs to it.
+    unsafe {
+        let node = scan.cast::<pg_sys::CustomScanState>();
+        let runtime = runtime_of(node);
+        let slot = (*scan).ss_ScanTupleSlot;
+        if runtime.stream.is_none() {
+            runtime.stream = Some(start(runtime, (*(*scan).ps.state).es_param_list_info));
+        }
+        let Some(stream) = runtime.stream.as_mut() else { return pg_sys::ExecClearTuple(slot) };
+        let row = match stream.next() {
+            Ok(Some(row)) => row,
+            Ok(None) => return pg_sys::ExecClearTuple(slot),
+            Err(err) => raise(err),
+        };
+        pg_sys::ExecClearTuple(slot);
+        let natts = (*(*slot).tts_tupleDescriptor).natts as usize;
+        let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
+        let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
+        nulls.fill(true);
+        let econtext = (*scan).ps.ps_ExprContext;
+        let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+        for (input, value) in runtime.inputs.iter_mut().zip(row) {
+            if let Some(text) = value {
+                let text = CString::new(text).unwrap_or_default();
+                values[input.slot_index] = pg_sys::InputFunctionCall(
+                    &mut *input.finfo,
+                    text.as_ptr().cast_mut(),
+                    input.io_param,
+                    input.typmod,
+                );
+                nulls[input.slot_index] = false;
+            }
+        }
+        pg_sys::MemoryContextSwitchTo(old);
+        pg_sys::ExecStoreVirtualTuple(slot)
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn end(node: *mut pg_sys::CustomScanState) {
+    // SAFETY: drops the remote work of this scan (cancelling what still runs).
+    unsafe { runtime_of(node).stream = None };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn rescan(node: *mut pg_sys::CustomScanState) {
+    // SAFETY: the next fetch starts the fragments again (parameters may have changed).
+    unsafe {
+        runtime_of(node).stream = None;
+        pg_sys::ExecScanReScan(&mut (*node).ss);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn explain(node: *mut pg_sys::CustomScanState, _ancestors: *mut pg_sys::List, es: *mut pg_sys::ExplainState) {
+    // SAFETY: EXPLAIN runs begin() first, so the relation is known; the texts are copied.
+    unsafe {
+        let runtime = runtime_of(node);
+        if runtime.shape.is_none() {
+            let (work, _) = fragments(runtime, (*(*node).ss.ps.state).es_param_list_info);
+            let first = work.first().and_then(|(_, f)| f.first().cloned()).unwrap_or_default();
+            runtime.shape = Some((work.iter().map(|(_, f)| f.len()).sum(), work.len(), first));
+        }
+        if let Some((count, nodes, first)) = &runtime.shape {
+            let text = |label: &CStr, value: String| {
+                let value = CString::new(value).unwrap_or_default();
+                pg_sys::ExplainPropertyText(label.as_ptr(), value.as_ptr(), es);
+            };
+            text(c"Fragments", format!("{count} on {nodes} node(s)"));
+            text(c"Fragment", first.clone());
+        }
+    }
+}
+
+/// The value of `$id` as text with its type name, or None for NULL.
+unsafe fn param_value(params: pg_sys::ParamListInfo, id: i32) -> Option<(String, String)> {
+    // SAFETY: params is the executor's parameter list; ids are 1-based.
+    unsafe {
+        if params.is_null() || id < 1 || id > (*params).numParams {
+            return None;
+        }
+        let mut workspace = pg_sys::ParamExternData::default();
+        let param = match (*params).paramFetch {
+            Some(fetch) => fetch(params, id, false, &mut workspace),
+            None => (*params).params.as_mut_ptr().add(id as usize - 1),
+        };
+        if param.is_null() || (*param).isnull {
+            return None;
+        }
+        let mut output = pg_sys::InvalidOid;
+        let mut varlena = false;
+        pg_sys::getTypeOutputInfo((*param).ptype, &mut output, &mut varlena);
+        let text = pg_sys::OidOutputFunctionCall(output, (*param).value);
+        let type_name = pg_sys::format_type_be((*param).ptype);
+        Some((
+            CStr::from_ptr(text).to_string_lossy().into_owned(),
+            CStr::from_ptr(type_name).to_string_lossy().into_owned(),
+        ))
+    }
+}
+
+/// `sql` with every `$n` outside quotes replaced by `'value'::type` (or NULL).
+fn substitute_params(sql: &str, value: impl Fn(i32) -> Option<(String, String)>) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(q) => {
+                out.push(c);
+                if c == q {
+                    quote = None;
+                }
+            }
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                out.push(c);
+            }
+            None if c == '$' && chars.peek().is_some_and(|d| d.is_ascii_digit()) => {
+                let mut digits = String::new();
+                while let Some(d) = chars.next_if(|d| d.is_ascii_digit()) {
+                    digits.push(d);
+                }
+                match digits.parse().ok().and_then(&value) {
+                    Some((text, type_name)) => out.push_str(&format!("({}::{type_name})", quote_literal(&text))),
+                    None => out.push_str("NULL"),
+                }
+            }
+            None => out.push(c),
+        }
+    }
+    out
+}
+
+/// Settings that change how values are written and read, as the coordinator's session has them.
+unsafe fn session_settings() -> String {
+    let setting = |name: &CStr| {
+        // SAFETY: GetConfigOption returns a pointer to the current value (NULL if unknown).
+        let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
+        if value.is_null() {
+            String::new()
+        } else {
+            // SAFETY: a valid C string owned by the GUC machinery; copied at once.
+            unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned()
+        }
+    };
+    format!(
+        "SET TimeZone TO {}; SET DateStyle TO {}; SET IntervalStyle TO {}; SET extra_float_digits TO 3; SET search_path TO {}; ",
+        quote_literal(&setting(c"TimeZone")),
+        quote_literal(&setting(c"DateStyle")),
+        quote_literal(&setting(c"IntervalStyle")),
+        // search_path is a list: its text is already valid SQL for SET.
+        setting(c"search_path"),
+    )
+}
+
+/// One entry per node: its target and the fragments to run there.
+unsafe fn fragments(runtime: &ScanRuntime, params: pg_sys::ParamListInfo) -> (Vec<(crate::remote::NodeTarget, Vec<String>)>, usize) {
+    // SAFETY: catalog lookups for the scanned relation; params as in param_value.
+    unsafe {
+        let relid = runtime.relid;
+        let mut shard_ids = runtime.plan.shard_ids.clone();
+        if runtime.plan.prune_param > 0 {
+            let shards = tables::shard_ids(relid).unwrap_or_else(|e| raise(e));
+            shard_ids = match prune_by_param(relid, &shards, params, runtime.plan.prune_param) {
+                Some(id) => shard_ids.into_iter().filter(|s| *s == id).collect(),
+                None => Vec::new(),
+            };
+        }
+        let schema = CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid))).to_string_lossy().into_owned();
+        let name = CStr::from_ptr(pg_sys::get_rel_name(relid)).to_string_lossy().into_owned();
+        let tupdesc_columns: Vec<String> = runtime
+            .plan
+            .columns
+            .iter()
+            .map(|attno| {
+                let attname = pg_sys::get_attname(relid, *attno, false);
+                quote_identifier(&CStr::from_ptr(attname).to_string_lossy())
+            })
+            .collect();
+        let where_sql = substitute_params(&runtime.plan.where_sql, |id| param_value(params, id));
+        let placements = tables::placements(relid).unwrap_or_else(|e| raise(e));
+        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
+        for shard_id in &shard_ids {
+            // The first placement (lowest node id) of each shard serves reads.
+            let Some(placement) = placements.iter().find(|p| p.shard_id == *shard_id) else { continue };
+            let relation = quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
+            let mut sql = format!("SELECT {} FROM {relation}", tupdesc_columns.join(", "));
+            if !where_sql.is_empty() {
+                sql.push_str(&format!(" WHERE {where_sql}"));
+            }
+            per_node
+                .entry(placement.node.node_id)
+                .or_insert_with(|| (placement.node.clone(), Vec::new()))
+                .1
+                .push(sql);
+        }
+        let work = per_node
+            .into_values()
+            .map(|(node, sqls)| (target_for(node).unwrap_or_else(|e| raise(e)), sqls))
+            .collect::<Vec<_>>();
+        let count = work.len();
+        (work, count)
+    }
+}
+
+/// The shard that `$param`'s value hashes to (None: no shard, e.g. for NULL).
+unsafe fn prune_by_param(relid: pg_sys::Oid, shards: &[(i64, i32)], params: pg_sys::ParamListInfo, param: i32) -> Option<i64> {
+    // SAFETY: params is the executor's list; the value is hashed with its own type's function.
+    unsafe {
+        if params.is_null() || param > (*params).numParams {
+            return None;
+        }
+        let mut workspace = pg_sys::ParamExternData::default();
+        let value = match (*params).paramFetch {
+            Some(fetch) => fetch(params, param, false, &mut workspace),
+            None => (*params).params.as_mut_ptr().add(param as usize - 1),
+        };
+        if value.is_null() || (*value).isnull {
+            return None;
+        }
+        let _ = relid;
+        let hash = hashing::hash_datum((*value).ptype, (*value).value)?;
+        let index = hashing::hash_shard_index(hash, shards.len() as i32);
+        shards.iter().find(|(_, i)| *i == index).map(|(id, _)| *id)
+    }
+}
+
+unsafe fn start(runtime: &mut ScanRuntime, params: pg_sys::ParamListInfo) -> FragmentStream {
+    // SAFETY: see fragments().
+    let (mut work, _) = unsafe { fragments(runtime, params) };
+    // SAFETY: reads GUC values of this backend.
+    let settings = unsafe { session_settings() };
+    for (_, sqls) in &mut work {
+        for sql in sqls.iter_mut() {
+            sql.insert_str(0, &settings);
+        }
+    }
+    if crate::gucs::log_remote_commands() {
+        for (target, sqls) in &work {
+            for sql in sqls {
+                pgrx::log!("pgdist: issuing on {}: {}", target.node, sql);
+            }
+        }
+    }
+    FragmentStream::start(work, crate::gucs::max_connections_per_node() as usize)
+}
+
+#[cfg(test)]
+mod unit {
+    use super::substitute_params;
+
+    #[test]
+    fn parameters_become_typed_literals_outside_quotes() {
+        let value = |id: i32| match id {
+            1 => Some(("it's".to_string(), "text".to_string())),
+            _ => None,
+        };
+        assert_eq!(
+            substitute_params("(a = $1) AND (b = '$1') AND (c = $2)", value),
+            "(a = ('it''s'::text)) AND (b = '$1') AND (c = NULL)"
+        );
+    }
+}

@@ -1,0 +1,353 @@
+//! The distributed scan path: PostgreSQL's planner plans every query as usual, and for each
+//! distributed or reference table it meets, this replaces the (empty) shell's scan paths with a
+//! CustomScan that reads the shards. Restriction clauses that can run on the workers are sent
+//! with each fragment; the others stay as local filters. Equality on the distribution column
+//! prunes shards: at plan time for constants, at execution for `$n` parameters.
+//!
+//! Everything above the scans — joins, aggregates, sorting, windows, subqueries — is executed
+//! by PostgreSQL on the coordinator, so every query shape gets exactly PostgreSQL's answer.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys;
+use pgrx::PgList;
+
+use crate::distribution::hashing;
+use crate::metadata::cache;
+use crate::metadata::tables::{DistTable, Method};
+use crate::planner::shippable::{deparse, shippable};
+
+static mut PREVIOUS_HOOK: pg_sys::set_rel_pathlist_hook_type = None;
+
+pub const SCAN_NAME: &CStr = c"pgdist Distributed Scan";
+
+static mut PATH_METHODS: pg_sys::CustomPathMethods = pg_sys::CustomPathMethods {
+    CustomName: SCAN_NAME.as_ptr(),
+    PlanCustomPath: Some(plan_path),
+    ReparameterizeCustomPathByChild: None,
+};
+
+pub fn init() {
+    // SAFETY: _PG_init runs once in the postmaster; we chain to the previous hook.
+    unsafe {
+        PREVIOUS_HOOK = pg_sys::set_rel_pathlist_hook;
+        pg_sys::set_rel_pathlist_hook = Some(set_rel_pathlist);
+    }
+}
+
+/// What the executor needs, kept in the plan (`custom_private`) as strings.
+#[derive(Debug, Default, PartialEq)]
+pub struct ScanPlan {
+    /// Shipped clauses, ANDed; may contain `$n`.
+    pub where_sql: String,
+    /// Attribute numbers to fetch.
+    pub columns: Vec<i16>,
+    /// Shards left after plan-time pruning (empty: none).
+    pub shard_ids: Vec<i64>,
+    /// `$n` whose value picks the shard at execution (0: none).
+    pub prune_param: i32,
+}
+
+impl ScanPlan {
+    fn encode(&self) -> Vec<String> {
+        let join = |v: Vec<String>| v.join(",");
+        vec![
+            self.where_sql.clone(),
+            join(self.columns.iter().map(ToString::to_string).collect()),
+            join(self.shard_ids.iter().map(ToString::to_string).collect()),
+            self.prune_param.to_string(),
+        ]
+    }
+
+    pub fn decode(parts: &[String]) -> ScanPlan {
+        fn numbers<T: std::str::FromStr>(s: &str) -> Vec<T> {
+            s.split(',').filter(|p| !p.is_empty()).filter_map(|p| p.parse().ok()).collect()
+        }
+        ScanPlan {
+            where_sql: parts.first().cloned().unwrap_or_default(),
+            columns: parts.get(1).map(|s| numbers(s)).unwrap_or_default(),
+            shard_ids: parts.get(2).map(|s| numbers(s)).unwrap_or_default(),
+            prune_param: parts.get(3).and_then(|s| s.parse().ok()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Strings → a List of String nodes (what custom_private holds).
+pub unsafe fn to_list(parts: Vec<String>) -> *mut pg_sys::List {
+    let mut list = PgList::<pg_sys::String>::new();
+    for part in parts {
+        let text = CString::new(part).unwrap_or_default();
+        // SAFETY: pstrdup copies the text into the current memory context; makeString keeps it.
+        unsafe { list.push(pg_sys::makeString(pg_sys::pstrdup(text.as_ptr()))) };
+    }
+    list.into_pg()
+}
+
+pub unsafe fn from_list(list: *mut pg_sys::List) -> Vec<String> {
+    // SAFETY: list was built by to_list (String nodes).
+    unsafe {
+        PgList::<pg_sys::String>::from_pg(list)
+            .iter_ptr()
+            .map(|s| CStr::from_ptr((*s).sval).to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn set_rel_pathlist(
+    root: *mut pg_sys::PlannerInfo,
+    rel: *mut pg_sys::RelOptInfo,
+    rti: pg_sys::Index,
+    rte: *mut pg_sys::RangeTblEntry,
+) {
+    // SAFETY: arguments come from the planner and are valid for this call.
+    unsafe {
+        if let Some(previous) = PREVIOUS_HOOK {
+            previous(root, rel, rti, rte);
+        }
+        if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION || (*rel).reloptkind != pg_sys::RelOptKind::RELOPT_BASEREL {
+            return;
+        }
+        let Some(table) = cache::lookup((*rte).relid) else { return };
+        let plan = plan_scan(&table, rel);
+        add_distributed_path(root, rel, plan);
+    }
+}
+
+/// Clauses split into shipped and local, by the same rule at path and plan time.
+unsafe fn shipped_clauses(restrictinfos: *mut pg_sys::List) -> Vec<*mut pg_sys::Node> {
+    // SAFETY: a List of RestrictInfo.
+    unsafe {
+        PgList::<pg_sys::RestrictInfo>::from_pg(restrictinfos)
+            .iter_ptr()
+            .map(|ri| (*ri).clause.cast::<pg_sys::Node>())
+            .filter(|clause| shippable(*clause))
+            .collect()
+    }
+}
+
+unsafe fn plan_scan(table: &DistTable, rel: *mut pg_sys::RelOptInfo) -> ScanPlan {
+    // SAFETY: rel is a base relation of the query being planned.
+    unsafe {
+        let clauses = shipped_clauses((*rel).baserestrictinfo);
+        let where_sql = clauses.iter().map(|c| format!("({})", deparse(*c, table.oid))).collect::<Vec<_>>().join(" AND ");
+        let columns = needed_columns(rel);
+        let shards = crate::metadata::tables::shard_ids(table.oid).unwrap_or_default();
+        let (shard_ids, prune_param) = match table.method {
+            Method::Hash => prune(table, &clauses, &shards),
+            _ => (shards.iter().map(|(id, _)| *id).collect(), 0),
+        };
+        ScanPlan { where_sql, columns, shard_ids, prune_param }
+    }
+}
+
+/// Columns the query needs from this table: its target list and the local filters.
+unsafe fn needed_columns(rel: *mut pg_sys::RelOptInfo) -> Vec<i16> {
+    let mut attnos: Vec<i16> = Vec::new();
+    // SAFETY: reltarget and baserestrictinfo belong to rel; pull_varattnos fills a Bitmapset
+    // with attno - FirstLowInvalidHeapAttributeNumber.
+    unsafe {
+        let mut set: *mut pg_sys::Bitmapset = std::ptr::null_mut();
+        let relid = (*rel).relid;
+        pg_sys::pull_varattnos((*(*rel).reltarget).exprs.cast(), relid, &mut set);
+        for ri in PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo).iter_ptr() {
+            pg_sys::pull_varattnos((*ri).clause.cast(), relid, &mut set);
+        }
+        let offset = pg_sys::FirstLowInvalidHeapAttributeNumber;
+        let mut member = -1;
+        loop {
+            member = pg_sys::bms_next_member(set, member);
+            if member < 0 {
+                break;
+            }
+            let attno = (member + offset) as i16;
+            if attno > 0 {
+                attnos.push(attno);
+            } else if attno == 0 {
+                // A whole-row reference needs every column.
+                attnos = (1..=(*rel).max_attr).collect();
+                break;
+            }
+        }
+    }
+    attnos
+}
+
+/// Shards that can hold rows satisfying `clauses` (equality or IN on the distribution column),
+/// and the `$n` that decides it at execution.
+unsafe fn prune(table: &DistTable, clauses: &[*mut pg_sys::Node], shards: &[(i64, i32)]) -> (Vec<i64>, i32) {
+    let all: Vec<i64> = shards.iter().map(|(id, _)| *id).collect();
+    let Some(column) = table.distribution_column.as_deref() else { return (all, 0) };
+    // SAFETY: catalog lookups for the distribution column; clauses are valid expressions.
+    unsafe {
+        let name = CString::new(column).unwrap_or_default();
+        let attno = pg_sys::get_attnum(table.oid, name.as_ptr());
+        let type_oid = pg_sys::get_atttype(table.oid, attno);
+        let opclass = pg_sys::GetDefaultOpClass(type_oid, pg_sys::HASH_AM_OID);
+        if opclass == pg_sys::InvalidOid {
+            return (all, 0);
+        }
+        let family = pg_sys::get_opclass_family(opclass);
+        let shard_count = shards.len() as i32;
+        let mut allowed: Option<Vec<i64>> = None;
+        let mut param = 0;
+        for clause in clauses {
+            match equality_values(*clause, attno, family) {
+                Some(Equality::Values(values)) => {
+                    let ids: Vec<i64> = values
+                        .into_iter()
+                        .filter_map(|(ty, datum)| hashing::hash_datum(ty, datum))
+                        .map(|h| hashing::hash_shard_index(h, shard_count))
+                        .filter_map(|index| shards.iter().find(|(_, i)| *i == index).map(|(id, _)| *id))
+                        .collect();
+                    allowed = Some(match allowed {
+                        None => ids,
+                        Some(previous) => previous.into_iter().filter(|id| ids.contains(id)).collect(),
+                    });
+                }
+                Some(Equality::Param(id)) => param = id,
+                None => {}
+            }
+        }
+        let mut ids = allowed.unwrap_or(all);
+        ids.sort_unstable();
+        ids.dedup();
+        (ids, param)
+    }
+}
+
+enum Equality {
+    /// Constants (type, value) the column must equal one of.
+    Values(Vec<(pg_sys::Oid, pg_sys::Datum)>),
+    /// A `$n` the column must equal.
+    Param(i32),
+}
+
+/// `column = constant`, `column = $n` or `column = ANY(constant array)` with an equality
+/// operator of the column type's hash operator family.
+unsafe fn equality_values(clause: *mut pg_sys::Node, attno: i16, family: pg_sys::Oid) -> Option<Equality> {
+    // SAFETY: clause is a valid expression; casts follow node tags.
+    unsafe {
+        let strip = |mut n: *mut pg_sys::Node| {
+            while !n.is_null() && (*n).type_ == pg_sys::NodeTag::T_RelabelType {
+                n = (*n.cast::<pg_sys::RelabelType>()).arg.cast();
+            }
+            n
+        };
+        let is_column = |n: *mut pg_sys::Node| {
+            let n = strip(n);
+            !n.is_null() && (*n).type_ == pg_sys::NodeTag::T_Var && (*n.cast::<pg_sys::Var>()).varattno == attno
+        };
+        let is_equality = |opno: pg_sys::Oid| {
+            pg_sys::op_in_opfamily(opno, family)
+                && pg_sys::get_op_opfamily_strategy(opno, family) == pg_sys::HTEqualStrategyNumber as i32
+        };
+        match (*clause).type_ {
+            pg_sys::NodeTag::T_OpExpr => {
+                let op = clause.cast::<pg_sys::OpExpr>();
+                let args = PgList::<pg_sys::Node>::from_pg((*op).args);
+                if args.len() != 2 || !is_equality((*op).opno) {
+                    return None;
+                }
+                let (left, right) = (args.get_ptr(0)?, args.get_ptr(1)?);
+                let other = if is_column(left) { strip(right) } else if is_column(right) { strip(left) } else { return None };
+                match (*other).type_ {
+                    pg_sys::NodeTag::T_Const => {
+                        let c = other.cast::<pg_sys::Const>();
+                        // NULL = anything is never true: no shard.
+                        Some(Equality::Values(if (*c).constisnull { vec![] } else { vec![((*c).consttype, (*c).constvalue)] }))
+                    }
+                    pg_sys::NodeTag::T_Param
+                        if (*other.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_EXTERN =>
+                    {
+                        Some(Equality::Param((*other.cast::<pg_sys::Param>()).paramid))
+                    }
+                    _ => None,
+                }
+            }
+            pg_sys::NodeTag::T_ScalarArrayOpExpr => {
+                let op = clause.cast::<pg_sys::ScalarArrayOpExpr>();
+                let args = PgList::<pg_sys::Node>::from_pg((*op).args);
+                if !(*op).useOr || args.len() != 2 || !is_equality((*op).opno) || !is_column(args.get_ptr(0)?) {
+                    return None;
+                }
+                let array = strip(args.get_ptr(1)?);
+                if (*array).type_ != pg_sys::NodeTag::T_Const || (*array.cast::<pg_sys::Const>()).constisnull {
+                    return None;
+                }
+                let array = pg_sys::pg_detoast_datum((*array.cast::<pg_sys::Const>()).constvalue.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
+                let element_type = (*array).elemtype;
+                let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+                pg_sys::get_typlenbyvalalign(element_type, &mut len, &mut byval, &mut align);
+                let mut values: *mut pg_sys::Datum = std::ptr::null_mut();
+                let mut nulls: *mut bool = std::ptr::null_mut();
+                let mut count = 0;
+                pg_sys::deconstruct_array(array, element_type, len.into(), byval, align, &mut values, &mut nulls, &mut count);
+                let mut found = Vec::new();
+                for i in 0..count as usize {
+                    if !*nulls.add(i) {
+                        found.push((element_type, *values.add(i)));
+                    }
+                }
+                Some(Equality::Values(found))
+            }
+            _ => None,
+        }
+    }
+}
+
+unsafe fn add_distributed_path(root: *mut pg_sys::PlannerInfo, rel: *mut pg_sys::RelOptInfo, plan: ScanPlan) {
+    // SAFETY: we build a CustomPath in planner memory and hand it to add_path, replacing the
+    // shell table's paths (which would read the empty shell).
+    unsafe {
+        let _ = root;
+        (*rel).pathlist = std::ptr::null_mut();
+        (*rel).partial_pathlist = std::ptr::null_mut();
+        (*rel).consider_parallel = false;
+        let shards = plan.shard_ids.len().max(1) as f64;
+        let rows = ((*rel).rows).max(1000.0 * shards);
+        (*rel).rows = rows;
+        let path = pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomPath>()).cast::<pg_sys::CustomPath>();
+        (*path).path.type_ = pg_sys::NodeTag::T_CustomPath;
+        (*path).path.pathtype = pg_sys::NodeTag::T_CustomScan;
+        (*path).path.parent = rel;
+        (*path).path.pathtarget = (*rel).reltarget;
+        (*path).path.rows = rows;
+        (*path).path.startup_cost = 100.0;
+        (*path).path.total_cost = 100.0 + 10.0 * shards + rows * 0.01;
+        (*path).custom_private = to_list(plan.encode());
+        (*path).methods = &raw const PATH_METHODS;
+        pg_sys::add_path(rel, path.cast());
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn plan_path(
+    _root: *mut pg_sys::PlannerInfo,
+    rel: *mut pg_sys::RelOptInfo,
+    best_path: *mut pg_sys::CustomPath,
+    tlist: *mut pg_sys::List,
+    clauses: *mut pg_sys::List,
+    _custom_plans: *mut pg_sys::List,
+) -> *mut pg_sys::Plan {
+    // SAFETY: builds the CustomScan node from the chosen path, as the planner expects.
+    unsafe {
+        let local: Vec<*mut pg_sys::RestrictInfo> = PgList::<pg_sys::RestrictInfo>::from_pg(clauses)
+            .iter_ptr()
+            .filter(|ri| !shippable((**ri).clause.cast()))
+            .collect();
+        let mut local_list = PgList::<pg_sys::RestrictInfo>::new();
+        for ri in local {
+            local_list.push(ri);
+        }
+        let scan = pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomScan>()).cast::<pg_sys::CustomScan>();
+        (*scan).scan.plan.type_ = pg_sys::NodeTag::T_CustomScan;
+        (*scan).scan.plan.targetlist = tlist;
+        (*scan).scan.plan.qual = pg_sys::extract_actual_clauses(local_list.into_pg(), false);
+        (*scan).scan.scanrelid = (*rel).relid;
+        (*scan).flags = (*best_path).flags;
+        (*scan).custom_private = (*best_path).custom_private;
+        (*scan).methods = crate::executor::scan::scan_methods();
+        scan.cast()
+    }
+}
