@@ -11,7 +11,10 @@ struct TempRoot(PathBuf);
 
 impl Drop for TempRoot {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // PGDIST_TEST_KEEP=1 keeps data directories and logs for a post-mortem.
+        if std::env::var_os("PGDIST_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 

@@ -27,7 +27,10 @@ pub struct FragmentStream {
 
 impl FragmentStream {
     /// Starts every fragment. `work` is one entry per node: its target and its fragments.
-    pub fn start(work: Vec<(NodeTarget, Vec<String>)>, connections_per_node: usize) -> FragmentStream {
+    pub fn start(
+        work: Vec<(NodeTarget, Vec<String>)>,
+        connections_per_node: usize,
+    ) -> FragmentStream {
         let (sender, rows) = mpsc::channel(CHANNEL_ROWS);
         let mut tasks = Vec::new();
         let mut cancel_tokens = Vec::new();
@@ -47,7 +50,12 @@ impl FragmentStream {
                 tasks.push(runtime::spawn(run_share(target, cached, share, sender)));
             }
         }
-        FragmentStream { rows, tasks, cancel_tokens, finished: false }
+        FragmentStream {
+            rows,
+            tasks,
+            cancel_tokens,
+            finished: false,
+        }
     }
 
     /// The next row from any node, None when every fragment is done.
@@ -86,7 +94,11 @@ impl Drop for FragmentStream {
         let tokens = std::mem::take(&mut self.cancel_tokens);
         let _ = runtime::block_on(async move {
             let cancels = tokens.iter().map(|t| t.cancel_query(NoTls));
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), futures_util::future::join_all(cancels)).await;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                futures_util::future::join_all(cancels),
+            )
+            .await;
         });
     }
 }
@@ -121,14 +133,18 @@ async fn run_share(
         while let Some(message) = stream.next().await {
             match message {
                 Ok(SimpleQueryMessage::Row(row)) => {
-                    let values = (0..row.len()).map(|i| row.get(i).map(str::to_string)).collect();
+                    let values = (0..row.len())
+                        .map(|i| row.get(i).map(str::to_string))
+                        .collect();
                     if sender.send(Ok(values)).await.is_err() {
                         return None; // the scan is gone
                     }
                 }
                 Ok(_) => {}
                 Err(err) => {
-                    let _ = sender.send(Err(RemoteError::from_postgres(&conn.node, err))).await;
+                    let _ = sender
+                        .send(Err(RemoteError::from_postgres(&conn.node, err)))
+                        .await;
                     return None;
                 }
             }

@@ -20,6 +20,7 @@ use crate::error::raise;
 use crate::executor::fragments::FragmentStream;
 use crate::metadata::tables;
 use crate::planner::scan_path::{from_list, ScanPlan, SCAN_NAME};
+use crate::planner::shippable::EXEC_PARAM_BASE;
 use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified};
 use crate::remote::NodeAddress;
 
@@ -82,7 +83,8 @@ unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut
     // SAFETY: allocates our node in the current (executor) memory context, tagged as a
     // CustomScanState whose first member is the CustomScanState PostgreSQL expects.
     unsafe {
-        let state = pg_sys::palloc0(std::mem::size_of::<DistributedScanState>()).cast::<DistributedScanState>();
+        let state = pg_sys::palloc0(std::mem::size_of::<DistributedScanState>())
+            .cast::<DistributedScanState>();
         (*state).css.ss.ps.type_ = pg_sys::NodeTag::T_CustomScanState;
         (*state).css.methods = &raw const EXEC_METHODS;
         (*state).css.flags = (*cscan).flags;
@@ -117,7 +119,11 @@ unsafe fn runtime_of<'a>(node: *mut pg_sys::CustomScanState) -> &'a mut ScanRunt
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, _estate: *mut pg_sys::EState, _eflags: i32) {
+unsafe extern "C-unwind" fn begin(
+    node: *mut pg_sys::CustomScanState,
+    _estate: *mut pg_sys::EState,
+    _eflags: i32,
+) {
     // SAFETY: the scan relation is open (scanrelid > 0); we read its descriptor.
     unsafe {
         let runtime = runtime_of(node);
@@ -135,34 +141,48 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, _estate: *
                 pg_sys::getTypeInputInfo((*attribute).atttypid, &mut input, &mut io_param);
                 let mut finfo = Box::new(pg_sys::FmgrInfo::default());
                 pg_sys::fmgr_info(input, &mut *finfo);
-                ColumnInput { slot_index: *attno as usize - 1, finfo, io_param, typmod: (*attribute).atttypmod }
+                ColumnInput {
+                    slot_index: *attno as usize - 1,
+                    finfo,
+                    io_param,
+                    typmod: (*attribute).atttypmod,
+                }
             })
             .collect();
     }
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn exec(node: *mut pg_sys::CustomScanState) -> *mut pg_sys::TupleTableSlot {
+unsafe extern "C-unwind" fn exec(
+    node: *mut pg_sys::CustomScanState,
+) -> *mut pg_sys::TupleTableSlot {
     // SAFETY: ExecScan drives our access method and applies local quals and projection.
     unsafe { pg_sys::ExecScan(&mut (*node).ss, Some(next_tuple), Some(recheck)) }
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn recheck(_node: *mut pg_sys::ScanState, _slot: *mut pg_sys::TupleTableSlot) -> bool {
+unsafe extern "C-unwind" fn recheck(
+    _node: *mut pg_sys::ScanState,
+    _slot: *mut pg_sys::TupleTableSlot,
+) -> bool {
     true
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn next_tuple(scan: *mut pg_sys::ScanState) -> *mut pg_sys::TupleTableSlot {
+unsafe extern "C-unwind" fn next_tuple(
+    scan: *mut pg_sys::ScanState,
+) -> *mut pg_sys::TupleTableSlot {
     // SAFETY: scan is our CustomScanState (ss is its first member); the slot belongs to it.
     unsafe {
         let node = scan.cast::<pg_sys::CustomScanState>();
         let runtime = runtime_of(node);
         let slot = (*scan).ss_ScanTupleSlot;
         if runtime.stream.is_none() {
-            runtime.stream = Some(start(runtime, (*(*scan).ps.state).es_param_list_info));
+            runtime.stream = Some(start(runtime, node));
         }
-        let Some(stream) = runtime.stream.as_mut() else { return pg_sys::ExecClearTuple(slot) };
+        let Some(stream) = runtime.stream.as_mut() else {
+            return pg_sys::ExecClearTuple(slot);
+        };
         let row = match stream.next() {
             Ok(Some(row)) => row,
             Ok(None) => return pg_sys::ExecClearTuple(slot),
@@ -208,13 +228,20 @@ unsafe extern "C-unwind" fn rescan(node: *mut pg_sys::CustomScanState) {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn explain(node: *mut pg_sys::CustomScanState, _ancestors: *mut pg_sys::List, es: *mut pg_sys::ExplainState) {
+unsafe extern "C-unwind" fn explain(
+    node: *mut pg_sys::CustomScanState,
+    _ancestors: *mut pg_sys::List,
+    es: *mut pg_sys::ExplainState,
+) {
     // SAFETY: EXPLAIN runs begin() first, so the relation is known; the texts are copied.
     unsafe {
         let runtime = runtime_of(node);
         if runtime.shape.is_none() {
-            let (work, _) = fragments(runtime, (*(*node).ss.ps.state).es_param_list_info);
-            let first = work.first().and_then(|(_, f)| f.first().cloned()).unwrap_or_default();
+            let (work, _) = fragments(runtime, node);
+            let first = work
+                .first()
+                .and_then(|(_, f)| f.first().cloned())
+                .unwrap_or_default();
             runtime.shape = Some((work.iter().map(|(_, f)| f.len()).sum(), work.len(), first));
         }
         if let Some((count, nodes, first)) = &runtime.shape {
@@ -228,10 +255,36 @@ unsafe extern "C-unwind" fn explain(node: *mut pg_sys::CustomScanState, _ancesto
     }
 }
 
-/// The value of `$id` as text with its type name, or None for NULL.
-unsafe fn param_value(params: pg_sys::ParamListInfo, id: i32) -> Option<(String, String)> {
-    // SAFETY: params is the executor's parameter list; ids are 1-based.
+/// The value and type of `$id`: a statement parameter, or (above EXEC_PARAM_BASE) an executor
+/// parameter, whose init plan runs first if needed. None for NULL or unknown.
+unsafe fn param_datum(
+    node: *mut pg_sys::CustomScanState,
+    exec_params: &[(i32, pg_sys::Oid)],
+    id: i32,
+) -> Option<(pg_sys::Oid, pg_sys::Datum)> {
+    // SAFETY: node is a running scan; ids index the statement's or the executor's parameters.
     unsafe {
+        let econtext = (*node).ss.ps.ps_ExprContext;
+        if id >= EXEC_PARAM_BASE {
+            let exec_id = id - EXEC_PARAM_BASE;
+            let type_oid = exec_params.iter().find(|(p, _)| *p == exec_id)?.1;
+            // Evaluating a Param expression runs its init plan first when it has one.
+            let param =
+                pg_sys::palloc0(std::mem::size_of::<pg_sys::Param>()).cast::<pg_sys::Param>();
+            (*param).xpr.type_ = pg_sys::NodeTag::T_Param;
+            (*param).paramkind = pg_sys::ParamKind::PARAM_EXEC;
+            (*param).paramid = exec_id;
+            (*param).paramtype = type_oid;
+            (*param).paramtypmod = -1;
+            (*param).location = -1;
+            let state = pg_sys::ExecInitExpr(param.cast(), &mut (*node).ss.ps);
+            let mut isnull = false;
+            let value = (*state)
+                .evalfunc
+                .map(|eval| eval(state, econtext, &mut isnull))?;
+            return (!isnull).then_some((type_oid, value));
+        }
+        let params = (*(*node).ss.ps.state).es_param_list_info;
         if params.is_null() || id < 1 || id > (*params).numParams {
             return None;
         }
@@ -240,14 +293,24 @@ unsafe fn param_value(params: pg_sys::ParamListInfo, id: i32) -> Option<(String,
             Some(fetch) => fetch(params, id, false, &mut workspace),
             None => (*params).params.as_mut_ptr().add(id as usize - 1),
         };
-        if param.is_null() || (*param).isnull {
-            return None;
-        }
+        (!param.is_null() && !(*param).isnull).then(|| ((*param).ptype, (*param).value))
+    }
+}
+
+/// `$id`'s value as text with its type name, or None for NULL.
+unsafe fn param_text(
+    node: *mut pg_sys::CustomScanState,
+    exec_params: &[(i32, pg_sys::Oid)],
+    id: i32,
+) -> Option<(String, String)> {
+    // SAFETY: output functions of the parameter's own type; the C strings are copied at once.
+    unsafe {
+        let (type_oid, value) = param_datum(node, exec_params, id)?;
         let mut output = pg_sys::InvalidOid;
         let mut varlena = false;
-        pg_sys::getTypeOutputInfo((*param).ptype, &mut output, &mut varlena);
-        let text = pg_sys::OidOutputFunctionCall(output, (*param).value);
-        let type_name = pg_sys::format_type_be((*param).ptype);
+        pg_sys::getTypeOutputInfo(type_oid, &mut output, &mut varlena);
+        let text = pg_sys::OidOutputFunctionCall(output, value);
+        let type_name = pg_sys::format_type_be(type_oid);
         Some((
             CStr::from_ptr(text).to_string_lossy().into_owned(),
             CStr::from_ptr(type_name).to_string_lossy().into_owned(),
@@ -278,7 +341,9 @@ fn substitute_params(sql: &str, value: impl Fn(i32) -> Option<(String, String)>)
                     digits.push(d);
                 }
                 match digits.parse().ok().and_then(&value) {
-                    Some((text, type_name)) => out.push_str(&format!("({}::{type_name})", quote_literal(&text))),
+                    Some((text, type_name)) => {
+                        out.push_str(&format!("({}::{type_name})", quote_literal(&text)))
+                    }
                     None => out.push_str("NULL"),
                 }
             }
@@ -297,7 +362,9 @@ unsafe fn session_settings() -> String {
             String::new()
         } else {
             // SAFETY: a valid C string owned by the GUC machinery; copied at once.
-            unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned()
+            unsafe { CStr::from_ptr(value) }
+                .to_string_lossy()
+                .into_owned()
         }
     };
     format!(
@@ -311,20 +378,31 @@ unsafe fn session_settings() -> String {
 }
 
 /// One entry per node: its target and the fragments to run there.
-unsafe fn fragments(runtime: &ScanRuntime, params: pg_sys::ParamListInfo) -> (Vec<(crate::remote::NodeTarget, Vec<String>)>, usize) {
+unsafe fn fragments(
+    runtime: &ScanRuntime,
+    node: *mut pg_sys::CustomScanState,
+) -> (Vec<(crate::remote::NodeTarget, Vec<String>)>, usize) {
     // SAFETY: catalog lookups for the scanned relation; params as in param_value.
     unsafe {
         let relid = runtime.relid;
         let mut shard_ids = runtime.plan.shard_ids.clone();
         if runtime.plan.prune_param > 0 {
             let shards = tables::shard_ids(relid).unwrap_or_else(|e| raise(e));
-            shard_ids = match prune_by_param(relid, &shards, params, runtime.plan.prune_param) {
+            let target = param_datum(node, &runtime.plan.exec_params, runtime.plan.prune_param)
+                .and_then(|(type_oid, value)| hashing::hash_datum(type_oid, value))
+                .map(|hash| hashing::hash_shard_index(hash, shards.len() as i32))
+                .and_then(|index| shards.iter().find(|(_, i)| *i == index).map(|(id, _)| *id));
+            shard_ids = match target {
                 Some(id) => shard_ids.into_iter().filter(|s| *s == id).collect(),
                 None => Vec::new(),
             };
         }
-        let schema = CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid))).to_string_lossy().into_owned();
-        let name = CStr::from_ptr(pg_sys::get_rel_name(relid)).to_string_lossy().into_owned();
+        let schema = CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid)))
+            .to_string_lossy()
+            .into_owned();
+        let name = CStr::from_ptr(pg_sys::get_rel_name(relid))
+            .to_string_lossy()
+            .into_owned();
         let tupdesc_columns: Vec<String> = runtime
             .plan
             .columns
@@ -334,12 +412,16 @@ unsafe fn fragments(runtime: &ScanRuntime, params: pg_sys::ParamListInfo) -> (Ve
                 quote_identifier(&CStr::from_ptr(attname).to_string_lossy())
             })
             .collect();
-        let where_sql = substitute_params(&runtime.plan.where_sql, |id| param_value(params, id));
+        let where_sql = substitute_params(&runtime.plan.where_sql, |id| {
+            param_text(node, &runtime.plan.exec_params, id)
+        });
         let placements = tables::placements(relid).unwrap_or_else(|e| raise(e));
         let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
         for shard_id in &shard_ids {
             // The first placement (lowest node id) of each shard serves reads.
-            let Some(placement) = placements.iter().find(|p| p.shard_id == *shard_id) else { continue };
+            let Some(placement) = placements.iter().find(|p| p.shard_id == *shard_id) else {
+                continue;
+            };
             let relation = quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
             let mut sql = format!("SELECT {} FROM {relation}", tupdesc_columns.join(", "));
             if !where_sql.is_empty() {
@@ -360,31 +442,9 @@ unsafe fn fragments(runtime: &ScanRuntime, params: pg_sys::ParamListInfo) -> (Ve
     }
 }
 
-/// The shard that `$param`'s value hashes to (None: no shard, e.g. for NULL).
-unsafe fn prune_by_param(relid: pg_sys::Oid, shards: &[(i64, i32)], params: pg_sys::ParamListInfo, param: i32) -> Option<i64> {
-    // SAFETY: params is the executor's list; the value is hashed with its own type's function.
-    unsafe {
-        if params.is_null() || param > (*params).numParams {
-            return None;
-        }
-        let mut workspace = pg_sys::ParamExternData::default();
-        let value = match (*params).paramFetch {
-            Some(fetch) => fetch(params, param, false, &mut workspace),
-            None => (*params).params.as_mut_ptr().add(param as usize - 1),
-        };
-        if value.is_null() || (*value).isnull {
-            return None;
-        }
-        let _ = relid;
-        let hash = hashing::hash_datum((*value).ptype, (*value).value)?;
-        let index = hashing::hash_shard_index(hash, shards.len() as i32);
-        shards.iter().find(|(_, i)| *i == index).map(|(id, _)| *id)
-    }
-}
-
-unsafe fn start(runtime: &mut ScanRuntime, params: pg_sys::ParamListInfo) -> FragmentStream {
+unsafe fn start(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomScanState) -> FragmentStream {
     // SAFETY: see fragments().
-    let (mut work, _) = unsafe { fragments(runtime, params) };
+    let (mut work, _) = unsafe { fragments(runtime, node) };
     // SAFETY: reads GUC values of this backend.
     let settings = unsafe { session_settings() };
     for (_, sqls) in &mut work {

@@ -32,11 +32,15 @@ impl crate::error::PgError for PlannerError {
 
     fn hint(&self) -> Option<String> {
         Some(match self {
-            PlannerError::Writes(_) => "Distributed INSERT, UPDATE, DELETE and COPY come with the distributed writes \
+            PlannerError::Writes(_) => {
+                "Distributed INSERT, UPDATE, DELETE and COPY come with the distributed writes \
                                         work; until then load data before distributing the table."
-                .into(),
+                    .into()
+            }
             PlannerError::RowLocks(_) => "Drop the FOR UPDATE / FOR SHARE clause.".into(),
-            PlannerError::ReadAfterRemoteWork(_) => "Commit the DDL or distribution first, then read.".into(),
+            PlannerError::ReadAfterRemoteWork(_) => {
+                "Commit the DDL or distribution first, then read.".into()
+            }
         })
     }
 }
@@ -90,7 +94,8 @@ unsafe fn distributed_rte(query: *mut pg_sys::Query, rti: i32) -> Option<pg_sys:
     unsafe {
         let rtable = pgrx::PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable);
         let rte = rtable.get_ptr(usize::try_from(rti).ok()?.checked_sub(1)?)?;
-        ((*rte).rtekind == pg_sys::RTEKind::RTE_RELATION && cache::lookup((*rte).relid).is_some()).then_some((*rte).relid)
+        ((*rte).rtekind == pg_sys::RTEKind::RTE_RELATION && cache::lookup((*rte).relid).is_some())
+            .then_some((*rte).relid)
     }
 }
 
@@ -109,7 +114,9 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
                     && cache::lookup((*rte).relid).is_some()
                     && crate::transaction::remote_xact::has_participants()
                 {
-                    *found = Some(PlannerError::ReadAfterRemoteWork(relation_name((*rte).relid)));
+                    *found = Some(PlannerError::ReadAfterRemoteWork(relation_name(
+                        (*rte).relid,
+                    )));
                     return true;
                 }
                 false
@@ -122,13 +129,20 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
                         return true;
                     }
                 }
-                for mark in pgrx::PgList::<pg_sys::RowMarkClause>::from_pg((*query).rowMarks).iter_ptr() {
+                for mark in
+                    pgrx::PgList::<pg_sys::RowMarkClause>::from_pg((*query).rowMarks).iter_ptr()
+                {
                     if let Some(oid) = distributed_rte(query, (*mark).rti as i32) {
                         *found = Some(PlannerError::RowLocks(relation_name(oid)));
                         return true;
                     }
                 }
-                pg_sys::query_tree_walker(query, Some(check_node), context, pg_sys::QTW_EXAMINE_RTES_BEFORE as i32)
+                pg_sys::query_tree_walker(
+                    query,
+                    Some(check_node),
+                    context,
+                    pg_sys::QTW_EXAMINE_RTES_BEFORE as i32,
+                )
             }
             _ => pg_sys::expression_tree_walker(node, Some(check_node), context),
         }

@@ -15,7 +15,7 @@ use pgrx::PgList;
 use crate::distribution::hashing;
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
-use crate::planner::shippable::{deparse, shippable};
+use crate::planner::shippable::{deparse, shippable, EXEC_PARAM_BASE};
 
 static mut PREVIOUS_HOOK: pg_sys::set_rel_pathlist_hook_type = None;
 
@@ -44,8 +44,11 @@ pub struct ScanPlan {
     pub columns: Vec<i16>,
     /// Shards left after plan-time pruning (empty: none).
     pub shard_ids: Vec<i64>,
-    /// `$n` whose value picks the shard at execution (0: none).
+    /// `$n` whose value picks the shard at execution (0: none; above EXEC_PARAM_BASE: an
+    /// executor parameter).
     pub prune_param: i32,
+    /// Executor parameters used in `where_sql`, with their types.
+    pub exec_params: Vec<(i32, pg_sys::Oid)>,
 }
 
 impl ScanPlan {
@@ -56,18 +59,41 @@ impl ScanPlan {
             join(self.columns.iter().map(ToString::to_string).collect()),
             join(self.shard_ids.iter().map(ToString::to_string).collect()),
             self.prune_param.to_string(),
+            join(
+                self.exec_params
+                    .iter()
+                    .map(|(id, ty)| format!("{id}:{}", u32::from(*ty)))
+                    .collect(),
+            ),
         ]
     }
 
     pub fn decode(parts: &[String]) -> ScanPlan {
         fn numbers<T: std::str::FromStr>(s: &str) -> Vec<T> {
-            s.split(',').filter(|p| !p.is_empty()).filter_map(|p| p.parse().ok()).collect()
+            s.split(',')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| p.parse().ok())
+                .collect()
         }
         ScanPlan {
             where_sql: parts.first().cloned().unwrap_or_default(),
             columns: parts.get(1).map(|s| numbers(s)).unwrap_or_default(),
             shard_ids: parts.get(2).map(|s| numbers(s)).unwrap_or_default(),
-            prune_param: parts.get(3).and_then(|s| s.parse().ok()).unwrap_or_default(),
+            prune_param: parts
+                .get(3)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_default(),
+            exec_params: parts
+                .get(4)
+                .map(|s| {
+                    s.split(',')
+                        .filter_map(|p| p.split_once(':'))
+                        .filter_map(|(id, ty)| {
+                            Some((id.parse().ok()?, pg_sys::Oid::from(ty.parse::<u32>().ok()?)))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -105,10 +131,14 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
         if let Some(previous) = PREVIOUS_HOOK {
             previous(root, rel, rti, rte);
         }
-        if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION || (*rel).reloptkind != pg_sys::RelOptKind::RELOPT_BASEREL {
+        if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION
+            || (*rel).reloptkind != pg_sys::RelOptKind::RELOPT_BASEREL
+        {
             return;
         }
-        let Some(table) = cache::lookup((*rte).relid) else { return };
+        let Some(table) = cache::lookup((*rte).relid) else {
+            return;
+        };
         let plan = plan_scan(&table, rel);
         add_distributed_path(root, rel, plan);
     }
@@ -130,14 +160,27 @@ unsafe fn plan_scan(table: &DistTable, rel: *mut pg_sys::RelOptInfo) -> ScanPlan
     // SAFETY: rel is a base relation of the query being planned.
     unsafe {
         let clauses = shipped_clauses((*rel).baserestrictinfo);
-        let where_sql = clauses.iter().map(|c| format!("({})", deparse(*c, table.oid))).collect::<Vec<_>>().join(" AND ");
+        let mut exec_params = Vec::new();
+        let mut parts = Vec::new();
+        for clause in &clauses {
+            let (text, params) = deparse(*clause, table.oid, (*rel).relid);
+            parts.push(format!("({text})"));
+            exec_params.extend(params);
+        }
+        let where_sql = parts.join(" AND ");
         let columns = needed_columns(rel);
         let shards = crate::metadata::tables::shard_ids(table.oid).unwrap_or_default();
         let (shard_ids, prune_param) = match table.method {
             Method::Hash => prune(table, &clauses, &shards),
             _ => (shards.iter().map(|(id, _)| *id).collect(), 0),
         };
-        ScanPlan { where_sql, columns, shard_ids, prune_param }
+        ScanPlan {
+            where_sql,
+            columns,
+            shard_ids,
+            prune_param,
+            exec_params,
+        }
     }
 }
 
@@ -175,9 +218,15 @@ unsafe fn needed_columns(rel: *mut pg_sys::RelOptInfo) -> Vec<i16> {
 
 /// Shards that can hold rows satisfying `clauses` (equality or IN on the distribution column),
 /// and the `$n` that decides it at execution.
-unsafe fn prune(table: &DistTable, clauses: &[*mut pg_sys::Node], shards: &[(i64, i32)]) -> (Vec<i64>, i32) {
+unsafe fn prune(
+    table: &DistTable,
+    clauses: &[*mut pg_sys::Node],
+    shards: &[(i64, i32)],
+) -> (Vec<i64>, i32) {
     let all: Vec<i64> = shards.iter().map(|(id, _)| *id).collect();
-    let Some(column) = table.distribution_column.as_deref() else { return (all, 0) };
+    let Some(column) = table.distribution_column.as_deref() else {
+        return (all, 0);
+    };
     // SAFETY: catalog lookups for the distribution column; clauses are valid expressions.
     unsafe {
         let name = CString::new(column).unwrap_or_default();
@@ -198,11 +247,15 @@ unsafe fn prune(table: &DistTable, clauses: &[*mut pg_sys::Node], shards: &[(i64
                         .into_iter()
                         .filter_map(|(ty, datum)| hashing::hash_datum(ty, datum))
                         .map(|h| hashing::hash_shard_index(h, shard_count))
-                        .filter_map(|index| shards.iter().find(|(_, i)| *i == index).map(|(id, _)| *id))
+                        .filter_map(|index| {
+                            shards.iter().find(|(_, i)| *i == index).map(|(id, _)| *id)
+                        })
                         .collect();
                     allowed = Some(match allowed {
                         None => ids,
-                        Some(previous) => previous.into_iter().filter(|id| ids.contains(id)).collect(),
+                        Some(previous) => {
+                            previous.into_iter().filter(|id| ids.contains(id)).collect()
+                        }
                     });
                 }
                 Some(Equality::Param(id)) => param = id,
@@ -225,7 +278,11 @@ enum Equality {
 
 /// `column = constant`, `column = $n` or `column = ANY(constant array)` with an equality
 /// operator of the column type's hash operator family.
-unsafe fn equality_values(clause: *mut pg_sys::Node, attno: i16, family: pg_sys::Oid) -> Option<Equality> {
+unsafe fn equality_values(
+    clause: *mut pg_sys::Node,
+    attno: i16,
+    family: pg_sys::Oid,
+) -> Option<Equality> {
     // SAFETY: clause is a valid expression; casts follow node tags.
     unsafe {
         let strip = |mut n: *mut pg_sys::Node| {
@@ -236,11 +293,14 @@ unsafe fn equality_values(clause: *mut pg_sys::Node, attno: i16, family: pg_sys:
         };
         let is_column = |n: *mut pg_sys::Node| {
             let n = strip(n);
-            !n.is_null() && (*n).type_ == pg_sys::NodeTag::T_Var && (*n.cast::<pg_sys::Var>()).varattno == attno
+            !n.is_null()
+                && (*n).type_ == pg_sys::NodeTag::T_Var
+                && (*n.cast::<pg_sys::Var>()).varattno == attno
         };
         let is_equality = |opno: pg_sys::Oid| {
             pg_sys::op_in_opfamily(opno, family)
-                && pg_sys::get_op_opfamily_strategy(opno, family) == pg_sys::HTEqualStrategyNumber as i32
+                && pg_sys::get_op_opfamily_strategy(opno, family)
+                    == pg_sys::HTEqualStrategyNumber as i32
         };
         match (*clause).type_ {
             pg_sys::NodeTag::T_OpExpr => {
@@ -250,17 +310,34 @@ unsafe fn equality_values(clause: *mut pg_sys::Node, attno: i16, family: pg_sys:
                     return None;
                 }
                 let (left, right) = (args.get_ptr(0)?, args.get_ptr(1)?);
-                let other = if is_column(left) { strip(right) } else if is_column(right) { strip(left) } else { return None };
+                let other = if is_column(left) {
+                    strip(right)
+                } else if is_column(right) {
+                    strip(left)
+                } else {
+                    return None;
+                };
                 match (*other).type_ {
                     pg_sys::NodeTag::T_Const => {
                         let c = other.cast::<pg_sys::Const>();
                         // NULL = anything is never true: no shard.
-                        Some(Equality::Values(if (*c).constisnull { vec![] } else { vec![((*c).consttype, (*c).constvalue)] }))
+                        Some(Equality::Values(if (*c).constisnull {
+                            vec![]
+                        } else {
+                            vec![((*c).consttype, (*c).constvalue)]
+                        }))
                     }
-                    pg_sys::NodeTag::T_Param
-                        if (*other.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_EXTERN =>
-                    {
-                        Some(Equality::Param((*other.cast::<pg_sys::Param>()).paramid))
+                    pg_sys::NodeTag::T_Param => {
+                        let param = other.cast::<pg_sys::Param>();
+                        match (*param).paramkind {
+                            pg_sys::ParamKind::PARAM_EXTERN => {
+                                Some(Equality::Param((*param).paramid))
+                            }
+                            pg_sys::ParamKind::PARAM_EXEC => {
+                                Some(Equality::Param(EXEC_PARAM_BASE + (*param).paramid))
+                            }
+                            _ => None,
+                        }
                     }
                     _ => None,
                 }
@@ -268,21 +345,39 @@ unsafe fn equality_values(clause: *mut pg_sys::Node, attno: i16, family: pg_sys:
             pg_sys::NodeTag::T_ScalarArrayOpExpr => {
                 let op = clause.cast::<pg_sys::ScalarArrayOpExpr>();
                 let args = PgList::<pg_sys::Node>::from_pg((*op).args);
-                if !(*op).useOr || args.len() != 2 || !is_equality((*op).opno) || !is_column(args.get_ptr(0)?) {
+                if !(*op).useOr
+                    || args.len() != 2
+                    || !is_equality((*op).opno)
+                    || !is_column(args.get_ptr(0)?)
+                {
                     return None;
                 }
                 let array = strip(args.get_ptr(1)?);
-                if (*array).type_ != pg_sys::NodeTag::T_Const || (*array.cast::<pg_sys::Const>()).constisnull {
+                if (*array).type_ != pg_sys::NodeTag::T_Const
+                    || (*array.cast::<pg_sys::Const>()).constisnull
+                {
                     return None;
                 }
-                let array = pg_sys::pg_detoast_datum((*array.cast::<pg_sys::Const>()).constvalue.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
+                let array = pg_sys::pg_detoast_datum(
+                    (*array.cast::<pg_sys::Const>()).constvalue.cast_mut_ptr(),
+                )
+                .cast::<pg_sys::ArrayType>();
                 let element_type = (*array).elemtype;
                 let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
                 pg_sys::get_typlenbyvalalign(element_type, &mut len, &mut byval, &mut align);
                 let mut values: *mut pg_sys::Datum = std::ptr::null_mut();
                 let mut nulls: *mut bool = std::ptr::null_mut();
                 let mut count = 0;
-                pg_sys::deconstruct_array(array, element_type, len.into(), byval, align, &mut values, &mut nulls, &mut count);
+                pg_sys::deconstruct_array(
+                    array,
+                    element_type,
+                    len.into(),
+                    byval,
+                    align,
+                    &mut values,
+                    &mut nulls,
+                    &mut count,
+                );
                 let mut found = Vec::new();
                 for i in 0..count as usize {
                     if !*nulls.add(i) {
@@ -296,7 +391,11 @@ unsafe fn equality_values(clause: *mut pg_sys::Node, attno: i16, family: pg_sys:
     }
 }
 
-unsafe fn add_distributed_path(root: *mut pg_sys::PlannerInfo, rel: *mut pg_sys::RelOptInfo, plan: ScanPlan) {
+unsafe fn add_distributed_path(
+    root: *mut pg_sys::PlannerInfo,
+    rel: *mut pg_sys::RelOptInfo,
+    plan: ScanPlan,
+) {
     // SAFETY: we build a CustomPath in planner memory and hand it to add_path, replacing the
     // shell table's paths (which would read the empty shell).
     unsafe {
@@ -307,7 +406,8 @@ unsafe fn add_distributed_path(root: *mut pg_sys::PlannerInfo, rel: *mut pg_sys:
         let shards = plan.shard_ids.len().max(1) as f64;
         let rows = ((*rel).rows).max(1000.0 * shards);
         (*rel).rows = rows;
-        let path = pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomPath>()).cast::<pg_sys::CustomPath>();
+        let path =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomPath>()).cast::<pg_sys::CustomPath>();
         (*path).path.type_ = pg_sys::NodeTag::T_CustomPath;
         (*path).path.pathtype = pg_sys::NodeTag::T_CustomScan;
         (*path).path.parent = rel;
@@ -332,21 +432,27 @@ unsafe extern "C-unwind" fn plan_path(
 ) -> *mut pg_sys::Plan {
     // SAFETY: builds the CustomScan node from the chosen path, as the planner expects.
     unsafe {
-        let local: Vec<*mut pg_sys::RestrictInfo> = PgList::<pg_sys::RestrictInfo>::from_pg(clauses)
-            .iter_ptr()
-            .filter(|ri| !shippable((**ri).clause.cast()))
-            .collect();
         let mut local_list = PgList::<pg_sys::RestrictInfo>::new();
-        for ri in local {
-            local_list.push(ri);
+        // Shipped clauses go to custom_exprs: the executor does not evaluate them, but the
+        // planner then knows which parameters the scan depends on (and rescans it when they
+        // change).
+        let mut shipped_list = PgList::<pg_sys::Node>::new();
+        for ri in PgList::<pg_sys::RestrictInfo>::from_pg(clauses).iter_ptr() {
+            if shippable((*ri).clause.cast()) {
+                shipped_list.push((*ri).clause.cast());
+            } else {
+                local_list.push(ri);
+            }
         }
-        let scan = pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomScan>()).cast::<pg_sys::CustomScan>();
+        let scan =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomScan>()).cast::<pg_sys::CustomScan>();
         (*scan).scan.plan.type_ = pg_sys::NodeTag::T_CustomScan;
         (*scan).scan.plan.targetlist = tlist;
         (*scan).scan.plan.qual = pg_sys::extract_actual_clauses(local_list.into_pg(), false);
         (*scan).scan.scanrelid = (*rel).relid;
         (*scan).flags = (*best_path).flags;
         (*scan).custom_private = (*best_path).custom_private;
+        (*scan).custom_exprs = shipped_list.into_pg();
         (*scan).methods = crate::executor::scan::scan_methods();
         scan.cast()
     }

@@ -99,8 +99,14 @@ impl NodeConnection {
     }
 
     /// Starts `sql` (simple protocol) and returns its messages as they arrive.
-    pub async fn stream_query(&self, sql: &str) -> Result<tokio_postgres::SimpleQueryStream, RemoteError> {
-        self.client.simple_query_raw(sql).await.map_err(|err| RemoteError::from_postgres(&self.node, err))
+    pub async fn stream_query(
+        &self,
+        sql: &str,
+    ) -> Result<tokio_postgres::SimpleQueryStream, RemoteError> {
+        self.client
+            .simple_query_raw(sql)
+            .await
+            .map_err(|err| RemoteError::from_postgres(&self.node, err))
     }
 }
 
@@ -118,13 +124,19 @@ struct CacheKey {
 }
 
 thread_local! {
-    static IDLE: RefCell<HashMap<CacheKey, Vec<NodeConnection>>> = RefCell::new(HashMap::new());
+    /// Never dropped (see the runtime): at process exit the sockets just close.
+    static IDLE: std::mem::ManuallyDrop<RefCell<HashMap<CacheKey, Vec<NodeConnection>>>> =
+        std::mem::ManuallyDrop::new(RefCell::new(HashMap::new()));
+}
+
+fn with_idle<R>(f: impl FnOnce(&mut HashMap<CacheKey, Vec<NodeConnection>>) -> R) -> R {
+    IDLE.with(|idle| f(&mut idle.borrow_mut()))
 }
 
 /// An idle cached connection for `target`, if there is a live one.
 pub fn take_cached(target: &NodeTarget) -> Option<NodeConnection> {
     let key = target.cache_key();
-    IDLE.with_borrow_mut(|idle| {
+    with_idle(|idle| {
         let pool = idle.get_mut(&key)?;
         while let Some(mut conn) = pool.pop() {
             if !conn.is_closed() {
@@ -143,7 +155,7 @@ pub fn give_back(conn: NodeConnection) {
     if conn.is_closed() {
         return;
     }
-    IDLE.with_borrow_mut(|idle| {
+    with_idle(|idle| {
         let pool = idle.entry(conn.key.clone()).or_default();
         if pool.len() < MAX_IDLE_PER_NODE {
             pool.push(conn);
@@ -153,9 +165,7 @@ pub fn give_back(conn: NodeConnection) {
 
 /// Closes every cached connection to `node` (the node was removed or changed).
 pub fn forget_node(node: &NodeAddress) {
-    IDLE.with_borrow_mut(|idle| {
-        idle.retain(|key, _| key.host != node.host || key.port != node.port)
-    });
+    with_idle(|idle| idle.retain(|key, _| key.host != node.host || key.port != node.port));
 }
 
 /// Runs `sql` on a cached connection or a new one. When a cached connection turns out to be

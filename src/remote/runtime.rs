@@ -30,7 +30,10 @@ const POLL_SLICE: Duration = Duration::from_millis(10);
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 thread_local! {
-    static RUNTIME: OnceCell<Runtime> = const { OnceCell::new() };
+    /// Leaked on purpose: a backend exits through exit(), which runs thread-local destructors;
+    /// shutting tokio down there would drop leftover tasks while other thread-locals are
+    /// already gone. The operating system reclaims everything anyway.
+    static RUNTIME: OnceCell<&'static Runtime> = const { OnceCell::new() };
     static IN_FLIGHT: RefCell<InFlightSet> = RefCell::new(InFlightSet::default());
 }
 
@@ -55,7 +58,8 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        IN_FLIGHT.with_borrow_mut(|set| set.tokens.remove(&self.0));
+        // try_with: at process exit the registry may already be gone.
+        let _ = IN_FLIGHT.try_with(|set| set.borrow_mut().tokens.remove(&self.0));
     }
 }
 
@@ -67,13 +71,14 @@ pub fn forget_in_flight() {
 fn with_runtime<R>(f: impl FnOnce(&Runtime) -> R) -> R {
     RUNTIME.with(|cell| {
         let runtime = cell.get_or_init(|| {
-            tokio::runtime::Builder::new_current_thread()
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .enable_time()
                 .build()
                 .unwrap_or_else(|err| {
                     pgrx::error!("pgdist could not start its network runtime: {err}")
-                })
+                });
+            Box::leak(Box::new(runtime))
         });
         f(runtime)
     })

@@ -35,13 +35,19 @@ struct XactState {
     work_level: i32,
 }
 
+fn with_state<R>(f: impl FnOnce(&mut XactState) -> R) -> R {
+    XACT.with(|state| f(&mut state.borrow_mut()))
+}
+
 fn nest_level() -> i32 {
     // SAFETY: a plain getter of the current transaction nesting level.
     unsafe { pg_sys::GetCurrentTransactionNestLevel() }
 }
 
 thread_local! {
-    static XACT: RefCell<XactState> = RefCell::new(XactState::default());
+    /// Never dropped (see remote::runtime): at process exit the sockets just close.
+    static XACT: std::mem::ManuallyDrop<RefCell<XactState>> =
+        std::mem::ManuallyDrop::new(RefCell::new(XactState::default()));
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +106,7 @@ impl Checkout {
         let conns = std::mem::take(&mut self.conns);
         let prepared = std::mem::take(&mut self.prepared);
         let level = nest_level();
-        XACT.with_borrow_mut(|state| {
+        with_state(|state| {
             state.work_level = state.work_level.max(level);
             for (conn, prepared_gid) in conns.into_iter().zip(prepared) {
                 state
@@ -114,7 +120,8 @@ impl Checkout {
 impl Drop for Checkout {
     fn drop(&mut self) {
         if !self.finished {
-            XACT.with_borrow_mut(|state| state.poisoned = true);
+            // try_with: at process exit the state may already be gone.
+            let _ = XACT.try_with(|state| state.borrow_mut().poisoned = true);
         }
     }
 }
@@ -122,7 +129,7 @@ impl Drop for Checkout {
 /// The participant connections for `targets` (one per node, in the same order), each with an
 /// open remote transaction.
 pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
-    let mut existing: Vec<Option<Participant>> = XACT.with_borrow_mut(|state| {
+    let mut existing: Vec<Option<Participant>> = with_state(|state| {
         targets
             .iter()
             .map(|t| state.participants.remove(&t.node.node_id))
@@ -151,7 +158,7 @@ pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
     let opened = match runtime::block_on(futures_util::future::join_all(work)) {
         Ok(opened) => opened,
         Err(_) => {
-            XACT.with_borrow_mut(|state| state.poisoned = true);
+            with_state(|state| state.poisoned = true);
             runtime::raise_interrupt()
         }
     };
@@ -203,7 +210,7 @@ pub fn run_batches(work: &[(NodeTarget, String)]) {
 
 /// True when this transaction has remote participants.
 pub fn has_participants() -> bool {
-    XACT.with_borrow(|state| !state.participants.is_empty())
+    with_state(|state| !state.participants.is_empty())
 }
 
 /// What every pgdist GID of this coordinator starts with: `pgdist_<system identifier>_`.
@@ -222,12 +229,12 @@ fn gid_for(node_id: i32) -> String {
 
 /// XACT_EVENT_PRE_COMMIT: prepare or commit the participants; errors abort the transaction.
 pub fn pre_commit() {
-    let poisoned = XACT.with_borrow(|state| state.poisoned);
+    let poisoned = with_state(|state| state.poisoned);
     if poisoned {
         raise(XactError::Poisoned);
     }
     let mut participants: Vec<Participant> =
-        XACT.with_borrow_mut(|state| state.participants.drain().map(|(_, p)| p).collect());
+        with_state(|state| state.participants.drain().map(|(_, p)| p).collect());
     if participants.is_empty() {
         return;
     }
@@ -267,7 +274,7 @@ pub fn pre_commit() {
         }
     }
     // Keep them registered so that the abort callback rolls back what was prepared.
-    XACT.with_borrow_mut(|state| {
+    with_state(|state| {
         for participant in participants {
             state
                 .participants
@@ -357,7 +364,7 @@ pub fn after_abort() {
 }
 
 fn take_all() -> Vec<Participant> {
-    XACT.with_borrow_mut(|state| {
+    with_state(|state| {
         state.poisoned = false;
         state.work_level = 0;
         state.participants.drain().map(|(_, p)| p).collect()
@@ -374,7 +381,7 @@ fn release(participants: Vec<Participant>) {
 /// separately yet, so if it did any, the transaction may no longer commit.
 pub fn subtransaction_aborted() {
     let level = nest_level();
-    XACT.with_borrow_mut(|state| {
+    with_state(|state| {
         if state.work_level >= level {
             state.poisoned = true;
         }
@@ -384,7 +391,7 @@ pub fn subtransaction_aborted() {
 /// A savepoint was released: its remote work now belongs to the parent level.
 pub fn subtransaction_committed() {
     let level = nest_level();
-    XACT.with_borrow_mut(|state| {
+    with_state(|state| {
         if state.work_level >= level {
             state.work_level = level - 1;
         }

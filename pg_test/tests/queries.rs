@@ -1,0 +1,382 @@
+//! Differential tests of distributed SELECT: every query runs on the cluster (distributed,
+//! co-located, non-co-located, range and reference tables) and on a plain PostgreSQL holding
+//! the same rows; the answers must be identical. Unsupported queries must fail with 0A000 and
+//! a hint — never with a different answer.
+
+use std::sync::Mutex;
+
+use pgdist_pg_test::compare::{compare, run_on_both, Comparison};
+use pgdist_pg_test::{harness, tests, Cluster};
+
+fn main() {
+    harness::run(
+        || {
+            let cluster = Cluster::start(2);
+            load(&cluster);
+            cluster
+        },
+        tests![
+            router_queries,
+            multi_shard_scans_and_filters,
+            aggregates_and_grouping,
+            ordering_limits_and_distinct,
+            joins,
+            subqueries_ctes_and_set_operations,
+            window_functions,
+            every_type_and_null_round_trips,
+            session_settings_travel_with_fragments,
+            prepared_statements_prune_by_parameter,
+            errors_match_plain_postgres,
+            unsupported_queries_fail_with_0a000,
+        ],
+    )
+}
+
+const SCHEMA: &str = "
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TABLE customers (customer_id int PRIMARY KEY, name text, country text, signup date, vip bool,
+                        tags text[], profile jsonb);
+CREATE TABLE orders (customer_id int NOT NULL, order_id bigint NOT NULL, amount numeric(10,2), qty int,
+                     price float8, status mood, ordered_at timestamptz, note text, payload bytea, ref uuid,
+                     waited interval, PRIMARY KEY (customer_id, order_id));
+CREATE TABLE products (product_id int PRIMARY KEY, name text, category text, weight real);
+CREATE TABLE countries (code text PRIMARY KEY, name text);
+CREATE TABLE events (day date NOT NULL, kind text, n int);
+INSERT INTO countries VALUES ('de', 'Germany'), ('fr', 'France'), ('jp', 'Japan'), ('us', 'United States'), ('zz', NULL);
+INSERT INTO customers
+SELECT i, 'customer ' || i, CASE WHEN i % 11 = 0 THEN NULL ELSE (ARRAY['de', 'fr', 'jp', 'us', 'xx'])[1 + i % 5] END,
+       date '2020-01-01' + (i * 7) % 1500, CASE WHEN i % 13 = 0 THEN NULL ELSE i % 3 = 0 END,
+       CASE WHEN i % 4 = 0 THEN ARRAY['a', 'b' || i % 3] END,
+       CASE WHEN i % 6 <> 0 THEN jsonb_build_object('level', i % 4, 'name', 'c' || i) END
+FROM generate_series(1, 2000) i;
+INSERT INTO orders
+SELECT 1 + i % 2100, i, CASE WHEN i % 17 = 0 THEN NULL ELSE (i % 997) / 10.0 END, i % 9,
+       CASE WHEN i % 19 = 0 THEN NULL ELSE (i % 1000) / 7.0 END,
+       (ARRAY['sad', 'ok', 'happy']::mood[])[1 + i % 3],
+       timestamptz '2025-01-01 00:00:00+00' + (i * 3607) * interval '1 second',
+       CASE WHEN i % 23 = 0 THEN NULL ELSE 'note ' || (i % 50) || E'\\ttab' END,
+       CASE WHEN i % 29 = 0 THEN NULL ELSE decode(lpad(to_hex(i), 8, '0'), 'hex') END,
+       md5(i::text)::uuid, (i % 100) * interval '1 minute'
+FROM generate_series(1, 20000) i;
+INSERT INTO products SELECT i, 'product ' || i, (ARRAY['tools', 'food', 'toys', NULL])[1 + i % 4], i * 1.5 FROM generate_series(1, 300) i;
+INSERT INTO events SELECT date '2024-01-01' + i % 400, (ARRAY['click', 'view', 'buy'])[1 + i % 3], i FROM generate_series(1, 5000) i;
+";
+
+const DISTRIBUTE: &str = "
+SELECT pgdist.create_distributed_table('customers', 'customer_id', shard_count => 8);
+SELECT pgdist.create_distributed_table('orders', 'customer_id', shard_count => 8);
+SELECT pgdist.create_distributed_table('products', 'product_id', shard_count => 5);
+SELECT pgdist.create_reference_table('countries');
+SELECT pgdist.create_distributed_table('events', 'day', 'range', split_points => ARRAY['2024-04-01', '2024-08-01', '2024-12-01']);
+";
+
+static UNSUPPORTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn load(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    run_on_both(&mut coordinator, &mut reference, SCHEMA);
+    coordinator.batch_execute(DISTRIBUTE).unwrap();
+    run_on_both(&mut coordinator, &mut reference, "ANALYZE");
+}
+
+/// Runs every query on both sides and requires the same answer.
+fn check_all(cluster: &Cluster, queries: &[&str]) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    for sql in queries {
+        if let Comparison::Unsupported(message) = compare(&mut coordinator, &mut reference, sql) {
+            UNSUPPORTED
+                .lock()
+                .unwrap()
+                .push(format!("{sql}: {message}"));
+        }
+    }
+}
+
+fn router_queries(cluster: &Cluster) {
+    check_all(cluster, &[
+        "SELECT * FROM customers WHERE customer_id = 42",
+        "SELECT * FROM customers WHERE customer_id = 99999",
+        "SELECT name, country FROM customers WHERE customer_id = 7 AND vip",
+        "SELECT * FROM orders WHERE customer_id = 5 ORDER BY order_id",
+        "SELECT count(*), sum(amount), min(ordered_at), max(note) FROM orders WHERE customer_id = 5",
+        "SELECT * FROM orders WHERE customer_id = 5 AND order_id = 4",
+        "SELECT * FROM orders WHERE 5 = customer_id AND amount > 10 ORDER BY order_id",
+        "SELECT * FROM orders WHERE customer_id IN (1, 2, 3, 2000) ORDER BY customer_id, order_id",
+        "SELECT * FROM orders WHERE customer_id = ANY (ARRAY[10, 20, 30]) ORDER BY customer_id, order_id",
+        "SELECT * FROM orders WHERE customer_id = 5 AND customer_id = 6",
+        "SELECT * FROM orders WHERE customer_id = NULL",
+        "SELECT * FROM orders WHERE customer_id IS NULL",
+        "SELECT c.name, o.order_id, o.amount FROM customers c JOIN orders o USING (customer_id) WHERE c.customer_id = 77 ORDER BY o.order_id",
+        "SELECT * FROM products WHERE product_id = 150",
+        "SELECT * FROM countries WHERE code = 'jp'",
+        "SELECT * FROM events WHERE day = '2024-05-05' ORDER BY n",
+        "SELECT customer_id::bigint FROM customers WHERE customer_id = 12::bigint",
+        "SELECT * FROM customers WHERE customer_id = 3.0",
+    ]);
+}
+
+fn multi_shard_scans_and_filters(cluster: &Cluster) {
+    check_all(cluster, &[
+        "SELECT * FROM customers",
+        "SELECT customer_id FROM customers WHERE vip",
+        "SELECT customer_id FROM customers WHERE vip IS NULL",
+        "SELECT customer_id FROM customers WHERE NOT vip",
+        "SELECT customer_id, name FROM customers WHERE name LIKE 'customer 1%'",
+        "SELECT customer_id FROM customers WHERE country IN ('de', 'jp')",
+        "SELECT customer_id FROM customers WHERE country IS DISTINCT FROM 'de'",
+        "SELECT customer_id FROM customers WHERE signup BETWEEN '2021-01-01' AND '2021-06-30'",
+        "SELECT customer_id FROM customers WHERE tags @> ARRAY['a']",
+        "SELECT customer_id FROM customers WHERE profile->>'level' = '2'",
+        "SELECT customer_id FROM customers WHERE profile @> '{\"level\": 3}'",
+        "SELECT order_id FROM orders WHERE amount > 99",
+        "SELECT order_id FROM orders WHERE amount IS NULL",
+        "SELECT order_id FROM orders WHERE price < 1.5",
+        "SELECT order_id FROM orders WHERE status = 'happy' AND qty = 3",
+        "SELECT order_id FROM orders WHERE status > 'sad' AND qty = 8",
+        "SELECT order_id FROM orders WHERE ordered_at < '2025-01-05 12:00:00+00'",
+        "SELECT order_id FROM orders WHERE ordered_at >= now() - interval '1000 years' AND qty = 1",
+        "SELECT order_id FROM orders WHERE note LIKE '%7%tab' AND qty = 2",
+        "SELECT order_id FROM orders WHERE payload = '\\x00000010'::bytea",
+        "SELECT order_id FROM orders WHERE ref = md5('77')::uuid",
+        "SELECT order_id FROM orders WHERE waited > interval '98 minutes'",
+        "SELECT order_id FROM orders WHERE length(note) > 12 AND qty = 4",
+        "SELECT order_id FROM orders WHERE (amount > 50 OR qty = 0) AND NOT (price > 100)",
+        "SELECT order_id FROM orders WHERE CASE WHEN qty > 4 THEN amount ELSE 0 END > 90",
+        "SELECT order_id FROM orders WHERE coalesce(amount, -1) = -1",
+        "SELECT order_id FROM orders WHERE random() < 2 AND qty = 7",
+        "SELECT upper(name), length(name), customer_id % 7 FROM customers",
+        "SELECT * FROM events WHERE day >= '2024-07-15' AND day < '2024-08-15'",
+        "SELECT * FROM events WHERE kind = 'buy' AND n % 97 = 0",
+        "SELECT * FROM countries",
+        "SELECT * FROM products WHERE category IS NULL",
+        "SELECT p FROM products p WHERE product_id < 5",
+        "SELECT row_to_json(c) FROM customers c WHERE customer_id % 400 = 0",
+        "SELECT * FROM orders WHERE false",
+        "SELECT count(*) FROM orders WHERE order_id % 2 = 0",
+    ]);
+}
+
+fn aggregates_and_grouping(cluster: &Cluster) {
+    check_all(cluster, &[
+        "SELECT count(*) FROM orders",
+        "SELECT count(amount), count(DISTINCT customer_id), count(DISTINCT status) FROM orders",
+        "SELECT sum(amount), avg(amount), min(amount), max(amount) FROM orders",
+        "SELECT sum(qty), avg(qty), sum(order_id) FROM orders",
+        "SELECT round(sum(price)::numeric, 4), round(avg(price)::numeric, 6) FROM orders",
+        "SELECT round(stddev(amount), 6), round(variance(amount), 6), round(stddev_pop(qty), 6), round(var_samp(qty), 6) FROM orders",
+        "SELECT bool_and(vip), bool_or(vip), every(vip) FROM customers",
+        "SELECT bit_and(qty), bit_or(qty) FROM orders WHERE qty > 0",
+        "SELECT min(ordered_at), max(ordered_at), min(status), max(status), min(note), max(ref::text) FROM orders",
+        "SELECT status, count(*), sum(amount) FROM orders GROUP BY status",
+        "SELECT customer_id, count(*), sum(amount) FROM orders GROUP BY customer_id",
+        "SELECT qty, status, count(*) FROM orders GROUP BY qty, status",
+        "SELECT qty, count(*) FROM orders GROUP BY qty HAVING count(*) > 2222",
+        "SELECT customer_id % 10 AS bucket, avg(amount) FROM orders GROUP BY 1",
+        "SELECT date_trunc('month', ordered_at) AS month, count(*) FROM orders GROUP BY 1",
+        "SELECT country, count(*) FROM customers GROUP BY country",
+        "SELECT country, vip, count(*) FROM customers GROUP BY ROLLUP (country, vip)",
+        "SELECT country, vip, count(*) FROM customers GROUP BY CUBE (country, vip)",
+        "SELECT string_agg(name, ',' ORDER BY customer_id) FROM customers WHERE customer_id < 30",
+        "SELECT array_agg(order_id ORDER BY order_id) FROM orders WHERE customer_id = 10",
+        "SELECT customer_id, array_agg(order_id ORDER BY order_id DESC) FROM orders WHERE customer_id < 20 GROUP BY customer_id",
+        "SELECT jsonb_agg(code ORDER BY code) FROM countries",
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY amount) FROM orders",
+        "SELECT mode() WITHIN GROUP (ORDER BY qty) FROM orders",
+        "SELECT count(*) FILTER (WHERE qty > 4), sum(amount) FILTER (WHERE status = 'ok') FROM orders",
+        "SELECT kind, count(*), min(day), max(day) FROM events GROUP BY kind",
+        "SELECT category, count(*), sum(weight) FROM products GROUP BY category",
+        "SELECT count(*) FROM (SELECT DISTINCT customer_id FROM orders) s",
+        "SELECT sum(amount) / count(*) FROM orders HAVING count(*) > 0",
+        "SELECT max(waited), min(waited), sum(waited) FROM orders",
+    ]);
+}
+
+fn ordering_limits_and_distinct(cluster: &Cluster) {
+    check_all(cluster, &[
+        "SELECT * FROM orders ORDER BY order_id LIMIT 10",
+        "SELECT * FROM orders ORDER BY amount DESC NULLS LAST, order_id LIMIT 15",
+        "SELECT * FROM orders ORDER BY amount NULLS FIRST, order_id LIMIT 5",
+        "SELECT order_id FROM orders ORDER BY order_id DESC LIMIT 10 OFFSET 100",
+        "SELECT order_id, ordered_at FROM orders ORDER BY ordered_at, order_id LIMIT 7",
+        "SELECT name FROM customers ORDER BY name COLLATE \"C\" LIMIT 10",
+        "SELECT name FROM customers ORDER BY name LIMIT 10",
+        "SELECT DISTINCT status FROM orders ORDER BY status",
+        "SELECT DISTINCT qty, status FROM orders",
+        "SELECT DISTINCT ON (customer_id) customer_id, order_id FROM orders ORDER BY customer_id, order_id DESC",
+        "SELECT DISTINCT country FROM customers",
+        "SELECT status, count(*) FROM orders GROUP BY status ORDER BY count(*) DESC, status",
+        "SELECT customer_id, sum(amount) AS total FROM orders GROUP BY customer_id ORDER BY total DESC NULLS LAST, customer_id LIMIT 5",
+        "SELECT * FROM events ORDER BY day, n LIMIT 20",
+        "SELECT * FROM countries ORDER BY name NULLS FIRST",
+        "SELECT order_id FROM orders ORDER BY order_id FETCH FIRST 3 ROWS ONLY",
+        "SELECT * FROM customers ORDER BY customer_id LIMIT 0",
+        "SELECT * FROM customers ORDER BY customer_id OFFSET 1995",
+    ]);
+}
+
+fn joins(cluster: &Cluster) {
+    check_all(cluster, &[
+        "SELECT c.customer_id, count(o.order_id) FROM customers c JOIN orders o USING (customer_id) GROUP BY 1",
+        "SELECT c.customer_id, count(o.order_id) FROM customers c LEFT JOIN orders o USING (customer_id) GROUP BY 1",
+        "SELECT o.customer_id, count(*) FROM orders o LEFT JOIN customers c USING (customer_id) WHERE c.customer_id IS NULL GROUP BY 1",
+        "SELECT count(*) FROM customers c FULL JOIN orders o ON o.customer_id = c.customer_id",
+        "SELECT c.country, k.name, count(*) FROM customers c JOIN countries k ON k.code = c.country GROUP BY 1, 2",
+        "SELECT c.country, k.name FROM customers c LEFT JOIN countries k ON k.code = c.country WHERE c.customer_id < 40",
+        "SELECT k.code, count(c.customer_id) FROM countries k LEFT JOIN customers c ON c.country = k.code GROUP BY 1",
+        "SELECT o.order_id, p.name FROM orders o JOIN products p ON p.product_id = o.qty * 30 + 1 WHERE o.customer_id < 50",
+        "SELECT p.category, count(*) FROM orders o JOIN products p ON p.product_id = o.order_id % 300 + 1 GROUP BY 1",
+        "SELECT a.customer_id, b.customer_id FROM customers a JOIN customers b ON a.customer_id = b.customer_id + 1000 WHERE a.customer_id < 1010",
+        "SELECT count(*) FROM customers a CROSS JOIN countries",
+        "SELECT count(*) FROM orders o JOIN customers c ON c.customer_id = o.customer_id AND c.vip JOIN countries k ON k.code = c.country",
+        "SELECT c.name, e.kind FROM customers c JOIN events e ON e.n = c.customer_id WHERE c.customer_id < 30",
+        "SELECT c.customer_id FROM customers c WHERE c.customer_id < 25 AND EXISTS (SELECT 1 FROM orders o WHERE o.customer_id = c.customer_id AND o.qty = 3)",
+        "SELECT c.customer_id FROM customers c WHERE c.customer_id < 300 AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.customer_id = c.customer_id)",
+        "SELECT * FROM customers c, LATERAL (SELECT order_id FROM orders o WHERE o.customer_id = c.customer_id ORDER BY order_id LIMIT 2) l WHERE c.customer_id < 15",
+        "SELECT o.order_id, x.n FROM orders o JOIN LATERAL (SELECT count(*) AS n FROM events e WHERE e.n = o.order_id) x ON true WHERE o.customer_id = 9",
+        "SELECT count(*) FROM orders o JOIN orders o2 ON o2.order_id = o.order_id + 1",
+    ]);
+}
+
+fn subqueries_ctes_and_set_operations(cluster: &Cluster) {
+    check_all(cluster, &[
+        "SELECT * FROM customers WHERE customer_id IN (SELECT customer_id FROM orders WHERE amount > 99.5)",
+        "SELECT * FROM customers WHERE customer_id NOT IN (SELECT customer_id FROM orders) AND customer_id < 100",
+        "SELECT customer_id, (SELECT count(*) FROM orders o WHERE o.customer_id = c.customer_id) FROM customers c WHERE customer_id < 50",
+        "SELECT customer_id FROM customers c WHERE (SELECT max(amount) FROM orders o WHERE o.customer_id = c.customer_id) > 99",
+        "SELECT * FROM orders WHERE amount = (SELECT max(amount) FROM orders)",
+        "SELECT * FROM orders WHERE amount > ALL (SELECT amount FROM orders WHERE customer_id = 3 AND amount IS NOT NULL)",
+        "WITH big AS (SELECT customer_id, sum(amount) s FROM orders GROUP BY 1) SELECT * FROM big WHERE s > 1000",
+        "WITH big AS MATERIALIZED (SELECT * FROM orders WHERE qty = 8) SELECT count(*), sum(amount) FROM big",
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) SELECT c.customer_id FROM customers c JOIN r ON r.n = c.customer_id",
+        "SELECT s.country, s.n FROM (SELECT country, count(*) n FROM customers GROUP BY country) s WHERE s.n > 300",
+        "SELECT customer_id FROM customers WHERE customer_id < 10 UNION SELECT customer_id FROM orders WHERE order_id < 10",
+        "SELECT customer_id FROM customers WHERE customer_id < 10 UNION ALL SELECT customer_id FROM orders WHERE order_id < 10",
+        "SELECT customer_id FROM customers INTERSECT SELECT customer_id FROM orders WHERE qty = 1",
+        "SELECT customer_id FROM customers EXCEPT SELECT customer_id FROM orders",
+        "SELECT code FROM countries EXCEPT SELECT country FROM customers",
+        "SELECT * FROM (VALUES (1), (2), (3)) v(id) JOIN customers c ON c.customer_id = v.id",
+        "SELECT generate_series(1, 3) AS g, (SELECT count(*) FROM countries)",
+        "SELECT (SELECT name FROM customers WHERE customer_id = 5), (SELECT count(*) FROM orders WHERE customer_id = 5)",
+    ]);
+}
+
+fn window_functions(cluster: &Cluster) {
+    check_all(cluster, &[
+        "SELECT customer_id, order_id, row_number() OVER (PARTITION BY customer_id ORDER BY order_id) FROM orders WHERE customer_id < 30",
+        "SELECT customer_id, order_id, sum(amount) OVER (PARTITION BY customer_id ORDER BY order_id) FROM orders WHERE customer_id < 30",
+        "SELECT order_id, rank() OVER (ORDER BY amount DESC NULLS LAST, order_id) FROM orders WHERE qty = 5",
+        "SELECT status, qty, count(*), sum(count(*)) OVER (PARTITION BY status) FROM orders GROUP BY status, qty",
+        "SELECT order_id, lag(order_id) OVER w, lead(amount) OVER w FROM orders WHERE customer_id = 12 WINDOW w AS (ORDER BY order_id)",
+        "SELECT country, customer_id, dense_rank() OVER (PARTITION BY country ORDER BY signup, customer_id) FROM customers WHERE customer_id < 100",
+        "SELECT order_id, ntile(4) OVER (ORDER BY order_id) FROM orders WHERE customer_id < 5",
+        "SELECT day, n, first_value(n) OVER (PARTITION BY kind ORDER BY day, n) FROM events WHERE n < 200",
+    ]);
+}
+
+fn every_type_and_null_round_trips(cluster: &Cluster) {
+    check_all(cluster, &[
+        "SELECT customer_id, order_id, amount, qty, price, status, ordered_at, note, payload, ref, waited FROM orders",
+        "SELECT customer_id, name, country, signup, vip, tags, profile FROM customers",
+        "SELECT price, price::text, amount::text, ordered_at::text, waited::text FROM orders WHERE order_id < 50",
+        "SELECT * FROM products",
+        "SELECT profile, profile->'level', tags[1], array_length(tags, 1) FROM customers WHERE customer_id < 60",
+        "SELECT NULL::int AS nothing, amount FROM orders WHERE amount IS NULL",
+        "SELECT payload, encode(payload, 'base64') FROM orders WHERE order_id < 40",
+    ]);
+}
+
+fn session_settings_travel_with_fragments(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    for setting in [
+        "SET TimeZone = 'Asia/Tokyo'",
+        "SET DateStyle = 'SQL, DMY'",
+        "SET IntervalStyle = 'sql_standard'",
+        "SET extra_float_digits = 0",
+        "SET TimeZone = 'America/New_York'; SET DateStyle = 'German'",
+    ] {
+        run_on_both(&mut coordinator, &mut reference, setting);
+        for sql in [
+            "SELECT order_id, ordered_at, waited, price, signup FROM orders JOIN customers USING (customer_id) WHERE order_id < 300",
+            "SELECT order_id FROM orders WHERE ordered_at < '2025-01-03 05:00:00' AND waited < interval '30 minutes'",
+            "SELECT customer_id FROM customers WHERE signup < '02.03.2020' OR signup = '2021-05-09'",
+            "SELECT date_trunc('day', ordered_at), count(*) FROM orders GROUP BY 1",
+        ] {
+            compare(&mut coordinator, &mut reference, sql);
+        }
+        run_on_both(&mut coordinator, &mut reference, "RESET ALL");
+    }
+}
+
+fn prepared_statements_prune_by_parameter(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    // Extended protocol, typed parameters; enough executions for a generic plan.
+    for id in [1, 5, 42, 1999, 5000, 42, 42, 42, 7, 7] {
+        let sql = "SELECT order_id, amount, status::text FROM orders WHERE customer_id = $1 ORDER BY order_id";
+        let got: Vec<(i64, Option<String>)> = coordinator
+            .query(sql, &[&id])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, Option<String>>(2)))
+            .collect();
+        let want: Vec<(i64, Option<String>)> = reference
+            .query(sql, &[&id])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, Option<String>>(2)))
+            .collect();
+        assert_eq!(got, want, "customer {id}");
+    }
+    // PREPARE / EXECUTE with forced generic plans prunes at execution.
+    run_on_both(&mut coordinator, &mut reference, "SET plan_cache_mode = force_generic_plan; PREPARE c(int) AS SELECT count(*), sum(amount) FROM orders WHERE customer_id = $1");
+    for id in [3, 4, 3, 1000, 2099, 2100] {
+        compare(
+            &mut coordinator,
+            &mut reference,
+            &format!("EXECUTE c({id})"),
+        );
+    }
+    let plan: Vec<String> = coordinator
+        .query("EXPLAIN EXECUTE c(3)", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter().any(|l| l.contains("Fragments: 1 on 1")),
+        "{plan:?}"
+    );
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DEALLOCATE c; RESET plan_cache_mode",
+    );
+}
+
+fn errors_match_plain_postgres(cluster: &Cluster) {
+    check_all(
+        cluster,
+        &[
+            "SELECT order_id / (qty - qty) FROM orders WHERE customer_id = 3",
+            "SELECT * FROM orders WHERE 1 / (qty - qty) = 1",
+            "SELECT no_such_column FROM orders",
+            "SELECT * FROM orders WHERE note::int > 3",
+            "SELECT (profile->>'name')::int FROM customers",
+        ],
+    );
+}
+
+fn unsupported_queries_fail_with_0a000(cluster: &Cluster) {
+    check_all(
+        cluster,
+        &["SELECT * FROM customers WHERE customer_id = 1 FOR UPDATE"],
+    );
+    let unsupported = UNSUPPORTED.lock().unwrap();
+    println!("queries answered with 0A000 so far: {}", unsupported.len());
+    for line in unsupported.iter() {
+        println!("  {line}");
+    }
+}
