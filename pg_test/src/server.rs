@@ -191,6 +191,24 @@ impl Server {
         }
     }
 
+    /// `pg_ctl stop|start|restart` (fast mode, waiting), for tests that take a node down and
+    /// bring it back; panics if pg_ctl fails.
+    pub fn ctl(&self, action: &str) {
+        let out = self
+            .command(pg_bin("pg_ctl"))
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-m", "fast", "-l"])
+            .arg(self.log_path())
+            .arg(action)
+            .output();
+        assert!(
+            matches!(&out, Ok(o) if o.status.success()),
+            "pg_ctl {action} {}: {out:?}",
+            self.name
+        );
+    }
+
     /// The postmaster's pid, from postmaster.pid.
     pub fn postmaster_pid(&self) -> Option<u32> {
         let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;

@@ -609,26 +609,15 @@ fn bad_input_gives_clear_errors_and_changes_nothing(cluster: &Cluster) {
     assert_eq!(sqlstate(&err), "23502", "{err:?}");
 }
 
-fn restart(server: &Server, action: &str) {
-    let mut cmd = server.command(pg_bin("pg_ctl"));
-    cmd.arg("-D")
-        .arg(server.data())
-        .args(["-w", "-m", "fast", "-l"])
-        .arg(server.log_path())
-        .arg(action);
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-}
-
 fn a_node_down_during_distribution_leaves_nothing_behind(cluster: &Cluster) {
     let mut client = cluster.coordinator_client();
     client
         .batch_execute("CREATE TABLE unlucky (k int, v text); INSERT INTO unlucky SELECT i, 'v' FROM generate_series(1, 5000) i;")
         .unwrap();
     let down = &cluster.workers[1];
-    restart(down, "stop");
+    down.ctl("stop");
     let result = client.batch_execute("SELECT pgdist.create_distributed_table('unlucky', 'k')");
-    restart(down, "start");
+    down.ctl("start");
     let err = result.unwrap_err();
     assert_eq!(sqlstate(&err), "08006", "{err:?}");
     assert!(

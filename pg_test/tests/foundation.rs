@@ -247,7 +247,7 @@ fn run_on_workers_survives_a_worker_restart(cluster: &Cluster) {
         vec![vec![Some("t".into())]]
     );
     // The same session's cached connection to worker 1 dies with the restart.
-    restart(&cluster.workers[0]);
+    cluster.workers[0].ctl("restart");
     let rows = query_text(
         &mut client,
         "SELECT success, result FROM pgdist.run_on_workers('SELECT 1')",
@@ -256,44 +256,16 @@ fn run_on_workers_survives_a_worker_restart(cluster: &Cluster) {
     assert_eq!(rows, vec![vec![Some("t".into()), Some("1".into())]; 2]);
 }
 
-fn restart(server: &Server) {
-    let out = server
-        .command(pg_bin("pg_ctl"))
-        .arg("-D")
-        .arg(server.data())
-        .args(["-m", "fast", "-w", "restart", "-l"])
-        .arg(server.log_path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-}
-
 fn run_on_workers_with_a_worker_down(cluster: &Cluster) {
     let down = &cluster.workers[1];
-    let out = down
-        .command(pg_bin("pg_ctl"))
-        .arg("-D")
-        .arg(down.data())
-        .args(["-m", "fast", "-w", "stop"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    down.ctl("stop");
     let started = Instant::now();
     let rows = query_text(
         &mut cluster.coordinator_client(),
         "SELECT n.port, r.success, r.result FROM pgdist.run_on_workers('SELECT 1') r \
          JOIN pgdist.nodes n USING (node_id) ORDER BY n.port = 0",
     );
-    let out = down
-        .command(pg_bin("pg_ctl"))
-        .arg("-D")
-        .arg(down.data())
-        .arg("-l")
-        .arg(down.log_path())
-        .args(["-w", "start"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    down.ctl("start");
     let rows = rows.unwrap();
     assert!(
         started.elapsed() < Duration::from_secs(5),

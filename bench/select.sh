@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Bench: distributed SELECT against plain PostgreSQL, measured in the same run on the same
+# machine. The plain side is a local copy of the same table on the coordinator (one ordinary
+# PostgreSQL server with the same settings).
+#   - router point lookups by key: pgbench, 4 clients, -M prepared and -M simple (TPS ratio)
+#   - count(*), sum() and a ~100-group GROUP BY over ROWS rows (time ratio)
+#   bash bench/select.sh          ROWS=200000 SECONDS_EACH=5 bash bench/select.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROWS=${ROWS:-1000000}
+SECONDS_EACH=${SECONDS_EACH:-10}
+export PGDIST_DEMO_DIR=/tmp/pgdist-bench PGDIST_DEMO_PORT=${PGDIST_BENCH_PORT:-9800} PGDIST_DEMO_NO_SAMPLE=1
+export PGDIST_PROFILE=${PGDIST_PROFILE:-release}
+bash scripts/demo.sh >/dev/null
+trap 'bash scripts/demo.sh stop >/dev/null' EXIT
+PORT=$PGDIST_DEMO_PORT
+psql_c() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -At "$@"; }
+timed() {
+    psql_c -c "DO \$\$ DECLARE t0 timestamptz := clock_timestamp(); r record; BEGIN FOR r IN EXECUTE \$q\$$1\$q\$ LOOP END LOOP;
+               RAISE NOTICE 'elapsed %', extract(epoch FROM clock_timestamp() - t0); END \$\$" 2>&1 \
+        | sed -n 's/.*elapsed \([0-9.]*\).*/\1/p'
+}
+tps() { # table mode
+    printf '\\set id random(1, %d)\nSELECT * FROM %s WHERE id = :id;\n' "$ROWS" "$1" > /tmp/pgdist-bench-$1.sql
+    /usr/lib/postgresql/15/bin/pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -c 4 -j 2 -T "$SECONDS_EACH" -M "$2" \
+        -f /tmp/pgdist-bench-$1.sql postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
+}
+
+psql_c <<SQL
+CREATE TABLE bench_local (id bigint PRIMARY KEY, customer_id int, amount numeric(12,2), note text);
+INSERT INTO bench_local SELECT i, i % 5000, (i % 10007) / 100.0, 'note ' || i FROM generate_series(1, $ROWS) i;
+CREATE TABLE bench_dist AS SELECT * FROM bench_local;
+ALTER TABLE bench_dist ADD PRIMARY KEY (id);
+VACUUM ANALYZE bench_local;
+SELECT pgdist.create_distributed_table('bench_dist', 'id');
+SQL
+
+results=()
+for mode in prepared simple; do
+    plain=$(tps bench_local "$mode"); dist=$(tps bench_dist "$mode")
+    results+=("router point SELECT (-M $mode)|$plain TPS|$dist TPS|$(python3 -c "print(f'{$dist / $plain:.2f}x TPS')")")
+done
+for q in "SELECT count(*) FROM %s" "SELECT sum(amount) FROM %s" "SELECT customer_id % 100, count(*), sum(amount) FROM %s GROUP BY 1"; do
+    plain=$(timed "$(printf "$q" bench_local)"); dist=$(timed "$(printf "$q" bench_dist)")
+    results+=("$(printf "$q" t)|${plain}s|${dist}s|$(python3 -c "print(f'{$dist / $plain:.2f}x the time')")")
+done
+printf '%-60s %-16s %-16s %s\n' "scenario ($ROWS rows)" plain distributed ratio
+for r in "${results[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-60s %-16s %-16s %s\n' "$a" "$b" "$c" "$d"; done
