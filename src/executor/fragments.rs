@@ -26,9 +26,11 @@ pub struct FragmentStream {
 }
 
 impl FragmentStream {
-    /// Starts every fragment. `work` is one entry per node: its target and its fragments.
+    /// Starts every fragment. `work` is one entry per node: its target and its fragments;
+    /// `settings` (SET statements) go first on connections that do not have them yet.
     pub fn start(
         work: Vec<(NodeTarget, Vec<String>)>,
+        settings: String,
         connections_per_node: usize,
     ) -> FragmentStream {
         let (sender, rows) = mpsc::channel(CHANNEL_ROWS);
@@ -47,7 +49,13 @@ impl FragmentStream {
                 }
                 let sender = sender.clone();
                 let target = target.clone();
-                tasks.push(runtime::spawn(run_share(target, cached, share, sender)));
+                tasks.push(runtime::spawn(run_share(
+                    target,
+                    cached,
+                    share,
+                    settings.clone(),
+                    sender,
+                )));
             }
         }
         FragmentStream {
@@ -107,9 +115,10 @@ async fn run_share(
     target: NodeTarget,
     cached: Option<NodeConnection>,
     fragments: Vec<String>,
+    settings: String,
     sender: mpsc::Sender<Result<TextRow, RemoteError>>,
 ) -> Option<NodeConnection> {
-    let conn = match cached {
+    let mut conn = match cached {
         Some(conn) => conn,
         None => match NodeConnection::open(&target).await {
             Ok(conn) => conn,
@@ -121,7 +130,11 @@ async fn run_share(
     };
     // Registered for the whole share, so an interrupt while rows stream cancels it on the node.
     let _in_flight = runtime::InFlight::register(conn.cancel_token());
-    for fragment in fragments {
+    for mut fragment in fragments {
+        if conn.session_settings != settings {
+            fragment.insert_str(0, &settings);
+            conn.session_settings = settings.clone();
+        }
         let stream = match conn.stream_query(&fragment).await {
             Ok(stream) => stream,
             Err(err) => {

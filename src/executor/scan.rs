@@ -18,7 +18,7 @@ use crate::distribution::hashing;
 use crate::distribution::shell::with_suffix;
 use crate::error::raise;
 use crate::executor::fragments::FragmentStream;
-use crate::metadata::tables;
+use crate::metadata::cache;
 use crate::planner::scan_path::{from_list, ScanPlan, SCAN_NAME};
 use crate::planner::shippable::EXEC_PARAM_BASE;
 use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified};
@@ -387,7 +387,7 @@ unsafe fn fragments(
         let relid = runtime.relid;
         let mut shard_ids = runtime.plan.shard_ids.clone();
         if runtime.plan.prune_param > 0 {
-            let shards = tables::shard_ids(relid).unwrap_or_else(|e| raise(e));
+            let shards = cache::shards(relid);
             let target = param_datum(node, &runtime.plan.exec_params, runtime.plan.prune_param)
                 .and_then(|(type_oid, value)| hashing::hash_datum(type_oid, value))
                 .map(|hash| hashing::hash_shard_index(hash, shards.len() as i32))
@@ -415,7 +415,7 @@ unsafe fn fragments(
         let where_sql = substitute_params(&runtime.plan.where_sql, |id| {
             param_text(node, &runtime.plan.exec_params, id)
         });
-        let placements = tables::placements(relid).unwrap_or_else(|e| raise(e));
+        let placements = cache::placements(relid);
         let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
         for shard_id in &shard_ids {
             // The first placement (lowest node id) of each shard serves reads.
@@ -444,14 +444,9 @@ unsafe fn fragments(
 
 unsafe fn start(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomScanState) -> FragmentStream {
     // SAFETY: see fragments().
-    let (mut work, _) = unsafe { fragments(runtime, node) };
+    let (work, _) = unsafe { fragments(runtime, node) };
     // SAFETY: reads GUC values of this backend.
     let settings = unsafe { session_settings() };
-    for (_, sqls) in &mut work {
-        for sql in sqls.iter_mut() {
-            sql.insert_str(0, &settings);
-        }
-    }
     if crate::gucs::log_remote_commands() {
         for (target, sqls) in &work {
             for sql in sqls {
@@ -459,7 +454,11 @@ unsafe fn start(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomScanState) -
             }
         }
     }
-    FragmentStream::start(work, crate::gucs::max_connections_per_node() as usize)
+    FragmentStream::start(
+        work,
+        settings,
+        crate::gucs::max_connections_per_node() as usize,
+    )
 }
 
 #[cfg(test)]

@@ -10,12 +10,14 @@ use std::collections::HashMap;
 
 use pgrx::prelude::*;
 
-use crate::metadata::tables::{self, DistTable};
+use crate::metadata::tables::{self, DistTable, Placement};
 use crate::metadata::MetadataError;
 
 struct Loaded {
     catalog_relid: pg_sys::Oid,
     tables: HashMap<pg_sys::Oid, DistTable>,
+    /// Placements per table, read on first use.
+    placements: HashMap<pg_sys::Oid, Vec<Placement>>,
 }
 
 thread_local! {
@@ -83,6 +85,7 @@ pub fn with_tables<R>(f: impl FnOnce(&HashMap<pg_sys::Oid, DistTable>) -> R) -> 
             *cache = Some(Loaded {
                 catalog_relid,
                 tables: tables.into_iter().map(|t| (t.oid, t)).collect(),
+                placements: HashMap::new(),
             })
         });
     }
@@ -94,7 +97,37 @@ pub fn lookup(oid: pg_sys::Oid) -> Option<DistTable> {
     with_tables(|tables| tables.get(&oid).cloned())
 }
 
-/// Tells every backend (at commit; this one at the next command) that the set changed.
+/// Every placement of distributed table `oid`, by shard index then node (cached).
+pub fn placements(oid: pg_sys::Oid) -> Vec<Placement> {
+    if lookup(oid).is_none() {
+        return Vec::new();
+    }
+    let cached =
+        CACHE.with_borrow(|cache| cache.as_ref().and_then(|l| l.placements.get(&oid).cloned()));
+    if let Some(placements) = cached {
+        return placements;
+    }
+    let placements = tables::placements(oid).unwrap_or_else(|err| crate::error::raise(err));
+    CACHE.with_borrow_mut(|cache| {
+        if let Some(loaded) = cache.as_mut() {
+            loaded.placements.insert(oid, placements.clone());
+        }
+    });
+    placements
+}
+
+/// `(shard_id, shard_index)` of every shard of `oid`, by index (cached).
+pub fn shards(oid: pg_sys::Oid) -> Vec<(i64, i32)> {
+    let mut shards: Vec<(i64, i32)> = placements(oid)
+        .iter()
+        .map(|p| (p.shard_id, p.shard_index))
+        .collect();
+    shards.dedup();
+    shards
+}
+
+/// Tells every backend (at commit; this one at the next command) that tables, shards or
+/// placements changed.
 pub fn invalidate() {
     if let Some(relid) = catalog_relid() {
         // SAFETY: queues a relcache invalidation message for an existing relation.

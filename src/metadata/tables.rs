@@ -210,6 +210,7 @@ pub fn insert_table(table: &DistTable) -> Result<(), MetadataError> {
 }
 
 pub fn insert_placement(placement: &Placement, table: pg_sys::Oid) -> Result<(), MetadataError> {
+    crate::metadata::cache::invalidate();
     Spi::run_with_args(
         "INSERT INTO pgdist.shard (shard_id, table_oid, shard_index, min_value, max_value)
          VALUES ($1, $2::oid::regclass, $3, $4, $5) ON CONFLICT (shard_id) DO NOTHING",
@@ -291,6 +292,7 @@ pub fn placement_counts(node_id: i32) -> Result<(i64, i64), MetadataError> {
 }
 
 pub fn delete_placements_on(node_id: i32) -> Result<(), MetadataError> {
+    crate::metadata::cache::invalidate();
     Ok(Spi::run_with_args(
         "DELETE FROM pgdist.placement WHERE node_id = $1",
         &[node_id.into()],
@@ -308,20 +310,6 @@ pub fn placements_on(node_id: i32) -> Result<Vec<(pg_sys::Oid, i64)>, MetadataEr
                 &[node_id.into()],
             )?
             .map(|row| Ok((row.get(1)?.unwrap_or(pg_sys::InvalidOid), row.get(2)?.unwrap_or_default())))
-            .collect()
-    })
-}
-
-/// `(shard_id, shard_index)` of every shard of `oid`, by index.
-pub fn shard_ids(oid: pg_sys::Oid) -> Result<Vec<(i64, i32)>, MetadataError> {
-    Spi::connect(|client| {
-        client
-            .select(
-                "SELECT shard_id, shard_index FROM pgdist.shard WHERE table_oid = $1 ORDER BY shard_index",
-                None,
-                &[oid.into()],
-            )?
-            .map(|row| Ok((row.get(1)?.unwrap_or_default(), row.get(2)?.unwrap_or_default())))
             .collect()
     })
 }

@@ -169,7 +169,7 @@ unsafe fn plan_scan(table: &DistTable, rel: *mut pg_sys::RelOptInfo) -> ScanPlan
         }
         let where_sql = parts.join(" AND ");
         let columns = needed_columns(rel);
-        let shards = crate::metadata::tables::shard_ids(table.oid).unwrap_or_default();
+        let shards = cache::shards(table.oid);
         let (shard_ids, prune_param) = match table.method {
             Method::Hash => prune(table, &clauses, &shards),
             _ => (shards.iter().map(|(id, _)| *id).collect(), 0),

@@ -55,6 +55,8 @@ pub struct NodeConnection {
     key: CacheKey,
     /// True when this connection came from the cache (it may have died since).
     pub reused: bool,
+    /// The SET statements this session last received (fragments send them only on change).
+    pub session_settings: String,
 }
 
 impl NodeConnection {
@@ -78,6 +80,7 @@ impl NodeConnection {
             driver,
             key: target.cache_key(),
             reused: false,
+            session_settings: String::new(),
         })
     }
 

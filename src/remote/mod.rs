@@ -70,7 +70,9 @@ pub fn run_each(work: &[(NodeTarget, String)]) -> Vec<NodeOutcome> {
         .into_iter()
         .map(|(conn, outcome)| {
             // After a success or an error the node reported, the connection is idle and reusable.
-            if let (Some(conn), Ok(_) | Err(RemoteError::Worker { .. })) = (conn, &outcome) {
+            if let (Some(mut conn), Ok(_) | Err(RemoteError::Worker { .. })) = (conn, &outcome) {
+                // Arbitrary SQL may have changed session settings: assume nothing about them.
+                conn.session_settings.clear();
                 connection::give_back(conn);
             }
             outcome
