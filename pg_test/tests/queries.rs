@@ -5,7 +5,10 @@
 
 use std::sync::Mutex;
 
+use std::time::{Duration, Instant};
+
 use pgdist_pg_test::compare::{compare, run_on_both, Comparison};
+use pgdist_pg_test::errors::{message, sqlstate};
 use pgdist_pg_test::{harness, tests, Cluster};
 
 fn main() {
@@ -28,6 +31,8 @@ fn main() {
             prepared_statements_prune_by_parameter,
             errors_match_plain_postgres,
             unsupported_queries_fail_with_0a000,
+            statement_timeout_stops_fragments_on_every_node,
+            a_worker_that_is_down_gives_a_clear_error,
         ],
     )
 }
@@ -379,4 +384,78 @@ fn unsupported_queries_fail_with_0a000(cluster: &Cluster) {
     for line in unsupported.iter() {
         println!("  {line}");
     }
+}
+
+/// Fragments still running on `server` (their text mentions the shards of `orders`).
+fn running_fragments(server: &pgdist_pg_test::Server) -> i64 {
+    server
+        .connect()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%orders\\_%' \
+             AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+fn statement_timeout_stops_fragments_on_every_node(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute("SET statement_timeout = '1s'")
+        .unwrap();
+    // repeat() and length() are immutable built-ins: shipped, so the workers do the slow part.
+    let started = Instant::now();
+    let err = client
+        .batch_execute("SELECT count(*) FROM orders WHERE length(repeat(note, 200000)) > 0")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "57014", "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(3000),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The cancel requests reach the workers at once; give them a moment to stop.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while cluster.workers.iter().any(|w| running_fragments(w) > 0) {
+        assert!(
+            Instant::now() < deadline,
+            "fragments still running after the timeout"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    client.batch_execute("RESET statement_timeout").unwrap();
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM orders", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 20000);
+}
+
+fn a_worker_that_is_down_gives_a_clear_error(cluster: &Cluster) {
+    let down = &cluster.workers[1];
+    down.ctl("stop");
+    let started = Instant::now();
+    let result = cluster
+        .coordinator_client()
+        .batch_execute("SELECT count(*) FROM orders");
+    down.ctl("start");
+    let err = result.unwrap_err();
+    assert_eq!(sqlstate(&err), "08006", "{err:?}");
+    assert!(
+        message(&err).contains(&down.port.to_string()),
+        "{}",
+        message(&err)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let count: i64 = cluster
+        .coordinator_client()
+        .query_one("SELECT count(*) FROM orders", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 20000);
 }
