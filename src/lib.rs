@@ -20,6 +20,11 @@ pub mod transaction;
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 pgrx::extension_sql_file!("../sql/views.sql", name = "views", finalize);
+pgrx::extension_sql_file!(
+    "../sql/partial_aggregates.sql",
+    name = "partial_aggregates",
+    requires = ["bootstrap"]
+);
 
 /// The version this library implements; `add_node` requires the same version on every worker.
 pub const EXTENSION_VERSION: &str = env!("CARGO_PKG_VERSION");

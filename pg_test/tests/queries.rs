@@ -22,6 +22,7 @@ fn main() {
             router_queries,
             multi_shard_scans_and_filters,
             aggregates_and_grouping,
+            aggregates_pushed_down_to_the_workers,
             ordering_limits_and_distinct,
             joins,
             subqueries_ctes_and_set_operations,
@@ -196,6 +197,49 @@ fn aggregates_and_grouping(cluster: &Cluster) {
         "SELECT sum(amount) / count(*) FROM orders HAVING count(*) > 0",
         "SELECT max(waited), min(waited), sum(waited) FROM orders",
     ]);
+}
+
+fn aggregates_pushed_down_to_the_workers(cluster: &Cluster) {
+    check_all(cluster, &[
+        "SELECT sum(order_id), avg(order_id), sum(qty::int8), count(note), count(*) FROM orders",
+        "SELECT round(sum(price)::numeric, 3), round(avg(price)::numeric, 6), round(stddev(price)::numeric, 6) FROM orders",
+        "SELECT round(var_pop(amount), 6), round(stddev_samp(qty::numeric), 6), regr_count(price, qty) FROM orders",
+        "SELECT count(*), sum(amount), avg(amount), min(amount), max(note) FROM orders WHERE false",
+        "SELECT count(*), sum(amount) FROM orders WHERE customer_id = 5",
+        "SELECT status, count(*), avg(qty) FROM orders GROUP BY status",
+        "SELECT note, count(*) FROM orders GROUP BY note",
+        "SELECT ref, sum(amount) FROM orders WHERE qty = 3 GROUP BY ref",
+        "SELECT date_trunc('week', ordered_at), max(amount), min(price) FROM orders GROUP BY 1",
+        "SELECT qty, status, sum(amount) * 2 + count(*) AS mixed FROM orders GROUP BY qty, status",
+        "SELECT qty FROM orders GROUP BY qty HAVING avg(amount) > 49.5",
+        "SELECT qty, count(*) FROM orders WHERE amount > 50 GROUP BY qty HAVING max(price) > 140",
+        "SELECT country, count(*), bool_or(vip), max(signup) FROM customers GROUP BY country",
+        "SELECT customer_id, count(*), sum(amount) FROM orders GROUP BY customer_id HAVING count(*) > 9",
+        "SELECT count(DISTINCT qty), sum(amount) FROM orders",
+        "SELECT kind, count(*), sum(n) FROM events GROUP BY kind",
+        "SELECT category, avg(weight), count(*) FROM products GROUP BY category",
+    ]);
+    // The plans really split the work: partial states on the workers, final step here.
+    let mut coordinator = cluster.coordinator_client();
+    for sql in [
+        "SELECT count(*), sum(amount) FROM orders",
+        "SELECT status, avg(amount) FROM orders GROUP BY status",
+    ] {
+        let plan: Vec<String> = coordinator
+            .query(&format!("EXPLAIN {sql}"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            plan.iter().any(|l| l.contains("Finalize")),
+            "{sql}: {plan:?}"
+        );
+        assert!(
+            plan.iter().any(|l| l.contains("pgdist.partial_")),
+            "{sql}: {plan:?}"
+        );
+    }
 }
 
 fn ordering_limits_and_distinct(cluster: &Cluster) {

@@ -128,8 +128,13 @@ unsafe extern "C-unwind" fn begin(
     unsafe {
         let runtime = runtime_of(node);
         let relation = (*node).ss.ss_currentRelation;
-        runtime.relid = (*relation).rd_id;
-        let tupdesc = (*relation).rd_att;
+        runtime.relid = if relation.is_null() {
+            runtime.plan.relid
+        } else {
+            (*relation).rd_id
+        };
+        // The scan tuple: the table's columns, or the pushed-down aggregate's output.
+        let tupdesc = (*(*node).ss.ss_ScanTupleSlot).tts_tupleDescriptor;
         runtime.inputs = runtime
             .plan
             .columns
@@ -403,15 +408,17 @@ unsafe fn fragments(
         let name = CStr::from_ptr(pg_sys::get_rel_name(relid))
             .to_string_lossy()
             .into_owned();
-        let tupdesc_columns: Vec<String> = runtime
-            .plan
-            .columns
-            .iter()
-            .map(|attno| {
-                let attname = pg_sys::get_attname(relid, *attno, false);
-                quote_identifier(&CStr::from_ptr(attname).to_string_lossy())
-            })
-            .collect();
+        let tupdesc_columns: Vec<String> = if !runtime.plan.select_sql.is_empty() {
+            Vec::new()
+        } else {
+            runtime.plan.columns.clone()
+        }
+        .iter()
+        .map(|attno| {
+            let attname = pg_sys::get_attname(relid, *attno, false);
+            quote_identifier(&CStr::from_ptr(attname).to_string_lossy())
+        })
+        .collect();
         let where_sql = substitute_params(&runtime.plan.where_sql, |id| {
             param_text(node, &runtime.plan.exec_params, id)
         });
@@ -423,9 +430,17 @@ unsafe fn fragments(
                 continue;
             };
             let relation = quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
-            let mut sql = format!("SELECT {} FROM {relation}", tupdesc_columns.join(", "));
+            let select = if runtime.plan.select_sql.is_empty() {
+                tupdesc_columns.join(", ")
+            } else {
+                runtime.plan.select_sql.clone()
+            };
+            let mut sql = format!("SELECT {select} FROM {relation}");
             if !where_sql.is_empty() {
                 sql.push_str(&format!(" WHERE {where_sql}"));
+            }
+            if !runtime.plan.group_by.is_empty() {
+                sql.push_str(&format!(" GROUP BY {}", runtime.plan.group_by));
             }
             per_node
                 .entry(placement.node.node_id)

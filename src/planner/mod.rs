@@ -5,6 +5,7 @@
 //! distributed tables, row locks on them, and reads in a transaction that already changed
 //! shards — rather than answered from the coordinator's empty shell table.
 
+pub mod aggregate_path;
 pub mod scan_path;
 pub mod shippable;
 
@@ -55,6 +56,7 @@ pub fn init() {
         pg_sys::planner_hook = Some(plan);
     }
     scan_path::init();
+    aggregate_path::init();
 }
 
 #[pg_guard]

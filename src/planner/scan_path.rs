@@ -27,6 +27,54 @@ static mut PATH_METHODS: pg_sys::CustomPathMethods = pg_sys::CustomPathMethods {
     ReparameterizeCustomPathByChild: None,
 };
 
+/// True when `path` is a Distributed Scan of a base table.
+pub unsafe fn is_distributed_scan(path: *mut pg_sys::Path) -> bool {
+    // SAFETY: path is a valid Path; CustomPath is checked by tag before the cast.
+    unsafe {
+        (*path).type_ == pg_sys::NodeTag::T_CustomPath
+            && std::ptr::eq(
+                (*path.cast::<pg_sys::CustomPath>()).methods,
+                &raw const PATH_METHODS,
+            )
+    }
+}
+
+/// The path methods of the pushed-down aggregate scan (planned without a base relation).
+pub fn scan_methods_path() -> *const pg_sys::CustomPathMethods {
+    &raw const UPPER_PATH_METHODS
+}
+
+static mut UPPER_PATH_METHODS: pg_sys::CustomPathMethods = pg_sys::CustomPathMethods {
+    CustomName: SCAN_NAME.as_ptr(),
+    PlanCustomPath: Some(plan_upper_path),
+    ReparameterizeCustomPathByChild: None,
+};
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn plan_upper_path(
+    _root: *mut pg_sys::PlannerInfo,
+    _rel: *mut pg_sys::RelOptInfo,
+    best_path: *mut pg_sys::CustomPath,
+    tlist: *mut pg_sys::List,
+    _clauses: *mut pg_sys::List,
+    _custom_plans: *mut pg_sys::List,
+) -> *mut pg_sys::Plan {
+    // SAFETY: builds a CustomScan without a scan relation whose scan tuple is `tlist`
+    // (custom_scan_tlist); setrefs turns the plan's target list into references to it.
+    unsafe {
+        let scan =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomScan>()).cast::<pg_sys::CustomScan>();
+        (*scan).scan.plan.type_ = pg_sys::NodeTag::T_CustomScan;
+        (*scan).scan.plan.targetlist = tlist;
+        (*scan).scan.scanrelid = 0;
+        (*scan).custom_scan_tlist = pg_sys::copyObjectImpl(tlist.cast()).cast();
+        (*scan).flags = (*best_path).flags;
+        (*scan).custom_private = (*best_path).custom_private;
+        (*scan).methods = crate::executor::scan::scan_methods();
+        scan.cast()
+    }
+}
+
 pub fn init() {
     // SAFETY: _PG_init runs once in the postmaster; we chain to the previous hook.
     unsafe {
@@ -38,6 +86,12 @@ pub fn init() {
 /// What the executor needs, kept in the plan (`custom_private`) as strings.
 #[derive(Debug, Default, PartialEq)]
 pub struct ScanPlan {
+    /// The distributed table read.
+    pub relid: pg_sys::Oid,
+    /// The SELECT list when it is not the plain `columns` (aggregate pushdown).
+    pub select_sql: String,
+    /// `GROUP BY` positions (aggregate pushdown).
+    pub group_by: String,
     /// Shipped clauses, ANDed; may contain `$n`.
     pub where_sql: String,
     /// Attribute numbers to fetch.
@@ -52,9 +106,12 @@ pub struct ScanPlan {
 }
 
 impl ScanPlan {
-    fn encode(&self) -> Vec<String> {
+    pub fn encode(&self) -> Vec<String> {
         let join = |v: Vec<String>| v.join(",");
         vec![
+            u32::from(self.relid).to_string(),
+            self.select_sql.clone(),
+            self.group_by.clone(),
             self.where_sql.clone(),
             join(self.columns.iter().map(ToString::to_string).collect()),
             join(self.shard_ids.iter().map(ToString::to_string).collect()),
@@ -69,6 +126,12 @@ impl ScanPlan {
     }
 
     pub fn decode(parts: &[String]) -> ScanPlan {
+        let (head, parts) = parts.split_at(parts.len().min(3));
+        let relid = head
+            .first()
+            .and_then(|s| s.parse::<u32>().ok())
+            .map(pg_sys::Oid::from)
+            .unwrap_or(pg_sys::InvalidOid);
         fn numbers<T: std::str::FromStr>(s: &str) -> Vec<T> {
             s.split(',')
                 .filter(|p| !p.is_empty())
@@ -76,6 +139,9 @@ impl ScanPlan {
                 .collect()
         }
         ScanPlan {
+            relid,
+            select_sql: head.get(1).cloned().unwrap_or_default(),
+            group_by: head.get(2).cloned().unwrap_or_default(),
             where_sql: parts.first().cloned().unwrap_or_default(),
             columns: parts.get(1).map(|s| numbers(s)).unwrap_or_default(),
             shard_ids: parts.get(2).map(|s| numbers(s)).unwrap_or_default(),
@@ -175,11 +241,13 @@ unsafe fn plan_scan(table: &DistTable, rel: *mut pg_sys::RelOptInfo) -> ScanPlan
             _ => (shards.iter().map(|(id, _)| *id).collect(), 0),
         };
         ScanPlan {
+            relid: table.oid,
             where_sql,
             columns,
             shard_ids,
             prune_param,
             exec_params,
+            ..Default::default()
         }
     }
 }
