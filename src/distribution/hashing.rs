@@ -4,8 +4,8 @@
 use pgrx::prelude::*;
 
 /// The hash support function of the type's default hash operator class (as hash indexes use:
-/// `hashint4`, `hashint8`, `hashtext`, `uuid_hash`, …) and the type it takes.
-pub fn hash_function(type_oid: pg_sys::Oid) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+/// `hashint4`, `hashint8`, `hashtext`, `uuid_hash`, …).
+pub fn hash_function(type_oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
     // SAFETY: catalog lookups by oid; GetDefaultOpClass returns InvalidOid when there is none,
     // and the lsyscache getters raise an ERROR for a missing opclass (which we checked exists).
     unsafe {
@@ -16,7 +16,7 @@ pub fn hash_function(type_oid: pg_sys::Oid) -> Option<(pg_sys::Oid, pg_sys::Oid)
         let family = pg_sys::get_opclass_family(opclass);
         let input_type = pg_sys::get_opclass_input_type(opclass);
         let proc = pg_sys::get_opfamily_proc(family, input_type, input_type, HASHSTANDARD_PROC);
-        (proc != pg_sys::InvalidOid).then_some((proc, input_type))
+        (proc != pg_sys::InvalidOid).then_some(proc)
     }
 }
 
@@ -67,7 +67,7 @@ thread_local! {
 pub fn hash_datum(type_oid: pg_sys::Oid, datum: pg_sys::Datum) -> Option<i32> {
     let hasher = HASHERS.with_borrow_mut(|cache| {
         *cache.entry(type_oid).or_insert_with(|| {
-            hash_function(type_oid).map(|(proc, _)| {
+            hash_function(type_oid).map(|proc| {
                 // SAFETY: a catalog lookup by oid.
                 let collatable =
                     unsafe { pg_sys::get_typcollation(type_oid) } != pg_sys::InvalidOid;
