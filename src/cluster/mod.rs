@@ -160,9 +160,23 @@ pub fn current_database_name() -> String {
     }
 }
 
+thread_local! {
+    /// Connection parameters per node, user and `pgdist.node_conninfo` value: parsing them (and
+    /// reading the passfile) once per backend keeps that off every query.
+    static TARGETS: std::cell::RefCell<std::collections::HashMap<(NodeAddress, String, String), NodeTarget>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
 /// How to reach `node` as the current user in the current database.
 pub fn target_for(node: NodeAddress) -> Result<NodeTarget, RemoteError> {
-    NodeTarget::new(node, current_database_name(), current_user_name())
+    let user = current_user_name();
+    let key = (node, user, crate::gucs::node_conninfo());
+    if let Some(target) = TARGETS.with_borrow(|targets| targets.get(&key).cloned()) {
+        return Ok(target);
+    }
+    let target = NodeTarget::new(key.0.clone(), current_database_name(), key.1.clone())?;
+    TARGETS.with_borrow_mut(|targets| targets.insert(key, target.clone()));
+    Ok(target)
 }
 
 /// In-server tests; the multi-node behaviour is tested on real clusters in `pg_test/`.

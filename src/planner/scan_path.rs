@@ -471,7 +471,9 @@ unsafe fn add_distributed_path(
         (*rel).pathlist = std::ptr::null_mut();
         (*rel).partial_pathlist = std::ptr::null_mut();
         (*rel).consider_parallel = false;
-        let shards = plan.shard_ids.len().max(1) as f64;
+        // A parameter that prunes at execution leaves one shard: cost it so, or PostgreSQL
+        // would keep re-planning prepared statements instead of using their generic plan.
+        let shards = if plan.prune_param > 0 { 1.0 } else { plan.shard_ids.len().max(1) as f64 };
         let rows = ((*rel).rows).max(1000.0 * shards);
         (*rel).rows = rows;
         let path =

@@ -15,7 +15,7 @@ pub use connection::NodeTarget;
 pub use error::RemoteError;
 
 /// Which node a connection or an error is about.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct NodeAddress {
     /// 0 while the node is not (yet) in the catalog.
     pub node_id: i32,
