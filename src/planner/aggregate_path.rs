@@ -18,7 +18,7 @@ use pgrx::pg_sys;
 use pgrx::PgList;
 
 use crate::planner::scan_path::{
-    from_list, is_distributed_scan, scan_methods_path, to_list, ScanPlan,
+    from_list, is_distributed_scan, new_custom_path, scan_methods_path, ScanPlan,
 };
 use crate::planner::shippable::{deparse, shippable};
 
@@ -206,17 +206,15 @@ unsafe fn add_pushdown_path(
             std::ptr::null_mut(),
         );
         (*partial_rel).reltarget = partial_target;
-        let path =
-            pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomPath>()).cast::<pg_sys::CustomPath>();
-        (*path).path.type_ = pg_sys::NodeTag::T_CustomPath;
-        (*path).path.pathtype = pg_sys::NodeTag::T_CustomScan;
-        (*path).path.parent = partial_rel;
-        (*path).path.pathtarget = partial_target;
-        (*path).path.rows = groups * shards;
-        (*path).path.startup_cost = 100.0;
-        (*path).path.total_cost = 100.0 + 10.0 * shards + groups * shards * 0.01;
-        (*path).custom_private = to_list(plan.encode());
-        (*path).methods = scan_methods_path();
+        let total_cost = 100.0 + 10.0 * shards + groups * shards * 0.01;
+        let path = new_custom_path(
+            partial_rel,
+            partial_target,
+            groups * shards,
+            total_cost,
+            &plan,
+            scan_methods_path(),
+        );
 
         let mut input: *mut pg_sys::Path = path.cast();
         let strategy = if (*parse).groupClause.is_null() {

@@ -50,6 +50,51 @@ static mut UPPER_PATH_METHODS: pg_sys::CustomPathMethods = pg_sys::CustomPathMet
     ReparameterizeCustomPathByChild: None,
 };
 
+/// A new CustomPath producing `target` for `parent`, carrying `plan`.
+pub unsafe fn new_custom_path(
+    parent: *mut pg_sys::RelOptInfo,
+    target: *mut pg_sys::PathTarget,
+    rows: f64,
+    total_cost: f64,
+    plan: &ScanPlan,
+    methods: *const pg_sys::CustomPathMethods,
+) -> *mut pg_sys::CustomPath {
+    // SAFETY: a zeroed node in the planner's memory context, tagged and filled as PostgreSQL
+    // expects of a CustomPath.
+    unsafe {
+        let path =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomPath>()).cast::<pg_sys::CustomPath>();
+        (*path).path.type_ = pg_sys::NodeTag::T_CustomPath;
+        (*path).path.pathtype = pg_sys::NodeTag::T_CustomScan;
+        (*path).path.parent = parent;
+        (*path).path.pathtarget = target;
+        (*path).path.rows = rows;
+        (*path).path.startup_cost = 100.0;
+        (*path).path.total_cost = total_cost;
+        (*path).custom_private = to_list(plan.encode());
+        (*path).methods = methods;
+        path
+    }
+}
+
+/// A new Distributed Scan plan node for `best_path`, returning `tlist`.
+unsafe fn new_custom_scan(
+    best_path: *mut pg_sys::CustomPath,
+    tlist: *mut pg_sys::List,
+) -> *mut pg_sys::CustomScan {
+    // SAFETY: a zeroed node in the planner's memory context, tagged as a CustomScan.
+    unsafe {
+        let scan =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomScan>()).cast::<pg_sys::CustomScan>();
+        (*scan).scan.plan.type_ = pg_sys::NodeTag::T_CustomScan;
+        (*scan).scan.plan.targetlist = tlist;
+        (*scan).flags = (*best_path).flags;
+        (*scan).custom_private = (*best_path).custom_private;
+        (*scan).methods = crate::executor::scan::scan_methods();
+        scan
+    }
+}
+
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn plan_upper_path(
     _root: *mut pg_sys::PlannerInfo,
@@ -62,15 +107,9 @@ unsafe extern "C-unwind" fn plan_upper_path(
     // SAFETY: builds a CustomScan without a scan relation whose scan tuple is `tlist`
     // (custom_scan_tlist); setrefs turns the plan's target list into references to it.
     unsafe {
-        let scan =
-            pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomScan>()).cast::<pg_sys::CustomScan>();
-        (*scan).scan.plan.type_ = pg_sys::NodeTag::T_CustomScan;
-        (*scan).scan.plan.targetlist = tlist;
+        let scan = new_custom_scan(best_path, tlist);
         (*scan).scan.scanrelid = 0;
         (*scan).custom_scan_tlist = pg_sys::copyObjectImpl(tlist.cast()).cast();
-        (*scan).flags = (*best_path).flags;
-        (*scan).custom_private = (*best_path).custom_private;
-        (*scan).methods = crate::executor::scan::scan_methods();
         scan.cast()
     }
 }
@@ -473,20 +512,22 @@ unsafe fn add_distributed_path(
         (*rel).consider_parallel = false;
         // A parameter that prunes at execution leaves one shard: cost it so, or PostgreSQL
         // would keep re-planning prepared statements instead of using their generic plan.
-        let shards = if plan.prune_param > 0 { 1.0 } else { plan.shard_ids.len().max(1) as f64 };
+        let shards = if plan.prune_param > 0 {
+            1.0
+        } else {
+            plan.shard_ids.len().max(1) as f64
+        };
         let rows = ((*rel).rows).max(1000.0 * shards);
         (*rel).rows = rows;
-        let path =
-            pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomPath>()).cast::<pg_sys::CustomPath>();
-        (*path).path.type_ = pg_sys::NodeTag::T_CustomPath;
-        (*path).path.pathtype = pg_sys::NodeTag::T_CustomScan;
-        (*path).path.parent = rel;
-        (*path).path.pathtarget = (*rel).reltarget;
-        (*path).path.rows = rows;
-        (*path).path.startup_cost = 100.0;
-        (*path).path.total_cost = 100.0 + 10.0 * shards + rows * 0.01;
-        (*path).custom_private = to_list(plan.encode());
-        (*path).methods = &raw const PATH_METHODS;
+        let total_cost = 100.0 + 10.0 * shards + rows * 0.01;
+        let path = new_custom_path(
+            rel,
+            (*rel).reltarget,
+            rows,
+            total_cost,
+            &plan,
+            &raw const PATH_METHODS,
+        );
         pg_sys::add_path(rel, path.cast());
     }
 }
@@ -514,16 +555,10 @@ unsafe extern "C-unwind" fn plan_path(
                 local_list.push(ri);
             }
         }
-        let scan =
-            pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomScan>()).cast::<pg_sys::CustomScan>();
-        (*scan).scan.plan.type_ = pg_sys::NodeTag::T_CustomScan;
-        (*scan).scan.plan.targetlist = tlist;
+        let scan = new_custom_scan(best_path, tlist);
         (*scan).scan.plan.qual = pg_sys::extract_actual_clauses(local_list.into_pg(), false);
         (*scan).scan.scanrelid = (*rel).relid;
-        (*scan).flags = (*best_path).flags;
-        (*scan).custom_private = (*best_path).custom_private;
         (*scan).custom_exprs = shipped_list.into_pg();
-        (*scan).methods = crate::executor::scan::scan_methods();
         scan.cast()
     }
 }
