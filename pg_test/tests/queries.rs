@@ -30,6 +30,7 @@ fn main() {
             every_type_and_null_round_trips,
             session_settings_travel_with_fragments,
             prepared_statements_prune_by_parameter,
+            explain_shows_fragments_remote_plans_and_timings,
             errors_match_plain_postgres,
             unsupported_queries_fail_with_0a000,
             statement_timeout_stops_fragments_on_every_node,
@@ -403,6 +404,57 @@ fn prepared_statements_prune_by_parameter(cluster: &Cluster) {
         &mut reference,
         "DEALLOCATE c; RESET plan_cache_mode",
     );
+}
+
+fn explain_shows_fragments_remote_plans_and_timings(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let lines = |client: &mut postgres::Client, sql: &str| -> Vec<String> {
+        client
+            .query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let plan = lines(
+        &mut coordinator,
+        "EXPLAIN SELECT * FROM orders WHERE customer_id = 42",
+    );
+    assert!(
+        plan.iter().any(|l| l.contains("Fragments: 1 on 1 node(s)")),
+        "{plan:?}"
+    );
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("Fragment: SELECT") && l.contains("orders_")),
+        "{plan:?}"
+    );
+    let plan = lines(
+        &mut coordinator,
+        "EXPLAIN (ANALYZE) SELECT count(*) FROM orders WHERE qty = 3",
+    );
+    assert!(
+        plan.iter().any(|l| l.contains("Fragments: 8 on 2 node(s)")),
+        "{plan:?}"
+    );
+    assert!(plan.iter().any(|l| l.contains("Remote Plan:")), "{plan:?}");
+    let timings: Vec<&String> = plan
+        .iter()
+        .filter(|l| l.contains("Fragment Timings: node"))
+        .collect();
+    assert_eq!(timings.len(), 2, "{plan:?}");
+    let fragments: usize = timings
+        .iter()
+        .filter_map(|l| {
+            l.split(": ")
+                .nth(2)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(fragments, 8, "{plan:?}");
 }
 
 fn errors_match_plain_postgres(cluster: &Cluster) {

@@ -3,7 +3,8 @@
 //! Each node gets up to `pgdist.max_connections_per_node` connections; each connection runs its
 //! share of the node's fragments one after another, all connections at once. Rows (as text)
 //! arrive through one bounded channel, so memory stays bounded however large the result is, and
-//! the executor takes them one at a time on the backend's thread.
+//! the executor takes them one at a time on the backend's thread. Each finished fragment also
+//! reports its row count and time (for EXPLAIN ANALYZE).
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -18,8 +19,25 @@ const CHANNEL_ROWS: usize = 1024;
 
 pub type TextRow = Vec<Option<String>>;
 
+/// What one fragment did.
+#[derive(Clone, Debug)]
+pub struct FragmentStats {
+    pub node_id: i32,
+    pub rows: u64,
+    pub elapsed: std::time::Duration,
+}
+
+enum Message {
+    Row(TextRow),
+    Done(FragmentStats),
+}
+
+type Sender = mpsc::Sender<Result<Message, RemoteError>>;
+
 pub struct FragmentStream {
-    rows: mpsc::Receiver<Result<TextRow, RemoteError>>,
+    messages: mpsc::Receiver<Result<Message, RemoteError>>,
+    /// The fragments finished so far.
+    pub stats: Vec<FragmentStats>,
     tasks: Vec<JoinHandle<Option<NodeConnection>>>,
     cancel_tokens: Vec<CancelToken>,
     finished: bool,
@@ -33,7 +51,7 @@ impl FragmentStream {
         settings: String,
         connections_per_node: usize,
     ) -> FragmentStream {
-        let (sender, rows) = mpsc::channel(CHANNEL_ROWS);
+        let (sender, messages) = mpsc::channel(CHANNEL_ROWS);
         let mut tasks = Vec::new();
         let mut cancel_tokens = Vec::new();
         for (target, fragments) in work {
@@ -47,19 +65,19 @@ impl FragmentStream {
                 if let Some(conn) = &cached {
                     cancel_tokens.push(conn.cancel_token());
                 }
-                let sender = sender.clone();
-                let target = target.clone();
-                tasks.push(runtime::spawn(run_share(
-                    target,
+                let share = run_share(
+                    target.clone(),
                     cached,
                     share,
                     settings.clone(),
-                    sender,
-                )));
+                    sender.clone(),
+                );
+                tasks.push(runtime::spawn(share));
             }
         }
         FragmentStream {
-            rows,
+            messages,
+            stats: Vec::new(),
             tasks,
             cancel_tokens,
             finished: false,
@@ -68,23 +86,25 @@ impl FragmentStream {
 
     /// The next row from any node, None when every fragment is done.
     pub fn next(&mut self) -> Result<Option<TextRow>, RemoteError> {
-        if self.finished {
-            return Ok(None);
-        }
-        match runtime::block_on(self.rows.recv()) {
-            Ok(Some(Ok(row))) => Ok(Some(row)),
-            Ok(Some(Err(err))) => Err(err),
-            Ok(None) => {
-                self.finished = true;
-                let tasks = std::mem::take(&mut self.tasks);
-                if let Ok(results) = runtime::block_on(futures_util::future::join_all(tasks)) {
-                    for conn in results.into_iter().flatten().flatten() {
-                        connection::give_back(conn);
+        loop {
+            if self.finished {
+                return Ok(None);
+            }
+            match runtime::block_on(self.messages.recv()) {
+                Ok(Some(Ok(Message::Row(row)))) => return Ok(Some(row)),
+                Ok(Some(Ok(Message::Done(stats)))) => self.stats.push(stats),
+                Ok(Some(Err(err))) => return Err(err),
+                Ok(None) => {
+                    self.finished = true;
+                    let tasks = std::mem::take(&mut self.tasks);
+                    if let Ok(results) = runtime::block_on(futures_util::future::join_all(tasks)) {
+                        for conn in results.into_iter().flatten().flatten() {
+                            connection::give_back(conn);
+                        }
                     }
                 }
-                Ok(None)
+                Err(_) => runtime::raise_interrupt(),
             }
-            Err(_) => runtime::raise_interrupt(),
         }
     }
 }
@@ -116,7 +136,7 @@ async fn run_share(
     cached: Option<NodeConnection>,
     fragments: Vec<String>,
     settings: String,
-    sender: mpsc::Sender<Result<TextRow, RemoteError>>,
+    sender: Sender,
 ) -> Option<NodeConnection> {
     let mut conn = match cached {
         Some(conn) => conn,
@@ -135,33 +155,49 @@ async fn run_share(
             fragment.insert_str(0, &settings);
             conn.session_settings = settings.clone();
         }
-        let stream = match conn.stream_query(&fragment).await {
-            Ok(stream) => stream,
+        let started = std::time::Instant::now();
+        match run_fragment(&conn, &fragment, &sender).await {
+            Ok(Some(rows)) => {
+                let stats = FragmentStats {
+                    node_id: conn.node.node_id,
+                    rows,
+                    elapsed: started.elapsed(),
+                };
+                if sender.send(Ok(Message::Done(stats))).await.is_err() {
+                    return None;
+                }
+            }
+            Ok(None) => return None, // the scan is gone
             Err(err) => {
                 let _ = sender.send(Err(err)).await;
                 return None;
             }
-        };
-        let mut stream = std::pin::pin!(stream);
-        while let Some(message) = stream.next().await {
-            match message {
-                Ok(SimpleQueryMessage::Row(row)) => {
-                    let values = (0..row.len())
-                        .map(|i| row.get(i).map(str::to_string))
-                        .collect();
-                    if sender.send(Ok(values)).await.is_err() {
-                        return None; // the scan is gone
-                    }
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    let _ = sender
-                        .send(Err(RemoteError::from_postgres(&conn.node, err)))
-                        .await;
-                    return None;
-                }
-            }
         }
     }
     Some(conn)
+}
+
+/// Streams one fragment's rows into `sender`; the row count, or None when the receiver is gone.
+async fn run_fragment(
+    conn: &NodeConnection,
+    fragment: &str,
+    sender: &Sender,
+) -> Result<Option<u64>, RemoteError> {
+    let stream = conn.stream_query(fragment).await?;
+    let mut stream = std::pin::pin!(stream);
+    let mut rows = 0u64;
+    while let Some(message) = stream.next().await {
+        if let SimpleQueryMessage::Row(row) =
+            message.map_err(|err| RemoteError::from_postgres(&conn.node, err))?
+        {
+            rows += 1;
+            let values = (0..row.len())
+                .map(|i| row.get(i).map(str::to_string))
+                .collect();
+            if sender.send(Ok(Message::Row(values))).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(rows))
 }

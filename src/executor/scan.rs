@@ -74,8 +74,6 @@ struct ScanRuntime {
     relid: pg_sys::Oid,
     inputs: Vec<ColumnInput>,
     stream: Option<FragmentStream>,
-    /// For EXPLAIN: fragments, nodes, one fragment's SQL.
-    shape: Option<(usize, usize, String)>,
 }
 
 #[pg_guard]
@@ -94,7 +92,6 @@ unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut
             relid: pg_sys::InvalidOid,
             inputs: Vec::new(),
             stream: None,
-            shape: None,
         }));
         (*state).runtime = runtime;
         // Freed with the query's memory, also when the query fails.
@@ -238,24 +235,60 @@ unsafe extern "C-unwind" fn explain(
     _ancestors: *mut pg_sys::List,
     es: *mut pg_sys::ExplainState,
 ) {
-    // SAFETY: EXPLAIN runs begin() first, so the relation is known; the texts are copied.
+    // SAFETY: EXPLAIN runs begin() first, so the relation is known; texts are copied into
+    // EXPLAIN's output by ExplainPropertyText.
     unsafe {
+        let text = |label: &CStr, value: &str| {
+            let value = CString::new(value).unwrap_or_default();
+            pg_sys::ExplainPropertyText(label.as_ptr(), value.as_ptr(), es);
+        };
         let runtime = runtime_of(node);
-        if runtime.shape.is_none() {
-            let (work, _) = fragments(runtime, node);
-            let first = work
-                .first()
-                .and_then(|(_, f)| f.first().cloned())
-                .unwrap_or_default();
-            runtime.shape = Some((work.iter().map(|(_, f)| f.len()).sum(), work.len(), first));
+        let (work, nodes) = fragments(runtime, node);
+        let count: usize = work.iter().map(|(_, f)| f.len()).sum();
+        text(c"Fragments", &format!("{count} on {nodes} node(s)"));
+        let Some((target, first)) = work
+            .first()
+            .and_then(|(t, f)| f.first().map(|sql| (t, sql)))
+        else {
+            return;
+        };
+        text(c"Fragment", first);
+        if (*es).verbose || (*es).analyze {
+            // The plan the worker makes for that fragment.
+            let explain = format!("EXPLAIN (COSTS OFF) {first}");
+            if let Some(Ok(messages)) =
+                crate::remote::run_on_each(std::slice::from_ref(target), &explain).pop()
+            {
+                for row in crate::remote::rows_as_text(&messages) {
+                    if let Some(Some(line)) = row.into_iter().next() {
+                        text(c"Remote Plan", &line);
+                    }
+                }
+            }
         }
-        if let Some((count, nodes, first)) = &runtime.shape {
-            let text = |label: &CStr, value: String| {
-                let value = CString::new(value).unwrap_or_default();
-                pg_sys::ExplainPropertyText(label.as_ptr(), value.as_ptr(), es);
-            };
-            text(c"Fragments", format!("{count} on {nodes} node(s)"));
-            text(c"Fragment", first.clone());
+        if (*es).analyze {
+            let stats = runtime
+                .stream
+                .as_ref()
+                .map(|s| s.stats.clone())
+                .unwrap_or_default();
+            let mut per_node: BTreeMap<i32, (usize, u64, f64, f64)> = BTreeMap::new();
+            for stat in &stats {
+                let entry = per_node.entry(stat.node_id).or_default();
+                let ms = stat.elapsed.as_secs_f64() * 1000.0;
+                *entry = (
+                    entry.0 + 1,
+                    entry.1 + stat.rows,
+                    entry.2.max(ms),
+                    entry.3 + ms,
+                );
+            }
+            for (node_id, (fragments, rows, slowest, total)) in per_node {
+                text(
+                    c"Fragment Timings",
+                    &format!("node {node_id}: {fragments} fragment(s), {rows} rows, slowest {slowest:.3} ms, total {total:.3} ms"),
+                );
+            }
         }
     }
 }
