@@ -30,6 +30,7 @@ fn main() {
             every_type_and_null_round_trips,
             session_settings_travel_with_fragments,
             prepared_statements_prune_by_parameter,
+            range_tables_prune_by_comparisons,
             explain_shows_fragments_remote_plans_and_timings,
             errors_match_plain_postgres,
             unsupported_queries_fail_with_0a000,
@@ -404,6 +405,72 @@ fn prepared_statements_prune_by_parameter(cluster: &Cluster) {
         &mut reference,
         "DEALLOCATE c; RESET plan_cache_mode",
     );
+}
+
+fn range_tables_prune_by_comparisons(cluster: &Cluster) {
+    // events is split at 2024-04-01, 2024-08-01 and 2024-12-01.
+    check_all(
+        cluster,
+        &[
+            "SELECT * FROM events WHERE day = '2024-04-01'",
+            "SELECT * FROM events WHERE day = '2024-03-31'",
+            "SELECT count(*), sum(n) FROM events WHERE day < '2024-04-01'",
+            "SELECT count(*), sum(n) FROM events WHERE day <= '2024-04-01'",
+            "SELECT count(*) FROM events WHERE day > '2024-11-30'",
+            "SELECT count(*) FROM events WHERE day >= '2024-12-01'",
+            "SELECT count(*) FROM events WHERE day BETWEEN '2024-05-01' AND '2024-06-01'",
+            "SELECT count(*) FROM events WHERE '2024-08-01' <= day AND day < '2024-08-03'",
+            "SELECT count(*), sum(n) FROM events WHERE day < '1999-01-01'",
+            "SELECT * FROM events WHERE day IN ('2024-01-05', '2024-12-24') ORDER BY day, n",
+            "SELECT count(*) FROM events WHERE day > '2024-06-01' OR kind = 'buy'",
+            "SELECT count(*) FROM events WHERE day > '2024-05-01'::timestamp",
+        ],
+    );
+    let mut coordinator = cluster.coordinator_client();
+    let fragments = |client: &mut postgres::Client, sql: &str| -> String {
+        let plan: Vec<String> = client
+            .query(&format!("EXPLAIN {sql}"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        plan.into_iter()
+            .find(|l| l.contains("Fragments:"))
+            .unwrap_or_default()
+    };
+    for (sql, expected) in [
+        (
+            "SELECT * FROM events WHERE day = '2024-04-01'",
+            "Fragments: 1 ",
+        ),
+        (
+            "SELECT * FROM events WHERE day < '2024-04-01'",
+            "Fragments: 1 ",
+        ),
+        (
+            "SELECT * FROM events WHERE day >= '2024-08-01'",
+            "Fragments: 2 ",
+        ),
+        (
+            "SELECT * FROM events WHERE day BETWEEN '2024-05-01' AND '2024-06-01'",
+            "Fragments: 1 ",
+        ),
+        (
+            "SELECT * FROM events WHERE day < '1999-01-01'",
+            "Fragments: 1 ",
+        ),
+        (
+            "SELECT * FROM events WHERE day >= '2024-09-01' AND day < '2024-03-01'",
+            "Fragments: 0 ",
+        ),
+        (
+            "SELECT * FROM events WHERE day > '2024-06-01' OR kind = 'buy'",
+            "Fragments: 4 ",
+        ),
+    ] {
+        let line = fragments(&mut coordinator, sql);
+        assert!(line.contains(expected), "{sql}: {line}");
+    }
 }
 
 fn explain_shows_fragments_remote_plans_and_timings(cluster: &Cluster) {

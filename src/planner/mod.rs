@@ -6,6 +6,7 @@
 //! shards — rather than answered from the coordinator's empty shell table.
 
 pub mod aggregate_path;
+pub mod range_pruning;
 pub mod scan_path;
 pub mod shippable;
 

@@ -275,9 +275,18 @@ unsafe fn plan_scan(table: &DistTable, rel: *mut pg_sys::RelOptInfo) -> ScanPlan
         let where_sql = parts.join(" AND ");
         let columns = needed_columns(rel);
         let shards = cache::shards(table.oid);
+        let all = || shards.iter().map(|(id, _)| *id).collect::<Vec<_>>();
         let (shard_ids, prune_param) = match table.method {
             Method::Hash => prune(table, &clauses, &shards),
-            _ => (shards.iter().map(|(id, _)| *id).collect(), 0),
+            Method::Range => {
+                let placements = cache::placements(table.oid);
+                (
+                    crate::planner::range_pruning::prune(table, &clauses, &placements)
+                        .unwrap_or_else(all),
+                    0,
+                )
+            }
+            Method::Reference => (all(), 0),
         };
         ScanPlan {
             relid: table.oid,
