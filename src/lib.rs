@@ -34,12 +34,15 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: a plain read of a global that the postmaster sets while loading preload libraries.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     if !preloading {
-        ereport!(
-            ERROR,
+        pgrx::pg_sys::panic::ErrorReport::new(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "pgdist must be loaded via shared_preload_libraries",
-            "Add 'pgdist' to shared_preload_libraries in postgresql.conf and restart the server."
-        );
+            "_PG_init",
+        )
+        .set_hint(
+            "Add 'pgdist' to shared_preload_libraries in postgresql.conf and restart the server.",
+        )
+        .report(PgLogLevel::ERROR);
     }
     gucs::init();
     transaction::init();
