@@ -199,38 +199,15 @@ unsafe fn comparisons(
                 {
                     return None;
                 }
-                let array = args.get_ptr(1)?;
-                if (*array).type_ != pg_sys::NodeTag::T_Const
-                    || (*array.cast::<pg_sys::Const>()).constisnull
-                {
+                let (element_type, elements) =
+                    crate::planner::scan_path::const_array_elements(args.get_ptr(1)?)?;
+                if element_type != type_oid {
                     return None;
                 }
-                let array = pg_sys::pg_detoast_datum(
-                    (*array.cast::<pg_sys::Const>()).constvalue.cast_mut_ptr(),
-                )
-                .cast::<pg_sys::ArrayType>();
-                if (*array).elemtype != type_oid {
-                    return None;
-                }
-                let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
-                pg_sys::get_typlenbyvalalign(type_oid, &mut len, &mut byval, &mut align);
-                let mut values: *mut pg_sys::Datum = std::ptr::null_mut();
-                let mut nulls: *mut bool = std::ptr::null_mut();
-                let mut count = 0;
-                pg_sys::deconstruct_array(
-                    array,
-                    type_oid,
-                    len.into(),
-                    byval,
-                    align,
-                    &mut values,
-                    &mut nulls,
-                    &mut count,
-                );
                 Some(
-                    (0..count as usize)
-                        .filter(|i| !*nulls.add(*i))
-                        .map(|i| (EQUAL, *values.add(i)))
+                    elements
+                        .into_iter()
+                        .map(|(_, value)| (EQUAL, value))
                         .collect(),
                 )
             }

@@ -385,6 +385,46 @@ unsafe fn prune(
     }
 }
 
+/// The element type and non-NULL elements of a constant array expression, if it is one.
+pub unsafe fn const_array_elements(
+    node: *mut pg_sys::Node,
+) -> Option<(pg_sys::Oid, Vec<(pg_sys::Oid, pg_sys::Datum)>)> {
+    // SAFETY: node is a valid expression; a non-NULL array Const is detoasted and deconstructed
+    // into Datums that live in the current (planner) memory context.
+    unsafe {
+        if node.is_null()
+            || (*node).type_ != pg_sys::NodeTag::T_Const
+            || (*node.cast::<pg_sys::Const>()).constisnull
+        {
+            return None;
+        }
+        let array =
+            pg_sys::pg_detoast_datum((*node.cast::<pg_sys::Const>()).constvalue.cast_mut_ptr())
+                .cast::<pg_sys::ArrayType>();
+        let element_type = (*array).elemtype;
+        let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+        pg_sys::get_typlenbyvalalign(element_type, &mut len, &mut byval, &mut align);
+        let mut values: *mut pg_sys::Datum = std::ptr::null_mut();
+        let mut nulls: *mut bool = std::ptr::null_mut();
+        let mut count = 0;
+        pg_sys::deconstruct_array(
+            array,
+            element_type,
+            len.into(),
+            byval,
+            align,
+            &mut values,
+            &mut nulls,
+            &mut count,
+        );
+        let elements = (0..count as usize)
+            .filter(|i| !*nulls.add(*i))
+            .map(|i| (element_type, *values.add(i)))
+            .collect();
+        Some((element_type, elements))
+    }
+}
+
 enum Equality {
     /// Constants (type, value) the column must equal one of.
     Values(Vec<(pg_sys::Oid, pg_sys::Datum)>),
@@ -468,38 +508,7 @@ unsafe fn equality_values(
                 {
                     return None;
                 }
-                let array = strip(args.get_ptr(1)?);
-                if (*array).type_ != pg_sys::NodeTag::T_Const
-                    || (*array.cast::<pg_sys::Const>()).constisnull
-                {
-                    return None;
-                }
-                let array = pg_sys::pg_detoast_datum(
-                    (*array.cast::<pg_sys::Const>()).constvalue.cast_mut_ptr(),
-                )
-                .cast::<pg_sys::ArrayType>();
-                let element_type = (*array).elemtype;
-                let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
-                pg_sys::get_typlenbyvalalign(element_type, &mut len, &mut byval, &mut align);
-                let mut values: *mut pg_sys::Datum = std::ptr::null_mut();
-                let mut nulls: *mut bool = std::ptr::null_mut();
-                let mut count = 0;
-                pg_sys::deconstruct_array(
-                    array,
-                    element_type,
-                    len.into(),
-                    byval,
-                    align,
-                    &mut values,
-                    &mut nulls,
-                    &mut count,
-                );
-                let mut found = Vec::new();
-                for i in 0..count as usize {
-                    if !*nulls.add(i) {
-                        found.push((element_type, *values.add(i)));
-                    }
-                }
+                let (_, found) = const_array_elements(strip(args.get_ptr(1)?))?;
                 Some(Equality::Values(found))
             }
             _ => None,
