@@ -697,7 +697,7 @@ pub fn replicate_reference_table(
         target.clone(),
         shard_creation_batch(&table, &[source.shard_id])?,
     )]);
-    let checkout = remote_xact::checkout(&[target_for(source.node.clone())?, target])?;
+    let checkout = remote_xact::checkout_begun(&[target_for(source.node.clone())?, target])?;
     let sink = ShardSink::new(&table, source.shard_id, vec![1]);
     data_move::copy_between_nodes(
         &checkout.conns[0],
@@ -735,5 +735,5 @@ pub fn checkout_nodes(nodes: &[NodeAddress]) -> Result<remote_xact::Checkout, Di
         .cloned()
         .map(target_for)
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(remote_xact::checkout(&targets)?)
+    Ok(remote_xact::checkout_begun(&targets)?)
 }

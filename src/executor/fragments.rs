@@ -5,6 +5,10 @@
 //! arrive through one bounded channel, so memory stays bounded however large the result is, and
 //! the executor takes them one at a time on the backend's thread. Each finished fragment also
 //! reports its row count and time (for EXPLAIN ANALYZE).
+//!
+//! A node where the coordinator transaction has already changed data is read through that
+//! transaction's connection (one lane), so the statement sees its own writes. Such a lane is
+//! never cancelled halfway — that would abort the remote transaction — but read to its end.
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -13,6 +17,7 @@ use tokio_postgres::{CancelToken, NoTls, SimpleQueryMessage};
 
 use crate::remote::connection::{self, NodeConnection};
 use crate::remote::{runtime, NodeTarget, RemoteError};
+use crate::transaction::remote_xact::{self, Checkout};
 
 /// Rows buffered between the nodes and the executor.
 const CHANNEL_ROWS: usize = 1024;
@@ -39,6 +44,9 @@ pub struct FragmentStream {
     /// The fragments finished so far.
     pub stats: Vec<FragmentStats>,
     tasks: Vec<JoinHandle<Option<NodeConnection>>>,
+    /// Lanes on the transaction's own connections, and the checkout they return to.
+    participant_tasks: Vec<JoinHandle<Option<NodeConnection>>>,
+    checkout: Option<Checkout>,
     cancel_tokens: Vec<CancelToken>,
     finished: bool,
 }
@@ -52,35 +60,73 @@ impl FragmentStream {
         connections_per_node: usize,
     ) -> FragmentStream {
         let (sender, messages) = mpsc::channel(CHANNEL_ROWS);
+        let (transactional, work): (Vec<_>, Vec<_>) = work
+            .into_iter()
+            .partition(|(target, _)| remote_xact::is_participant(target.node.node_id));
         let mut tasks = Vec::new();
+        let mut participant_tasks = Vec::new();
         let mut cancel_tokens = Vec::new();
+        let mut checkout = None;
+        if !transactional.is_empty() {
+            let targets: Vec<NodeTarget> = transactional.iter().map(|(t, _)| t.clone()).collect();
+            let mut lent = remote_xact::checkout(&targets).unwrap_or_else(|e| crate::error::raise(e));
+            let conns = std::mem::take(&mut lent.conns);
+            for (i, ((target, fragments), conn)) in transactional.into_iter().zip(conns).enumerate() {
+                let share = Share {
+                    target,
+                    fragments,
+                    prefix: lent.take_prefix(i),
+                    settings: settings.clone(),
+                    sender: sender.clone(),
+                    transactional: true,
+                };
+                participant_tasks.push(runtime::spawn(share.run(Some(conn))));
+            }
+            checkout = Some(lent);
+        }
         for (target, fragments) in work {
             let lanes = connections_per_node.clamp(1, fragments.len().max(1));
             let mut shares: Vec<Vec<String>> = vec![Vec::new(); lanes];
             for (i, fragment) in fragments.into_iter().enumerate() {
                 shares[i % lanes].push(fragment);
             }
-            for share in shares.into_iter().filter(|s| !s.is_empty()) {
+            for fragments in shares.into_iter().filter(|s| !s.is_empty()) {
                 let cached = connection::take_cached(&target);
                 if let Some(conn) = &cached {
                     cancel_tokens.push(conn.cancel_token());
                 }
-                let share = run_share(
-                    target.clone(),
-                    cached,
-                    share,
-                    settings.clone(),
-                    sender.clone(),
-                );
-                tasks.push(runtime::spawn(share));
+                let share = Share {
+                    target: target.clone(),
+                    fragments,
+                    prefix: String::new(),
+                    settings: settings.clone(),
+                    sender: sender.clone(),
+                    transactional: false,
+                };
+                tasks.push(runtime::spawn(share.run(cached)));
             }
         }
         FragmentStream {
             messages,
             stats: Vec::new(),
             tasks,
+            participant_tasks,
+            checkout,
             cancel_tokens,
             finished: false,
+        }
+    }
+
+    /// Waits for the lanes on the transaction's connections and hands those back.
+    fn return_participants(&mut self) {
+        let tasks = std::mem::take(&mut self.participant_tasks);
+        let Some(mut checkout) = self.checkout.take() else {
+            return;
+        };
+        // An interrupt here drops the checkout unfinished: the transaction cannot commit.
+        if let Ok(results) = runtime::block_on(futures_util::future::join_all(tasks)) {
+            checkout.conns = results.into_iter().flatten().flatten().collect();
+            checkout.finish();
         }
     }
 
@@ -96,6 +142,7 @@ impl FragmentStream {
                 Ok(Some(Err(err))) => return Err(err),
                 Ok(None) => {
                     self.finished = true;
+                    self.return_participants();
                     let tasks = std::mem::take(&mut self.tasks);
                     if let Ok(results) = runtime::block_on(futures_util::future::join_all(tasks)) {
                         for conn in results.into_iter().flatten().flatten() {
@@ -116,6 +163,9 @@ impl Drop for FragmentStream {
         if self.finished {
             return;
         }
+        // Stop receiving: transactional lanes then read their fragments to the end.
+        self.messages.close();
+        self.return_participants();
         for task in &self.tasks {
             task.abort();
         }
@@ -131,73 +181,97 @@ impl Drop for FragmentStream {
     }
 }
 
-async fn run_share(
+/// One lane: fragments run one after another on one connection.
+struct Share {
     target: NodeTarget,
-    cached: Option<NodeConnection>,
     fragments: Vec<String>,
+    /// Statements that must go first (BEGIN / SAVEPOINT of the transaction's connection).
+    prefix: String,
     settings: String,
     sender: Sender,
-) -> Option<NodeConnection> {
-    let mut conn = match cached {
-        Some(conn) => conn,
-        None => match NodeConnection::open(&target).await {
-            Ok(conn) => conn,
-            Err(err) => {
-                let _ = sender.send(Err(err)).await;
-                return None;
-            }
-        },
-    };
-    // Registered for the whole share, so an interrupt while rows stream cancels it on the node.
-    let _in_flight = runtime::InFlight::register(conn.cancel_token());
-    for mut fragment in fragments {
-        if conn.session_settings != settings {
-            fragment.insert_str(0, &settings);
-            conn.session_settings = settings.clone();
-        }
-        let started = std::time::Instant::now();
-        match run_fragment(&conn, &fragment, &sender).await {
-            Ok(Some(rows)) => {
-                let stats = FragmentStats {
-                    node_id: conn.node.node_id,
-                    rows,
-                    elapsed: started.elapsed(),
-                };
-                if sender.send(Ok(Message::Done(stats))).await.is_err() {
-                    return None;
-                }
-            }
-            Ok(None) => return None, // the scan is gone
-            Err(err) => {
-                let _ = sender.send(Err(err)).await;
-                return None;
-            }
-        }
-    }
-    Some(conn)
+    /// On the transaction's connection: keep it alive whatever happens, read to the end.
+    transactional: bool,
 }
 
-/// Streams one fragment's rows into `sender`; the row count, or None when the receiver is gone.
+impl Share {
+    async fn run(self, cached: Option<NodeConnection>) -> Option<NodeConnection> {
+        let mut conn = match cached {
+            Some(conn) => conn,
+            None => match NodeConnection::open(&self.target).await {
+                Ok(conn) => conn,
+                Err(err) => {
+                    let _ = self.sender.send(Err(err)).await;
+                    return None;
+                }
+            },
+        };
+        // Registered for the whole share, so an interrupt while rows stream cancels it.
+        let _in_flight = runtime::InFlight::register(conn.cancel_token());
+        let mut prefix = self.prefix;
+        let mut receiving = true;
+        for mut fragment in self.fragments {
+            if conn.session_settings != self.settings {
+                fragment.insert_str(0, &self.settings);
+                conn.session_settings = self.settings.clone();
+            }
+            fragment.insert_str(0, &std::mem::take(&mut prefix));
+            let started = std::time::Instant::now();
+            let sender = receiving.then_some(&self.sender);
+            match run_fragment(&conn, &fragment, sender, self.transactional).await {
+                Ok(Some(rows)) => {
+                    let stats = FragmentStats {
+                        node_id: conn.node.node_id,
+                        rows,
+                        elapsed: started.elapsed(),
+                    };
+                    if receiving && self.sender.send(Ok(Message::Done(stats))).await.is_err() {
+                        receiving = false;
+                    }
+                }
+                // The scan is gone.
+                Ok(None) => receiving = false,
+                Err(err) => {
+                    let _ = self.sender.send(Err(err)).await;
+                    return self.transactional.then_some(conn);
+                }
+            }
+            if !receiving && !self.transactional {
+                return None;
+            }
+        }
+        Some(conn)
+    }
+}
+
+/// Streams one fragment's rows into `sender` (or discards them without one); the row count,
+/// or None when the receiver went away (then, with `drain`, after reading to the end).
 async fn run_fragment(
     conn: &NodeConnection,
     fragment: &str,
-    sender: &Sender,
+    mut sender: Option<&Sender>,
+    drain: bool,
 ) -> Result<Option<u64>, RemoteError> {
     let stream = conn.stream_query(fragment).await?;
     let mut stream = std::pin::pin!(stream);
     let mut rows = 0u64;
+    let mut gone = false;
     while let Some(message) = stream.next().await {
         if let SimpleQueryMessage::Row(row) =
             message.map_err(|err| RemoteError::from_postgres(&conn.node, err))?
         {
             rows += 1;
+            let Some(to) = sender else { continue };
             let values = (0..row.len())
                 .map(|i| row.get(i).map(str::to_string))
                 .collect();
-            if sender.send(Ok(Message::Row(values))).await.is_err() {
-                return Ok(None);
+            if to.send(Ok(Message::Row(values))).await.is_err() {
+                if !drain {
+                    return Ok(None);
+                }
+                gone = true;
+                sender = None;
             }
         }
     }
-    Ok(Some(rows))
+    Ok((!gone).then_some(rows))
 }

@@ -336,7 +336,7 @@ unsafe fn param_datum(
 }
 
 /// `$id`'s value as text with its type name, or None for NULL.
-unsafe fn param_text(
+pub unsafe fn param_text(
     node: *mut pg_sys::CustomScanState,
     exec_params: &[(i32, pg_sys::Oid)],
     id: i32,
@@ -357,7 +357,7 @@ unsafe fn param_text(
 }
 
 /// `sql` with every `$n` outside quotes replaced by `'value'::type` (or NULL).
-fn substitute_params(sql: &str, value: impl Fn(i32) -> Option<(String, String)>) -> String {
+pub fn substitute_params(sql: &str, value: impl Fn(i32) -> Option<(String, String)>) -> String {
     let mut out = String::with_capacity(sql.len());
     let mut chars = sql.chars().peekable();
     let mut quote: Option<char> = None;
@@ -392,7 +392,7 @@ fn substitute_params(sql: &str, value: impl Fn(i32) -> Option<(String, String)>)
 }
 
 /// Settings that change how values are written and read, as the coordinator's session has them.
-unsafe fn session_settings() -> String {
+pub unsafe fn session_settings() -> String {
     let setting = |name: &CStr| {
         // SAFETY: GetConfigOption returns a pointer to the current value (NULL if unknown).
         let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
@@ -415,6 +415,29 @@ unsafe fn session_settings() -> String {
     )
 }
 
+/// `shard_ids` narrowed to the shard that the value of `$param` picks (param 0: unchanged).
+pub unsafe fn prune_by_param(
+    node: *mut pg_sys::CustomScanState,
+    relid: pg_sys::Oid,
+    shard_ids: Vec<i64>,
+    param: i32,
+    exec_params: &[(i32, pg_sys::Oid)],
+) -> Vec<i64> {
+    if param <= 0 {
+        return shard_ids;
+    }
+    let shards = cache::shards(relid);
+    // SAFETY: node is a running scan; see param_datum.
+    let target = unsafe { param_datum(node, exec_params, param) }
+        .and_then(|(type_oid, value)| hashing::hash_datum(type_oid, value))
+        .map(|hash| hashing::hash_shard_index(hash, shards.len() as i32))
+        .and_then(|index| shards.iter().find(|(_, i)| *i == index).map(|(id, _)| *id));
+    match target {
+        Some(id) => shard_ids.into_iter().filter(|s| *s == id).collect(),
+        None => Vec::new(),
+    }
+}
+
 /// One entry per node: its target and the fragments to run there.
 unsafe fn fragments(
     runtime: &ScanRuntime,
@@ -423,18 +446,13 @@ unsafe fn fragments(
     // SAFETY: catalog lookups for the scanned relation; params as in param_value.
     unsafe {
         let relid = runtime.relid;
-        let mut shard_ids = runtime.plan.shard_ids.clone();
-        if runtime.plan.prune_param > 0 {
-            let shards = cache::shards(relid);
-            let target = param_datum(node, &runtime.plan.exec_params, runtime.plan.prune_param)
-                .and_then(|(type_oid, value)| hashing::hash_datum(type_oid, value))
-                .map(|hash| hashing::hash_shard_index(hash, shards.len() as i32))
-                .and_then(|index| shards.iter().find(|(_, i)| *i == index).map(|(id, _)| *id));
-            shard_ids = match target {
-                Some(id) => shard_ids.into_iter().filter(|s| *s == id).collect(),
-                None => Vec::new(),
-            };
-        }
+        let shard_ids = prune_by_param(
+            node,
+            relid,
+            runtime.plan.shard_ids.clone(),
+            runtime.plan.prune_param,
+            &runtime.plan.exec_params,
+        );
         let schema = CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid)))
             .to_string_lossy()
             .into_owned();

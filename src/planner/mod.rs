@@ -1,11 +1,12 @@
 //! The planner hook. Queries that involve no distributed or reference table go to the standard
 //! planner untouched (after one cheap look at the per-backend table cache). Reads of
 //! distributed tables are planned by PostgreSQL with a Distributed Scan for each such table
-//! (`scan_path.rs`). What is not supported yet is refused here with 0A000 — writes to
-//! distributed tables, row locks on them, and reads in a transaction that already changed
-//! shards — rather than answered from the coordinator's empty shell table.
+//! (`scan_path.rs`); INSERT, UPDATE and DELETE get a Distributed Modify node (`modify_plan.rs`).
+//! What is not supported yet is refused here with 0A000 — writes inside WITH or subqueries, row
+//! locks — rather than answered from the coordinator's empty shell table.
 
 pub mod aggregate_path;
+pub mod modify_plan;
 pub mod range_pruning;
 pub mod scan_path;
 pub mod shippable;
@@ -19,12 +20,16 @@ use crate::metadata::cache;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlannerError {
-    #[error("writing to distributed table {0} through the coordinator is not supported yet")]
+    #[error("data-modifying statements on distributed table {0} inside WITH or a subquery are not supported yet")]
     Writes(String),
     #[error("row locks (FOR UPDATE / FOR SHARE) on distributed table {0} are not supported yet")]
     RowLocks(String),
-    #[error("reading distributed table {0} after changing shards in the same transaction is not supported yet")]
-    ReadAfterRemoteWork(String),
+    #[error("UPDATE or DELETE of distributed table {0} with FROM, USING or joins is not supported yet")]
+    ModifyJoin(String),
+    #[error("{1} in a write to distributed table {0} cannot run on the worker nodes")]
+    ModifyExpression(String, String),
+    #[error("modifying the distribution column \"{1}\" of distributed table {0} is not supported")]
+    DistributionColumnUpdate(String, String),
 }
 
 impl crate::error::PgError for PlannerError {
@@ -35,13 +40,20 @@ impl crate::error::PgError for PlannerError {
     fn hint(&self) -> Option<String> {
         Some(match self {
             PlannerError::Writes(_) => {
-                "Distributed INSERT, UPDATE, DELETE and COPY come with the distributed writes \
-                                        work; until then load data before distributing the table."
-                    .into()
+                "Run the INSERT, UPDATE or DELETE as a statement of its own.".into()
             }
             PlannerError::RowLocks(_) => "Drop the FOR UPDATE / FOR SHARE clause.".into(),
-            PlannerError::ReadAfterRemoteWork(_) => {
-                "Commit the DDL or distribution first, then read.".into()
+            PlannerError::ModifyJoin(_) => {
+                "Filter by the table's own columns, e.g. WHERE key IN (…) or = ANY($1).".into()
+            }
+            PlannerError::ModifyExpression(..) => {
+                "Writes may use columns, constants, parameters and immutable built-in \
+                 functions and operators; compute other values first and pass them as \
+                 constants or parameters."
+                    .into()
+            }
+            PlannerError::DistributionColumnUpdate(..) => {
+                "Delete the row and insert it again with the new value.".into()
             }
         })
     }
@@ -67,28 +79,49 @@ unsafe extern "C-unwind" fn plan(
     cursor_options: std::ffi::c_int,
     bound_params: pg_sys::ParamListInfo,
 ) -> *mut pg_sys::PlannedStmt {
-    let any_distributed = cache::with_tables(|tables| !tables.is_empty());
-    if any_distributed {
-        // SAFETY: parse is the query being planned, valid for this call.
-        if let Some(err) = unsafe { unsupported_use(parse) } {
-            crate::error::raise(err);
-        }
-    }
     // SAFETY: chaining with the arguments we were given.
-    unsafe {
+    let plan_rest = || unsafe {
         match PREVIOUS_HOOK {
             Some(previous) => previous(parse, query_string, cursor_options, bound_params),
             None => pg_sys::standard_planner(parse, query_string, cursor_options, bound_params),
         }
+    };
+    let any_distributed = cache::with_tables(|tables| !tables.is_empty());
+    if !any_distributed {
+        return plan_rest();
     }
+    // SAFETY: parse is the query being planned, valid for this call.
+    unsafe {
+        if let Some(err) = unsupported_use(parse) {
+            crate::error::raise(err);
+        }
+        if (*parse).commandType != pg_sys::CmdType::CMD_SELECT {
+            if let Some(oid) = distributed_rte(parse, (*parse).resultRelation) {
+                if let Some(table) = cache::lookup(oid) {
+                    return modify_plan::plan(parse, &table, plan_rest)
+                        .unwrap_or_else(|err| crate::error::raise(err));
+                }
+            }
+        }
+    }
+    plan_rest()
+}
+
+struct Check {
+    /// The statement being planned: its own write is planned, not refused.
+    top: *mut pg_sys::Query,
+    found: Option<PlannerError>,
 }
 
 /// What in `query` (subqueries, CTEs, sublinks included) pgdist cannot run yet, if anything.
 unsafe fn unsupported_use(query: *mut pg_sys::Query) -> Option<PlannerError> {
-    let mut found: Option<PlannerError> = None;
-    // SAFETY: the walker visits the nodes of a valid Query; the context is `found`.
-    unsafe { check_node(query.cast(), (&raw mut found).cast()) };
-    found
+    let mut check = Check {
+        top: query,
+        found: None,
+    };
+    // SAFETY: the walker visits the nodes of a valid Query; the context is `check`.
+    unsafe { check_node(query.cast(), (&raw mut check).cast()) };
+    check.found
 }
 
 /// The distributed table at range-table index `rti` (1-based) of `query`, if it is one.
@@ -107,28 +140,15 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
     if node.is_null() {
         return false;
     }
-    // SAFETY: node is a valid parse node (walker contract); context is the Option we passed.
+    // SAFETY: node is a valid parse node (walker contract); context is the Check we passed.
     unsafe {
-        let found = &mut *context.cast::<Option<PlannerError>>();
+        let check = &mut *context.cast::<Check>();
         match (*node).type_ {
-            pg_sys::NodeTag::T_RangeTblEntry => {
-                let rte = node.cast::<pg_sys::RangeTblEntry>();
-                if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION
-                    && cache::lookup((*rte).relid).is_some()
-                    && crate::transaction::remote_xact::has_participants()
-                {
-                    *found = Some(PlannerError::ReadAfterRemoteWork(relation_name(
-                        (*rte).relid,
-                    )));
-                    return true;
-                }
-                false
-            }
             pg_sys::NodeTag::T_Query => {
                 let query = node.cast::<pg_sys::Query>();
-                if (*query).commandType != pg_sys::CmdType::CMD_SELECT {
+                if (*query).commandType != pg_sys::CmdType::CMD_SELECT && query != check.top {
                     if let Some(oid) = distributed_rte(query, (*query).resultRelation) {
-                        *found = Some(PlannerError::Writes(relation_name(oid)));
+                        check.found = Some(PlannerError::Writes(relation_name(oid)));
                         return true;
                     }
                 }
@@ -136,16 +156,11 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
                     pgrx::PgList::<pg_sys::RowMarkClause>::from_pg((*query).rowMarks).iter_ptr()
                 {
                     if let Some(oid) = distributed_rte(query, (*mark).rti as i32) {
-                        *found = Some(PlannerError::RowLocks(relation_name(oid)));
+                        check.found = Some(PlannerError::RowLocks(relation_name(oid)));
                         return true;
                     }
                 }
-                pg_sys::query_tree_walker(
-                    query,
-                    Some(check_node),
-                    context,
-                    pg_sys::QTW_EXAMINE_RTES_BEFORE as i32,
-                )
+                pg_sys::query_tree_walker(query, Some(check_node), context, 0)
             }
             _ => pg_sys::expression_tree_walker(node, Some(check_node), context),
         }

@@ -64,75 +64,110 @@ fn may_hold(bounds: &Bounds, strategy: i32, c: pg_sys::Datum, cmp: &Comparator) 
     }
 }
 
+/// The shards of a range table with their bounds, and how to compare values of its column.
+pub struct RangeMap {
+    attno: i16,
+    type_oid: pg_sys::Oid,
+    family: pg_sys::Oid,
+    cmp: Comparator,
+    shards: Vec<Bounds>,
+}
+
+impl RangeMap {
+    /// The map of range table `table`, or None when its column type has no btree ordering.
+    pub unsafe fn new(table: &DistTable, placements: &[Placement]) -> Option<RangeMap> {
+        let column = table.distribution_column.as_deref()?;
+        // SAFETY: catalog lookups for the distribution column and its type's btree support;
+        // bound texts go through the type's input function.
+        unsafe {
+            let name = CString::new(column).ok()?;
+            let attno = pg_sys::get_attnum(table.oid, name.as_ptr());
+            let type_oid = pg_sys::get_atttype(table.oid, attno);
+            let opclass = pg_sys::GetDefaultOpClass(type_oid, pg_sys::BTREE_AM_OID);
+            if opclass == pg_sys::InvalidOid {
+                return None;
+            }
+            let family = pg_sys::get_opclass_family(opclass);
+            let cmp_proc = pg_sys::get_opfamily_proc(family, type_oid, type_oid, 1);
+            if cmp_proc == pg_sys::InvalidOid {
+                return None;
+            }
+            let collatable = pg_sys::get_typcollation(type_oid) != pg_sys::InvalidOid;
+            let cmp = Comparator {
+                cmp_proc,
+                collation: if collatable {
+                    pg_sys::DEFAULT_COLLATION_OID
+                } else {
+                    pg_sys::InvalidOid
+                },
+            };
+            let mut input = pg_sys::InvalidOid;
+            let mut io_param = pg_sys::InvalidOid;
+            pg_sys::getTypeInputInfo(type_oid, &mut input, &mut io_param);
+            let parse = |text: &Option<String>| -> Option<pg_sys::Datum> {
+                let text = CString::new(text.as_deref()?).ok()?;
+                Some(pg_sys::OidInputFunctionCall(
+                    input,
+                    text.as_ptr().cast_mut(),
+                    io_param,
+                    -1,
+                ))
+            };
+            let mut shards: Vec<Bounds> = Vec::new();
+            for placement in placements {
+                if shards.iter().all(|b| b.shard_id != placement.shard_id) {
+                    shards.push(Bounds {
+                        shard_id: placement.shard_id,
+                        min: parse(&placement.min_value),
+                        max: parse(&placement.max_value),
+                    });
+                }
+            }
+            Some(RangeMap {
+                attno,
+                type_oid,
+                family,
+                cmp,
+                shards,
+            })
+        }
+    }
+
+    /// The shard whose range holds `value` (a non-NULL value of the column's type).
+    pub fn shard_for(&self, value: pg_sys::Datum) -> Option<i64> {
+        self.shards
+            .iter()
+            .find(|b| may_hold(b, EQUAL, value, &self.cmp))
+            .map(|b| b.shard_id)
+    }
+}
+
 /// The shards of range table `table` that `clauses` leave, or None when they prune nothing.
 pub unsafe fn prune(
     table: &DistTable,
     clauses: &[*mut pg_sys::Node],
     placements: &[Placement],
 ) -> Option<Vec<i64>> {
-    let column = table.distribution_column.as_deref()?;
-    // SAFETY: catalog lookups for the distribution column and its type's btree support; the
-    // clauses are valid expressions; bound texts go through the type's input function.
+    // SAFETY: see RangeMap::new; the clauses are valid expressions.
     unsafe {
-        let name = CString::new(column).ok()?;
-        let attno = pg_sys::get_attnum(table.oid, name.as_ptr());
-        let type_oid = pg_sys::get_atttype(table.oid, attno);
-        let opclass = pg_sys::GetDefaultOpClass(type_oid, pg_sys::BTREE_AM_OID);
-        if opclass == pg_sys::InvalidOid {
-            return None;
-        }
-        let family = pg_sys::get_opclass_family(opclass);
-        let cmp_proc = pg_sys::get_opfamily_proc(family, type_oid, type_oid, 1);
-        if cmp_proc == pg_sys::InvalidOid {
-            return None;
-        }
-        let collatable = pg_sys::get_typcollation(type_oid) != pg_sys::InvalidOid;
-        let cmp = Comparator {
-            cmp_proc,
-            collation: if collatable {
-                pg_sys::DEFAULT_COLLATION_OID
-            } else {
-                pg_sys::InvalidOid
-            },
-        };
-        let mut input = pg_sys::InvalidOid;
-        let mut io_param = pg_sys::InvalidOid;
-        pg_sys::getTypeInputInfo(type_oid, &mut input, &mut io_param);
-        let parse = |text: &Option<String>| -> Option<pg_sys::Datum> {
-            let text = CString::new(text.as_deref()?).ok()?;
-            Some(pg_sys::OidInputFunctionCall(
-                input,
-                text.as_ptr().cast_mut(),
-                io_param,
-                -1,
-            ))
-        };
-        let mut shards: Vec<Bounds> = Vec::new();
-        for placement in placements {
-            if shards.iter().all(|b| b.shard_id != placement.shard_id) {
-                shards.push(Bounds {
-                    shard_id: placement.shard_id,
-                    min: parse(&placement.min_value),
-                    max: parse(&placement.max_value),
-                });
-            }
-        }
-        let mut kept: Vec<bool> = vec![true; shards.len()];
+        let map = RangeMap::new(table, placements)?;
+        let mut kept: Vec<bool> = vec![true; map.shards.len()];
         let mut pruned_any = false;
         for clause in clauses {
-            let Some(conditions) = comparisons(*clause, attno, type_oid, family) else {
+            let Some(conditions) = comparisons(*clause, map.attno, map.type_oid, map.family)
+            else {
                 continue;
             };
             pruned_any = true;
-            for (keep, bounds) in kept.iter_mut().zip(&shards) {
+            for (keep, bounds) in kept.iter_mut().zip(&map.shards) {
                 // ANY(array): some element must fit; a plain comparison is a one-element list.
                 *keep &= conditions
                     .iter()
-                    .any(|(strategy, c)| may_hold(bounds, *strategy, *c, &cmp));
+                    .any(|(strategy, c)| may_hold(bounds, *strategy, *c, &map.cmp));
             }
         }
         pruned_any.then(|| {
-            shards
+            map.shards
                 .iter()
                 .zip(kept)
                 .filter(|(_, keep)| *keep)

@@ -334,7 +334,7 @@ unsafe fn needed_columns(rel: *mut pg_sys::RelOptInfo) -> Vec<i16> {
 
 /// Shards that can hold rows satisfying `clauses` (equality or IN on the distribution column),
 /// and the `$n` that decides it at execution.
-unsafe fn prune(
+pub unsafe fn prune(
     table: &DistTable,
     clauses: &[*mut pg_sys::Node],
     shards: &[(i64, i32)],

@@ -1,7 +1,8 @@
 //! One remote transaction per node for the current coordinator transaction.
 //!
-//! Work takes the participant connections it needs with [`checkout`] (opening them and sending
-//! `BEGIN` on first use), runs its commands, and hands them back with [`Checkout::finish`].
+//! Work borrows the participant connections it needs with [`checkout`], sends `BEGIN` and the
+//! savepoints its subtransaction level needs in the same round trip as its first command, and
+//! hands them back with [`Checkout::finish`]. Rolled-back savepoints roll back on the nodes too.
 //! At pre-commit the participants are prepared (two-phase commit) or committed (one participant,
 //! no local writes); after the local commit prepared ones get `COMMIT PREPARED`; at abort
 //! everything is rolled back. A decision record in `pgdist.transaction_decision`, written in the
@@ -19,20 +20,22 @@ use crate::remote::runtime;
 use crate::remote::{NodeTarget, RemoteError};
 
 struct Participant {
-    conn: NodeConnection,
+    /// None while the connection is lent out to running work ([`Checkout`]).
+    conn: Option<NodeConnection>,
     /// Set once `PREPARE TRANSACTION` succeeded on the node.
     prepared_gid: Option<String>,
+    /// How far the remote transaction has been opened: 0 nothing sent yet, 1 `BEGIN` sent,
+    /// n > 1 also `SAVEPOINT pgdist_2` … `pgdist_n`, one per open local subtransaction level.
+    sent_level: i32,
 }
 
 #[derive(Default)]
 struct XactState {
     /// Keyed by node id (a transaction never talks to one node as two users).
     participants: HashMap<i32, Participant>,
-    /// Remote work was lost mid-transaction (a rolled-back savepoint, an interrupted command):
-    /// the transaction may not commit.
+    /// Remote work was lost mid-transaction (an interrupted command, a savepoint that could not
+    /// be rolled back on a node): the transaction may not commit.
     poisoned: bool,
-    /// The deepest subtransaction level that did remote work not yet merged into its parent.
-    work_level: i32,
 }
 
 fn with_state<R>(f: impl FnOnce(&mut XactState) -> R) -> R {
@@ -58,6 +61,8 @@ pub enum XactError {
         "PREPARE TRANSACTION is not supported in transactions that changed data on worker nodes"
     )]
     PrepareNotSupported,
+    #[error("the connection to {0} is busy with another part of this statement")]
+    Busy(crate::remote::NodeAddress),
     #[error(transparent)]
     Remote(#[from] RemoteError),
 }
@@ -66,7 +71,9 @@ impl PgError for XactError {
     fn sqlstate(&self) -> PgSqlErrorCode {
         match self {
             XactError::Poisoned => PgSqlErrorCode::ERRCODE_TRANSACTION_ROLLBACK,
-            XactError::PrepareNotSupported => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            XactError::PrepareNotSupported | XactError::Busy(_) => {
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
+            }
             XactError::Remote(err) => err.sqlstate(),
         }
     }
@@ -79,39 +86,78 @@ impl PgError for XactError {
     fn hint(&self) -> Option<String> {
         match self {
             XactError::Poisoned => Some(
-                "A savepoint or exception block that did remote work was rolled back, or a remote \
-                 command was interrupted; roll back the whole transaction and retry."
+                "A remote command was interrupted or a node could not roll back to a savepoint; \
+                 roll back the whole transaction and retry."
                     .into(),
             ),
             XactError::PrepareNotSupported => {
                 Some("Commit the transaction instead of preparing it.".into())
             }
+            XactError::Busy(_) => Some(
+                "A statement that reads and writes shards on the same node inside a transaction \
+                 that already changed data there is not supported yet; run it in its own \
+                 transaction."
+                    .into(),
+            ),
             XactError::Remote(err) => err.hint(),
         }
     }
 }
 
-/// Participant connections taken for a piece of work. Dropping it without [`Checkout::finish`]
-/// (an error, an interrupt) closes the connections, which rolls their remote transactions back,
-/// and marks the coordinator transaction as unable to commit.
+/// Participant connections lent to a piece of work, one per node in the order asked for.
+///
+/// Each connection comes with a *prefix* — `BEGIN` and the `SAVEPOINT`s the remote transaction
+/// still lacks — that the work sends in the same round trip as its first command
+/// ([`Checkout::take_prefix`]). [`Checkout::finish`] hands the connections back, also after a
+/// command failed on the node (the remote transaction then aborts with the local one, or rolls
+/// back to the savepoint). Dropping a checkout without finishing it (an interrupt) loses the
+/// connections, and with them the remote work: the transaction can then only roll back.
 pub struct Checkout {
     pub conns: Vec<NodeConnection>,
-    prepared: Vec<Option<String>>,
+    /// Per node id: the prefix not yet taken, and the participant's sent_level before this
+    /// checkout (restored when the prefix goes unused).
+    openings: HashMap<i32, (String, i32)>,
+    /// Node ids in the order asked for.
+    order: Vec<i32>,
     finished: bool,
 }
 
 impl Checkout {
+    /// The statements that must precede the next command on connection `i` (then empty).
+    pub fn take_prefix(&mut self, i: usize) -> String {
+        self.order
+            .get(i)
+            .and_then(|id| self.openings.get_mut(id))
+            .map(|(prefix, _)| std::mem::take(prefix))
+            .unwrap_or_default()
+    }
+
+    /// `sql` preceded by connection `i`'s prefix.
+    pub fn with_prefix(&mut self, i: usize, sql: &str) -> String {
+        let mut prefix = self.take_prefix(i);
+        prefix.push_str(sql);
+        prefix
+    }
+
+    /// Hands the connections in `conns` back to the transaction.
     pub fn finish(mut self) {
         self.finished = true;
         let conns = std::mem::take(&mut self.conns);
-        let prepared = std::mem::take(&mut self.prepared);
-        let level = nest_level();
+        let openings = std::mem::take(&mut self.openings);
         with_state(|state| {
-            state.work_level = state.work_level.max(level);
-            for (conn, prepared_gid) in conns.into_iter().zip(prepared) {
-                state
-                    .participants
-                    .insert(conn.node.node_id, Participant { conn, prepared_gid });
+            for conn in conns {
+                if conn.is_closed() {
+                    state.poisoned = true;
+                }
+                let node_id = conn.node.node_id;
+                if let Some(participant) = state.participants.get_mut(&node_id) {
+                    if let Some((prefix, previous)) = openings.get(&node_id) {
+                        if !prefix.is_empty() {
+                            participant.sent_level = *previous;
+                        }
+                    }
+                    participant.conn = Some(conn);
+                }
             }
         });
     }
@@ -126,35 +172,69 @@ impl Drop for Checkout {
     }
 }
 
-/// The participant connections for `targets` (one per node, in the same order), each with an
-/// open remote transaction.
+/// `BEGIN` (if not sent yet) and the savepoints for subtransaction levels above `from` up to
+/// `to`, as one SQL prefix.
+fn opening_statements(from: i32, to: i32) -> String {
+    let mut sql = String::new();
+    if from < 1 {
+        sql.push_str("BEGIN;");
+    }
+    for level in from.max(1) + 1..=to {
+        sql.push_str(&format!("SAVEPOINT pgdist_{level};"));
+    }
+    sql
+}
+
+/// Lends the participant connections for `targets` (one per node, in the same order), opening
+/// connections for nodes new to the transaction. Nothing is sent yet: see [`Checkout`].
 pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
-    let mut existing: Vec<Option<Participant>> = with_state(|state| {
+    let level = nest_level();
+    // Take the existing participants' connections; register new nodes (without a connection
+    // yet, so that a failure below leaves the transaction unable to commit).
+    let existing: Vec<Result<Option<(NodeConnection, i32)>, XactError>> = with_state(|state| {
         targets
             .iter()
-            .map(|t| state.participants.remove(&t.node.node_id))
+            .map(|target| match state.participants.get_mut(&target.node.node_id) {
+                Some(participant) => match participant.conn.take() {
+                    Some(conn) => Ok(Some((conn, participant.sent_level))),
+                    None => Err(XactError::Busy(target.node.clone())),
+                },
+                None => {
+                    state.participants.insert(
+                        target.node.node_id,
+                        Participant {
+                            conn: None,
+                            prepared_gid: None,
+                            sent_level: 0,
+                        },
+                    );
+                    Ok(None)
+                }
+            })
             .collect()
     });
-    let prepared = existing
-        .iter()
-        .map(|p| p.as_ref().and_then(|p| p.prepared_gid.clone()))
-        .collect();
-    let work = targets
-        .iter()
-        .zip(existing.iter_mut().map(Option::take))
-        .map(|(target, existing)| async move {
+    let mut previous_levels = Vec::with_capacity(targets.len());
+    let mut work = Vec::with_capacity(targets.len());
+    let mut busy = None;
+    for (target, existing) in targets.iter().zip(existing) {
+        let existing = match existing {
+            Ok(existing) => existing,
+            Err(err) => {
+                busy.get_or_insert(err);
+                None
+            }
+        };
+        previous_levels.push(existing.as_ref().map_or(0, |(_, level)| *level));
+        work.push(async move {
             match existing {
-                Some(participant) => Ok(participant.conn),
-                None => {
-                    let conn = match connection::take_cached(target) {
-                        Some(conn) => conn,
-                        None => NodeConnection::open(target).await?,
-                    };
-                    conn.simple_query("BEGIN").await?;
-                    Ok(conn)
-                }
+                Some((conn, _)) => Ok(conn),
+                None => match connection::take_cached(target) {
+                    Some(conn) => Ok(conn),
+                    None => NodeConnection::open(target).await,
+                },
             }
         });
+    }
     let opened = match runtime::block_on(futures_util::future::join_all(work)) {
         Ok(opened) => opened,
         Err(_) => {
@@ -172,13 +252,57 @@ pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
             }
         }
     }
+    let order: Vec<i32> = targets.iter().map(|t| t.node.node_id).collect();
+    let openings = order
+        .iter()
+        .zip(&previous_levels)
+        .map(|(id, from)| (*id, (opening_statements(*from, level), *from)))
+        .collect();
+    with_state(|state| {
+        for conn in &conns {
+            if let Some(participant) = state.participants.get_mut(&conn.node.node_id) {
+                participant.sent_level = participant.sent_level.max(level);
+            }
+        }
+    });
     let checkout = Checkout {
         conns,
-        prepared,
+        openings,
+        order,
         finished: false,
     };
+    if let Some(err) = busy {
+        checkout.finish();
+        raise(err);
+    }
     match first_error {
         Some(err) => Err(err), // dropping `checkout` poisons the transaction
+        None => Ok(checkout),
+    }
+}
+
+/// Like [`checkout`], with every remote transaction opened before it returns.
+pub fn checkout_begun(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
+    let mut checkout = checkout(targets)?;
+    let prefixes: Vec<String> = (0..checkout.conns.len())
+        .map(|i| checkout.take_prefix(i))
+        .collect();
+    let opens = checkout
+        .conns
+        .iter()
+        .zip(&prefixes)
+        .filter(|(_, prefix)| !prefix.is_empty())
+        .map(|(conn, prefix)| conn.simple_query(prefix));
+    let results = match runtime::block_on(futures_util::future::join_all(opens)) {
+        Ok(results) => results,
+        Err(_) => runtime::raise_interrupt(),
+    };
+    let failure = results.into_iter().find_map(Result::err);
+    match failure {
+        Some(err) => {
+            checkout.finish();
+            Err(err)
+        }
         None => Ok(checkout),
     }
 }
@@ -192,25 +316,40 @@ pub fn run_batches(work: &[(NodeTarget, String)]) {
             pgrx::log!("pgdist: issuing on {}: {}", target.node, sql);
         }
     }
-    let checkout = checkout(&targets).unwrap_or_else(|err| raise(err));
+    let mut checkout = checkout(&targets).unwrap_or_else(|err| raise(err));
+    let batches: Vec<String> = work
+        .iter()
+        .enumerate()
+        .map(|(i, (_, sql))| checkout.with_prefix(i, sql))
+        .collect();
     let runs = checkout
         .conns
         .iter()
-        .zip(work)
-        .map(|(conn, (_, sql))| conn.simple_query(sql));
+        .zip(&batches)
+        .map(|(conn, sql)| conn.simple_query(sql));
     let results = match runtime::block_on(futures_util::future::join_all(runs)) {
         Ok(results) => results,
         Err(_) => runtime::raise_interrupt(),
     };
+    checkout.finish();
     if let Some(err) = results.into_iter().find_map(Result::err) {
         raise(err);
     }
-    checkout.finish();
+}
+
+/// True when node `node_id` has a remote transaction open for this transaction.
+pub fn is_participant(node_id: i32) -> bool {
+    with_state(|state| {
+        state
+            .participants
+            .get(&node_id)
+            .is_some_and(|p| p.sent_level > 0)
+    })
 }
 
 /// True when this transaction has remote participants.
 pub fn has_participants() -> bool {
-    with_state(|state| !state.participants.is_empty())
+    with_state(|state| state.participants.values().any(|p| p.sent_level > 0))
 }
 
 /// What every pgdist GID of this coordinator starts with: `pgdist_<system identifier>_`.
@@ -229,12 +368,30 @@ fn gid_for(node_id: i32) -> String {
 
 /// XACT_EVENT_PRE_COMMIT: prepare or commit the participants; errors abort the transaction.
 pub fn pre_commit() {
-    let poisoned = with_state(|state| state.poisoned);
-    if poisoned {
+    let lost = with_state(|state| {
+        state.poisoned || state.participants.values().any(|p| p.conn.is_none())
+    });
+    if lost {
         raise(XactError::Poisoned);
     }
-    let mut participants: Vec<Participant> =
-        with_state(|state| state.participants.drain().map(|(_, p)| p).collect());
+    // Nodes that were lent but never sent anything have no remote transaction.
+    let mut participants: Vec<Participant> = Vec::new();
+    for participant in with_state(|state| {
+        state
+            .participants
+            .drain()
+            .map(|(_, p)| p)
+            .collect::<Vec<_>>()
+    }) {
+        match (participant.sent_level, participant.conn) {
+            (0, Some(conn)) => connection::give_back(conn),
+            (sent_level, conn) => participants.push(Participant {
+                conn,
+                sent_level,
+                prepared_gid: None,
+            }),
+        }
+    }
     if participants.is_empty() {
         return;
     }
@@ -243,9 +400,11 @@ pub fn pre_commit() {
         unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
     if participants.len() == 1 && !local_writes {
         let participant = participants.remove(0);
-        let result = runtime::block_on(participant.conn.simple_query("COMMIT"));
-        match result {
-            Ok(Ok(_)) => connection::give_back(participant.conn),
+        let Some(conn) = participant.conn else {
+            raise(XactError::Poisoned)
+        };
+        match runtime::block_on(conn.simple_query("COMMIT")) {
+            Ok(Ok(_)) => connection::give_back(conn),
             Ok(Err(err)) => raise(err),
             Err(_) => runtime::raise_interrupt(),
         }
@@ -253,32 +412,33 @@ pub fn pre_commit() {
     }
     let gids: Vec<String> = participants
         .iter()
-        .map(|p| gid_for(p.conn.node.node_id))
+        .filter_map(|p| p.conn.as_ref())
+        .map(|conn| gid_for(conn.node.node_id))
         .collect();
-    let prepares = participants.iter().zip(&gids).map(|(p, gid)| {
-        p.conn.simple_query_owned(format!(
-            "PREPARE TRANSACTION {}",
-            crate::remote::quote::quote_literal(gid)
-        ))
-    });
+    let prepares = participants
+        .iter()
+        .filter_map(|p| p.conn.as_ref())
+        .zip(&gids)
+        .map(|(conn, gid)| {
+            conn.simple_query_owned(format!(
+                "PREPARE TRANSACTION {}",
+                crate::remote::quote::quote_literal(gid)
+            ))
+        });
     let results = runtime::block_on(futures_util::future::join_all(prepares));
-    let mut first_error = None;
     if let Ok(results) = &results {
         for ((participant, gid), result) in participants.iter_mut().zip(&gids).zip(results) {
-            match result {
-                Ok(_) => participant.prepared_gid = Some(gid.clone()),
-                Err(err) => {
-                    first_error.get_or_insert_with(|| err.to_string());
-                }
+            if result.is_ok() {
+                participant.prepared_gid = Some(gid.clone());
             }
         }
     }
     // Keep them registered so that the abort callback rolls back what was prepared.
     with_state(|state| {
         for participant in participants {
-            state
-                .participants
-                .insert(participant.conn.node.node_id, participant);
+            if let Some(node_id) = participant.conn.as_ref().map(|c| c.node.node_id) {
+                state.participants.insert(node_id, participant);
+            }
         }
     });
     match results {
@@ -314,10 +474,10 @@ fn record_commit_decision(gids: &[String]) {
 /// XACT_EVENT_COMMIT: the local commit is durable; finish the prepared participants. Failures
 /// are left to recovery (the decision record says "commit").
 pub fn after_commit() {
-    let participants: Vec<Participant> = take_all();
-    let commits = participants.iter().filter_map(|p| {
-        let gid = p.prepared_gid.as_ref()?;
-        Some(p.conn.simple_query_owned(format!(
+    let participants: Vec<(NodeConnection, Option<String>)> = take_all();
+    let commits = participants.iter().filter_map(|(conn, gid)| {
+        let gid = gid.as_ref()?;
+        Some(conn.simple_query_owned(format!(
             "COMMIT PREPARED {}",
             crate::remote::quote::quote_literal(gid)
         )))
@@ -334,66 +494,107 @@ pub fn after_commit() {
     for err in &failed {
         pgrx::warning!("pgdist: COMMIT PREPARED failed, recovery will finish it: {err}");
     }
-    release(participants);
+    for (conn, _) in participants {
+        connection::give_back(conn);
+    }
 }
 
 /// XACT_EVENT_ABORT: roll back every participant (prepared or not). Never raises.
 pub fn after_abort() {
-    let participants: Vec<Participant> = take_all();
+    let participants = take_all();
     if participants.is_empty() {
         return;
     }
-    let rollbacks = participants.iter().map(|p| {
-        let sql = match &p.prepared_gid {
+    let rollbacks = participants.iter().map(|(conn, gid)| {
+        let sql = match gid {
             Some(gid) => format!(
                 "ROLLBACK PREPARED {}",
                 crate::remote::quote::quote_literal(gid)
             ),
             None => "ROLLBACK".to_string(),
         };
-        p.conn.simple_query_owned(sql)
+        conn.simple_query_owned(sql)
     });
     let outcome = runtime::block_on(futures_util::future::join_all(rollbacks));
     if let Ok(results) = outcome {
-        for (participant, result) in participants.into_iter().zip(results) {
+        for ((mut conn, _), result) in participants.into_iter().zip(results) {
             if result.is_ok() {
-                connection::give_back(participant.conn);
+                // Settings sent inside the transaction were rolled back with it.
+                conn.session_settings.clear();
+                connection::give_back(conn);
             }
         }
     }
 }
 
-fn take_all() -> Vec<Participant> {
+/// Every participant connection that has a remote transaction, with its GID if prepared;
+/// the state is reset for the next transaction.
+fn take_all() -> Vec<(NodeConnection, Option<String>)> {
     with_state(|state| {
         state.poisoned = false;
-        state.work_level = 0;
-        state.participants.drain().map(|(_, p)| p).collect()
+        state
+            .participants
+            .drain()
+            .filter_map(|(_, p)| match p.conn {
+                Some(conn) if p.sent_level == 0 => {
+                    connection::give_back(conn);
+                    None
+                }
+                Some(conn) => Some((conn, p.prepared_gid)),
+                None => None,
+            })
+            .collect()
     })
 }
 
-fn release(participants: Vec<Participant>) {
-    for participant in participants {
-        connection::give_back(participant.conn);
-    }
-}
-
-/// A savepoint or exception block was rolled back: remote work inside it cannot be undone
-/// separately yet, so if it did any, the transaction may no longer commit.
+/// A savepoint or exception block was rolled back: every node whose remote transaction has
+/// the matching savepoint rolls back to it. A node that cannot leaves the transaction unable
+/// to commit.
 pub fn subtransaction_aborted() {
     let level = nest_level();
+    let mut to_roll_back: Vec<NodeConnection> = Vec::new();
     with_state(|state| {
-        if state.work_level >= level {
-            state.poisoned = true;
+        for participant in state.participants.values_mut() {
+            if participant.sent_level < level {
+                continue;
+            }
+            participant.sent_level = level - 1;
+            match participant.conn.take() {
+                Some(conn) => to_roll_back.push(conn),
+                None => state.poisoned = true,
+            }
+        }
+    });
+    if to_roll_back.is_empty() {
+        return;
+    }
+    let sql = format!("ROLLBACK TO SAVEPOINT pgdist_{level}");
+    let rollbacks = to_roll_back.iter().map(|conn| conn.simple_query(&sql));
+    let outcome = runtime::block_on(futures_util::future::join_all(rollbacks));
+    let succeeded: Vec<bool> = match outcome {
+        Ok(results) => results.iter().map(Result::is_ok).collect(),
+        Err(_) => vec![false; to_roll_back.len()],
+    };
+    with_state(|state| {
+        for (mut conn, ok) in to_roll_back.into_iter().zip(succeeded) {
+            if !ok {
+                state.poisoned = true;
+            }
+            conn.session_settings.clear();
+            if let Some(participant) = state.participants.get_mut(&conn.node.node_id) {
+                participant.conn = Some(conn);
+            }
         }
     });
 }
 
-/// A savepoint was released: its remote work now belongs to the parent level.
+/// A savepoint was released: its remote work now belongs to the parent level (the remote
+/// savepoint stays; a later one at the same level shadows it).
 pub fn subtransaction_committed() {
     let level = nest_level();
     with_state(|state| {
-        if state.work_level >= level {
-            state.work_level = level - 1;
+        for participant in state.participants.values_mut() {
+            participant.sent_level = participant.sent_level.min(level - 1);
         }
     });
 }

@@ -1,0 +1,328 @@
+//! The Distributed Modify node: runs an INSERT, UPDATE or DELETE planned by
+//! `planner/modify_plan.rs` on the shards.
+//!
+//! At the first fetch it does all the writing — INSERT pulls every row from its child plan and
+//! hands it to a [`ShardWriter`]; UPDATE and DELETE send one statement per (pruned) shard — and
+//! adds the rows changed on the shards to the statement's row count. With RETURNING, the shards
+//! return whole rows, which this node then yields one by one through PostgreSQL's projection
+//! of the RETURNING list (ExecScan).
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::distribution::shell::with_suffix;
+use crate::executor::fragments::TextRow;
+use crate::executor::scan::{param_text, prune_by_param, substitute_params};
+use crate::executor::shard_writer::{run_jobs, Job, RowInput, ShardWriter, WriteKind};
+use crate::metadata::cache;
+use crate::planner::modify_plan::{self, ModifyKind, ModifyPlan, MODIFY_NAME};
+use crate::remote::quote::{quote_identifier, quote_qualified};
+use crate::remote::NodeAddress;
+
+static mut SCAN_METHODS: pg_sys::CustomScanMethods = pg_sys::CustomScanMethods {
+    CustomName: MODIFY_NAME.as_ptr(),
+    CreateCustomScanState: Some(create_state),
+};
+
+static mut EXEC_METHODS: pg_sys::CustomExecMethods = pg_sys::CustomExecMethods {
+    CustomName: MODIFY_NAME.as_ptr(),
+    BeginCustomScan: Some(begin),
+    ExecCustomScan: Some(exec),
+    EndCustomScan: Some(end),
+    ReScanCustomScan: Some(rescan),
+    MarkPosCustomScan: None,
+    RestrPosCustomScan: None,
+    EstimateDSMCustomScan: None,
+    InitializeDSMCustomScan: None,
+    ReInitializeDSMCustomScan: None,
+    InitializeWorkerCustomScan: None,
+    ShutdownCustomScan: None,
+    ExplainCustomScan: Some(explain),
+};
+
+pub fn init() {
+    // SAFETY: registers static method tables once, from _PG_init.
+    unsafe { pg_sys::RegisterCustomScanMethods(&raw const SCAN_METHODS) };
+}
+
+pub fn scan_methods() -> *const pg_sys::CustomScanMethods {
+    &raw const SCAN_METHODS
+}
+
+#[repr(C)]
+struct ModifyState {
+    css: pg_sys::CustomScanState,
+    runtime: *mut ModifyRuntime,
+}
+
+struct ModifyRuntime {
+    plan: ModifyPlan,
+    done: bool,
+    returned: std::vec::IntoIter<TextRow>,
+    input: Option<RowInput>,
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut pg_sys::Node {
+    // SAFETY: allocates our node in the executor's memory context, tagged as a
+    // CustomScanState whose first member is the CustomScanState PostgreSQL expects; the
+    // runtime is freed with that memory, also when the statement fails.
+    unsafe {
+        let state =
+            pg_sys::palloc0(std::mem::size_of::<ModifyState>()).cast::<ModifyState>();
+        (*state).css.ss.ps.type_ = pg_sys::NodeTag::T_CustomScanState;
+        (*state).css.methods = &raw const EXEC_METHODS;
+        (*state).css.flags = (*cscan).flags;
+        let runtime = Box::into_raw(Box::new(ModifyRuntime {
+            plan: modify_plan::decode(cscan),
+            done: false,
+            returned: Vec::new().into_iter(),
+            input: None,
+        }));
+        (*state).runtime = runtime;
+        let callback = pg_sys::palloc0(std::mem::size_of::<pg_sys::MemoryContextCallback>())
+            .cast::<pg_sys::MemoryContextCallback>();
+        (*callback).func = Some(free_runtime);
+        (*callback).arg = runtime.cast();
+        pg_sys::MemoryContextRegisterResetCallback(pg_sys::CurrentMemoryContext, callback);
+        state.cast()
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn free_runtime(arg: *mut std::ffi::c_void) {
+    // SAFETY: arg is the Box leaked in create_state; this callback runs exactly once.
+    drop(unsafe { Box::from_raw(arg.cast::<ModifyRuntime>()) });
+}
+
+unsafe fn runtime_of<'a>(node: *mut pg_sys::CustomScanState) -> &'a mut ModifyRuntime {
+    // SAFETY: node was created by create_state; the runtime lives as long as the query memory.
+    unsafe { &mut *(*node.cast::<ModifyState>()).runtime }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn begin(
+    node: *mut pg_sys::CustomScanState,
+    estate: *mut pg_sys::EState,
+    eflags: i32,
+) {
+    // SAFETY: the INSERT's row source is initialised as our child; the scan slot has the
+    // result relation's row type.
+    unsafe {
+        let cscan = (*node).ss.ps.plan.cast::<pg_sys::CustomScan>();
+        if !(*cscan).custom_plans.is_null() {
+            let child = pg_sys::list_nth((*cscan).custom_plans, 0).cast::<pg_sys::Plan>();
+            let child_state = pg_sys::ExecInitNode(child, estate, eflags);
+            (*node).custom_ps = pg_sys::lappend(std::ptr::null_mut(), child_state.cast());
+        }
+        let tupdesc = (*(*node).ss.ss_ScanTupleSlot).tts_tupleDescriptor;
+        runtime_of(node).input = Some(RowInput::new(tupdesc));
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn exec(
+    node: *mut pg_sys::CustomScanState,
+) -> *mut pg_sys::TupleTableSlot {
+    // SAFETY: ExecScan drives next_row and projects the RETURNING list.
+    unsafe { pg_sys::ExecScan(&mut (*node).ss, Some(next_row), Some(recheck)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn recheck(
+    _node: *mut pg_sys::ScanState,
+    _slot: *mut pg_sys::TupleTableSlot,
+) -> bool {
+    true
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn next_row(
+    scan: *mut pg_sys::ScanState,
+) -> *mut pg_sys::TupleTableSlot {
+    // SAFETY: scan is our CustomScanState; the slot belongs to it.
+    unsafe {
+        let node = scan.cast::<pg_sys::CustomScanState>();
+        let runtime = runtime_of(node);
+        if !runtime.done {
+            runtime.done = true;
+            let (count, rows) = match runtime.plan.kind {
+                ModifyKind::Insert => insert(node, runtime),
+                ModifyKind::Update | ModifyKind::Delete => update_or_delete(node, runtime),
+            };
+            (*(*scan).ps.state).es_processed += count;
+            runtime.returned = rows.into_iter();
+        }
+        let slot = (*scan).ss_ScanTupleSlot;
+        match (runtime.returned.next(), runtime.input.as_mut()) {
+            (Some(row), Some(input)) => {
+                let econtext = (*scan).ps.ps_ExprContext;
+                let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+                let stored = input.store(&row, slot);
+                pg_sys::MemoryContextSwitchTo(old);
+                stored
+            }
+            _ => pg_sys::ExecClearTuple(slot),
+        }
+    }
+}
+
+/// Routes every row of the child plan to its shard.
+unsafe fn insert(
+    node: *mut pg_sys::CustomScanState,
+    runtime: &ModifyRuntime,
+) -> (u64, Vec<TextRow>) {
+    // SAFETY: the child produces rows in the result relation's attribute layout (INSERT's
+    // target list has one entry per attribute); the values are read in its per-tuple memory.
+    unsafe {
+        let plan = &runtime.plan;
+        let kind = if plan.on_conflict.is_empty() && !plan.returning {
+            WriteKind::Copy
+        } else {
+            WriteKind::Insert {
+                alias: plan.alias.clone(),
+                on_conflict: plan.on_conflict.clone(),
+                conflict_constraint: plan.conflict_constraint.clone(),
+                returning: plan.returning,
+            }
+        };
+        let mut writer = ShardWriter::new(plan.relid, kind);
+        let child = pg_sys::list_nth((*node).custom_ps, 0).cast::<pg_sys::PlanState>();
+        loop {
+            let Some(exec_proc) = (*child).ExecProcNode else {
+                break;
+            };
+            let slot = exec_proc(child);
+            if slot.is_null() || ((*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16) != 0 {
+                break;
+            }
+            let natts = (*(*slot).tts_tupleDescriptor).natts;
+            if i32::from((*slot).tts_nvalid) < natts {
+                pg_sys::slot_getsomeattrs_int(slot, natts);
+            }
+            let values = std::slice::from_raw_parts((*slot).tts_values, natts as usize);
+            let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts as usize);
+            writer.add(values, nulls);
+        }
+        writer.flush();
+        (writer.processed, std::mem::take(&mut writer.returned))
+    }
+}
+
+/// One statement per placement of every shard left after pruning.
+unsafe fn statements(
+    node: *mut pg_sys::CustomScanState,
+    plan: &ModifyPlan,
+) -> Vec<(NodeAddress, Vec<(Job, bool)>)> {
+    // SAFETY: catalog lookups for the result relation; parameters as in the scan.
+    unsafe {
+        let relid = plan.relid;
+        let shard_ids = prune_by_param(node, relid, plan.shard_ids.clone(), plan.prune_param, &[]);
+        let schema = CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid)))
+            .to_string_lossy()
+            .into_owned();
+        let name = CStr::from_ptr(pg_sys::get_rel_name(relid))
+            .to_string_lossy()
+            .into_owned();
+        let substitute = |sql: &str| substitute_params(sql, |id| param_text(node, &[], id));
+        let where_sql = substitute(&plan.where_sql);
+        let set_sql = substitute(&plan.set_sql);
+        let returning = plan.returning.then(|| {
+            let relation = pg_sys::RelationIdGetRelation(relid);
+            let tupdesc = (*relation).rd_att;
+            let names: Vec<String> = (0..(*tupdesc).natts as usize)
+                .map(|i| (*tupdesc).attrs.as_ptr().add(i))
+                .filter(|a| !(**a).attisdropped)
+                .map(|a| {
+                    quote_identifier(&CStr::from_ptr((*a).attname.data.as_ptr()).to_string_lossy())
+                })
+                .collect();
+            pg_sys::RelationClose(relation);
+            names.join(", ")
+        });
+        let placements = cache::placements(relid);
+        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(Job, bool)>)> = BTreeMap::new();
+        for shard_id in shard_ids {
+            let relation = quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
+            let shard_placements = placements.iter().filter(|p| p.shard_id == shard_id);
+            for (i, placement) in shard_placements.enumerate() {
+                let primary = i == 0;
+                let mut sql = match plan.kind {
+                    ModifyKind::Update => format!("UPDATE {relation} SET {set_sql}"),
+                    _ => format!("DELETE FROM {relation}"),
+                };
+                if !where_sql.is_empty() {
+                    sql.push_str(&format!(" WHERE {where_sql}"));
+                }
+                if let (Some(columns), true) = (&returning, primary) {
+                    sql.push_str(&format!(" RETURNING {columns}"));
+                }
+                per_node
+                    .entry(placement.node.node_id)
+                    .or_insert_with(|| (placement.node.clone(), Vec::new()))
+                    .1
+                    .push((Job::Statement(sql), primary));
+            }
+        }
+        per_node.into_values().collect()
+    }
+}
+
+unsafe fn update_or_delete(
+    node: *mut pg_sys::CustomScanState,
+    runtime: &ModifyRuntime,
+) -> (u64, Vec<TextRow>) {
+    // SAFETY: see statements().
+    let work = unsafe { statements(node, &runtime.plan) };
+    run_jobs(work)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn end(node: *mut pg_sys::CustomScanState) {
+    // SAFETY: ends the child plan we initialised in begin().
+    unsafe {
+        if !(*node).custom_ps.is_null() {
+            pg_sys::ExecEndNode(pg_sys::list_nth((*node).custom_ps, 0).cast());
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn rescan(_node: *mut pg_sys::CustomScanState) {}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn explain(
+    node: *mut pg_sys::CustomScanState,
+    _ancestors: *mut pg_sys::List,
+    es: *mut pg_sys::ExplainState,
+) {
+    // SAFETY: texts are copied into EXPLAIN's output by ExplainPropertyText.
+    unsafe {
+        let text = |label: &CStr, value: &str| {
+            let value = CString::new(value).unwrap_or_default();
+            pg_sys::ExplainPropertyText(label.as_ptr(), value.as_ptr(), es);
+        };
+        let runtime = runtime_of(node);
+        match runtime.plan.kind {
+            ModifyKind::Insert => {
+                text(c"Routing", "each row to the shard of its distribution value");
+                if !runtime.plan.on_conflict.is_empty() {
+                    text(c"On Conflict", &runtime.plan.on_conflict);
+                }
+            }
+            _ => {
+                let work = statements(node, &runtime.plan);
+                let count: usize = work.iter().map(|(_, jobs)| jobs.len()).sum();
+                text(c"Fragments", &format!("{count} on {} node(s)", work.len()));
+                if let Some((_, jobs)) = work.first() {
+                    if let Some((Job::Statement(sql), _)) = jobs.first() {
+                        text(c"Fragment", sql);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! Plans INSERT, UPDATE and DELETE on distributed and reference tables.
+//!
+//! PostgreSQL plans the statement as usual; its ModifyTable node (which would change the empty
+//! shell) is then replaced by a Distributed Modify CustomScan over the same result relation:
+//! - INSERT keeps ModifyTable's input plan as its child: the rows arrive with every DEFAULT,
+//!   sequence and expression already evaluated on the coordinator, exactly once, and are routed
+//!   to their shards (`executor/shard_writer.rs`); `ON CONFLICT` travels with each shard's
+//!   INSERT.
+//! - UPDATE and DELETE become one statement per shard, `UPDATE <shard> SET … WHERE …`, when
+//!   their SET expressions and WHERE clause can run on the workers (see `shippable.rs`); shards
+//!   are pruned like reads (constants at plan time, `$n` at execution).
+//! RETURNING rows come back from the shards as whole rows and are projected on the coordinator
+//! by the CustomScan's own target list, so any RETURNING expression works.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys;
+use pgrx::PgList;
+
+use crate::metadata::cache;
+use crate::metadata::tables::{DistTable, Method};
+use crate::planner::scan_path::{from_list, to_list};
+use crate::planner::shippable::{deparse, shippable};
+use crate::planner::PlannerError;
+use crate::remote::quote::quote_identifier;
+
+pub const MODIFY_NAME: &CStr = c"pgdist Distributed Modify";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModifyKind {
+    Insert,
+    Update,
+    Delete,
+}
+
+/// What the executor needs, kept in the plan (`custom_private`) as strings.
+#[derive(Debug, PartialEq)]
+pub struct ModifyPlan {
+    pub kind: ModifyKind,
+    pub relid: pg_sys::Oid,
+    /// INSERT: the name rows of the shard are called by in `on_conflict`.
+    pub alias: String,
+    /// INSERT: `ON CONFLICT …` (empty: none); `{constraint}` stands for the shard's constraint.
+    pub on_conflict: String,
+    /// INSERT: the constraint named by `ON CONFLICT ON CONSTRAINT`.
+    pub conflict_constraint: String,
+    /// UPDATE: `column = expression, …`.
+    pub set_sql: String,
+    /// UPDATE / DELETE: the WHERE clause (empty: none); may contain `$n`.
+    pub where_sql: String,
+    /// UPDATE / DELETE: shards left after plan-time pruning.
+    pub shard_ids: Vec<i64>,
+    /// UPDATE / DELETE: `$n` whose value picks the shard at execution (0: none).
+    pub prune_param: i32,
+    pub returning: bool,
+}
+
+impl ModifyPlan {
+    pub fn encode(&self) -> Vec<String> {
+        vec![
+            match self.kind {
+                ModifyKind::Insert => "insert",
+                ModifyKind::Update => "update",
+                ModifyKind::Delete => "delete",
+            }
+            .into(),
+            u32::from(self.relid).to_string(),
+            self.alias.clone(),
+            self.on_conflict.clone(),
+            self.conflict_constraint.clone(),
+            self.set_sql.clone(),
+            self.where_sql.clone(),
+            self.shard_ids
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            self.prune_param.to_string(),
+            self.returning.to_string(),
+        ]
+    }
+
+    pub fn decode(parts: &[String]) -> ModifyPlan {
+        let part = |i: usize| parts.get(i).cloned().unwrap_or_default();
+        ModifyPlan {
+            kind: match part(0).as_str() {
+                "insert" => ModifyKind::Insert,
+                "update" => ModifyKind::Update,
+                _ => ModifyKind::Delete,
+            },
+            relid: pg_sys::Oid::from(part(1).parse::<u32>().unwrap_or_default()),
+            alias: part(2),
+            on_conflict: part(3),
+            conflict_constraint: part(4),
+            set_sql: part(5),
+            where_sql: part(6),
+            shard_ids: part(7)
+                .split(',')
+                .filter_map(|s| s.parse().ok())
+                .collect(),
+            prune_param: part(8).parse().unwrap_or_default(),
+            returning: part(9) == "true",
+        }
+    }
+}
+
+/// Plans a write to distributed table `table` (the result relation of `parse`): checks what
+/// the workers can do, lets `plan_rest` (the standard planner) plan the statement, then puts a
+/// Distributed Modify node in the place of ModifyTable.
+pub unsafe fn plan(
+    parse: *mut pg_sys::Query,
+    table: &DistTable,
+    plan_rest: impl FnOnce() -> *mut pg_sys::PlannedStmt,
+) -> Result<*mut pg_sys::PlannedStmt, PlannerError> {
+    // SAFETY: parse is the analysed statement being planned; the planned statement is ours to
+    // rearrange before anyone else sees it.
+    unsafe {
+        let modify = analyse(parse, table)?;
+        let stmt = plan_rest();
+        let top = (*stmt).planTree;
+        if top.is_null() || (*top).type_ != pg_sys::NodeTag::T_ModifyTable {
+            return Err(PlannerError::Writes(table_name(table)));
+        }
+        let mt = top.cast::<pg_sys::ModifyTable>();
+        let scan =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomScan>()).cast::<pg_sys::CustomScan>();
+        (*scan).scan.plan.type_ = pg_sys::NodeTag::T_CustomScan;
+        (*scan).scan.plan.startup_cost = (*mt).plan.startup_cost;
+        (*scan).scan.plan.total_cost = (*mt).plan.total_cost;
+        (*scan).scan.plan.plan_rows = (*mt).plan.plan_rows;
+        (*scan).scan.plan.plan_width = (*mt).plan.plan_width;
+        (*scan).scan.plan.initPlan = (*mt).plan.initPlan;
+        (*scan).scan.plan.extParam = (*mt).plan.extParam;
+        (*scan).scan.plan.allParam = (*mt).plan.allParam;
+        (*scan).scan.scanrelid = pg_sys::list_nth_int((*mt).resultRelations, 0) as u32;
+        if modify.returning {
+            (*scan).scan.plan.targetlist =
+                pg_sys::list_nth((*mt).returningLists, 0).cast::<pg_sys::List>();
+        }
+        if modify.kind == ModifyKind::Insert {
+            (*scan).custom_plans = pg_sys::lappend(std::ptr::null_mut(), (*mt).plan.lefttree.cast());
+        }
+        (*scan).custom_private = to_list(modify.encode());
+        (*scan).methods = crate::executor::modify::scan_methods();
+        (*stmt).planTree = scan.cast();
+        Ok(stmt)
+    }
+}
+
+fn table_name(table: &DistTable) -> String {
+    crate::distribution::create::relation_name(table.oid)
+}
+
+/// The name of column `attno` of `relid`, quoted.
+unsafe fn column_name(relid: pg_sys::Oid, attno: i16) -> String {
+    // SAFETY: attno is a column of relid.
+    unsafe {
+        quote_identifier(&CStr::from_ptr(pg_sys::get_attname(relid, attno, false)).to_string_lossy())
+    }
+}
+
+unsafe fn distribution_attno(table: &DistTable) -> Option<i16> {
+    let column = CString::new(table.distribution_column.as_deref()?).ok()?;
+    // SAFETY: a catalog lookup by name.
+    Some(unsafe { pg_sys::get_attnum(table.oid, column.as_ptr()) })
+}
+
+/// True when `expr` is just column `attno` of the table itself.
+unsafe fn is_same_column(expr: *mut pg_sys::Node, attno: i16) -> bool {
+    // SAFETY: expr is a valid expression; the cast follows the tag.
+    unsafe {
+        (*expr).type_ == pg_sys::NodeTag::T_Var && (*expr.cast::<pg_sys::Var>()).varattno == attno
+    }
+}
+
+unsafe fn analyse(parse: *mut pg_sys::Query, table: &DistTable) -> Result<ModifyPlan, PlannerError> {
+    // SAFETY: parse is a valid analysed statement; everything read belongs to it.
+    unsafe {
+        let returning_list = (*parse).returningList;
+        if pg_sys::checkExprHasSubLink(returning_list.cast()) {
+            return Err(PlannerError::ModifyExpression(
+                table_name(table),
+                "a subquery in RETURNING".into(),
+            ));
+        }
+        let mut modify = ModifyPlan {
+            kind: ModifyKind::Insert,
+            relid: table.oid,
+            alias: String::new(),
+            on_conflict: String::new(),
+            conflict_constraint: String::new(),
+            set_sql: String::new(),
+            where_sql: String::new(),
+            shard_ids: Vec::new(),
+            prune_param: 0,
+            returning: !returning_list.is_null(),
+        };
+        match (*parse).commandType {
+            pg_sys::CmdType::CMD_INSERT => {
+                if !(*parse).onConflict.is_null() {
+                    on_conflict(parse, table, &mut modify)?;
+                }
+            }
+            pg_sys::CmdType::CMD_UPDATE | pg_sys::CmdType::CMD_DELETE => {
+                modify.kind = if (*parse).commandType == pg_sys::CmdType::CMD_UPDATE {
+                    ModifyKind::Update
+                } else {
+                    ModifyKind::Delete
+                };
+                update_or_delete(parse, table, &mut modify)?;
+            }
+            _ => return Err(PlannerError::Writes(table_name(table))),
+        }
+        Ok(modify)
+    }
+}
+
+unsafe fn update_or_delete(
+    parse: *mut pg_sys::Query,
+    table: &DistTable,
+    modify: &mut ModifyPlan,
+) -> Result<(), PlannerError> {
+    // SAFETY: parse is a valid UPDATE or DELETE; expressions are copied before folding.
+    unsafe {
+        let result_rti = (*parse).resultRelation;
+        let jointree = (*parse).jointree;
+        let from = PgList::<pg_sys::Node>::from_pg((*jointree).fromlist);
+        let only_target = from.len() == 1
+            && from.get_ptr(0).is_some_and(|n| {
+                (*n).type_ == pg_sys::NodeTag::T_RangeTblRef
+                    && (*n.cast::<pg_sys::RangeTblRef>()).rtindex == result_rti
+            });
+        if !only_target {
+            return Err(PlannerError::ModifyJoin(table_name(table)));
+        }
+        let dist_attno = distribution_attno(table);
+        if modify.kind == ModifyKind::Update {
+            let mut assignments = Vec::new();
+            for entry in PgList::<pg_sys::TargetEntry>::from_pg((*parse).targetList).iter_ptr() {
+                if (*entry).resjunk {
+                    continue;
+                }
+                let attno = (*entry).resno;
+                let expr = (*entry).expr.cast::<pg_sys::Node>();
+                if Some(attno) == dist_attno && !is_same_column(expr, attno) {
+                    return Err(PlannerError::DistributionColumnUpdate(
+                        table_name(table),
+                        table.distribution_column.clone().unwrap_or_default(),
+                    ));
+                }
+                let expr = folded(expr);
+                if !shippable(expr) {
+                    return Err(PlannerError::ModifyExpression(
+                        table_name(table),
+                        format!("the new value of column {}", column_name(table.oid, attno)),
+                    ));
+                }
+                let (text, exec_params) = deparse(expr, table.oid, result_rti as u32);
+                if !exec_params.is_empty() {
+                    return Err(PlannerError::ModifyExpression(
+                        table_name(table),
+                        "a subquery".into(),
+                    ));
+                }
+                assignments.push(format!("{} = {text}", column_name(table.oid, attno)));
+            }
+            modify.set_sql = assignments.join(", ");
+        }
+        let mut clauses: Vec<*mut pg_sys::Node> = Vec::new();
+        if !(*jointree).quals.is_null() {
+            let quals = folded((*jointree).quals);
+            for clause in
+                PgList::<pg_sys::Node>::from_pg(pg_sys::make_ands_implicit(quals.cast())).iter_ptr()
+            {
+                clauses.push(clause);
+            }
+        }
+        let mut parts = Vec::new();
+        for clause in &clauses {
+            if !shippable(*clause) {
+                return Err(PlannerError::ModifyExpression(
+                    table_name(table),
+                    "the WHERE clause".into(),
+                ));
+            }
+            let (text, exec_params) = deparse(*clause, table.oid, result_rti as u32);
+            if !exec_params.is_empty() {
+                return Err(PlannerError::ModifyExpression(
+                    table_name(table),
+                    "a subquery".into(),
+                ));
+            }
+            parts.push(format!("({text})"));
+        }
+        modify.where_sql = parts.join(" AND ");
+        let shards = cache::shards(table.oid);
+        let all = || shards.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        (modify.shard_ids, modify.prune_param) = match table.method {
+            Method::Hash => crate::planner::scan_path::prune(table, &clauses, &shards),
+            Method::Range => (
+                crate::planner::range_pruning::prune(
+                    table,
+                    &clauses,
+                    &cache::placements(table.oid),
+                )
+                .unwrap_or_else(all),
+                0,
+            ),
+            Method::Reference => (all(), 0),
+        };
+        Ok(())
+    }
+}
+
+/// A copy of `expr` with constant subexpressions folded (so `id = 2 + 3` prunes like `id = 5`).
+unsafe fn folded(expr: *mut pg_sys::Node) -> *mut pg_sys::Node {
+    // SAFETY: folds a private copy; without planner state only immutable functions are folded.
+    unsafe {
+        let copy = pg_sys::copyObjectImpl(expr.cast()).cast::<pg_sys::Node>();
+        pg_sys::eval_const_expressions(std::ptr::null_mut(), copy)
+    }
+}
+
+/// `ON CONFLICT …` of an INSERT as SQL for the shards.
+unsafe fn on_conflict(
+    parse: *mut pg_sys::Query,
+    table: &DistTable,
+    modify: &mut ModifyPlan,
+) -> Result<(), PlannerError> {
+    // SAFETY: parse has an OnConflictExpr; expressions are deparsed against the statement's own
+    // range table (target and EXCLUDED), names qualified.
+    unsafe {
+        let conflict = (*parse).onConflict;
+        let result_rti = (*parse).resultRelation;
+        let context = Deparser::new(parse, result_rti, (*conflict).exclRelIndex);
+        modify.alias = context.name_of(result_rti);
+        let mut sql = String::from("ON CONFLICT");
+        if (*conflict).constraint != pg_sys::InvalidOid {
+            modify.conflict_constraint = CStr::from_ptr(pg_sys::get_constraint_name(
+                (*conflict).constraint,
+            ))
+            .to_string_lossy()
+            .into_owned();
+            sql.push_str(" ON CONSTRAINT {constraint}");
+        } else if !(*conflict).arbiterElems.is_null() {
+            let mut columns = Vec::new();
+            for elem in PgList::<pg_sys::InferenceElem>::from_pg((*conflict).arbiterElems).iter_ptr()
+            {
+                let expr = (*elem).expr.cast::<pg_sys::Node>();
+                if (*expr).type_ != pg_sys::NodeTag::T_Var
+                    || (*elem).infercollid != pg_sys::InvalidOid
+                    || (*elem).inferopclass != pg_sys::InvalidOid
+                {
+                    return Err(PlannerError::ModifyExpression(
+                        table_name(table),
+                        "an ON CONFLICT target other than plain columns".into(),
+                    ));
+                }
+                columns.push(column_name(table.oid, (*expr.cast::<pg_sys::Var>()).varattno));
+            }
+            sql.push_str(&format!(" ({})", columns.join(", ")));
+            if !(*conflict).arbiterWhere.is_null() {
+                sql.push_str(&format!(
+                    " WHERE {}",
+                    context.shipped(table, (*conflict).arbiterWhere, "the ON CONFLICT WHERE")?
+                ));
+            }
+        }
+        if (*conflict).action == pg_sys::OnConflictAction::ONCONFLICT_NOTHING {
+            sql.push_str(" DO NOTHING");
+        } else {
+            let dist_attno = distribution_attno(table);
+            let mut assignments = Vec::new();
+            for entry in PgList::<pg_sys::TargetEntry>::from_pg((*conflict).onConflictSet).iter_ptr()
+            {
+                if (*entry).resjunk {
+                    continue;
+                }
+                let attno = (*entry).resno;
+                let expr = (*entry).expr.cast::<pg_sys::Node>();
+                let unchanged = (*expr).type_ == pg_sys::NodeTag::T_Var
+                    && (*expr.cast::<pg_sys::Var>()).varattno == attno;
+                if Some(attno) == dist_attno && !unchanged {
+                    return Err(PlannerError::DistributionColumnUpdate(
+                        table_name(table),
+                        table.distribution_column.clone().unwrap_or_default(),
+                    ));
+                }
+                assignments.push(format!(
+                    "{} = {}",
+                    column_name(table.oid, attno),
+                    context.shipped(table, expr, "an ON CONFLICT DO UPDATE value")?
+                ));
+            }
+            sql.push_str(&format!(" DO UPDATE SET {}", assignments.join(", ")));
+            if !(*conflict).onConflictWhere.is_null() {
+                sql.push_str(&format!(
+                    " WHERE {}",
+                    context.shipped(table, (*conflict).onConflictWhere, "the DO UPDATE WHERE")?
+                ));
+            }
+        }
+        modify.on_conflict = sql;
+        Ok(())
+    }
+}
+
+/// Deparses expressions over several range-table entries of a statement, column names
+/// qualified by each entry's name.
+struct Deparser {
+    context: *mut pg_sys::List,
+    names: Vec<String>,
+}
+
+impl Deparser {
+    unsafe fn new(parse: *mut pg_sys::Query, a: i32, b: i32) -> Deparser {
+        // SAFETY: a stand-in PlannedStmt that only carries the range table, which is all
+        // ruleutils reads from it to name relations and columns.
+        unsafe {
+            let stmt = pg_sys::palloc0(std::mem::size_of::<pg_sys::PlannedStmt>())
+                .cast::<pg_sys::PlannedStmt>();
+            (*stmt).type_ = pg_sys::NodeTag::T_PlannedStmt;
+            (*stmt).rtable = (*parse).rtable;
+            let mut used: *mut pg_sys::Bitmapset = std::ptr::null_mut();
+            used = pg_sys::bms_add_member(used, a);
+            used = pg_sys::bms_add_member(used, b);
+            let names_list = pg_sys::select_rtable_names_for_explain((*parse).rtable, used);
+            let names = PgList::<std::ffi::c_char>::from_pg(names_list)
+                .iter_ptr()
+                .map(|p| {
+                    if p.is_null() {
+                        String::new()
+                    } else {
+                        CStr::from_ptr(p).to_string_lossy().into_owned()
+                    }
+                })
+                .collect();
+            Deparser {
+                context: pg_sys::deparse_context_for_plan_tree(stmt, names_list),
+                names,
+            }
+        }
+    }
+
+    /// The name range-table entry `rti` goes by, quoted.
+    fn name_of(&self, rti: i32) -> String {
+        quote_identifier(self.names.get(rti as usize - 1).map_or("", String::as_str))
+    }
+
+    /// The SQL of `expr` if the workers can evaluate it.
+    unsafe fn shipped(
+        &self,
+        table: &DistTable,
+        expr: *mut pg_sys::Node,
+        what: &str,
+    ) -> Result<String, PlannerError> {
+        // SAFETY: expr belongs to the statement whose range table the context describes.
+        unsafe {
+            let expr = folded(expr);
+            if !shippable(expr) || pg_sys::checkExprHasSubLink(expr) {
+                return Err(PlannerError::ModifyExpression(table_name(table), what.into()));
+            }
+            let text = pg_sys::deparse_expression(expr, self.context, true, false);
+            Ok(CStr::from_ptr(text).to_string_lossy().into_owned())
+        }
+    }
+}
+
+pub unsafe fn decode(cscan: *mut pg_sys::CustomScan) -> ModifyPlan {
+    // SAFETY: custom_private was built by plan().
+    ModifyPlan::decode(&unsafe { from_list((*cscan).custom_private) })
+}
