@@ -67,6 +67,26 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
+    // SAFETY: as below; COPY FROM into a distributed table is run here instead of on the shell.
+    let mut pstmt = pstmt;
+    unsafe {
+        match distributed_copy(pstmt) {
+            Some((stmt, relid)) if (*stmt).is_from => {
+                let rows = crate::executor::copy::copy_from(stmt, relid, query_string);
+                if !qc.is_null() {
+                    (*qc).commandTag = pg_sys::CommandTag::CMDTAG_COPY;
+                    (*qc).nprocessed = rows;
+                }
+                return;
+            }
+            Some((stmt, relid)) => {
+                let planned = pg_sys::copyObjectImpl(pstmt.cast()).cast::<pg_sys::PlannedStmt>();
+                (*planned).utilityStmt = crate::executor::copy::copy_to_as_query(stmt, relid).cast();
+                pstmt = planned;
+            }
+            None => {}
+        }
+    }
     // SAFETY: pstmt and query_string are valid for the duration of the call (PostgreSQL's
     // contract for this hook); everything we read from them is copied before the statement runs.
     let propagation = unsafe {
@@ -104,6 +124,28 @@ unsafe extern "C-unwind" fn process_utility(
     }
     if let Some(propagation) = propagation {
         propagate(propagation).or_raise();
+    }
+}
+
+/// The COPY statement and distributed table of `pstmt`, when it copies into or out of one
+/// (pg_dump's COPY reads the empty shell: the dump keeps the catalog, not the shards' rows).
+unsafe fn distributed_copy(
+    pstmt: *mut pg_sys::PlannedStmt,
+) -> Option<(*mut pg_sys::CopyStmt, pg_sys::Oid)> {
+    // SAFETY: pstmt is the statement being run; casts follow node tags.
+    unsafe {
+        let node = (*pstmt).utilityStmt;
+        if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_CopyStmt || !pgdist_is_active() {
+            return None;
+        }
+        let stmt = node.cast::<pg_sys::CopyStmt>();
+        if (*stmt).relation.is_null() {
+            return None;
+        }
+        let table = distributed((*stmt).relation).ok().flatten()?;
+        let from_pg_dump = !pg_sys::application_name.is_null()
+            && CStr::from_ptr(pg_sys::application_name).to_bytes() == b"pg_dump";
+        (!from_pg_dump || (*stmt).is_from).then_some((stmt, table.oid))
     }
 }
 
@@ -250,28 +292,6 @@ unsafe fn plan(
                 Ok(None)
             }
             pg_sys::NodeTag::T_DropStmt => plan_drop(node.cast::<pg_sys::DropStmt>()),
-            pg_sys::NodeTag::T_CopyStmt => {
-                let stmt = node.cast::<pg_sys::CopyStmt>();
-                if (*stmt).relation.is_null() || distributed((*stmt).relation)?.is_none() {
-                    return Ok(None);
-                }
-                // pg_dump saves the (empty) shell and the catalog; anything else would silently
-                // read or write the coordinator's shell instead of the shards.
-                let from_pg_dump = pg_sys::application_name
-                    .is_null()
-                    .then_some(false)
-                    .unwrap_or_else(|| {
-                        CStr::from_ptr(pg_sys::application_name).to_bytes() == b"pg_dump"
-                    });
-                if (*stmt).is_from || !from_pg_dump {
-                    return Err(unsupported(
-                        "COPY",
-                        "COPY to and from distributed tables comes with distributed writes; until then \
-                         load the data before distributing the table.",
-                    ));
-                }
-                Ok(None)
-            }
             pg_sys::NodeTag::T_TruncateStmt => {
                 let stmt = node.cast::<pg_sys::TruncateStmt>();
                 let mut targets = Vec::new();
