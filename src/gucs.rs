@@ -11,6 +11,7 @@ static ENABLE_DDL_PROPAGATION: GucSetting<bool> = GucSetting::<bool>::new(true);
 static MAX_CONNECTIONS_PER_NODE: GucSetting<i32> = GucSetting::<i32>::new(4);
 static SHARD_COUNT: GucSetting<i32> = GucSetting::<i32>::new(32);
 static REPLICATION_FACTOR: GucSetting<i32> = GucSetting::<i32>::new(1);
+static DEBUG_PAUSE_AT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -69,6 +70,16 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"pgdist.debug_pause_at",
+        c"Fault injection for tests: pause a committing transaction at this point.",
+        c"'after_prepare' (participants prepared, decision not yet committed) or \
+          'before_commit_prepared' (committed locally, COMMIT PREPARED not yet sent); \
+          append ':<ms>' to pause that long instead of 60 s.",
+        &DEBUG_PAUSE_AT,
+        GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
+    );
     GucRegistry::define_int_guc(
         c"pgdist.node_connect_timeout",
         c"How long to wait for a connection to a node to be established.",
@@ -79,6 +90,20 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::UNIT_MS,
     );
+}
+
+/// Pauses when `pgdist.debug_pause_at` names `point` — for 60 s, or `point:<ms>` for that long
+/// (crash tests kill a process meanwhile).
+pub fn debug_pause(point: &str) {
+    let Some(value) = DEBUG_PAUSE_AT.get() else {
+        return;
+    };
+    let value = value.to_string_lossy();
+    let (name, ms) = value.split_once(':').unwrap_or((&value, "60000"));
+    if name == point {
+        pgrx::log!("pgdist: pausing at {point} (pgdist.debug_pause_at)");
+        std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(60_000)));
+    }
 }
 
 /// The `pgdist.node_conninfo` setting, or an empty string.

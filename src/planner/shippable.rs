@@ -83,6 +83,34 @@ pub unsafe fn shippable(node: *mut pg_sys::Node) -> bool {
             pg_sys::NodeTag::T_ArrayExpr => {
                 all_shippable((*node.cast::<pg_sys::ArrayExpr>()).elements)
             }
+            pg_sys::NodeTag::T_CoalesceExpr => {
+                all_shippable((*node.cast::<pg_sys::CoalesceExpr>()).args)
+            }
+            pg_sys::NodeTag::T_CaseExpr => {
+                let case = node.cast::<pg_sys::CaseExpr>();
+                shippable((*case).arg.cast())
+                    && all_shippable((*case).args)
+                    && shippable((*case).defresult.cast())
+            }
+            pg_sys::NodeTag::T_CaseWhen => {
+                let when = node.cast::<pg_sys::CaseWhen>();
+                shippable((*when).expr.cast()) && shippable((*when).result.cast())
+            }
+            pg_sys::NodeTag::T_CaseTestExpr => true,
+            pg_sys::NodeTag::T_CoerceViaIO => {
+                // A cast through text: the same on a worker when both I/O functions are
+                // immutable (int to text is; timestamptz to text depends on settings).
+                let coerce = node.cast::<pg_sys::CoerceViaIO>();
+                let arg = (*coerce).arg.cast::<pg_sys::Node>();
+                let (mut output, mut varlena) = (pg_sys::InvalidOid, false);
+                pg_sys::getTypeOutputInfo(pg_sys::exprType(arg), &mut output, &mut varlena);
+                let (mut input, mut io_param) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+                pg_sys::getTypeInputInfo((*coerce).resulttype, &mut input, &mut io_param);
+                builtin_immutable(output)
+                    && builtin_immutable(input)
+                    && collation_ok((*coerce).resultcollid)
+                    && shippable(arg)
+            }
             _ => false,
         }
     }

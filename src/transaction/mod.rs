@@ -6,6 +6,7 @@
 //! one-phase when a single node took part and nothing changed locally, otherwise two-phase (see
 //! `docs/two-phase-commit.md`).
 
+pub mod recovery;
 pub mod remote_xact;
 
 use pgrx::pg_sys;

@@ -415,6 +415,10 @@ pub fn pre_commit() {
         .filter_map(|p| p.conn.as_ref())
         .map(|conn| gid_for(conn.node.node_id))
         .collect();
+    // The decision rows go in first, and the WAL that carries this transaction's xid is
+    // flushed before any node prepares: after a crash the xid is then known to have ended (and
+    // is never handed out again), so recovery can tell "never committed" from "still running".
+    record_commit_decision(&gids);
     let prepares = participants
         .iter()
         .filter_map(|p| p.conn.as_ref())
@@ -449,7 +453,7 @@ pub fn pre_commit() {
             }
         }
     }
-    record_commit_decision(&gids);
+    crate::gucs::debug_pause("after_prepare");
 }
 
 fn record_commit_decision(gids: &[String]) {
@@ -469,12 +473,22 @@ fn record_commit_decision(gids: &[String]) {
     if let Err(err) = result {
         pgrx::error!("pgdist could not record the commit decision: {err}");
     }
+    // SAFETY: flushes this backend's WAL up to the current insert position.
+    unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
 }
 
 /// XACT_EVENT_COMMIT: the local commit is durable; finish the prepared participants. Failures
 /// are left to recovery (the decision record says "commit").
 pub fn after_commit() {
     let participants: Vec<(NodeConnection, Option<String>)> = take_all();
+    if participants.iter().any(|(_, gid)| gid.is_some()) {
+        // The commit record must be durable before any node commits its part, also under
+        // synchronous_commit = off: otherwise a crash could lose the decision after a node
+        // already acted on it.
+        // SAFETY: flushes WAL up to this backend's commit record.
+        unsafe { pg_sys::XLogFlush(pg_sys::XactLastCommitEnd) };
+        crate::gucs::debug_pause("before_commit_prepared");
+    }
     let commits = participants.iter().filter_map(|(conn, gid)| {
         let gid = gid.as_ref()?;
         Some(conn.simple_query_owned(format!(

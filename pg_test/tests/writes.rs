@@ -1,0 +1,594 @@
+//! Distributed writes and transactions on a real cluster: every DML kind checked against a plain
+//! PostgreSQL given the same statements, COPY of a million rows, transaction blocks with
+//! savepoints, a node failing at PREPARE, and crashes of the coordinator or a worker between
+//! PREPARE and COMMIT PREPARED resolved by `pgdist.recover_prepared_transactions()`.
+
+use std::time::{Duration, Instant};
+
+use pgdist_pg_test::compare::{compare, is_ordered, run_on_both, Comparison};
+use pgdist_pg_test::errors::sqlstate;
+use pgdist_pg_test::{harness, tests, Cluster};
+use postgres::{Client, SimpleQueryMessage};
+
+fn main() {
+    harness::run(
+        || {
+            let cluster = Cluster::start(2);
+            let mut coordinator = cluster.coordinator_client();
+            let mut reference = cluster.reference.connect();
+            run_on_both(&mut coordinator, &mut reference, SCHEMA);
+            coordinator.batch_execute(DISTRIBUTE).unwrap();
+            cluster
+        },
+        tests![
+            inserts_match_plain_postgres,
+            updates_and_deletes_match_plain_postgres,
+            writes_to_reference_and_range_tables_reach_every_shard,
+            unsupported_writes_fail_with_0a000_and_change_nothing,
+            transaction_blocks_read_their_writes_and_roll_back_everywhere,
+            savepoints_roll_back_on_the_workers_too,
+            a_failure_at_prepare_leaves_nothing_visible,
+            copy_of_a_million_rows_is_exact,
+            coordinator_crash_after_commit_decision_is_committed_by_recovery,
+            coordinator_crash_before_commit_decision_is_rolled_back_by_recovery,
+            worker_crash_after_prepare_is_committed_once_it_is_back,
+        ],
+    )
+}
+
+const SCHEMA: &str = "
+CREATE TABLE items (id int PRIMARY KEY, grp int NOT NULL, name text, qty int DEFAULT 1,
+                    price numeric(10,2), seen timestamptz DEFAULT '2024-01-01 00:00:00+00',
+                    tags text[], serial bigserial, doubled int GENERATED ALWAYS AS (qty * 2) STORED,
+                    CONSTRAINT items_grp_name UNIQUE (id, name));
+CREATE TABLE notes (item_id int, line int, body text);
+CREATE TABLE colors (code text PRIMARY KEY, label text);
+CREATE TABLE days (day date NOT NULL, n int);
+CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
+CREATE TABLE big (id bigint, payload text);
+INSERT INTO colors VALUES ('r', 'red'), ('g', 'green');
+";
+
+const DISTRIBUTE: &str = "
+SELECT pgdist.create_distributed_table('items', 'id', shard_count => 6);
+SELECT pgdist.create_distributed_table('notes', 'item_id', shard_count => 4, colocate_with => 'none');
+SELECT pgdist.create_reference_table('colors');
+SELECT pgdist.create_distributed_table('days', 'day', 'range', split_points => ARRAY['2024-03-01', '2024-06-01']);
+SELECT pgdist.create_distributed_table('accounts', 'id', shard_count => 4);
+SELECT pgdist.create_distributed_table('big', 'id', shard_count => 8);
+";
+
+/// Rows (as text) and the row counts of a statement's commands.
+type Outcome = Result<(Vec<Vec<Option<String>>>, Vec<u64>), String>;
+
+fn outcome(client: &mut Client, sql: &str) -> Outcome {
+    let messages = client.simple_query(sql).map_err(|err| sqlstate(&err))?;
+    let mut rows = Vec::new();
+    let mut counts = Vec::new();
+    for message in messages {
+        match message {
+            SimpleQueryMessage::Row(row) => rows.push(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_string))
+                    .collect(),
+            ),
+            SimpleQueryMessage::CommandComplete(n) => counts.push(n),
+            _ => {}
+        }
+    }
+    if !is_ordered(sql) {
+        rows.sort();
+    }
+    Ok((rows, counts))
+}
+
+/// Runs each statement on both servers; returned rows, counts and errors must agree, and so
+/// must the whole table afterwards.
+fn same_writes(cluster: &Cluster, table_query: &str, statements: &[&str]) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    for sql in statements {
+        let got = outcome(&mut coordinator, sql);
+        let want = outcome(&mut reference, sql);
+        assert_eq!(got, want, "different outcomes for\n  {sql}");
+        let (Ok((got, _)), Ok((want, _))) = (
+            outcome(&mut coordinator, table_query),
+            outcome(&mut reference, table_query),
+        ) else {
+            panic!("{table_query} failed");
+        };
+        let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).collect();
+        let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty() && got.len() == want.len(),
+            "after\n  {sql}\n{table_query} differs: missing {missing:?}, extra {extra:?}"
+        );
+    }
+}
+
+fn inserts_match_plain_postgres(cluster: &Cluster) {
+    same_writes(
+        cluster,
+        "SELECT * FROM items ORDER BY id",
+        &[
+            "INSERT INTO items (id, grp, name) VALUES (1, 1, 'one')",
+            "INSERT INTO items (id, grp, name, qty, price, tags) VALUES (2, 1, 'two', 5, 9.99, '{a,b}'), (3, 2, NULL, NULL, -1, '{}'), (4, 2, 'it''s \\ tab\t', 0, 0, NULL)",
+            "INSERT INTO items (id, grp, name) VALUES (5, 3, 'five') RETURNING id, serial, doubled, qty * 10 AS ten, upper(name)",
+            "INSERT INTO items (id, grp, name) SELECT i, i % 7, 'gen ' || i FROM generate_series(10, 400) i",
+            "INSERT INTO items (id, grp, name) SELECT i, i % 7, 'gen ' || i FROM generate_series(401, 420) i RETURNING *",
+            "INSERT INTO items (id, grp) VALUES (1, 9)",
+            "INSERT INTO items (id, grp, name) VALUES (1, 9, 'dup') ON CONFLICT DO NOTHING",
+            "INSERT INTO items (id, grp, name) VALUES (1, 9, 'dup'), (6, 6, 'six') ON CONFLICT (id) DO NOTHING RETURNING id",
+            "INSERT INTO items (id, grp, name, qty) VALUES (2, 9, 'upd', 3) ON CONFLICT (id) DO UPDATE SET qty = items.qty + excluded.qty, name = excluded.name || '!' RETURNING *",
+            "INSERT INTO items (id, grp, name, qty) VALUES (3, 9, 'skip', 3), (4, 9, 'hit', 4) ON CONFLICT (id) DO UPDATE SET qty = excluded.qty WHERE items.grp = 2 AND excluded.qty > 3",
+            "INSERT INTO items (id, grp, name) VALUES (5, 1, 'five') ON CONFLICT ON CONSTRAINT items_grp_name DO UPDATE SET grp = 50",
+            "INSERT INTO items (grp, name) VALUES (1, 'no key')",
+            "INSERT INTO notes SELECT id, g, name FROM items, generate_series(1, 3) g WHERE id < 30",
+            "INSERT INTO items (id, grp, name) SELECT item_id + 1000, line, body FROM notes WHERE line = 2 ORDER BY item_id",
+        ],
+    );
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    compare(&mut coordinator, &mut reference, "SELECT * FROM notes ORDER BY item_id, line");
+}
+
+fn updates_and_deletes_match_plain_postgres(cluster: &Cluster) {
+    same_writes(
+        cluster,
+        "SELECT * FROM items ORDER BY id",
+        &[
+            "UPDATE items SET name = 'renamed' WHERE id = 10",
+            "UPDATE items SET qty = qty + 1, price = coalesce(price, 0) + 0.5 WHERE grp = 3",
+            "UPDATE items SET tags = array_append(tags, 'x') WHERE id IN (2, 3, 4, 11, 12) RETURNING id, tags, doubled",
+            "UPDATE items SET qty = 7 WHERE id = 99999",
+            "UPDATE items SET name = lower(name) || id::text WHERE name LIKE 'gen 1%' AND id > 100",
+            "UPDATE items SET qty = qty * 2 + id, seen = '2024-02-02 12:00+02' WHERE id BETWEEN 20 AND 40 RETURNING *",
+            "UPDATE items SET id = id WHERE id = 1",
+            "DELETE FROM items WHERE id = 11",
+            "DELETE FROM items WHERE grp = 4 RETURNING id, name",
+            "DELETE FROM items WHERE id = ANY (ARRAY[12, 13, 14, 99999])",
+            "DELETE FROM notes WHERE body IS NULL OR line > 2",
+            "UPDATE items SET qty = 1 / (qty - qty) WHERE id = 20",
+        ],
+    );
+    // Prepared statements: the parameter picks the shard at execution, also for generic plans.
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    let mut counts = Vec::new();
+    for client in [&mut coordinator, &mut reference] {
+        let update = client
+            .prepare("UPDATE items SET qty = qty + $2 WHERE id = $1")
+            .unwrap();
+        let delete = client.prepare("DELETE FROM items WHERE id = $1").unwrap();
+        let mut changed = Vec::new();
+        for id in 20..32 {
+            changed.push(client.execute(&update, &[&id, &3]).unwrap());
+        }
+        for id in 30..36 {
+            changed.push(client.execute(&delete, &[&id]).unwrap());
+        }
+        counts.push(changed);
+    }
+    assert_eq!(counts[0], counts[1]);
+    compare(&mut coordinator, &mut reference, "SELECT * FROM items ORDER BY id");
+    same_writes(cluster, "SELECT * FROM notes ORDER BY 1, 2", &["TRUNCATE notes"]);
+}
+
+fn writes_to_reference_and_range_tables_reach_every_shard(cluster: &Cluster) {
+    same_writes(
+        cluster,
+        "SELECT * FROM colors ORDER BY code",
+        &[
+            "INSERT INTO colors VALUES ('b', 'blue'), ('k', NULL)",
+            "UPDATE colors SET label = upper(label) WHERE code <> 'r' RETURNING *",
+            "DELETE FROM colors WHERE label IS NULL",
+        ],
+    );
+    // Every worker holds the same copy.
+    for worker in &cluster.workers {
+        let mut client = worker.connect();
+        let shard: String = client
+            .query_one(
+                "SELECT relname::text FROM pg_class WHERE relname LIKE 'colors\\_%' AND relkind = 'r'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        let rows = client
+            .query(&format!("SELECT code, label FROM {shard} ORDER BY code"), &[])
+            .unwrap();
+        let rows: Vec<(String, Option<String>)> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("b".into(), Some("BLUE".into())),
+                ("g".into(), Some("GREEN".into())),
+                ("r".into(), Some("red".into()))
+            ]
+        );
+    }
+    same_writes(
+        cluster,
+        "SELECT * FROM days ORDER BY day, n",
+        &[
+            "INSERT INTO days SELECT date '2024-01-01' + i, i FROM generate_series(0, 300, 7) i",
+            "UPDATE days SET n = -n WHERE day >= '2024-05-01' AND day < '2024-07-01'",
+            "DELETE FROM days WHERE day < '2024-02-01' RETURNING *",
+        ],
+    );
+}
+
+fn unsupported_writes_fail_with_0a000_and_change_nothing(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let before = outcome(&mut coordinator, "SELECT * FROM items ORDER BY id");
+    for sql in [
+        "UPDATE items SET id = id + 1 WHERE id = 2",
+        "UPDATE items SET name = now()::text WHERE id = 2",
+        "UPDATE items SET qty = n.line FROM notes n WHERE n.item_id = items.id",
+        "DELETE FROM items WHERE id IN (SELECT item_id FROM notes)",
+        "WITH gone AS (DELETE FROM items WHERE id = 2 RETURNING *) SELECT count(*) FROM gone",
+        "INSERT INTO items (id, grp) VALUES (2, 2) ON CONFLICT (id) DO UPDATE SET id = 3",
+    ] {
+        let err = coordinator.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+        assert!(
+            err.as_db_error().and_then(|d| d.hint()).is_some(),
+            "{sql}: no hint"
+        );
+    }
+    let err = coordinator
+        .batch_execute("INSERT INTO items (id, grp) VALUES (NULL, 1)")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23502");
+    assert_eq!(
+        before,
+        outcome(&mut coordinator, "SELECT * FROM items ORDER BY id")
+    );
+}
+
+fn count(client: &mut Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// Prepared transactions left on the workers by this coordinator.
+fn prepared_on_workers(cluster: &Cluster) -> i64 {
+    cluster
+        .workers
+        .iter()
+        .map(|w| {
+            count(
+                &mut w.connect(),
+                "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'pgdist\\_%'",
+            )
+        })
+        .sum()
+}
+
+fn transaction_blocks_read_their_writes_and_roll_back_everywhere(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute("INSERT INTO accounts SELECT i, 100 FROM generate_series(1, 40) i")
+        .unwrap();
+    // Rolled back: nothing stays on any node.
+    client
+        .batch_execute(
+            "BEGIN; UPDATE accounts SET balance = 0; INSERT INTO accounts VALUES (100, 1), (101, 1);",
+        )
+        .unwrap();
+    assert_eq!(count(&mut client, "SELECT sum(balance)::bigint FROM accounts"), 2);
+    assert_eq!(count(&mut client, "SELECT count(*) FROM accounts WHERE id = 100"), 1);
+    client.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(count(&mut client, "SELECT sum(balance)::bigint FROM accounts"), 4000);
+    // An error anywhere aborts the whole transaction.
+    client
+        .batch_execute("BEGIN; UPDATE accounts SET balance = balance - 10 WHERE id = 1;")
+        .unwrap();
+    assert!(client
+        .batch_execute("UPDATE accounts SET balance = balance / 0 WHERE id = 2")
+        .is_err());
+    client.batch_execute("COMMIT").unwrap();
+    assert_eq!(count(&mut client, "SELECT balance FROM accounts WHERE id = 1"), 100);
+    // Committed across both nodes (two-phase), transfers between every pair of accounts.
+    client.batch_execute("BEGIN").unwrap();
+    for id in 1..40 {
+        client
+            .execute(
+                "UPDATE accounts SET balance = balance - 1 WHERE id = $1",
+                &[&id],
+            )
+            .unwrap();
+        client
+            .execute(
+                "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                &[&(id + 1)],
+            )
+            .unwrap();
+    }
+    assert_eq!(
+        count(&mut client, "SELECT balance FROM accounts WHERE id = 40"),
+        101
+    );
+    client.batch_execute("COMMIT").unwrap();
+    let mut other = cluster.coordinator_client();
+    assert_eq!(count(&mut other, "SELECT sum(balance)::bigint FROM accounts"), 4000);
+    assert_eq!(count(&mut other, "SELECT balance FROM accounts WHERE id = 1"), 99);
+    assert_eq!(prepared_on_workers(cluster), 0);
+}
+
+fn savepoints_roll_back_on_the_workers_too(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO accounts VALUES (200, 5);
+             SAVEPOINT a;
+             INSERT INTO accounts VALUES (201, 5), (202, 5), (203, 5);
+             DELETE FROM accounts WHERE id = 200;
+             ROLLBACK TO SAVEPOINT a;
+             INSERT INTO accounts VALUES (204, 5);
+             SAVEPOINT b;
+             UPDATE accounts SET balance = 0 WHERE id >= 200;
+             RELEASE SAVEPOINT b;",
+        )
+        .unwrap();
+    // An error inside a savepoint on a node: rolling back to it makes the node usable again.
+    client.batch_execute("SAVEPOINT c").unwrap();
+    assert!(client
+        .batch_execute("INSERT INTO accounts VALUES (204, 1)")
+        .is_err());
+    client.batch_execute("ROLLBACK TO SAVEPOINT c; COMMIT").unwrap();
+    let rows: Vec<(i32, i64)> = client
+        .query("SELECT id, balance FROM accounts WHERE id >= 200 ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, vec![(200, 0), (204, 0)]);
+    // A PL/pgSQL exception block is a savepoint too.
+    client
+        .batch_execute(
+            "DO $$ BEGIN
+               INSERT INTO accounts VALUES (210, 1);
+               BEGIN
+                 INSERT INTO accounts VALUES (211, 1);
+                 INSERT INTO accounts VALUES (210, 1);
+               EXCEPTION WHEN unique_violation THEN NULL;
+               END;
+             END $$",
+        )
+        .unwrap();
+    assert_eq!(
+        count(&mut client, "SELECT count(*) FROM accounts WHERE id IN (210, 211)"),
+        1
+    );
+    assert_eq!(prepared_on_workers(cluster), 0);
+}
+
+/// The smallest key from `from` up whose `accounts` shard lives on `worker`, and that shard.
+fn key_on(client: &mut Client, worker: &pgdist_pg_test::Server, from: i32) -> (i32, String) {
+    let row = client
+        .query_one(
+            "SELECT k, s.shard_name FROM pgdist.shards s, generate_series($2, $2 + 1000) k
+             WHERE s.table_name = 'accounts'::regclass AND s.port = $1
+               AND pgdist.hash_value(k) BETWEEN s.min_value::int AND s.max_value::int
+             ORDER BY k LIMIT 1",
+            &[&(worker.port as i32), &from],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+fn a_failure_at_prepare_leaves_nothing_visible(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    let (key1, _) = key_on(&mut client, &cluster.workers[0], 3000);
+    let (key2, shard2) = key_on(&mut client, &cluster.workers[1], 3000);
+    // A deferred trigger on worker 2's shard refuses to commit: PREPARE TRANSACTION fails there.
+    let mut worker2 = cluster.workers[1].connect();
+    worker2
+        .batch_execute(&format!(
+            "CREATE FUNCTION public.refuse_commit() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'refusing to commit'; END $$;
+             CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT ON {shard2}
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.refuse_commit();"
+        ))
+        .unwrap();
+    client.batch_execute("BEGIN").unwrap();
+    client
+        .execute("INSERT INTO accounts VALUES ($1, 7), ($2, 7)", &[&key1, &key2])
+        .unwrap();
+    let err = client.batch_execute("COMMIT").unwrap_err();
+    assert!(format!("{err:?}").contains("refusing to commit"), "{err:?}");
+    assert_eq!(
+        count(
+            &mut client,
+            &format!("SELECT count(*) FROM accounts WHERE balance = 7 AND id IN ({key1}, {key2})")
+        ),
+        0
+    );
+    assert_eq!(prepared_on_workers(cluster), 0);
+    worker2
+        .batch_execute(&format!("DROP TRIGGER refuse_commit ON {shard2}"))
+        .unwrap();
+}
+
+fn copy_of_a_million_rows_is_exact(cluster: &Cluster) {
+    use std::io::Write;
+    const ROWS: i64 = 1_000_000;
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    for client in [&mut coordinator, &mut reference] {
+        let mut writer = client.copy_in("COPY big (id, payload) FROM STDIN").unwrap();
+        let mut chunk = String::new();
+        for i in 1..=ROWS {
+            chunk.push_str(&format!("{i}\tpayload {}\\t{}\n", i * 7919 % 10007, i % 3));
+            if chunk.len() > 1 << 16 {
+                writer.write_all(chunk.as_bytes()).unwrap();
+                chunk.clear();
+            }
+        }
+        writer.write_all(chunk.as_bytes()).unwrap();
+        assert_eq!(writer.finish().unwrap(), ROWS as u64);
+    }
+    let checksum = "SELECT count(*), sum(id), sum(hashtext(payload)::bigint), min(payload), max(payload) FROM big";
+    assert!(matches!(
+        compare(&mut coordinator, &mut reference, checksum),
+        Comparison::Same
+    ));
+    // COPY TO reads the shards.
+    let mut out = Vec::new();
+    let mut reader = coordinator
+        .copy_out("COPY big TO STDOUT")
+        .unwrap();
+    std::io::copy(&mut reader, &mut out).unwrap();
+    drop(reader);
+    assert_eq!(out.iter().filter(|b| **b == b'\n').count() as i64, ROWS);
+}
+
+/// Starts a two-node transaction that pauses at `point` in a session of its own; returns the
+/// keys it inserts and the session's thread (which ends when the session is killed or done).
+fn paused_transaction(
+    cluster: &Cluster,
+    point: &str,
+    base: i32,
+) -> (i32, i32, std::thread::JoinHandle<Result<(), postgres::Error>>) {
+    let mut client = cluster.coordinator_client();
+    let (key1, _) = key_on(&mut client, &cluster.workers[0], base);
+    let (key2, _) = key_on(&mut client, &cluster.workers[1], base);
+    let point = point.to_string();
+    let conninfo = cluster.coordinator.conninfo();
+    let handle = std::thread::spawn(move || {
+        let mut session = Client::connect(&conninfo, postgres::NoTls)?;
+        session.batch_execute(&format!(
+            "SET pgdist.debug_pause_at = '{point}';
+             BEGIN;
+             INSERT INTO accounts VALUES ({key1}, 1), ({key2}, 1);
+             COMMIT;"
+        ))
+    });
+    (key1, key2, handle)
+}
+
+/// Waits until `check` holds (at most 30 s).
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills the coordinator backend that is paused at a debug point (a crash: the postmaster
+/// restarts every process) and waits until the coordinator accepts connections again.
+fn crash_paused_coordinator_backend(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    let mut pid = 0;
+    wait_for("the paused session", || {
+        pid = client
+            .query_one(
+                "SELECT coalesce(max(pid), 0) FROM pg_stat_activity WHERE query LIKE '%SET pgdist.debug_pause_at%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        pid != 0
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .output();
+    wait_for("the crashed backend to be gone", || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+    wait_for("the coordinator to restart", || {
+        Client::connect(&cluster.coordinator.conninfo(), postgres::NoTls)
+            .and_then(|mut c| c.simple_query("SELECT 1"))
+            .is_ok()
+    });
+}
+
+fn recover(cluster: &Cluster) -> i64 {
+    count(
+        &mut cluster.coordinator_client(),
+        "SELECT pgdist.recover_prepared_transactions()",
+    )
+}
+
+/// The commit decisions recorded so far.
+fn decisions(cluster: &Cluster) -> i64 {
+    count(
+        &mut cluster.coordinator_client(),
+        "SELECT count(*) FROM pgdist.transaction_decision",
+    )
+}
+
+fn coordinator_crash_after_commit_decision_is_committed_by_recovery(cluster: &Cluster) {
+    recover(cluster);
+    let (key1, key2, session) = paused_transaction(cluster, "before_commit_prepared", 5000);
+    wait_for("the commit decision", || {
+        decisions(cluster) == 2 && prepared_on_workers(cluster) == 2
+    });
+    crash_paused_coordinator_backend(cluster);
+    assert!(session.join().unwrap().is_err());
+    assert_eq!(prepared_on_workers(cluster), 2, "both nodes are in doubt");
+    assert_eq!(recover(cluster), 2);
+    let mut client = cluster.coordinator_client();
+    assert_eq!(
+        count(
+            &mut client,
+            &format!("SELECT count(*) FROM accounts WHERE id IN ({key1}, {key2})")
+        ),
+        2
+    );
+    assert_eq!(prepared_on_workers(cluster), 0);
+    assert_eq!(recover(cluster), 0);
+    assert_eq!(
+        count(&mut client, "SELECT count(*) FROM pgdist.transaction_decision"),
+        0,
+        "decisions are cleaned up"
+    );
+}
+
+fn coordinator_crash_before_commit_decision_is_rolled_back_by_recovery(cluster: &Cluster) {
+    recover(cluster);
+    let (key1, key2, session) = paused_transaction(cluster, "after_prepare", 7000);
+    wait_for("both nodes to prepare", || prepared_on_workers(cluster) == 2);
+    crash_paused_coordinator_backend(cluster);
+    assert!(session.join().unwrap().is_err());
+    assert_eq!(recover(cluster), 2);
+    assert_eq!(prepared_on_workers(cluster), 0);
+    assert_eq!(
+        count(
+            &mut cluster.coordinator_client(),
+            &format!("SELECT count(*) FROM accounts WHERE id IN ({key1}, {key2})")
+        ),
+        0
+    );
+}
+
+fn worker_crash_after_prepare_is_committed_once_it_is_back(cluster: &Cluster) {
+    recover(cluster);
+    let (key1, key2, session) = paused_transaction(cluster, "before_commit_prepared:3000", 9000);
+    wait_for("the commit decision", || decisions(cluster) == 2);
+    let worker = &cluster.workers[1];
+    if let Some(pid) = worker.postmaster_pid() {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .output();
+    }
+    // The coordinator's COMMIT PREPARED fails on the dead worker: the client is told the
+    // transaction committed (it did) and recovery finishes it.
+    session.join().unwrap().unwrap();
+    wait_for("the worker to stop", || {
+        std::net::TcpStream::connect(("127.0.0.1", worker.port)).is_err()
+    });
+    worker.ctl("start");
+    assert_eq!(recover(cluster), 1);
+    assert_eq!(prepared_on_workers(cluster), 0);
+    assert_eq!(
+        count(
+            &mut cluster.coordinator_client(),
+            &format!("SELECT count(*) FROM accounts WHERE id IN ({key1}, {key2})")
+        ),
+        2
+    );
+}

@@ -1,0 +1,108 @@
+//! Resolving two-phase commits left in doubt by a crash.
+//!
+//! Every prepared transaction this coordinator started is named
+//! `pgdist_<coordinator system id>_<local xid>_<node id>`. For each one still prepared on a
+//! node: if its decision row exists in `pgdist.transaction_decision` the coordinator committed,
+//! so it is committed; if there is no row and the local transaction is no longer running, the
+//! coordinator never committed, so it is rolled back; a transaction still running is left
+//! alone. Decision rows whose transaction is no longer prepared anywhere are deleted — read
+//! before listing the nodes' prepared transactions, so a row is never deleted while its
+//! transaction could still be waiting for `COMMIT PREPARED`.
+
+use std::collections::HashSet;
+
+use pgrx::prelude::*;
+
+use crate::cluster::target_for;
+use crate::metadata::nodes;
+use crate::remote::quote::quote_literal;
+use crate::remote::{rows_as_text, run_each};
+use crate::transaction::remote_xact::coordinator_gid_prefix;
+
+/// The local xid encoded in one of our GIDs.
+fn xid_of(gid: &str, prefix: &str) -> Option<u32> {
+    gid.strip_prefix(prefix)?.split('_').next()?.parse().ok()
+}
+
+/// Resolves every in-doubt transaction on every reachable primary node; the number resolved.
+pub fn recover() -> i64 {
+    let prefix = coordinator_gid_prefix();
+    let decided: HashSet<(String, i32)> = Spi::connect(|client| {
+        client
+            .select("SELECT gid, node_id FROM pgdist.transaction_decision", None, &[])?
+            .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<i32>(2)?.unwrap_or_default())))
+            .collect::<Result<HashSet<_>, pgrx::spi::Error>>()
+    })
+    .unwrap_or_else(|err| pgrx::error!("pgdist: reading transaction decisions: {err}"));
+    let nodes = nodes::primary_nodes().unwrap_or_else(|err| crate::error::raise(err));
+    let targets = nodes
+        .iter()
+        .map(|n| target_for(n.address.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|err| crate::error::raise(err));
+    let list = format!(
+        "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE gid LIKE {} AND database = current_database()",
+        quote_literal(&format!("{}%", prefix.replace('_', "\\_")))
+    );
+    let listings = run_each(&targets.iter().map(|t| (t.clone(), list.clone())).collect::<Vec<_>>());
+    let mut work = Vec::new();
+    let mut still_prepared: HashSet<String> = HashSet::new();
+    let mut unreachable: HashSet<i32> = HashSet::new();
+    for (target, listing) in targets.iter().zip(listings) {
+        let messages = match listing {
+            Ok(messages) => messages,
+            Err(err) => {
+                pgrx::warning!("pgdist: cannot recover transactions on {}: {err}", target.node);
+                unreachable.insert(target.node.node_id);
+                continue;
+            }
+        };
+        for gid in rows_as_text(&messages).into_iter().filter_map(|r| r.into_iter().next().flatten()) {
+            let Some(xid) = xid_of(&gid, &prefix) else { continue };
+            let command = if decided.contains(&(gid.clone(), target.node.node_id)) {
+                "COMMIT PREPARED"
+            } else if transaction_running(xid) {
+                still_prepared.insert(gid);
+                continue;
+            } else {
+                "ROLLBACK PREPARED"
+            };
+            work.push((target.clone(), format!("{command} {}", quote_literal(&gid))));
+            still_prepared.insert(gid);
+        }
+    }
+    let mut resolved = 0;
+    for ((target, sql), outcome) in work.iter().zip(run_each(&work)) {
+        match outcome {
+            Ok(_) => resolved += 1,
+            Err(err) => pgrx::warning!("pgdist: {sql} on {} failed: {err}", target.node),
+        }
+    }
+    // Decisions are needed only while their transaction is still prepared somewhere.
+    let finished: Vec<String> = decided
+        .into_iter()
+        .filter(|(gid, node_id)| !still_prepared.contains(gid) && !unreachable.contains(node_id))
+        .map(|(gid, _)| gid)
+        .collect();
+    if !finished.is_empty() {
+        Spi::run_with_args(
+            "DELETE FROM pgdist.transaction_decision WHERE gid = ANY($1)",
+            &[finished.into()],
+        )
+        .unwrap_or_else(|err| pgrx::error!("pgdist: cleaning transaction decisions: {err}"));
+    }
+    resolved
+}
+
+/// True while local transaction `xid` is still running (it may yet record its decision).
+fn transaction_running(xid: u32) -> bool {
+    // SAFETY: a lookup in the shared proc array.
+    unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(xid)) }
+}
+
+/// Commits or rolls back the two-phase transactions a crash left in doubt on the nodes, and
+/// forgets decisions no longer needed. Returns how many transactions it resolved.
+#[pg_extern]
+fn recover_prepared_transactions() -> i64 {
+    recover()
+}
