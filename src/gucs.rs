@@ -102,7 +102,9 @@ pub fn debug_pause(point: &str) {
     let (name, ms) = value.split_once(':').unwrap_or((&value, "60000"));
     if name == point {
         pgrx::log!("pgdist: pausing at {point} (pgdist.debug_pause_at)");
-        std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(60_000)));
+        std::thread::sleep(std::time::Duration::from_millis(
+            ms.parse().unwrap_or(60_000),
+        ));
     }
 }
 

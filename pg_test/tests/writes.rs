@@ -129,7 +129,11 @@ fn inserts_match_plain_postgres(cluster: &Cluster) {
     );
     let mut coordinator = cluster.coordinator_client();
     let mut reference = cluster.reference.connect();
-    compare(&mut coordinator, &mut reference, "SELECT * FROM notes ORDER BY item_id, line");
+    compare(
+        &mut coordinator,
+        &mut reference,
+        "SELECT * FROM notes ORDER BY item_id, line",
+    );
 }
 
 fn updates_and_deletes_match_plain_postgres(cluster: &Cluster) {
@@ -170,8 +174,16 @@ fn updates_and_deletes_match_plain_postgres(cluster: &Cluster) {
         counts.push(changed);
     }
     assert_eq!(counts[0], counts[1]);
-    compare(&mut coordinator, &mut reference, "SELECT * FROM items ORDER BY id");
-    same_writes(cluster, "SELECT * FROM notes ORDER BY 1, 2", &["TRUNCATE notes"]);
+    compare(
+        &mut coordinator,
+        &mut reference,
+        "SELECT * FROM items ORDER BY id",
+    );
+    same_writes(
+        cluster,
+        "SELECT * FROM notes ORDER BY 1, 2",
+        &["TRUNCATE notes"],
+    );
 }
 
 fn writes_to_reference_and_range_tables_reach_every_shard(cluster: &Cluster) {
@@ -195,7 +207,10 @@ fn writes_to_reference_and_range_tables_reach_every_shard(cluster: &Cluster) {
             .unwrap()
             .get(0);
         let rows = client
-            .query(&format!("SELECT code, label FROM {shard} ORDER BY code"), &[])
+            .query(
+                &format!("SELECT code, label FROM {shard} ORDER BY code"),
+                &[],
+            )
             .unwrap();
         let rows: Vec<(String, Option<String>)> =
             rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -276,10 +291,19 @@ fn transaction_blocks_read_their_writes_and_roll_back_everywhere(cluster: &Clust
             "BEGIN; UPDATE accounts SET balance = 0; INSERT INTO accounts VALUES (100, 1), (101, 1);",
         )
         .unwrap();
-    assert_eq!(count(&mut client, "SELECT sum(balance)::bigint FROM accounts"), 2);
-    assert_eq!(count(&mut client, "SELECT count(*) FROM accounts WHERE id = 100"), 1);
+    assert_eq!(
+        count(&mut client, "SELECT sum(balance)::bigint FROM accounts"),
+        2
+    );
+    assert_eq!(
+        count(&mut client, "SELECT count(*) FROM accounts WHERE id = 100"),
+        1
+    );
     client.batch_execute("ROLLBACK").unwrap();
-    assert_eq!(count(&mut client, "SELECT sum(balance)::bigint FROM accounts"), 4000);
+    assert_eq!(
+        count(&mut client, "SELECT sum(balance)::bigint FROM accounts"),
+        4000
+    );
     // An error anywhere aborts the whole transaction.
     client
         .batch_execute("BEGIN; UPDATE accounts SET balance = balance - 10 WHERE id = 1;")
@@ -288,7 +312,10 @@ fn transaction_blocks_read_their_writes_and_roll_back_everywhere(cluster: &Clust
         .batch_execute("UPDATE accounts SET balance = balance / 0 WHERE id = 2")
         .is_err());
     client.batch_execute("COMMIT").unwrap();
-    assert_eq!(count(&mut client, "SELECT balance FROM accounts WHERE id = 1"), 100);
+    assert_eq!(
+        count(&mut client, "SELECT balance FROM accounts WHERE id = 1"),
+        100
+    );
     // Committed across both nodes (two-phase), transfers between every pair of accounts.
     client.batch_execute("BEGIN").unwrap();
     for id in 1..40 {
@@ -311,8 +338,14 @@ fn transaction_blocks_read_their_writes_and_roll_back_everywhere(cluster: &Clust
     );
     client.batch_execute("COMMIT").unwrap();
     let mut other = cluster.coordinator_client();
-    assert_eq!(count(&mut other, "SELECT sum(balance)::bigint FROM accounts"), 4000);
-    assert_eq!(count(&mut other, "SELECT balance FROM accounts WHERE id = 1"), 99);
+    assert_eq!(
+        count(&mut other, "SELECT sum(balance)::bigint FROM accounts"),
+        4000
+    );
+    assert_eq!(
+        count(&mut other, "SELECT balance FROM accounts WHERE id = 1"),
+        99
+    );
     assert_eq!(prepared_on_workers(cluster), 0);
 }
 
@@ -337,9 +370,14 @@ fn savepoints_roll_back_on_the_workers_too(cluster: &Cluster) {
     assert!(client
         .batch_execute("INSERT INTO accounts VALUES (204, 1)")
         .is_err());
-    client.batch_execute("ROLLBACK TO SAVEPOINT c; COMMIT").unwrap();
+    client
+        .batch_execute("ROLLBACK TO SAVEPOINT c; COMMIT")
+        .unwrap();
     let rows: Vec<(i32, i64)> = client
-        .query("SELECT id, balance FROM accounts WHERE id >= 200 ORDER BY id", &[])
+        .query(
+            "SELECT id, balance FROM accounts WHERE id >= 200 ORDER BY id",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1)))
@@ -359,7 +397,10 @@ fn savepoints_roll_back_on_the_workers_too(cluster: &Cluster) {
         )
         .unwrap();
     assert_eq!(
-        count(&mut client, "SELECT count(*) FROM accounts WHERE id IN (210, 211)"),
+        count(
+            &mut client,
+            "SELECT count(*) FROM accounts WHERE id IN (210, 211)"
+        ),
         1
     );
     assert_eq!(prepared_on_workers(cluster), 0);
@@ -395,7 +436,10 @@ fn a_failure_at_prepare_leaves_nothing_visible(cluster: &Cluster) {
         .unwrap();
     client.batch_execute("BEGIN").unwrap();
     client
-        .execute("INSERT INTO accounts VALUES ($1, 7), ($2, 7)", &[&key1, &key2])
+        .execute(
+            "INSERT INTO accounts VALUES ($1, 7), ($2, 7)",
+            &[&key1, &key2],
+        )
         .unwrap();
     let err = client.batch_execute("COMMIT").unwrap_err();
     assert!(format!("{err:?}").contains("refusing to commit"), "{err:?}");
@@ -437,9 +481,7 @@ fn copy_of_a_million_rows_is_exact(cluster: &Cluster) {
     ));
     // COPY TO reads the shards.
     let mut out = Vec::new();
-    let mut reader = coordinator
-        .copy_out("COPY big TO STDOUT")
-        .unwrap();
+    let mut reader = coordinator.copy_out("COPY big TO STDOUT").unwrap();
     std::io::copy(&mut reader, &mut out).unwrap();
     drop(reader);
     assert_eq!(out.iter().filter(|b| **b == b'\n').count() as i64, ROWS);
@@ -451,7 +493,11 @@ fn paused_transaction(
     cluster: &Cluster,
     point: &str,
     base: i32,
-) -> (i32, i32, std::thread::JoinHandle<Result<(), postgres::Error>>) {
+) -> (
+    i32,
+    i32,
+    std::thread::JoinHandle<Result<(), postgres::Error>>,
+) {
     let mut client = cluster.coordinator_client();
     let (key1, _) = key_on(&mut client, &cluster.workers[0], base);
     let (key2, _) = key_on(&mut client, &cluster.workers[1], base);
@@ -542,7 +588,10 @@ fn coordinator_crash_after_commit_decision_is_committed_by_recovery(cluster: &Cl
     assert_eq!(prepared_on_workers(cluster), 0);
     assert_eq!(recover(cluster), 0);
     assert_eq!(
-        count(&mut client, "SELECT count(*) FROM pgdist.transaction_decision"),
+        count(
+            &mut client,
+            "SELECT count(*) FROM pgdist.transaction_decision"
+        ),
         0,
         "decisions are cleaned up"
     );
@@ -551,7 +600,9 @@ fn coordinator_crash_after_commit_decision_is_committed_by_recovery(cluster: &Cl
 fn coordinator_crash_before_commit_decision_is_rolled_back_by_recovery(cluster: &Cluster) {
     recover(cluster);
     let (key1, key2, session) = paused_transaction(cluster, "after_prepare", 7000);
-    wait_for("both nodes to prepare", || prepared_on_workers(cluster) == 2);
+    wait_for("both nodes to prepare", || {
+        prepared_on_workers(cluster) == 2
+    });
     crash_paused_coordinator_backend(cluster);
     assert!(session.join().unwrap().is_err());
     assert_eq!(recover(cluster), 2);

@@ -81,7 +81,8 @@ unsafe extern "C-unwind" fn process_utility(
             }
             Some((stmt, relid)) => {
                 let planned = pg_sys::copyObjectImpl(pstmt.cast()).cast::<pg_sys::PlannedStmt>();
-                (*planned).utilityStmt = crate::executor::copy::copy_to_as_query(stmt, relid).cast();
+                (*planned).utilityStmt =
+                    crate::executor::copy::copy_to_as_query(stmt, relid).cast();
                 pstmt = planned;
             }
             None => {}

@@ -165,7 +165,11 @@ pub unsafe fn copy_to_as_query(
             let names = (0..(*tupdesc).natts as usize)
                 .map(|i| (*tupdesc).attrs.as_ptr().add(i))
                 .filter(|a| !(**a).attisdropped)
-                .map(|a| CStr::from_ptr((*a).attname.data.as_ptr()).to_string_lossy().into_owned())
+                .map(|a| {
+                    CStr::from_ptr((*a).attname.data.as_ptr())
+                        .to_string_lossy()
+                        .into_owned()
+                })
                 .collect();
             pg_sys::RelationClose(relation);
             names
@@ -175,15 +179,14 @@ pub unsafe fn copy_to_as_query(
                 .map(|s| CStr::from_ptr((*s).sval).to_string_lossy().into_owned())
                 .collect()
         };
-        let schema = CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid)))
-            .to_string_lossy()
-            .into_owned();
-        let name = CStr::from_ptr(pg_sys::get_rel_name(relid))
-            .to_string_lossy()
-            .into_owned();
+        let (schema, name) = crate::executor::schema_and_name(relid);
         let sql = format!(
             "SELECT {} FROM {}",
-            columns.iter().map(|c| quote_identifier(c)).collect::<Vec<_>>().join(", "),
+            columns
+                .iter()
+                .map(|c| quote_identifier(c))
+                .collect::<Vec<_>>()
+                .join(", "),
             quote_qualified(&schema, &name)
         );
         let text = CString::new(sql).unwrap_or_default();

@@ -69,9 +69,11 @@ impl FragmentStream {
         let mut checkout = None;
         if !transactional.is_empty() {
             let targets: Vec<NodeTarget> = transactional.iter().map(|(t, _)| t.clone()).collect();
-            let mut lent = remote_xact::checkout(&targets).unwrap_or_else(|e| crate::error::raise(e));
+            let mut lent =
+                remote_xact::checkout(&targets).unwrap_or_else(|e| crate::error::raise(e));
             let conns = std::mem::take(&mut lent.conns);
-            for (i, ((target, fragments), conn)) in transactional.into_iter().zip(conns).enumerate() {
+            for (i, ((target, fragments), conn)) in transactional.into_iter().zip(conns).enumerate()
+            {
                 let share = Share {
                     target,
                     fragments,

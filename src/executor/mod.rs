@@ -12,3 +12,18 @@ pub fn init() {
     scan::init();
     modify::init();
 }
+
+/// The schema and name of relation `relid`.
+pub fn schema_and_name(relid: pgrx::pg_sys::Oid) -> (String, String) {
+    use pgrx::pg_sys;
+    use std::ffi::CStr;
+    // SAFETY: syscache lookups of an existing relation; the C strings are copied at once.
+    unsafe {
+        let schema = CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid)));
+        let name = CStr::from_ptr(pg_sys::get_rel_name(relid));
+        (
+            schema.to_string_lossy().into_owned(),
+            name.to_string_lossy().into_owned(),
+        )
+    }
+}

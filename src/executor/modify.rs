@@ -71,8 +71,7 @@ unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut
     // CustomScanState whose first member is the CustomScanState PostgreSQL expects; the
     // runtime is freed with that memory, also when the statement fails.
     unsafe {
-        let state =
-            pg_sys::palloc0(std::mem::size_of::<ModifyState>()).cast::<ModifyState>();
+        let state = pg_sys::palloc0(std::mem::size_of::<ModifyState>()).cast::<ModifyState>();
         (*state).css.ss.ps.type_ = pg_sys::NodeTag::T_CustomScanState;
         (*state).css.methods = &raw const EXEC_METHODS;
         (*state).css.flags = (*cscan).flags;
@@ -140,9 +139,7 @@ unsafe extern "C-unwind" fn recheck(
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn next_row(
-    scan: *mut pg_sys::ScanState,
-) -> *mut pg_sys::TupleTableSlot {
+unsafe extern "C-unwind" fn next_row(scan: *mut pg_sys::ScanState) -> *mut pg_sys::TupleTableSlot {
     // SAFETY: scan is our CustomScanState; the slot belongs to it.
     unsafe {
         let node = scan.cast::<pg_sys::CustomScanState>();
@@ -221,12 +218,7 @@ unsafe fn statements(
     unsafe {
         let relid = plan.relid;
         let shard_ids = prune_by_param(node, relid, plan.shard_ids.clone(), plan.prune_param, &[]);
-        let schema = CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid)))
-            .to_string_lossy()
-            .into_owned();
-        let name = CStr::from_ptr(pg_sys::get_rel_name(relid))
-            .to_string_lossy()
-            .into_owned();
+        let (schema, name) = crate::executor::schema_and_name(relid);
         let substitute = |sql: &str| substitute_params(sql, |id| param_text(node, &[], id));
         let where_sql = substitute(&plan.where_sql);
         let set_sql = substitute(&plan.set_sql);
@@ -308,7 +300,10 @@ unsafe extern "C-unwind" fn explain(
         let runtime = runtime_of(node);
         match runtime.plan.kind {
             ModifyKind::Insert => {
-                text(c"Routing", "each row to the shard of its distribution value");
+                text(
+                    c"Routing",
+                    "each row to the shard of its distribution value",
+                );
                 if !runtime.plan.on_conflict.is_empty() {
                     text(c"On Conflict", &runtime.plan.on_conflict);
                 }

@@ -453,12 +453,7 @@ unsafe fn fragments(
             runtime.plan.prune_param,
             &runtime.plan.exec_params,
         );
-        let schema = CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid)))
-            .to_string_lossy()
-            .into_owned();
-        let name = CStr::from_ptr(pg_sys::get_rel_name(relid))
-            .to_string_lossy()
-            .into_owned();
+        let (schema, name) = crate::executor::schema_and_name(relid);
         let tupdesc_columns: Vec<String> = if !runtime.plan.select_sql.is_empty() {
             Vec::new()
         } else {

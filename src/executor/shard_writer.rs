@@ -179,13 +179,7 @@ impl ShardWriter {
                 },
                 _ => Router::Single(placements.keys().next().copied().unwrap_or_default()),
             };
-            let schema =
-                CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid)))
-                    .to_string_lossy()
-                    .into_owned();
-            let name = CStr::from_ptr(pg_sys::get_rel_name(relid))
-                .to_string_lossy()
-                .into_owned();
+            let (schema, name) = crate::executor::schema_and_name(relid);
             ShardWriter {
                 kind,
                 table_name: name.clone(),
@@ -206,7 +200,10 @@ impl ShardWriter {
     }
 
     fn shard_relation(&self, shard_id: i64) -> String {
-        quote_qualified(&self.schema, &with_suffix(&self.name, &shard_id.to_string()))
+        quote_qualified(
+            &self.schema,
+            &with_suffix(&self.name, &shard_id.to_string()),
+        )
     }
 
     /// The text of value `datum` of column `column` (its output function).
@@ -288,7 +285,10 @@ impl ShardWriter {
                 }
                 buffer.push(b')');
             } else {
-                push_copy_row(buffer, texts.iter().map(|t| t.as_deref().map(str::as_bytes)));
+                push_copy_row(
+                    buffer,
+                    texts.iter().map(|t| t.as_deref().map(str::as_bytes)),
+                );
             }
             *rows += 1;
             let full = *rows >= FLUSH_ROWS;

@@ -24,7 +24,9 @@ pub enum PlannerError {
     Writes(String),
     #[error("row locks (FOR UPDATE / FOR SHARE) on distributed table {0} are not supported yet")]
     RowLocks(String),
-    #[error("UPDATE or DELETE of distributed table {0} with FROM, USING or joins is not supported yet")]
+    #[error(
+        "UPDATE or DELETE of distributed table {0} with FROM, USING or joins is not supported yet"
+    )]
     ModifyJoin(String),
     #[error("{1} in a write to distributed table {0} cannot run on the worker nodes")]
     ModifyExpression(String, String),

@@ -94,10 +94,7 @@ impl ModifyPlan {
             conflict_constraint: part(4),
             set_sql: part(5),
             where_sql: part(6),
-            shard_ids: part(7)
-                .split(',')
-                .filter_map(|s| s.parse().ok())
-                .collect(),
+            shard_ids: part(7).split(',').filter_map(|s| s.parse().ok()).collect(),
             prune_param: part(8).parse().unwrap_or_default(),
             returning: part(9) == "true",
         }
@@ -138,7 +135,8 @@ pub unsafe fn plan(
                 pg_sys::list_nth((*mt).returningLists, 0).cast::<pg_sys::List>();
         }
         if modify.kind == ModifyKind::Insert {
-            (*scan).custom_plans = pg_sys::lappend(std::ptr::null_mut(), (*mt).plan.lefttree.cast());
+            (*scan).custom_plans =
+                pg_sys::lappend(std::ptr::null_mut(), (*mt).plan.lefttree.cast());
         }
         (*scan).custom_private = to_list(modify.encode());
         (*scan).methods = crate::executor::modify::scan_methods();
@@ -155,7 +153,9 @@ fn table_name(table: &DistTable) -> String {
 unsafe fn column_name(relid: pg_sys::Oid, attno: i16) -> String {
     // SAFETY: attno is a column of relid.
     unsafe {
-        quote_identifier(&CStr::from_ptr(pg_sys::get_attname(relid, attno, false)).to_string_lossy())
+        quote_identifier(
+            &CStr::from_ptr(pg_sys::get_attname(relid, attno, false)).to_string_lossy(),
+        )
     }
 }
 
@@ -173,7 +173,10 @@ unsafe fn is_same_column(expr: *mut pg_sys::Node, attno: i16) -> bool {
     }
 }
 
-unsafe fn analyse(parse: *mut pg_sys::Query, table: &DistTable) -> Result<ModifyPlan, PlannerError> {
+unsafe fn analyse(
+    parse: *mut pg_sys::Query,
+    table: &DistTable,
+) -> Result<ModifyPlan, PlannerError> {
     // SAFETY: parse is a valid analysed statement; everything read belongs to it.
     unsafe {
         let returning_list = (*parse).returningList;
@@ -336,15 +339,15 @@ unsafe fn on_conflict(
         modify.alias = context.name_of(result_rti);
         let mut sql = String::from("ON CONFLICT");
         if (*conflict).constraint != pg_sys::InvalidOid {
-            modify.conflict_constraint = CStr::from_ptr(pg_sys::get_constraint_name(
-                (*conflict).constraint,
-            ))
-            .to_string_lossy()
-            .into_owned();
+            modify.conflict_constraint =
+                CStr::from_ptr(pg_sys::get_constraint_name((*conflict).constraint))
+                    .to_string_lossy()
+                    .into_owned();
             sql.push_str(" ON CONSTRAINT {constraint}");
         } else if !(*conflict).arbiterElems.is_null() {
             let mut columns = Vec::new();
-            for elem in PgList::<pg_sys::InferenceElem>::from_pg((*conflict).arbiterElems).iter_ptr()
+            for elem in
+                PgList::<pg_sys::InferenceElem>::from_pg((*conflict).arbiterElems).iter_ptr()
             {
                 let expr = (*elem).expr.cast::<pg_sys::Node>();
                 if (*expr).type_ != pg_sys::NodeTag::T_Var
@@ -356,7 +359,10 @@ unsafe fn on_conflict(
                         "an ON CONFLICT target other than plain columns".into(),
                     ));
                 }
-                columns.push(column_name(table.oid, (*expr.cast::<pg_sys::Var>()).varattno));
+                columns.push(column_name(
+                    table.oid,
+                    (*expr.cast::<pg_sys::Var>()).varattno,
+                ));
             }
             sql.push_str(&format!(" ({})", columns.join(", ")));
             if !(*conflict).arbiterWhere.is_null() {
@@ -371,7 +377,8 @@ unsafe fn on_conflict(
         } else {
             let dist_attno = distribution_attno(table);
             let mut assignments = Vec::new();
-            for entry in PgList::<pg_sys::TargetEntry>::from_pg((*conflict).onConflictSet).iter_ptr()
+            for entry in
+                PgList::<pg_sys::TargetEntry>::from_pg((*conflict).onConflictSet).iter_ptr()
             {
                 if (*entry).resjunk {
                     continue;
@@ -458,7 +465,10 @@ impl Deparser {
         unsafe {
             let expr = folded(expr);
             if !shippable(expr) || pg_sys::checkExprHasSubLink(expr) {
-                return Err(PlannerError::ModifyExpression(table_name(table), what.into()));
+                return Err(PlannerError::ModifyExpression(
+                    table_name(table),
+                    what.into(),
+                ));
             }
             let text = pg_sys::deparse_expression(expr, self.context, true, false);
             Ok(CStr::from_ptr(text).to_string_lossy().into_owned())

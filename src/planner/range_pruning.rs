@@ -154,8 +154,7 @@ pub unsafe fn prune(
         let mut kept: Vec<bool> = vec![true; map.shards.len()];
         let mut pruned_any = false;
         for clause in clauses {
-            let Some(conditions) = comparisons(*clause, map.attno, map.type_oid, map.family)
-            else {
+            let Some(conditions) = comparisons(*clause, map.attno, map.type_oid, map.family) else {
                 continue;
             };
             pruned_any = true;

@@ -29,8 +29,17 @@ pub fn recover() -> i64 {
     let prefix = coordinator_gid_prefix();
     let decided: HashSet<(String, i32)> = Spi::connect(|client| {
         client
-            .select("SELECT gid, node_id FROM pgdist.transaction_decision", None, &[])?
-            .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<i32>(2)?.unwrap_or_default())))
+            .select(
+                "SELECT gid, node_id FROM pgdist.transaction_decision",
+                None,
+                &[],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<i32>(2)?.unwrap_or_default(),
+                ))
+            })
             .collect::<Result<HashSet<_>, pgrx::spi::Error>>()
     })
     .unwrap_or_else(|err| pgrx::error!("pgdist: reading transaction decisions: {err}"));
@@ -44,7 +53,12 @@ pub fn recover() -> i64 {
         "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE gid LIKE {} AND database = current_database()",
         quote_literal(&format!("{}%", prefix.replace('_', "\\_")))
     );
-    let listings = run_each(&targets.iter().map(|t| (t.clone(), list.clone())).collect::<Vec<_>>());
+    let listings = run_each(
+        &targets
+            .iter()
+            .map(|t| (t.clone(), list.clone()))
+            .collect::<Vec<_>>(),
+    );
     let mut work = Vec::new();
     let mut still_prepared: HashSet<String> = HashSet::new();
     let mut unreachable: HashSet<i32> = HashSet::new();
@@ -52,13 +66,21 @@ pub fn recover() -> i64 {
         let messages = match listing {
             Ok(messages) => messages,
             Err(err) => {
-                pgrx::warning!("pgdist: cannot recover transactions on {}: {err}", target.node);
+                pgrx::warning!(
+                    "pgdist: cannot recover transactions on {}: {err}",
+                    target.node
+                );
                 unreachable.insert(target.node.node_id);
                 continue;
             }
         };
-        for gid in rows_as_text(&messages).into_iter().filter_map(|r| r.into_iter().next().flatten()) {
-            let Some(xid) = xid_of(&gid, &prefix) else { continue };
+        for gid in rows_as_text(&messages)
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+        {
+            let Some(xid) = xid_of(&gid, &prefix) else {
+                continue;
+            };
             let command = if decided.contains(&(gid.clone(), target.node.node_id)) {
                 "COMMIT PREPARED"
             } else if transaction_running(xid) {

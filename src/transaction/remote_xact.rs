@@ -194,23 +194,25 @@ pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
     let existing: Vec<Result<Option<(NodeConnection, i32)>, XactError>> = with_state(|state| {
         targets
             .iter()
-            .map(|target| match state.participants.get_mut(&target.node.node_id) {
-                Some(participant) => match participant.conn.take() {
-                    Some(conn) => Ok(Some((conn, participant.sent_level))),
-                    None => Err(XactError::Busy(target.node.clone())),
+            .map(
+                |target| match state.participants.get_mut(&target.node.node_id) {
+                    Some(participant) => match participant.conn.take() {
+                        Some(conn) => Ok(Some((conn, participant.sent_level))),
+                        None => Err(XactError::Busy(target.node.clone())),
+                    },
+                    None => {
+                        state.participants.insert(
+                            target.node.node_id,
+                            Participant {
+                                conn: None,
+                                prepared_gid: None,
+                                sent_level: 0,
+                            },
+                        );
+                        Ok(None)
+                    }
                 },
-                None => {
-                    state.participants.insert(
-                        target.node.node_id,
-                        Participant {
-                            conn: None,
-                            prepared_gid: None,
-                            sent_level: 0,
-                        },
-                    );
-                    Ok(None)
-                }
-            })
+            )
             .collect()
     });
     let mut previous_levels = Vec::with_capacity(targets.len());
@@ -368,9 +370,8 @@ fn gid_for(node_id: i32) -> String {
 
 /// XACT_EVENT_PRE_COMMIT: prepare or commit the participants; errors abort the transaction.
 pub fn pre_commit() {
-    let lost = with_state(|state| {
-        state.poisoned || state.participants.values().any(|p| p.conn.is_none())
-    });
+    let lost =
+        with_state(|state| state.poisoned || state.participants.values().any(|p| p.conn.is_none()));
     if lost {
         raise(XactError::Poisoned);
     }
