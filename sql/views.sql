@@ -37,3 +37,21 @@ FROM pgdist.dist_table t
 JOIN pgdist.colocation_group g USING (colocation_id)
 ORDER BY t.table_oid::text;
 COMMENT ON VIEW pgdist.tables IS 'One row per distributed or reference table; total_bytes sums every placement on the nodes.';
+
+CREATE VIEW pgdist.distributed_transactions AS
+SELECT coalesce(p.coordinator_pid, a.pid) AS coordinator_pid,
+       a.usename,
+       a.state AS coordinator_state,
+       a.xact_start,
+       p.node_id,
+       p.remote_pid,
+       p.remote_state,
+       to_timestamp(p.remote_since) AS remote_since,
+       p.remote_wait_event,
+       p.prepared_gid
+FROM pgdist.distributed_transaction_participants() p
+LEFT JOIN pg_catalog.pg_stat_activity a
+       ON a.pid = p.coordinator_pid
+       OR (p.coordinator_pid IS NULL AND a.backend_xid::text = p.local_xid)
+ORDER BY a.xact_start, coordinator_pid, p.node_id, p.remote_pid;
+COMMENT ON VIEW pgdist.distributed_transactions IS 'One row per node taking part in an open coordinator transaction (its backend there, or its prepared transaction waiting for COMMIT PREPARED).';

@@ -11,6 +11,8 @@ static ENABLE_DDL_PROPAGATION: GucSetting<bool> = GucSetting::<bool>::new(true);
 static MAX_CONNECTIONS_PER_NODE: GucSetting<i32> = GucSetting::<i32>::new(4);
 static SHARD_COUNT: GucSetting<i32> = GucSetting::<i32>::new(32);
 static REPLICATION_FACTOR: GucSetting<i32> = GucSetting::<i32>::new(1);
+static RECOVERY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+static DEADLOCK_DETECTION_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 static DEBUG_PAUSE_AT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init() {
@@ -69,6 +71,26 @@ pub fn init() {
         &LOG_REMOTE_COMMANDS,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgdist.recovery_interval",
+        c"How often the maintenance daemon resolves two-phase commits left in doubt by a crash.",
+        c"-1 turns automatic recovery off (pgdist.recover_prepared_transactions() still works).",
+        &RECOVERY_INTERVAL_MS,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pgdist.deadlock_detection_interval",
+        c"How often the maintenance daemon looks for deadlocks that span nodes.",
+        c"Waits shorter than deadlock_timeout are not considered. -1 turns detection off.",
+        &DEADLOCK_DETECTION_INTERVAL_MS,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_string_guc(
         c"pgdist.debug_pause_at",
@@ -134,6 +156,20 @@ pub fn replication_factor() -> i32 {
 
 pub fn log_remote_commands() -> bool {
     LOG_REMOTE_COMMANDS.get()
+}
+
+/// A `-1 = off` millisecond interval setting.
+fn interval(setting: &GucSetting<i32>) -> Option<std::time::Duration> {
+    let ms = setting.get();
+    (ms >= 0).then(|| std::time::Duration::from_millis(ms as u64))
+}
+
+pub fn recovery_interval() -> Option<std::time::Duration> {
+    interval(&RECOVERY_INTERVAL_MS)
+}
+
+pub fn deadlock_detection_interval() -> Option<std::time::Duration> {
+    interval(&DEADLOCK_DETECTION_INTERVAL_MS)
 }
 
 pub fn node_connect_timeout() -> std::time::Duration {

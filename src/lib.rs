@@ -11,6 +11,7 @@ pub mod distribution;
 pub mod error;
 pub mod executor;
 pub mod gucs;
+pub mod maintenance;
 pub mod metadata;
 pub mod planner;
 pub mod remote;
@@ -50,6 +51,7 @@ pub extern "C-unwind" fn _PG_init() {
     metadata::cache::init();
     planner::init();
     executor::init();
+    maintenance::init();
 }
 
 /// Required by `cargo pgrx test`: the server it starts must preload pgdist like every real node.

@@ -230,6 +230,27 @@ impl Server {
         self.running = false;
     }
 
+    /// Kills the postmaster and every process it started with SIGKILL, as a machine crash
+    /// would, and waits until they are all gone (so the server can start again at once).
+    pub fn crash(&self) {
+        let Some(postmaster) = self.postmaster_pid() else {
+            return;
+        };
+        let mut pids = vec![postmaster];
+        pids.extend(children_of(postmaster));
+        for pid in &pids {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline
+            && pids
+                .iter()
+                .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn is_running(&self) -> bool {
         self.running
     }
@@ -251,4 +272,24 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.pg_ctl_stop("immediate");
     }
+}
+
+/// The pids whose parent is `parent` (from /proc).
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // "pid (comm) state ppid ...": comm may contain spaces, so skip past ')'.
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split(' ').nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }

@@ -1,7 +1,8 @@
 //! Distributed writes and transactions on a real cluster: every DML kind checked against a plain
 //! PostgreSQL given the same statements, COPY of a million rows, transaction blocks with
-//! savepoints, a node failing at PREPARE, and crashes of the coordinator or a worker between
-//! PREPARE and COMMIT PREPARED resolved by `pgdist.recover_prepared_transactions()`.
+//! savepoints, a node failing at PREPARE, crashes of the coordinator or a worker between
+//! PREPARE and COMMIT PREPARED resolved by `pgdist.recover_prepared_transactions()` and by the
+//! maintenance daemon, a distributed deadlock, and a bank workload while a worker keeps crashing.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,8 @@ fn main() {
             let mut reference = cluster.reference.connect();
             run_on_both(&mut coordinator, &mut reference, SCHEMA);
             coordinator.batch_execute(DISTRIBUTE).unwrap();
+            // The crash tests call recovery themselves; the daemon's own test turns it back on.
+            set_recovery_interval(&cluster, "-1");
             cluster
         },
         tests![
@@ -32,6 +35,9 @@ fn main() {
             coordinator_crash_after_commit_decision_is_committed_by_recovery,
             coordinator_crash_before_commit_decision_is_rolled_back_by_recovery,
             worker_crash_after_prepare_is_committed_once_it_is_back,
+            the_maintenance_daemon_recovers_without_being_asked,
+            a_deadlock_across_two_nodes_cancels_exactly_one_transaction,
+            bank_transfers_stay_exact_while_a_worker_keeps_crashing,
         ],
     )
 }
@@ -46,6 +52,8 @@ CREATE TABLE colors (code text PRIMARY KEY, label text);
 CREATE TABLE days (day date NOT NULL, n int);
 CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
 CREATE TABLE big (id bigint, payload text);
+CREATE TABLE bank (id int PRIMARY KEY, balance bigint NOT NULL);
+CREATE TABLE transfers (id bigint PRIMARY KEY, source int NOT NULL, target int NOT NULL, amount bigint NOT NULL);
 INSERT INTO colors VALUES ('r', 'red'), ('g', 'green');
 ";
 
@@ -56,6 +64,8 @@ SELECT pgdist.create_reference_table('colors');
 SELECT pgdist.create_distributed_table('days', 'day', 'range', split_points => ARRAY['2024-03-01', '2024-06-01']);
 SELECT pgdist.create_distributed_table('accounts', 'id', shard_count => 4);
 SELECT pgdist.create_distributed_table('big', 'id', shard_count => 8);
+SELECT pgdist.create_distributed_table('bank', 'id', shard_count => 4);
+SELECT pgdist.create_distributed_table('transfers', 'id', shard_count => 4, colocate_with => 'none');
 ";
 
 /// Rows (as text) and the row counts of a statement's commands.
@@ -621,17 +631,10 @@ fn worker_crash_after_prepare_is_committed_once_it_is_back(cluster: &Cluster) {
     let (key1, key2, session) = paused_transaction(cluster, "before_commit_prepared:3000", 9000);
     wait_for("the commit decision", || decisions(cluster) == 2);
     let worker = &cluster.workers[1];
-    if let Some(pid) = worker.postmaster_pid() {
-        let _ = std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .output();
-    }
+    worker.crash();
     // The coordinator's COMMIT PREPARED fails on the dead worker: the client is told the
     // transaction committed (it did) and recovery finishes it.
     session.join().unwrap().unwrap();
-    wait_for("the worker to stop", || {
-        std::net::TcpStream::connect(("127.0.0.1", worker.port)).is_err()
-    });
     worker.ctl("start");
     assert_eq!(recover(cluster), 1);
     assert_eq!(prepared_on_workers(cluster), 0);
@@ -641,5 +644,235 @@ fn worker_crash_after_prepare_is_committed_once_it_is_back(cluster: &Cluster) {
             &format!("SELECT count(*) FROM accounts WHERE id IN ({key1}, {key2})")
         ),
         2
+    );
+}
+
+/// Sets `pgdist.recovery_interval` on the coordinator and waits until its daemon has it.
+fn set_recovery_interval(cluster: &Cluster, value: &str) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET pgdist.recovery_interval = '{value}'"
+        ))
+        .unwrap();
+    client.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn the_maintenance_daemon_recovers_without_being_asked(cluster: &Cluster) {
+    recover(cluster);
+    let (key1, key2, session) = paused_transaction(cluster, "before_commit_prepared", 11000);
+    wait_for("the commit decision", || {
+        decisions(cluster) == 2 && prepared_on_workers(cluster) == 2
+    });
+    crash_paused_coordinator_backend(cluster);
+    assert!(session.join().unwrap().is_err());
+    set_recovery_interval(cluster, "200ms");
+    let mut client = cluster.coordinator_client();
+    // Any query starts the daemon after a restart; it then recovers on its own.
+    wait_for("the daemon to commit both nodes", || {
+        prepared_on_workers(cluster) == 0
+    });
+    assert_eq!(
+        count(
+            &mut client,
+            &format!("SELECT count(*) FROM accounts WHERE id IN ({key1}, {key2})")
+        ),
+        2
+    );
+    wait_for("the decisions to be cleaned up", || decisions(cluster) == 0);
+    assert_eq!(
+        count(
+            &mut client,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pgdist maintenance'"
+        ),
+        1
+    );
+    set_recovery_interval(cluster, "-1");
+}
+
+fn a_deadlock_across_two_nodes_cancels_exactly_one_transaction(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    let (key1, _) = key_on(&mut client, &cluster.workers[0], 13000);
+    let (key2, _) = key_on(&mut client, &cluster.workers[1], 13000);
+    client
+        .execute(
+            "INSERT INTO accounts VALUES ($1, 100), ($2, 100)",
+            &[&key1, &key2],
+        )
+        .unwrap();
+    // Each session locks its first row, then waits for the other session's row on the other
+    // node: no single node sees the cycle.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let sessions: Vec<_> = [(key1, key2), (key2, key1)]
+        .into_iter()
+        .map(|(first, second)| {
+            let conninfo = cluster.coordinator.conninfo();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || -> Result<(), postgres::Error> {
+                let mut session = Client::connect(&conninfo, postgres::NoTls)?;
+                let mut tx = session.transaction()?;
+                tx.execute(
+                    "UPDATE accounts SET balance = balance - 1 WHERE id = $1",
+                    &[&first],
+                )?;
+                barrier.wait();
+                tx.execute(
+                    "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                    &[&second],
+                )?;
+                tx.commit()
+            })
+        })
+        .collect();
+    barrier.wait();
+    let started = Instant::now();
+    // While they wait, the view shows both transactions and the lock waits on the nodes.
+    std::thread::sleep(Duration::from_millis(300));
+    let waiting = count(
+        &mut client,
+        "SELECT count(DISTINCT coordinator_pid) FROM pgdist.distributed_transactions
+         WHERE remote_wait_event LIKE 'Lock:%' AND coordinator_state = 'active'",
+    );
+    let outcomes: Vec<_> = sessions.into_iter().map(|s| s.join().unwrap()).collect();
+    println!("deadlock resolved after {:?}", started.elapsed());
+    assert_eq!(waiting, 2, "both transactions wait on a node");
+    let errors: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "exactly one transaction is cancelled: {outcomes:?}"
+    );
+    assert_eq!(sqlstate(errors[0]), "40P01");
+    assert!(
+        format!("{:?}", errors[0]).contains("distributed deadlock"),
+        "{:?}",
+        errors[0]
+    );
+    assert_eq!(
+        count(
+            &mut client,
+            &format!("SELECT sum(balance)::bigint FROM accounts WHERE id IN ({key1}, {key2})")
+        ),
+        200
+    );
+    assert_eq!(
+        count(
+            &mut client,
+            "SELECT count(*) FROM pgdist.distributed_transactions"
+        ),
+        0
+    );
+}
+
+fn bank_transfers_stay_exact_while_a_worker_keeps_crashing(cluster: &Cluster) {
+    const ACCOUNTS: i32 = 40;
+    const CLIENTS: usize = 4;
+    let mut client = cluster.coordinator_client();
+    client
+        .execute(
+            "INSERT INTO bank SELECT g, 1000 FROM generate_series(1, $1) g",
+            &[&ACCOUNTS],
+        )
+        .unwrap();
+    set_recovery_interval(cluster, "500ms");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS as i64)
+        .map(|c| {
+            let conninfo = cluster.coordinator.conninfo();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut session = Client::connect(&conninfo, postgres::NoTls).unwrap();
+                let (mut acknowledged, mut failed) = (Vec::new(), 0);
+                let mut n: i64 = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let id = c * 1_000_000 + n;
+                    let source = (id * 7 % i64::from(ACCOUNTS)) as i32 + 1;
+                    let target = (id * 13 % i64::from(ACCOUNTS)) as i32 + 1;
+                    let amount = id % 50 + 1;
+                    let transfer = (|| -> Result<(), postgres::Error> {
+                        let mut tx = session.transaction()?;
+                        tx.execute(
+                            "UPDATE bank SET balance = balance - $2 WHERE id = $1",
+                            &[&source, &amount],
+                        )?;
+                        tx.execute(
+                            "UPDATE bank SET balance = balance + $2 WHERE id = $1",
+                            &[&target, &amount],
+                        )?;
+                        tx.execute(
+                            "INSERT INTO transfers VALUES ($1, $2, $3, $4)",
+                            &[&id, &source, &target, &amount],
+                        )?;
+                        tx.commit()
+                    })();
+                    match transfer {
+                        Ok(()) => acknowledged.push(id),
+                        Err(err) => {
+                            failed += 1;
+                            assert!(
+                                !sqlstate(&err).starts_with("XX"),
+                                "transfer {id} failed badly: {err:?}"
+                            );
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                }
+                (acknowledged, failed)
+            })
+        })
+        .collect();
+    let worker = &cluster.workers[1];
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        worker.crash();
+        std::thread::sleep(Duration::from_millis(500));
+        worker.ctl("start");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acknowledged = Vec::new();
+    let mut failed = 0;
+    for handle in clients {
+        let (ids, errors) = handle.join().unwrap();
+        acknowledged.extend(ids);
+        failed += errors;
+    }
+    println!(
+        "bank: {} transfers acknowledged, {failed} failed while the worker was down",
+        acknowledged.len()
+    );
+    assert!(acknowledged.len() > 50, "the workload made progress");
+    wait_for("nothing left in doubt", || {
+        prepared_on_workers(cluster) == 0
+    });
+    set_recovery_interval(cluster, "-1");
+    assert_eq!(
+        count(&mut client, "SELECT sum(balance)::bigint FROM bank"),
+        i64::from(ACCOUNTS) * 1000,
+        "money is neither created nor lost"
+    );
+    let mut stored: Vec<i64> = client
+        .query("SELECT id FROM transfers", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    stored.sort_unstable();
+    acknowledged.sort_unstable();
+    assert_eq!(
+        stored, acknowledged,
+        "exactly the acknowledged transfers are stored"
+    );
+    // Every balance is explained by the stored transfers.
+    assert_eq!(
+        count(
+            &mut client,
+            "SELECT count(*) FROM bank b WHERE b.balance <> 1000
+               - coalesce((SELECT sum(amount) FROM transfers WHERE source = b.id), 0)
+               + coalesce((SELECT sum(amount) FROM transfers WHERE target = b.id), 0)"
+        ),
+        0
     );
 }

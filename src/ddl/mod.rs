@@ -88,6 +88,14 @@ unsafe extern "C-unwind" fn process_utility(
             None => {}
         }
     }
+    // SAFETY: as above; the database name is copied before the statement runs.
+    unsafe {
+        let node = (*pstmt).utilityStmt;
+        if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_DropdbStmt {
+            let name = std::ffi::CStr::from_ptr((*node.cast::<pg_sys::DropdbStmt>()).dbname);
+            crate::maintenance::stop_for_database(&name.to_string_lossy());
+        }
+    }
     // SAFETY: pstmt and query_string are valid for the duration of the call (PostgreSQL's
     // contract for this hook); everything we read from them is copied before the statement runs.
     let propagation = unsafe {

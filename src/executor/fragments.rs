@@ -60,6 +60,7 @@ impl FragmentStream {
         connections_per_node: usize,
     ) -> FragmentStream {
         let (sender, messages) = mpsc::channel(CHANNEL_ROWS);
+        connection::notice_closed_connections();
         let (transactional, work): (Vec<_>, Vec<_>) = work
             .into_iter()
             .partition(|(target, _)| remote_xact::is_participant(target.node.node_id));

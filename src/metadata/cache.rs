@@ -77,6 +77,7 @@ pub fn with_tables<R>(f: impl FnOnce(&HashMap<pg_sys::Oid, DistTable>) -> R) -> 
         let Some(catalog_relid) = catalog_relid() else {
             return f(&empty);
         };
+        crate::maintenance::ensure_running();
         LOADING.set(true);
         let result = tables::all_tables();
         LOADING.set(false);

@@ -31,6 +31,7 @@ impl NodeTarget {
             port: node.port,
             dbname,
             user,
+            application_name: crate::transaction::activity::application_name(),
         };
         let config = params.to_config(
             &crate::gucs::node_conninfo(),
@@ -134,6 +135,17 @@ thread_local! {
 
 fn with_idle<R>(f: impl FnOnce(&mut HashMap<CacheKey, Vec<NodeConnection>>) -> R) -> R {
     IDLE.with(|idle| f(&mut idle.borrow_mut()))
+}
+
+/// Lets the connections' driver tasks run for a moment, so that cached connections whose node
+/// went away since their last use (restart, crash) are seen as closed by [`take_cached`]
+/// instead of failing the next command. Call it before taking connections, outside async code.
+pub fn notice_closed_connections() {
+    let _ = crate::remote::runtime::block_on(async {
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+    });
 }
 
 /// An idle cached connection for `target`, if there is a live one.

@@ -10,7 +10,15 @@ use crate::remote::quote::quote_conninfo_value;
 use crate::remote::RemoteError;
 
 /// Keys pgdist sets itself; `pgdist.node_conninfo` may not override them.
-const RESERVED_KEYS: &[&str] = &["host", "hostaddr", "port", "dbname", "user", "password"];
+const RESERVED_KEYS: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+];
 
 /// Splits a libpq `key=value key2='quoted value'` string into pairs.
 pub fn parse_conninfo(text: &str) -> Result<Vec<(String, String)>, RemoteError> {
@@ -66,6 +74,7 @@ pub struct ConnectParams {
     pub port: u16,
     pub dbname: String,
     pub user: String,
+    pub application_name: String,
 }
 
 impl ConnectParams {
@@ -104,9 +113,8 @@ impl ConnectParams {
             .port(self.port)
             .dbname(&self.dbname)
             .user(&self.user);
-        if config.get_application_name().is_none() {
-            config.application_name("pgdist");
-        }
+        // Tells the nodes which coordinator backend each of their sessions works for.
+        config.application_name(&self.application_name);
         if !has_timeout {
             config.connect_timeout(default_connect_timeout);
         }
@@ -175,6 +183,7 @@ mod unit {
             port: 5433,
             dbname: "app".into(),
             user: "alice".into(),
+            application_name: "pgdist:1:2".into(),
         }
     }
 
@@ -218,6 +227,6 @@ mod unit {
             config.get_connect_timeout(),
             Some(&std::time::Duration::from_secs(3))
         );
-        assert_eq!(config.get_application_name(), Some("pgdist"));
+        assert_eq!(config.get_application_name(), Some("pgdist:1:2"));
     }
 }

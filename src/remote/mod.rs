@@ -54,6 +54,7 @@ pub fn run_each(work: &[(NodeTarget, String)]) -> Vec<NodeOutcome> {
             pgrx::log!("pgdist: issuing on {}: {}", target.node, sql);
         }
     }
+    connection::notice_closed_connections();
     let cached: Vec<_> = work
         .iter()
         .map(|(target, _)| connection::take_cached(target))

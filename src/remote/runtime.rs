@@ -133,8 +133,15 @@ pub fn block_on<F: Future>(future: F) -> Result<F::Output, RemoteError> {
     })
 }
 
-/// Raises PostgreSQL's own error for the pending interrupt (or ours if it is held off).
+/// Raises PostgreSQL's own error for the pending interrupt (or ours if it is held off) — or,
+/// when the deadlock detector cancelled this backend, a deadlock error that says so.
 pub fn raise_interrupt() -> ! {
+    if crate::transaction::deadlock::take_victim_mark() {
+        // SAFETY: clearing the flag the cancel set, as ProcessInterrupts would; our error
+        // replaces the generic "canceling statement due to user request".
+        unsafe { std::ptr::write_volatile(&raw mut pg_sys::QueryCancelPending, 0) };
+        crate::error::raise(crate::transaction::deadlock::DeadlockError::Victim);
+    }
     pgrx::check_for_interrupts!();
     crate::error::raise(RemoteError::Interrupted)
 }

@@ -6,6 +6,8 @@
 //! one-phase when a single node took part and nothing changed locally, otherwise two-phase (see
 //! `docs/two-phase-commit.md`).
 
+pub mod activity;
+pub mod deadlock;
 pub mod recovery;
 pub mod remote_xact;
 
@@ -27,10 +29,14 @@ unsafe extern "C-unwind" fn on_xact_event(
 ) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT => remote_xact::pre_commit(),
-        pg_sys::XactEvent::XACT_EVENT_COMMIT => remote_xact::after_commit(),
+        pg_sys::XactEvent::XACT_EVENT_COMMIT => {
+            remote_xact::after_commit();
+            crate::maintenance::at_transaction_end(true);
+        }
         pg_sys::XactEvent::XACT_EVENT_ABORT => {
             crate::remote::on_abort();
             remote_xact::after_abort();
+            crate::maintenance::at_transaction_end(false);
         }
         pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => remote_xact::refuse_prepare(),
         _ => {}

@@ -17,6 +17,7 @@ use crate::cluster::target_for;
 use crate::metadata::nodes;
 use crate::remote::quote::quote_literal;
 use crate::remote::{rows_as_text, run_each};
+use crate::transaction::activity::like_prefix;
 use crate::transaction::remote_xact::coordinator_gid_prefix;
 
 /// The local xid encoded in one of our GIDs.
@@ -26,6 +27,9 @@ fn xid_of(gid: &str, prefix: &str) -> Option<u32> {
 
 /// Resolves every in-doubt transaction on every reachable primary node; the number resolved.
 pub fn recover() -> i64 {
+    // One recovery at a time (the daemon and a manual call could otherwise race).
+    Spi::run("SELECT pg_catalog.pg_advisory_xact_lock(1886741609, 2)")
+        .unwrap_or_else(|err| pgrx::error!("pgdist: locking recovery: {err}"));
     let prefix = coordinator_gid_prefix();
     let decided: HashSet<(String, i32)> = Spi::connect(|client| {
         client
@@ -51,7 +55,7 @@ pub fn recover() -> i64 {
         .unwrap_or_else(|err| crate::error::raise(err));
     let list = format!(
         "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE gid LIKE {} AND database = current_database()",
-        quote_literal(&format!("{}%", prefix.replace('_', "\\_")))
+        like_prefix(&prefix)
     );
     let listings = run_each(
         &targets
@@ -81,13 +85,15 @@ pub fn recover() -> i64 {
             let Some(xid) = xid_of(&gid, &prefix) else {
                 continue;
             };
-            let command = if decided.contains(&(gid.clone(), target.node.node_id)) {
-                "COMMIT PREPARED"
-            } else if transaction_running(xid) {
-                still_prepared.insert(gid);
-                continue;
-            } else {
-                "ROLLBACK PREPARED"
+            let command = match local_outcome(xid) {
+                _ if decided.contains(&(gid.clone(), target.node.node_id)) => "COMMIT PREPARED",
+                LocalOutcome::Running => {
+                    still_prepared.insert(gid);
+                    continue;
+                }
+                // Committed after the decisions were read: the decision row exists now.
+                LocalOutcome::Committed => "COMMIT PREPARED",
+                LocalOutcome::NotCommitted => "ROLLBACK PREPARED",
             };
             work.push((target.clone(), format!("{command} {}", quote_literal(&gid))));
             still_prepared.insert(gid);
@@ -97,6 +103,8 @@ pub fn recover() -> i64 {
     for ((target, sql), outcome) in work.iter().zip(run_each(&work)) {
         match outcome {
             Ok(_) => resolved += 1,
+            // The coordinator backend finished it itself meanwhile.
+            Err(err) if finished_elsewhere(&err) => {}
             Err(err) => pgrx::warning!("pgdist: {sql} on {} failed: {err}", target.node),
         }
     }
@@ -116,10 +124,38 @@ pub fn recover() -> i64 {
     resolved
 }
 
-/// True while local transaction `xid` is still running (it may yet record its decision).
-fn transaction_running(xid: u32) -> bool {
-    // SAFETY: a lookup in the shared proc array.
-    unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(xid)) }
+enum LocalOutcome {
+    /// Still running: it may yet commit and record its decision.
+    Running,
+    Committed,
+    /// Rolled back, or ended by a crash before it committed.
+    NotCommitted,
+}
+
+/// What became of local transaction `xid`.
+fn local_outcome(xid: u32) -> LocalOutcome {
+    let xid = pg_sys::TransactionId::from(xid);
+    // SAFETY: lookups in the shared proc array and the commit log; xids older than the commit
+    // log's horizon are not looked up (they are long finished, and the decision table covers
+    // the committed ones).
+    unsafe {
+        if pg_sys::TransactionIdIsInProgress(xid) {
+            LocalOutcome::Running
+        } else if !pg_sys::TransactionIdPrecedes(xid, (*pg_sys::ShmemVariableCache).oldestClogXid)
+            && pg_sys::TransactionIdDidCommit(xid)
+        {
+            LocalOutcome::Committed
+        } else {
+            LocalOutcome::NotCommitted
+        }
+    }
+}
+
+/// True for the errors of `COMMIT PREPARED` / `ROLLBACK PREPARED` on a transaction another
+/// session finished (or is finishing) first.
+pub fn finished_elsewhere(err: &crate::remote::RemoteError) -> bool {
+    matches!(err, crate::remote::RemoteError::Worker { sqlstate, .. }
+        if sqlstate == "42704" || sqlstate == "55000")
 }
 
 /// Commits or rolls back the two-phase transactions a crash left in doubt on the nodes, and

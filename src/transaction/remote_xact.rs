@@ -188,6 +188,7 @@ fn opening_statements(from: i32, to: i32) -> String {
 /// Lends the participant connections for `targets` (one per node, in the same order), opening
 /// connections for nodes new to the transaction. Nothing is sent yet: see [`Checkout`].
 pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
+    connection::notice_closed_connections();
     let level = nest_level();
     // Take the existing participants' connections; register new nodes (without a connection
     // yet, so that a failure below leaves the transaction unable to commit).
@@ -474,8 +475,12 @@ fn record_commit_decision(gids: &[String]) {
     if let Err(err) = result {
         pgrx::error!("pgdist could not record the commit decision: {err}");
     }
-    // SAFETY: flushes this backend's WAL up to the current insert position.
-    unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
+    // The insert's WAL record carries our xid: once flushed, a crash cannot hand the xid out
+    // again, so recovery can tell a crashed transaction from a later one.
+    // SAFETY: flushes WAL up to the end of this backend's last record (the insert above), which
+    // is written already (the insert position itself may lie beyond a page header not yet
+    // written, which XLogFlush refuses).
+    unsafe { pg_sys::XLogFlush(pg_sys::XactLastRecEnd) };
 }
 
 /// XACT_EVENT_COMMIT: the local commit is durable; finish the prepared participants. Failures
@@ -502,6 +507,8 @@ pub fn after_commit() {
         Ok(results) => results
             .into_iter()
             .filter_map(Result::err)
+            // Recovery got there first: it commits exactly what we would.
+            .filter(|e| !super::recovery::finished_elsewhere(e))
             .map(|e| e.to_string())
             .collect(),
         Err(_) => vec!["interrupted".to_string()],

@@ -1,0 +1,224 @@
+//! The maintenance daemon: one background worker per database with pgdist that resolves
+//! in-doubt two-phase commits and breaks distributed deadlocks.
+//!
+//! Nothing needs configuring. The first transaction of a backend that loads pgdist's catalog
+//! ([`ensure_running`]) checks at its commit ([`at_commit`]; earlier, a `CREATE EXTENSION` in
+//! progress would not be visible to the daemon yet) whether the database's daemon runs — the
+//! daemon holds a session-level advisory lock for its database, so "runs" means "the lock is
+//! taken" — and registers it if not. The daemon connects as the bootstrap superuser, which therefore
+//! needs to be able to connect to every node like the users do. It exits when pgdist is dropped
+//! from its database, and `DROP DATABASE` stops it first ([`stop_for_database`]). An ERROR in a
+//! round ends the process; PostgreSQL starts it again after [`RESTART_AFTER`].
+//!
+//! Every round, each task runs when its interval has passed: 2PC recovery every
+//! `pgdist.recovery_interval`, deadlock detection every `pgdist.deadlock_detection_interval`.
+
+use std::cell::{Cell, RefCell};
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+
+use crate::transaction::{deadlock, recovery};
+
+/// The daemon's backend type, as `pg_stat_activity.backend_type` shows it.
+pub const BACKEND_TYPE: &str = "pgdist maintenance";
+/// How soon PostgreSQL restarts a daemon that failed.
+const RESTART_AFTER: Duration = Duration::from_secs(5);
+/// The advisory lock key (classid, objid) the daemon holds in its database.
+const LOCK_KEY: (u32, u32) = (0x7067_6469, 1);
+
+thread_local! {
+    /// This backend made sure the daemon runs.
+    static CHECKED: Cell<bool> = const { Cell::new(false) };
+    /// The current transaction loaded pgdist's catalog: check at commit (in this database).
+    static WANTED: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+pub fn init() {
+    deadlock::init_shared_memory();
+}
+
+fn daemon_lock() -> pg_sys::LOCKTAG {
+    pg_sys::LOCKTAG {
+        // SAFETY: MyDatabaseId is set once the backend is connected to a database.
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: LOCK_KEY.0,
+        locktag_field3: LOCK_KEY.1,
+        // Like pg_advisory_lock(int4, int4).
+        locktag_field4: 2,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    }
+}
+
+/// Takes the daemon lock for the session without waiting; false when someone holds it.
+fn try_take_daemon_lock() -> bool {
+    let tag = daemon_lock();
+    // SAFETY: a session-level advisory lock on a tag we own; dontWait never sleeps.
+    let result = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, true, true) };
+    result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
+/// Asks for this database's daemon to be started at commit unless it runs already. Called when
+/// a backend loads pgdist's catalog; cheap once the backend has checked.
+pub fn ensure_running() {
+    if !CHECKED.get() && WANTED.with_borrow(Option::is_none) {
+        WANTED.set(Some(crate::cluster::current_database_name()));
+    }
+}
+
+/// At the end of a transaction: start the daemon if [`ensure_running`] asked for it and the
+/// transaction committed.
+pub fn at_transaction_end(committed: bool) {
+    if let (Some(database), true) = (WANTED.take(), committed) {
+        CHECKED.set(true);
+        start_unless_running(&database);
+    }
+}
+
+fn start_unless_running(database: &str) {
+    // SAFETY: plain reads of backend state.
+    let (standby, is_worker) = unsafe {
+        (
+            pg_sys::RecoveryInProgress(),
+            !pg_sys::MyBgworkerEntry.is_null(),
+        )
+    };
+    if standby || is_worker || !try_take_daemon_lock() {
+        return;
+    }
+    let tag = daemon_lock();
+    // SAFETY: releases the session lock taken just above.
+    unsafe { pg_sys::LockRelease(&tag, pg_sys::ExclusiveLock as i32, true) };
+    let started = BackgroundWorkerBuilder::new(&format!("pgdist maintenance daemon ({database})"))
+        .set_type(BACKEND_TYPE)
+        .set_library("pgdist")
+        .set_function("pgdist_maintenance_main")
+        .enable_spi_access()
+        // SAFETY: MyDatabaseId is set once the backend is connected to a database.
+        .set_argument(Some(pg_sys::Datum::from(
+            unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        )))
+        .set_restart_time(Some(RESTART_AFTER))
+        .load_dynamic();
+    if started.is_err() {
+        pgrx::log!(
+            "pgdist: could not start the maintenance daemon for database {database}; \
+             raise max_worker_processes"
+        );
+    }
+}
+
+/// `DROP DATABASE` waits for every session of the database to end: stop its daemon first.
+pub fn stop_for_database(database: &str) {
+    let pids = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT pid FROM pg_catalog.pg_stat_activity WHERE datname = $1 AND backend_type = $2",
+                None,
+                &[database.into(), BACKEND_TYPE.into()],
+            )?
+            .map(|row| row.get::<i32>(1))
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })
+    .unwrap_or_default();
+    for pid in pids.into_iter().flatten() {
+        // SAFETY: SIGTERM asks a background worker to exit; the pid belongs to one of ours.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
+
+/// True when the pgdist extension is installed in the daemon's database.
+fn installed() -> bool {
+    // SAFETY: a syscache lookup by name inside the round's transaction.
+    unsafe { pg_sys::get_extension_oid(c"pgdist".as_ptr(), true) != pg_sys::InvalidOid }
+}
+
+/// A task that runs every `interval()` (never when it is None).
+struct Periodic {
+    interval: fn() -> Option<Duration>,
+    next: Instant,
+    run: fn(),
+}
+
+impl Periodic {
+    fn due(&self, now: Instant) -> bool {
+        (self.interval)().is_some() && now >= self.next
+    }
+}
+
+/// The daemon's entry point (`bgw_function_name`); the argument is the database oid.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pgdist_maintenance_main(argument: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = pg_sys::Oid::from(argument.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
+    let unique = BackgroundWorker::transaction(try_take_daemon_lock);
+    if !unique {
+        return;
+    }
+    let start = Instant::now();
+    let mut tasks = [
+        Periodic {
+            interval: crate::gucs::recovery_interval,
+            next: start,
+            run: || {
+                let resolved = recovery::recover();
+                if resolved > 0 {
+                    pgrx::log!("pgdist: recovered {resolved} prepared transactions");
+                }
+            },
+        },
+        Periodic {
+            interval: crate::gucs::deadlock_detection_interval,
+            next: start,
+            run: || {
+                deadlock::detect();
+            },
+        },
+    ];
+    loop {
+        let now = Instant::now();
+        let mut keep_going = true;
+        for task in tasks.iter_mut().filter(|t| t.due(now)) {
+            let run = task.run;
+            keep_going = BackgroundWorker::transaction(move || {
+                if !installed() {
+                    return false;
+                }
+                run();
+                true
+            });
+            if !keep_going {
+                break;
+            }
+            task.next = Instant::now() + (task.interval)().unwrap_or_default();
+        }
+        if !keep_going {
+            pgrx::log!("pgdist: extension dropped, maintenance daemon exits");
+            return;
+        }
+        let sleep = tasks
+            .iter()
+            .filter(|t| (t.interval)().is_some())
+            .map(|t| t.next.saturating_duration_since(Instant::now()))
+            .min()
+            .unwrap_or(Duration::from_secs(60))
+            .max(Duration::from_millis(10));
+        if !BackgroundWorker::wait_latch(Some(sleep)) {
+            return;
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: re-reads the configuration files, as every backend does on SIGHUP.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            // New intervals apply from now on.
+            for task in tasks.iter_mut() {
+                task.next = task
+                    .next
+                    .min(Instant::now() + (task.interval)().unwrap_or_default());
+            }
+        }
+    }
+}
