@@ -14,6 +14,7 @@ pub mod remote_xact;
 use pgrx::pg_sys;
 
 pub fn init() {
+    remote_xact::init_shared_memory();
     // SAFETY: called once from _PG_init in the postmaster (preload); the callbacks are plain
     // functions with 'static lifetime and take no argument.
     unsafe {

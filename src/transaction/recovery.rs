@@ -1,13 +1,15 @@
 //! Resolving two-phase commits left in doubt by a crash.
 //!
 //! Every prepared transaction this coordinator started is named
-//! `pgdist_<coordinator system id>_<local xid>_<node id>`. For each one still prepared on a
-//! node: if its decision row exists in `pgdist.transaction_decision` the coordinator committed,
-//! so it is committed; if there is no row and the local transaction is no longer running, the
-//! coordinator never committed, so it is rolled back; a transaction still running is left
-//! alone. Decision rows whose transaction is no longer prepared anywhere are deleted — read
-//! before listing the nodes' prepared transactions, so a row is never deleted while its
-//! transaction could still be waiting for `COMMIT PREPARED`.
+//! `pgdist_<coordinator system id>_<local xid>_<server lifetime>_<node id>`. For each one still
+//! prepared on a node: if its decision row exists in `pgdist.transaction_decision` the
+//! coordinator committed, so it is committed. Otherwise, if it was prepared before the server's
+//! last (crash) restart it never committed and is rolled back; if it is from the current run, a
+//! transaction still running is left alone, one the commit log shows committed (after the
+//! decision rows were read) is committed, and the rest are rolled back. Decision rows whose
+//! transaction is no longer prepared anywhere are deleted — read before listing the nodes'
+//! prepared transactions, so a row is never deleted while its transaction could still be
+//! waiting for `COMMIT PREPARED`.
 
 use std::collections::HashSet;
 
@@ -18,11 +20,15 @@ use crate::metadata::nodes;
 use crate::remote::quote::quote_literal;
 use crate::remote::{rows_as_text, run_each};
 use crate::transaction::activity::like_prefix;
-use crate::transaction::remote_xact::coordinator_gid_prefix;
+use crate::transaction::remote_xact::{coordinator_gid_prefix, server_lifetime};
 
-/// The local xid encoded in one of our GIDs.
-fn xid_of(gid: &str, prefix: &str) -> Option<u32> {
-    gid.strip_prefix(prefix)?.split('_').next()?.parse().ok()
+/// The local xid and server lifetime encoded in one of our GIDs
+/// (`<prefix><xid>_<lifetime>_<node id>`).
+fn xid_and_lifetime_of(gid: &str, prefix: &str) -> Option<(u32, Option<u64>)> {
+    let mut parts = gid.strip_prefix(prefix)?.split('_');
+    let xid = parts.next()?.parse().ok()?;
+    let lifetime = parts.next().and_then(|l| l.parse().ok());
+    Some((xid, lifetime))
 }
 
 /// Resolves every in-doubt transaction on every reachable primary node; the number resolved.
@@ -82,18 +88,25 @@ pub fn recover() -> i64 {
             .into_iter()
             .filter_map(|r| r.into_iter().next().flatten())
         {
-            let Some(xid) = xid_of(&gid, &prefix) else {
+            let Some((xid, lifetime)) = xid_and_lifetime_of(&gid, &prefix) else {
                 continue;
             };
-            let command = match local_outcome(xid) {
-                _ if decided.contains(&(gid.clone(), target.node.node_id)) => "COMMIT PREPARED",
-                LocalOutcome::Running => {
-                    still_prepared.insert(gid);
-                    continue;
+            let command = if decided.contains(&(gid.clone(), target.node.node_id)) {
+                "COMMIT PREPARED"
+            } else if lifetime != Some(server_lifetime()) {
+                // Prepared before the last (crash) restart and never decided: its xid may have
+                // been handed out again since, so only the decision counts.
+                "ROLLBACK PREPARED"
+            } else {
+                match local_outcome(xid) {
+                    LocalOutcome::Running => {
+                        still_prepared.insert(gid);
+                        continue;
+                    }
+                    // Committed after the decisions were read: the decision row exists now.
+                    LocalOutcome::Committed => "COMMIT PREPARED",
+                    LocalOutcome::NotCommitted => "ROLLBACK PREPARED",
                 }
-                // Committed after the decisions were read: the decision row exists now.
-                LocalOutcome::Committed => "COMMIT PREPARED",
-                LocalOutcome::NotCommitted => "ROLLBACK PREPARED",
             };
             work.push((target.clone(), format!("{command} {}", quote_literal(&gid))));
             still_prepared.insert(gid);

@@ -11,8 +11,10 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PgAtomic};
 
 use crate::error::{raise, PgError};
 use crate::remote::connection::{self, NodeConnection};
@@ -362,11 +364,41 @@ pub fn coordinator_gid_prefix() -> String {
         as i64)
 }
 
-/// The global transaction id for the current local transaction on `node_id`.
+// SAFETY: the name is unique to pgdist's shared memory.
+static SERVER_LIFETIME: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pgdist_server_lifetime") };
+
+/// Shared memory for [`server_lifetime`]; called from _PG_init.
+#[allow(unexpected_cfgs)] // pg_shmem_init! tests features of every PostgreSQL version
+pub fn init_shared_memory() {
+    // Evaluated each time shared memory is created: at start-up and after every crash restart.
+    pg_shmem_init!(
+        SERVER_LIFETIME = AtomicU64::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as u64)
+        )
+    );
+}
+
+/// Identifies this run of the server: it changes at every start and crash restart (when xids
+/// not yet flushed to WAL may be handed out again).
+pub fn server_lifetime() -> u64 {
+    SERVER_LIFETIME.get().load(Ordering::Relaxed)
+}
+
+/// The global transaction id for the current local transaction on `node_id`:
+/// `pgdist_<system id>_<local xid>_<server lifetime>_<node id>`. The lifetime keeps an xid that a
+/// crash let the server hand out again from ever naming an older transaction.
 fn gid_for(node_id: i32) -> String {
     // SAFETY: called at pre-commit inside a live transaction; assigning an xid is allowed there.
     let xid = unsafe { pg_sys::GetTopTransactionId() };
-    format!("{}{}_{}", coordinator_gid_prefix(), u32::from(xid), node_id)
+    format!(
+        "{}{}_{}_{}",
+        coordinator_gid_prefix(),
+        u32::from(xid),
+        server_lifetime(),
+        node_id
+    )
 }
 
 /// XACT_EVENT_PRE_COMMIT: prepare or commit the participants; errors abort the transaction.
@@ -475,12 +507,6 @@ fn record_commit_decision(gids: &[String]) {
     if let Err(err) = result {
         pgrx::error!("pgdist could not record the commit decision: {err}");
     }
-    // The insert's WAL record carries our xid: once flushed, a crash cannot hand the xid out
-    // again, so recovery can tell a crashed transaction from a later one.
-    // SAFETY: flushes WAL up to the end of this backend's last record (the insert above), which
-    // is written already (the insert position itself may lie beyond a page header not yet
-    // written, which XLogFlush refuses).
-    unsafe { pg_sys::XLogFlush(pg_sys::XactLastRecEnd) };
 }
 
 /// XACT_EVENT_COMMIT: the local commit is durable; finish the prepared participants. Failures
