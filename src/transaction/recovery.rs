@@ -177,3 +177,20 @@ pub fn finished_elsewhere(err: &crate::remote::RemoteError) -> bool {
 fn recover_prepared_transactions() -> i64 {
     recover()
 }
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn gids_give_their_xid_and_lifetime() {
+        let prefix = "pgdist_7_";
+        assert_eq!(
+            xid_and_lifetime_of("pgdist_7_123_456_2", prefix),
+            Some((123, Some(456)))
+        );
+        // A GID from before lifetimes were recorded only counts through its decision.
+        assert_eq!(xid_and_lifetime_of("pgdist_7_123", prefix), Some((123, None)));
+        assert_eq!(xid_and_lifetime_of("pgdist_8_123_456_2", prefix), None);
+    }
+}
