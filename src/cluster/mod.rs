@@ -179,6 +179,17 @@ pub fn target_for(node: NodeAddress) -> Result<NodeTarget, RemoteError> {
     Ok(target)
 }
 
+/// How to reach every primary node as the current user; raises on a catalog or conninfo error.
+pub fn primary_targets() -> Vec<NodeTarget> {
+    let nodes =
+        crate::metadata::nodes::primary_nodes().unwrap_or_else(|err| crate::error::raise(err));
+    nodes
+        .iter()
+        .map(|n| target_for(n.address.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|err| crate::error::raise(err))
+}
+
 /// In-server tests; the multi-node behaviour is tested on real clusters in `pg_test/`.
 #[cfg(any(test, feature = "pg_test"))]
 #[pgrx::pg_schema]

@@ -8,8 +8,7 @@
 
 use pgrx::prelude::*;
 
-use crate::cluster::target_for;
-use crate::metadata::nodes;
+use crate::cluster::primary_targets;
 use crate::remote::quote::quote_literal;
 use crate::remote::{rows_as_text, run_on_each};
 use crate::transaction::remote_xact::coordinator_gid_prefix;
@@ -96,12 +95,7 @@ fn distributed_transaction_participants() -> TableIterator<
         name!(prepared_gid, Option<String>),
     ),
 > {
-    let nodes = nodes::primary_nodes().unwrap_or_else(|err| crate::error::raise(err));
-    let targets = nodes
-        .iter()
-        .map(|n| target_for(n.address.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap_or_else(|err| crate::error::raise(err));
+    let targets = primary_targets();
     let apps = application_name_prefix();
     let gids = coordinator_gid_prefix();
     let mut rows: Vec<ParticipantRow> = Vec::new();

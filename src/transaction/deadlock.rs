@@ -18,8 +18,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic};
 
-use crate::cluster::target_for;
-use crate::metadata::nodes;
+use crate::cluster::primary_targets;
 use crate::remote::{rows_as_text, run_on_each};
 use crate::transaction::activity;
 
@@ -109,15 +108,10 @@ struct Edge {
 /// Collects the wait-for graph, breaks every distributed cycle, returns the victims' pids.
 pub fn detect() -> Vec<i32> {
     clear_victim_marks();
-    let nodes = nodes::primary_nodes().unwrap_or_else(|err| crate::error::raise(err));
-    if nodes.is_empty() {
+    let targets = primary_targets();
+    if targets.is_empty() {
         return Vec::new();
     }
-    let targets = nodes
-        .iter()
-        .map(|n| target_for(n.address.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap_or_else(|err| crate::error::raise(err));
     // SAFETY: a plain read of the deadlock_timeout setting (milliseconds).
     let patience = i64::from(unsafe { pg_sys::DeadlockTimeout });
     let prefix = activity::application_name_prefix();

@@ -15,8 +15,7 @@ use std::collections::HashSet;
 
 use pgrx::prelude::*;
 
-use crate::cluster::target_for;
-use crate::metadata::nodes;
+use crate::cluster::primary_targets;
 use crate::remote::quote::quote_literal;
 use crate::remote::{rows_as_text, run_each};
 use crate::transaction::activity::like_prefix;
@@ -53,12 +52,7 @@ pub fn recover() -> i64 {
             .collect::<Result<HashSet<_>, pgrx::spi::Error>>()
     })
     .unwrap_or_else(|err| pgrx::error!("pgdist: reading transaction decisions: {err}"));
-    let nodes = nodes::primary_nodes().unwrap_or_else(|err| crate::error::raise(err));
-    let targets = nodes
-        .iter()
-        .map(|n| target_for(n.address.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap_or_else(|err| crate::error::raise(err));
+    let targets = primary_targets();
     let list = format!(
         "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE gid LIKE {} AND database = current_database()",
         like_prefix(&prefix)
@@ -190,7 +184,10 @@ mod unit {
             Some((123, Some(456)))
         );
         // A GID from before lifetimes were recorded only counts through its decision.
-        assert_eq!(xid_and_lifetime_of("pgdist_7_123", prefix), Some((123, None)));
+        assert_eq!(
+            xid_and_lifetime_of("pgdist_7_123", prefix),
+            Some((123, None))
+        );
         assert_eq!(xid_and_lifetime_of("pgdist_8_123_456_2", prefix), None);
     }
 }
