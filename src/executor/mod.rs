@@ -27,3 +27,32 @@ pub fn schema_and_name(relid: pgrx::pg_sys::Oid) -> (String, String) {
         )
     }
 }
+
+/// Moves `value` to the heap and frees it when the current memory context is reset or deleted
+/// (the query's memory: also when the query fails). The custom scan states keep their Rust
+/// runtime this way.
+///
+/// # Safety
+/// Call inside a live memory context; the pointer must not be used after that context is gone.
+pub unsafe fn alloc_for_context<T: 'static>(value: T) -> *mut T {
+    use pgrx::pg_sys;
+    let boxed: Box<Box<dyn std::any::Any>> = Box::new(Box::new(value));
+    let owner = Box::into_raw(boxed);
+    // SAFETY: owner is a live Box whose inner Box holds a T; the fat-to-thin cast keeps its
+    // address. The callback struct is palloc'd in the same context it watches.
+    unsafe {
+        let value = (&mut **owner as *mut dyn std::any::Any).cast::<T>();
+        let callback = pg_sys::palloc0(std::mem::size_of::<pg_sys::MemoryContextCallback>())
+            .cast::<pg_sys::MemoryContextCallback>();
+        (*callback).func = Some(free_boxed);
+        (*callback).arg = owner.cast();
+        pg_sys::MemoryContextRegisterResetCallback(pg_sys::CurrentMemoryContext, callback);
+        value
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn free_boxed(arg: *mut std::ffi::c_void) {
+    // SAFETY: arg is the Box leaked in alloc_for_context; this callback runs exactly once.
+    drop(unsafe { Box::from_raw(arg.cast::<Box<dyn std::any::Any>>()) });
+}

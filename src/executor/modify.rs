@@ -75,26 +75,14 @@ unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut
         (*state).css.ss.ps.type_ = pg_sys::NodeTag::T_CustomScanState;
         (*state).css.methods = &raw const EXEC_METHODS;
         (*state).css.flags = (*cscan).flags;
-        let runtime = Box::into_raw(Box::new(ModifyRuntime {
+        (*state).runtime = super::alloc_for_context(ModifyRuntime {
             plan: modify_plan::decode(cscan),
             done: false,
             returned: Vec::new().into_iter(),
             input: None,
-        }));
-        (*state).runtime = runtime;
-        let callback = pg_sys::palloc0(std::mem::size_of::<pg_sys::MemoryContextCallback>())
-            .cast::<pg_sys::MemoryContextCallback>();
-        (*callback).func = Some(free_runtime);
-        (*callback).arg = runtime.cast();
-        pg_sys::MemoryContextRegisterResetCallback(pg_sys::CurrentMemoryContext, callback);
+        });
         state.cast()
     }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn free_runtime(arg: *mut std::ffi::c_void) {
-    // SAFETY: arg is the Box leaked in create_state; this callback runs exactly once.
-    drop(unsafe { Box::from_raw(arg.cast::<ModifyRuntime>()) });
 }
 
 unsafe fn runtime_of<'a>(node: *mut pg_sys::CustomScanState) -> &'a mut ModifyRuntime {

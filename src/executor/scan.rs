@@ -87,27 +87,15 @@ unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut
         (*state).css.methods = &raw const EXEC_METHODS;
         (*state).css.flags = (*cscan).flags;
         let plan = ScanPlan::decode(&from_list((*cscan).custom_private));
-        let runtime = Box::into_raw(Box::new(ScanRuntime {
+        // Freed with the query's memory, also when the query fails.
+        (*state).runtime = super::alloc_for_context(ScanRuntime {
             plan,
             relid: pg_sys::InvalidOid,
             inputs: Vec::new(),
             stream: None,
-        }));
-        (*state).runtime = runtime;
-        // Freed with the query's memory, also when the query fails.
-        let callback = pg_sys::palloc0(std::mem::size_of::<pg_sys::MemoryContextCallback>())
-            .cast::<pg_sys::MemoryContextCallback>();
-        (*callback).func = Some(free_runtime);
-        (*callback).arg = runtime.cast();
-        pg_sys::MemoryContextRegisterResetCallback(pg_sys::CurrentMemoryContext, callback);
+        });
         state.cast()
     }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn free_runtime(arg: *mut std::ffi::c_void) {
-    // SAFETY: arg is the Box we leaked in create_state; this callback runs exactly once.
-    drop(unsafe { Box::from_raw(arg.cast::<ScanRuntime>()) });
 }
 
 unsafe fn runtime_of<'a>(node: *mut pg_sys::CustomScanState) -> &'a mut ScanRuntime {
