@@ -25,6 +25,7 @@ fn main() {
             aggregates_pushed_down_to_the_workers,
             ordering_limits_and_distinct,
             joins,
+            co_located_joins_run_on_the_workers,
             subqueries_ctes_and_set_operations,
             window_functions,
             every_type_and_null_round_trips,
@@ -288,6 +289,122 @@ fn joins(cluster: &Cluster) {
         "SELECT o.order_id, x.n FROM orders o JOIN LATERAL (SELECT count(*) AS n FROM events e WHERE e.n = o.order_id) x ON true WHERE o.customer_id = 9",
         "SELECT count(*) FROM orders o JOIN orders o2 ON o2.order_id = o.order_id + 1",
     ]);
+}
+
+/// True when EXPLAIN shows the whole join of `sql` as one Distributed Scan whose fragment joins.
+fn join_pushed_down(client: &mut postgres::Client, sql: &str) -> bool {
+    let plan: Vec<String> = client
+        .query(&format!("EXPLAIN {sql}"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let scans = plan
+        .iter()
+        .filter(|l| l.contains("Distributed Scan"))
+        .count();
+    let joined = plan
+        .iter()
+        .any(|l| l.contains("Fragment: SELECT") && (l.contains(" JOIN ") || l.contains("EXISTS")));
+    scans == 1 && joined
+}
+
+fn co_located_joins_run_on_the_workers(cluster: &Cluster) {
+    let pushed = [
+        "SELECT c.customer_id, c.name, o.order_id, o.amount FROM customers c JOIN orders o USING (customer_id) WHERE o.qty = 3",
+        "SELECT c.customer_id, o.order_id FROM customers c LEFT JOIN orders o ON o.customer_id = c.customer_id AND o.amount > 90",
+        "SELECT c.customer_id, o.order_id FROM orders o RIGHT JOIN customers c ON o.customer_id = c.customer_id AND o.qty = 1 WHERE c.customer_id < 300",
+        "SELECT c.customer_id, o.order_id FROM customers c FULL JOIN orders o ON o.customer_id = c.customer_id AND o.qty = 2",
+        "SELECT c.customer_id, o.order_id, o.amount FROM customers c LEFT JOIN orders o USING (customer_id) WHERE o.amount IS NULL OR o.amount > c.customer_id / 20.0",
+        "SELECT customer_id, name FROM customers c WHERE EXISTS (SELECT FROM orders o WHERE o.customer_id = c.customer_id AND o.qty = 8)",
+        "SELECT customer_id FROM customers WHERE customer_id IN (SELECT customer_id FROM orders WHERE amount > 99)",
+        "SELECT customer_id FROM customers c WHERE NOT EXISTS (SELECT FROM orders o WHERE o.customer_id = c.customer_id AND o.status = 'happy')",
+        "SELECT o.order_id, k.name FROM orders o JOIN customers c USING (customer_id) JOIN countries k ON k.code = c.country WHERE o.qty < 2",
+        "SELECT c.customer_id, k.name FROM customers c LEFT JOIN countries k ON k.code = c.country",
+        "SELECT c.customer_id FROM customers c WHERE c.country IN (SELECT code FROM countries WHERE name LIKE '%a%')",
+        "SELECT c.customer_id FROM customers c WHERE NOT EXISTS (SELECT FROM countries k WHERE k.code = c.country)",
+        "SELECT a.code, b.name FROM countries a JOIN countries b ON a.name < b.name",
+        "SELECT a.code, b.code FROM countries a FULL JOIN countries b ON a.code = b.name",
+        "SELECT c.name, o.order_id FROM customers c JOIN orders o ON o.customer_id = c.customer_id WHERE c.customer_id = 77",
+        "SELECT o1.order_id, o2.order_id FROM orders o1 JOIN orders o2 USING (customer_id) WHERE o1.qty = 1 AND o2.qty = 2",
+        "SELECT c.customer_id, o.order_id, o2.order_id FROM customers c LEFT JOIN orders o ON o.customer_id = c.customer_id AND o.qty = 4 LEFT JOIN orders o2 ON o2.customer_id = o.customer_id AND o2.qty = 5 WHERE c.customer_id < 500",
+        "SELECT c.customer_id, o.order_id FROM customers c JOIN (orders o LEFT JOIN countries k ON k.code = o.note) ON o.customer_id = c.customer_id WHERE c.vip",
+        "SELECT c.customer_id, count(*), sum(o.amount) FROM customers c JOIN orders o USING (customer_id) GROUP BY c.customer_id HAVING count(*) > 9",
+        "SELECT c.country, count(*) FROM customers c JOIN orders o USING (customer_id) GROUP BY 1",
+        "SELECT c.customer_id, o.order_id FROM customers c JOIN orders o USING (customer_id) ORDER BY o.order_id DESC LIMIT 7",
+        "SELECT count(*) FROM customers c JOIN orders o ON o.customer_id = c.customer_id AND o.price > c.customer_id",
+        "SELECT c.customer_id, o.ordered_at, o.waited, o.payload, o.ref FROM customers c JOIN orders o USING (customer_id) WHERE c.tags IS NOT NULL AND o.qty = 0",
+    ];
+    let local = [
+        "SELECT a.customer_id, b.customer_id FROM customers a JOIN customers b ON a.customer_id = b.customer_id + 1000",
+        "SELECT k.code, c.customer_id FROM countries k LEFT JOIN customers c ON c.country = k.code",
+        "SELECT k.code FROM countries k WHERE EXISTS (SELECT FROM customers c WHERE c.country = k.code)",
+        "SELECT o.order_id, p.name FROM orders o JOIN products p ON p.product_id = o.customer_id",
+        "SELECT c.name, e.kind FROM customers c JOIN events e ON e.n = c.customer_id",
+        "SELECT c.customer_id, o.order_id FROM customers c JOIN orders o USING (customer_id) WHERE c.signup < now()",
+        "SELECT c.customer_id, o.order_id FROM customers c FULL JOIN orders o ON o.customer_id = c.customer_id + 1",
+    ];
+    check_all(cluster, &pushed);
+    check_all(cluster, &local);
+    let mut coordinator = cluster.coordinator_client();
+    for sql in pushed {
+        assert!(
+            join_pushed_down(&mut coordinator, sql),
+            "not pushed down: {sql}"
+        );
+    }
+    for sql in local {
+        assert!(
+            !join_pushed_down(&mut coordinator, sql),
+            "pushed down: {sql}"
+        );
+    }
+    // Parameters: generic plans prune the join to one shard at execution; correlated values
+    // travel into a pushed-down join inside a subquery.
+    coordinator
+        .batch_execute(
+            "SET plan_cache_mode = force_generic_plan;
+             PREPARE customer_orders(int) AS SELECT c.name, o.order_id, o.amount FROM customers c JOIN orders o USING (customer_id) WHERE c.customer_id = $1 ORDER BY o.order_id",
+        )
+        .unwrap();
+    let mut reference = cluster.reference.connect();
+    for id in [3, 77, 1999, 5000] {
+        let sql = format!("SELECT c.name, o.order_id, o.amount FROM customers c JOIN orders o USING (customer_id) WHERE c.customer_id = {id} ORDER BY o.order_id");
+        let expected = reference.simple_query(&sql).unwrap();
+        let got = coordinator
+            .simple_query(&format!("EXECUTE customer_orders({id})"))
+            .unwrap();
+        assert_eq!(simple_rows(&got), simple_rows(&expected), "customer {id}");
+    }
+    let plan = coordinator
+        .simple_query("EXPLAIN EXECUTE customer_orders(3)")
+        .unwrap();
+    assert!(
+        simple_rows(&plan)
+            .iter()
+            .any(|r| r.contains("Fragments: 1 ")),
+        "{:?}",
+        simple_rows(&plan)
+    );
+    coordinator.batch_execute("RESET plan_cache_mode").unwrap();
+    check_all(cluster, &[
+        "SELECT c.customer_id, (SELECT count(*) FROM orders o JOIN customers c2 USING (customer_id) WHERE o.customer_id = c.customer_id AND o.qty > c2.customer_id % 9) FROM customers c WHERE c.customer_id < 40",
+    ]);
+}
+
+fn simple_rows(messages: &[postgres::SimpleQueryMessage]) -> Vec<String> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or("NULL").to_string())
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            ),
+            _ => None,
+        })
+        .collect()
 }
 
 fn subqueries_ctes_and_set_operations(cluster: &Cluster) {

@@ -20,8 +20,8 @@ use crate::error::raise;
 use crate::executor::fragments::FragmentStream;
 use crate::metadata::cache;
 use crate::planner::scan_path::{from_list, ScanPlan, SCAN_NAME};
-use crate::planner::shippable::EXEC_PARAM_BASE;
-use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified};
+use crate::planner::shippable::{EXEC_PARAM_BASE, RELATION_BASE};
+use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified, replace_dollar_refs};
 use crate::remote::NodeAddress;
 
 static mut SCAN_METHODS: pg_sys::CustomScanMethods = pg_sys::CustomScanMethods {
@@ -344,39 +344,15 @@ pub unsafe fn param_text(
     }
 }
 
-/// `sql` with every `$n` outside quotes replaced by `'value'::type` (or NULL).
+/// `sql` with every statement or executor parameter `$n` outside quotes replaced by
+/// `'value'::type` (or NULL); relation placeholders (`$n` from RELATION_BASE) are kept.
 pub fn substitute_params(sql: &str, value: impl Fn(i32) -> Option<(String, String)>) -> String {
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    let mut quote: Option<char> = None;
-    while let Some(c) = chars.next() {
-        match quote {
-            Some(q) => {
-                out.push(c);
-                if c == q {
-                    quote = None;
-                }
-            }
-            None if c == '\'' || c == '"' => {
-                quote = Some(c);
-                out.push(c);
-            }
-            None if c == '$' && chars.peek().is_some_and(|d| d.is_ascii_digit()) => {
-                let mut digits = String::new();
-                while let Some(d) = chars.next_if(|d| d.is_ascii_digit()) {
-                    digits.push(d);
-                }
-                match digits.parse().ok().and_then(&value) {
-                    Some((text, type_name)) => {
-                        out.push_str(&format!("({}::{type_name})", quote_literal(&text)))
-                    }
-                    None => out.push_str("NULL"),
-                }
-            }
-            None => out.push(c),
-        }
-    }
-    out
+    replace_dollar_refs(sql, |id| {
+        (id < RELATION_BASE).then(|| match value(id) {
+            Some((text, type_name)) => format!("({}::{type_name})", quote_literal(&text)),
+            None => "NULL".to_string(),
+        })
+    })
 }
 
 /// Settings that change how values are written and read, as the coordinator's session has them.
@@ -431,31 +407,59 @@ unsafe fn fragments(
     runtime: &ScanRuntime,
     node: *mut pg_sys::CustomScanState,
 ) -> (Vec<(crate::remote::NodeTarget, Vec<String>)>, usize) {
-    // SAFETY: catalog lookups for the scanned relation; params as in param_value.
+    // SAFETY: catalog lookups for the scanned relations; params as in param_datum.
     unsafe {
+        let plan = &runtime.plan;
         let relid = runtime.relid;
         let shard_ids = prune_by_param(
             node,
             relid,
-            runtime.plan.shard_ids.clone(),
-            runtime.plan.prune_param,
-            &runtime.plan.exec_params,
+            plan.shard_ids.clone(),
+            plan.prune_param,
+            &plan.exec_params,
         );
-        let (schema, name) = crate::executor::schema_and_name(relid);
-        let tupdesc_columns: Vec<String> = if !runtime.plan.select_sql.is_empty() {
-            Vec::new()
+        let substitute =
+            |sql: &str| substitute_params(sql, |id| param_text(node, &plan.exec_params, id));
+        // The SQL of every fragment; shard placeholders are filled in per shard.
+        let template = if !plan.from_sql.is_empty() {
+            let mut sql = format!("SELECT {} FROM {}", plan.select_sql, plan.from_sql);
+            if !plan.where_sql.is_empty() {
+                sql.push_str(&format!(" WHERE {}", plan.where_sql));
+            }
+            substitute(&sql)
         } else {
-            runtime.plan.columns.clone()
-        }
-        .iter()
-        .map(|attno| {
-            let attname = pg_sys::get_attname(relid, *attno, false);
-            quote_identifier(&CStr::from_ptr(attname).to_string_lossy())
-        })
-        .collect();
-        let where_sql = substitute_params(&runtime.plan.where_sql, |id| {
-            param_text(node, &runtime.plan.exec_params, id)
-        });
+            let select = if plan.select_sql.is_empty() {
+                plan.columns
+                    .iter()
+                    .map(|attno| {
+                        let attname = pg_sys::get_attname(relid, *attno, false);
+                        quote_identifier(&CStr::from_ptr(attname).to_string_lossy())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            } else {
+                plan.select_sql.clone()
+            };
+            let mut sql = format!("SELECT {select} FROM ${}", RELATION_BASE);
+            if !plan.where_sql.is_empty() {
+                sql.push_str(&format!(" WHERE {}", substitute(&plan.where_sql)));
+            }
+            if !plan.group_by.is_empty() {
+                sql.push_str(&format!(" GROUP BY {}", plan.group_by));
+            }
+            sql
+        };
+        // (range-table index, shards by index) of every table read; the scanned table alone
+        // is index 0.
+        let relations: Vec<(u32, ShardNames)> = if plan.relations.is_empty() {
+            vec![(0, ShardNames::of(relid))]
+        } else {
+            plan.relations
+                .iter()
+                .map(|(rti, oid)| (*rti, ShardNames::of(*oid)))
+                .collect()
+        };
+        let anchor_shards = cache::shards(relid);
         let placements = cache::placements(relid);
         let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
         for shard_id in &shard_ids {
@@ -463,19 +467,18 @@ unsafe fn fragments(
             let Some(placement) = placements.iter().find(|p| p.shard_id == *shard_id) else {
                 continue;
             };
-            let relation = quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
-            let select = if runtime.plan.select_sql.is_empty() {
-                tupdesc_columns.join(", ")
-            } else {
-                runtime.plan.select_sql.clone()
+            let Some(index) = anchor_shards
+                .iter()
+                .find(|(id, _)| id == shard_id)
+                .map(|s| s.1)
+            else {
+                continue;
             };
-            let mut sql = format!("SELECT {select} FROM {relation}");
-            if !where_sql.is_empty() {
-                sql.push_str(&format!(" WHERE {where_sql}"));
-            }
-            if !runtime.plan.group_by.is_empty() {
-                sql.push_str(&format!(" GROUP BY {}", runtime.plan.group_by));
-            }
+            let sql = replace_dollar_refs(&template, |id| {
+                let rti = u32::try_from(id.checked_sub(RELATION_BASE)?).ok()?;
+                let (_, names) = relations.iter().find(|(r, _)| *r == rti)?;
+                names.at(index)
+            });
             per_node
                 .entry(placement.node.node_id)
                 .or_insert_with(|| (placement.node.clone(), Vec::new()))
@@ -488,6 +491,42 @@ unsafe fn fragments(
             .collect::<Vec<_>>();
         let count = work.len();
         (work, count)
+    }
+}
+
+/// The qualified shard names of one table, by shard index.
+struct ShardNames {
+    reference: bool,
+    names: Vec<(i32, String)>,
+}
+
+impl ShardNames {
+    fn of(relid: pg_sys::Oid) -> ShardNames {
+        let (schema, name) = crate::executor::schema_and_name(relid);
+        ShardNames {
+            reference: cache::lookup(relid)
+                .is_some_and(|t| t.method == crate::metadata::tables::Method::Reference),
+            names: cache::shards(relid)
+                .into_iter()
+                .map(|(id, index)| {
+                    (
+                        index,
+                        quote_qualified(&schema, &with_suffix(&name, &id.to_string())),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The shard with index `index` (a reference table's only shard whatever the index).
+    fn at(&self, index: i32) -> Option<String> {
+        if self.reference {
+            return self.names.first().map(|(_, name)| name.clone());
+        }
+        self.names
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, name)| name.clone())
     }
 }
 

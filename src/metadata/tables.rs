@@ -40,6 +40,16 @@ pub struct DistTable {
     pub colocation_id: i32,
 }
 
+impl DistTable {
+    /// The attribute number of the distribution column (None for reference tables).
+    pub fn distribution_attno(&self) -> Option<i16> {
+        let column = std::ffi::CString::new(self.distribution_column.as_deref()?).ok()?;
+        // SAFETY: a catalog lookup by name.
+        let attno = unsafe { pg_sys::get_attnum(self.oid, column.as_ptr()) };
+        (attno > 0).then_some(attno)
+    }
+}
+
 /// One placement of one shard.
 #[derive(Clone, Debug)]
 pub struct Placement {

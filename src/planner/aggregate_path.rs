@@ -18,7 +18,7 @@ use pgrx::pg_sys;
 use pgrx::PgList;
 
 use crate::planner::scan_path::{
-    from_list, is_distributed_scan, new_custom_path, scan_methods_path, ScanPlan,
+    from_list, is_distributed_scan, new_custom_path, pushed_down_path_methods, ScanPlan,
 };
 use crate::planner::shippable::{deparse, shippable};
 
@@ -213,7 +213,7 @@ unsafe fn add_pushdown_path(
             groups * shards,
             total_cost,
             &plan,
-            scan_methods_path(),
+            pushed_down_path_methods(),
         );
 
         let mut input: *mut pg_sys::Path = path.cast();

@@ -6,6 +6,7 @@
 //! locks — rather than answered from the coordinator's empty shell table.
 
 pub mod aggregate_path;
+pub mod join_path;
 pub mod modify_plan;
 pub mod range_pruning;
 pub mod scan_path;
@@ -72,6 +73,7 @@ pub fn init() {
     }
     scan_path::init();
     aggregate_path::init();
+    join_path::init();
 }
 
 #[pg_guard]

@@ -12,7 +12,7 @@
 //! RETURNING rows come back from the shards as whole rows and are projected on the coordinator
 //! by the CustomScan's own target list, so any RETURNING expression works.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 
 use pgrx::pg_sys;
 use pgrx::PgList;
@@ -159,12 +159,6 @@ unsafe fn column_name(relid: pg_sys::Oid, attno: i16) -> String {
     }
 }
 
-unsafe fn distribution_attno(table: &DistTable) -> Option<i16> {
-    let column = CString::new(table.distribution_column.as_deref()?).ok()?;
-    // SAFETY: a catalog lookup by name.
-    Some(unsafe { pg_sys::get_attnum(table.oid, column.as_ptr()) })
-}
-
 /// True when `expr` is just column `attno` of the table itself.
 unsafe fn is_same_column(expr: *mut pg_sys::Node, attno: i16) -> bool {
     // SAFETY: expr is a valid expression; the cast follows the tag.
@@ -236,7 +230,7 @@ unsafe fn update_or_delete(
         if !only_target {
             return Err(PlannerError::ModifyJoin(table_name(table)));
         }
-        let dist_attno = distribution_attno(table);
+        let dist_attno = table.distribution_attno();
         if modify.kind == ModifyKind::Update {
             let mut assignments = Vec::new();
             for entry in PgList::<pg_sys::TargetEntry>::from_pg((*parse).targetList).iter_ptr() {
@@ -375,7 +369,7 @@ unsafe fn on_conflict(
         if (*conflict).action == pg_sys::OnConflictAction::ONCONFLICT_NOTHING {
             sql.push_str(" DO NOTHING");
         } else {
-            let dist_attno = distribution_attno(table);
+            let dist_attno = table.distribution_attno();
             let mut assignments = Vec::new();
             for entry in
                 PgList::<pg_sys::TargetEntry>::from_pg((*conflict).onConflictSet).iter_ptr()

@@ -76,12 +76,10 @@ pub struct RangeMap {
 impl RangeMap {
     /// The map of range table `table`, or None when its column type has no btree ordering.
     pub unsafe fn new(table: &DistTable, placements: &[Placement]) -> Option<RangeMap> {
-        let column = table.distribution_column.as_deref()?;
-        // SAFETY: catalog lookups for the distribution column and its type's btree support;
+        let attno = table.distribution_attno()?;
+        // SAFETY: catalog lookups for the distribution column's type and its btree support;
         // bound texts go through the type's input function.
         unsafe {
-            let name = CString::new(column).ok()?;
-            let attno = pg_sys::get_attnum(table.oid, name.as_ptr());
             let type_oid = pg_sys::get_atttype(table.oid, attno);
             let opclass = pg_sys::GetDefaultOpClass(type_oid, pg_sys::BTREE_AM_OID);
             if opclass == pg_sys::InvalidOid {

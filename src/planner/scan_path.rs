@@ -15,7 +15,7 @@ use pgrx::PgList;
 use crate::distribution::hashing;
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
-use crate::planner::shippable::{deparse, shippable, EXEC_PARAM_BASE};
+use crate::planner::shippable::{deparse, new_param, shippable, EXEC_PARAM_BASE};
 
 static mut PREVIOUS_HOOK: pg_sys::set_rel_pathlist_hook_type = None;
 
@@ -39,14 +39,32 @@ pub unsafe fn is_distributed_scan(path: *mut pg_sys::Path) -> bool {
     }
 }
 
-/// The path methods of the pushed-down aggregate scan (planned without a base relation).
-pub fn scan_methods_path() -> *const pg_sys::CustomPathMethods {
-    &raw const UPPER_PATH_METHODS
+/// The path methods of scans that read more than a table — a pushed-down join or aggregate —
+/// and are planned without a base relation.
+pub fn pushed_down_path_methods() -> *const pg_sys::CustomPathMethods {
+    &raw const PUSHED_DOWN_PATH_METHODS
 }
 
-static mut UPPER_PATH_METHODS: pg_sys::CustomPathMethods = pg_sys::CustomPathMethods {
+/// The Distributed Scan among `rel`'s paths: of the base table, or of a pushed-down join.
+pub unsafe fn distributed_path_of(rel: *mut pg_sys::RelOptInfo) -> Option<*mut pg_sys::CustomPath> {
+    // SAFETY: rel's pathlist is a List of Paths; CustomPath is checked by tag before the cast.
+    unsafe {
+        PgList::<pg_sys::Path>::from_pg((*rel).pathlist)
+            .iter_ptr()
+            .find(|path| {
+                (*(*path)).type_ == pg_sys::NodeTag::T_CustomPath && {
+                    let methods = (*path.cast::<pg_sys::CustomPath>()).methods;
+                    std::ptr::eq(methods, &raw const PATH_METHODS)
+                        || std::ptr::eq(methods, &raw const PUSHED_DOWN_PATH_METHODS)
+                }
+            })
+            .map(|path| path.cast())
+    }
+}
+
+static mut PUSHED_DOWN_PATH_METHODS: pg_sys::CustomPathMethods = pg_sys::CustomPathMethods {
     CustomName: SCAN_NAME.as_ptr(),
-    PlanCustomPath: Some(plan_upper_path),
+    PlanCustomPath: Some(plan_pushed_down_path),
     ReparameterizeCustomPathByChild: None,
 };
 
@@ -96,7 +114,7 @@ unsafe fn new_custom_scan(
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn plan_upper_path(
+unsafe extern "C-unwind" fn plan_pushed_down_path(
     _root: *mut pg_sys::PlannerInfo,
     _rel: *mut pg_sys::RelOptInfo,
     best_path: *mut pg_sys::CustomPath,
@@ -110,6 +128,20 @@ unsafe extern "C-unwind" fn plan_upper_path(
         let scan = new_custom_scan(best_path, tlist);
         (*scan).scan.scanrelid = 0;
         (*scan).custom_scan_tlist = pg_sys::copyObjectImpl(tlist.cast()).cast();
+        // The executor parameters the pushed-down SQL uses: PostgreSQL then rescans the scan
+        // when their values change (correlated subqueries).
+        let plan = ScanPlan::decode(&from_list((*best_path).custom_private));
+        let mut params = PgList::<pg_sys::Param>::new();
+        for (id, type_oid) in plan.exec_params {
+            params.push(new_param(
+                pg_sys::ParamKind::PARAM_EXEC,
+                id,
+                type_oid,
+                -1,
+                pg_sys::InvalidOid,
+            ));
+        }
+        (*scan).custom_exprs = params.into_pg().cast();
         scan.cast()
     }
 }
@@ -142,6 +174,12 @@ pub struct ScanPlan {
     pub prune_param: i32,
     /// Executor parameters used in `where_sql`, with their types.
     pub exec_params: Vec<(i32, pg_sys::Oid)>,
+    /// A pushed-down join: its FROM clause, where `$<RELATION_BASE + rti>` stands for the shard
+    /// read for range-table entry `rti`, and `where_sql` uses `r<rti>.<column>`. `relid` is then
+    /// the table whose shards the fragments follow.
+    pub from_sql: String,
+    /// The tables of a pushed-down join: (range-table index, table).
+    pub relations: Vec<(u32, pg_sys::Oid)>,
 }
 
 impl ScanPlan {
@@ -161,6 +199,13 @@ impl ScanPlan {
                     .map(|(id, ty)| format!("{id}:{}", u32::from(*ty)))
                     .collect(),
             ),
+            self.from_sql.clone(),
+            join(
+                self.relations
+                    .iter()
+                    .map(|(rti, oid)| format!("{rti}:{}", u32::from(*oid)))
+                    .collect(),
+            ),
         ]
     }
 
@@ -171,6 +216,14 @@ impl ScanPlan {
             .and_then(|s| s.parse::<u32>().ok())
             .map(pg_sys::Oid::from)
             .unwrap_or(pg_sys::InvalidOid);
+        fn pairs<T: std::str::FromStr>(s: &str) -> Vec<(T, pg_sys::Oid)> {
+            s.split(',')
+                .filter_map(|p| p.split_once(':'))
+                .filter_map(|(n, oid)| {
+                    Some((n.parse().ok()?, pg_sys::Oid::from(oid.parse::<u32>().ok()?)))
+                })
+                .collect()
+        }
         fn numbers<T: std::str::FromStr>(s: &str) -> Vec<T> {
             s.split(',')
                 .filter(|p| !p.is_empty())
@@ -188,17 +241,9 @@ impl ScanPlan {
                 .get(3)
                 .and_then(|s| s.parse().ok())
                 .unwrap_or_default(),
-            exec_params: parts
-                .get(4)
-                .map(|s| {
-                    s.split(',')
-                        .filter_map(|p| p.split_once(':'))
-                        .filter_map(|(id, ty)| {
-                            Some((id.parse().ok()?, pg_sys::Oid::from(ty.parse::<u32>().ok()?)))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            exec_params: parts.get(4).map(|s| pairs(s)).unwrap_or_default(),
+            from_sql: parts.get(5).cloned().unwrap_or_default(),
+            relations: parts.get(6).map(|s| pairs(s)).unwrap_or_default(),
         }
     }
 }
@@ -340,19 +385,14 @@ pub unsafe fn prune(
     shards: &[(i64, i32)],
 ) -> (Vec<i64>, i32) {
     let all: Vec<i64> = shards.iter().map(|(id, _)| *id).collect();
-    let Some(column) = table.distribution_column.as_deref() else {
+    let Some(attno) = table.distribution_attno() else {
         return (all, 0);
     };
     // SAFETY: catalog lookups for the distribution column; clauses are valid expressions.
     unsafe {
-        let name = CString::new(column).unwrap_or_default();
-        let attno = pg_sys::get_attnum(table.oid, name.as_ptr());
-        let type_oid = pg_sys::get_atttype(table.oid, attno);
-        let opclass = pg_sys::GetDefaultOpClass(type_oid, pg_sys::HASH_AM_OID);
-        if opclass == pg_sys::InvalidOid {
+        let Some(family) = hash_family(pg_sys::get_atttype(table.oid, attno)) else {
             return (all, 0);
-        }
-        let family = pg_sys::get_opclass_family(opclass);
+        };
         let shard_count = shards.len() as i32;
         let mut allowed: Option<Vec<i64>> = None;
         let mut param = 0;
@@ -382,6 +422,26 @@ pub unsafe fn prune(
         ids.sort_unstable();
         ids.dedup();
         (ids, param)
+    }
+}
+
+/// The operator family of `type_oid`'s default hash operator class: its hash function is the
+/// one that distributes rows.
+pub unsafe fn hash_family(type_oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    // SAFETY: catalog lookups by oid.
+    unsafe {
+        let opclass = pg_sys::GetDefaultOpClass(type_oid, pg_sys::HASH_AM_OID);
+        (opclass != pg_sys::InvalidOid).then(|| pg_sys::get_opclass_family(opclass))
+    }
+}
+
+/// True when `opno` is the equality operator of hash operator family `family`.
+pub unsafe fn is_hash_equality(opno: pg_sys::Oid, family: pg_sys::Oid) -> bool {
+    // SAFETY: catalog lookups by oid.
+    unsafe {
+        pg_sys::op_in_opfamily(opno, family)
+            && pg_sys::get_op_opfamily_strategy(opno, family)
+                == pg_sys::HTEqualStrategyNumber as i32
     }
 }
 
@@ -453,11 +513,7 @@ unsafe fn equality_values(
                 && (*n).type_ == pg_sys::NodeTag::T_Var
                 && (*n.cast::<pg_sys::Var>()).varattno == attno
         };
-        let is_equality = |opno: pg_sys::Oid| {
-            pg_sys::op_in_opfamily(opno, family)
-                && pg_sys::get_op_opfamily_strategy(opno, family)
-                    == pg_sys::HTEqualStrategyNumber as i32
-        };
+        let is_equality = |opno: pg_sys::Oid| is_hash_equality(opno, family);
         match (*clause).type_ {
             pg_sys::NodeTag::T_OpExpr => {
                 let op = clause.cast::<pg_sys::OpExpr>();

@@ -121,6 +121,19 @@ pub unsafe fn shippable(node: *mut pg_sys::Node) -> bool {
 /// in fragment text, to tell them from the statement's own `$n`.
 pub const EXEC_PARAM_BASE: i32 = 100_000;
 
+/// In the FROM clause of a pushed-down join, `$<RELATION_BASE + rti>` stands for the shard of
+/// range-table entry `rti` that a fragment reads; the executor writes the shard's name there.
+pub const RELATION_BASE: i32 = 300_000;
+
+/// While deparsing over several relations, `$<COLUMN_BASE + i>` stands for the i-th column
+/// reference; replaced by `r<rti>.<column>` before the text leaves `deparse_qualified`.
+const COLUMN_BASE: i32 = 200_000;
+
+/// The alias of range-table entry `rti` in pushed-down SQL.
+pub fn alias(rti: u32) -> String {
+    format!("r{rti}")
+}
+
 /// SQL text of `clause` over relation `relid`, which is range-table entry `rti` of the query
 /// (column names unqualified), and the executor parameters it uses with their types.
 pub unsafe fn deparse(
@@ -169,5 +182,119 @@ unsafe extern "C-unwind" fn rename_exec_params(
             return false;
         }
         pg_sys::expression_tree_walker(node, Some(rename_exec_params), context)
+    }
+}
+
+struct Qualifying {
+    root: *mut pg_sys::PlannerInfo,
+    columns: Vec<String>,
+    exec_params: Vec<(i32, pg_sys::Oid)>,
+}
+
+/// SQL text of the shippable `expr`, whose columns may come from several relations of the
+/// query, each written `r<rti>.<column>`; and the executor parameters it uses with their types.
+pub unsafe fn deparse_qualified(
+    root: *mut pg_sys::PlannerInfo,
+    expr: *mut pg_sys::Node,
+) -> (String, Vec<(i32, pg_sys::Oid)>) {
+    let mut state = Qualifying {
+        root,
+        columns: Vec::new(),
+        exec_params: Vec::new(),
+    };
+    // SAFETY: the mutator returns a copy in which every Var became a placeholder parameter and
+    // every executor parameter a renamed one, so ruleutils needs no relation context; the
+    // result is a palloc'd C string.
+    let text = unsafe {
+        let copy = qualify_columns(expr, (&raw mut state).cast());
+        let text = pg_sys::deparse_expression(copy, std::ptr::null_mut(), false, false);
+        CStr::from_ptr(text).to_string_lossy().into_owned()
+    };
+    let text = crate::remote::quote::replace_dollar_refs(&text, |id| {
+        let index = usize::try_from(id.checked_sub(COLUMN_BASE)?).ok()?;
+        state.columns.get(index).cloned()
+    });
+    (text, state.exec_params)
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn qualify_columns(
+    node: *mut pg_sys::Node,
+    context: *mut std::ffi::c_void,
+) -> *mut pg_sys::Node {
+    if node.is_null() {
+        return node;
+    }
+    // SAFETY: node is a valid expression node; context is the Qualifying we passed; new nodes
+    // are palloc'd in the current (planner) memory context.
+    unsafe {
+        let state = &mut *context.cast::<Qualifying>();
+        match (*node).type_ {
+            pg_sys::NodeTag::T_Var => {
+                let var = node.cast::<pg_sys::Var>();
+                let rte = *(*state.root).simple_rte_array.add((*var).varno as usize);
+                let name = pg_sys::get_attname((*rte).relid, (*var).varattno, false);
+                state.columns.push(format!(
+                    "{}.{}",
+                    alias((*var).varno as u32),
+                    crate::remote::quote::quote_identifier(&CStr::from_ptr(name).to_string_lossy())
+                ));
+                let param = new_param(
+                    pg_sys::ParamKind::PARAM_EXTERN,
+                    COLUMN_BASE + state.columns.len() as i32 - 1,
+                    (*var).vartype,
+                    (*var).vartypmod,
+                    (*var).varcollid,
+                );
+                param.cast()
+            }
+            pg_sys::NodeTag::T_Param
+                if (*node.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_EXEC =>
+            {
+                let exec = node.cast::<pg_sys::Param>();
+                state.exec_params.push(((*exec).paramid, (*exec).paramtype));
+                new_param(
+                    pg_sys::ParamKind::PARAM_EXTERN,
+                    EXEC_PARAM_BASE + (*exec).paramid,
+                    (*exec).paramtype,
+                    (*exec).paramtypmod,
+                    (*exec).paramcollid,
+                )
+                .cast()
+            }
+            _ => pg_sys::expression_tree_mutator(node, Some(as_mutator(qualify_columns)), context),
+        }
+    }
+}
+
+type Mutator =
+    unsafe extern "C-unwind" fn(*mut pg_sys::Node, *mut std::ffi::c_void) -> *mut pg_sys::Node;
+
+/// `f` as the argument-less function pointer type the bindings give expression_tree_mutator.
+fn as_mutator(f: Mutator) -> unsafe extern "C-unwind" fn() -> *mut pg_sys::Node {
+    // SAFETY: the C declaration takes `Node *(*)(Node *, void *)`; only the Rust type of the
+    // pointer changes, and PostgreSQL calls it with exactly these two arguments.
+    unsafe { std::mem::transmute::<Mutator, unsafe extern "C-unwind" fn() -> *mut pg_sys::Node>(f) }
+}
+
+/// A parameter node of the given kind, id and type.
+pub unsafe fn new_param(
+    kind: pg_sys::ParamKind::Type,
+    id: i32,
+    type_oid: pg_sys::Oid,
+    typmod: i32,
+    collation: pg_sys::Oid,
+) -> *mut pg_sys::Param {
+    // SAFETY: a zeroed node in the current memory context, filled as a Param.
+    unsafe {
+        let param = pg_sys::palloc0(std::mem::size_of::<pg_sys::Param>()).cast::<pg_sys::Param>();
+        (*param).xpr.type_ = pg_sys::NodeTag::T_Param;
+        (*param).paramkind = kind;
+        (*param).paramid = id;
+        (*param).paramtype = type_oid;
+        (*param).paramtypmod = typmod;
+        (*param).paramcollid = collation;
+        (*param).location = -1;
+        param
     }
 }

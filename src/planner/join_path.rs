@@ -1,0 +1,452 @@
+//! Join pushdown: a join whose inputs are Distributed Scans runs on the workers, shard by shard,
+//! when each fragment can compute its part of the join from the shards on its own node:
+//!
+//! - two distributed tables of one co-location group joined on their distribution columns
+//!   (equality with the column type's hash equality operator), or both restricted to the same
+//!   single shard: fragment *i* joins shard *i* of each, any join type;
+//! - a distributed input with reference tables (a copy on every node): inner joins, and outer,
+//!   semi and anti joins that keep the distributed side's rows;
+//! - reference tables with each other: one fragment.
+//!
+//! Every clause of the join and of its inputs must be shippable; otherwise PostgreSQL joins the
+//! inputs' rows on the coordinator, which is always correct. The pushed-down join is again a
+//! Distributed Scan (scanrelid 0, its tuple the join's target list), so larger joins are built
+//! input by input and aggregates above it can be pushed down too (`aggregate_path.rs`).
+//!
+//! The fragment is `SELECT r<rti>.<col>, … FROM <join tree> WHERE <pending conditions>`; base
+//! tables with restrictions enter as `(SELECT * FROM <shard> WHERE …) r<rti>`, so their filters
+//! apply before any outer join. Shard names are placeholders (`$<RELATION_BASE + rti>`) that
+//! the executor fills in per fragment.
+
+use pgrx::pg_sys;
+use pgrx::PgList;
+
+use crate::metadata::cache;
+use crate::metadata::tables::Method;
+use crate::planner::scan_path::{
+    distributed_path_of, from_list, hash_family, is_hash_equality, new_custom_path,
+    pushed_down_path_methods, ScanPlan,
+};
+use crate::planner::shippable::{alias, deparse_qualified, shippable, RELATION_BASE};
+
+static mut PREVIOUS_HOOK: pg_sys::set_join_pathlist_hook_type = None;
+
+pub fn init() {
+    // SAFETY: _PG_init runs once in the postmaster; we chain to the previous hook.
+    unsafe {
+        PREVIOUS_HOOK = pg_sys::set_join_pathlist_hook;
+        pg_sys::set_join_pathlist_hook = Some(set_join_pathlist);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn set_join_pathlist(
+    root: *mut pg_sys::PlannerInfo,
+    joinrel: *mut pg_sys::RelOptInfo,
+    outerrel: *mut pg_sys::RelOptInfo,
+    innerrel: *mut pg_sys::RelOptInfo,
+    jointype: pg_sys::JoinType::Type,
+    extra: *mut pg_sys::JoinPathExtraData,
+) {
+    // SAFETY: arguments come from the planner and are valid for this call.
+    unsafe {
+        if let Some(previous) = PREVIOUS_HOOK {
+            previous(root, joinrel, outerrel, innerrel, jointype, extra);
+        }
+        let Some((plan, cost_of_inputs)) =
+            plan_join(root, joinrel, outerrel, innerrel, jointype, extra)
+        else {
+            return;
+        };
+        // Half the inputs' cost: any join on the coordinator costs at least both inputs, so
+        // when the workers can run a join they do, and the largest such join wins.
+        let total_cost = 0.5 * cost_of_inputs;
+        let path = new_custom_path(
+            joinrel,
+            (*joinrel).reltarget,
+            (*joinrel).rows.max(1.0),
+            total_cost,
+            &plan,
+            pushed_down_path_methods(),
+        );
+        pg_sys::add_path(joinrel, path.cast());
+    }
+}
+
+/// How an input's rows are spread over the fragments.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Spread {
+    /// Split by shard index among the shards of co-location group `.0`.
+    Sharded(i32),
+    /// All of them in every fragment (only reference tables).
+    Replicated,
+}
+
+/// One input of a join, as a worker will read it.
+struct Input {
+    plan: ScanPlan,
+    /// The FROM item.
+    from_sql: String,
+    /// Conditions on the FROM item's rows not applied inside it yet (ANDed).
+    pending: Vec<String>,
+    /// (range-table index, table) of every table read.
+    relations: Vec<(u32, pg_sys::Oid)>,
+    spread: Spread,
+    /// Shard indexes left after plan-time pruning.
+    shard_indexes: Vec<i32>,
+    /// The total cost of its Distributed Scan.
+    cost: f64,
+}
+
+impl Input {
+    /// The input read by `rel`'s Distributed Scan, if it has one that can be joined on the
+    /// workers.
+    unsafe fn of(rel: *mut pg_sys::RelOptInfo) -> Option<Input> {
+        // SAFETY: rel is a relation of the query being planned.
+        unsafe {
+            let path = distributed_path_of(rel)?;
+            let plan = ScanPlan::decode(&from_list((*path).custom_private));
+            let (from_sql, pending, relations) = if plan.from_sql.is_empty() {
+                // A base table: its filters must all run on the workers, before the join.
+                let all_shipped = PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo)
+                    .iter_ptr()
+                    .all(|ri| shippable((*ri).clause.cast()));
+                if !all_shipped {
+                    return None;
+                }
+                let rti = (*rel).relid;
+                let shard = format!("${}", RELATION_BASE + rti as i32);
+                let from_sql = if plan.where_sql.is_empty() {
+                    format!("{shard} {}", alias(rti))
+                } else {
+                    format!(
+                        "(SELECT * FROM {shard} WHERE {}) {}",
+                        plan.where_sql,
+                        alias(rti)
+                    )
+                };
+                (from_sql, Vec::new(), vec![(rti, plan.relid)])
+            } else {
+                let pending = if plan.where_sql.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![plan.where_sql.clone()]
+                };
+                (
+                    format!("({})", plan.from_sql),
+                    pending,
+                    plan.relations.clone(),
+                )
+            };
+            let mut spread = Spread::Replicated;
+            for (_, oid) in &relations {
+                let table = cache::lookup(*oid)?;
+                match table.method {
+                    Method::Hash => spread = Spread::Sharded(table.colocation_id),
+                    Method::Reference => {}
+                    Method::Range => return None,
+                }
+            }
+            let shards = cache::shards(plan.relid);
+            let shard_indexes = plan
+                .shard_ids
+                .iter()
+                .filter_map(|id| shards.iter().find(|(s, _)| s == id).map(|(_, i)| *i))
+                .collect();
+            Some(Input {
+                plan,
+                from_sql,
+                pending,
+                relations,
+                spread,
+                shard_indexes,
+                cost: (*path).path.total_cost,
+            })
+        }
+    }
+
+    /// True when `var` is the distribution column of one of this input's hash tables.
+    unsafe fn has_distribution_column(&self, var: *mut pg_sys::Var) -> bool {
+        // SAFETY: var is a valid Var of the query.
+        unsafe {
+            (*var).varlevelsup == 0
+                && self.relations.iter().any(|(rti, oid)| {
+                    *rti == (*var).varno as u32
+                        && cache::lookup(*oid).is_some_and(|t| {
+                            t.method == Method::Hash
+                                && t.distribution_attno() == Some((*var).varattno)
+                        })
+                })
+        }
+    }
+}
+
+/// The plan of the join of `outerrel` and `innerrel` on the workers, if it can run there, and
+/// the cost of its inputs' Distributed Scans.
+unsafe fn plan_join(
+    root: *mut pg_sys::PlannerInfo,
+    joinrel: *mut pg_sys::RelOptInfo,
+    outerrel: *mut pg_sys::RelOptInfo,
+    innerrel: *mut pg_sys::RelOptInfo,
+    jointype: pg_sys::JoinType::Type,
+    extra: *mut pg_sys::JoinPathExtraData,
+) -> Option<(ScanPlan, f64)> {
+    use pg_sys::JoinType::*;
+    // SAFETY: planner structures of the query being planned.
+    unsafe {
+        if !matches!(
+            jointype,
+            JOIN_INNER | JOIN_LEFT | JOIN_RIGHT | JOIN_FULL | JOIN_SEMI | JOIN_ANTI
+        ) || !(*joinrel).lateral_relids.is_null()
+        {
+            return None;
+        }
+        let outer = Input::of(outerrel)?;
+        let inner = Input::of(innerrel)?;
+
+        // The join's own clauses: those that decide which rows match (ON), and, for outer and
+        // anti joins, those that filter the joined rows (pushed down from WHERE). Inner and
+        // semi joins treat them all alike, as PostgreSQL's executor does.
+        let outer_join = matches!(jointype, JOIN_LEFT | JOIN_RIGHT | JOIN_FULL | JOIN_ANTI);
+        let mut on_clauses = Vec::new();
+        let mut after_clauses = Vec::new();
+        for ri in PgList::<pg_sys::RestrictInfo>::from_pg((*extra).restrictlist).iter_ptr() {
+            let clause = (*ri).clause.cast::<pg_sys::Node>();
+            if !shippable(clause) {
+                return None;
+            }
+            let filters_joined_rows = (*ri).is_pushed_down
+                || !pg_sys::bms_is_subset((*ri).required_relids, (*joinrel).relids);
+            if outer_join && filters_joined_rows {
+                after_clauses.push(clause);
+            } else {
+                on_clauses.push(clause);
+            }
+        }
+        let targets = PgList::<pg_sys::Node>::from_pg((*(*joinrel).reltarget).exprs);
+        if !targets
+            .iter_ptr()
+            .all(|expr| (*expr).type_ == pg_sys::NodeTag::T_Var && shippable(expr))
+        {
+            return None;
+        }
+
+        let (spread, shard_indexes) = match (outer.spread, inner.spread) {
+            (Spread::Sharded(a), Spread::Sharded(b)) => {
+                let same_single_shard = (outer.shard_indexes.len() == 1
+                    && outer.shard_indexes == inner.shard_indexes)
+                    || (outer.plan.prune_param > 0
+                        && outer.plan.prune_param == inner.plan.prune_param);
+                let co_partitioned = on_clauses
+                    .iter()
+                    .any(|clause| equates_distribution_columns(*clause, &outer, &inner));
+                if a != b || !(same_single_shard || co_partitioned) {
+                    return None;
+                }
+                let both = outer
+                    .shard_indexes
+                    .iter()
+                    .copied()
+                    .filter(|i| inner.shard_indexes.contains(i))
+                    .collect();
+                (Spread::Sharded(a), both)
+            }
+            (Spread::Sharded(a), Spread::Replicated)
+                if matches!(jointype, JOIN_INNER | JOIN_LEFT | JOIN_SEMI | JOIN_ANTI) =>
+            {
+                (Spread::Sharded(a), outer.shard_indexes.clone())
+            }
+            (Spread::Replicated, Spread::Sharded(a))
+                if matches!(jointype, JOIN_INNER | JOIN_RIGHT) =>
+            {
+                (Spread::Sharded(a), inner.shard_indexes.clone())
+            }
+            (Spread::Replicated, Spread::Replicated) => {
+                (Spread::Replicated, outer.shard_indexes.clone())
+            }
+            _ => return None,
+        };
+        // The table whose shards the fragments follow.
+        let anchor = match (spread, outer.spread) {
+            (Spread::Sharded(_), Spread::Replicated) => inner.plan.relid,
+            _ => outer.plan.relid,
+        };
+        let relations: Vec<(u32, pg_sys::Oid)> = outer
+            .relations
+            .iter()
+            .chain(&inner.relations)
+            .copied()
+            .collect();
+        if !replicas_beside_shards(&relations, anchor) {
+            return None;
+        }
+        let anchor_shards = cache::shards(anchor);
+        let shard_ids = shard_indexes
+            .iter()
+            .filter_map(|index| {
+                anchor_shards
+                    .iter()
+                    .find(|(_, i)| i == index)
+                    .map(|(id, _)| *id)
+            })
+            .collect();
+        // Co-located tables hash a value to the same shard index: either input's parameter
+        // prunes both (a reference table never has one).
+        let prune_param = outer.plan.prune_param.max(inner.plan.prune_param);
+
+        let mut exec_params: Vec<(i32, pg_sys::Oid)> = outer
+            .plan
+            .exec_params
+            .iter()
+            .chain(&inner.plan.exec_params)
+            .copied()
+            .collect();
+        let mut sql = |clauses: &[*mut pg_sys::Node]| -> Vec<String> {
+            clauses
+                .iter()
+                .map(|clause| {
+                    let (text, params) = deparse_qualified(root, *clause);
+                    exec_params.extend(params);
+                    format!("({text})")
+                })
+                .collect()
+        };
+        let on = sql(&on_clauses);
+        let after = sql(&after_clauses);
+        let select: Vec<String> = targets
+            .iter_ptr()
+            .map(|expr| deparse_qualified(root, expr).0)
+            .collect();
+        let conditions = |parts: Vec<String>| {
+            if parts.is_empty() {
+                "true".to_string()
+            } else {
+                parts.join(" AND ")
+            }
+        };
+        let select = if select.is_empty() {
+            // No column needed (count(*)): one constant per row.
+            vec!["1".to_string()]
+        } else {
+            select
+        };
+        let (from_sql, mut pending) = match jointype {
+            JOIN_INNER => (
+                format!(
+                    "{} JOIN {} ON {}",
+                    outer.from_sql,
+                    inner.from_sql,
+                    conditions(on)
+                ),
+                [outer.pending, inner.pending].concat(),
+            ),
+            JOIN_LEFT => (
+                format!(
+                    "{} LEFT JOIN {} ON {}",
+                    outer.from_sql,
+                    inner.from_sql,
+                    conditions([on, inner.pending].concat())
+                ),
+                outer.pending,
+            ),
+            JOIN_RIGHT => (
+                format!(
+                    "{} RIGHT JOIN {} ON {}",
+                    outer.from_sql,
+                    inner.from_sql,
+                    conditions([on, outer.pending].concat())
+                ),
+                inner.pending,
+            ),
+            JOIN_FULL if outer.pending.is_empty() && inner.pending.is_empty() => (
+                format!(
+                    "{} FULL JOIN {} ON {}",
+                    outer.from_sql,
+                    inner.from_sql,
+                    conditions(on)
+                ),
+                Vec::new(),
+            ),
+            JOIN_SEMI | JOIN_ANTI => {
+                let negation = if jointype == JOIN_ANTI { "NOT " } else { "" };
+                let exists = format!(
+                    "({negation}EXISTS (SELECT FROM {} WHERE {}))",
+                    inner.from_sql,
+                    conditions([on, inner.pending].concat())
+                );
+                (outer.from_sql, [outer.pending, vec![exists]].concat())
+            }
+            _ => return None,
+        };
+        pending.extend(after);
+        exec_params.sort_unstable_by_key(|(id, _)| *id);
+        exec_params.dedup_by_key(|(id, _)| *id);
+        let columns = (1..=targets.len() as i16).collect();
+        let plan = ScanPlan {
+            relid: anchor,
+            select_sql: select.join(", "),
+            where_sql: pending.join(" AND "),
+            columns,
+            shard_ids,
+            prune_param,
+            exec_params,
+            from_sql,
+            relations,
+            ..Default::default()
+        };
+        Some((plan, outer.cost + inner.cost))
+    }
+}
+
+/// True when `clause` is `a = b` with `a` the distribution column of a hash table of one input
+/// and `b` of the other, under the column type's hash equality: matching rows are then always
+/// in shards with the same index.
+unsafe fn equates_distribution_columns(
+    clause: *mut pg_sys::Node,
+    outer: &Input,
+    inner: &Input,
+) -> bool {
+    // SAFETY: clause is a valid expression; casts follow node tags.
+    unsafe {
+        if (*clause).type_ != pg_sys::NodeTag::T_OpExpr {
+            return false;
+        }
+        let op = clause.cast::<pg_sys::OpExpr>();
+        let args = PgList::<pg_sys::Node>::from_pg((*op).args);
+        let as_var = |n: Option<*mut pg_sys::Node>| {
+            let mut n = n?;
+            while (*n).type_ == pg_sys::NodeTag::T_RelabelType {
+                n = (*n.cast::<pg_sys::RelabelType>()).arg.cast();
+            }
+            ((*n).type_ == pg_sys::NodeTag::T_Var).then(|| n.cast::<pg_sys::Var>())
+        };
+        let (Some(left), Some(right)) = (as_var(args.get_ptr(0)), as_var(args.get_ptr(1))) else {
+            return false;
+        };
+        let Some(family) = hash_family((*left).vartype) else {
+            return false;
+        };
+        args.len() == 2
+            && (*left).vartype == (*right).vartype
+            && is_hash_equality((*op).opno, family)
+            && ((outer.has_distribution_column(left) && inner.has_distribution_column(right))
+                || (outer.has_distribution_column(right) && inner.has_distribution_column(left)))
+    }
+}
+
+/// True when every reference table among `relations` has a copy on each node that holds a
+/// shard of `anchor` (the node a fragment runs on).
+fn replicas_beside_shards(relations: &[(u32, pg_sys::Oid)], anchor: pg_sys::Oid) -> bool {
+    let anchor_nodes: Vec<i32> = cache::placements(anchor)
+        .iter()
+        .map(|p| p.node.node_id)
+        .collect();
+    relations.iter().all(|(_, oid)| {
+        cache::lookup(*oid).is_some_and(|table| table.method != Method::Reference) || {
+            let copies = cache::placements(*oid);
+            anchor_nodes
+                .iter()
+                .all(|node| copies.iter().any(|p| p.node.node_id == *node))
+        }
+    })
+}
