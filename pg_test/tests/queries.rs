@@ -387,6 +387,27 @@ fn co_located_joins_run_on_the_workers(cluster: &Cluster) {
         simple_rows(&plan)
     );
     coordinator.batch_execute("RESET plan_cache_mode").unwrap();
+    // Aggregates over a pushed-down join are computed partially on the workers too.
+    let aggregates = [
+        "SELECT c.country, count(*), sum(o.amount), round(avg(o.price)::numeric, 6), max(o.ordered_at) FROM customers c JOIN orders o USING (customer_id) GROUP BY 1",
+        "SELECT k.name, count(DISTINCT c.customer_id) FROM customers c JOIN orders o USING (customer_id) JOIN countries k ON k.code = c.country GROUP BY 1",
+        "SELECT count(*), sum(o.qty) FROM customers c JOIN orders o USING (customer_id) WHERE c.vip",
+        "SELECT o.status, stddev(o.amount), bool_and(c.vip) FROM customers c LEFT JOIN orders o USING (customer_id) GROUP BY 1 HAVING count(*) > 100",
+    ];
+    check_all(cluster, &aggregates);
+    for sql in [aggregates[0], aggregates[2], aggregates[3]] {
+        let plan: Vec<String> = coordinator
+            .query(&format!("EXPLAIN {sql}"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            plan.iter()
+                .any(|l| l.contains(" JOIN ") && l.contains("pgdist.partial_")),
+            "{sql}: {plan:?}"
+        );
+    }
     check_all(cluster, &[
         "SELECT c.customer_id, (SELECT count(*) FROM orders o JOIN customers c2 USING (customer_id) WHERE o.customer_id = c.customer_id AND o.qty > c2.customer_id % 9) FROM customers c WHERE c.customer_id < 40",
     ]);

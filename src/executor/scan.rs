@@ -426,6 +426,9 @@ unsafe fn fragments(
             if !plan.where_sql.is_empty() {
                 sql.push_str(&format!(" WHERE {}", plan.where_sql));
             }
+            if !plan.group_by.is_empty() {
+                sql.push_str(&format!(" GROUP BY {}", plan.group_by));
+            }
             substitute(&sql)
         } else {
             let select = if plan.select_sql.is_empty() {

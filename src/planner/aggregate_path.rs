@@ -1,4 +1,5 @@
-//! Aggregate pushdown: when a query groups and aggregates one distributed table, the workers
+//! Aggregate pushdown: when a query groups and aggregates one distributed table or a join
+//! pushed down to the workers (`join_path.rs`), the workers
 //! compute per-shard *partial* aggregates and PostgreSQL's own Agg node combines them, exactly
 //! as parallel query splits an aggregate between workers and leader (AGGSPLIT_INITIAL_SERIAL /
 //! AGGSPLIT_FINAL_DESERIAL).
@@ -18,9 +19,9 @@ use pgrx::pg_sys;
 use pgrx::PgList;
 
 use crate::planner::scan_path::{
-    from_list, is_distributed_scan, new_custom_path, pushed_down_path_methods, ScanPlan,
+    distributed_path_of, from_list, new_custom_path, pushed_down_path_methods, ScanPlan,
 };
-use crate::planner::shippable::{deparse, shippable};
+use crate::planner::shippable::{deparse, deparse_qualified, shippable};
 
 static mut PREVIOUS_HOOK: pg_sys::create_upper_paths_hook_type = None;
 
@@ -53,11 +54,7 @@ unsafe extern "C-unwind" fn create_upper_paths(
 }
 
 /// The text that computes `aggref`'s partial state on a worker, if it can be pushed down.
-unsafe fn partial_call(
-    aggref: *mut pg_sys::Aggref,
-    relid: pg_sys::Oid,
-    rti: u32,
-) -> Option<String> {
+unsafe fn partial_call(aggref: *mut pg_sys::Aggref, sql: &mut Deparser) -> Option<String> {
     // SAFETY: aggref is a valid Aggref of the query.
     unsafe {
         if !(*aggref).aggorder.is_null()
@@ -82,11 +79,7 @@ unsafe fn partial_call(
         }
         let mut args = Vec::new();
         for entry in PgList::<pg_sys::TargetEntry>::from_pg((*aggref).args).iter_ptr() {
-            let expr = (*entry).expr.cast::<pg_sys::Node>();
-            if !shippable(expr) {
-                return None;
-            }
-            args.push(deparse(expr, relid, rti).0);
+            args.push(sql.text((*entry).expr.cast())?);
         }
         let args = if (*aggref).aggstar {
             "*".to_string()
@@ -94,6 +87,33 @@ unsafe fn partial_call(
             args.join(", ")
         };
         Some(format!("pgdist.{name}({args})"))
+    }
+}
+
+/// Writes expressions over the aggregated input as worker SQL: a base table's columns
+/// unqualified, a pushed-down join's as `r<rti>.<column>`.
+struct Deparser {
+    root: *mut pg_sys::PlannerInfo,
+    /// The base table and its range-table index; None for a join.
+    base: Option<(pg_sys::Oid, u32)>,
+    exec_params: Vec<(i32, pg_sys::Oid)>,
+}
+
+impl Deparser {
+    /// The text of `expr`, or None when it cannot run on the workers.
+    unsafe fn text(&mut self, expr: *mut pg_sys::Node) -> Option<String> {
+        // SAFETY: expr is a valid expression of the query being planned.
+        unsafe {
+            if !shippable(expr) {
+                return None;
+            }
+            let (text, params) = match self.base {
+                Some((relid, rti)) => deparse(expr, relid, rti),
+                None => deparse_qualified(self.root, expr),
+            };
+            self.exec_params.extend(params);
+            Some(text)
+        }
     }
 }
 
@@ -107,39 +127,34 @@ unsafe fn add_pushdown_path(
     // planner's memory context.
     unsafe {
         let parse = (*root).parse;
-        if (*input_rel).reloptkind != pg_sys::RelOptKind::RELOPT_BASEREL
-            || !(*parse).groupingSets.is_null()
+        if !matches!(
+            (*input_rel).reloptkind,
+            pg_sys::RelOptKind::RELOPT_BASEREL | pg_sys::RelOptKind::RELOPT_JOINREL
+        ) || !(*parse).groupingSets.is_null()
             || (*parse).hasTargetSRFs
         {
             return;
         }
-        // The scan may sit under a projection that computes the grouping expressions.
-        let unwrap = |path: *mut pg_sys::Path| {
-            if (*path).type_ == pg_sys::NodeTag::T_ProjectionPath {
-                (*path.cast::<pg_sys::ProjectionPath>()).subpath
-            } else {
-                path
-            }
-        };
-        let Some(base) = PgList::<pg_sys::Path>::from_pg((*input_rel).pathlist)
-            .iter_ptr()
-            .map(unwrap)
-            .find(|p| is_distributed_scan(*p))
-        else {
+        let Some(input) = distributed_path_of(input_rel) else {
             return;
         };
-        let base_plan = ScanPlan::decode(&from_list(
-            (*base.cast::<pg_sys::CustomPath>()).custom_private,
-        ));
-        // Every restriction clause must run on the workers, or the partial results would be wrong.
+        let base_plan = ScanPlan::decode(&from_list((*input).custom_private));
+        // Every restriction clause must run on the workers, or the partial results would be
+        // wrong (a pushed-down join exists only when all of its clauses do).
         let all_shipped = PgList::<pg_sys::RestrictInfo>::from_pg((*input_rel).baserestrictinfo)
             .iter_ptr()
             .all(|ri| shippable((*ri).clause.cast()));
         if !all_shipped {
             return;
         }
-        let rti = (*input_rel).relid;
-        let relid = base_plan.relid;
+        let mut sql = Deparser {
+            root,
+            base: base_plan
+                .from_sql
+                .is_empty()
+                .then_some((base_plan.relid, (*input_rel).relid)),
+            exec_params: base_plan.exec_params.clone(),
+        };
 
         let grouping_target = (*output_rel).reltarget;
         let partial_target = pg_sys::create_empty_pathtarget();
@@ -157,11 +172,11 @@ unsafe fn add_pushdown_path(
                 && !pg_sys::get_sortgroupref_clause_noerr(sortgroupref, (*parse).groupClause)
                     .is_null();
             if grouped {
-                if !shippable(expr) {
+                let Some(text) = sql.text(expr) else {
                     return;
-                }
+                };
                 pg_sys::add_column_to_pathtarget(partial_target, expr.cast(), sortgroupref);
-                select.push(deparse(expr, relid, rti).0);
+                select.push(text);
                 group_positions.push(select.len().to_string());
             } else {
                 others.push(expr);
@@ -178,7 +193,7 @@ unsafe fn add_pushdown_path(
             if (*node).type_ != pg_sys::NodeTag::T_Aggref {
                 return; // a column outside the GROUP BY (functional dependency): keep it simple
             }
-            let Some(call) = partial_call(node.cast(), relid, rti) else {
+            let Some(call) = partial_call(node.cast(), &mut sql) else {
                 return;
             };
             let partial = pg_sys::copyObjectImpl(node.cast()).cast::<pg_sys::Aggref>();
@@ -188,16 +203,28 @@ unsafe fn add_pushdown_path(
         }
 
         pg_sys::set_pathtarget_cost_width(root, partial_target);
+        let mut exec_params = sql.exec_params;
+        exec_params.sort_unstable_by_key(|(id, _)| *id);
+        exec_params.dedup_by_key(|(id, _)| *id);
         let plan = ScanPlan {
             select_sql: select.join(", "),
             group_by: group_positions.join(", "),
             columns: (1..=select.len() as i16).collect(),
+            exec_params,
             ..base_plan
         };
         let groups = if (*parse).groupClause.is_null() {
             1.0
         } else {
-            (*output_rel).rows.max(1.0)
+            let exprs = pg_sys::get_sortgrouplist_exprs((*parse).groupClause, (*parse).targetList);
+            pg_sys::estimate_num_groups(
+                root,
+                exprs,
+                (*input_rel).rows,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+            .max(1.0)
         };
         let shards = plan.shard_ids.len().max(1) as f64;
         let partial_rel = pg_sys::fetch_upper_rel(
@@ -237,7 +264,9 @@ unsafe fn add_pushdown_path(
             (*parse).groupClause,
             // Already an implicit-AND list at this stage of planning.
             (*extra).havingQual.cast::<pg_sys::List>(),
-            &(*extra).agg_final_costs,
+            // extra->agg_final_costs is only filled in when PostgreSQL plans a parallel
+            // partial aggregate itself; the workers do the transitions here anyway.
+            &pg_sys::AggClauseCosts::default(),
             groups,
         );
         // Pushed down is always cheaper than moving every row; make it the only choice.

@@ -45,12 +45,20 @@ pub fn pushed_down_path_methods() -> *const pg_sys::CustomPathMethods {
     &raw const PUSHED_DOWN_PATH_METHODS
 }
 
-/// The Distributed Scan among `rel`'s paths: of the base table, or of a pushed-down join.
+/// The Distributed Scan among `rel`'s paths: of the base table, or of a pushed-down join
+/// (possibly under a projection that computes expressions over its columns).
 pub unsafe fn distributed_path_of(rel: *mut pg_sys::RelOptInfo) -> Option<*mut pg_sys::CustomPath> {
-    // SAFETY: rel's pathlist is a List of Paths; CustomPath is checked by tag before the cast.
+    // SAFETY: rel's pathlist is a List of Paths; casts follow node tags.
     unsafe {
         PgList::<pg_sys::Path>::from_pg((*rel).pathlist)
             .iter_ptr()
+            .map(|path| {
+                if (*path).type_ == pg_sys::NodeTag::T_ProjectionPath {
+                    (*path.cast::<pg_sys::ProjectionPath>()).subpath
+                } else {
+                    path
+                }
+            })
             .find(|path| {
                 (*(*path)).type_ == pg_sys::NodeTag::T_CustomPath && {
                     let methods = (*path.cast::<pg_sys::CustomPath>()).methods;
@@ -593,6 +601,8 @@ unsafe fn add_distributed_path(
         };
         let rows = ((*rel).rows).max(1000.0 * shards);
         (*rel).rows = rows;
+        // The shell is empty; without this, group and distinct estimates clamp to one row.
+        (*rel).tuples = (*rel).tuples.max(rows);
         let total_cost = 100.0 + 10.0 * shards + rows * 0.01;
         let path = new_custom_path(
             rel,
