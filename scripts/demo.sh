@@ -105,6 +105,15 @@ if [ -z "${PGDIST_DEMO_NO_SAMPLE:-}" ]; then
     psql_on "$coordinator" -c "SELECT shard_id, table_name, shard_name, node_id, min_value, max_value, row_estimate, bytes FROM pgdist.shards LIMIT 6"
     say "the ALTER TABLE above reached every shard: SELECT * FROM pgdist.run_on_workers(...)"
     psql_on "$coordinator" -c "SELECT node_id, result AS shards_with_status_column FROM pgdist.run_on_workers(\$\$SELECT count(*) FROM pg_attribute WHERE attname = 'status' AND attrelid::regclass::text LIKE 'orders\\_%'\$\$)"
+    say "a router lookup: one shard on one node"
+    psql_on "$coordinator" -c "SELECT * FROM orders WHERE customer_id = 42 ORDER BY order_id LIMIT 3" \
+        -c "EXPLAIN SELECT * FROM orders WHERE customer_id = 42"
+    say "a multi-shard aggregate: partial aggregates on every shard, combined on the coordinator"
+    psql_on "$coordinator" -c "SELECT extract(quarter FROM ordered_at) AS quarter, count(*), sum(amount) FROM orders GROUP BY 1 ORDER BY 1" \
+        -c "EXPLAIN SELECT extract(quarter FROM ordered_at) AS quarter, count(*), sum(amount) FROM orders GROUP BY 1 ORDER BY 1"
+    say "a co-located join with a reference table, joined and aggregated on the workers"
+    psql_on "$coordinator" -c "SELECT k.name, count(*), sum(o.amount) FROM orders o JOIN customers c USING (customer_id) JOIN countries k ON k.code = c.country GROUP BY 1 ORDER BY 1" \
+        -c "EXPLAIN SELECT k.name, count(*), sum(o.amount) FROM orders o JOIN customers c USING (customer_id) JOIN countries k ON k.code = c.country GROUP BY 1 ORDER BY 1"
 fi
 
 cat <<EOF_TEXT

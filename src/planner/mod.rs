@@ -23,6 +23,8 @@ use crate::metadata::cache;
 pub enum PlannerError {
     #[error("data-modifying statements on distributed table {0} inside WITH or a subquery are not supported yet")]
     Writes(String),
+    #[error("MERGE into distributed table {0} is not supported yet")]
+    Merge(String),
     #[error("row locks (FOR UPDATE / FOR SHARE) on distributed table {0} are not supported yet")]
     RowLocks(String),
     #[error(
@@ -44,6 +46,9 @@ impl crate::error::PgError for PlannerError {
         Some(match self {
             PlannerError::Writes(_) => {
                 "Run the INSERT, UPDATE or DELETE as a statement of its own.".into()
+            }
+            PlannerError::Merge(_) => {
+                "Use INSERT … ON CONFLICT, UPDATE or DELETE statements instead.".into()
             }
             PlannerError::RowLocks(_) => "Drop the FOR UPDATE / FOR SHARE clause.".into(),
             PlannerError::ModifyJoin(_) => {
@@ -96,6 +101,11 @@ unsafe extern "C-unwind" fn plan(
     }
     // SAFETY: parse is the query being planned, valid for this call.
     unsafe {
+        if (*parse).commandType == pg_sys::CmdType::CMD_MERGE {
+            if let Some(oid) = distributed_rte(parse, (*parse).resultRelation) {
+                crate::error::raise(PlannerError::Merge(relation_name(oid)));
+            }
+        }
         if let Some(err) = unsupported_use(parse) {
             crate::error::raise(err);
         }
