@@ -497,39 +497,38 @@ unsafe fn fragments(
     }
 }
 
-/// The qualified shard names of one table, by shard index.
+/// The qualified shard names of one table, by shard index (written only for the shards read).
 struct ShardNames {
+    schema: String,
+    name: String,
     reference: bool,
-    names: Vec<(i32, String)>,
+    /// (shard id, shard index)
+    shards: Vec<(i64, i32)>,
 }
 
 impl ShardNames {
     fn of(relid: pg_sys::Oid) -> ShardNames {
         let (schema, name) = crate::executor::schema_and_name(relid);
         ShardNames {
+            schema,
+            name,
             reference: cache::lookup(relid)
                 .is_some_and(|t| t.method == crate::metadata::tables::Method::Reference),
-            names: cache::shards(relid)
-                .into_iter()
-                .map(|(id, index)| {
-                    (
-                        index,
-                        quote_qualified(&schema, &with_suffix(&name, &id.to_string())),
-                    )
-                })
-                .collect(),
+            shards: cache::shards(relid),
         }
     }
 
     /// The shard with index `index` (a reference table's only shard whatever the index).
     fn at(&self, index: i32) -> Option<String> {
-        if self.reference {
-            return self.names.first().map(|(_, name)| name.clone());
-        }
-        self.names
-            .iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, name)| name.clone())
+        let (id, _) = if self.reference {
+            self.shards.first()?
+        } else {
+            self.shards.iter().find(|(_, i)| *i == index)?
+        };
+        Some(quote_qualified(
+            &self.schema,
+            &with_suffix(&self.name, &id.to_string()),
+        ))
     }
 }
 

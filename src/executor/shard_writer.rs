@@ -162,7 +162,7 @@ impl ShardWriter {
             pg_sys::RelationClose(relation);
             let placements_list = cache::placements(relid);
             let mut placements: BTreeMap<i64, Vec<NodeAddress>> = BTreeMap::new();
-            for placement in &placements_list {
+            for placement in placements_list.iter() {
                 placements
                     .entry(placement.shard_id)
                     .or_default()

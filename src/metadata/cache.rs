@@ -7,6 +7,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use pgrx::prelude::*;
 
@@ -17,7 +18,7 @@ struct Loaded {
     catalog_relid: pg_sys::Oid,
     tables: HashMap<pg_sys::Oid, DistTable>,
     /// Placements per table, read on first use.
-    placements: HashMap<pg_sys::Oid, Vec<Placement>>,
+    placements: HashMap<pg_sys::Oid, Rc<[Placement]>>,
 }
 
 thread_local! {
@@ -98,17 +99,20 @@ pub fn lookup(oid: pg_sys::Oid) -> Option<DistTable> {
     with_tables(|tables| tables.get(&oid).cloned())
 }
 
-/// Every placement of distributed table `oid`, by shard index then node (cached).
-pub fn placements(oid: pg_sys::Oid) -> Vec<Placement> {
+/// Every placement of distributed table `oid`, by shard index then node (cached; shared, not
+/// copied: routing a query reads it several times).
+pub fn placements(oid: pg_sys::Oid) -> Rc<[Placement]> {
     if lookup(oid).is_none() {
-        return Vec::new();
+        return Rc::from(Vec::new());
     }
     let cached =
         CACHE.with_borrow(|cache| cache.as_ref().and_then(|l| l.placements.get(&oid).cloned()));
     if let Some(placements) = cached {
         return placements;
     }
-    let placements = tables::placements(oid).unwrap_or_else(|err| crate::error::raise(err));
+    let placements: Rc<[Placement]> = tables::placements(oid)
+        .unwrap_or_else(|err| crate::error::raise(err))
+        .into();
     CACHE.with_borrow_mut(|cache| {
         if let Some(loaded) = cache.as_mut() {
             loaded.placements.insert(oid, placements.clone());
