@@ -107,6 +107,9 @@ fn router_queries(cluster: &Cluster) {
     check_all(cluster, &[
         "SELECT * FROM customers WHERE customer_id = 42",
         "SELECT * FROM customers WHERE customer_id = 99999",
+        "SELECT * FROM customers WHERE customer_id = 42 FOR UPDATE",
+        "SELECT * FROM orders WHERE customer_id IN (4, 5) AND qty > 3 FOR SHARE",
+        "SELECT customer_id, name FROM customers WHERE vip FOR NO KEY UPDATE SKIP LOCKED",
         "SELECT name, country FROM customers WHERE customer_id = 7 AND vip",
         "SELECT * FROM orders WHERE customer_id = 5 ORDER BY order_id",
         "SELECT count(*), sum(amount), min(ordered_at), max(note) FROM orders WHERE customer_id = 5",
@@ -678,7 +681,10 @@ fn errors_match_plain_postgres(cluster: &Cluster) {
 fn unsupported_queries_fail_with_0a000(cluster: &Cluster) {
     check_all(
         cluster,
-        &["SELECT * FROM customers WHERE customer_id = 1 FOR UPDATE"],
+        &[
+            "SELECT * FROM customers ORDER BY customer_id LIMIT 3 FOR UPDATE",
+            "SELECT * FROM customers c JOIN orders o USING (customer_id) WHERE customer_id = 1 FOR SHARE",
+        ],
     );
     let unsupported = UNSUPPORTED.lock().unwrap();
     println!("queries answered with 0A000 so far: {}", unsupported.len());

@@ -37,6 +37,7 @@ fn main() {
             worker_crash_after_prepare_is_committed_once_it_is_back,
             the_maintenance_daemon_recovers_without_being_asked,
             a_deadlock_across_two_nodes_cancels_exactly_one_transaction,
+            select_for_update_locks_rows_on_the_workers_until_commit,
             bank_transfers_stay_exact_while_a_worker_keeps_crashing,
         ],
     )
@@ -763,6 +764,79 @@ fn a_deadlock_across_two_nodes_cancels_exactly_one_transaction(cluster: &Cluster
         ),
         0
     );
+}
+
+fn select_for_update_locks_rows_on_the_workers_until_commit(cluster: &Cluster) {
+    let mut setup = cluster.coordinator_client();
+    setup
+        .batch_execute(
+            "CREATE TABLE seats (id int PRIMARY KEY, taken_by text);
+             SELECT pgdist.create_distributed_table('seats', 'id', shard_count => 4);
+             INSERT INTO seats SELECT i, NULL FROM generate_series(1, 10) i;",
+        )
+        .unwrap();
+    let mut holder = cluster.coordinator_client();
+    holder.batch_execute("BEGIN").unwrap();
+    let locked = holder
+        .query("SELECT id FROM seats WHERE id = 3 FOR UPDATE", &[])
+        .unwrap();
+    assert_eq!(locked.len(), 1);
+
+    // Another session sees the lock: NOWAIT fails with the worker's 55P03, SKIP LOCKED skips
+    // the row on every shard, and a plain update waits for the holder's commit.
+    let mut other = cluster.coordinator_client();
+    let err = other
+        .query("SELECT * FROM seats WHERE id = 3 FOR UPDATE NOWAIT", &[])
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "55P03", "{err:?}");
+    let free: Vec<i32> = other
+        .query(
+            "SELECT id FROM seats WHERE id <= 5 ORDER BY id FOR NO KEY UPDATE SKIP LOCKED",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(free, vec![1, 2, 4, 5]);
+    let conninfo = cluster.coordinator.conninfo();
+    let waiter = std::thread::spawn(move || {
+        let mut session = Client::connect(&conninfo, postgres::NoTls).unwrap();
+        let started = Instant::now();
+        session
+            .execute(
+                "UPDATE seats SET taken_by = taken_by || ' and waiter' WHERE id = 3",
+                &[],
+            )
+            .unwrap();
+        started.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    holder
+        .batch_execute("UPDATE seats SET taken_by = 'holder' WHERE id = 3; COMMIT")
+        .unwrap();
+    let waited = waiter.join().unwrap();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "the update waited: {waited:?}"
+    );
+    let taken: String = setup
+        .query_one("SELECT taken_by FROM seats WHERE id = 3", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(taken, "holder and waiter");
+    assert_eq!(prepared_on_workers(cluster), 0);
+
+    // Shapes where the workers would lock other rows than PostgreSQL: refused, with a hint.
+    for sql in [
+        "SELECT * FROM seats ORDER BY id LIMIT 1 FOR UPDATE",
+        "SELECT * FROM seats s JOIN colors c ON c.code = s.taken_by FOR UPDATE OF s",
+        "SELECT * FROM seats WHERE id IN (SELECT id FROM seats WHERE id < 3 FOR UPDATE)",
+    ] {
+        let err = other.query(sql, &[]).unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+        assert!(err.as_db_error().and_then(|e| e.hint()).is_some(), "{sql}");
+    }
 }
 
 fn bank_transfers_stay_exact_while_a_worker_keeps_crashing(cluster: &Cluster) {

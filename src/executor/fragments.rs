@@ -53,17 +53,20 @@ pub struct FragmentStream {
 
 impl FragmentStream {
     /// Starts every fragment. `work` is one entry per node: its target and its fragments;
-    /// `settings` (SET statements) go first on connections that do not have them yet.
+    /// `settings` (SET statements) go first on connections that do not have them yet. With
+    /// `in_transaction` (row locks) every node is read through the coordinator transaction's
+    /// connection, joining it to the transaction where needed.
     pub fn start(
         work: Vec<(NodeTarget, Vec<String>)>,
         settings: String,
         connections_per_node: usize,
+        in_transaction: bool,
     ) -> FragmentStream {
         let (sender, messages) = mpsc::channel(CHANNEL_ROWS);
         connection::notice_closed_connections();
-        let (transactional, work): (Vec<_>, Vec<_>) = work
-            .into_iter()
-            .partition(|(target, _)| remote_xact::is_participant(target.node.node_id));
+        let (transactional, work): (Vec<_>, Vec<_>) = work.into_iter().partition(|(target, _)| {
+            in_transaction || remote_xact::is_participant(target.node.node_id)
+        });
         let mut tasks = Vec::new();
         let mut participant_tasks = Vec::new();
         let mut cancel_tokens = Vec::new();

@@ -450,6 +450,9 @@ unsafe fn fragments(
             if !plan.group_by.is_empty() {
                 sql.push_str(&format!(" GROUP BY {}", plan.group_by));
             }
+            if !plan.row_lock.is_empty() {
+                sql.push_str(&format!(" {}", plan.row_lock));
+            }
             sql
         };
         // (range-table index, shards by index) of every table read; the scanned table alone
@@ -548,6 +551,7 @@ unsafe fn start(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomScanState) -
         work,
         settings,
         crate::gucs::max_connections_per_node() as usize,
+        !runtime.plan.row_lock.is_empty(),
     )
 }
 

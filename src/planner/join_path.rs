@@ -106,6 +106,9 @@ impl Input {
         unsafe {
             let path = distributed_path_of(rel)?;
             let plan = ScanPlan::decode(&from_list((*path).custom_private));
+            if !plan.row_lock.is_empty() {
+                return None;
+            }
             let (from_sql, pending, relations) = if plan.from_sql.is_empty() {
                 // A base table: its filters must all run on the workers, before the join.
                 let all_shipped = PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo)

@@ -9,6 +9,7 @@ pub mod aggregate_path;
 pub mod join_path;
 pub mod modify_plan;
 pub mod range_pruning;
+pub mod row_locks;
 pub mod scan_path;
 pub mod shippable;
 
@@ -25,7 +26,7 @@ pub enum PlannerError {
     Writes(String),
     #[error("MERGE into distributed table {0} is not supported yet")]
     Merge(String),
-    #[error("row locks (FOR UPDATE / FOR SHARE) on distributed table {0} are not supported yet")]
+    #[error("row locks (FOR UPDATE / FOR SHARE) on distributed table {0} are not supported in this query")]
     RowLocks(String),
     #[error(
         "UPDATE or DELETE of distributed table {0} with FROM, USING or joins is not supported yet"
@@ -50,7 +51,12 @@ impl crate::error::PgError for PlannerError {
             PlannerError::Merge(_) => {
                 "Use INSERT … ON CONFLICT, UPDATE or DELETE statements instead.".into()
             }
-            PlannerError::RowLocks(_) => "Drop the FOR UPDATE / FOR SHARE clause.".into(),
+            PlannerError::RowLocks(_) => {
+                "FOR UPDATE / FOR SHARE works on a query that reads one distributed or \
+                 reference table, without LIMIT or OFFSET; lock the rows with such a query \
+                 first, or drop the clause."
+                    .into()
+            }
             PlannerError::ModifyJoin(_) => {
                 "Filter by the table's own columns, e.g. WHERE key IN (…) or = ANY($1).".into()
             }
@@ -99,7 +105,11 @@ unsafe extern "C-unwind" fn plan(
     if !any_distributed {
         return plan_rest();
     }
+    // Lives until planning ends: the table's scan picks the lock clause up.
     // SAFETY: parse is the query being planned, valid for this call.
+    let _row_locks =
+        unsafe { row_locks::take_from(parse) }.unwrap_or_else(|err| crate::error::raise(err));
+    // SAFETY: as above.
     unsafe {
         if (*parse).commandType == pg_sys::CmdType::CMD_MERGE {
             if let Some(oid) = distributed_rte(parse, (*parse).resultRelation) {

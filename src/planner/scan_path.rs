@@ -188,6 +188,9 @@ pub struct ScanPlan {
     pub from_sql: String,
     /// The tables of a pushed-down join: (range-table index, table).
     pub relations: Vec<(u32, pg_sys::Oid)>,
+    /// `FOR UPDATE` and the like (`row_locks.rs`): the fragments then run in the coordinator
+    /// transaction's remote transactions.
+    pub row_lock: String,
 }
 
 impl ScanPlan {
@@ -214,6 +217,7 @@ impl ScanPlan {
                     .map(|(rti, oid)| format!("{rti}:{}", u32::from(*oid)))
                     .collect(),
             ),
+            self.row_lock.clone(),
         ]
     }
 
@@ -252,6 +256,7 @@ impl ScanPlan {
             exec_params: parts.get(4).map(|s| pairs(s)).unwrap_or_default(),
             from_sql: parts.get(5).cloned().unwrap_or_default(),
             relations: parts.get(6).map(|s| pairs(s)).unwrap_or_default(),
+            row_lock: parts.get(7).cloned().unwrap_or_default(),
         }
     }
 }
@@ -297,7 +302,8 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
         let Some(table) = cache::lookup((*rte).relid) else {
             return;
         };
-        let plan = plan_scan(&table, rel);
+        let mut plan = plan_scan(&table, rel);
+        plan.row_lock = crate::planner::row_locks::clause_for(root, rti);
         add_distributed_path(root, rel, plan);
     }
 }
