@@ -4,6 +4,7 @@
 # PostgreSQL server with the same settings).
 #   - router point lookups by key: pgbench, 4 clients, -M prepared and -M simple (TPS ratio)
 #   - count(*), sum() and a ~100-group GROUP BY over ROWS rows (time ratio)
+#   - a join of two co-located tables on their key, aggregated (time ratio)
 #   bash bench/select.sh          ROWS=200000 SECONDS_EACH=5 bash bench/select.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,12 @@ CREATE TABLE bench_dist AS SELECT * FROM bench_local;
 ALTER TABLE bench_dist ADD PRIMARY KEY (id);
 VACUUM ANALYZE bench_local;
 SELECT pgdist.create_distributed_table('bench_dist', 'id');
+CREATE TABLE bench_local_extra (id bigint PRIMARY KEY, weight int);
+INSERT INTO bench_local_extra SELECT i, i % 7 FROM generate_series(1, $ROWS) i;
+CREATE TABLE bench_dist_extra AS SELECT * FROM bench_local_extra;
+ALTER TABLE bench_dist_extra ADD PRIMARY KEY (id);
+VACUUM ANALYZE bench_local_extra;
+SELECT pgdist.create_distributed_table('bench_dist_extra', 'id', colocate_with => 'bench_dist');
 SQL
 
 results=()
@@ -40,7 +47,8 @@ for mode in prepared simple; do
     plain=$(tps bench_local "$mode"); dist=$(tps bench_dist "$mode")
     results+=("router point SELECT (-M $mode)|$plain TPS|$dist TPS|$(python3 -c "print(f'{$dist / $plain:.2f}x TPS')")")
 done
-for q in "SELECT count(*) FROM TABLE" "SELECT sum(amount) FROM TABLE" "SELECT customer_id % 100, count(*), sum(amount) FROM TABLE GROUP BY 1"; do
+for q in "SELECT count(*) FROM TABLE" "SELECT sum(amount) FROM TABLE" "SELECT customer_id % 100, count(*), sum(amount) FROM TABLE GROUP BY 1" \
+         "SELECT e.weight, count(*), sum(t.amount) FROM TABLE t JOIN TABLE_extra e USING (id) GROUP BY 1"; do
     plain=$(timed "${q//TABLE/bench_local}"); dist=$(timed "${q//TABLE/bench_dist}")
     results+=("${q//TABLE/t}|${plain}s|${dist}s|$(python3 -c "print(f'{$dist / $plain:.2f}x the time')")")
 done
