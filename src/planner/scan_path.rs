@@ -27,18 +27,6 @@ static mut PATH_METHODS: pg_sys::CustomPathMethods = pg_sys::CustomPathMethods {
     ReparameterizeCustomPathByChild: None,
 };
 
-/// True when `path` is a Distributed Scan of a base table.
-pub unsafe fn is_distributed_scan(path: *mut pg_sys::Path) -> bool {
-    // SAFETY: path is a valid Path; CustomPath is checked by tag before the cast.
-    unsafe {
-        (*path).type_ == pg_sys::NodeTag::T_CustomPath
-            && std::ptr::eq(
-                (*path.cast::<pg_sys::CustomPath>()).methods,
-                &raw const PATH_METHODS,
-            )
-    }
-}
-
 /// The path methods of scans that read more than a table — a pushed-down join or aggregate —
 /// and are planned without a base relation.
 pub fn pushed_down_path_methods() -> *const pg_sys::CustomPathMethods {
