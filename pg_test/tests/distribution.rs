@@ -854,7 +854,7 @@ fn reads_see_the_shards_nested_writes_are_refused(cluster: &Cluster) {
     );
     for sql in [
         "WITH d AS (DELETE FROM guarded_reads RETURNING *) SELECT count(*) FROM d",
-        "SELECT * FROM guarded_reads FOR UPDATE",
+        "SELECT * FROM guarded_reads ORDER BY v LIMIT 1 FOR UPDATE",
     ] {
         let err = client.batch_execute(sql).unwrap_err();
         assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
