@@ -231,12 +231,7 @@ fn aggregates_pushed_down_to_the_workers(cluster: &Cluster) {
         "SELECT count(*), sum(amount) FROM orders",
         "SELECT status, avg(amount) FROM orders GROUP BY status",
     ] {
-        let plan: Vec<String> = coordinator
-            .query(&format!("EXPLAIN {sql}"), &[])
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let plan = explain(&mut coordinator, sql);
         assert!(
             plan.iter().any(|l| l.contains("Finalize")),
             "{sql}: {plan:?}"
@@ -294,14 +289,19 @@ fn joins(cluster: &Cluster) {
     ]);
 }
 
-/// True when EXPLAIN shows the whole join of `sql` as one Distributed Scan whose fragment joins.
-fn join_pushed_down(client: &mut postgres::Client, sql: &str) -> bool {
-    let plan: Vec<String> = client
+/// The lines of `EXPLAIN sql`.
+fn explain(client: &mut postgres::Client, sql: &str) -> Vec<String> {
+    client
         .query(&format!("EXPLAIN {sql}"), &[])
         .unwrap()
         .iter()
         .map(|r| r.get(0))
-        .collect();
+        .collect()
+}
+
+/// True when EXPLAIN shows the whole join of `sql` as one Distributed Scan whose fragment joins.
+fn join_pushed_down(client: &mut postgres::Client, sql: &str) -> bool {
+    let plan = explain(client, sql);
     let scans = plan
         .iter()
         .filter(|l| l.contains("Distributed Scan"))
@@ -399,12 +399,7 @@ fn co_located_joins_run_on_the_workers(cluster: &Cluster) {
     ];
     check_all(cluster, &aggregates);
     for sql in [aggregates[0], aggregates[2], aggregates[3]] {
-        let plan: Vec<String> = coordinator
-            .query(&format!("EXPLAIN {sql}"), &[])
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let plan = explain(&mut coordinator, sql);
         assert!(
             plan.iter()
                 .any(|l| l.contains(" JOIN ") && l.contains("pgdist.partial_")),
@@ -569,12 +564,7 @@ fn range_tables_prune_by_comparisons(cluster: &Cluster) {
     );
     let mut coordinator = cluster.coordinator_client();
     let fragments = |client: &mut postgres::Client, sql: &str| -> String {
-        let plan: Vec<String> = client
-            .query(&format!("EXPLAIN {sql}"), &[])
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let plan = explain(client, sql);
         plan.into_iter()
             .find(|l| l.contains("Fragments:"))
             .unwrap_or_default()
