@@ -26,8 +26,11 @@ fn main() {
             ordering_limits_and_distinct,
             joins,
             co_located_joins_run_on_the_workers,
+            grouping_by_the_distribution_column_runs_whole_on_the_workers,
+            limits_run_on_the_workers,
             subqueries_ctes_and_set_operations,
             window_functions,
+            windows_partitioned_by_the_distribution_column_run_on_the_workers,
             every_type_and_null_round_trips,
             session_settings_travel_with_fragments,
             prepared_statements_prune_by_parameter,
@@ -426,6 +429,109 @@ fn simple_rows(messages: &[postgres::SimpleQueryMessage]) -> Vec<String> {
         .collect()
 }
 
+/// The fragment SQL that EXPLAIN shows for `sql` (the first scan's).
+fn fragment(client: &mut postgres::Client, sql: &str) -> String {
+    explain(client, sql)
+        .into_iter()
+        .find_map(|l| l.trim().strip_prefix("Fragment: ").map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn grouping_by_the_distribution_column_runs_whole_on_the_workers(cluster: &Cluster) {
+    // Every group lives in one shard: the workers compute the final values, HAVING included,
+    // whatever the aggregate.
+    let whole = [
+        "SELECT customer_id, count(*), count(DISTINCT qty), sum(amount) FROM orders GROUP BY customer_id",
+        "SELECT customer_id, string_agg(order_id::text, ',' ORDER BY order_id DESC), array_agg(qty ORDER BY order_id) FROM orders WHERE customer_id < 40 GROUP BY customer_id",
+        "SELECT customer_id, count(*) FILTER (WHERE qty > 4), max(note) FILTER (WHERE amount > 10) FROM orders GROUP BY 1",
+        "SELECT customer_id, percentile_disc(0.5) WITHIN GROUP (ORDER BY qty), mode() WITHIN GROUP (ORDER BY status) FROM orders GROUP BY customer_id",
+        "SELECT customer_id, count(*) FROM orders GROUP BY customer_id HAVING count(DISTINCT status) = 3 AND sum(qty) > 40",
+        "SELECT customer_id, qty, count(*) FROM orders WHERE qty IN (1, 2) GROUP BY customer_id, qty",
+        "SELECT customer_id, name, count(*) FROM customers GROUP BY customer_id",
+        "SELECT c.customer_id, c.name, count(o.order_id), count(DISTINCT o.qty) FROM customers c JOIN orders o USING (customer_id) GROUP BY c.customer_id",
+        "SELECT c.customer_id, count(o.order_id) FROM customers c LEFT JOIN orders o USING (customer_id) GROUP BY c.customer_id HAVING count(o.order_id) < 3",
+        "SELECT c.customer_id, k.name, sum(o.amount) FROM customers c JOIN orders o USING (customer_id) JOIN countries k ON k.code = c.country GROUP BY 1, 2",
+        "SELECT code, count(*), string_agg(name, '/' ORDER BY name) FROM countries GROUP BY code",
+        "SELECT customer_id, count(DISTINCT status) FROM orders WHERE customer_id = 77 GROUP BY customer_id",
+        "SELECT day, count(*), count(DISTINCT kind) FROM events GROUP BY day",
+    ];
+    // A group may span shards (grouped by another column, or by a column an outer join can
+    // make NULL): partial aggregation or the coordinator, never per-shard final values.
+    let not_whole = [
+        "SELECT qty, count(DISTINCT customer_id), sum(amount) FROM orders GROUP BY qty",
+        "SELECT o.customer_id, count(*) FROM customers c LEFT JOIN orders o ON o.customer_id = c.customer_id AND o.qty = 1 GROUP BY o.customer_id",
+        "SELECT o.customer_id, count(*) FROM orders o FULL JOIN customers c USING (customer_id) GROUP BY o.customer_id",
+        "SELECT count(*), count(DISTINCT customer_id) FROM orders",
+        "SELECT count(*) FROM orders WHERE customer_id = 77",
+    ];
+    let all: Vec<&str> = whole.iter().chain(not_whole.iter()).copied().collect();
+    check_all(cluster, &all);
+    let mut coordinator = cluster.coordinator_client();
+    for sql in whole {
+        let plan = explain(&mut coordinator, sql);
+        let fragment = fragment(&mut coordinator, sql);
+        assert!(
+            !plan.iter().any(|l| l.contains("Aggregate")) && fragment.contains("GROUP BY"),
+            "{sql} should aggregate on the workers only: {plan:#?}"
+        );
+    }
+    for sql in not_whole {
+        let fragment = fragment(&mut coordinator, sql);
+        assert!(
+            !fragment.contains("count(DISTINCT") && !fragment.contains("count(*)"),
+            "{sql} must not finish groups on the workers: {fragment}"
+        );
+    }
+}
+
+fn limits_run_on_the_workers(cluster: &Cluster) {
+    // Each fragment returns only its first LIMIT + OFFSET rows; the coordinator picks from those.
+    let limited = [
+        ("SELECT * FROM orders ORDER BY amount DESC NULLS LAST, order_id LIMIT 15", "LIMIT 15"),
+        ("SELECT order_id, qty FROM orders WHERE qty > 2 ORDER BY order_id DESC LIMIT 10 OFFSET 100", "LIMIT 110"),
+        ("SELECT order_id, price FROM orders ORDER BY price NULLS FIRST, order_id LIMIT 25", "LIMIT 25"),
+        ("SELECT order_id, ordered_at FROM orders ORDER BY ordered_at, order_id FETCH FIRST 3 ROWS ONLY", "LIMIT 3"),
+        ("SELECT order_id, amount * qty AS total FROM orders ORDER BY amount * qty DESC NULLS LAST, order_id LIMIT 4", "LIMIT 4"),
+        ("SELECT name FROM customers ORDER BY name LIMIT 10", "LIMIT 10"),
+        ("SELECT customer_id, sum(amount) AS total FROM orders GROUP BY customer_id ORDER BY total DESC NULLS LAST, customer_id LIMIT 5", "LIMIT 5"),
+        ("SELECT c.name, o.order_id FROM customers c JOIN orders o USING (customer_id) WHERE o.qty = 4 ORDER BY o.order_id LIMIT 6", "LIMIT 6"),
+        ("SELECT * FROM customers ORDER BY customer_id LIMIT 0", "LIMIT 0"),
+        ("SELECT * FROM events ORDER BY day DESC, n LIMIT 20", "LIMIT 20"),
+        ("SELECT order_id FROM orders WHERE customer_id = 5 ORDER BY order_id LIMIT 2", "LIMIT 2"),
+    ];
+    // Without ORDER BY any rows will do: compare the count, not the rows.
+    let unordered = [
+        ("SELECT count(*) FROM (SELECT * FROM orders LIMIT 37) s", "LIMIT 37"),
+        ("SELECT count(*) FROM (SELECT order_id FROM orders WHERE qty = 1 LIMIT 5 OFFSET 3) s", "LIMIT 8"),
+    ];
+    // The LIMIT must stay on the coordinator: a filter or a sort key only the coordinator can
+    // evaluate, a set-returning function, DISTINCT.
+    let kept = [
+        "SELECT order_id FROM orders WHERE ordered_at < now() ORDER BY order_id LIMIT 5",
+        "SELECT order_id FROM orders ORDER BY order_id::text COLLATE \"C\", order_id LIMIT 5",
+        "SELECT name FROM customers WHERE name COLLATE \"C\" > 'customer 5' ORDER BY name LIMIT 5",
+        "SELECT order_id, generate_series(1, 2) FROM orders ORDER BY order_id LIMIT 5",
+        "SELECT DISTINCT qty FROM orders ORDER BY qty LIMIT 3",
+        "SELECT qty, count(*) FROM orders GROUP BY qty ORDER BY qty LIMIT 3",
+    ];
+    let all: Vec<&str> = limited
+        .iter()
+        .chain(unordered.iter())
+        .map(|(sql, _)| *sql)
+        .chain(kept.iter().copied())
+        .collect();
+    check_all(cluster, &all);
+    let mut coordinator = cluster.coordinator_client();
+    for (sql, limit) in limited.iter().chain(unordered.iter()) {
+        let fragment = fragment(&mut coordinator, sql);
+        assert!(fragment.ends_with(limit), "{sql}: {fragment}");
+    }
+    for sql in kept {
+        let fragment = fragment(&mut coordinator, sql);
+        assert!(!fragment.contains("LIMIT"), "{sql}: {fragment}");
+    }
+}
+
 fn subqueries_ctes_and_set_operations(cluster: &Cluster) {
     check_all(cluster, &[
         "SELECT * FROM customers WHERE customer_id IN (SELECT customer_id FROM orders WHERE amount > 99.5)",
@@ -460,6 +566,45 @@ fn window_functions(cluster: &Cluster) {
         "SELECT order_id, ntile(4) OVER (ORDER BY order_id) FROM orders WHERE customer_id < 5",
         "SELECT day, n, first_value(n) OVER (PARTITION BY kind ORDER BY day, n) FROM events WHERE n < 200",
     ]);
+}
+
+fn windows_partitioned_by_the_distribution_column_run_on_the_workers(cluster: &Cluster) {
+    let pushed = [
+        "SELECT customer_id, order_id, row_number() OVER (PARTITION BY customer_id ORDER BY order_id DESC) FROM orders",
+        "SELECT customer_id, order_id, sum(amount) OVER w, avg(price) OVER w FROM orders WHERE qty < 5 WINDOW w AS (PARTITION BY customer_id ORDER BY order_id ROWS BETWEEN 2 PRECEDING AND 1 FOLLOWING)",
+        "SELECT customer_id, order_id, count(*) FILTER (WHERE amount > 50) OVER (PARTITION BY customer_id) FROM orders",
+        "SELECT customer_id, order_id, rank() OVER (PARTITION BY customer_id ORDER BY qty, status), dense_rank() OVER (PARTITION BY customer_id, qty ORDER BY order_id) FROM orders",
+        "SELECT customer_id, order_id, lag(amount, 2) OVER (PARTITION BY customer_id ORDER BY order_id) - amount AS change FROM orders",
+        "SELECT customer_id, order_id, first_value(note) OVER (PARTITION BY customer_id ORDER BY order_id RANGE BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING EXCLUDE CURRENT ROW) FROM orders",
+        "SELECT customer_id, order_id, sum(qty) OVER (PARTITION BY customer_id ORDER BY order_id GROUPS BETWEEN 1 PRECEDING AND CURRENT ROW) FROM orders",
+        "SELECT customer_id, order_id, ntile(3) OVER (PARTITION BY customer_id ORDER BY order_id) FROM orders ORDER BY customer_id, order_id LIMIT 12",
+        "SELECT c.name, o.order_id, max(o.amount) OVER (PARTITION BY c.customer_id) FROM customers c JOIN orders o USING (customer_id) WHERE o.qty = 2",
+        "SELECT order_id, row_number() OVER (ORDER BY order_id) FROM orders WHERE customer_id = 17",
+        "SELECT code, name, row_number() OVER (ORDER BY code) FROM countries",
+    ];
+    // Partitions that may span fragments: the window is computed on the coordinator.
+    let kept = [
+        "SELECT order_id, rank() OVER (ORDER BY amount DESC NULLS LAST, order_id) FROM orders WHERE qty = 5",
+        "SELECT customer_id, order_id, count(*) OVER (PARTITION BY qty) FROM orders WHERE customer_id < 20",
+        "SELECT customer_id, order_id, row_number() OVER (PARTITION BY customer_id ORDER BY order_id), count(*) OVER () FROM orders WHERE customer_id < 20",
+        "SELECT o.customer_id, o.order_id, count(*) OVER (PARTITION BY o.customer_id) FROM customers c LEFT JOIN orders o ON o.customer_id = c.customer_id AND o.qty = 1",
+        "SELECT customer_id, order_id, row_number() OVER (PARTITION BY customer_id ORDER BY order_id) FROM orders WHERE ordered_at < now()",
+    ];
+    let all: Vec<&str> = pushed.iter().chain(kept.iter()).copied().collect();
+    check_all(cluster, &all);
+    let mut coordinator = cluster.coordinator_client();
+    for sql in pushed {
+        let plan = explain(&mut coordinator, sql);
+        assert!(
+            !plan.iter().any(|l| l.contains("WindowAgg"))
+                && fragment(&mut coordinator, sql).contains(" OVER ("),
+            "{sql} should compute its windows on the workers: {plan:#?}"
+        );
+    }
+    for sql in kept {
+        let plan = explain(&mut coordinator, sql);
+        assert!(plan.iter().any(|l| l.contains("WindowAgg")), "{sql}: {plan:#?}");
+    }
 }
 
 fn every_type_and_null_round_trips(cluster: &Cluster) {

@@ -402,6 +402,38 @@ pub unsafe fn prune_by_param(
     }
 }
 
+/// The text of every fragment, with `$<RELATION_BASE + rti>` for the shards read.
+fn fragment_sql(plan: &ScanPlan, relid: pg_sys::Oid) -> String {
+    let (select, from) = if !plan.from_sql.is_empty() {
+        (plan.select_sql.clone(), plan.from_sql.clone())
+    } else if !plan.select_sql.is_empty() {
+        (plan.select_sql.clone(), format!("${RELATION_BASE}"))
+    } else {
+        let columns = plan.columns.iter().map(|attno| {
+            // SAFETY: a catalog lookup of a column of the scanned table.
+            let name = unsafe { CStr::from_ptr(pg_sys::get_attname(relid, *attno, false)) };
+            quote_identifier(&name.to_string_lossy())
+        });
+        (columns.collect::<Vec<_>>().join(", "), format!("${RELATION_BASE}"))
+    };
+    let mut sql = format!("SELECT {select} FROM {from}");
+    for (keyword, text) in [
+        ("WHERE", &plan.where_sql),
+        ("GROUP BY", &plan.group_by),
+        ("HAVING", &plan.having),
+        ("ORDER BY", &plan.order_by),
+        ("LIMIT", &plan.limit),
+    ] {
+        if !text.is_empty() {
+            sql.push_str(&format!(" {keyword} {text}"));
+        }
+    }
+    if !plan.row_lock.is_empty() {
+        sql.push_str(&format!(" {}", plan.row_lock));
+    }
+    sql
+}
+
 /// One entry per node: its target and the fragments to run there.
 unsafe fn fragments(
     runtime: &ScanRuntime,
@@ -421,40 +453,7 @@ unsafe fn fragments(
         let substitute =
             |sql: &str| substitute_params(sql, |id| param_text(node, &plan.exec_params, id));
         // The SQL of every fragment; shard placeholders are filled in per shard.
-        let template = if !plan.from_sql.is_empty() {
-            let mut sql = format!("SELECT {} FROM {}", plan.select_sql, plan.from_sql);
-            if !plan.where_sql.is_empty() {
-                sql.push_str(&format!(" WHERE {}", plan.where_sql));
-            }
-            if !plan.group_by.is_empty() {
-                sql.push_str(&format!(" GROUP BY {}", plan.group_by));
-            }
-            substitute(&sql)
-        } else {
-            let select = if plan.select_sql.is_empty() {
-                plan.columns
-                    .iter()
-                    .map(|attno| {
-                        let attname = pg_sys::get_attname(relid, *attno, false);
-                        quote_identifier(&CStr::from_ptr(attname).to_string_lossy())
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            } else {
-                plan.select_sql.clone()
-            };
-            let mut sql = format!("SELECT {select} FROM ${}", RELATION_BASE);
-            if !plan.where_sql.is_empty() {
-                sql.push_str(&format!(" WHERE {}", substitute(&plan.where_sql)));
-            }
-            if !plan.group_by.is_empty() {
-                sql.push_str(&format!(" GROUP BY {}", plan.group_by));
-            }
-            if !plan.row_lock.is_empty() {
-                sql.push_str(&format!(" {}", plan.row_lock));
-            }
-            sql
-        };
+        let template = substitute(&fragment_sql(plan, relid));
         // (range-table index, shards by index) of every table read; the scanned table alone
         // is index 0.
         let relations: Vec<(u32, ShardNames)> = if plan.relations.is_empty() {

@@ -1,17 +1,24 @@
-//! Aggregate pushdown: when a query groups and aggregates one distributed table or a join
-//! pushed down to the workers (`join_path.rs`), the workers
-//! compute per-shard *partial* aggregates and PostgreSQL's own Agg node combines them, exactly
-//! as parallel query splits an aggregate between workers and leader (AGGSPLIT_INITIAL_SERIAL /
-//! AGGSPLIT_FINAL_DESERIAL).
+//! Aggregate pushdown for a query that groups and aggregates one distributed table or a join
+//! pushed down to the workers (`join_path.rs`).
 //!
-//! A worker runs `SELECT <group exprs>, pgdist.partial_<aggfnoid>(<args>), … FROM <shard>
-//! WHERE <shipped clauses> GROUP BY <group exprs>`: each `pgdist.partial_*` aggregate (created by
-//! `sql/partial_aggregates.sql` on every node) returns the built-in aggregate's transition state,
-//! serialized when it is `internal`. The CustomScan returns those rows; the Agg node above
-//! deserializes, combines and finalizes them and applies HAVING. Anything that does not fit —
-//! DISTINCT / ORDER BY / FILTER in aggregates, non-built-in or non-combinable aggregates,
-//! grouping sets, clauses or expressions that cannot run on the workers — keeps the plain plan
-//! (aggregation on the coordinator), which is always correct.
+//! When no group can span two fragments — GROUP BY includes the distribution column, or the scan
+//! reads one shard — the workers compute the **whole** aggregate: `SELECT <output> FROM <shard>
+//! … GROUP BY … HAVING …`, any built-in aggregate included (DISTINCT, ORDER BY, FILTER,
+//! ordered-set), and the scan returns the result rows.
+//!
+//! Otherwise the workers compute per-shard *partial* aggregates and PostgreSQL's own Agg node
+//! combines them, exactly as parallel query splits an aggregate between workers and leader
+//! (AGGSPLIT_INITIAL_SERIAL / AGGSPLIT_FINAL_DESERIAL). A worker runs `SELECT <group exprs>,
+//! pgdist.partial_<aggfnoid>(<args>), … FROM <shard> WHERE <shipped clauses> GROUP BY <group
+//! exprs>`: each `pgdist.partial_*` aggregate (created by `sql/partial_aggregates.sql` on every
+//! node) returns the built-in aggregate's transition state, serialized when it is `internal`.
+//! The CustomScan returns those rows; the Agg node above deserializes, combines and finalizes
+//! them and applies HAVING.
+//!
+//! Anything that does not fit — DISTINCT / ORDER BY / FILTER in aggregates across shards,
+//! non-built-in or non-combinable aggregates, grouping sets, clauses or expressions that cannot
+//! run on the workers — keeps the plain plan (aggregation on the coordinator), which is always
+//! correct.
 
 use std::ffi::CString;
 
@@ -21,7 +28,9 @@ use pgrx::PgList;
 use crate::planner::scan_path::{
     distributed_path_of, from_list, new_custom_path, pushed_down_path_methods, ScanPlan,
 };
-use crate::planner::shippable::{deparse, deparse_qualified, shippable};
+use crate::metadata::cache;
+use crate::metadata::tables::Method;
+use crate::planner::shippable::{shippable, ScanDeparser};
 
 static mut PREVIOUS_HOOK: pg_sys::create_upper_paths_hook_type = None;
 
@@ -54,7 +63,7 @@ unsafe extern "C-unwind" fn create_upper_paths(
 }
 
 /// The text that computes `aggref`'s partial state on a worker, if it can be pushed down.
-unsafe fn partial_call(aggref: *mut pg_sys::Aggref, sql: &mut Deparser) -> Option<String> {
+unsafe fn partial_call(aggref: *mut pg_sys::Aggref, sql: &mut ScanDeparser) -> Option<String> {
     // SAFETY: aggref is a valid Aggref of the query.
     unsafe {
         if !(*aggref).aggorder.is_null()
@@ -90,33 +99,6 @@ unsafe fn partial_call(aggref: *mut pg_sys::Aggref, sql: &mut Deparser) -> Optio
     }
 }
 
-/// Writes expressions over the aggregated input as worker SQL: a base table's columns
-/// unqualified, a pushed-down join's as `r<rti>.<column>`.
-struct Deparser {
-    root: *mut pg_sys::PlannerInfo,
-    /// The base table and its range-table index; None for a join.
-    base: Option<(pg_sys::Oid, u32)>,
-    exec_params: Vec<(i32, pg_sys::Oid)>,
-}
-
-impl Deparser {
-    /// The text of `expr`, or None when it cannot run on the workers.
-    unsafe fn text(&mut self, expr: *mut pg_sys::Node) -> Option<String> {
-        // SAFETY: expr is a valid expression of the query being planned.
-        unsafe {
-            if !shippable(expr) {
-                return None;
-            }
-            let (text, params) = match self.base {
-                Some((relid, rti)) => deparse(expr, relid, rti),
-                None => deparse_qualified(self.root, expr),
-            };
-            self.exec_params.extend(params);
-            Some(text)
-        }
-    }
-}
-
 unsafe fn add_pushdown_path(
     root: *mut pg_sys::PlannerInfo,
     input_rel: *mut pg_sys::RelOptInfo,
@@ -147,71 +129,8 @@ unsafe fn add_pushdown_path(
         if !all_shipped {
             return;
         }
-        let mut sql = Deparser {
-            root,
-            base: base_plan
-                .from_sql
-                .is_empty()
-                .then_some((base_plan.relid, (*input_rel).relid)),
-            exec_params: base_plan.exec_params.clone(),
-        };
-
-        let grouping_target = (*output_rel).reltarget;
-        let partial_target = pg_sys::create_empty_pathtarget();
-        let mut select = Vec::new();
-        let mut group_positions = Vec::new();
-        let mut others = PgList::<pg_sys::Node>::new();
-        let exprs = PgList::<pg_sys::Node>::from_pg((*grouping_target).exprs);
-        for (i, expr) in exprs.iter_ptr().enumerate() {
-            let sortgroupref = if (*grouping_target).sortgrouprefs.is_null() {
-                0
-            } else {
-                *(*grouping_target).sortgrouprefs.add(i)
-            };
-            let grouped = sortgroupref != 0
-                && !pg_sys::get_sortgroupref_clause_noerr(sortgroupref, (*parse).groupClause)
-                    .is_null();
-            if grouped {
-                let Some(text) = sql.text(expr) else {
-                    return;
-                };
-                pg_sys::add_column_to_pathtarget(partial_target, expr.cast(), sortgroupref);
-                select.push(text);
-                group_positions.push(select.len().to_string());
-            } else {
-                others.push(expr);
-            }
-        }
-        if !(*extra).havingQual.is_null() {
-            others.push((*extra).havingQual);
-        }
-        let needed = pg_sys::pull_var_clause(
-            others.into_pg().cast(),
-            pg_sys::PVC_INCLUDE_AGGREGATES as i32,
-        );
-        for node in PgList::<pg_sys::Node>::from_pg(needed).iter_ptr() {
-            if (*node).type_ != pg_sys::NodeTag::T_Aggref {
-                return; // a column outside the GROUP BY (functional dependency): keep it simple
-            }
-            let Some(call) = partial_call(node.cast(), &mut sql) else {
-                return;
-            };
-            let partial = pg_sys::copyObjectImpl(node.cast()).cast::<pg_sys::Aggref>();
-            pg_sys::mark_partial_aggref(partial, pg_sys::AggSplit::AGGSPLIT_INITIAL_SERIAL);
-            pg_sys::add_column_to_pathtarget(partial_target, partial.cast(), 0);
-            select.push(call);
-        }
-
-        pg_sys::set_pathtarget_cost_width(root, partial_target);
-        let mut exec_params = sql.exec_params;
-        exec_params.sort_unstable_by_key(|(id, _)| *id);
-        exec_params.dedup_by_key(|(id, _)| *id);
-        let plan = ScanPlan {
-            select_sql: select.join(", "),
-            group_by: group_positions.join(", "),
-            columns: (1..=select.len() as i16).collect(),
-            exec_params,
-            ..base_plan
+        let Some(grouping) = Grouping::of(root, output_rel, extra) else {
+            return;
         };
         let groups = if (*parse).groupClause.is_null() {
             1.0
@@ -225,6 +144,241 @@ unsafe fn add_pushdown_path(
                 std::ptr::null_mut(),
             )
             .max(1.0)
+        };
+        let path = if groups_stay_in_one_fragment(root, &base_plan) {
+            whole_path(root, output_rel, &grouping, &base_plan, groups)
+        } else {
+            None
+        };
+        let Some(path) =
+            path.or_else(|| partial_path(root, output_rel, &grouping, &base_plan, groups))
+        else {
+            return;
+        };
+        // Pushed down is always cheaper than moving every row; make it the only choice.
+        (*output_rel).pathlist = std::ptr::null_mut();
+        (*output_rel).partial_pathlist = std::ptr::null_mut();
+        pg_sys::add_path(output_rel, path);
+    }
+}
+
+/// The grouped query's output, sorted out.
+struct Grouping {
+    target: *mut pg_sys::PathTarget,
+    /// (expression, sortgroupref) of the grouped expressions.
+    grouped: Vec<(*mut pg_sys::Node, u32)>,
+    /// The aggregates the output and HAVING use.
+    aggregates: Vec<*mut pg_sys::Aggref>,
+    /// HAVING, an implicit-AND list (NULL: none).
+    having: *mut pg_sys::List,
+    /// Columns the output uses outside aggregates without grouping by them: they depend on
+    /// the grouped primary key, so the workers may group by them too.
+    dependent_columns: Vec<*mut pg_sys::Node>,
+}
+
+impl Grouping {
+    unsafe fn of(
+        root: *mut pg_sys::PlannerInfo,
+        output_rel: *mut pg_sys::RelOptInfo,
+        extra: *mut pg_sys::GroupPathExtraData,
+    ) -> Option<Grouping> {
+        // SAFETY: the grouped relation's target and the query's GROUP BY, as the planner made
+        // them.
+        unsafe {
+            let parse = (*root).parse;
+            let target = (*output_rel).reltarget;
+            let mut grouped = Vec::new();
+            let mut others = PgList::<pg_sys::Node>::new();
+            let exprs = PgList::<pg_sys::Node>::from_pg((*target).exprs);
+            for (i, expr) in exprs.iter_ptr().enumerate() {
+                let sortgroupref = if (*target).sortgrouprefs.is_null() {
+                    0
+                } else {
+                    *(*target).sortgrouprefs.add(i)
+                };
+                let is_grouped = sortgroupref != 0
+                    && !pg_sys::get_sortgroupref_clause_noerr(sortgroupref, (*parse).groupClause)
+                        .is_null();
+                if is_grouped {
+                    grouped.push((expr, sortgroupref));
+                } else {
+                    others.push(expr);
+                }
+            }
+            // Already an implicit-AND list at this stage of planning.
+            let having = (*extra).havingQual;
+            if !having.is_null() {
+                others.push(having);
+            }
+            let needed = pg_sys::pull_var_clause(
+                others.into_pg().cast(),
+                (pg_sys::PVC_INCLUDE_AGGREGATES | pg_sys::PVC_INCLUDE_PLACEHOLDERS) as i32,
+            );
+            let mut aggregates = Vec::new();
+            let mut dependent_columns = Vec::new();
+            for node in PgList::<pg_sys::Node>::from_pg(needed).iter_ptr() {
+                match (*node).type_ {
+                    pg_sys::NodeTag::T_Aggref => aggregates.push(node.cast()),
+                    pg_sys::NodeTag::T_Var => dependent_columns.push(node),
+                    _ => return None,
+                }
+            }
+            Some(Grouping {
+                target,
+                grouped,
+                aggregates,
+                having: having.cast(),
+                dependent_columns,
+            })
+        }
+    }
+}
+
+/// True when no group can span two fragments (see `rows_of_a_key_stay_together`); a query
+/// without GROUP BY returns one row even without input, so every fragment's part must be
+/// combined.
+unsafe fn groups_stay_in_one_fragment(root: *mut pg_sys::PlannerInfo, plan: &ScanPlan) -> bool {
+    // SAFETY: the query being planned.
+    unsafe {
+        let groups = (*(*root).parse).groupClause;
+        !groups.is_null() && rows_of_a_key_stay_together(root, plan, groups)
+    }
+}
+
+/// True when the rows that agree on the keys `clauses` (GROUP BY or PARTITION BY items) are
+/// all read by one fragment: the keys include the distribution column of a distributed table
+/// that no outer join can fill with NULLs, or the scan reads a single shard.
+pub unsafe fn rows_of_a_key_stay_together(
+    root: *mut pg_sys::PlannerInfo,
+    plan: &ScanPlan,
+    clauses: *mut pg_sys::List,
+) -> bool {
+    // SAFETY: SortGroupClauses of the query being planned, and its range table.
+    unsafe {
+        let parse = (*root).parse;
+        if plan.prune_param > 0 || plan.shard_ids.len() == 1 {
+            return true;
+        }
+        let relations = if plan.relations.is_empty() {
+            vec![(plan.base_rti, plan.relid)]
+        } else {
+            plan.relations.clone()
+        };
+        PgList::<pg_sys::SortGroupClause>::from_pg(clauses)
+            .iter_ptr()
+            .any(|clause| {
+                let mut expr = pg_sys::get_sortgroupclause_expr(clause, (*parse).targetList)
+                    .cast::<pg_sys::Node>();
+                while (*expr).type_ == pg_sys::NodeTag::T_RelabelType {
+                    expr = (*expr.cast::<pg_sys::RelabelType>()).arg.cast();
+                }
+                if (*expr).type_ != pg_sys::NodeTag::T_Var {
+                    return false;
+                }
+                let var = expr.cast::<pg_sys::Var>();
+                let Some((_, oid)) = relations.iter().find(|(rti, _)| *rti == (*var).varno as u32)
+                else {
+                    return false;
+                };
+                !pg_sys::bms_is_member((*var).varno, (*root).nullable_baserels)
+                    && cache::lookup(*oid).is_some_and(|table| {
+                        table.method != Method::Reference
+                            && table.distribution_attno() == Some((*var).varattno)
+                    })
+            })
+    }
+}
+
+/// The workers compute the whole aggregate, HAVING included; the scan returns the result rows.
+unsafe fn whole_path(
+    root: *mut pg_sys::PlannerInfo,
+    output_rel: *mut pg_sys::RelOptInfo,
+    grouping: &Grouping,
+    base_plan: &ScanPlan,
+    groups: f64,
+) -> Option<*mut pg_sys::Path> {
+    // SAFETY: expressions of the query being planned; the path is palloc'd by new_custom_path.
+    unsafe {
+        let mut sql = ScanDeparser::new(root, base_plan);
+        let mut select = Vec::new();
+        let mut group_positions = Vec::new();
+        for expr in PgList::<pg_sys::Node>::from_pg((*grouping.target).exprs).iter_ptr() {
+            select.push(sql.text(expr)?);
+            if grouping.grouped.iter().any(|(grouped, _)| *grouped == expr) {
+                group_positions.push(select.len().to_string());
+            }
+        }
+        for column in &grouping.dependent_columns {
+            group_positions.push(sql.text(*column)?);
+        }
+        let having = if grouping.having.is_null() {
+            String::new()
+        } else {
+            sql.text(pg_sys::make_ands_explicit(grouping.having).cast())?
+        };
+        let plan = ScanPlan {
+            select_sql: select.join(", "),
+            group_by: group_positions.join(", "),
+            having,
+            columns: (1..=select.len() as i16).collect(),
+            exec_params: sql.take_exec_params(),
+            ..base_plan.clone()
+        };
+        let shards = plan.shard_ids.len().max(1) as f64;
+        let total_cost = 100.0 + 10.0 * shards + groups * 0.01;
+        Some(
+            new_custom_path(
+                output_rel,
+                grouping.target,
+                groups,
+                total_cost,
+                &plan,
+                pushed_down_path_methods(),
+            )
+            .cast(),
+        )
+    }
+}
+
+/// The workers compute partial states per group; a Finalize Agg node here combines them.
+unsafe fn partial_path(
+    root: *mut pg_sys::PlannerInfo,
+    output_rel: *mut pg_sys::RelOptInfo,
+    grouping: &Grouping,
+    base_plan: &ScanPlan,
+    groups: f64,
+) -> Option<*mut pg_sys::Path> {
+    // SAFETY: expressions of the query being planned; new nodes are palloc'd in the planner's
+    // memory context.
+    unsafe {
+        let parse = (*root).parse;
+        let mut sql = ScanDeparser::new(root, base_plan);
+        let partial_target = pg_sys::create_empty_pathtarget();
+        let mut select = Vec::new();
+        let mut group_positions = Vec::new();
+        for (expr, sortgroupref) in &grouping.grouped {
+            select.push(sql.text(*expr)?);
+            pg_sys::add_column_to_pathtarget(partial_target, expr.cast(), *sortgroupref);
+            group_positions.push(select.len().to_string());
+        }
+        for column in &grouping.dependent_columns {
+            select.push(sql.text(*column)?);
+            pg_sys::add_column_to_pathtarget(partial_target, column.cast(), 0);
+            group_positions.push(select.len().to_string());
+        }
+        for aggref in &grouping.aggregates {
+            select.push(partial_call(*aggref, &mut sql)?);
+            let partial = pg_sys::copyObjectImpl(aggref.cast()).cast::<pg_sys::Aggref>();
+            pg_sys::mark_partial_aggref(partial, pg_sys::AggSplit::AGGSPLIT_INITIAL_SERIAL);
+            pg_sys::add_column_to_pathtarget(partial_target, partial.cast(), 0);
+        }
+        pg_sys::set_pathtarget_cost_width(root, partial_target);
+        let plan = ScanPlan {
+            select_sql: select.join(", "),
+            group_by: group_positions.join(", "),
+            columns: (1..=select.len() as i16).collect(),
+            exec_params: sql.take_exec_params(),
+            ..base_plan.clone()
         };
         let shards = plan.shard_ids.len().max(1) as f64;
         let partial_rel = pg_sys::fetch_upper_rel(
@@ -254,24 +408,22 @@ unsafe fn add_pushdown_path(
                     .cast();
             pg_sys::AggStrategy::AGG_SORTED
         };
-        let agg = pg_sys::create_agg_path(
-            root,
-            output_rel,
-            input,
-            grouping_target,
-            strategy,
-            pg_sys::AggSplit::AGGSPLIT_FINAL_DESERIAL,
-            (*parse).groupClause,
-            // Already an implicit-AND list at this stage of planning.
-            (*extra).havingQual.cast::<pg_sys::List>(),
-            // extra->agg_final_costs is only filled in when PostgreSQL plans a parallel
-            // partial aggregate itself; the workers do the transitions here anyway.
-            &pg_sys::AggClauseCosts::default(),
-            groups,
-        );
-        // Pushed down is always cheaper than moving every row; make it the only choice.
-        (*output_rel).pathlist = std::ptr::null_mut();
-        (*output_rel).partial_pathlist = std::ptr::null_mut();
-        pg_sys::add_path(output_rel, agg.cast());
+        Some(
+            pg_sys::create_agg_path(
+                root,
+                output_rel,
+                input,
+                grouping.target,
+                strategy,
+                pg_sys::AggSplit::AGGSPLIT_FINAL_DESERIAL,
+                (*parse).groupClause,
+                grouping.having,
+                // extra->agg_final_costs is only filled in when PostgreSQL plans a parallel
+                // partial aggregate itself; the workers do the transitions here anyway.
+                &pg_sys::AggClauseCosts::default(),
+                groups,
+            )
+            .cast(),
+        )
     }
 }

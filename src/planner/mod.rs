@@ -7,11 +7,13 @@
 
 pub mod aggregate_path;
 pub mod join_path;
+pub mod limit_path;
 pub mod modify_plan;
 pub mod range_pruning;
 pub mod row_locks;
 pub mod scan_path;
 pub mod shippable;
+pub mod window_path;
 
 use std::ffi::c_void;
 
@@ -85,6 +87,8 @@ pub fn init() {
     scan_path::init();
     aggregate_path::init();
     join_path::init();
+    limit_path::init();
+    window_path::init();
 }
 
 #[pg_guard]

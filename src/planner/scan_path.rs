@@ -33,6 +33,18 @@ pub fn pushed_down_path_methods() -> *const pg_sys::CustomPathMethods {
     &raw const PUSHED_DOWN_PATH_METHODS
 }
 
+/// True when `path` is a Distributed Scan (of a table, or of work pushed down).
+pub unsafe fn is_distributed_scan(path: *mut pg_sys::Path) -> bool {
+    // SAFETY: path is a valid Path node; the cast follows its tag.
+    unsafe {
+        (*path).type_ == pg_sys::NodeTag::T_CustomPath && {
+            let methods = (*path.cast::<pg_sys::CustomPath>()).methods;
+            std::ptr::eq(methods, &raw const PATH_METHODS)
+                || std::ptr::eq(methods, &raw const PUSHED_DOWN_PATH_METHODS)
+        }
+    }
+}
+
 /// The Distributed Scan among `rel`'s paths: of the base table, or of a pushed-down join
 /// (possibly under a projection that computes expressions over its columns).
 pub unsafe fn distributed_path_of(rel: *mut pg_sys::RelOptInfo) -> Option<*mut pg_sys::CustomPath> {
@@ -47,13 +59,7 @@ pub unsafe fn distributed_path_of(rel: *mut pg_sys::RelOptInfo) -> Option<*mut p
                     path
                 }
             })
-            .find(|path| {
-                (*(*path)).type_ == pg_sys::NodeTag::T_CustomPath && {
-                    let methods = (*path.cast::<pg_sys::CustomPath>()).methods;
-                    std::ptr::eq(methods, &raw const PATH_METHODS)
-                        || std::ptr::eq(methods, &raw const PUSHED_DOWN_PATH_METHODS)
-                }
-            })
+            .find(|path| is_distributed_scan(*path))
             .map(|path| path.cast())
     }
 }
@@ -151,7 +157,7 @@ pub fn init() {
 }
 
 /// What the executor needs, kept in the plan (`custom_private`) as strings.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ScanPlan {
     /// The distributed table read.
     pub relid: pg_sys::Oid,
@@ -179,6 +185,14 @@ pub struct ScanPlan {
     /// `FOR UPDATE` and the like (`row_locks.rs`): the fragments then run in the coordinator
     /// transaction's remote transactions.
     pub row_lock: String,
+    /// The range-table index of the table read (a single table, not a join).
+    pub base_rti: u32,
+    /// `HAVING` of an aggregate computed whole on the workers.
+    pub having: String,
+    /// `ORDER BY` and `LIMIT` of each fragment (`limit_path.rs`): every fragment returns only
+    /// the rows that can be among the query's first ones.
+    pub order_by: String,
+    pub limit: String,
 }
 
 impl ScanPlan {
@@ -206,6 +220,10 @@ impl ScanPlan {
                     .collect(),
             ),
             self.row_lock.clone(),
+            self.base_rti.to_string(),
+            self.having.clone(),
+            self.order_by.clone(),
+            self.limit.clone(),
         ]
     }
 
@@ -245,6 +263,13 @@ impl ScanPlan {
             from_sql: parts.get(5).cloned().unwrap_or_default(),
             relations: parts.get(6).map(|s| pairs(s)).unwrap_or_default(),
             row_lock: parts.get(7).cloned().unwrap_or_default(),
+            base_rti: parts
+                .get(8)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_default(),
+            having: parts.get(9).cloned().unwrap_or_default(),
+            order_by: parts.get(10).cloned().unwrap_or_default(),
+            limit: parts.get(11).cloned().unwrap_or_default(),
         }
     }
 }
@@ -342,6 +367,7 @@ unsafe fn plan_scan(table: &DistTable, rel: *mut pg_sys::RelOptInfo) -> ScanPlan
             shard_ids,
             prune_param,
             exec_params,
+            base_rti: (*rel).relid,
             ..Default::default()
         }
     }

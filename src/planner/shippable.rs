@@ -78,7 +78,10 @@ pub unsafe fn shippable(node: *mut pg_sys::Node) -> bool {
                 shippable((*node.cast::<pg_sys::BooleanTest>()).arg.cast())
             }
             pg_sys::NodeTag::T_RelabelType => {
-                shippable((*node.cast::<pg_sys::RelabelType>()).arg.cast())
+                // An explicit COLLATE becomes a RelabelType that deparsing drops: keep it here.
+                let relabel = node.cast::<pg_sys::RelabelType>();
+                let arg = (*relabel).arg.cast::<pg_sys::Node>();
+                (*relabel).resultcollid == pg_sys::exprCollation(arg) && shippable(arg)
             }
             pg_sys::NodeTag::T_ArrayExpr => {
                 all_shippable((*node.cast::<pg_sys::ArrayExpr>()).elements)
@@ -97,6 +100,19 @@ pub unsafe fn shippable(node: *mut pg_sys::Node) -> bool {
                 shippable((*when).expr.cast()) && shippable((*when).result.cast())
             }
             pg_sys::NodeTag::T_CaseTestExpr => true,
+            pg_sys::NodeTag::T_Aggref => {
+                // Only where a whole aggregate runs on the workers (`aggregate_path.rs`).
+                let aggref = node.cast::<pg_sys::Aggref>();
+                u32::from((*aggref).aggfnoid) < pg_sys::FirstNormalObjectId
+                    && (*aggref).agglevelsup == 0
+                    && collation_ok((*aggref).inputcollid)
+                    && all_shippable((*aggref).aggdirectargs)
+                    && all_shippable((*aggref).args)
+                    && shippable((*aggref).aggfilter.cast())
+            }
+            pg_sys::NodeTag::T_TargetEntry => {
+                shippable((*node.cast::<pg_sys::TargetEntry>()).expr.cast())
+            }
             pg_sys::NodeTag::T_CoerceViaIO => {
                 // A cast through text: the same on a worker when both I/O functions are
                 // immutable (int to text is; timestamptz to text depends on settings).
@@ -113,6 +129,85 @@ pub unsafe fn shippable(node: *mut pg_sys::Node) -> bool {
             }
             _ => false,
         }
+    }
+}
+
+/// Writes expressions over a Distributed Scan's input as worker SQL: a single table's columns
+/// unqualified, a pushed-down join's as `r<rti>.<column>`; collects the executor parameters
+/// they use.
+pub struct ScanDeparser {
+    root: *mut pg_sys::PlannerInfo,
+    /// The table and its range-table index; None for a join.
+    base: Option<(pg_sys::Oid, u32)>,
+    pub exec_params: Vec<(i32, pg_sys::Oid)>,
+}
+
+impl ScanDeparser {
+    /// For expressions over what `plan` reads.
+    pub fn new(root: *mut pg_sys::PlannerInfo, plan: &crate::planner::scan_path::ScanPlan) -> Self {
+        ScanDeparser {
+            root,
+            base: plan
+                .from_sql
+                .is_empty()
+                .then_some((plan.relid, plan.base_rti)),
+            exec_params: plan.exec_params.clone(),
+        }
+    }
+
+    /// The text of `expr`, or None when it cannot run on the workers.
+    pub unsafe fn text(&mut self, expr: *mut pg_sys::Node) -> Option<String> {
+        // SAFETY: expr is a valid expression of the query being planned.
+        unsafe {
+            if !shippable(expr) {
+                return None;
+            }
+            let (text, params) = match self.base {
+                Some((relid, rti)) => deparse(expr, relid, rti),
+                None => deparse_qualified(self.root, expr),
+            };
+            self.exec_params.extend(params);
+            Some(text)
+        }
+    }
+
+    /// The executor parameters used so far, each once, by id.
+    pub fn take_exec_params(self) -> Vec<(i32, pg_sys::Oid)> {
+        let mut params = self.exec_params;
+        params.sort_unstable_by_key(|(id, _)| *id);
+        params.dedup_by_key(|(id, _)| *id);
+        params
+    }
+}
+
+/// `<expr> ASC|DESC NULLS FIRST|LAST` for an ORDER BY item, when the worker sorts the same
+/// way: a shippable expression and the type's default `<` or `>`.
+pub unsafe fn sort_key_text(
+    sql: &mut ScanDeparser,
+    clause: *mut pg_sys::SortGroupClause,
+    tlist: *mut pg_sys::List,
+) -> Option<String> {
+    // SAFETY: a SortGroupClause of the query being planned and its target list.
+    unsafe {
+        let expr = pg_sys::get_sortgroupclause_expr(clause, tlist).cast::<pg_sys::Node>();
+        let text = sql.text(expr)?;
+        let types = pg_sys::lookup_type_cache(
+            pg_sys::exprType(expr),
+            (pg_sys::TYPECACHE_LT_OPR | pg_sys::TYPECACHE_GT_OPR) as i32,
+        );
+        let direction = if (*clause).sortop == (*types).lt_opr {
+            "ASC"
+        } else if (*clause).sortop == (*types).gt_opr {
+            "DESC"
+        } else {
+            return None; // ORDER BY … USING another operator
+        };
+        let nulls = if (*clause).nulls_first {
+            "NULLS FIRST"
+        } else {
+            "NULLS LAST"
+        };
+        Some(format!("{text} {direction} {nulls}"))
     }
 }
 
@@ -271,7 +366,7 @@ type Mutator =
     unsafe extern "C-unwind" fn(*mut pg_sys::Node, *mut std::ffi::c_void) -> *mut pg_sys::Node;
 
 /// `f` as the argument-less function pointer type the bindings give expression_tree_mutator.
-fn as_mutator(f: Mutator) -> unsafe extern "C-unwind" fn() -> *mut pg_sys::Node {
+pub fn as_mutator(f: Mutator) -> unsafe extern "C-unwind" fn() -> *mut pg_sys::Node {
     // SAFETY: the C declaration takes `Node *(*)(Node *, void *)`; only the Rust type of the
     // pointer changes, and PostgreSQL calls it with exactly these two arguments.
     unsafe { std::mem::transmute::<Mutator, unsafe extern "C-unwind" fn() -> *mut pg_sys::Node>(f) }
