@@ -5,7 +5,9 @@
 //! prunes shards: at plan time for constants, at execution for `$n` parameters.
 //!
 //! Everything above the scans — joins, aggregates, sorting, windows, subqueries — is executed
-//! by PostgreSQL on the coordinator, so every query shape gets exactly PostgreSQL's answer.
+//! by PostgreSQL on the coordinator, so every query shape gets exactly PostgreSQL's answer,
+//! unless a pushdown module (`join_path`, `aggregate_path`, `window_path`, `limit_path`) adds a
+//! cheaper Distributed Scan that does that work on the workers.
 
 use std::ffi::{CStr, CString};
 
