@@ -26,6 +26,7 @@ fn main() {
         tests![
             inserts_match_plain_postgres,
             updates_and_deletes_match_plain_postgres,
+            now_and_other_stable_values_are_computed_once_per_statement,
             writes_to_reference_and_range_tables_reach_every_shard,
             unsupported_writes_fail_with_0a000_and_change_nothing,
             transaction_blocks_read_their_writes_and_roll_back_everywhere,
@@ -164,6 +165,11 @@ fn updates_and_deletes_match_plain_postgres(cluster: &Cluster) {
             "DELETE FROM items WHERE id = ANY (ARRAY[12, 13, 14, 99999])",
             "DELETE FROM notes WHERE body IS NULL OR line > 2",
             "UPDATE items SET qty = 1 / (qty - qty) WHERE id = 20",
+            // Stable expressions without columns are computed once on the coordinator.
+            "UPDATE items SET name = to_char(timestamp '2024-03-04 05:06', 'YYYY-MM-DD') || '/' || id WHERE id < 15",
+            "UPDATE items SET seen = '2024-05-06 07:08'::timestamp AT TIME ZONE 'Europe/Paris' WHERE id BETWEEN 15 AND 25 RETURNING id, seen",
+            "DELETE FROM items WHERE seen > timestamptz '2024-05-01' + interval '1 day' * length(current_schema()) AND id > 24",
+            "INSERT INTO items (id, grp, name) VALUES (2, 9, 'x') ON CONFLICT (id) DO UPDATE SET name = to_char(date '2024-12-31', 'Mon') RETURNING id, name",
         ],
     );
     // Prepared statements: the parameter picks the shard at execution, also for generic plans.
@@ -195,6 +201,58 @@ fn updates_and_deletes_match_plain_postgres(cluster: &Cluster) {
         "SELECT * FROM notes ORDER BY 1, 2",
         &["TRUNCATE notes"],
     );
+}
+
+fn now_and_other_stable_values_are_computed_once_per_statement(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut tx = coordinator.transaction().unwrap();
+    tx.execute(
+        "INSERT INTO items (id, grp) SELECT i, 70 + i % 2 FROM generate_series(5000, 5030) i",
+        &[],
+    )
+    .unwrap();
+    let changed = tx
+        .execute("UPDATE items SET seen = now() WHERE grp IN (70, 71)", &[])
+        .unwrap();
+    assert_eq!(changed, 31);
+    // now() is the transaction's start time: every changed row holds exactly that value.
+    let same: i64 = tx
+        .query_one("SELECT count(*) FROM items WHERE seen = now()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(same as u64, changed);
+    // A prepared statement with a generic plan computes the value again at each execution.
+    let bump = tx
+        .prepare("UPDATE items SET seen = now() + make_interval(days => $2) WHERE id = $1 RETURNING seen - now()")
+        .unwrap();
+    let ids: Vec<i32> = tx
+        .query("SELECT id FROM items WHERE grp IN (70, 71) ORDER BY id LIMIT 8", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (days, id) in ids.iter().enumerate() {
+        let rows = tx.query(&bump, &[id, &(days as i32)]).unwrap();
+        assert_eq!(rows.len(), 1);
+        let shown: String = tx
+            .query_one("SELECT make_interval(days => $1)::text", &[&(days as i32)])
+            .unwrap()
+            .get(0);
+        let got: String = tx
+            .query_one("SELECT (seen - now())::text FROM items WHERE id = $1", &[id])
+            .unwrap()
+            .get(0);
+        assert_eq!(got, shown, "item {id}");
+    }
+    let gone = tx
+        .execute("DELETE FROM items WHERE seen < now() + interval '3 days' AND grp = 70", &[])
+        .unwrap();
+    let left: i64 = tx
+        .query_one("SELECT count(*) FROM items WHERE seen < now() + interval '3 days' AND grp = 70", &[])
+        .unwrap()
+        .get(0);
+    assert!(gone > 0 && left == 0, "deleted {gone}, left {left}");
+    tx.rollback().unwrap();
 }
 
 fn writes_to_reference_and_range_tables_reach_every_shard(cluster: &Cluster) {
@@ -250,7 +308,8 @@ fn unsupported_writes_fail_with_0a000_and_change_nothing(cluster: &Cluster) {
     let before = outcome(&mut coordinator, "SELECT * FROM items ORDER BY id");
     for sql in [
         "UPDATE items SET id = id + 1 WHERE id = 2",
-        "UPDATE items SET name = now()::text WHERE id = 2",
+        "UPDATE items SET name = random()::text WHERE id = 2",
+        "UPDATE items SET name = seen::text WHERE id = 2",
         "UPDATE items SET qty = n.line FROM notes n WHERE n.item_id = items.id",
         "DELETE FROM items WHERE id IN (SELECT item_id FROM notes)",
         "WITH gone AS (DELETE FROM items WHERE id = 2 RETURNING *) SELECT count(*) FROM gone",

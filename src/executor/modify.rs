@@ -15,10 +15,11 @@ use pgrx::prelude::*;
 
 use crate::distribution::shell::with_suffix;
 use crate::executor::fragments::TextRow;
-use crate::executor::scan::{param_text, prune_by_param, substitute_params};
+use crate::executor::scan::{datum_text, param_text, prune_by_param, substitute_params};
 use crate::executor::shard_writer::{run_jobs, Job, RowInput, ShardWriter, WriteKind};
 use crate::metadata::cache;
 use crate::planner::modify_plan::{self, ModifyKind, ModifyPlan, MODIFY_NAME};
+use crate::planner::shippable::COORDINATOR_VALUE_BASE;
 use crate::remote::quote::{quote_identifier, quote_qualified};
 use crate::remote::NodeAddress;
 
@@ -60,6 +61,8 @@ struct ModifyState {
 
 struct ModifyRuntime {
     plan: ModifyPlan,
+    /// The expressions behind `$<COORDINATOR_VALUE_BASE + i>`, ready to evaluate.
+    coordinator_values: Vec<*mut pg_sys::ExprState>,
     done: bool,
     returned: std::vec::IntoIter<TextRow>,
     input: Option<RowInput>,
@@ -77,6 +80,7 @@ unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut
         (*state).css.flags = (*cscan).flags;
         (*state).runtime = super::alloc_for_context(ModifyRuntime {
             plan: modify_plan::decode(cscan),
+            coordinator_values: Vec::new(),
             done: false,
             returned: Vec::new().into_iter(),
             input: None,
@@ -106,7 +110,12 @@ unsafe extern "C-unwind" fn begin(
             (*node).custom_ps = pg_sys::lappend(std::ptr::null_mut(), child_state.cast());
         }
         let tupdesc = (*(*node).ss.ss_ScanTupleSlot).tts_tupleDescriptor;
-        runtime_of(node).input = Some(RowInput::new(tupdesc));
+        let runtime = runtime_of(node);
+        runtime.input = Some(RowInput::new(tupdesc));
+        runtime.coordinator_values = pgrx::PgList::<pg_sys::Expr>::from_pg((*cscan).custom_exprs)
+            .iter_ptr()
+            .map(|expr| pg_sys::ExecInitExpr(expr, &mut (*node).ss.ps))
+            .collect();
     }
 }
 
@@ -155,6 +164,37 @@ unsafe extern "C-unwind" fn next_row(scan: *mut pg_sys::ScanState) -> *mut pg_sy
     }
 }
 
+/// `sql` with the statement's parameters and the values computed here put in as literals.
+unsafe fn with_values(
+    node: *mut pg_sys::CustomScanState,
+    runtime: &ModifyRuntime,
+) -> impl Fn(&str) -> String {
+    // SAFETY: the expression states belong to this running node; each value is evaluated once
+    // and turned into text at once.
+    let values: Vec<Option<(String, String)>> = unsafe {
+        let econtext = (*node).ss.ps.ps_ExprContext;
+        runtime
+            .coordinator_values
+            .iter()
+            .map(|state| {
+                let mut isnull = false;
+                let value = (*(*state)).evalfunc?(*state, econtext, &mut isnull);
+                (!isnull).then(|| datum_text(pg_sys::exprType((*(*state)).expr.cast()), value))
+            })
+            .collect()
+    };
+    move |sql: &str| {
+        substitute_params(sql, |id| {
+            if id >= COORDINATOR_VALUE_BASE {
+                values.get((id - COORDINATOR_VALUE_BASE) as usize).cloned().flatten()
+            } else {
+                // SAFETY: the statement's parameters, read while the node runs.
+                unsafe { param_text(node, &[], id) }
+            }
+        })
+    }
+}
+
 /// Routes every row of the child plan to its shard.
 unsafe fn insert(
     node: *mut pg_sys::CustomScanState,
@@ -169,7 +209,7 @@ unsafe fn insert(
         } else {
             WriteKind::Insert {
                 alias: plan.alias.clone(),
-                on_conflict: plan.on_conflict.clone(),
+                on_conflict: with_values(node, runtime)(&plan.on_conflict),
                 conflict_constraint: plan.conflict_constraint.clone(),
                 returning: plan.returning,
             }
@@ -200,14 +240,15 @@ unsafe fn insert(
 /// One statement per placement of every shard left after pruning.
 unsafe fn statements(
     node: *mut pg_sys::CustomScanState,
-    plan: &ModifyPlan,
+    runtime: &ModifyRuntime,
 ) -> Vec<(NodeAddress, Vec<(Job, bool)>)> {
     // SAFETY: catalog lookups for the result relation; parameters as in the scan.
     unsafe {
+        let plan = &runtime.plan;
         let relid = plan.relid;
         let shard_ids = prune_by_param(node, relid, plan.shard_ids.clone(), plan.prune_param, &[]);
         let (schema, name) = crate::executor::schema_and_name(relid);
-        let substitute = |sql: &str| substitute_params(sql, |id| param_text(node, &[], id));
+        let substitute = with_values(node, runtime);
         let where_sql = substitute(&plan.where_sql);
         let set_sql = substitute(&plan.set_sql);
         let returning = plan.returning.then(|| {
@@ -256,7 +297,7 @@ unsafe fn update_or_delete(
     runtime: &ModifyRuntime,
 ) -> (u64, Vec<TextRow>) {
     // SAFETY: see statements().
-    let work = unsafe { statements(node, &runtime.plan) };
+    let work = unsafe { statements(node, runtime) };
     run_jobs(work)
 }
 
@@ -297,7 +338,7 @@ unsafe extern "C-unwind" fn explain(
                 }
             }
             _ => {
-                let work = statements(node, &runtime.plan);
+                let work = statements(node, runtime);
                 let count: usize = work.iter().map(|(_, jobs)| jobs.len()).sum();
                 text(c"Fragments", &format!("{count} on {} node(s)", work.len()));
                 if let Some((_, jobs)) = work.first() {

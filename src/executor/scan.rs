@@ -329,18 +329,26 @@ pub unsafe fn param_text(
     exec_params: &[(i32, pg_sys::Oid)],
     id: i32,
 ) -> Option<(String, String)> {
-    // SAFETY: output functions of the parameter's own type; the C strings are copied at once.
+    // SAFETY: see param_datum and datum_text.
     unsafe {
         let (type_oid, value) = param_datum(node, exec_params, id)?;
+        Some(datum_text(type_oid, value))
+    }
+}
+
+/// A value as text, with the name of its type.
+pub unsafe fn datum_text(type_oid: pg_sys::Oid, value: pg_sys::Datum) -> (String, String) {
+    // SAFETY: output functions of the value's own type; the C strings are copied at once.
+    unsafe {
         let mut output = pg_sys::InvalidOid;
         let mut varlena = false;
         pg_sys::getTypeOutputInfo(type_oid, &mut output, &mut varlena);
         let text = pg_sys::OidOutputFunctionCall(output, value);
         let type_name = pg_sys::format_type_be(type_oid);
-        Some((
+        (
             CStr::from_ptr(text).to_string_lossy().into_owned(),
             CStr::from_ptr(type_name).to_string_lossy().into_owned(),
-        ))
+        )
     }
 }
 

@@ -20,7 +20,7 @@ use pgrx::PgList;
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
 use crate::planner::scan_path::{from_list, to_list};
-use crate::planner::shippable::{deparse, shippable};
+use crate::planner::shippable::{deparse, shippable, with_coordinator_values};
 use crate::planner::PlannerError;
 use crate::remote::quote::quote_identifier;
 
@@ -112,7 +112,8 @@ pub unsafe fn plan(
     // SAFETY: parse is the analysed statement being planned; the planned statement is ours to
     // rearrange before anyone else sees it.
     unsafe {
-        let modify = analyse(parse, table)?;
+        let mut values = PgList::<pg_sys::Node>::new();
+        let modify = analyse(parse, table, &mut values)?;
         let stmt = plan_rest();
         let top = (*stmt).planTree;
         if top.is_null() || (*top).type_ != pg_sys::NodeTag::T_ModifyTable {
@@ -139,6 +140,8 @@ pub unsafe fn plan(
                 pg_sys::lappend(std::ptr::null_mut(), (*mt).plan.lefttree.cast());
         }
         (*scan).custom_private = to_list(modify.encode());
+        // Computed by the executor for `$<COORDINATOR_VALUE_BASE + i>`.
+        (*scan).custom_exprs = values.into_pg();
         (*scan).methods = crate::executor::modify::scan_methods();
         (*stmt).planTree = scan.cast();
         Ok(stmt)
@@ -167,9 +170,12 @@ unsafe fn is_same_column(expr: *mut pg_sys::Node, attno: i16) -> bool {
     }
 }
 
+/// What the workers run for `parse`; `values` receives the expressions the coordinator computes
+/// at execution (`with_coordinator_values`).
 unsafe fn analyse(
     parse: *mut pg_sys::Query,
     table: &DistTable,
+    values: &mut PgList<pg_sys::Node>,
 ) -> Result<ModifyPlan, PlannerError> {
     // SAFETY: parse is a valid analysed statement; everything read belongs to it.
     unsafe {
@@ -180,6 +186,7 @@ unsafe fn analyse(
                 "a subquery in RETURNING".into(),
             ));
         }
+        let mut coordinator_values = Vec::new();
         let mut modify = ModifyPlan {
             kind: ModifyKind::Insert,
             relid: table.oid,
@@ -195,7 +202,7 @@ unsafe fn analyse(
         match (*parse).commandType {
             pg_sys::CmdType::CMD_INSERT => {
                 if !(*parse).onConflict.is_null() {
-                    on_conflict(parse, table, &mut modify)?;
+                    on_conflict(parse, table, &mut modify, &mut coordinator_values)?;
                 }
             }
             pg_sys::CmdType::CMD_UPDATE | pg_sys::CmdType::CMD_DELETE => {
@@ -204,9 +211,12 @@ unsafe fn analyse(
                 } else {
                     ModifyKind::Delete
                 };
-                update_or_delete(parse, table, &mut modify)?;
+                update_or_delete(parse, table, &mut modify, &mut coordinator_values)?;
             }
             _ => return Err(PlannerError::Writes(table_name(table))),
+        }
+        for value in coordinator_values {
+            values.push(value);
         }
         Ok(modify)
     }
@@ -216,6 +226,7 @@ unsafe fn update_or_delete(
     parse: *mut pg_sys::Query,
     table: &DistTable,
     modify: &mut ModifyPlan,
+    values: &mut Vec<*mut pg_sys::Node>,
 ) -> Result<(), PlannerError> {
     // SAFETY: parse is a valid UPDATE or DELETE; expressions are copied before folding.
     unsafe {
@@ -245,7 +256,7 @@ unsafe fn update_or_delete(
                         table.distribution_column.clone().unwrap_or_default(),
                     ));
                 }
-                let expr = folded(expr);
+                let expr = with_coordinator_values(folded(expr), values);
                 if !shippable(expr) {
                     return Err(PlannerError::ModifyExpression(
                         table_name(table),
@@ -274,6 +285,7 @@ unsafe fn update_or_delete(
         }
         let mut parts = Vec::new();
         for clause in &clauses {
+            let clause = &with_coordinator_values(*clause, values);
             if !shippable(*clause) {
                 return Err(PlannerError::ModifyExpression(
                     table_name(table),
@@ -323,6 +335,7 @@ unsafe fn on_conflict(
     parse: *mut pg_sys::Query,
     table: &DistTable,
     modify: &mut ModifyPlan,
+    values: &mut Vec<*mut pg_sys::Node>,
 ) -> Result<(), PlannerError> {
     // SAFETY: parse has an OnConflictExpr; expressions are deparsed against the statement's own
     // range table (target and EXCLUDED), names qualified.
@@ -362,7 +375,7 @@ unsafe fn on_conflict(
             if !(*conflict).arbiterWhere.is_null() {
                 sql.push_str(&format!(
                     " WHERE {}",
-                    context.shipped(table, (*conflict).arbiterWhere, "the ON CONFLICT WHERE")?
+                    context.shipped(table, (*conflict).arbiterWhere, "the ON CONFLICT WHERE", values)?
                 ));
             }
         }
@@ -390,14 +403,19 @@ unsafe fn on_conflict(
                 assignments.push(format!(
                     "{} = {}",
                     column_name(table.oid, attno),
-                    context.shipped(table, expr, "an ON CONFLICT DO UPDATE value")?
+                    context.shipped(table, expr, "an ON CONFLICT DO UPDATE value", values)?
                 ));
             }
             sql.push_str(&format!(" DO UPDATE SET {}", assignments.join(", ")));
             if !(*conflict).onConflictWhere.is_null() {
                 sql.push_str(&format!(
                     " WHERE {}",
-                    context.shipped(table, (*conflict).onConflictWhere, "the DO UPDATE WHERE")?
+                    context.shipped(
+                        table,
+                        (*conflict).onConflictWhere,
+                        "the DO UPDATE WHERE",
+                        values
+                    )?
                 ));
             }
         }
@@ -448,16 +466,18 @@ impl Deparser {
         quote_identifier(self.names.get(rti as usize - 1).map_or("", String::as_str))
     }
 
-    /// The SQL of `expr` if the workers can evaluate it.
+    /// The SQL of `expr` if the workers can evaluate it, given the values the coordinator
+    /// computes (appended to `values`).
     unsafe fn shipped(
         &self,
         table: &DistTable,
         expr: *mut pg_sys::Node,
         what: &str,
+        values: &mut Vec<*mut pg_sys::Node>,
     ) -> Result<String, PlannerError> {
         // SAFETY: expr belongs to the statement whose range table the context describes.
         unsafe {
-            let expr = folded(expr);
+            let expr = with_coordinator_values(folded(expr), values);
             if !shippable(expr) || pg_sys::checkExprHasSubLink(expr) {
                 return Err(PlannerError::ModifyExpression(
                     table_name(table),

@@ -216,6 +216,10 @@ pub unsafe fn sort_key_text(
 /// in fragment text, to tell them from the statement's own `$n`.
 pub const EXEC_PARAM_BASE: i32 = 100_000;
 
+/// `$<COORDINATOR_VALUE_BASE + i>` stands for the i-th value the coordinator computes at
+/// execution (`with_coordinator_values`).
+pub const COORDINATOR_VALUE_BASE: i32 = 250_000;
+
 /// In the FROM clause of a pushed-down join, `$<RELATION_BASE + rti>` stands for the shard of
 /// range-table entry `rti` that a fragment reads; the executor writes the shard's name there.
 pub const RELATION_BASE: i32 = 300_000;
@@ -360,6 +364,125 @@ unsafe extern "C-unwind" fn qualify_columns(
             _ => pg_sys::expression_tree_mutator(node, Some(as_mutator(qualify_columns)), context),
         }
     }
+}
+
+/// A copy of `expr` in which each largest subexpression that cannot run on the workers but
+/// needs no row — `now()`, `current_user`, a user-defined function of constants and
+/// parameters — is a placeholder parameter (`$<COORDINATOR_VALUE_BASE + i>`), and those
+/// subexpressions, appended to `values`, for the executor to compute once per execution on
+/// the coordinator: the same value PostgreSQL's stable functions give every row of a statement.
+/// Volatile functions and subqueries are left in place (the result is then not shippable).
+pub unsafe fn with_coordinator_values(
+    expr: *mut pg_sys::Node,
+    values: &mut Vec<*mut pg_sys::Node>,
+) -> *mut pg_sys::Node {
+    // SAFETY: the mutator copies what it changes; `values` outlives the call.
+    unsafe { take_coordinator_values(expr, (values as *mut Vec<*mut pg_sys::Node>).cast()) }
+}
+
+/// True when the coordinator can compute `node` once for the whole statement.
+unsafe fn computable_without_rows(node: *mut pg_sys::Node) -> bool {
+    // SAFETY: node is a valid expression node.
+    unsafe {
+        let expression = matches!(
+            (*node).type_,
+            pg_sys::NodeTag::T_FuncExpr
+                | pg_sys::NodeTag::T_OpExpr
+                | pg_sys::NodeTag::T_DistinctExpr
+                | pg_sys::NodeTag::T_NullIfExpr
+                | pg_sys::NodeTag::T_ScalarArrayOpExpr
+                | pg_sys::NodeTag::T_SQLValueFunction
+                | pg_sys::NodeTag::T_CoerceViaIO
+                | pg_sys::NodeTag::T_ArrayCoerceExpr
+                | pg_sys::NodeTag::T_RelabelType
+                | pg_sys::NodeTag::T_CoalesceExpr
+                | pg_sys::NodeTag::T_MinMaxExpr
+                | pg_sys::NodeTag::T_CaseExpr
+                | pg_sys::NodeTag::T_BoolExpr
+                | pg_sys::NodeTag::T_ArrayExpr
+        );
+        if !expression {
+            return false;
+        }
+        let type_oid = pg_sys::exprType(node);
+        type_oid != pg_sys::RECORDOID
+            && pg_sys::get_typtype(type_oid) != pg_sys::TYPTYPE_PSEUDO as std::ffi::c_char
+            && !pg_sys::contain_var_clause(node)
+            && !pg_sys::contain_volatile_functions(node)
+            && !pg_sys::checkExprHasSubLink(node)
+            && !has_node(node, &[pg_sys::NodeTag::T_CaseTestExpr, pg_sys::NodeTag::T_Aggref])
+            && !has_exec_param(node)
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn take_coordinator_values(
+    node: *mut pg_sys::Node,
+    context: *mut std::ffi::c_void,
+) -> *mut pg_sys::Node {
+    if node.is_null() {
+        return node;
+    }
+    // SAFETY: node is a valid expression node; context is the Vec we passed.
+    unsafe {
+        if shippable(node) {
+            return node;
+        }
+        if computable_without_rows(node) {
+            let values = &mut *context.cast::<Vec<*mut pg_sys::Node>>();
+            values.push(node);
+            return new_param(
+                pg_sys::ParamKind::PARAM_EXTERN,
+                COORDINATOR_VALUE_BASE + values.len() as i32 - 1,
+                pg_sys::exprType(node),
+                pg_sys::exprTypmod(node),
+                pg_sys::exprCollation(node),
+            )
+            .cast();
+        }
+        pg_sys::expression_tree_mutator(node, Some(as_mutator(take_coordinator_values)), context)
+    }
+}
+
+struct NodeSearch<'a> {
+    tags: &'a [pg_sys::NodeTag],
+}
+
+/// True when `node` contains a node with one of `tags`.
+unsafe fn has_node(node: *mut pg_sys::Node, tags: &[pg_sys::NodeTag]) -> bool {
+    let mut search = NodeSearch { tags };
+    // SAFETY: the walker only reads the tree; the context is `search`.
+    unsafe { find_tag(node, (&raw mut search).cast()) }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn find_tag(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    // SAFETY: node is a valid node; context is the NodeSearch we passed.
+    unsafe {
+        (*context.cast::<NodeSearch>()).tags.contains(&(*node).type_)
+            || pg_sys::expression_tree_walker(node, Some(find_tag), context)
+    }
+}
+
+/// True when `node` uses an executor parameter (a subquery's output or a correlated value).
+unsafe fn has_exec_param(node: *mut pg_sys::Node) -> bool {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walk(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        // SAFETY: node is a valid node; casts follow its tag.
+        unsafe {
+            ((*node).type_ == pg_sys::NodeTag::T_Param
+                && (*node.cast::<pg_sys::Param>()).paramkind != pg_sys::ParamKind::PARAM_EXTERN)
+                || pg_sys::expression_tree_walker(node, Some(walk), context)
+        }
+    }
+    // SAFETY: the walker only reads the tree.
+    unsafe { walk(node, std::ptr::null_mut()) }
 }
 
 type Mutator =
