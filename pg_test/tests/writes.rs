@@ -226,7 +226,10 @@ fn now_and_other_stable_values_are_computed_once_per_statement(cluster: &Cluster
         .prepare("UPDATE items SET seen = now() + make_interval(days => $2) WHERE id = $1 RETURNING seen - now()")
         .unwrap();
     let ids: Vec<i32> = tx
-        .query("SELECT id FROM items WHERE grp IN (70, 71) ORDER BY id LIMIT 8", &[])
+        .query(
+            "SELECT id FROM items WHERE grp IN (70, 71) ORDER BY id LIMIT 8",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
@@ -239,16 +242,25 @@ fn now_and_other_stable_values_are_computed_once_per_statement(cluster: &Cluster
             .unwrap()
             .get(0);
         let got: String = tx
-            .query_one("SELECT (seen - now())::text FROM items WHERE id = $1", &[id])
+            .query_one(
+                "SELECT (seen - now())::text FROM items WHERE id = $1",
+                &[id],
+            )
             .unwrap()
             .get(0);
         assert_eq!(got, shown, "item {id}");
     }
     let gone = tx
-        .execute("DELETE FROM items WHERE seen < now() + interval '3 days' AND grp = 70", &[])
+        .execute(
+            "DELETE FROM items WHERE seen < now() + interval '3 days' AND grp = 70",
+            &[],
+        )
         .unwrap();
     let left: i64 = tx
-        .query_one("SELECT count(*) FROM items WHERE seen < now() + interval '3 days' AND grp = 70", &[])
+        .query_one(
+            "SELECT count(*) FROM items WHERE seen < now() + interval '3 days' AND grp = 70",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(gone > 0 && left == 0, "deleted {gone}, left {left}");

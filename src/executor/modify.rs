@@ -15,11 +15,10 @@ use pgrx::prelude::*;
 
 use crate::distribution::shell::with_suffix;
 use crate::executor::fragments::TextRow;
-use crate::executor::scan::{datum_text, param_text, prune_by_param, substitute_params};
+use crate::executor::scan::{evaluate_values, prune_by_param, substitute_params, value_text};
 use crate::executor::shard_writer::{run_jobs, Job, RowInput, ShardWriter, WriteKind};
 use crate::metadata::cache;
 use crate::planner::modify_plan::{self, ModifyKind, ModifyPlan, MODIFY_NAME};
-use crate::planner::shippable::COORDINATOR_VALUE_BASE;
 use crate::remote::quote::{quote_identifier, quote_qualified};
 use crate::remote::NodeAddress;
 
@@ -169,30 +168,10 @@ unsafe fn with_values(
     node: *mut pg_sys::CustomScanState,
     runtime: &ModifyRuntime,
 ) -> impl Fn(&str) -> String {
-    // SAFETY: the expression states belong to this running node; each value is evaluated once
-    // and turned into text at once.
-    let values: Vec<Option<(String, String)>> = unsafe {
-        let econtext = (*node).ss.ps.ps_ExprContext;
-        runtime
-            .coordinator_values
-            .iter()
-            .map(|state| {
-                let mut isnull = false;
-                let value = (*(*state)).evalfunc?(*state, econtext, &mut isnull);
-                (!isnull).then(|| datum_text(pg_sys::exprType((*(*state)).expr.cast()), value))
-            })
-            .collect()
-    };
-    move |sql: &str| {
-        substitute_params(sql, |id| {
-            if id >= COORDINATOR_VALUE_BASE {
-                values.get((id - COORDINATOR_VALUE_BASE) as usize).cloned().flatten()
-            } else {
-                // SAFETY: the statement's parameters, read while the node runs.
-                unsafe { param_text(node, &[], id) }
-            }
-        })
-    }
+    // SAFETY: this node is running.
+    let values = unsafe { evaluate_values(node, &runtime.coordinator_values) };
+    // SAFETY: the statement's parameters, read while the node runs.
+    move |sql: &str| substitute_params(sql, |id| unsafe { value_text(node, &[], &values, id) })
 }
 
 /// Routes every row of the child plan to its shard.

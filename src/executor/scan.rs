@@ -20,7 +20,7 @@ use crate::error::raise;
 use crate::executor::fragments::FragmentStream;
 use crate::metadata::cache;
 use crate::planner::scan_path::{from_list, ScanPlan, SCAN_NAME};
-use crate::planner::shippable::{EXEC_PARAM_BASE, RELATION_BASE};
+use crate::planner::shippable::{COORDINATOR_VALUE_BASE, EXEC_PARAM_BASE, RELATION_BASE};
 use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified, replace_dollar_refs};
 use crate::remote::NodeAddress;
 
@@ -72,6 +72,8 @@ struct ColumnInput {
 struct ScanRuntime {
     plan: ScanPlan,
     relid: pg_sys::Oid,
+    /// The expressions behind `$<COORDINATOR_VALUE_BASE + i>`, ready to evaluate.
+    coordinator_values: Vec<*mut pg_sys::ExprState>,
     inputs: Vec<ColumnInput>,
     stream: Option<FragmentStream>,
 }
@@ -91,6 +93,7 @@ unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut
         (*state).runtime = super::alloc_for_context(ScanRuntime {
             plan,
             relid: pg_sys::InvalidOid,
+            coordinator_values: Vec::new(),
             inputs: Vec::new(),
             stream: None,
         });
@@ -118,6 +121,14 @@ unsafe extern "C-unwind" fn begin(
         } else {
             (*relation).rd_id
         };
+        if !runtime.plan.coordinator_values.is_empty() {
+            let text = CString::new(runtime.plan.coordinator_values.as_str()).unwrap_or_default();
+            let values = pg_sys::stringToNode(text.as_ptr()).cast::<pg_sys::List>();
+            runtime.coordinator_values = pgrx::PgList::<pg_sys::Expr>::from_pg(values)
+                .iter_ptr()
+                .map(|expr| pg_sys::ExecInitExpr(expr, &mut (*node).ss.ps))
+                .collect();
+        }
         // The scan tuple: the table's columns, or the pushed-down aggregate's output.
         let tupdesc = (*(*node).ss.ss_ScanTupleSlot).tts_tupleDescriptor;
         runtime.inputs = runtime
@@ -336,6 +347,46 @@ pub unsafe fn param_text(
     }
 }
 
+/// The values of the expressions the coordinator computes for a statement
+/// (`shippable::with_coordinator_values`), as text with their type names (None for NULL).
+pub unsafe fn evaluate_values(
+    node: *mut pg_sys::CustomScanState,
+    states: &[*mut pg_sys::ExprState],
+) -> Vec<Option<(String, String)>> {
+    // SAFETY: the expression states belong to this running node; each value is turned into
+    // text at once.
+    unsafe {
+        let econtext = (*node).ss.ps.ps_ExprContext;
+        states
+            .iter()
+            .map(|state| {
+                let mut isnull = false;
+                let value = (*(*state)).evalfunc?(*state, econtext, &mut isnull);
+                (!isnull).then(|| datum_text(pg_sys::exprType((*(*state)).expr.cast()), value))
+            })
+            .collect()
+    }
+}
+
+/// The text of `$id` in fragment SQL: a value computed here (from COORDINATOR_VALUE_BASE), or
+/// a statement or executor parameter.
+pub unsafe fn value_text(
+    node: *mut pg_sys::CustomScanState,
+    exec_params: &[(i32, pg_sys::Oid)],
+    values: &[Option<(String, String)>],
+    id: i32,
+) -> Option<(String, String)> {
+    if id >= COORDINATOR_VALUE_BASE {
+        values
+            .get((id - COORDINATOR_VALUE_BASE) as usize)
+            .cloned()
+            .flatten()
+    } else {
+        // SAFETY: see param_text.
+        unsafe { param_text(node, exec_params, id) }
+    }
+}
+
 /// A value as text, with the name of its type.
 pub unsafe fn datum_text(type_oid: pg_sys::Oid, value: pg_sys::Datum) -> (String, String) {
     // SAFETY: output functions of the value's own type; the C strings are copied at once.
@@ -422,7 +473,10 @@ fn fragment_sql(plan: &ScanPlan, relid: pg_sys::Oid) -> String {
             let name = unsafe { CStr::from_ptr(pg_sys::get_attname(relid, *attno, false)) };
             quote_identifier(&name.to_string_lossy())
         });
-        (columns.collect::<Vec<_>>().join(", "), format!("${RELATION_BASE}"))
+        (
+            columns.collect::<Vec<_>>().join(", "),
+            format!("${RELATION_BASE}"),
+        )
     };
     let mut sql = format!("SELECT {select} FROM {from}");
     for (keyword, text) in [
@@ -458,8 +512,10 @@ unsafe fn fragments(
             plan.prune_param,
             &plan.exec_params,
         );
-        let substitute =
-            |sql: &str| substitute_params(sql, |id| param_text(node, &plan.exec_params, id));
+        let values = evaluate_values(node, &runtime.coordinator_values);
+        let substitute = |sql: &str| {
+            substitute_params(sql, |id| value_text(node, &plan.exec_params, &values, id))
+        };
         // The SQL of every fragment; shard placeholders are filled in per shard.
         let template = substitute(&fragment_sql(plan, relid));
         // (range-table index, shards by index) of every table read; the scanned table alone

@@ -25,12 +25,13 @@ use std::ffi::CString;
 use pgrx::pg_sys;
 use pgrx::PgList;
 
-use crate::planner::scan_path::{
-    distributed_path_of, from_list, new_custom_path, pushed_down_path_methods, ScanPlan,
-};
 use crate::metadata::cache;
 use crate::metadata::tables::Method;
-use crate::planner::shippable::{shippable, ScanDeparser};
+use crate::planner::scan_path::{
+    all_clauses_ship, distributed_path_of, from_list, new_custom_path, pushed_down_path_methods,
+    ScanPlan,
+};
+use crate::planner::shippable::ScanDeparser;
 
 static mut PREVIOUS_HOOK: pg_sys::create_upper_paths_hook_type = None;
 
@@ -123,9 +124,7 @@ unsafe fn add_pushdown_path(
         let base_plan = ScanPlan::decode(&from_list((*input).custom_private));
         // Every restriction clause must run on the workers, or the partial results would be
         // wrong (a pushed-down join exists only when all of its clauses do).
-        let all_shipped = PgList::<pg_sys::RestrictInfo>::from_pg((*input_rel).baserestrictinfo)
-            .iter_ptr()
-            .all(|ri| shippable((*ri).clause.cast()));
+        let all_shipped = all_clauses_ship(input_rel);
         if !all_shipped {
             return;
         }
@@ -276,7 +275,9 @@ pub unsafe fn rows_of_a_key_stay_together(
                     return false;
                 }
                 let var = expr.cast::<pg_sys::Var>();
-                let Some((_, oid)) = relations.iter().find(|(rti, _)| *rti == (*var).varno as u32)
+                let Some((_, oid)) = relations
+                    .iter()
+                    .find(|(rti, _)| *rti == (*var).varno as u32)
                 else {
                     return false;
                 };

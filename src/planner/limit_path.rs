@@ -12,8 +12,10 @@
 use pgrx::pg_sys;
 use pgrx::PgList;
 
-use crate::planner::scan_path::{from_list, is_distributed_scan, new_custom_path, ScanPlan};
-use crate::planner::shippable::{shippable, sort_key_text, ScanDeparser};
+use crate::planner::scan_path::{
+    all_clauses_ship, from_list, is_distributed_scan, new_custom_path, ScanPlan,
+};
+use crate::planner::shippable::{sort_key_text, ScanDeparser};
 
 static mut PREVIOUS_HOOK: pg_sys::create_upper_paths_hook_type = None;
 
@@ -91,9 +93,7 @@ unsafe fn limitable_scan(
             return None;
         }
         // Every filter must run before the fragment's LIMIT.
-        let all_shipped = PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo)
-            .iter_ptr()
-            .all(|ri| shippable((*ri).clause.cast()));
+        let all_shipped = all_clauses_ship(rel);
         if !all_shipped {
             return None;
         }

@@ -375,7 +375,12 @@ unsafe fn on_conflict(
             if !(*conflict).arbiterWhere.is_null() {
                 sql.push_str(&format!(
                     " WHERE {}",
-                    context.shipped(table, (*conflict).arbiterWhere, "the ON CONFLICT WHERE", values)?
+                    context.shipped(
+                        table,
+                        (*conflict).arbiterWhere,
+                        "the ON CONFLICT WHERE",
+                        values
+                    )?
                 ));
             }
         }

@@ -17,7 +17,9 @@ use pgrx::PgList;
 use crate::distribution::hashing;
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
-use crate::planner::shippable::{deparse, new_param, shippable, EXEC_PARAM_BASE};
+use crate::planner::shippable::{
+    deparse, new_param, shippable, with_coordinator_values, EXEC_PARAM_BASE,
+};
 
 static mut PREVIOUS_HOOK: pg_sys::set_rel_pathlist_hook_type = None;
 
@@ -195,6 +197,9 @@ pub struct ScanPlan {
     /// the rows that can be among the query's first ones.
     pub order_by: String,
     pub limit: String,
+    /// The expressions behind `$<COORDINATOR_VALUE_BASE + i>` in `where_sql`, computed at
+    /// execution (`nodeToString` of a List; empty: none).
+    pub coordinator_values: String,
 }
 
 impl ScanPlan {
@@ -226,6 +231,7 @@ impl ScanPlan {
             self.having.clone(),
             self.order_by.clone(),
             self.limit.clone(),
+            self.coordinator_values.clone(),
         ]
     }
 
@@ -272,6 +278,7 @@ impl ScanPlan {
             having: parts.get(9).cloned().unwrap_or_default(),
             order_by: parts.get(10).cloned().unwrap_or_default(),
             limit: parts.get(11).cloned().unwrap_or_default(),
+            coordinator_values: parts.get(12).cloned().unwrap_or_default(),
         }
     }
 }
@@ -323,26 +330,54 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
     }
 }
 
-/// Clauses split into shipped and local, by the same rule at path and plan time.
-unsafe fn shipped_clauses(restrictinfos: *mut pg_sys::List) -> Vec<*mut pg_sys::Node> {
-    // SAFETY: a List of RestrictInfo.
+/// `clause` as it runs on the workers — with placeholders for the values the coordinator
+/// computes, appended to `values` — or None when it stays a local filter. The same rule
+/// decides at path and at plan time.
+unsafe fn shipped_form(
+    clause: *mut pg_sys::Node,
+    values: &mut Vec<*mut pg_sys::Node>,
+) -> Option<*mut pg_sys::Node> {
+    // SAFETY: clause is a valid restriction clause.
     unsafe {
-        PgList::<pg_sys::RestrictInfo>::from_pg(restrictinfos)
+        let before = values.len();
+        let shipped = with_coordinator_values(clause, values);
+        if shippable(shipped) {
+            Some(shipped)
+        } else {
+            values.truncate(before);
+            None
+        }
+    }
+}
+
+/// True when every restriction clause of `rel` runs on the workers (its Distributed Scan then
+/// returns exactly the rows of `rel`, so work above it may move to the workers too).
+pub unsafe fn all_clauses_ship(rel: *mut pg_sys::RelOptInfo) -> bool {
+    // SAFETY: rel's restriction clauses, as the planner made them.
+    unsafe {
+        PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo)
             .iter_ptr()
-            .map(|ri| (*ri).clause.cast::<pg_sys::Node>())
-            .filter(|clause| shippable(*clause))
-            .collect()
+            .all(|ri| shipped_form((*ri).clause.cast(), &mut Vec::new()).is_some())
     }
 }
 
 unsafe fn plan_scan(table: &DistTable, rel: *mut pg_sys::RelOptInfo) -> ScanPlan {
     // SAFETY: rel is a base relation of the query being planned.
     unsafe {
-        let clauses = shipped_clauses((*rel).baserestrictinfo);
+        let mut values = Vec::new();
         let mut exec_params = Vec::new();
         let mut parts = Vec::new();
-        for clause in &clauses {
-            let (text, params) = deparse(*clause, table.oid, (*rel).relid);
+        // Pruning looks at the clauses that ship as they are (no values computed here).
+        let mut clauses = Vec::new();
+        for ri in PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo).iter_ptr() {
+            let clause = (*ri).clause.cast::<pg_sys::Node>();
+            let Some(shipped) = shipped_form(clause, &mut values) else {
+                continue;
+            };
+            if shippable(clause) {
+                clauses.push(clause);
+            }
+            let (text, params) = deparse(shipped, table.oid, (*rel).relid);
             parts.push(format!("({text})"));
             exec_params.extend(params);
         }
@@ -370,6 +405,17 @@ unsafe fn plan_scan(table: &DistTable, rel: *mut pg_sys::RelOptInfo) -> ScanPlan
             prune_param,
             exec_params,
             base_rti: (*rel).relid,
+            coordinator_values: if values.is_empty() {
+                String::new()
+            } else {
+                let mut list = PgList::<pg_sys::Node>::new();
+                for value in values {
+                    list.push(value);
+                }
+                CStr::from_ptr(pg_sys::nodeToString(list.into_pg().cast()))
+                    .to_string_lossy()
+                    .into_owned()
+            },
             ..Default::default()
         }
     }
@@ -655,7 +701,7 @@ unsafe extern "C-unwind" fn plan_path(
         // change).
         let mut shipped_list = PgList::<pg_sys::Node>::new();
         for ri in PgList::<pg_sys::RestrictInfo>::from_pg(clauses).iter_ptr() {
-            if shippable((*ri).clause.cast()) {
+            if shipped_form((*ri).clause.cast(), &mut Vec::new()).is_some() {
                 shipped_list.push((*ri).clause.cast());
             } else {
                 local_list.push(ri);

@@ -410,7 +410,10 @@ unsafe fn computable_without_rows(node: *mut pg_sys::Node) -> bool {
             && !pg_sys::contain_var_clause(node)
             && !pg_sys::contain_volatile_functions(node)
             && !pg_sys::checkExprHasSubLink(node)
-            && !has_node(node, &[pg_sys::NodeTag::T_CaseTestExpr, pg_sys::NodeTag::T_Aggref])
+            && !has_node(
+                node,
+                &[pg_sys::NodeTag::T_CaseTestExpr, pg_sys::NodeTag::T_Aggref],
+            )
             && !has_exec_param(node)
     }
 }
@@ -456,13 +459,18 @@ unsafe fn has_node(node: *mut pg_sys::Node, tags: &[pg_sys::NodeTag]) -> bool {
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn find_tag(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+unsafe extern "C-unwind" fn find_tag(
+    node: *mut pg_sys::Node,
+    context: *mut std::ffi::c_void,
+) -> bool {
     if node.is_null() {
         return false;
     }
     // SAFETY: node is a valid node; context is the NodeSearch we passed.
     unsafe {
-        (*context.cast::<NodeSearch>()).tags.contains(&(*node).type_)
+        (*context.cast::<NodeSearch>())
+            .tags
+            .contains(&(*node).type_)
             || pg_sys::expression_tree_walker(node, Some(find_tag), context)
     }
 }
@@ -470,7 +478,10 @@ unsafe extern "C-unwind" fn find_tag(node: *mut pg_sys::Node, context: *mut std:
 /// True when `node` uses an executor parameter (a subquery's output or a correlated value).
 unsafe fn has_exec_param(node: *mut pg_sys::Node) -> bool {
     #[pgrx::pg_guard]
-    unsafe extern "C-unwind" fn walk(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+    unsafe extern "C-unwind" fn walk(
+        node: *mut pg_sys::Node,
+        context: *mut std::ffi::c_void,
+    ) -> bool {
         if node.is_null() {
             return false;
         }

@@ -13,9 +13,10 @@ use pgrx::PgList;
 
 use crate::planner::aggregate_path::rows_of_a_key_stay_together;
 use crate::planner::scan_path::{
-    distributed_path_of, from_list, new_custom_path, pushed_down_path_methods, ScanPlan,
+    all_clauses_ship, distributed_path_of, from_list, new_custom_path, pushed_down_path_methods,
+    ScanPlan,
 };
-use crate::planner::shippable::{as_mutator, new_param, shippable, sort_key_text, ScanDeparser};
+use crate::planner::shippable::{as_mutator, new_param, sort_key_text, ScanDeparser};
 use crate::remote::quote::{quote_identifier, replace_dollar_refs};
 
 static mut PREVIOUS_HOOK: pg_sys::create_upper_paths_hook_type = None;
@@ -72,9 +73,7 @@ unsafe fn add_pushdown_path(
             return;
         };
         let plan = ScanPlan::decode(&from_list((*input).custom_private));
-        let all_shipped = PgList::<pg_sys::RestrictInfo>::from_pg((*input_rel).baserestrictinfo)
-            .iter_ptr()
-            .all(|ri| shippable((*ri).clause.cast()));
+        let all_shipped = all_clauses_ship(input_rel);
         if !all_shipped || !plan.row_lock.is_empty() {
             return;
         }
@@ -135,7 +134,9 @@ unsafe fn expression_text(
             calls.push(call_text(root, sql, *call)?);
         }
         Some(replace_dollar_refs(&text, |id| {
-            calls.get(usize::try_from(id.checked_sub(WINDOW_BASE)?).ok()?).cloned()
+            calls
+                .get(usize::try_from(id.checked_sub(WINDOW_BASE)?).ok()?)
+                .cloned()
         }))
     }
 }
@@ -219,7 +220,8 @@ unsafe fn window_text(
         let tlist = (*(*root).parse).targetList;
         let mut parts = Vec::new();
         let mut partition = Vec::new();
-        for clause in PgList::<pg_sys::SortGroupClause>::from_pg((*window).partitionClause).iter_ptr()
+        for clause in
+            PgList::<pg_sys::SortGroupClause>::from_pg((*window).partitionClause).iter_ptr()
         {
             partition.push(sql.text(pg_sys::get_sortgroupclause_expr(clause, tlist).cast())?);
         }
