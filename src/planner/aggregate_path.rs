@@ -33,36 +33,6 @@ use crate::planner::scan_path::{
 };
 use crate::planner::shippable::ScanDeparser;
 
-static mut PREVIOUS_HOOK: pg_sys::create_upper_paths_hook_type = None;
-
-pub fn init() {
-    // SAFETY: _PG_init runs once in the postmaster; we chain to the previous hook.
-    unsafe {
-        PREVIOUS_HOOK = pg_sys::create_upper_paths_hook;
-        pg_sys::create_upper_paths_hook = Some(create_upper_paths);
-    }
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn create_upper_paths(
-    root: *mut pg_sys::PlannerInfo,
-    stage: pg_sys::UpperRelationKind::Type,
-    input_rel: *mut pg_sys::RelOptInfo,
-    output_rel: *mut pg_sys::RelOptInfo,
-    extra: *mut std::ffi::c_void,
-) {
-    // SAFETY: arguments come from the planner and are valid for this call.
-    unsafe {
-        if let Some(previous) = PREVIOUS_HOOK {
-            previous(root, stage, input_rel, output_rel, extra);
-        }
-        if stage != pg_sys::UpperRelationKind::UPPERREL_GROUP_AGG || extra.is_null() {
-            return;
-        }
-        add_pushdown_path(root, input_rel, output_rel, extra.cast());
-    }
-}
-
 /// The text that computes `aggref`'s partial state on a worker, if it can be pushed down.
 unsafe fn partial_call(aggref: *mut pg_sys::Aggref, sql: &mut ScanDeparser) -> Option<String> {
     // SAFETY: aggref is a valid Aggref of the query.
@@ -100,7 +70,7 @@ unsafe fn partial_call(aggref: *mut pg_sys::Aggref, sql: &mut ScanDeparser) -> O
     }
 }
 
-unsafe fn add_pushdown_path(
+pub unsafe fn add_pushdown_path(
     root: *mut pg_sys::PlannerInfo,
     input_rel: *mut pg_sys::RelOptInfo,
     output_rel: *mut pg_sys::RelOptInfo,

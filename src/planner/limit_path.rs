@@ -17,42 +17,6 @@ use crate::planner::scan_path::{
 };
 use crate::planner::shippable::{sort_key_text, ScanDeparser};
 
-static mut PREVIOUS_HOOK: pg_sys::create_upper_paths_hook_type = None;
-
-pub fn init() {
-    // SAFETY: _PG_init runs once in the postmaster; we chain to the previous hook.
-    unsafe {
-        PREVIOUS_HOOK = pg_sys::create_upper_paths_hook;
-        pg_sys::create_upper_paths_hook = Some(create_upper_paths);
-    }
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn create_upper_paths(
-    root: *mut pg_sys::PlannerInfo,
-    stage: pg_sys::UpperRelationKind::Type,
-    input_rel: *mut pg_sys::RelOptInfo,
-    output_rel: *mut pg_sys::RelOptInfo,
-    extra: *mut std::ffi::c_void,
-) {
-    // SAFETY: arguments come from the planner and are valid for this call.
-    unsafe {
-        if let Some(previous) = PREVIOUS_HOOK {
-            previous(root, stage, input_rel, output_rel, extra);
-        }
-        let sorted = !(*(*root).parse).sortClause.is_null();
-        match stage {
-            pg_sys::UpperRelationKind::UPPERREL_ORDERED => {
-                add_top_n_path(root, input_rel, output_rel);
-            }
-            pg_sys::UpperRelationKind::UPPERREL_FINAL if !sorted && !extra.is_null() => {
-                add_first_rows_path(root, input_rel, output_rel, extra.cast());
-            }
-            _ => {}
-        }
-    }
-}
-
 /// How many rows each fragment must return: LIMIT + OFFSET, when both are constants.
 unsafe fn fragment_limit(parse: *mut pg_sys::Query) -> Option<i64> {
     // SAFETY: LIMIT and OFFSET expressions of a planned query (coerced to bigint).
@@ -146,7 +110,7 @@ unsafe fn with_plan(
 
 /// `ORDER BY … LIMIT n`: fragments sort and return their first rows; the coordinator sorts
 /// those.
-unsafe fn add_top_n_path(
+pub unsafe fn add_top_n_path(
     root: *mut pg_sys::PlannerInfo,
     input_rel: *mut pg_sys::RelOptInfo,
     ordered_rel: *mut pg_sys::RelOptInfo,
@@ -196,7 +160,7 @@ unsafe fn add_top_n_path(
 }
 
 /// `LIMIT n` without ORDER BY: any `n` rows will do, so each fragment stops after `n`.
-unsafe fn add_first_rows_path(
+pub unsafe fn add_first_rows_path(
     root: *mut pg_sys::PlannerInfo,
     input_rel: *mut pg_sys::RelOptInfo,
     final_rel: *mut pg_sys::RelOptInfo,

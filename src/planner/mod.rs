@@ -85,10 +85,49 @@ pub fn init() {
         pg_sys::planner_hook = Some(plan);
     }
     scan_path::init();
-    aggregate_path::init();
     join_path::init();
-    limit_path::init();
-    window_path::init();
+    // SAFETY: as above.
+    unsafe {
+        PREVIOUS_UPPER_HOOK = pg_sys::create_upper_paths_hook;
+        pg_sys::create_upper_paths_hook = Some(create_upper_paths);
+    }
+}
+
+static mut PREVIOUS_UPPER_HOOK: pg_sys::create_upper_paths_hook_type = None;
+
+/// Work above the scans that can move to the workers: each stage's pushdown module adds its
+/// Distributed Scan path.
+#[pg_guard]
+unsafe extern "C-unwind" fn create_upper_paths(
+    root: *mut pg_sys::PlannerInfo,
+    stage: pg_sys::UpperRelationKind::Type,
+    input_rel: *mut pg_sys::RelOptInfo,
+    output_rel: *mut pg_sys::RelOptInfo,
+    extra: *mut c_void,
+) {
+    // SAFETY: arguments come from the planner and are valid for this call; `extra` has the
+    // type PostgreSQL documents for each stage.
+    unsafe {
+        if let Some(previous) = PREVIOUS_UPPER_HOOK {
+            previous(root, stage, input_rel, output_rel, extra);
+        }
+        let sorted = !(*(*root).parse).sortClause.is_null();
+        match stage {
+            pg_sys::UpperRelationKind::UPPERREL_GROUP_AGG if !extra.is_null() => {
+                aggregate_path::add_pushdown_path(root, input_rel, output_rel, extra.cast());
+            }
+            pg_sys::UpperRelationKind::UPPERREL_WINDOW => {
+                window_path::add_pushdown_path(root, input_rel, output_rel);
+            }
+            pg_sys::UpperRelationKind::UPPERREL_ORDERED => {
+                limit_path::add_top_n_path(root, input_rel, output_rel);
+            }
+            pg_sys::UpperRelationKind::UPPERREL_FINAL if !sorted && !extra.is_null() => {
+                limit_path::add_first_rows_path(root, input_rel, output_rel, extra.cast());
+            }
+            _ => {}
+        }
+    }
 }
 
 #[pg_guard]

@@ -19,39 +19,10 @@ use crate::planner::scan_path::{
 use crate::planner::shippable::{as_mutator, new_param, sort_key_text, ScanDeparser};
 use crate::remote::quote::{quote_identifier, replace_dollar_refs};
 
-static mut PREVIOUS_HOOK: pg_sys::create_upper_paths_hook_type = None;
-
 /// While deparsing, `$<WINDOW_BASE + i>` stands for the i-th window function call.
 const WINDOW_BASE: i32 = 400_000;
 
-pub fn init() {
-    // SAFETY: _PG_init runs once in the postmaster; we chain to the previous hook.
-    unsafe {
-        PREVIOUS_HOOK = pg_sys::create_upper_paths_hook;
-        pg_sys::create_upper_paths_hook = Some(create_upper_paths);
-    }
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn create_upper_paths(
-    root: *mut pg_sys::PlannerInfo,
-    stage: pg_sys::UpperRelationKind::Type,
-    input_rel: *mut pg_sys::RelOptInfo,
-    output_rel: *mut pg_sys::RelOptInfo,
-    extra: *mut std::ffi::c_void,
-) {
-    // SAFETY: arguments come from the planner and are valid for this call.
-    unsafe {
-        if let Some(previous) = PREVIOUS_HOOK {
-            previous(root, stage, input_rel, output_rel, extra);
-        }
-        if stage == pg_sys::UpperRelationKind::UPPERREL_WINDOW {
-            add_pushdown_path(root, input_rel, output_rel);
-        }
-    }
-}
-
-unsafe fn add_pushdown_path(
+pub unsafe fn add_pushdown_path(
     root: *mut pg_sys::PlannerInfo,
     input_rel: *mut pg_sys::RelOptInfo,
     window_rel: *mut pg_sys::RelOptInfo,
