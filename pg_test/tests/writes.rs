@@ -33,6 +33,7 @@ fn main() {
             savepoints_roll_back_on_the_workers_too,
             a_failure_at_prepare_leaves_nothing_visible,
             copy_of_a_million_rows_is_exact,
+            copy_formats_options_and_bad_input_match_plain_postgres,
             coordinator_crash_after_commit_decision_is_committed_by_recovery,
             coordinator_crash_before_commit_decision_is_rolled_back_by_recovery,
             worker_crash_after_prepare_is_committed_once_it_is_back,
@@ -54,6 +55,8 @@ CREATE TABLE colors (code text PRIMARY KEY, label text);
 CREATE TABLE days (day date NOT NULL, n int);
 CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
 CREATE TABLE big (id bigint, payload text);
+CREATE TABLE copies (id int PRIMARY KEY, label text, amount numeric(10,2), at timestamptz,
+                     tags text[], note text DEFAULT 'none', serial bigserial);
 CREATE TABLE bank (id int PRIMARY KEY, balance bigint NOT NULL);
 CREATE TABLE transfers (id bigint PRIMARY KEY, source int NOT NULL, target int NOT NULL, amount bigint NOT NULL);
 INSERT INTO colors VALUES ('r', 'red'), ('g', 'green');
@@ -66,6 +69,7 @@ SELECT pgdist.create_reference_table('colors');
 SELECT pgdist.create_distributed_table('days', 'day', 'range', split_points => ARRAY['2024-03-01', '2024-06-01']);
 SELECT pgdist.create_distributed_table('accounts', 'id', shard_count => 4);
 SELECT pgdist.create_distributed_table('big', 'id', shard_count => 8);
+SELECT pgdist.create_distributed_table('copies', 'id', shard_count => 4);
 SELECT pgdist.create_distributed_table('bank', 'id', shard_count => 4);
 SELECT pgdist.create_distributed_table('transfers', 'id', shard_count => 4, colocate_with => 'none');
 ";
@@ -567,6 +571,178 @@ fn copy_of_a_million_rows_is_exact(cluster: &Cluster) {
     std::io::copy(&mut reader, &mut out).unwrap();
     drop(reader);
     assert_eq!(out.iter().filter(|b| **b == b'\n').count() as i64, ROWS);
+}
+
+/// `COPY … FROM STDIN` of `data` on one server: the row count, or the error's SQLSTATE.
+fn copy_into(client: &mut Client, sql: &str, data: &[u8]) -> Result<u64, String> {
+    use std::io::Write;
+    let mut writer = client.copy_in(sql).map_err(|err| sqlstate(&err))?;
+    writer.write_all(data).map_err(|err| err.to_string())?;
+    writer.finish().map_err(|err| sqlstate(&err))
+}
+
+fn copy_formats_options_and_bad_input_match_plain_postgres(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    let tables = [
+        "SELECT * FROM copies ORDER BY id",
+        "SELECT * FROM colors ORDER BY code",
+        "SELECT * FROM days ORDER BY day, n",
+    ];
+    let binary = {
+        use std::io::Read;
+        let mut out = Vec::new();
+        reference
+            .copy_out(
+                "COPY (SELECT 900 + i, 'binary ' || i, i * 1.5, timestamptz '2024-05-01 10:00+02', \
+                 ARRAY['x', NULL], NULL, i FROM generate_series(1, 3) i) TO STDOUT (FORMAT binary)",
+            )
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    };
+    let cases: Vec<(&str, &[u8])> = vec![
+        // Text, every column in another order: escapes, NULLs, arrays, non-ASCII.
+        (
+            "COPY copies (note, id, label, amount, at, tags, serial) FROM STDIN",
+            b"a\\tb\t1\tback\\\\slash\t1.50\t2024-01-02 03:04:05+00\t{a,\"b c\"}\t1\n\
+              \\N\t2\tline\\nbreak\t\\N\t\\N\t\\N\t2\n\
+              caf\xc3\xa9\t3\t\xe2\x82\xac\t-7.25\t2024-07-01 12:00:00-05\t{}\t3\n",
+        ),
+        // CSV with a header, quotes, a separator and a line break inside quotes, '' vs NULL.
+        (
+            "COPY copies (id, label, amount, at, tags, note, serial) FROM STDIN \
+             (FORMAT csv, HEADER, DELIMITER ';', NULL 'NULL')",
+            b"id;label;amount;at;tags;note;serial\n\
+              10;\"semi;colon\";2.5;2024-02-03 04:05:06+00;\"{1,2}\";\"two\nlines\";10\n\
+              11;\"\";NULL;NULL;NULL;NULL;11\n\
+              12;\"say \"\"hi\"\"\";0;2024-02-03 04:05:06+00;{};plain;12\n",
+        ),
+        // Columns left out get their defaults, sequences included (parsed here).
+        (
+            "COPY copies (id, label) FROM STDIN",
+            b"20\tdefaults\n21\tmore\n",
+        ),
+        // FORCE_NULL goes through the full parser too.
+        (
+            "COPY copies (id, label, amount, at, tags, note, serial) FROM STDIN \
+             (FORMAT csv, FORCE_NULL (label))",
+            b"30,\"\",1,2024-01-01,{},n,30\n31,x,1,2024-01-01,{},n,31\n",
+        ),
+        ("COPY copies FROM STDIN (FORMAT binary)", &binary),
+        // Bad input: nothing of the statement may stay.
+        (
+            "COPY copies FROM STDIN",
+            b"40\tok\t1\t\\N\t\\N\tn\t40\n41\tbad\tnot-a-number\t\\N\t\\N\tn\t41\n",
+        ),
+        (
+            "COPY copies FROM STDIN",
+            b"42\tok\t1\t\\N\t\\N\tn\t42\nforty-three\tbad\t1\t\\N\t\\N\tn\t43\n",
+        ),
+        (
+            "COPY copies FROM STDIN",
+            b"44\tok\t1\t\\N\t\\N\tn\t44\textra\n",
+        ),
+        ("COPY copies FROM STDIN", b"45\tok\t1\n"),
+        (
+            "COPY copies FROM STDIN",
+            b"\\N\tno key\t1\t\\N\t\\N\tn\t46\n",
+        ),
+        (
+            "COPY copies FROM STDIN",
+            b"47\tfirst\t1\t\\N\t\\N\tn\t47\n47\tagain\t1\t\\N\t\\N\tn\t48\n",
+        ),
+        (
+            "COPY copies (id, label) FROM STDIN",
+            b"48\tok\n49\t\\N\textra\n",
+        ),
+        // Reference and range tables.
+        ("COPY colors FROM STDIN", b"y\tyellow\nw\t\\N\n"),
+        (
+            "COPY days FROM STDIN (FORMAT csv)",
+            b"2024-04-04,4\n2024-09-09,9\n1999-01-01,0\n",
+        ),
+    ];
+    for (sql, data) in cases {
+        let got = copy_into(&mut coordinator, sql, data);
+        let want = copy_into(&mut reference, sql, data);
+        assert_eq!(got, want, "different outcomes for\n  {sql}");
+        for contents in tables {
+            assert!(
+                matches!(
+                    compare(&mut coordinator, &mut reference, contents),
+                    Comparison::Same
+                ),
+                "{contents} differs after\n  {sql}"
+            );
+        }
+    }
+    // A value a worker cannot read is reported with its row and column, as COPY does.
+    {
+        use std::io::Write;
+        let mut writer = coordinator.copy_in("COPY copies FROM STDIN").unwrap();
+        let rows: String = (70..90)
+            .map(|i| {
+                format!(
+                    "{i}\tx\t{}\t\\N\t\\N\tn\t{i}\n",
+                    if i == 86 { "1.2.3" } else { "1" }
+                )
+            })
+            .collect();
+        writer.write_all(rows.as_bytes()).unwrap();
+        let err = writer.finish().unwrap_err();
+        let text = pgdist_pg_test::errors::message(&err);
+        assert!(
+            text.contains("1.2.3") && text.contains("row 17, column amount"),
+            "{text}"
+        );
+    }
+    // A failed COPY inside a savepoint rolls back to it; the transaction goes on.
+    for client in [&mut coordinator, &mut reference] {
+        client
+            .batch_execute("BEGIN; SAVEPOINT before_copy")
+            .unwrap();
+        let bad = copy_into(
+            client,
+            "COPY copies FROM STDIN",
+            b"60\tx\t1\t\\N\t\\N\tn\t60\n61\tx\tbad\t\\N\t\\N\tn\t61\n",
+        );
+        assert_eq!(bad, Err("22P02".to_string()));
+        client
+            .batch_execute("ROLLBACK TO SAVEPOINT before_copy")
+            .unwrap();
+        let good = copy_into(
+            client,
+            "COPY copies FROM STDIN",
+            b"62\tkept\t1\t\\N\t\\N\tn\t62\n",
+        );
+        assert_eq!(good, Ok(1));
+        client.batch_execute("COMMIT").unwrap();
+    }
+    assert!(matches!(
+        compare(&mut coordinator, &mut reference, tables[0]),
+        Comparison::Same
+    ));
+    // Every worker got the rows COPY wrote into the reference table.
+    for worker in &cluster.workers {
+        let mut client = worker.connect();
+        let shard: String = client
+            .query_one(
+                "SELECT relname::text FROM pg_class WHERE relname LIKE 'colors\\_%' AND relkind = 'r'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        let copied: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {shard} WHERE code IN ('y', 'w')"),
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(copied, 2, "{shard} on {}", worker.port);
+    }
 }
 
 /// Starts a two-node transaction that pauses at `point` in a session of its own; returns the

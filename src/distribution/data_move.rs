@@ -28,15 +28,20 @@ pub fn push_copy_value(buffer: &mut Vec<u8>, value: Option<&[u8]>) {
         buffer.extend_from_slice(b"\\N");
         return;
     };
-    for &byte in value {
-        match byte {
-            b'\\' => buffer.extend_from_slice(b"\\\\"),
-            b'\t' => buffer.extend_from_slice(b"\\t"),
-            b'\n' => buffer.extend_from_slice(b"\\n"),
-            b'\r' => buffer.extend_from_slice(b"\\r"),
-            other => buffer.push(other),
-        }
+    let mut plain_from = 0;
+    for (i, &byte) in value.iter().enumerate() {
+        let escaped: &[u8] = match byte {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        buffer.extend_from_slice(&value[plain_from..i]);
+        buffer.extend_from_slice(escaped);
+        plain_from = i + 1;
     }
+    buffer.extend_from_slice(&value[plain_from..]);
 }
 
 /// Appends a whole row in COPY text format.

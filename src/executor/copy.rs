@@ -1,8 +1,11 @@
 //! COPY into and out of distributed and reference tables.
 //!
-//! `COPY … FROM` runs PostgreSQL's own COPY parser on the coordinator (every format and option,
-//! defaults and sequences evaluated there) and hands each row to a [`ShardWriter`], which
-//! streams it to its shard with `COPY` in bounded batches. `COPY <table> TO` becomes
+//! `COPY … FROM` runs PostgreSQL's own COPY parser on the coordinator and hands each row to a
+//! [`ShardWriter`], which streams it to its shard with `COPY` in bounded batches. Text and CSV
+//! input that lists every stored column travels as the text it came in: only the distribution
+//! column is parsed here, the workers parse the rest. Anything else (binary input, columns
+//! left to their defaults — sequences are evaluated here —, FORCE_NULL / FORCE_NOT_NULL) goes
+//! through PostgreSQL's full row parsing first. `COPY <table> TO` becomes
 //! `COPY (SELECT <columns> FROM <table>) TO`, which reads the shards like any query.
 
 use std::ffi::{CStr, CString};
@@ -56,18 +59,140 @@ pub unsafe fn copy_from(
             (*stmt).attlist,
             (*stmt).options,
         );
-        // Errors name the COPY and the line, as PostgreSQL's own COPY does.
-        let context = ErrorContext::push(cstate.cast());
+        let econtext = pg_sys::CreateStandaloneExprContext();
+        let mut writer = ShardWriter::new(relid, WriteKind::Copy);
+        match text_field_order(stmt, relation) {
+            Some(attnums) => {
+                writer.expect_fields(&attnums);
+                read_fields(cstate, econtext, relation, &attnums, &mut writer);
+            }
+            None => read_rows(cstate, econtext, relation, &mut writer),
+        }
+        writer.finish();
+        pg_sys::EndCopyFrom(cstate);
+        pg_sys::FreeExprContext(econtext, true);
+        pg_sys::table_close(relation, pg_sys::NoLock as i32);
+        writer.processed
+    }
+}
+
+/// The attribute numbers of the fields of each input line, when the rows can travel as the
+/// text they came in: text or CSV input listing every stored column (so no default has to be
+/// computed here) and no FORCE_NULL / FORCE_NOT_NULL. Otherwise None.
+unsafe fn text_field_order(
+    stmt: *mut pg_sys::CopyStmt,
+    relation: pg_sys::Relation,
+) -> Option<Vec<i16>> {
+    // SAFETY: the statement's option list and the open relation's descriptor.
+    unsafe {
+        for option in PgList::<pg_sys::DefElem>::from_pg((*stmt).options).iter_ptr() {
+            let name = CStr::from_ptr((*option).defname).to_bytes();
+            let binary = name == b"format"
+                && CStr::from_ptr(pg_sys::defGetString(option)).to_bytes() == b"binary";
+            if binary || name == b"force_null" || name == b"force_not_null" {
+                return None;
+            }
+        }
+        let tupdesc = (*relation).rd_att;
+        let listed = PgList::<std::ffi::c_void>::from_pg(pg_sys::CopyGetAttnums(
+            tupdesc,
+            relation,
+            (*stmt).attlist,
+        ));
+        let attnums: Vec<i16> = (0..listed.len())
+            .map(|i| pg_sys::list_nth_int(listed.as_ptr(), i as i32) as i16)
+            .collect();
+        let stored = (0..(*tupdesc).natts as usize)
+            .map(|i| &*(*tupdesc).attrs.as_ptr().add(i))
+            .filter(|a| !a.attisdropped && a.attgenerated == 0)
+            .count();
+        (attnums.len() == stored).then_some(attnums)
+    }
+}
+
+/// Reads every line as text fields and hands them to `writer` unparsed (but for the
+/// distribution column).
+unsafe fn read_fields(
+    cstate: pg_sys::CopyFromState,
+    econtext: *mut pg_sys::ExprContext,
+    relation: pg_sys::Relation,
+    attnums: &[i16],
+    writer: &mut ShardWriter,
+) {
+    // SAFETY: NextCopyFromRawFields returns `count` field pointers valid until the next call;
+    // they are used in per-tuple memory, reset before each line.
+    unsafe {
+        loop {
+            pgrx::check_for_interrupts!();
+            pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
+            let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+            let mut fields = std::ptr::null_mut();
+            let mut count = 0;
+            let more = writer.reading_next_row(|| {
+                let more = pg_sys::NextCopyFromRawFields(cstate, &mut fields, &mut count);
+                if more {
+                    check_field_count(count.max(0) as usize, relation, attnums);
+                }
+                more
+            });
+            if more {
+                writer.add_fields(std::slice::from_raw_parts(fields, count as usize));
+            }
+            pg_sys::MemoryContextSwitchTo(old);
+            if !more {
+                break;
+            }
+        }
+    }
+}
+
+/// PostgreSQL's own errors for a line with too many or too few fields.
+unsafe fn check_field_count(found: usize, relation: pg_sys::Relation, attnums: &[i16]) {
+    if found > attnums.len() {
+        pgrx::ereport!(
+            ERROR,
+            pgrx::PgSqlErrorCode::ERRCODE_BAD_COPY_FILE_FORMAT,
+            "extra data after last expected column"
+        );
+    }
+    if let Some(&attnum) = attnums.get(found) {
+        // SAFETY: attnum is a column of the open relation.
+        let name = unsafe {
+            let attribute = (*(*relation).rd_att)
+                .attrs
+                .as_ptr()
+                .add(attnum as usize - 1);
+            CStr::from_ptr((*attribute).attname.data.as_ptr()).to_string_lossy()
+        };
+        pgrx::ereport!(
+            ERROR,
+            pgrx::PgSqlErrorCode::ERRCODE_BAD_COPY_FILE_FORMAT,
+            format!("missing data for column \"{name}\"")
+        );
+    }
+}
+
+/// Reads every row through PostgreSQL's full COPY parsing (defaults, binary input, FORCE
+/// options) and hands its values to `writer`.
+unsafe fn read_rows(
+    cstate: pg_sys::CopyFromState,
+    econtext: *mut pg_sys::ExprContext,
+    relation: pg_sys::Relation,
+    writer: &mut ShardWriter,
+) {
+    // SAFETY: NextCopyFrom fills arrays sized for the relation's descriptor, in per-tuple
+    // memory reset before each row.
+    unsafe {
         let natts = (*(*relation).rd_att).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0usize); natts];
         let mut nulls = vec![false; natts];
-        let econtext = pg_sys::CreateStandaloneExprContext();
-        let mut writer = ShardWriter::new(relid, WriteKind::Copy);
         loop {
+            pgrx::check_for_interrupts!();
             pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
             let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
-            let more =
-                pg_sys::NextCopyFrom(cstate, econtext, values.as_mut_ptr(), nulls.as_mut_ptr());
+            let more = writer.reading_next_row(|| {
+                pg_sys::NextCopyFrom(cstate, econtext, values.as_mut_ptr(), nulls.as_mut_ptr())
+            });
             if more {
                 writer.add(&values, &nulls);
             }
@@ -76,45 +201,7 @@ pub unsafe fn copy_from(
                 break;
             }
         }
-        drop(context);
-        writer.flush();
-        pg_sys::EndCopyFrom(cstate);
-        pg_sys::FreeExprContext(econtext, true);
-        pg_sys::table_close(relation, pg_sys::NoLock as i32);
-        writer.processed
     }
-}
-
-/// An error context callback registered for as long as this value lives — also when an error
-/// unwinds through it, so the stack never points at a callback that is gone.
-struct ErrorContext(*mut pg_sys::ErrorContextCallback);
-
-impl ErrorContext {
-    unsafe fn push(arg: *mut std::ffi::c_void) -> ErrorContext {
-        // SAFETY: the callback lives in the current memory context, longer than this guard.
-        unsafe {
-            let callback = pg_sys::palloc0(std::mem::size_of::<pg_sys::ErrorContextCallback>())
-                .cast::<pg_sys::ErrorContextCallback>();
-            (*callback).previous = pg_sys::error_context_stack;
-            (*callback).callback = Some(copy_error_context);
-            (*callback).arg = arg;
-            pg_sys::error_context_stack = callback;
-            ErrorContext(callback)
-        }
-    }
-}
-
-impl Drop for ErrorContext {
-    fn drop(&mut self) {
-        // SAFETY: restores the stack as it was before push().
-        unsafe { pg_sys::error_context_stack = (*self.0).previous };
-    }
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn copy_error_context(arg: *mut std::ffi::c_void) {
-    // SAFETY: arg is the CopyFromState registered with this callback.
-    unsafe { pg_sys::CopyFromErrorCallback(arg) }
 }
 
 /// What PostgreSQL's COPY checks before reading: INSERT on the table, and the right to read

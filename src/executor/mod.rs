@@ -3,6 +3,7 @@
 //! the row router it and COPY (`copy.rs`) use (`shard_writer.rs`).
 
 pub mod copy;
+pub mod copy_stream;
 pub mod fragments;
 pub mod modify;
 pub mod scan;

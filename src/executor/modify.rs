@@ -16,7 +16,7 @@ use pgrx::prelude::*;
 use crate::distribution::shell::with_suffix;
 use crate::executor::fragments::TextRow;
 use crate::executor::scan::{evaluate_values, prune_by_param, substitute_params, value_text};
-use crate::executor::shard_writer::{run_jobs, Job, RowInput, ShardWriter, WriteKind};
+use crate::executor::shard_writer::{run_statements, RowInput, ShardWriter, WriteKind};
 use crate::metadata::cache;
 use crate::planner::modify_plan::{self, ModifyKind, ModifyPlan, MODIFY_NAME};
 use crate::remote::quote::{quote_identifier, quote_qualified};
@@ -211,7 +211,7 @@ unsafe fn insert(
             let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts as usize);
             writer.add(values, nulls);
         }
-        writer.flush();
+        writer.finish();
         (writer.processed, std::mem::take(&mut writer.returned))
     }
 }
@@ -220,7 +220,7 @@ unsafe fn insert(
 unsafe fn statements(
     node: *mut pg_sys::CustomScanState,
     runtime: &ModifyRuntime,
-) -> Vec<(NodeAddress, Vec<(Job, bool)>)> {
+) -> Vec<(NodeAddress, Vec<(String, bool)>)> {
     // SAFETY: catalog lookups for the result relation; parameters as in the scan.
     unsafe {
         let plan = &runtime.plan;
@@ -244,7 +244,7 @@ unsafe fn statements(
             names.join(", ")
         });
         let placements = cache::placements(relid);
-        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(Job, bool)>)> = BTreeMap::new();
+        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(String, bool)>)> = BTreeMap::new();
         for shard_id in shard_ids {
             let relation = quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
             let shard_placements = placements.iter().filter(|p| p.shard_id == shard_id);
@@ -264,7 +264,7 @@ unsafe fn statements(
                     .entry(placement.node.node_id)
                     .or_insert_with(|| (placement.node.clone(), Vec::new()))
                     .1
-                    .push((Job::Statement(sql), primary));
+                    .push((sql, primary));
             }
         }
         per_node.into_values().collect()
@@ -277,7 +277,7 @@ unsafe fn update_or_delete(
 ) -> (u64, Vec<TextRow>) {
     // SAFETY: see statements().
     let work = unsafe { statements(node, runtime) };
-    run_jobs(work)
+    run_statements(work)
 }
 
 #[pg_guard]
@@ -321,7 +321,7 @@ unsafe extern "C-unwind" fn explain(
                 let count: usize = work.iter().map(|(_, jobs)| jobs.len()).sum();
                 text(c"Fragments", &format!("{count} on {} node(s)", work.len()));
                 if let Some((_, jobs)) = work.first() {
-                    if let Some((Job::Statement(sql), _)) = jobs.first() {
+                    if let Some((sql, _)) = jobs.first() {
                         text(c"Fragment", sql);
                     }
                 }

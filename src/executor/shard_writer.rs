@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use pgrx::pg_sys;
@@ -16,10 +17,11 @@ use pgrx::prelude::*;
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::cluster::target_for;
-use crate::distribution::data_move::push_copy_row;
+use crate::distribution::data_move::{push_copy_row, push_copy_value};
 use crate::distribution::hashing;
 use crate::distribution::shell::with_suffix;
 use crate::error::{raise, PgError};
+use crate::executor::copy_stream::{Batch, CopyStreams, LaneFailure};
 use crate::executor::fragments::TextRow;
 use crate::metadata::cache;
 use crate::metadata::tables::Method;
@@ -28,10 +30,15 @@ use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified};
 use crate::remote::{runtime, NodeAddress};
 use crate::transaction::remote_xact;
 
-/// A shard's buffer is flushed with the others once any buffer holds this many rows …
+/// INSERT: a shard's buffer is flushed with the others once any buffer holds this many rows …
 const FLUSH_ROWS: u64 = 1_000;
-/// … or all buffers together this many bytes.
+/// … or all buffers together this many bytes (COPY: every buffer is sent then).
 const FLUSH_BYTES: usize = 8 << 20;
+/// COPY: a shard's buffer is sent on its own once it holds this many bytes. Big batches keep
+/// the number of `COPY` statements low, each of which has a fixed cost on the worker.
+const COPY_BATCH_BYTES: usize = 512 << 10;
+/// COPY: the lanes are pumped every this many rows.
+const PUMP_ROWS: u64 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -78,6 +85,13 @@ pub enum WriteKind {
     },
 }
 
+/// How one field is parsed in [`ShardWriter::add_fields`].
+struct FieldInput {
+    input: Box<pg_sys::FmgrInfo>,
+    io_param: pg_sys::Oid,
+    typmod: i32,
+}
+
 struct OutputColumn {
     /// 0-based position in the row (attno - 1).
     index: usize,
@@ -96,6 +110,7 @@ enum Router {
 
 pub struct ShardWriter {
     kind: WriteKind,
+    relid: pg_sys::Oid,
     table_name: String,
     schema: String,
     name: String,
@@ -105,11 +120,20 @@ pub struct ShardWriter {
     /// Every non-dropped column, for RETURNING.
     all_columns: String,
     distribution: Option<(usize, String)>,
+    /// Set by [`ShardWriter::expect_fields`]: every field's input, and which field holds the
+    /// distribution column.
+    field_inputs: Vec<FieldInput>,
+    field_names: Vec<String>,
+    distribution_field: Option<usize>,
     router: Router,
     /// Nodes of each shard's placements, the first serving reads and RETURNING.
     placements: BTreeMap<i64, Vec<NodeAddress>>,
-    buffers: BTreeMap<i64, (Vec<u8>, u64)>,
+    /// Per shard: the rows buffered for it, and their numbers in the input (1-based).
+    buffers: BTreeMap<i64, (Vec<u8>, Vec<u64>)>,
     buffered_bytes: usize,
+    /// COPY: the batches on their way to the nodes.
+    streams: CopyStreams,
+    rows_added: u64,
     /// Rows written (counted on the first placement of each shard).
     pub processed: u64,
     /// RETURNING rows: every non-dropped column as text.
@@ -182,6 +206,7 @@ impl ShardWriter {
             let (schema, name) = crate::executor::schema_and_name(relid);
             ShardWriter {
                 kind,
+                relid,
                 table_name: name.clone(),
                 schema,
                 name,
@@ -189,10 +214,15 @@ impl ShardWriter {
                 column_list: names.join(", "),
                 all_columns: all_names.join(", "),
                 distribution,
+                field_inputs: Vec::new(),
+                field_names: Vec::new(),
+                distribution_field: None,
                 router,
                 placements,
                 buffers: BTreeMap::new(),
                 buffered_bytes: 0,
+                streams: CopyStreams::default(),
+                rows_added: 0,
                 processed: 0,
                 returned: Vec::new(),
             }
@@ -218,21 +248,20 @@ impl ShardWriter {
         }
     }
 
-    /// The shard row `values`/`nulls` (the table's attribute layout) belongs to.
-    unsafe fn shard_of(&mut self, values: &[pg_sys::Datum], nulls: &[bool]) -> i64 {
+    /// The shard whose distribution column holds `value` (None: NULL).
+    unsafe fn shard_of(&mut self, value: Option<pg_sys::Datum>) -> i64 {
         let Some((index, column)) = self.distribution.clone() else {
             if let Router::Single(id) = self.router {
                 return id;
             }
             pgrx::error!("pgdist: table without distribution column");
         };
-        if nulls[index] {
+        let Some(value) = value else {
             raise(WriteError::NullDistributionValue {
                 table: self.table_name.clone(),
                 column,
             });
-        }
-        let value = values[index];
+        };
         let found = match &self.router {
             Router::Hash { type_oid, shards } => hashing::hash_datum(*type_oid, value)
                 .map(|hash| hashing::hash_shard_index(hash, shards.len() as i32))
@@ -256,121 +285,319 @@ impl ShardWriter {
         })
     }
 
+    /// Runs `f`, which reads the next row to be added, naming that row in its errors.
+    pub fn reading_next_row<R>(&self, f: impl FnOnce() -> R) -> R {
+        let row = self.rows_added + 1;
+        in_row(|| format!("COPY {}, row {row}", self.table_name), f)
+    }
+
     /// Buffers one row (the table's attribute layout); flushes when the buffers are full.
     pub unsafe fn add(&mut self, values: &[pg_sys::Datum], nulls: &[bool]) {
         // SAFETY: values/nulls describe one row of the table; see text_of.
         unsafe {
-            let shard_id = self.shard_of(values, nulls);
-            let texts: Vec<Option<String>> = self
-                .columns
-                .iter_mut()
-                .map(|c| (!nulls[c.index]).then(|| Self::text_of(c, values[c.index])))
-                .collect();
-            let insert = matches!(self.kind, WriteKind::Insert { .. });
+            let distribution = self.distribution.as_ref().map(|(i, _)| *i);
+            let value = distribution.and_then(|i| (!nulls[i]).then(|| values[i]));
+            let shard_id = self.shard_of(value);
             let (buffer, rows) = self.buffers.entry(shard_id).or_default();
             let before = buffer.len();
-            if insert {
-                if *rows > 0 {
+            if matches!(self.kind, WriteKind::Insert { .. }) {
+                if !rows.is_empty() {
                     buffer.push(b',');
                 }
                 buffer.push(b'(');
-                for (i, text) in texts.iter().enumerate() {
+                for (i, column) in self.columns.iter_mut().enumerate() {
                     if i > 0 {
                         buffer.push(b',');
                     }
-                    match text {
-                        Some(text) => buffer.extend_from_slice(quote_literal(text).as_bytes()),
-                        None => buffer.extend_from_slice(b"NULL"),
+                    if nulls[column.index] {
+                        buffer.extend_from_slice(b"NULL");
+                    } else {
+                        let text = Self::text_of(column, values[column.index]);
+                        buffer.extend_from_slice(quote_literal(&text).as_bytes());
                     }
                 }
                 buffer.push(b')');
             } else {
-                push_copy_row(
-                    buffer,
-                    texts.iter().map(|t| t.as_deref().map(str::as_bytes)),
-                );
+                for (i, column) in self.columns.iter_mut().enumerate() {
+                    if i > 0 {
+                        buffer.push(b'\t');
+                    }
+                    if nulls[column.index] {
+                        push_copy_value(buffer, None);
+                    } else {
+                        let text =
+                            pg_sys::OutputFunctionCall(&mut *column.output, values[column.index]);
+                        push_copy_value(buffer, Some(CStr::from_ptr(text).to_bytes()));
+                        pg_sys::pfree(text.cast());
+                    }
+                }
+                buffer.push(b'\n');
             }
-            *rows += 1;
-            let full = *rows >= FLUSH_ROWS;
-            self.buffered_bytes += buffer.len() - before;
-            if full || self.buffered_bytes >= FLUSH_BYTES {
-                self.flush();
+            rows.push(self.rows_added + 1);
+            let added = buffer.len() - before;
+            self.row_buffered(shard_id, added);
+        }
+    }
+
+    /// COPY from text: rows will come as fields in the order of `attnums` (1-based attribute
+    /// numbers of every stored column), see [`ShardWriter::add_fields`].
+    pub unsafe fn expect_fields(&mut self, attnums: &[i16]) {
+        // SAFETY: catalog lookups for the open relation; the FmgrInfo is owned by the writer.
+        unsafe {
+            let relation = pg_sys::RelationIdGetRelation(self.relid);
+            let tupdesc = (*relation).rd_att;
+            let mut names = Vec::new();
+            self.field_inputs.clear();
+            self.field_names.clear();
+            for &attnum in attnums {
+                let attribute = (*tupdesc).attrs.as_ptr().add(attnum as usize - 1);
+                let name = CStr::from_ptr((*attribute).attname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned();
+                names.push(quote_identifier(&name));
+                self.field_names.push(name);
+                let mut input = pg_sys::InvalidOid;
+                let mut io_param = pg_sys::InvalidOid;
+                pg_sys::getTypeInputInfo((*attribute).atttypid, &mut input, &mut io_param);
+                let mut finfo = Box::new(pg_sys::FmgrInfo::default());
+                pg_sys::fmgr_info(input, &mut *finfo);
+                self.field_inputs.push(FieldInput {
+                    input: finfo,
+                    io_param,
+                    typmod: (*attribute).atttypmod,
+                });
+            }
+            pg_sys::RelationClose(relation);
+            self.column_list = names.join(", ");
+            self.distribution_field = self.distribution.as_ref().and_then(|(index, _)| {
+                attnums
+                    .iter()
+                    .position(|&attnum| attnum as usize - 1 == *index)
+            });
+        }
+    }
+
+    /// COPY from text: buffers one row given as the text of its fields (NULL pointers for
+    /// NULLs), in the order set by [`ShardWriter::expect_fields`]. Only the distribution
+    /// column is parsed here; the row travels as the text it came in and the workers parse
+    /// the rest (when one cannot, [`ShardWriter::fail`] finds the row).
+    pub unsafe fn add_fields(&mut self, fields: &[*mut std::ffi::c_char]) {
+        // SAFETY: the fields are NUL-terminated strings (or NULL) that live while this runs.
+        unsafe {
+            let row = self.rows_added + 1;
+            let value = self.parse_fields(row, fields, false);
+            let shard_id = self.shard_of(value);
+            let (buffer, rows) = self.buffers.entry(shard_id).or_default();
+            let before = buffer.len();
+            push_copy_row(
+                buffer,
+                fields
+                    .iter()
+                    .map(|&field| (!field.is_null()).then(|| CStr::from_ptr(field).to_bytes())),
+            );
+            rows.push(row);
+            let added = buffer.len() - before;
+            self.row_buffered(shard_id, added);
+        }
+    }
+
+    /// Runs the input functions of row `row`'s fields — all of them, or only the distribution
+    /// column's — raising PostgreSQL's error for a value that does not parse, with the row
+    /// and column as detail. The distribution column's value (None: NULL or no such column).
+    unsafe fn parse_fields(
+        &mut self,
+        row: u64,
+        fields: &[*mut std::ffi::c_char],
+        all: bool,
+    ) -> Option<pg_sys::Datum> {
+        let field = std::cell::Cell::new(0);
+        let (table, names) = (&self.table_name, &self.field_names);
+        let place = || {
+            let name = names.get(field.get()).map_or("", String::as_str);
+            format!("COPY {table}, row {row}, column {name}")
+        };
+        let inputs = &mut self.field_inputs;
+        let distribution_field = self.distribution_field;
+        in_row(place, || {
+            let mut value = None;
+            for (i, (input, &text)) in inputs.iter_mut().zip(fields).enumerate() {
+                let distribution = Some(i) == distribution_field;
+                if !all && !distribution {
+                    continue;
+                }
+                field.set(i);
+                // SAFETY: the column's input function on its text (or NULL, which domain
+                // input functions check too, as COPY does).
+                let datum = unsafe {
+                    pg_sys::InputFunctionCall(&mut *input.input, text, input.io_param, input.typmod)
+                };
+                if distribution && !text.is_null() {
+                    value = Some(datum);
+                }
+            }
+            value
+        })
+    }
+
+    /// Raises a lane's error. When the rows of its batch travelled as their input text, looks
+    /// first for a value the node could not read, to name its row and column as PostgreSQL's
+    /// own COPY would.
+    fn fail(&mut self, failure: LaneFailure) -> ! {
+        if let (Some(batch), false) = (&failure.batch, self.field_inputs.is_empty()) {
+            let lines = batch.data.split(|byte| *byte == b'\n');
+            for (line, &row) in lines.zip(batch.input_rows.iter()) {
+                let texts = copy_text_fields(line);
+                let mut fields: Vec<*mut std::ffi::c_char> = texts
+                    .iter()
+                    .map(|t| {
+                        t.as_ref()
+                            .map_or(std::ptr::null_mut(), |t| t.as_ptr().cast_mut())
+                    })
+                    .collect();
+                fields.resize(self.field_inputs.len(), std::ptr::null_mut());
+                // SAFETY: the fields point into `texts`, alive during the call.
+                unsafe { self.parse_fields(row, &fields, true) };
+            }
+        }
+        raise(failure.error)
+    }
+
+    /// Sends buffers that are full after a row of `added` bytes went into `shard_id`'s.
+    fn row_buffered(&mut self, shard_id: i64, added: usize) {
+        self.buffered_bytes += added;
+        self.rows_added += 1;
+        if matches!(self.kind, WriteKind::Insert { .. }) {
+            let shard_rows = self
+                .buffers
+                .get(&shard_id)
+                .map_or(0, |(_, rows)| rows.len());
+            if shard_rows as u64 >= FLUSH_ROWS || self.buffered_bytes >= FLUSH_BYTES {
+                self.flush_inserts();
+            }
+        } else if self.buffered_bytes >= FLUSH_BYTES {
+            self.send_copies();
+        } else if self
+            .buffers
+            .get(&shard_id)
+            .is_some_and(|(buffer, _)| buffer.len() >= COPY_BATCH_BYTES)
+        {
+            self.send_copy(shard_id);
+        } else if self.rows_added % PUMP_ROWS == 0 {
+            if let Err(failure) = self.streams.pump() {
+                self.fail(failure);
             }
         }
     }
 
-    /// Sends every buffered row to its shard.
-    pub fn flush(&mut self) {
+    /// Sends what is still buffered and waits until every row is written.
+    pub fn finish(&mut self) {
+        match self.kind {
+            WriteKind::Copy => {
+                self.send_copies();
+                match self.streams.finish() {
+                    Ok(rows) => self.processed += rows,
+                    Err(failure) => self.fail(failure),
+                }
+            }
+            WriteKind::Insert { .. } => self.flush_inserts(),
+        }
+    }
+
+    /// COPY: queues every buffered shard.
+    fn send_copies(&mut self) {
+        let shard_ids: Vec<i64> = self.buffers.keys().copied().collect();
+        for shard_id in shard_ids {
+            self.send_copy(shard_id);
+        }
+    }
+
+    /// COPY: queues shard `shard_id`'s buffer for each of its placements.
+    fn send_copy(&mut self, shard_id: i64) {
+        let Some((data, rows)) = self.buffers.remove(&shard_id) else {
+            return;
+        };
+        self.buffered_bytes -= data.len();
+        let data = Bytes::from(data);
+        let rows: Arc<[u64]> = rows.into();
+        let sql = format!(
+            "COPY {} ({}) FROM STDIN",
+            self.shard_relation(shard_id),
+            self.column_list
+        );
+        let nodes = self.placements.get(&shard_id).cloned().unwrap_or_default();
+        for (i, node) in nodes.iter().enumerate() {
+            let batch = Batch {
+                sql: sql.clone(),
+                data: data.clone(),
+                input_rows: rows.clone(),
+                counted: i == 0,
+            };
+            if let Err(failure) = self.streams.send(node, batch) {
+                self.fail(failure);
+            }
+        }
+    }
+
+    /// INSERT: sends every buffered row to its shard and waits for the nodes.
+    fn flush_inserts(&mut self) {
         let buffers = std::mem::take(&mut self.buffers);
         self.buffered_bytes = 0;
         if buffers.is_empty() {
             return;
         }
-        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(Job, bool)>)> = BTreeMap::new();
+        let WriteKind::Insert {
+            alias,
+            on_conflict,
+            conflict_constraint,
+            returning,
+        } = &self.kind
+        else {
+            return;
+        };
+        let alias = if alias.is_empty() {
+            String::new()
+        } else {
+            format!(" AS {alias}")
+        };
+        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(String, bool)>)> = BTreeMap::new();
         for (shard_id, (data, _)) in buffers {
-            let relation = self.shard_relation(shard_id);
-            let data = Bytes::from(data);
+            let mut sql = format!(
+                "INSERT INTO {}{alias} ({}) OVERRIDING SYSTEM VALUE VALUES {}",
+                self.shard_relation(shard_id),
+                self.column_list,
+                String::from_utf8_lossy(&data)
+            );
+            if !on_conflict.is_empty() {
+                sql.push(' ');
+                let constraint =
+                    quote_identifier(&with_suffix(conflict_constraint, &shard_id.to_string()));
+                sql.push_str(&on_conflict.replace("{constraint}", &constraint));
+            }
             let nodes = self.placements.get(&shard_id).cloned().unwrap_or_default();
             for (i, node) in nodes.into_iter().enumerate() {
                 let primary = i == 0;
-                let job = match &self.kind {
-                    WriteKind::Copy => Job::Copy {
-                        sql: format!("COPY {relation} ({}) FROM STDIN", self.column_list),
-                        data: data.clone(),
-                    },
-                    WriteKind::Insert {
-                        alias,
-                        on_conflict,
-                        conflict_constraint,
-                        returning,
-                    } => {
-                        let alias = if alias.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" AS {alias}")
-                        };
-                        let mut sql = format!(
-                            "INSERT INTO {relation}{alias} ({}) OVERRIDING SYSTEM VALUE VALUES {}",
-                            self.column_list,
-                            String::from_utf8_lossy(&data)
-                        );
-                        if !on_conflict.is_empty() {
-                            sql.push(' ');
-                            let constraint = quote_identifier(&with_suffix(
-                                conflict_constraint,
-                                &shard_id.to_string(),
-                            ));
-                            sql.push_str(&on_conflict.replace("{constraint}", &constraint));
-                        }
-                        if *returning && primary {
-                            sql.push_str(&format!(" RETURNING {}", self.all_columns));
-                        }
-                        Job::Statement(sql)
-                    }
+                let statement = if *returning && primary {
+                    format!("{sql} RETURNING {}", self.all_columns)
+                } else {
+                    sql.clone()
                 };
                 per_node
                     .entry(node.node_id)
                     .or_insert_with(|| (node.clone(), Vec::new()))
                     .1
-                    .push((job, primary));
+                    .push((statement, primary));
             }
         }
-        let (count, rows) = run_jobs(per_node.into_values().collect());
+        let (count, rows) = run_statements(per_node.into_values().collect());
         self.processed += count;
         self.returned.extend(rows);
     }
 }
 
-/// One piece of work on one node.
-pub enum Job {
-    Copy { sql: String, data: Bytes },
-    Statement(String),
-}
-
-/// Runs each node's jobs on its participant connection (nodes in parallel; statements of a node
-/// in one round trip) and returns the row count and RETURNING rows of the jobs marked primary
-/// (the first placement of their shard).
-pub fn run_jobs(work: Vec<(NodeAddress, Vec<(Job, bool)>)>) -> (u64, Vec<TextRow>) {
+/// Runs each node's statements on its participant connection (nodes in parallel; statements of
+/// a node in one round trip) and returns the row count and RETURNING rows of the statements
+/// marked primary (the first placement of their shard).
+pub fn run_statements(work: Vec<(NodeAddress, Vec<(String, bool)>)>) -> (u64, Vec<TextRow>) {
     let targets = work
         .iter()
         .map(|(node, _)| target_for(node.clone()))
@@ -391,11 +618,7 @@ pub fn run_jobs(work: Vec<(NodeAddress, Vec<(Job, bool)>)>) -> (u64, Vec<TextRow
     }
     if crate::gucs::log_remote_commands() {
         for ((prefix, jobs), conn) in plans.iter().zip(&checkout.conns) {
-            for (job, _) in jobs {
-                let sql = match job {
-                    Job::Copy { sql, .. } => sql,
-                    Job::Statement(sql) => sql,
-                };
+            for (sql, _) in jobs {
                 pgrx::log!("pgdist: issuing on {}: {prefix}{sql}", conn.node);
             }
         }
@@ -409,24 +632,10 @@ pub fn run_jobs(work: Vec<(NodeAddress, Vec<(Job, bool)>)>) -> (u64, Vec<TextRow
             let mut rows = Vec::new();
             let mut statements = prefix;
             let mut primaries = Vec::new();
-            for (job, primary) in jobs {
-                match job {
-                    Job::Copy { sql, data } => {
-                        if !statements.is_empty() {
-                            conn.simple_query(&statements).await?;
-                            statements.clear();
-                        }
-                        let copied = conn.copy_in(&sql, vec![data]).await?;
-                        if primary {
-                            count += copied;
-                        }
-                    }
-                    Job::Statement(sql) => {
-                        statements.push_str(&sql);
-                        statements.push(';');
-                        primaries.push(primary);
-                    }
-                }
+            for (sql, primary) in jobs {
+                statements.push_str(&sql);
+                statements.push(';');
+                primaries.push(primary);
             }
             if !statements.is_empty() {
                 let messages = conn.simple_query(&statements).await?;
@@ -477,6 +686,70 @@ pub fn run_jobs(work: Vec<(NodeAddress, Vec<(Job, bool)>)>) -> (u64, Vec<TextRow
         }
     }
     (count, rows)
+}
+
+/// The fields of one line of COPY text as written by [`push_copy_row`] (None for `\\N`).
+fn copy_text_fields(line: &[u8]) -> Vec<Option<CString>> {
+    line.split(|byte| *byte == b'\t')
+        .map(|field| {
+            if field == b"\\N" {
+                return None;
+            }
+            let mut text = Vec::with_capacity(field.len());
+            let mut bytes = field.iter();
+            while let Some(&byte) = bytes.next() {
+                text.push(match (byte, bytes.clone().next()) {
+                    (b'\\', Some(&escaped)) => {
+                        bytes.next();
+                        match escaped {
+                            b't' => b'\t',
+                            b'n' => b'\n',
+                            b'r' => b'\r',
+                            other => other,
+                        }
+                    }
+                    _ => byte,
+                });
+            }
+            CString::new(text).ok()
+        })
+        .collect()
+}
+
+/// Runs `f`, which works on one row of the input; a PostgreSQL error it raises gets `place()`
+/// as detail (`COPY orders, row 1234, column amount`), since PostgreSQL's own COPY context
+/// does not survive pgrx's error handling.
+fn in_row<R>(place: impl Fn() -> String, f: impl FnOnce() -> R) -> R {
+    use pg_sys::panic::{CaughtError, ErrorReport, ErrorReportWithLevel};
+    let payload = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => return result,
+        Err(payload) => payload,
+    };
+    let report = match payload.downcast_ref::<CaughtError>() {
+        Some(CaughtError::PostgresError(report) | CaughtError::ErrorReport(report)) => report,
+        _ => match payload.downcast_ref::<ErrorReportWithLevel>() {
+            Some(report) => report,
+            None => std::panic::resume_unwind(payload),
+        },
+    };
+    if report.level() < PgLogLevel::ERROR {
+        std::panic::resume_unwind(payload);
+    }
+    let detail = match report.detail() {
+        Some(detail) => format!("{detail}\n{}", place()),
+        None => place(),
+    };
+    let mut rethrown = ErrorReport::new(
+        report.sql_error_code(),
+        report.message().to_string(),
+        "pgdist",
+    )
+    .set_detail(detail);
+    if let Some(hint) = report.hint() {
+        rethrown = rethrown.set_hint(hint);
+    }
+    rethrown.report(PgLogLevel::ERROR);
+    unreachable!("an ERROR report does not return")
 }
 
 /// Input functions for turning RETURNING text back into the table's Datums.

@@ -18,6 +18,8 @@ pub enum RemoteError {
         message: String,
         detail: Option<String>,
         hint: Option<String>,
+        /// Where on the node it happened (the node's CONTEXT lines).
+        context: Option<String>,
     },
 
     #[error("lost the connection to {node}: {cause}")]
@@ -42,6 +44,7 @@ impl RemoteError {
                 message: db.message().to_string(),
                 detail: db.detail().map(str::to_string),
                 hint: db.hint().map(str::to_string),
+                context: db.where_().map(str::to_string),
             },
             None => RemoteError::ConnectionLost {
                 node: node.clone(),
@@ -88,15 +91,24 @@ impl PgError for RemoteError {
     }
 
     fn detail(&self) -> Option<String> {
-        match self {
-            RemoteError::Worker {
-                node,
-                detail: Some(detail),
-                ..
-            } => Some(format!("on {node}: {detail}")),
-            RemoteError::Worker { node, .. } => Some(format!("on {node}")),
-            _ => None,
-        }
+        let RemoteError::Worker {
+            node,
+            detail,
+            context,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let parts: Vec<&str> = [detail, context]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        Some(match parts.is_empty() {
+            true => format!("on {node}"),
+            false => format!("on {node}: {}", parts.join("; ")),
+        })
     }
 
     fn hint(&self) -> Option<String> {

@@ -94,6 +94,12 @@ where
     with_runtime(|runtime| runtime.spawn(future))
 }
 
+/// Lets the runtime's tasks run what is ready (sockets to write, replies to read) without
+/// waiting for anything.
+pub fn pump() {
+    with_runtime(|runtime| runtime.block_on(tokio::task::yield_now()));
+}
+
 /// True when PostgreSQL wants the current statement to stop.
 fn interrupt_requested() -> bool {
     // SAFETY: plain reads of `volatile sig_atomic_t` flags that signal handlers set on this
