@@ -47,7 +47,7 @@ pub struct LaneFailure {
     pub batch: Option<Batch>,
 }
 
-type LaneResult = (NodeConnection, Result<u64, LaneFailure>);
+type LaneResult = (NodeConnection, Result<u64, Box<LaneFailure>>);
 
 struct Lane {
     /// The node's participant connection is in the task until the lane is drained.
@@ -65,17 +65,14 @@ pub struct CopyStreams {
 
 impl CopyStreams {
     /// Queues `batch` for `node`.
-    pub fn send(&mut self, node: &NodeAddress, batch: Batch) -> Result<(), LaneFailure> {
+    pub fn send(&mut self, node: &NodeAddress, batch: Batch) -> Result<(), Box<LaneFailure>> {
         if crate::gucs::log_remote_commands() {
             pgrx::log!("pgdist: issuing on {node}: {}", batch.sql);
         }
-        if !self.lanes.contains_key(&node.node_id) {
-            self.lanes.insert(node.node_id, open_lane(node));
-        }
         let lane = self
             .lanes
-            .get_mut(&node.node_id)
-            .expect("lane opened above");
+            .entry(node.node_id)
+            .or_insert_with(|| open_lane(node));
         lane.in_flight
             .fetch_add(batch.data.len(), Ordering::Relaxed);
         if let Some(sender) = &lane.sender {
@@ -87,7 +84,7 @@ impl CopyStreams {
     }
 
     /// Lets the lanes move their data along, without waiting.
-    pub fn pump(&mut self) -> Result<(), LaneFailure> {
+    pub fn pump(&mut self) -> Result<(), Box<LaneFailure>> {
         if self.lanes.is_empty() {
             return Ok(());
         }
@@ -96,7 +93,7 @@ impl CopyStreams {
     }
 
     /// Waits until every queued batch ran; the rows the counted batches wrote.
-    pub fn finish(&mut self) -> Result<u64, LaneFailure> {
+    pub fn finish(&mut self) -> Result<u64, Box<LaneFailure>> {
         let mut rows = 0;
         for result in self.drain().unwrap_or_else(|| runtime::raise_interrupt()) {
             rows += result?;
@@ -105,7 +102,7 @@ impl CopyStreams {
     }
 
     /// When a lane stopped with an error: drains every lane and returns the error.
-    fn check_failures(&mut self) -> Result<(), LaneFailure> {
+    fn check_failures(&mut self) -> Result<(), Box<LaneFailure>> {
         let failed = self
             .lanes
             .values()
@@ -119,7 +116,7 @@ impl CopyStreams {
     }
 
     /// Waits while node `node_id` has more than `limit` bytes queued.
-    fn wait_below(&mut self, node_id: i32, limit: usize) -> Result<(), LaneFailure> {
+    fn wait_below(&mut self, node_id: i32, limit: usize) -> Result<(), Box<LaneFailure>> {
         while let Some(lane) = self.lanes.get(&node_id) {
             if lane.in_flight.load(Ordering::Relaxed) <= limit {
                 break;
@@ -135,7 +132,7 @@ impl CopyStreams {
     /// Closes every lane's queue, waits until each ran what it was given and hands the
     /// connections back to the transaction; each lane's result. On an interrupt the lanes are
     /// aborted instead (None).
-    fn drain(&mut self) -> Option<Vec<Result<u64, LaneFailure>>> {
+    fn drain(&mut self) -> Option<Vec<Result<u64, Box<LaneFailure>>>> {
         let mut lanes: Vec<Lane> = std::mem::take(&mut self.lanes).into_values().collect();
         let tasks: Vec<JoinHandle<LaneResult>> = lanes
             .iter_mut()
@@ -156,9 +153,11 @@ impl CopyStreams {
             .map(|(lane, joined)| {
                 // A task that panicked took its connection, and the remote work, with it:
                 // dropping the checkout marks the transaction as unable to commit.
-                let (conn, result) = joined.map_err(|_| LaneFailure {
-                    error: RemoteError::Interrupted,
-                    batch: None,
+                let (conn, result) = joined.map_err(|_| {
+                    Box::new(LaneFailure {
+                        error: RemoteError::Interrupted,
+                        batch: None,
+                    })
                 })?;
                 let mut checkout = lane.checkout;
                 checkout.conns.push(conn);
@@ -210,7 +209,7 @@ async fn run_lane(
 ) -> LaneResult {
     if !prefix.is_empty() {
         if let Err(error) = conn.simple_query(&prefix).await {
-            return (conn, Err(LaneFailure { error, batch: None }));
+            return (conn, Err(Box::new(LaneFailure { error, batch: None })));
         }
     }
     let mut rows = 0;
@@ -222,7 +221,7 @@ async fn run_lane(
             Ok(_) => {}
             Err(error) => {
                 let batch = Some(batch);
-                return (conn, Err(LaneFailure { error, batch }));
+                return (conn, Err(Box::new(LaneFailure { error, batch })));
             }
         }
     }

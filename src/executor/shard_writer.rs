@@ -442,7 +442,7 @@ impl ShardWriter {
     /// Raises a lane's error. When the rows of its batch travelled as their input text, looks
     /// first for a value the node could not read, to name its row and column as PostgreSQL's
     /// own COPY would.
-    fn fail(&mut self, failure: LaneFailure) -> ! {
+    fn fail(&mut self, failure: Box<LaneFailure>) -> ! {
         if let (Some(batch), false) = (&failure.batch, self.field_inputs.is_empty()) {
             let lines = batch.data.split(|byte| *byte == b'\n');
             for (line, &row) in lines.zip(batch.input_rows.iter()) {
@@ -482,7 +482,7 @@ impl ShardWriter {
             .is_some_and(|(buffer, _)| buffer.len() >= COPY_BATCH_BYTES)
         {
             self.send_copy(shard_id);
-        } else if self.rows_added % PUMP_ROWS == 0 {
+        } else if self.rows_added.is_multiple_of(PUMP_ROWS) {
             if let Err(failure) = self.streams.pump() {
                 self.fail(failure);
             }
