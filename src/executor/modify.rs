@@ -183,7 +183,15 @@ unsafe fn insert(
     // target list has one entry per attribute); the values are read in its per-tuple memory.
     unsafe {
         let plan = &runtime.plan;
-        let kind = if plan.on_conflict.is_empty() && !plan.returning {
+        let child = pg_sys::list_nth((*node).custom_ps, 0).cast::<pg_sys::PlanState>();
+        // INSERT … SELECT streams its rows with COPY; a VALUES list is small enough to go as
+        // one INSERT per shard, all of a node's in one round trip.
+        let child_kind = (*(*child).plan).type_;
+        let from_values = matches!(
+            child_kind,
+            pg_sys::NodeTag::T_ValuesScan | pg_sys::NodeTag::T_Result
+        );
+        let kind = if plan.on_conflict.is_empty() && !plan.returning && !from_values {
             WriteKind::Copy
         } else {
             WriteKind::Insert {
@@ -194,7 +202,6 @@ unsafe fn insert(
             }
         };
         let mut writer = ShardWriter::new(plan.relid, kind);
-        let child = pg_sys::list_nth((*node).custom_ps, 0).cast::<pg_sys::PlanState>();
         loop {
             let Some(exec_proc) = (*child).ExecProcNode else {
                 break;
