@@ -34,6 +34,7 @@ fn main() {
             a_failure_at_prepare_leaves_nothing_visible,
             copy_of_a_million_rows_is_exact,
             copy_formats_options_and_bad_input_match_plain_postgres,
+            insert_select_between_colocated_tables_runs_on_the_workers,
             coordinator_crash_after_commit_decision_is_committed_by_recovery,
             coordinator_crash_before_commit_decision_is_rolled_back_by_recovery,
             worker_crash_after_prepare_is_committed_once_it_is_back,
@@ -55,6 +56,9 @@ CREATE TABLE colors (code text PRIMARY KEY, label text);
 CREATE TABLE days (day date NOT NULL, n int);
 CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
 CREATE TABLE big (id bigint, payload text);
+CREATE TABLE src (id int, grp int, amount numeric, label text);
+CREATE TABLE dst (id int, total numeric, n bigint, label text, tag text DEFAULT 'd');
+INSERT INTO src SELECT i % 37, i % 5, i * 1.5, 'l' || (i % 11) FROM generate_series(1, 500) i;
 CREATE TABLE copies (id int PRIMARY KEY, label text, amount numeric(10,2), at timestamptz,
                      tags text[], note text DEFAULT 'none', serial bigserial);
 CREATE TABLE bank (id int PRIMARY KEY, balance bigint NOT NULL);
@@ -70,6 +74,8 @@ SELECT pgdist.create_distributed_table('days', 'day', 'range', split_points => A
 SELECT pgdist.create_distributed_table('accounts', 'id', shard_count => 4);
 SELECT pgdist.create_distributed_table('big', 'id', shard_count => 8);
 SELECT pgdist.create_distributed_table('copies', 'id', shard_count => 4);
+SELECT pgdist.create_distributed_table('src', 'id', shard_count => 5);
+SELECT pgdist.create_distributed_table('dst', 'id', colocate_with => 'src');
 SELECT pgdist.create_distributed_table('bank', 'id', shard_count => 4);
 SELECT pgdist.create_distributed_table('transfers', 'id', shard_count => 4, colocate_with => 'none');
 ";
@@ -571,6 +577,54 @@ fn copy_of_a_million_rows_is_exact(cluster: &Cluster) {
     std::io::copy(&mut reader, &mut out).unwrap();
     drop(reader);
     assert_eq!(out.iter().filter(|b| **b == b'\n').count() as i64, ROWS);
+}
+
+fn insert_select_between_colocated_tables_runs_on_the_workers(cluster: &Cluster) {
+    let pushed_down = [
+        "INSERT INTO dst (id, total, n) SELECT id, sum(amount), count(*) FROM src GROUP BY id",
+        "INSERT INTO dst SELECT id, amount, 1, label FROM src WHERE amount > 600",
+        "INSERT INTO dst (label, id, total) SELECT label, id, amount FROM src WHERE id = 3",
+        "INSERT INTO dst (id, total) SELECT s.id, max(s.amount) FROM src s JOIN dst d USING (id) \
+         WHERE d.n > 10 GROUP BY s.id",
+    ];
+    let through_coordinator = [
+        "INSERT INTO dst (id, label) SELECT id + 1, label FROM src WHERE grp = 2",
+        "INSERT INTO dst (n, id, label) SELECT grp, id, upper(label) FROM src WHERE id = 4",
+        "INSERT INTO dst (id, n) SELECT grp, count(*) FROM src GROUP BY grp",
+        "INSERT INTO dst (id, total) SELECT id, amount FROM src ORDER BY amount DESC LIMIT 3",
+    ];
+    let mut coordinator = cluster.coordinator_client();
+    for (sql, pushdown) in pushed_down
+        .iter()
+        .map(|sql| (sql, true))
+        .chain(through_coordinator.iter().map(|sql| (sql, false)))
+    {
+        let plan: Vec<String> = coordinator
+            .query(&format!("EXPLAIN (COSTS OFF) {sql}"), &[])
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(
+            plan.iter().any(|line| line.contains("Pushdown")),
+            pushdown,
+            "{sql}\n{}",
+            plan.join("\n")
+        );
+    }
+    let mut statements: Vec<&str> = pushed_down.to_vec();
+    statements.extend(through_coordinator);
+    // Inside a transaction the pushed-down rows are visible to later statements, and go away
+    // with a rollback.
+    let in_transaction = "BEGIN; INSERT INTO dst (id, n) SELECT id, -1 FROM src WHERE grp = 4; \
+                          SELECT count(*) FROM dst WHERE n = -1; ROLLBACK; \
+                          SELECT count(*) FROM dst WHERE n = -1";
+    statements.push(in_transaction);
+    same_writes(
+        cluster,
+        "SELECT * FROM dst ORDER BY id, total, n, label",
+        &statements,
+    );
 }
 
 /// `COPY … FROM STDIN` of `data` on one server: the row count, or the error's SQLSTATE.

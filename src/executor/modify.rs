@@ -15,6 +15,7 @@ use pgrx::prelude::*;
 
 use crate::distribution::shell::with_suffix;
 use crate::executor::fragments::TextRow;
+use crate::executor::scan::insert_statements;
 use crate::executor::scan::{evaluate_values, prune_by_param, substitute_params, value_text};
 use crate::executor::shard_writer::{run_statements, RowInput, ShardWriter, WriteKind};
 use crate::metadata::cache;
@@ -184,6 +185,10 @@ unsafe fn insert(
     unsafe {
         let plan = &runtime.plan;
         let child = pg_sys::list_nth((*node).custom_ps, 0).cast::<pg_sys::PlanState>();
+        if !plan.insert_select.is_empty() {
+            let scan = distributed_scan_state(child);
+            return run_statements(insert_statements(scan, &plan.insert_select, plan.relid));
+        }
         // INSERT … SELECT streams its rows with COPY; a VALUES list is small enough to go as
         // one INSERT per shard, all of a node's in one round trip.
         let child_kind = (*(*child).plan).type_;
@@ -220,6 +225,25 @@ unsafe fn insert(
         }
         writer.finish();
         (writer.processed, std::mem::take(&mut writer.returned))
+    }
+}
+
+/// The Distributed Scan's state under the projections and subquery scans of a pushed-down
+/// INSERT … SELECT (the planner checked the shape: `modify_plan::pushed_down_insert`).
+unsafe fn distributed_scan_state(
+    mut state: *mut pg_sys::PlanState,
+) -> *mut pg_sys::CustomScanState {
+    // SAFETY: walks an initialised plan state tree of the shape the planner checked.
+    unsafe {
+        loop {
+            state = match (*(*state).plan).type_ {
+                pg_sys::NodeTag::T_SubqueryScan => {
+                    (*state.cast::<pg_sys::SubqueryScanState>()).subplan
+                }
+                pg_sys::NodeTag::T_Result => (*state).lefttree,
+                _ => return state.cast(),
+            };
+        }
     }
 }
 
@@ -314,6 +338,18 @@ unsafe extern "C-unwind" fn explain(
         };
         let runtime = runtime_of(node);
         match runtime.plan.kind {
+            ModifyKind::Insert if !runtime.plan.insert_select.is_empty() => {
+                text(
+                    c"Pushdown",
+                    "each fragment inserts its rows into the co-located shard",
+                );
+                let child = pg_sys::list_nth((*node).custom_ps, 0).cast::<pg_sys::PlanState>();
+                let scan = distributed_scan_state(child);
+                let work = insert_statements(scan, &runtime.plan.insert_select, runtime.plan.relid);
+                if let Some((sql, _)) = work.first().and_then(|(_, jobs)| jobs.first()) {
+                    text(c"Statement", sql);
+                }
+            }
             ModifyKind::Insert => {
                 text(
                     c"Routing",

@@ -19,6 +19,7 @@ use crate::distribution::shell::with_suffix;
 use crate::error::raise;
 use crate::executor::fragments::FragmentStream;
 use crate::metadata::cache;
+use crate::planner::modify_plan::INSERT_TARGET_RTI;
 use crate::planner::scan_path::{from_list, ScanPlan, SCAN_NAME};
 use crate::planner::shippable::{COORDINATOR_VALUE_BASE, EXEC_PARAM_BASE, RELATION_BASE};
 use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified, replace_dollar_refs};
@@ -242,7 +243,7 @@ unsafe extern "C-unwind" fn explain(
             pg_sys::ExplainPropertyText(label.as_ptr(), value.as_ptr(), es);
         };
         let runtime = runtime_of(node);
-        let (work, nodes) = fragments(runtime, node);
+        let (work, nodes) = fragments(runtime, node, None);
         let count: usize = work.iter().map(|(_, f)| f.len()).sum();
         text(c"Fragments", &format!("{count} on {nodes} node(s)"));
         let Some((target, first)) = work
@@ -496,10 +497,13 @@ fn fragment_sql(plan: &ScanPlan, relid: pg_sys::Oid) -> String {
     sql
 }
 
-/// One entry per node: its target and the fragments to run there.
+/// One entry per node: its target and the fragments to run there. With `insert`, each fragment
+/// is wrapped in the statement of a pushed-down INSERT … SELECT into that table
+/// (`ModifyPlan::insert_select`).
 unsafe fn fragments(
     runtime: &ScanRuntime,
     node: *mut pg_sys::CustomScanState,
+    insert: Option<(&str, pg_sys::Oid)>,
 ) -> (Vec<(crate::remote::NodeTarget, Vec<String>)>, usize) {
     // SAFETY: catalog lookups for the scanned relations; params as in param_datum.
     unsafe {
@@ -517,10 +521,10 @@ unsafe fn fragments(
             substitute_params(sql, |id| value_text(node, &plan.exec_params, &values, id))
         };
         // The SQL of every fragment; shard placeholders are filled in per shard.
-        let template = substitute(&fragment_sql(plan, relid));
+        let mut template = substitute(&fragment_sql(plan, relid));
         // (range-table index, shards by index) of every table read; the scanned table alone
         // is index 0.
-        let relations: Vec<(u32, ShardNames)> = if plan.relations.is_empty() {
+        let mut relations: Vec<(u32, ShardNames)> = if plan.relations.is_empty() {
             vec![(0, ShardNames::of(relid))]
         } else {
             plan.relations
@@ -528,6 +532,10 @@ unsafe fn fragments(
                 .map(|(rti, oid)| (*rti, ShardNames::of(*oid)))
                 .collect()
         };
+        if let Some((statement, target)) = insert {
+            template = statement.replacen("{fragment}", &template, 1);
+            relations.push((INSERT_TARGET_RTI, ShardNames::of(target)));
+        }
         let anchor_shards = cache::shards(relid);
         let placements = cache::placements(relid);
         let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
@@ -561,6 +569,26 @@ unsafe fn fragments(
         let count = work.len();
         (work, count)
     }
+}
+
+/// A pushed-down INSERT … SELECT: the child scan `node`'s fragments, each wrapped in
+/// `statement` (`ModifyPlan::insert_select`) so that it writes its rows into the co-located
+/// shard of `target`; by node, each marked as counting its rows.
+pub unsafe fn insert_statements(
+    node: *mut pg_sys::CustomScanState,
+    statement: &str,
+    target: pg_sys::Oid,
+) -> Vec<(NodeAddress, Vec<(String, bool)>)> {
+    // SAFETY: node is a running Distributed Scan (initialised, never read from).
+    let (work, _) = unsafe { fragments(runtime_of(node), node, Some((statement, target))) };
+    work.into_iter()
+        .map(|(target, sqls)| {
+            (
+                target.node,
+                sqls.into_iter().map(|sql| (sql, true)).collect(),
+            )
+        })
+        .collect()
 }
 
 /// The qualified shard names of one table, by shard index (written only for the shards read).
@@ -600,7 +628,7 @@ impl ShardNames {
 
 unsafe fn start(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomScanState) -> FragmentStream {
     // SAFETY: see fragments().
-    let (work, _) = unsafe { fragments(runtime, node) };
+    let (work, _) = unsafe { fragments(runtime, node, None) };
     // SAFETY: reads GUC values of this backend.
     let settings = unsafe { session_settings() };
     if crate::gucs::log_remote_commands() {

@@ -53,7 +53,14 @@ pub struct ModifyPlan {
     /// UPDATE / DELETE: `$n` whose value picks the shard at execution (0: none).
     pub prune_param: i32,
     pub returning: bool,
+    /// INSERT … SELECT pushed down (empty: rows go through the coordinator): the statement
+    /// each fragment of the child scan becomes, `{fragment}` standing for the fragment's SQL
+    /// and `$<RELATION_BASE + INSERT_TARGET_RTI>` for the co-located shard of the table.
+    pub insert_select: String,
 }
+
+/// The range-table index that stands for the INSERT's table in a pushed-down INSERT … SELECT.
+pub const INSERT_TARGET_RTI: u32 = 65_000;
 
 impl ModifyPlan {
     pub fn encode(&self) -> Vec<String> {
@@ -77,6 +84,7 @@ impl ModifyPlan {
                 .join(","),
             self.prune_param.to_string(),
             self.returning.to_string(),
+            self.insert_select.clone(),
         ]
     }
 
@@ -97,6 +105,7 @@ impl ModifyPlan {
             shard_ids: part(7).split(',').filter_map(|s| s.parse().ok()).collect(),
             prune_param: part(8).parse().unwrap_or_default(),
             returning: part(9) == "true",
+            insert_select: part(10),
         }
     }
 }
@@ -113,7 +122,7 @@ pub unsafe fn plan(
     // rearrange before anyone else sees it.
     unsafe {
         let mut values = PgList::<pg_sys::Node>::new();
-        let modify = analyse(parse, table, &mut values)?;
+        let mut modify = analyse(parse, table, &mut values)?;
         let stmt = plan_rest();
         let top = (*stmt).planTree;
         if top.is_null() || (*top).type_ != pg_sys::NodeTag::T_ModifyTable {
@@ -136,8 +145,11 @@ pub unsafe fn plan(
                 pg_sys::list_nth((*mt).returningLists, 0).cast::<pg_sys::List>();
         }
         if modify.kind == ModifyKind::Insert {
-            (*scan).custom_plans =
-                pg_sys::lappend(std::ptr::null_mut(), (*mt).plan.lefttree.cast());
+            let child = (*mt).plan.lefttree;
+            if modify.on_conflict.is_empty() && !modify.returning {
+                modify.insert_select = pushed_down_insert(stmt, child, table).unwrap_or_default();
+            }
+            (*scan).custom_plans = pg_sys::lappend(std::ptr::null_mut(), child.cast());
         }
         (*scan).custom_private = to_list(modify.encode());
         // Computed by the executor for `$<COORDINATOR_VALUE_BASE + i>`.
@@ -145,6 +157,243 @@ pub unsafe fn plan(
         (*scan).methods = crate::executor::modify::scan_methods();
         (*stmt).planTree = scan.cast();
         Ok(stmt)
+    }
+}
+
+/// INSERT … SELECT whose rows are all produced by the fragments of a Distributed Scan over
+/// tables co-located with `target` (possibly under projections and subquery scans), each row
+/// in the fragment of its own shard: the target's distribution column comes straight from the
+/// distribution column it is read from. The statement every fragment becomes (see
+/// [`ModifyPlan::insert_select`]); None when the rows must go through the coordinator.
+unsafe fn pushed_down_insert(
+    stmt: *mut pg_sys::PlannedStmt,
+    child: *mut pg_sys::Plan,
+    target: &DistTable,
+) -> Option<String> {
+    // SAFETY: reads the finished plan; catalog lookups of the tables involved.
+    unsafe {
+        let scan = distributed_scan_below(child)?;
+        let source =
+            crate::planner::scan_path::ScanPlan::decode(&from_list((*scan).custom_private));
+        let anchor = cache::lookup(source.relid)?;
+        if !source.limit.is_empty()
+            || !source.row_lock.is_empty()
+            || target.method != Method::Hash
+            || anchor.method != Method::Hash
+            || anchor.colocation_id != target.colocation_id
+        {
+            return None;
+        }
+        let target_attno = target.distribution_attno()?;
+        let lineage = Lineage {
+            stmt,
+            scan,
+            source: &source,
+            colocation_id: target.colocation_id,
+        };
+        let relation = pg_sys::RelationIdGetRelation(target.oid);
+        let tupdesc = (*relation).rd_att;
+        let mut columns = Vec::new();
+        let mut select = Vec::new();
+        let mut routed = false;
+        let mut complete = true;
+        for entry in PgList::<pg_sys::TargetEntry>::from_pg((*child).targetlist).iter_ptr() {
+            if (*entry).resjunk {
+                continue;
+            }
+            let attribute = (*tupdesc).attrs.as_ptr().add((*entry).resno as usize - 1);
+            if (*attribute).attisdropped || (*attribute).attgenerated != 0 {
+                continue;
+            }
+            let value = match lineage.origin(child, (*entry).expr.cast()) {
+                Some(Origin::Column { position, key }) => {
+                    routed |= key && (*entry).resno == target_attno;
+                    format!("s.c{position}")
+                }
+                Some(Origin::Constant(text)) => text,
+                None => {
+                    complete = false;
+                    break;
+                }
+            };
+            columns.push(quote_identifier(
+                &CStr::from_ptr((*attribute).attname.data.as_ptr()).to_string_lossy(),
+            ));
+            select.push(value);
+        }
+        pg_sys::RelationClose(relation);
+        if !complete || !routed {
+            return None;
+        }
+        let width = match (*scan).scan.scanrelid {
+            0 => pg_sys::list_length((*scan).custom_scan_tlist) as usize,
+            _ => source.columns.len(),
+        };
+        let names: Vec<String> = (1..=width).map(|i| format!("c{i}")).collect();
+        Some(format!(
+            "INSERT INTO ${} ({}) SELECT {} FROM ({{fragment}}) AS s({})",
+            crate::planner::shippable::RELATION_BASE + INSERT_TARGET_RTI as i32,
+            columns.join(", "),
+            select.join(", "),
+            names.join(", ")
+        ))
+    }
+}
+
+/// The Distributed Scan under `plan` when only filter-free projections and subquery scans
+/// stand between them.
+unsafe fn distributed_scan_below(mut plan: *mut pg_sys::Plan) -> Option<*mut pg_sys::CustomScan> {
+    // SAFETY: walks a finished plan tree.
+    unsafe {
+        loop {
+            if plan.is_null() || !(*plan).qual.is_null() {
+                return None;
+            }
+            plan = match (*plan).type_ {
+                pg_sys::NodeTag::T_CustomScan => {
+                    let scan = plan.cast::<pg_sys::CustomScan>();
+                    let name = CStr::from_ptr((*(*scan).methods).CustomName);
+                    return (name == crate::planner::scan_path::SCAN_NAME).then_some(scan);
+                }
+                pg_sys::NodeTag::T_Result
+                    if (*plan.cast::<pg_sys::Result>()).resconstantqual.is_null() =>
+                {
+                    (*plan).lefttree
+                }
+                pg_sys::NodeTag::T_SubqueryScan => (*plan.cast::<pg_sys::SubqueryScan>()).subplan,
+                _ => return None,
+            };
+        }
+    }
+}
+
+/// Where a value of a pushed-down INSERT … SELECT comes from.
+enum Origin {
+    /// Fragment column `position` (1-based); `key` when it is the distribution column of a
+    /// table co-located with the INSERT's.
+    Column { position: usize, key: bool },
+    /// A constant, as SQL.
+    Constant(String),
+}
+
+/// Follows expressions down the plan from the INSERT's child to its Distributed Scan.
+struct Lineage<'a> {
+    stmt: *mut pg_sys::PlannedStmt,
+    scan: *mut pg_sys::CustomScan,
+    source: &'a crate::planner::scan_path::ScanPlan,
+    colocation_id: i32,
+}
+
+impl Lineage<'_> {
+    /// The origin of `expr`, evaluated in `plan`'s target list; None when it is computed on
+    /// the way (which the coordinator must do).
+    unsafe fn origin(&self, plan: *mut pg_sys::Plan, expr: *mut pg_sys::Node) -> Option<Origin> {
+        // SAFETY: expressions and target lists of a finished plan.
+        unsafe {
+            match (*expr).type_ {
+                pg_sys::NodeTag::T_Const => {
+                    return Some(Origin::Constant(constant_text(expr.cast())));
+                }
+                pg_sys::NodeTag::T_Var => {}
+                _ => return None,
+            }
+            let var = expr.cast::<pg_sys::Var>();
+            if (*var).varlevelsup != 0 {
+                return None;
+            }
+            let entry_of = |plan: *mut pg_sys::Plan| {
+                let list = (*plan).targetlist;
+                let entry = (*var).varattno as i32 - 1;
+                (entry >= 0 && entry < pg_sys::list_length(list))
+                    .then(|| (*pg_sys::list_nth(list, entry).cast::<pg_sys::TargetEntry>()).expr)
+            };
+            match (*plan).type_ {
+                pg_sys::NodeTag::T_Result if (*var).varno == pg_sys::OUTER_VAR => {
+                    let lower = (*plan).lefttree;
+                    self.origin(lower, entry_of(lower)?.cast())
+                }
+                pg_sys::NodeTag::T_SubqueryScan
+                    if (*var).varno == (*plan.cast::<pg_sys::Scan>()).scanrelid as i32 =>
+                {
+                    let lower = (*plan.cast::<pg_sys::SubqueryScan>()).subplan;
+                    self.origin(lower, entry_of(lower)?.cast())
+                }
+                pg_sys::NodeTag::T_CustomScan if plan == self.scan.cast() => {
+                    self.fragment_column(var)
+                }
+                _ => None,
+            }
+        }
+    }
+
+    /// The fragment column a Var of the Distributed Scan's target list reads.
+    unsafe fn fragment_column(&self, var: *mut pg_sys::Var) -> Option<Origin> {
+        // SAFETY: the scan's target lists and the statement's range table.
+        unsafe {
+            let scanrelid = (*self.scan).scan.scanrelid;
+            if scanrelid == 0 && (*var).varno == pg_sys::INDEX_VAR {
+                let tlist = (*self.scan).custom_scan_tlist;
+                let position = (*var).varattno as usize;
+                if position == 0 || position > pg_sys::list_length(tlist) as usize {
+                    return None;
+                }
+                let entry =
+                    pg_sys::list_nth(tlist, position as i32 - 1).cast::<pg_sys::TargetEntry>();
+                let inner = (*entry).expr.cast::<pg_sys::Node>();
+                let key = (*inner).type_ == pg_sys::NodeTag::T_Var && self.is_key(inner.cast());
+                Some(Origin::Column { position, key })
+            } else if scanrelid != 0 && (*var).varno == scanrelid as i32 {
+                let index = self
+                    .source
+                    .columns
+                    .iter()
+                    .position(|a| *a == (*var).varattno)?;
+                Some(Origin::Column {
+                    position: index + 1,
+                    key: self.is_key(var),
+                })
+            } else {
+                None
+            }
+        }
+    }
+
+    /// Whether `var` is the distribution column of a table co-located with the INSERT's.
+    unsafe fn is_key(&self, var: *mut pg_sys::Var) -> bool {
+        // SAFETY: varno indexes the statement's range table.
+        unsafe {
+            if (*var).varno < 1 || (*var).varno > pg_sys::list_length((*self.stmt).rtable) {
+                return false;
+            }
+            let entry = pg_sys::list_nth((*self.stmt).rtable, (*var).varno - 1)
+                .cast::<pg_sys::RangeTblEntry>();
+            cache::lookup((*entry).relid).is_some_and(|table| {
+                table.method == Method::Hash
+                    && table.colocation_id == self.colocation_id
+                    && table.distribution_attno() == Some((*var).varattno)
+            })
+        }
+    }
+}
+
+/// A constant as SQL: `NULL`, or its text cast to its type.
+unsafe fn constant_text(constant: *mut pg_sys::Const) -> String {
+    // SAFETY: the constant's own type output function on its non-NULL value.
+    unsafe {
+        if (*constant).constisnull {
+            return "NULL".into();
+        }
+        let mut output = pg_sys::InvalidOid;
+        let mut varlena = false;
+        pg_sys::getTypeOutputInfo((*constant).consttype, &mut output, &mut varlena);
+        let text = pg_sys::OidOutputFunctionCall(output, (*constant).constvalue);
+        let type_name =
+            pg_sys::format_type_with_typemod((*constant).consttype, (*constant).consttypmod);
+        format!(
+            "{}::{}",
+            crate::remote::quote::quote_literal(&CStr::from_ptr(text).to_string_lossy()),
+            CStr::from_ptr(type_name).to_string_lossy()
+        )
     }
 }
 
@@ -198,6 +447,7 @@ unsafe fn analyse(
             shard_ids: Vec::new(),
             prune_param: 0,
             returning: !returning_list.is_null(),
+            insert_select: String::new(),
         };
         match (*parse).commandType {
             pg_sys::CmdType::CMD_INSERT => {
