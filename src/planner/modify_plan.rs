@@ -5,7 +5,9 @@
 //! - INSERT keeps ModifyTable's input plan as its child: the rows arrive with every DEFAULT,
 //!   sequence and expression already evaluated on the coordinator, exactly once, and are routed
 //!   to their shards (`executor/shard_writer.rs`); `ON CONFLICT` travels with each shard's
-//!   INSERT.
+//!   INSERT. An INSERT … SELECT whose rows all come from a Distributed Scan over co-located
+//!   tables, each row from the shard it belongs in, is pushed down instead: every fragment of
+//!   the scan becomes `INSERT INTO <co-located shard> SELECT … FROM (<fragment>)`.
 //! - UPDATE and DELETE become one statement per shard, `UPDATE <shard> SET … WHERE …`, when
 //!   their SET expressions and WHERE clause can run on the workers (see `shippable.rs`); shards
 //!   are pruned like reads (constants at plan time, `$n` at execution).
