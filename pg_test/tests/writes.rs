@@ -277,6 +277,17 @@ fn now_and_other_stable_values_are_computed_once_per_statement(cluster: &Cluster
     tx.rollback().unwrap();
 }
 
+/// The name of the reference table `colors`' shard on a worker.
+fn colors_shard(worker: &mut Client) -> String {
+    worker
+        .query_one(
+            "SELECT relname::text FROM pg_class WHERE relname LIKE 'colors\\_%' AND relkind = 'r'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
 fn writes_to_reference_and_range_tables_reach_every_shard(cluster: &Cluster) {
     same_writes(
         cluster,
@@ -290,13 +301,7 @@ fn writes_to_reference_and_range_tables_reach_every_shard(cluster: &Cluster) {
     // Every worker holds the same copy.
     for worker in &cluster.workers {
         let mut client = worker.connect();
-        let shard: String = client
-            .query_one(
-                "SELECT relname::text FROM pg_class WHERE relname LIKE 'colors\\_%' AND relkind = 'r'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
+        let shard = colors_shard(&mut client);
         let rows = client
             .query(
                 &format!("SELECT code, label FROM {shard} ORDER BY code"),
@@ -781,13 +786,7 @@ fn copy_formats_options_and_bad_input_match_plain_postgres(cluster: &Cluster) {
     // Every worker got the rows COPY wrote into the reference table.
     for worker in &cluster.workers {
         let mut client = worker.connect();
-        let shard: String = client
-            .query_one(
-                "SELECT relname::text FROM pg_class WHERE relname LIKE 'colors\\_%' AND relkind = 'r'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
+        let shard = colors_shard(&mut client);
         let copied: i64 = client
             .query_one(
                 &format!("SELECT count(*) FROM {shard} WHERE code IN ('y', 'w')"),
