@@ -119,13 +119,9 @@ unsafe fn read_fields(
     attnums: &[i16],
     writer: &mut ShardWriter,
 ) {
-    // SAFETY: NextCopyFromRawFields returns `count` field pointers valid until the next call;
-    // they are used in per-tuple memory, reset before each line.
+    // SAFETY: NextCopyFromRawFields returns `count` field pointers valid until the next call.
     unsafe {
-        loop {
-            pgrx::check_for_interrupts!();
-            pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
-            let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+        each_row(econtext, || {
             let mut fields = std::ptr::null_mut();
             let mut count = 0;
             let more = writer.reading_next_row(|| {
@@ -138,6 +134,20 @@ unsafe fn read_fields(
             if more {
                 writer.add_fields(std::slice::from_raw_parts(fields, count as usize));
             }
+            more
+        })
+    }
+}
+
+/// Calls `row` in fresh per-row memory until it returns false, stopping for interrupts.
+unsafe fn each_row(econtext: *mut pg_sys::ExprContext, mut row: impl FnMut() -> bool) {
+    // SAFETY: the per-tuple memory of a live expression context, reset before each row.
+    unsafe {
+        loop {
+            pgrx::check_for_interrupts!();
+            pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
+            let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+            let more = row();
             pg_sys::MemoryContextSwitchTo(old);
             if !more {
                 break;
@@ -180,27 +190,20 @@ unsafe fn read_rows(
     relation: pg_sys::Relation,
     writer: &mut ShardWriter,
 ) {
-    // SAFETY: NextCopyFrom fills arrays sized for the relation's descriptor, in per-tuple
-    // memory reset before each row.
+    // SAFETY: NextCopyFrom fills arrays sized for the relation's descriptor.
     unsafe {
         let natts = (*(*relation).rd_att).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0usize); natts];
         let mut nulls = vec![false; natts];
-        loop {
-            pgrx::check_for_interrupts!();
-            pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
-            let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+        each_row(econtext, || {
             let more = writer.reading_next_row(|| {
                 pg_sys::NextCopyFrom(cstate, econtext, values.as_mut_ptr(), nulls.as_mut_ptr())
             });
             if more {
                 writer.add(&values, &nulls);
             }
-            pg_sys::MemoryContextSwitchTo(old);
-            if !more {
-                break;
-            }
-        }
+            more
+        })
     }
 }
 

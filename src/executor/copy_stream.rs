@@ -182,6 +182,7 @@ fn open_lane(node: &NodeAddress) -> Lane {
     let target = target_for(node.clone()).unwrap_or_else(|err| raise(err));
     let mut checkout = remote_xact::checkout(&[target]).unwrap_or_else(|err| raise(err));
     let mut prefix = checkout.take_prefix(0);
+    // A checkout that returns holds one connection per node asked for.
     let mut conn = checkout.conns.pop().expect("checkout of one node");
     // SAFETY: reads GUC values of this backend.
     let settings = unsafe { crate::executor::scan::session_settings() };

@@ -57,3 +57,18 @@ unsafe extern "C-unwind" fn free_boxed(arg: *mut std::ffi::c_void) {
     // SAFETY: arg is the Box leaked in alloc_for_context; this callback runs exactly once.
     drop(unsafe { Box::from_raw(arg.cast::<Box<dyn std::any::Any>>()) });
 }
+
+/// The input function of type `type_oid`, ready to call, and its I/O parameter.
+pub unsafe fn input_function(
+    type_oid: pgrx::pg_sys::Oid,
+) -> (Box<pgrx::pg_sys::FmgrInfo>, pgrx::pg_sys::Oid) {
+    // SAFETY: catalog lookups; the FmgrInfo is owned by the caller.
+    unsafe {
+        let mut input = pgrx::pg_sys::InvalidOid;
+        let mut io_param = pgrx::pg_sys::InvalidOid;
+        pgrx::pg_sys::getTypeInputInfo(type_oid, &mut input, &mut io_param);
+        let mut finfo = Box::new(pgrx::pg_sys::FmgrInfo::default());
+        pgrx::pg_sys::fmgr_info(input, &mut *finfo);
+        (finfo, io_param)
+    }
+}

@@ -138,11 +138,7 @@ unsafe extern "C-unwind" fn begin(
             .iter()
             .map(|attno| {
                 let attribute = (*tupdesc).attrs.as_ptr().add(*attno as usize - 1);
-                let mut input = pg_sys::InvalidOid;
-                let mut io_param = pg_sys::InvalidOid;
-                pg_sys::getTypeInputInfo((*attribute).atttypid, &mut input, &mut io_param);
-                let mut finfo = Box::new(pg_sys::FmgrInfo::default());
-                pg_sys::fmgr_info(input, &mut *finfo);
+                let (finfo, io_param) = crate::executor::input_function((*attribute).atttypid);
                 ColumnInput {
                     slot_index: *attno as usize - 1,
                     finfo,
@@ -404,14 +400,19 @@ pub unsafe fn datum_text(type_oid: pg_sys::Oid, value: pg_sys::Datum) -> (String
     }
 }
 
+/// A value as SQL: `('text'::type)`, or NULL.
+pub fn typed_literal(value: Option<(String, String)>) -> String {
+    match value {
+        Some((text, type_name)) => format!("({}::{type_name})", quote_literal(&text)),
+        None => "NULL".to_string(),
+    }
+}
+
 /// `sql` with every statement or executor parameter `$n` outside quotes replaced by
 /// `'value'::type` (or NULL); relation placeholders (`$n` from RELATION_BASE) are kept.
 pub fn substitute_params(sql: &str, value: impl Fn(i32) -> Option<(String, String)>) -> String {
     replace_dollar_refs(sql, |id| {
-        (id < RELATION_BASE).then(|| match value(id) {
-            Some((text, type_name)) => format!("({}::{type_name})", quote_literal(&text)),
-            None => "NULL".to_string(),
-        })
+        (id < RELATION_BASE).then(|| typed_literal(value(id)))
     })
 }
 

@@ -356,11 +356,7 @@ impl ShardWriter {
                     .into_owned();
                 names.push(quote_identifier(&name));
                 self.field_names.push(name);
-                let mut input = pg_sys::InvalidOid;
-                let mut io_param = pg_sys::InvalidOid;
-                pg_sys::getTypeInputInfo((*attribute).atttypid, &mut input, &mut io_param);
-                let mut finfo = Box::new(pg_sys::FmgrInfo::default());
-                pg_sys::fmgr_info(input, &mut *finfo);
+                let (finfo, io_param) = crate::executor::input_function((*attribute).atttypid);
                 self.field_inputs.push(FieldInput {
                     input: finfo,
                     io_param,
@@ -768,11 +764,7 @@ impl RowInput {
                 if (*attribute).attisdropped {
                     continue;
                 }
-                let mut input = pg_sys::InvalidOid;
-                let mut io_param = pg_sys::InvalidOid;
-                pg_sys::getTypeInputInfo((*attribute).atttypid, &mut input, &mut io_param);
-                let mut finfo = Box::new(pg_sys::FmgrInfo::default());
-                pg_sys::fmgr_info(input, &mut *finfo);
+                let (finfo, io_param) = crate::executor::input_function((*attribute).atttypid);
                 columns.push((i, finfo, io_param, (*attribute).atttypmod));
             }
         }

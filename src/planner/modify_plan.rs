@@ -380,23 +380,13 @@ impl Lineage<'_> {
 
 /// A constant as SQL: `NULL`, or its text cast to its type.
 unsafe fn constant_text(constant: *mut pg_sys::Const) -> String {
+    use crate::executor::scan::{datum_text, typed_literal};
     // SAFETY: the constant's own type output function on its non-NULL value.
-    unsafe {
-        if (*constant).constisnull {
-            return "NULL".into();
-        }
-        let mut output = pg_sys::InvalidOid;
-        let mut varlena = false;
-        pg_sys::getTypeOutputInfo((*constant).consttype, &mut output, &mut varlena);
-        let text = pg_sys::OidOutputFunctionCall(output, (*constant).constvalue);
-        let type_name =
-            pg_sys::format_type_with_typemod((*constant).consttype, (*constant).consttypmod);
-        format!(
-            "{}::{}",
-            crate::remote::quote::quote_literal(&CStr::from_ptr(text).to_string_lossy()),
-            CStr::from_ptr(type_name).to_string_lossy()
-        )
-    }
+    let value = unsafe {
+        (!(*constant).constisnull)
+            .then(|| datum_text((*constant).consttype, (*constant).constvalue))
+    };
+    typed_literal(value)
 }
 
 fn table_name(table: &DistTable) -> String {
