@@ -20,6 +20,28 @@ pub fn hash_function(type_oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
     }
 }
 
+thread_local! {
+    /// Hash operator family per type, looked up once per backend (a catalog scan each time
+    /// otherwise, on every router query's planning).
+    static HASH_FAMILIES: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, Option<pg_sys::Oid>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The operator family of `type_oid`'s default hash operator class: its hash function is the
+/// one that distributes rows, its equality operator the one that routes.
+pub fn hash_family(type_oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    HASH_FAMILIES.with_borrow_mut(|cache| {
+        *cache.entry(type_oid).or_insert_with(|| {
+            // SAFETY: catalog lookups by oid; GetDefaultOpClass returns InvalidOid when there
+            // is none.
+            unsafe {
+                let opclass = pg_sys::GetDefaultOpClass(type_oid, pg_sys::HASH_AM_OID);
+                (opclass != pg_sys::InvalidOid).then(|| pg_sys::get_opclass_family(opclass))
+            }
+        })
+    })
+}
+
 /// Support function number of a hash opclass's standard 32-bit hash.
 const HASHSTANDARD_PROC: i16 = 1;
 

@@ -24,7 +24,7 @@ use pgrx::PgList;
 use crate::metadata::cache;
 use crate::metadata::tables::Method;
 use crate::planner::scan_path::{
-    distributed_path_of, from_list, hash_family, is_hash_equality, new_custom_path,
+    distributed_path_of, from_list, is_hash_equality, new_custom_path,
     pushed_down_path_methods, ScanPlan,
 };
 use crate::planner::shippable::{alias, deparse_qualified, shippable, RELATION_BASE};
@@ -426,7 +426,7 @@ unsafe fn equates_distribution_columns(
         let (Some(left), Some(right)) = (as_var(args.get_ptr(0)), as_var(args.get_ptr(1))) else {
             return false;
         };
-        let Some(family) = hash_family((*left).vartype) else {
+        let Some(family) = crate::distribution::hashing::hash_family((*left).vartype) else {
             return false;
         };
         args.len() == 2

@@ -466,7 +466,7 @@ pub unsafe fn prune(
     };
     // SAFETY: catalog lookups for the distribution column; clauses are valid expressions.
     unsafe {
-        let Some(family) = hash_family(pg_sys::get_atttype(table.oid, attno)) else {
+        let Some(family) = hashing::hash_family(pg_sys::get_atttype(table.oid, attno)) else {
             return (all, 0);
         };
         let shard_count = shards.len() as i32;
@@ -498,16 +498,6 @@ pub unsafe fn prune(
         ids.sort_unstable();
         ids.dedup();
         (ids, param)
-    }
-}
-
-/// The operator family of `type_oid`'s default hash operator class: its hash function is the
-/// one that distributes rows.
-pub unsafe fn hash_family(type_oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
-    // SAFETY: catalog lookups by oid.
-    unsafe {
-        let opclass = pg_sys::GetDefaultOpClass(type_oid, pg_sys::HASH_AM_OID);
-        (opclass != pg_sys::InvalidOid).then(|| pg_sys::get_opclass_family(opclass))
     }
 }
 
