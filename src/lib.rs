@@ -22,6 +22,11 @@ pub mod transaction;
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 pgrx::extension_sql_file!("../sql/views.sql", name = "views", finalize);
 pgrx::extension_sql_file!(
+    "../sql/subqueries.sql",
+    name = "subqueries",
+    requires = ["bootstrap"]
+);
+pgrx::extension_sql_file!(
     "../sql/partial_aggregates.sql",
     name = "partial_aggregates",
     requires = ["bootstrap"]

@@ -26,6 +26,7 @@ fn main() {
         tests![
             inserts_match_plain_postgres,
             updates_and_deletes_match_plain_postgres,
+            updates_and_deletes_reading_other_tables_match_plain_postgres,
             now_and_other_stable_values_are_computed_once_per_statement,
             writes_to_reference_and_range_tables_reach_every_shard,
             unsupported_writes_fail_with_0a000_and_change_nothing,
@@ -63,6 +64,12 @@ CREATE TABLE copies (id int PRIMARY KEY, label text, amount numeric(10,2), at ti
                      tags text[], note text DEFAULT 'none', serial bigserial);
 CREATE TABLE bank (id int PRIMARY KEY, balance bigint NOT NULL);
 CREATE TABLE transfers (id bigint PRIMARY KEY, source int NOT NULL, target int NOT NULL, amount bigint NOT NULL);
+CREATE TABLE stock (id int PRIMARY KEY, qty int, grp int);
+CREATE TABLE stock_moves (id int NOT NULL, delta int);
+CREATE TABLE stock_groups (grp int PRIMARY KEY, name text);
+INSERT INTO stock SELECT i, i * 3, i % 5 FROM generate_series(1, 100) i;
+INSERT INTO stock_moves SELECT i, (i * 37) % 300 FROM generate_series(1, 100) i;
+INSERT INTO stock_groups SELECT i, 'g' || i FROM generate_series(0, 4) i;
 INSERT INTO colors VALUES ('r', 'red'), ('g', 'green');
 ";
 
@@ -78,6 +85,9 @@ SELECT pgdist.create_distributed_table('src', 'id', shard_count => 5);
 SELECT pgdist.create_distributed_table('dst', 'id', colocate_with => 'src');
 SELECT pgdist.create_distributed_table('bank', 'id', shard_count => 4);
 SELECT pgdist.create_distributed_table('transfers', 'id', shard_count => 4, colocate_with => 'none');
+SELECT pgdist.create_distributed_table('stock', 'id', shard_count => 4, colocate_with => 'none');
+SELECT pgdist.create_distributed_table('stock_moves', 'id', colocate_with => 'stock');
+SELECT pgdist.create_reference_table('stock_groups');
 ";
 
 /// Rows (as text) and the row counts of a statement's commands.
@@ -330,6 +340,80 @@ fn writes_to_reference_and_range_tables_reach_every_shard(cluster: &Cluster) {
     );
 }
 
+fn updates_and_deletes_reading_other_tables_match_plain_postgres(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    // A co-located join runs whole on every shard, the joined table's shard alongside.
+    let plan = explain(
+        &mut coordinator,
+        "UPDATE stock SET qty = m.delta FROM stock_moves m WHERE m.id = stock.id",
+    );
+    assert!(
+        plan.contains("Fragments: 4 on 2 node(s)")
+            && plan.contains("FROM \"public\".\"stock_moves_"),
+        "{plan}"
+    );
+    let plan = explain(
+        &mut coordinator,
+        "UPDATE stock SET qty = m.delta FROM stock_moves m WHERE m.id = stock.id AND stock.id = 7",
+    );
+    assert!(plan.contains("Fragments: 1 on 1 node(s)"), "{plan}");
+    same_writes(
+        cluster,
+        "SELECT * FROM stock ORDER BY id",
+        &[
+            // FROM / USING with co-located and reference tables.
+            "UPDATE stock SET qty = qty + m.delta FROM stock_moves m WHERE m.id = stock.id",
+            "UPDATE stock s SET qty = 0 FROM stock_groups g WHERE g.grp = s.grp AND g.name = 'g1' RETURNING s.id, s.qty",
+            "DELETE FROM stock USING stock_moves m WHERE m.id = stock.id AND m.delta > 280 RETURNING stock.*",
+            "UPDATE stock SET qty = 5 FROM stock x WHERE x.id = stock.id AND x.grp = 2 AND stock.id < 50",
+            "UPDATE stock SET grp = g.grp FROM stock_groups g WHERE g.name = 'g3' AND stock.id = 60",
+            "UPDATE stock SET qty = m.delta FROM stock_moves m JOIN stock_groups g ON g.grp = m.delta % 5 WHERE m.id = stock.id AND stock.id = 70 AND g.name <> 'g0'",
+            // Subqueries tied to the distribution column run on the shards too.
+            "DELETE FROM stock WHERE id IN (SELECT id FROM stock_moves WHERE delta < 20)",
+            "UPDATE stock SET qty = qty + 1 WHERE EXISTS (SELECT 1 FROM stock_moves m WHERE m.id = stock.id AND m.delta % 3 = 0)",
+            "UPDATE stock SET qty = (SELECT sum(delta) FROM stock_moves m WHERE m.id = stock.id) WHERE id < 40 RETURNING id, qty",
+            "UPDATE stock SET qty = s.total FROM (SELECT id, sum(delta) AS total FROM stock_moves GROUP BY id) s WHERE s.id = stock.id AND stock.grp = 1",
+            "WITH moved AS (SELECT id FROM stock_moves WHERE delta > 250) DELETE FROM stock WHERE id IN (SELECT id FROM moved)",
+            "DELETE FROM stock WHERE grp NOT IN (SELECT grp FROM stock_groups WHERE name > 'g3')",
+            // Subqueries with one value for the statement are computed first.
+            "UPDATE stock SET qty = (SELECT max(delta) FROM stock_moves) WHERE id < 10",
+            "DELETE FROM stock WHERE qty > (SELECT avg(qty) + 50 FROM stock) RETURNING id",
+            "UPDATE stock SET qty = -1 WHERE id IN (SELECT id FROM stock_moves ORDER BY delta DESC, id LIMIT 3) RETURNING id",
+            "UPDATE stock SET qty = qty * 2 WHERE grp = ANY (ARRAY(SELECT grp FROM stock WHERE qty < 0)) OR NOT EXISTS (SELECT 1 FROM stock_moves WHERE delta > 1000)",
+            "DELETE FROM stock WHERE id IN (SELECT item_id FROM notes) OR id > 95",
+            "UPDATE stock SET qty = (SELECT count(*) FROM stock_moves m WHERE m.id = stock.id) + (SELECT count(*) FROM stock_groups) WHERE id BETWEEN 40 AND 45",
+        ],
+    );
+    // Parameters in a pushed-down join, generic plans included.
+    let mut reference = cluster.reference.connect();
+    let mut results = Vec::new();
+    for client in [&mut coordinator, &mut reference] {
+        let update = client
+            .prepare("UPDATE stock SET qty = m.delta + $2 FROM stock_moves m WHERE m.id = stock.id AND stock.id = $1")
+            .unwrap();
+        let changed: Vec<u64> = (50..60)
+            .map(|id| client.execute(&update, &[&id, &1000]).unwrap())
+            .collect();
+        results.push(changed);
+    }
+    assert_eq!(results[0], results[1]);
+    compare(
+        &mut coordinator,
+        &mut reference,
+        "SELECT * FROM stock ORDER BY id",
+    );
+}
+
+fn explain(client: &mut Client, sql: &str) -> String {
+    client
+        .query(&format!("EXPLAIN (COSTS OFF) {sql}"), &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn unsupported_writes_fail_with_0a000_and_change_nothing(cluster: &Cluster) {
     let mut coordinator = cluster.coordinator_client();
     let before = outcome(&mut coordinator, "SELECT * FROM items ORDER BY id");
@@ -338,7 +422,10 @@ fn unsupported_writes_fail_with_0a000_and_change_nothing(cluster: &Cluster) {
         "UPDATE items SET name = random()::text WHERE id = 2",
         "UPDATE items SET name = seen::text WHERE id = 2",
         "UPDATE items SET qty = n.line FROM notes n WHERE n.item_id = items.id",
-        "DELETE FROM items WHERE id IN (SELECT item_id FROM notes)",
+        "DELETE FROM items WHERE EXISTS (SELECT 1 FROM notes WHERE notes.item_id = items.id)",
+        "UPDATE stock SET qty = m.delta FROM stock_moves m WHERE m.id = stock.id + 1",
+        "UPDATE stock SET qty = (SELECT count(*) FROM stock_moves m WHERE m.delta = stock.qty)",
+        "UPDATE stock SET qty = 1 FROM items WHERE items.id = stock.id",
         "WITH gone AS (DELETE FROM items WHERE id = 2 RETURNING *) SELECT count(*) FROM gone",
         "INSERT INTO items (id, grp) VALUES (2, 2) ON CONFLICT (id) DO UPDATE SET id = 3",
     ] {

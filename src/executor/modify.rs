@@ -16,11 +16,14 @@ use pgrx::prelude::*;
 use crate::distribution::shell::with_suffix;
 use crate::executor::fragments::TextRow;
 use crate::executor::scan::insert_statements;
-use crate::executor::scan::{evaluate_values, prune_by_param, substitute_params, value_text};
+use crate::executor::scan::{
+    evaluate_values, prune_by_param, substitute_params, value_text, ShardNames,
+};
 use crate::executor::shard_writer::{run_statements, RowInput, ShardWriter, WriteKind};
 use crate::metadata::cache;
 use crate::planner::modify_plan::{self, ModifyKind, ModifyPlan, MODIFY_NAME};
-use crate::remote::quote::{quote_identifier, quote_qualified};
+use crate::planner::shippable::RELATION_BASE;
+use crate::remote::quote::{quote_identifier, quote_qualified, replace_dollar_refs};
 use crate::remote::NodeAddress;
 
 static mut SCAN_METHODS: pg_sys::CustomScanMethods = pg_sys::CustomScanMethods {
@@ -268,19 +271,37 @@ unsafe fn statements(
                 .map(|i| (*tupdesc).attrs.as_ptr().add(i))
                 .filter(|a| !(**a).attisdropped)
                 .map(|a| {
-                    quote_identifier(&CStr::from_ptr((*a).attname.data.as_ptr()).to_string_lossy())
+                    let column = quote_identifier(
+                        &CStr::from_ptr((*a).attname.data.as_ptr()).to_string_lossy(),
+                    );
+                    if plan.target_alias.is_empty() {
+                        column
+                    } else {
+                        format!("{}.{column}", plan.target_alias)
+                    }
                 })
                 .collect();
             pg_sys::RelationClose(relation);
             names.join(", ")
         });
+        // A whole statement (UPDATE … FROM, subqueries): its relations' shards by index.
+        let statement = substitute(&plan.statement);
+        let relations: Vec<(u32, ShardNames)> = plan
+            .relations
+            .iter()
+            .map(|(k, oid)| (*k, ShardNames::of(*oid)))
+            .collect();
+        let shard_index = |shard_id: i64| {
+            cache::shards(relid)
+                .iter()
+                .find(|(id, _)| *id == shard_id)
+                .map(|(_, index)| *index)
+        };
         let placements = cache::placements(relid);
         let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(String, bool)>)> = BTreeMap::new();
         for shard_id in shard_ids {
             let relation = quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
-            let shard_placements = placements.iter().filter(|p| p.shard_id == shard_id);
-            for (i, placement) in shard_placements.enumerate() {
-                let primary = i == 0;
+            let body = if plan.statement.is_empty() {
                 let mut sql = match plan.kind {
                     ModifyKind::Update => format!("UPDATE {relation} SET {set_sql}"),
                     _ => format!("DELETE FROM {relation}"),
@@ -288,6 +309,20 @@ unsafe fn statements(
                 if !where_sql.is_empty() {
                     sql.push_str(&format!(" WHERE {where_sql}"));
                 }
+                sql
+            } else {
+                let Some(index) = shard_index(shard_id) else {
+                    continue;
+                };
+                replace_dollar_refs(&statement, |id| {
+                    let k = u32::try_from(id.checked_sub(RELATION_BASE)?).ok()?;
+                    relations.iter().find(|(r, _)| *r == k)?.1.at(index)
+                })
+            };
+            let shard_placements = placements.iter().filter(|p| p.shard_id == shard_id);
+            for (i, placement) in shard_placements.enumerate() {
+                let primary = i == 0;
+                let mut sql = body.clone();
                 if let (Some(columns), true) = (&returning, primary) {
                     sql.push_str(&format!(" RETURNING {columns}"));
                 }

@@ -593,7 +593,7 @@ pub unsafe fn insert_statements(
 }
 
 /// The qualified shard names of one table, by shard index (written only for the shards read).
-struct ShardNames {
+pub struct ShardNames {
     schema: String,
     name: String,
     reference: bool,
@@ -602,7 +602,7 @@ struct ShardNames {
 }
 
 impl ShardNames {
-    fn of(relid: pg_sys::Oid) -> ShardNames {
+    pub fn of(relid: pg_sys::Oid) -> ShardNames {
         let (schema, name) = crate::executor::schema_and_name(relid);
         ShardNames {
             schema,
@@ -614,7 +614,7 @@ impl ShardNames {
     }
 
     /// The shard with index `index` (a reference table's only shard whatever the index).
-    fn at(&self, index: i32) -> Option<String> {
+    pub fn at(&self, index: i32) -> Option<String> {
         let (id, _) = if self.reference {
             self.shards.first()?
         } else {

@@ -24,8 +24,8 @@ use pgrx::PgList;
 use crate::metadata::cache;
 use crate::metadata::tables::Method;
 use crate::planner::scan_path::{
-    distributed_path_of, from_list, is_hash_equality, new_custom_path,
-    pushed_down_path_methods, ScanPlan,
+    distributed_path_of, from_list, is_hash_equality, new_custom_path, pushed_down_path_methods,
+    ScanPlan,
 };
 use crate::planner::shippable::{alias, deparse_qualified, shippable, RELATION_BASE};
 

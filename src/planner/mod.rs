@@ -6,9 +6,11 @@
 //! locks — rather than answered from the coordinator's empty shell table.
 
 pub mod aggregate_path;
+pub mod coordinator_subqueries;
 pub mod join_path;
 pub mod limit_path;
 pub mod modify_plan;
+pub mod modify_pushdown;
 pub mod range_pruning;
 pub mod row_locks;
 pub mod scan_path;
@@ -30,12 +32,10 @@ pub enum PlannerError {
     Merge(String),
     #[error("row locks (FOR UPDATE / FOR SHARE) on distributed table {0} are not supported in this query")]
     RowLocks(String),
-    #[error(
-        "UPDATE or DELETE of distributed table {0} with FROM, USING or joins is not supported yet"
-    )]
-    ModifyJoin(String),
     #[error("{1} in a write to distributed table {0} cannot run on the worker nodes")]
     ModifyExpression(String, String),
+    #[error("UPDATE or DELETE of distributed table {0} cannot run on the worker nodes: {1}")]
+    ModifyNotPushable(String, String),
     #[error("modifying the distribution column \"{1}\" of distributed table {0} is not supported")]
     DistributionColumnUpdate(String, String),
 }
@@ -59,8 +59,11 @@ impl crate::error::PgError for PlannerError {
                  first, or drop the clause."
                     .into()
             }
-            PlannerError::ModifyJoin(_) => {
-                "Filter by the table's own columns, e.g. WHERE key IN (…) or = ANY($1).".into()
+            PlannerError::ModifyNotPushable(..) => {
+                "Join other distributed tables on the distribution column (co-located tables) \
+                 or use reference tables; compute other values first and pass them as \
+                 constants or parameters."
+                    .into()
             }
             PlannerError::ModifyExpression(..) => {
                 "Writes may use columns, constants, parameters and immutable built-in \

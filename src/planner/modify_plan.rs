@@ -59,6 +59,13 @@ pub struct ModifyPlan {
     /// each fragment of the child scan becomes, `{fragment}` standing for the fragment's SQL
     /// and `$<RELATION_BASE + INSERT_TARGET_RTI>` for the co-located shard of the table.
     pub insert_select: String,
+    /// UPDATE / DELETE reading other tables (`modify_pushdown.rs`): the whole statement for
+    /// every shard (empty: `set_sql` / `where_sql` are used).
+    pub statement: String,
+    /// The relations of `statement`: `$<RELATION_BASE + k>` stands for the shard of k.
+    pub relations: Vec<(u32, pg_sys::Oid)>,
+    /// The alias of the target in `statement`.
+    pub target_alias: String,
 }
 
 /// The range-table index that stands for the INSERT's table in a pushed-down INSERT … SELECT.
@@ -87,6 +94,13 @@ impl ModifyPlan {
             self.prune_param.to_string(),
             self.returning.to_string(),
             self.insert_select.clone(),
+            self.statement.clone(),
+            self.relations
+                .iter()
+                .map(|(k, oid)| format!("{k}:{}", u32::from(*oid)))
+                .collect::<Vec<_>>()
+                .join(","),
+            self.target_alias.clone(),
         ]
     }
 
@@ -108,6 +122,15 @@ impl ModifyPlan {
             prune_param: part(8).parse().unwrap_or_default(),
             returning: part(9) == "true",
             insert_select: part(10),
+            statement: part(11),
+            relations: part(12)
+                .split(',')
+                .filter_map(|pair| {
+                    let (k, oid) = pair.split_once(':')?;
+                    Some((k.parse().ok()?, pg_sys::Oid::from(oid.parse::<u32>().ok()?)))
+                })
+                .collect(),
+            target_alias: part(13),
         }
     }
 }
@@ -440,6 +463,9 @@ unsafe fn analyse(
             prune_param: 0,
             returning: !returning_list.is_null(),
             insert_select: String::new(),
+            statement: String::new(),
+            relations: Vec::new(),
+            target_alias: String::new(),
         };
         match (*parse).commandType {
             pg_sys::CmdType::CMD_INSERT => {
@@ -480,10 +506,13 @@ unsafe fn update_or_delete(
                 (*n).type_ == pg_sys::NodeTag::T_RangeTblRef
                     && (*n.cast::<pg_sys::RangeTblRef>()).rtindex == result_rti
             });
-        if !only_target {
-            return Err(PlannerError::ModifyJoin(table_name(table)));
-        }
         let dist_attno = table.distribution_attno();
+        if !only_target
+            || pg_sys::checkExprHasSubLink((*parse).targetList.cast())
+            || pg_sys::checkExprHasSubLink((*jointree).quals)
+        {
+            return whole_statement(parse, table, modify, values);
+        }
         if modify.kind == ModifyKind::Update {
             let mut assignments = Vec::new();
             for entry in PgList::<pg_sys::TargetEntry>::from_pg((*parse).targetList).iter_ptr() {
@@ -560,6 +589,100 @@ unsafe fn update_or_delete(
             Method::Reference => (all(), 0),
         };
         Ok(())
+    }
+}
+
+/// An UPDATE or DELETE that reads other tables or has subqueries: the whole statement runs on
+/// every shard when `modify_pushdown` finds that exact — as it is, or else with its
+/// uncorrelated subqueries computed on the coordinator first (`coordinator_subqueries`).
+unsafe fn whole_statement(
+    parse: *mut pg_sys::Query,
+    table: &DistTable,
+    modify: &mut ModifyPlan,
+    values: &mut Vec<*mut pg_sys::Node>,
+) -> Result<(), PlannerError> {
+    // SAFETY: parse is a valid UPDATE or DELETE of `table`.
+    let (pushdown, own, computed) = unsafe {
+        match statement_for_shards(parse, table, false) {
+            Ok(done) => done,
+            Err(err) => statement_for_shards(parse, table, true).map_err(|later| {
+                // Without subqueries to compute first, the first reason stands.
+                if matches!(later, PlannerError::Writes(_)) {
+                    err
+                } else {
+                    later
+                }
+            })?,
+        }
+    };
+    values.extend(computed);
+    modify.statement = pushdown.statement;
+    modify.relations = pushdown.relations;
+    modify.target_alias = pushdown.target_alias;
+    let shards = cache::shards(table.oid);
+    // SAFETY: `own` are conditions on the target's columns only.
+    (modify.shard_ids, modify.prune_param) = match table.method {
+        Method::Hash => unsafe { crate::planner::scan_path::prune(table, &own, &shards) },
+        _ => (shards.iter().map(|(id, _)| *id).collect(), 0),
+    };
+    Ok(())
+}
+
+/// A private copy of `parse` made ready for the shards (values the coordinator computes put
+/// aside, numbered from 0: the statement has no others — and, with `compute_subqueries`,
+/// uncorrelated subqueries turned into such values), with the conditions that prune the
+/// target's shards. `Writes` when asked to compute subqueries and there are none.
+unsafe fn statement_for_shards(
+    parse: *mut pg_sys::Query,
+    table: &DistTable,
+    compute_subqueries: bool,
+) -> Result<
+    (
+        crate::planner::modify_pushdown::Pushdown,
+        Vec<*mut pg_sys::Node>,
+        Vec<*mut pg_sys::Node>,
+    ),
+    PlannerError,
+> {
+    // SAFETY: works on a private copy of the valid statement `parse`.
+    unsafe {
+        let copy = pg_sys::copyObjectImpl(parse.cast()).cast::<pg_sys::Query>();
+        crate::planner::modify_pushdown::inline_with_queries(copy);
+        if compute_subqueries && !crate::planner::coordinator_subqueries::compute_first(copy) {
+            return Err(PlannerError::Writes(table_name(table)));
+        }
+        let mut values = Vec::new();
+        let result_rti = (*copy).resultRelation;
+        let dist_attno = table.distribution_attno();
+        for entry in PgList::<pg_sys::TargetEntry>::from_pg((*copy).targetList).iter_ptr() {
+            let attno = (*entry).resno;
+            if Some(attno) == dist_attno && !is_same_column((*entry).expr.cast(), attno) {
+                return Err(PlannerError::DistributionColumnUpdate(
+                    table_name(table),
+                    table.distribution_column.clone().unwrap_or_default(),
+                ));
+            }
+            (*entry).expr =
+                with_coordinator_values(folded((*entry).expr.cast()), &mut values).cast();
+        }
+        let jointree = (*copy).jointree;
+        if !(*jointree).quals.is_null() {
+            (*jointree).quals = with_coordinator_values(folded((*jointree).quals), &mut values);
+        }
+        // Conditions on the target's own columns prune its shards; the other distributed
+        // tables follow (same shard index).
+        let own: Vec<*mut pg_sys::Node> =
+            PgList::<pg_sys::Node>::from_pg(pg_sys::make_ands_implicit((*jointree).quals.cast()))
+                .iter_ptr()
+                .filter(|clause| {
+                    let varnos = pg_sys::pull_varnos(std::ptr::null_mut(), *clause);
+                    !pg_sys::checkExprHasSubLink(*clause)
+                        && pg_sys::bms_membership(varnos) == pg_sys::BMS_Membership::BMS_SINGLETON
+                        && pg_sys::bms_is_member(result_rti, varnos)
+                })
+                .collect();
+        let pushdown = crate::planner::modify_pushdown::plan(copy, table)?;
+        Ok((pushdown, own, values))
     }
 }
 

@@ -12,13 +12,13 @@ use pgrx::pg_sys;
 const C_COLLATION_OID: u32 = 950;
 const POSIX_COLLATION_OID: u32 = 951;
 
-fn builtin_immutable(funcid: pg_sys::Oid) -> bool {
+pub fn builtin_immutable(funcid: pg_sys::Oid) -> bool {
     // SAFETY: a syscache lookup by oid.
     u32::from(funcid) < pg_sys::FirstNormalObjectId
         && unsafe { pg_sys::func_volatile(funcid) } == b'i' as std::ffi::c_char
 }
 
-fn collation_ok(collation: pg_sys::Oid) -> bool {
+pub fn collation_ok(collation: pg_sys::Oid) -> bool {
     let c = u32::from(collation);
     c == 0
         || collation == pg_sys::DEFAULT_COLLATION_OID

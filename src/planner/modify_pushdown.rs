@@ -1,0 +1,824 @@
+//! UPDATE and DELETE that read other tables — `FROM` / `USING`, subqueries in `SET` or
+//! `WHERE` — run as whole statements, shard by shard.
+//!
+//! That is exact when every distributed table the statement reads is co-located with the
+//! target and tied to the target's distribution column by equalities (then the rows a target
+//! row can meet all live in shards of the same index), and every other table is a reference
+//! table, complete on every node. A subquery that combines rows (aggregates, DISTINCT, LIMIT,
+//! window functions, set operations) must be pinned to one distribution value: correlated by
+//! an equality with the outer distribution column, or grouped by its own distribution column
+//! (without LIMIT). Everything else is refused with 0A000 and the reason.
+//!
+//! The statement is written back as SQL by PostgreSQL's own deparser (`pg_get_querydef`)
+//! under an empty search_path, so every name comes out schema-qualified; each distributed or
+//! reference table gets a unique alias first, and the qualified table name in front of that
+//! alias becomes the placeholder `$<RELATION_BASE + k>`, filled per shard by the executor.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr, CString};
+
+use pgrx::{pg_sys, PgList};
+
+use crate::distribution::create::relation_name;
+use crate::metadata::cache;
+use crate::metadata::tables::{DistTable, Method};
+use crate::planner::scan_path::is_hash_equality;
+use crate::planner::shippable::{builtin_immutable, collation_ok, shippable, RELATION_BASE};
+use crate::planner::PlannerError;
+
+/// A statement to run once on every (pruned) shard of its target.
+pub struct Pushdown {
+    /// The statement; `$<RELATION_BASE + k>` stands for the shard of relation k.
+    pub statement: String,
+    /// Relation k of the statement, by k.
+    pub relations: Vec<(u32, pg_sys::Oid)>,
+    /// The alias the target goes by in the statement.
+    pub target_alias: String,
+}
+
+/// A column of one range-table entry of one query level: (query address, rti, attno).
+type Key = (usize, i32, i16);
+
+/// What one query level (the statement or a subquery) looks like after the walk.
+struct Level {
+    query: *mut pg_sys::Query,
+    /// It reads distributed tables, itself or in its subqueries.
+    reads_shards: bool,
+    /// Equalities of its own columns with columns of outer levels (local side).
+    correlated: Vec<Key>,
+}
+
+struct Walk {
+    top: *mut pg_sys::Query,
+    target: pg_sys::Oid,
+    target_method: Method,
+    colocation_id: i32,
+    target_key: Key,
+    family: pg_sys::Oid,
+    levels: Vec<*mut pg_sys::Query>,
+    finished: Vec<Level>,
+    /// Union-find over columns known equal.
+    parent: HashMap<Key, Key>,
+    /// The distribution column of every distributed table read.
+    hash_columns: Vec<(Key, pg_sys::Oid)>,
+    relations: Vec<(u32, pg_sys::Oid)>,
+    target_alias: String,
+    /// Inside a WITH query (evaluated once for the whole statement).
+    in_cte: usize,
+    problem: Option<String>,
+}
+
+/// The statement `parse` (an UPDATE or DELETE of `table` reading other relations) as SQL for
+/// every shard, or why it cannot run on the workers.
+pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushdown, PlannerError> {
+    let refuse = |reason: String| PlannerError::ModifyNotPushable(relation_name(table.oid), reason);
+    if !matches!(table.method, Method::Hash | Method::Reference) {
+        return Err(refuse("it is range-distributed".into()));
+    }
+    // SAFETY: `parse` is a private copy of the analysed statement (see modify_plan); the walk
+    // reads it and sets aliases on its range-table entries; catalog lookups by oid.
+    unsafe {
+        let result_rti = (*parse).resultRelation;
+        let dist_attno = table.distribution_attno().unwrap_or(0);
+        let family = if dist_attno > 0 {
+            crate::distribution::hashing::hash_family(pg_sys::get_atttype(table.oid, dist_attno))
+                .unwrap_or(pg_sys::InvalidOid)
+        } else {
+            pg_sys::InvalidOid
+        };
+        if returning_reads_other_tables(parse, result_rti) {
+            return Err(refuse("RETURNING uses columns of other tables".into()));
+        }
+        (*parse).returningList = std::ptr::null_mut();
+        let mut walk = Walk {
+            top: parse,
+            target: table.oid,
+            target_method: table.method,
+            colocation_id: table.colocation_id,
+            target_key: (parse as usize, result_rti, dist_attno),
+            family,
+            levels: Vec::new(),
+            finished: Vec::new(),
+            parent: HashMap::new(),
+            hash_columns: Vec::new(),
+            relations: Vec::new(),
+            target_alias: String::new(),
+            in_cte: 0,
+            problem: None,
+        };
+        walk.visit_query(parse);
+        if let Some(problem) = walk.problem.take() {
+            return Err(refuse(problem));
+        }
+        walk.check_pinned().map_err(refuse)?;
+        let statement = deparse(parse, &walk.relations).map_err(refuse)?;
+        Ok(Pushdown {
+            statement,
+            relations: walk.relations,
+            target_alias: walk.target_alias,
+        })
+    }
+}
+
+/// True when RETURNING reads anything but the target's own columns (the shards send back the
+/// target's rows; the coordinator computes RETURNING from them).
+unsafe fn returning_reads_other_tables(parse: *mut pg_sys::Query, result_rti: i32) -> bool {
+    // SAFETY: the RETURNING list of a valid statement.
+    unsafe {
+        let list = (*parse).returningList;
+        if list.is_null() {
+            return false;
+        }
+        let varnos = pg_sys::pull_varnos(std::ptr::null_mut(), list.cast());
+        let mut member = -1;
+        loop {
+            member = pg_sys::bms_next_member(varnos, member);
+            if member < 0 {
+                return false;
+            }
+            if member != result_rti {
+                return true;
+            }
+        }
+    }
+}
+
+impl Walk {
+    fn fail(&mut self, problem: String) {
+        self.problem.get_or_insert(problem);
+    }
+
+    fn find(&self, mut key: Key) -> Key {
+        while let Some(next) = self.parent.get(&key) {
+            if *next == key {
+                break;
+            }
+            key = *next;
+        }
+        key
+    }
+
+    fn union(&mut self, a: Key, b: Key) {
+        let (a, b) = (self.find(a), self.find(b));
+        if a != b {
+            self.parent.insert(a, b);
+        }
+    }
+
+    fn pinned(&self, key: Key) -> bool {
+        self.find(key) == self.find(self.target_key)
+    }
+
+    /// The column a Var of the current level stands for, through join aliases.
+    unsafe fn key_of(&self, var: *mut pg_sys::Var) -> Option<Key> {
+        // SAFETY: var belongs to the level `varlevelsup` above the current one.
+        unsafe {
+            let depth = self
+                .levels
+                .len()
+                .checked_sub(1 + (*var).varlevelsup as usize)?;
+            key_in(self.levels[depth], var)
+        }
+    }
+
+    unsafe fn visit_query(&mut self, query: *mut pg_sys::Query) {
+        // SAFETY: query is a valid (sub)query of the statement.
+        unsafe {
+            self.levels.push(query);
+            let hash_before = self.hash_columns.len();
+            let mut correlated = Vec::new();
+            let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable);
+            for (i, rte) in rtable.iter_ptr().enumerate() {
+                let rti = i as i32 + 1;
+                match (*rte).rtekind {
+                    pg_sys::RTEKind::RTE_RELATION => self.relation(query, rti, rte),
+                    pg_sys::RTEKind::RTE_SUBQUERY => {
+                        let sub = (*rte).subquery;
+                        self.visit_query(sub);
+                        for entry in
+                            PgList::<pg_sys::TargetEntry>::from_pg((*sub).targetList).iter_ptr()
+                        {
+                            let expr = strip((*entry).expr.cast());
+                            if (*expr).type_ == pg_sys::NodeTag::T_Var
+                                && (*expr.cast::<pg_sys::Var>()).varlevelsup == 0
+                            {
+                                if let Some(inner) = key_in(sub, expr.cast()) {
+                                    self.union((query as usize, rti, (*entry).resno), inner);
+                                }
+                            }
+                        }
+                    }
+                    pg_sys::RTEKind::RTE_JOIN
+                    | pg_sys::RTEKind::RTE_CTE
+                    | pg_sys::RTEKind::RTE_FUNCTION
+                    | pg_sys::RTEKind::RTE_VALUES
+                    | pg_sys::RTEKind::RTE_RESULT => {}
+                    _ => self.fail("it reads a kind of relation pgdist cannot ship".into()),
+                }
+            }
+            for cte in PgList::<pg_sys::CommonTableExpr>::from_pg((*query).cteList).iter_ptr() {
+                self.in_cte += 1;
+                self.visit_query((*cte).ctequery.cast());
+                self.in_cte -= 1;
+            }
+            self.jointree_equalities((*query).jointree.cast(), &mut correlated);
+            pg_sys::query_tree_walker(
+                query,
+                Some(walk_node),
+                (self as *mut Walk).cast(),
+                (pg_sys::QTW_IGNORE_RT_SUBQUERIES
+                    | pg_sys::QTW_IGNORE_CTE_SUBQUERIES
+                    | pg_sys::QTW_IGNORE_JOINALIASES) as i32,
+            );
+            self.levels.pop();
+            self.finished.push(Level {
+                query,
+                reads_shards: self.hash_columns.len() > hash_before,
+                correlated,
+            });
+        }
+    }
+
+    unsafe fn relation(
+        &mut self,
+        query: *mut pg_sys::Query,
+        rti: i32,
+        rte: *mut pg_sys::RangeTblEntry,
+    ) {
+        // SAFETY: rte is a relation entry of `query`.
+        unsafe {
+            let relid = (*rte).relid;
+            let Some(table) = cache::lookup(relid) else {
+                self.fail(format!(
+                    "{} is a local table of the coordinator",
+                    relation_name(relid)
+                ));
+                return;
+            };
+            match table.method {
+                Method::Reference => {}
+                Method::Hash
+                    if self.target_method == Method::Hash
+                        && table.colocation_id == self.colocation_id =>
+                {
+                    if self.in_cte > 0 {
+                        self.fail(format!(
+                            "a WITH query reads distributed table {}",
+                            relation_name(relid)
+                        ));
+                        return;
+                    }
+                    let attno = table.distribution_attno().unwrap_or(0);
+                    self.hash_columns
+                        .push(((query as usize, rti, attno), relid));
+                }
+                _ => {
+                    self.fail(format!(
+                        "{} is not co-located with {}",
+                        relation_name(relid),
+                        relation_name(self.target)
+                    ));
+                    return;
+                }
+            }
+            let k = self.relations.len() as u32;
+            let alias = format!("pgdist_t{k}");
+            if query == self.top && rti == (*query).resultRelation {
+                self.target_alias = alias.clone();
+            }
+            let name = CString::new(alias).unwrap_or_default();
+            (*rte).alias = pg_sys::makeAlias(name.as_ptr(), std::ptr::null_mut());
+            self.relations.push((k, relid));
+        }
+    }
+
+    /// Equalities among the AND-ed conditions of WHERE and of inner joins' ON.
+    unsafe fn jointree_equalities(&mut self, node: *mut pg_sys::Node, correlated: &mut Vec<Key>) {
+        if node.is_null() {
+            return;
+        }
+        // SAFETY: node is part of the current level's join tree.
+        unsafe {
+            match (*node).type_ {
+                pg_sys::NodeTag::T_FromExpr => {
+                    let from = node.cast::<pg_sys::FromExpr>();
+                    for item in PgList::<pg_sys::Node>::from_pg((*from).fromlist).iter_ptr() {
+                        self.jointree_equalities(item, correlated);
+                    }
+                    self.equalities((*from).quals, correlated);
+                }
+                pg_sys::NodeTag::T_JoinExpr => {
+                    let join = node.cast::<pg_sys::JoinExpr>();
+                    self.jointree_equalities((*join).larg, correlated);
+                    self.jointree_equalities((*join).rarg, correlated);
+                    if (*join).jointype == pg_sys::JoinType::JOIN_INNER {
+                        self.equalities((*join).quals, correlated);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Records `a = b` of two columns for every such conjunct of `quals`.
+    unsafe fn equalities(&mut self, quals: *mut pg_sys::Node, correlated: &mut Vec<Key>) {
+        // SAFETY: quals is an expression of the current level.
+        unsafe {
+            for conjunct in conjuncts(quals) {
+                let Some((a, b)) = self.column_equality(conjunct) else {
+                    continue;
+                };
+                let (Some(ka), Some(kb)) = (self.key_of(a), self.key_of(b)) else {
+                    continue;
+                };
+                self.union(ka, kb);
+                match ((*a).varlevelsup == 0, (*b).varlevelsup == 0) {
+                    (true, false) => correlated.push(ka),
+                    (false, true) => correlated.push(kb),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// `column = column` with an equality of the distribution column's hash family.
+    unsafe fn column_equality(
+        &self,
+        node: *mut pg_sys::Node,
+    ) -> Option<(*mut pg_sys::Var, *mut pg_sys::Var)> {
+        // SAFETY: node is a valid expression; casts follow tags.
+        unsafe {
+            if (*node).type_ != pg_sys::NodeTag::T_OpExpr || self.family == pg_sys::InvalidOid {
+                return None;
+            }
+            let op = node.cast::<pg_sys::OpExpr>();
+            let args = PgList::<pg_sys::Node>::from_pg((*op).args);
+            if args.len() != 2 || !is_hash_equality((*op).opno, self.family) {
+                return None;
+            }
+            let (a, b) = (strip(args.get_ptr(0)?), strip(args.get_ptr(1)?));
+            let is_var = |n: *mut pg_sys::Node| (*n).type_ == pg_sys::NodeTag::T_Var;
+            (is_var(a) && is_var(b)).then(|| (a.cast(), b.cast()))
+        }
+    }
+
+    /// `x IN (SELECT y …)`: x and y are equal for every row the subquery contributes.
+    unsafe fn sublink_equalities(&mut self, sublink: *mut pg_sys::SubLink) {
+        // SAFETY: a SubLink of the current level; its Params point at the subquery's output.
+        unsafe {
+            if (*sublink).subLinkType != pg_sys::SubLinkType::ANY_SUBLINK
+                || self.family == pg_sys::InvalidOid
+            {
+                return;
+            }
+            let sub = (*sublink).subselect.cast::<pg_sys::Query>();
+            for conjunct in conjuncts((*sublink).testexpr) {
+                if (*conjunct).type_ != pg_sys::NodeTag::T_OpExpr {
+                    continue;
+                }
+                let op = conjunct.cast::<pg_sys::OpExpr>();
+                let args = PgList::<pg_sys::Node>::from_pg((*op).args);
+                if args.len() != 2 || !is_hash_equality((*op).opno, self.family) {
+                    continue;
+                }
+                let (Some(outer), Some(param)) = (args.get_ptr(0), args.get_ptr(1)) else {
+                    continue;
+                };
+                let (outer, param) = (strip(outer), strip(param));
+                if (*outer).type_ != pg_sys::NodeTag::T_Var
+                    || (*param).type_ != pg_sys::NodeTag::T_Param
+                {
+                    continue;
+                }
+                let position = (*param.cast::<pg_sys::Param>()).paramid;
+                let entry =
+                    pg_sys::list_nth((*sub).targetList, position - 1).cast::<pg_sys::TargetEntry>();
+                let inner = strip((*entry).expr.cast());
+                if (*inner).type_ != pg_sys::NodeTag::T_Var
+                    || (*inner.cast::<pg_sys::Var>()).varlevelsup != 0
+                {
+                    continue;
+                }
+                if let (Some(a), Some(b)) = (self.key_of(outer.cast()), key_in(sub, inner.cast())) {
+                    self.union(a, b);
+                }
+            }
+        }
+    }
+
+    /// Every distributed table is tied to the target's distribution column, and every
+    /// subquery that combines rows sees the rows of one distribution value only.
+    fn check_pinned(&self) -> Result<(), String> {
+        for (key, relid) in &self.hash_columns {
+            if !self.pinned(*key) {
+                return Err(format!(
+                    "distributed table {} is not joined to {} on the distribution column",
+                    relation_name(*relid),
+                    relation_name(self.target)
+                ));
+            }
+        }
+        for level in &self.finished {
+            if level.query == self.top || !level.reads_shards {
+                continue;
+            }
+            // SAFETY: the levels are the statement's own (sub)queries.
+            let (combines, limited, group_ok) = unsafe {
+                let q = level.query;
+                let limited = !(*q).limitCount.is_null()
+                    || !(*q).limitOffset.is_null()
+                    || (*q).hasWindowFuncs
+                    || !(*q).setOperations.is_null()
+                    || !(*q).groupingSets.is_null()
+                    || (*q).hasTargetSRFs
+                    || (*q).hasDistinctOn;
+                let combines = limited
+                    || (*q).hasAggs
+                    || !(*q).groupClause.is_null()
+                    || !(*q).distinctClause.is_null();
+                let keyed = |clauses: *mut pg_sys::List| {
+                    clauses.is_null() || self.groups_by_key(q, clauses)
+                };
+                let group_ok = (!(*q).groupClause.is_null() || !(*q).distinctClause.is_null())
+                    && keyed((*q).groupClause)
+                    && keyed((*q).distinctClause);
+                (combines, limited, group_ok)
+            };
+            let correlated = level.correlated.iter().any(|k| self.pinned(*k));
+            if combines && !correlated && (limited || !group_ok) {
+                return Err("a subquery combines rows of several distribution values \
+                            (aggregate, DISTINCT, LIMIT, window or set operation) without \
+                            being correlated on, or grouped by, the distribution column"
+                    .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the GROUP BY / DISTINCT `clauses` of `query` include a column tied to the
+    /// target's distribution column.
+    fn groups_by_key(&self, query: *mut pg_sys::Query, clauses: *mut pg_sys::List) -> bool {
+        // SAFETY: clauses belong to query; its target list holds their expressions.
+        unsafe {
+            PgList::<pg_sys::SortGroupClause>::from_pg(clauses)
+                .iter_ptr()
+                .any(|clause| {
+                    let expr =
+                        strip(pg_sys::get_sortgroupclause_expr(clause, (*query).targetList).cast());
+                    (*expr).type_ == pg_sys::NodeTag::T_Var
+                        && (*expr.cast::<pg_sys::Var>()).varlevelsup == 0
+                        && key_in(query, expr.cast()).is_some_and(|k| self.pinned(k))
+                })
+        }
+    }
+}
+
+/// The column `var` (a Var of `query`'s own level) stands for, following join aliases.
+unsafe fn key_in(query: *mut pg_sys::Query, var: *mut pg_sys::Var) -> Option<Key> {
+    // SAFETY: var's varno indexes query's range table.
+    unsafe {
+        let rte =
+            pg_sys::list_nth((*query).rtable, (*var).varno - 1).cast::<pg_sys::RangeTblEntry>();
+        if (*rte).rtekind == pg_sys::RTEKind::RTE_JOIN {
+            let aliases = (*rte).joinaliasvars;
+            let index = (*var).varattno as i32 - 1;
+            if index < 0 || index >= pg_sys::list_length(aliases) {
+                return None;
+            }
+            let inner = strip(pg_sys::list_nth(aliases, index).cast());
+            return ((*inner).type_ == pg_sys::NodeTag::T_Var)
+                .then(|| key_in(query, inner.cast()))
+                .flatten();
+        }
+        Some((query as usize, (*var).varno, (*var).varattno))
+    }
+}
+
+/// `node` without binary-compatible relabelings.
+unsafe fn strip(mut node: *mut pg_sys::Node) -> *mut pg_sys::Node {
+    // SAFETY: walks RelabelType args of a valid expression.
+    unsafe {
+        while !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_RelabelType {
+            node = (*node.cast::<pg_sys::RelabelType>()).arg.cast();
+        }
+        node
+    }
+}
+
+/// The AND-ed parts of a condition.
+unsafe fn conjuncts(node: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
+    // SAFETY: node is a valid expression (or NULL); casts follow tags.
+    unsafe {
+        if node.is_null() {
+            return Vec::new();
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_BoolExpr
+            && (*node.cast::<pg_sys::BoolExpr>()).boolop == pg_sys::BoolExprType::AND_EXPR
+        {
+            return PgList::<pg_sys::Node>::from_pg((*node.cast::<pg_sys::BoolExpr>()).args)
+                .iter_ptr()
+                .flat_map(|arg| conjuncts(arg))
+                .collect();
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_List {
+            return PgList::<pg_sys::Node>::from_pg(node.cast())
+                .iter_ptr()
+                .flat_map(|arg| conjuncts(arg))
+                .collect();
+        }
+        vec![node]
+    }
+}
+
+/// True when `node` reaches outside its own level or into a subquery: such expressions are
+/// checked node by node instead of by `shippable`.
+unsafe fn reaches_out(node: *mut pg_sys::Node) -> bool {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walk(node: *mut pg_sys::Node, context: *mut c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        // SAFETY: node is a valid node; casts follow its tag.
+        unsafe {
+            match (*node).type_ {
+                pg_sys::NodeTag::T_SubLink => true,
+                pg_sys::NodeTag::T_Var => (*node.cast::<pg_sys::Var>()).varlevelsup > 0,
+                pg_sys::NodeTag::T_Aggref => (*node.cast::<pg_sys::Aggref>()).agglevelsup > 0,
+                pg_sys::NodeTag::T_Param => {
+                    (*node.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_SUBLINK
+                }
+                _ => pg_sys::expression_tree_walker(node, Some(walk), context),
+            }
+        }
+    }
+    // SAFETY: the walker only reads the tree.
+    unsafe { walk(node, std::ptr::null_mut()) }
+}
+
+/// Whether `node` itself (not its arguments) means the same on a worker.
+unsafe fn shippable_itself(node: *mut pg_sys::Node) -> bool {
+    // SAFETY: node is a valid expression node; casts follow its tag.
+    unsafe {
+        match (*node).type_ {
+            pg_sys::NodeTag::T_Var => (*node.cast::<pg_sys::Var>()).varattno > 0,
+            pg_sys::NodeTag::T_Const => true,
+            pg_sys::NodeTag::T_Param => matches!(
+                (*node.cast::<pg_sys::Param>()).paramkind,
+                pg_sys::ParamKind::PARAM_EXTERN | pg_sys::ParamKind::PARAM_SUBLINK
+            ),
+            pg_sys::NodeTag::T_OpExpr
+            | pg_sys::NodeTag::T_DistinctExpr
+            | pg_sys::NodeTag::T_NullIfExpr => {
+                let op = node.cast::<pg_sys::OpExpr>();
+                builtin_immutable(pg_sys::get_opcode((*op).opno)) && collation_ok((*op).inputcollid)
+            }
+            pg_sys::NodeTag::T_ScalarArrayOpExpr => {
+                let op = node.cast::<pg_sys::ScalarArrayOpExpr>();
+                builtin_immutable(pg_sys::get_opcode((*op).opno)) && collation_ok((*op).inputcollid)
+            }
+            pg_sys::NodeTag::T_FuncExpr => {
+                let func = node.cast::<pg_sys::FuncExpr>();
+                builtin_immutable((*func).funcid) && collation_ok((*func).inputcollid)
+            }
+            pg_sys::NodeTag::T_Aggref => {
+                let aggref = node.cast::<pg_sys::Aggref>();
+                u32::from((*aggref).aggfnoid) < pg_sys::FirstNormalObjectId
+                    && collation_ok((*aggref).inputcollid)
+            }
+            pg_sys::NodeTag::T_RelabelType => {
+                let relabel = node.cast::<pg_sys::RelabelType>();
+                (*relabel).resultcollid == pg_sys::exprCollation((*relabel).arg.cast())
+            }
+            pg_sys::NodeTag::T_SubLink
+            | pg_sys::NodeTag::T_BoolExpr
+            | pg_sys::NodeTag::T_NullTest
+            | pg_sys::NodeTag::T_BooleanTest
+            | pg_sys::NodeTag::T_CoalesceExpr
+            | pg_sys::NodeTag::T_CaseExpr
+            | pg_sys::NodeTag::T_CaseWhen
+            | pg_sys::NodeTag::T_CaseTestExpr
+            | pg_sys::NodeTag::T_ArrayExpr
+            | pg_sys::NodeTag::T_RowExpr
+            | pg_sys::NodeTag::T_TargetEntry
+            | pg_sys::NodeTag::T_List => true,
+            _ => false,
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn walk_node(node: *mut pg_sys::Node, context: *mut c_void) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    // SAFETY: context is the Walk of `plan`; node is part of the statement.
+    unsafe {
+        let walk = &mut *context.cast::<Walk>();
+        if walk.problem.is_some() {
+            return true;
+        }
+        match (*node).type_ {
+            pg_sys::NodeTag::T_Query => {
+                walk.visit_query(node.cast());
+                false
+            }
+            pg_sys::NodeTag::T_FromExpr
+            | pg_sys::NodeTag::T_JoinExpr
+            | pg_sys::NodeTag::T_RangeTblRef
+            | pg_sys::NodeTag::T_SortGroupClause
+            | pg_sys::NodeTag::T_List
+            | pg_sys::NodeTag::T_TargetEntry
+            | pg_sys::NodeTag::T_RangeTblFunction => {
+                pg_sys::expression_tree_walker(node, Some(walk_node), context)
+            }
+            _ if !reaches_out(node) => {
+                if !shippable(node) {
+                    walk.fail("an expression in it cannot run on the worker nodes".into());
+                    return true;
+                }
+                false
+            }
+            _ => {
+                if !shippable_itself(node) {
+                    walk.fail("an expression in it cannot run on the worker nodes".into());
+                    return true;
+                }
+                if (*node).type_ == pg_sys::NodeTag::T_SubLink {
+                    walk.sublink_equalities(node.cast());
+                }
+                pg_sys::expression_tree_walker(node, Some(walk_node), context)
+            }
+        }
+    }
+}
+
+/// The statement as SQL with a placeholder for each relation's shard.
+unsafe fn deparse(
+    parse: *mut pg_sys::Query,
+    relations: &[(u32, pg_sys::Oid)],
+) -> Result<String, String> {
+    // SAFETY: search_path is set for the deparse only (a GUC nest level undone right after,
+    // or by the abort if deparsing fails); the query is ours.
+    let mut sql = unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        let text = pg_sys::pg_get_querydef(parse, false);
+        pg_sys::AtEOXact_GUC(true, level);
+        CStr::from_ptr(text).to_string_lossy().into_owned()
+    };
+    for (k, relid) in relations {
+        // As ruleutils writes it: quoted only where needed.
+        let (schema, name) = crate::executor::schema_and_name(*relid);
+        let (schema, name) = (
+            CString::new(schema).unwrap_or_default(),
+            CString::new(name).unwrap_or_default(),
+        );
+        // SAFETY: two valid C strings; the result is copied at once.
+        let qualified = unsafe {
+            CStr::from_ptr(pg_sys::quote_qualified_identifier(
+                schema.as_ptr(),
+                name.as_ptr(),
+            ))
+            .to_string_lossy()
+            .into_owned()
+        };
+        // The UPDATE's own table is written `name AS alias`, the others `name alias`.
+        let forms = [" AS ", " "].map(|between| {
+            (
+                format!("{qualified}{between}pgdist_t{k}"),
+                format!("${}{between}pgdist_t{k}", RELATION_BASE + *k as i32),
+            )
+        });
+        let found: Vec<_> = forms
+            .iter()
+            .filter(|(written, _)| sql.contains(written))
+            .collect();
+        match found.as_slice() {
+            [(written, placeholder)] if sql.matches(written.as_str()).count() == 1 => {
+                sql = sql.replacen(written.as_str(), placeholder, 1);
+            }
+            _ => return Err("pgdist could not write it as SQL for the shards".into()),
+        }
+    }
+    Ok(sql)
+}
+
+/// Replaces references to the statement's plain WITH queries (SELECTs without volatile
+/// functions, not RECURSIVE or MATERIALIZED, naming no other WITH query) by the queries
+/// themselves, as the planner would; they then follow the rules of any subquery.
+pub unsafe fn inline_with_queries(query: *mut pg_sys::Query) {
+    struct Inline {
+        depth: u32,
+        ctes: Vec<(String, *mut pg_sys::Query)>,
+    }
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walk(node: *mut pg_sys::Node, context: *mut c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        // SAFETY: node is part of the statement; context is the Inline we passed.
+        unsafe {
+            let inline = &mut *context.cast::<Inline>();
+            match (*node).type_ {
+                pg_sys::NodeTag::T_Query => {
+                    inline.depth += 1;
+                    let flags = pg_sys::QTW_EXAMINE_RTES_BEFORE as i32;
+                    pg_sys::query_tree_walker(node.cast(), Some(walk), context, flags);
+                    inline.depth -= 1;
+                    false
+                }
+                pg_sys::NodeTag::T_RangeTblEntry => {
+                    let rte = node.cast::<pg_sys::RangeTblEntry>();
+                    if (*rte).rtekind == pg_sys::RTEKind::RTE_CTE
+                        && (*rte).ctelevelsup == inline.depth
+                    {
+                        let name = CStr::from_ptr((*rte).ctename).to_string_lossy();
+                        if let Some((_, cte)) = inline.ctes.iter().find(|(n, _)| *n == name) {
+                            (*rte).rtekind = pg_sys::RTEKind::RTE_SUBQUERY;
+                            (*rte).subquery =
+                                pg_sys::copyObjectImpl(cte.cast()).cast::<pg_sys::Query>();
+                            (*rte).ctename = std::ptr::null_mut();
+                            (*rte).ctelevelsup = 0;
+                        }
+                    }
+                    false
+                }
+                _ => pg_sys::expression_tree_walker(node, Some(walk), context),
+            }
+        }
+    }
+    // SAFETY: query is a private copy of the statement.
+    unsafe {
+        let mut inline = Inline {
+            depth: 0,
+            ctes: Vec::new(),
+        };
+        let mut kept = PgList::<pg_sys::CommonTableExpr>::new();
+        for cte in PgList::<pg_sys::CommonTableExpr>::from_pg((*query).cteList).iter_ptr() {
+            let body = (*cte).ctequery.cast::<pg_sys::Query>();
+            let plain = !(*query).hasRecursive
+                && (*cte).ctematerialized != pg_sys::CTEMaterialize::CTEMaterializeAlways
+                && (*body).commandType == pg_sys::CmdType::CMD_SELECT
+                && (*body).cteList.is_null()
+                && !pg_sys::contain_volatile_functions(body.cast())
+                && !names_with_query(body);
+            if plain {
+                let name = CStr::from_ptr((*cte).ctename)
+                    .to_string_lossy()
+                    .into_owned();
+                inline.ctes.push((name, body));
+            } else {
+                kept.push(cte);
+            }
+        }
+        if inline.ctes.is_empty() {
+            return;
+        }
+        let flags = pg_sys::QTW_EXAMINE_RTES_BEFORE as i32;
+        pg_sys::query_tree_walker(query, Some(walk), (&raw mut inline).cast(), flags);
+        (*query).cteList = kept.into_pg();
+    }
+}
+
+/// True when `query` (or a subquery of it) reads a WITH query of an outer level.
+unsafe fn names_with_query(query: *mut pg_sys::Query) -> bool {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walk(node: *mut pg_sys::Node, context: *mut c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        // SAFETY: node is part of the query; casts follow tags.
+        unsafe {
+            match (*node).type_ {
+                pg_sys::NodeTag::T_Query => pg_sys::query_tree_walker(
+                    node.cast(),
+                    Some(walk),
+                    context,
+                    pg_sys::QTW_EXAMINE_RTES_BEFORE as i32,
+                ),
+                pg_sys::NodeTag::T_RangeTblEntry => {
+                    (*node.cast::<pg_sys::RangeTblEntry>()).rtekind == pg_sys::RTEKind::RTE_CTE
+                }
+                _ => pg_sys::expression_tree_walker(node, Some(walk), context),
+            }
+        }
+    }
+    // SAFETY: the walker only reads the tree.
+    unsafe {
+        pg_sys::query_tree_walker(
+            query,
+            Some(walk),
+            std::ptr::null_mut(),
+            pg_sys::QTW_EXAMINE_RTES_BEFORE as i32,
+        )
+    }
+}
