@@ -603,16 +603,13 @@ unsafe fn whole_statement(
 ) -> Result<(), PlannerError> {
     // SAFETY: parse is a valid UPDATE or DELETE of `table`.
     let (pushdown, own, computed) = unsafe {
-        match statement_for_shards(parse, table, false) {
+        match statement_for_shards(private_copy(parse, false).unwrap_or(parse), table) {
             Ok(done) => done,
-            Err(err) => statement_for_shards(parse, table, true).map_err(|later| {
+            Err(first) => match private_copy(parse, true) {
+                Some(copy) => statement_for_shards(copy, table)?,
                 // Without subqueries to compute first, the first reason stands.
-                if matches!(later, PlannerError::Writes(_)) {
-                    err
-                } else {
-                    later
-                }
-            })?,
+                None => return Err(first),
+            },
         }
     };
     values.extend(computed);
@@ -628,29 +625,37 @@ unsafe fn whole_statement(
     Ok(())
 }
 
-/// A private copy of `parse` made ready for the shards (values the coordinator computes put
-/// aside, numbered from 0: the statement has no others — and, with `compute_subqueries`,
-/// uncorrelated subqueries turned into such values), with the conditions that prune the
-/// target's shards. `Writes` when asked to compute subqueries and there are none.
-unsafe fn statement_for_shards(
+/// A copy of `parse` with its plain WITH queries inlined and, with `compute_subqueries`, its
+/// uncorrelated subqueries turned into values the coordinator computes (None when it has
+/// none).
+unsafe fn private_copy(
     parse: *mut pg_sys::Query,
-    table: &DistTable,
     compute_subqueries: bool,
-) -> Result<
-    (
-        crate::planner::modify_pushdown::Pushdown,
-        Vec<*mut pg_sys::Node>,
-        Vec<*mut pg_sys::Node>,
-    ),
-    PlannerError,
-> {
-    // SAFETY: works on a private copy of the valid statement `parse`.
+) -> Option<*mut pg_sys::Query> {
+    // SAFETY: copies the valid statement `parse` and changes only the copy.
     unsafe {
         let copy = pg_sys::copyObjectImpl(parse.cast()).cast::<pg_sys::Query>();
         crate::planner::modify_pushdown::inline_with_queries(copy);
-        if compute_subqueries && !crate::planner::coordinator_subqueries::compute_first(copy) {
-            return Err(PlannerError::Writes(table_name(table)));
-        }
+        (!compute_subqueries || crate::planner::coordinator_subqueries::compute_first(copy))
+            .then_some(copy)
+    }
+}
+
+/// The statement for the shards, the conditions that prune the target's shards, and the
+/// values the coordinator computes (numbered from 0: the statement has no others).
+type ForShards = (
+    crate::planner::modify_pushdown::Pushdown,
+    Vec<*mut pg_sys::Node>,
+    Vec<*mut pg_sys::Node>,
+);
+
+/// `copy` (a private copy of the statement, changed here) made ready for the shards.
+unsafe fn statement_for_shards(
+    copy: *mut pg_sys::Query,
+    table: &DistTable,
+) -> Result<ForShards, PlannerError> {
+    // SAFETY: copy is a private copy of a valid UPDATE or DELETE of `table`.
+    unsafe {
         let mut values = Vec::new();
         let result_rti = (*copy).resultRelation;
         let dist_attno = table.distribution_attno();
