@@ -10,7 +10,7 @@
 //! workers get the result as a literal. As in PostgreSQL, the subquery sees the data as it
 //! was when the statement started.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 
 use pgrx::{pg_sys, PgList};
 
@@ -185,23 +185,10 @@ unsafe fn call(function: pg_sys::Oid, query: &str, type_oid: pg_sys::Oid) -> *mu
 
 /// The subquery as SQL that runs anywhere on the coordinator: names schema-qualified.
 unsafe fn subquery_text(sub: *mut pg_sys::Query) -> String {
-    // SAFETY: search_path is set for the deparse only (undone right after, or by the abort).
+    // SAFETY: deparses a copy of a valid analysed query.
     unsafe {
-        let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
         let copy = pg_sys::copyObjectImpl(sub.cast()).cast::<pg_sys::Query>();
-        let text = pg_sys::pg_get_querydef(copy, false);
-        pg_sys::AtEOXact_GUC(true, level);
-        CStr::from_ptr(text).to_string_lossy().into_owned()
+        crate::planner::modify_pushdown::qualified_sql(copy)
     }
 }
 

@@ -652,14 +652,12 @@ unsafe extern "C-unwind" fn walk_node(node: *mut pg_sys::Node, context: *mut c_v
     }
 }
 
-/// The statement as SQL with a placeholder for each relation's shard.
-unsafe fn deparse(
-    parse: *mut pg_sys::Query,
-    relations: &[(u32, pg_sys::Oid)],
-) -> Result<String, String> {
+/// `query` as SQL with every name schema-qualified (as with an empty search_path), so that it
+/// means the same in any session. AcquireRewriteLocks may adjust the query: pass a copy.
+pub unsafe fn qualified_sql(query: *mut pg_sys::Query) -> String {
     // SAFETY: search_path is set for the deparse only (a GUC nest level undone right after,
-    // or by the abort if deparsing fails); the query is ours.
-    let mut sql = unsafe {
+    // or by the abort if deparsing fails).
+    unsafe {
         let level = pg_sys::NewGUCNestLevel();
         pg_sys::set_config_option(
             c"search_path".as_ptr(),
@@ -671,10 +669,19 @@ unsafe fn deparse(
             0,
             false,
         );
-        let text = pg_sys::pg_get_querydef(parse, false);
+        let text = pg_sys::pg_get_querydef(query, false);
         pg_sys::AtEOXact_GUC(true, level);
         CStr::from_ptr(text).to_string_lossy().into_owned()
-    };
+    }
+}
+
+/// The statement as SQL with a placeholder for each relation's shard.
+unsafe fn deparse(
+    parse: *mut pg_sys::Query,
+    relations: &[(u32, pg_sys::Oid)],
+) -> Result<String, String> {
+    // SAFETY: the query is ours.
+    let mut sql = unsafe { qualified_sql(parse) };
     for (k, relid) in relations {
         // As ruleutils writes it: quoted only where needed.
         let (schema, name) = crate::executor::schema_and_name(*relid);
