@@ -14,6 +14,8 @@ use std::ffi::CString;
 
 use pgrx::{pg_sys, PgList};
 
+use crate::planner::shippable::has_param;
+
 /// Replaces the uncorrelated subqueries in the SET list and WHERE clause of `query` (the
 /// statement itself, not its subqueries); false when there was none.
 pub unsafe fn compute_first(query: *mut pg_sys::Query) -> bool {
@@ -91,7 +93,8 @@ unsafe fn computed_first(
     // SAFETY: a SubLink of the statement; its subselect is an analysed Query.
     unsafe {
         let sub = (*sublink).subselect.cast::<pg_sys::Query>();
-        if pg_sys::contain_vars_of_level(sub.cast(), 1) || uses_parameters(sub) {
+        // Correlated, or using the statement's `$n` (which its text could not carry).
+        if pg_sys::contain_vars_of_level(sub.cast(), 1) || has_param(sub.cast(), |_| true) {
             return None;
         }
         let first_column = || {
@@ -125,7 +128,9 @@ unsafe fn computed_first(
                 let op = test.cast::<pg_sys::OpExpr>();
                 let args = PgList::<pg_sys::Node>::from_pg((*op).args);
                 let (left, right) = (args.get_ptr(0)?, args.get_ptr(1)?);
-                if (*right).type_ != pg_sys::NodeTag::T_Param || has_sublink_param(left) {
+                if (*right).type_ != pg_sys::NodeTag::T_Param
+                    || has_param(left, |kind| kind == pg_sys::ParamKind::PARAM_SUBLINK)
+                {
                     return None;
                 }
                 let array_type = pg_sys::get_array_type(pg_sys::exprType(right));
@@ -203,50 +208,4 @@ unsafe fn subquery_value_function() -> Option<pg_sys::Oid> {
         let oid = pg_sys::LookupFuncName(names.into_pg(), 2, types.as_mut_ptr(), true);
         (oid != pg_sys::InvalidOid).then_some(oid)
     }
-}
-
-/// True when the subquery uses the statement's `$n` (its text could not carry them).
-unsafe fn uses_parameters(query: *mut pg_sys::Query) -> bool {
-    #[pgrx::pg_guard]
-    unsafe extern "C-unwind" fn walk(
-        node: *mut pg_sys::Node,
-        context: *mut std::ffi::c_void,
-    ) -> bool {
-        if node.is_null() {
-            return false;
-        }
-        // SAFETY: node is a valid node; casts follow its tag.
-        unsafe {
-            match (*node).type_ {
-                pg_sys::NodeTag::T_Param => true,
-                pg_sys::NodeTag::T_Query => {
-                    pg_sys::query_tree_walker(node.cast(), Some(walk), context, 0)
-                }
-                _ => pg_sys::expression_tree_walker(node, Some(walk), context),
-            }
-        }
-    }
-    // SAFETY: the walker only reads the tree.
-    unsafe { pg_sys::query_tree_walker(query, Some(walk), std::ptr::null_mut(), 0) }
-}
-
-/// True when `node` reads a subquery's output (a PARAM_SUBLINK).
-unsafe fn has_sublink_param(node: *mut pg_sys::Node) -> bool {
-    #[pgrx::pg_guard]
-    unsafe extern "C-unwind" fn walk(
-        node: *mut pg_sys::Node,
-        context: *mut std::ffi::c_void,
-    ) -> bool {
-        if node.is_null() {
-            return false;
-        }
-        // SAFETY: node is a valid node; casts follow its tag.
-        unsafe {
-            ((*node).type_ == pg_sys::NodeTag::T_Param
-                && (*node.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_SUBLINK)
-                || pg_sys::expression_tree_walker(node, Some(walk), context)
-        }
-    }
-    // SAFETY: the walker only reads the tree.
-    unsafe { walk(node, std::ptr::null_mut()) }
 }

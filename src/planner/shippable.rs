@@ -477,6 +477,15 @@ unsafe extern "C-unwind" fn find_tag(
 
 /// True when `node` uses an executor parameter (a subquery's output or a correlated value).
 unsafe fn has_exec_param(node: *mut pg_sys::Node) -> bool {
+    // SAFETY: node is a valid expression.
+    unsafe { has_param(node, |kind| kind != pg_sys::ParamKind::PARAM_EXTERN) }
+}
+
+/// True when `node` (subqueries included) has a Param whose kind `wanted` accepts.
+pub unsafe fn has_param(
+    node: *mut pg_sys::Node,
+    wanted: fn(pg_sys::ParamKind::Type) -> bool,
+) -> bool {
     #[pgrx::pg_guard]
     unsafe extern "C-unwind" fn walk(
         node: *mut pg_sys::Node,
@@ -485,15 +494,21 @@ unsafe fn has_exec_param(node: *mut pg_sys::Node) -> bool {
         if node.is_null() {
             return false;
         }
-        // SAFETY: node is a valid node; casts follow its tag.
+        // SAFETY: node is a valid node; casts follow its tag; context is the predicate.
         unsafe {
-            ((*node).type_ == pg_sys::NodeTag::T_Param
-                && (*node.cast::<pg_sys::Param>()).paramkind != pg_sys::ParamKind::PARAM_EXTERN)
-                || pg_sys::expression_tree_walker(node, Some(walk), context)
+            let wanted = *context.cast::<fn(pg_sys::ParamKind::Type) -> bool>();
+            match (*node).type_ {
+                pg_sys::NodeTag::T_Param => wanted((*node.cast::<pg_sys::Param>()).paramkind),
+                pg_sys::NodeTag::T_Query => {
+                    pg_sys::query_tree_walker(node.cast(), Some(walk), context, 0)
+                }
+                _ => pg_sys::expression_tree_walker(node, Some(walk), context),
+            }
         }
     }
-    // SAFETY: the walker only reads the tree.
-    unsafe { walk(node, std::ptr::null_mut()) }
+    let mut wanted = wanted;
+    // SAFETY: the walker only reads the tree; the context outlives the walk.
+    unsafe { walk(node, (&raw mut wanted).cast()) }
 }
 
 type Mutator =
