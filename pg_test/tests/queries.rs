@@ -28,6 +28,7 @@ fn main() {
             co_located_joins_run_on_the_workers,
             grouping_by_the_distribution_column_runs_whole_on_the_workers,
             limits_run_on_the_workers,
+            sorted_streams_merge_on_the_coordinator,
             subqueries_ctes_and_set_operations,
             window_functions,
             windows_partitioned_by_the_distribution_column_run_on_the_workers,
@@ -537,6 +538,84 @@ fn limits_run_on_the_workers(cluster: &Cluster) {
     for sql in kept {
         let fragment = fragment(&mut coordinator, sql);
         assert!(!fragment.contains("LIMIT"), "{sql}: {fragment}");
+    }
+}
+
+fn sorted_streams_merge_on_the_coordinator(cluster: &Cluster) {
+    // ORDER BY without LIMIT: each connection's fragments come back sorted by the worker and
+    // the coordinator merges the streams — no Sort node here. Every ORDER BY is a total order,
+    // so the row order itself is compared.
+    let merged = [
+        "SELECT customer_id, order_id, amount FROM orders ORDER BY amount DESC NULLS LAST, order_id",
+        "SELECT order_id, price, status FROM orders WHERE qty > 3 ORDER BY price NULLS FIRST, order_id DESC",
+        "SELECT order_id, ordered_at, note FROM orders ORDER BY ordered_at, order_id",
+        "SELECT status, order_id FROM orders WHERE qty = 2 ORDER BY status DESC, order_id",
+        "SELECT name, customer_id, tags FROM customers ORDER BY name, customer_id",
+        "SELECT ref, payload, order_id FROM orders ORDER BY payload NULLS FIRST, ref",
+        "SELECT order_id, amount * 2 AS doubled FROM orders WHERE customer_id IN (5, 6, 700) ORDER BY amount, order_id",
+        "SELECT customer_id, count(*), sum(amount) FROM orders GROUP BY customer_id ORDER BY sum(amount) DESC NULLS LAST, customer_id",
+        "SELECT c.name, o.order_id, o.amount FROM customers c JOIN orders o USING (customer_id) WHERE o.qty = 4 ORDER BY o.amount NULLS FIRST, o.order_id",
+        "SELECT customer_id, order_id, row_number() OVER (PARTITION BY customer_id ORDER BY order_id) AS rn FROM orders WHERE customer_id < 300 ORDER BY rn, customer_id",
+        "SELECT * FROM events WHERE n % 7 = 0 ORDER BY day DESC, n",
+        "SELECT * FROM countries ORDER BY name NULLS FIRST",
+    ];
+    // A sort key the scan does not return, or one the workers would order differently, keeps
+    // the coordinator's Sort.
+    let sorted_here = [
+        "SELECT order_id FROM orders WHERE qty = 1 ORDER BY order_id::text COLLATE \"C\"",
+        "SELECT customer_id, name FROM customers ORDER BY name COLLATE \"C\", customer_id",
+        "SELECT order_id FROM orders WHERE qty = 1 ORDER BY amount * qty, order_id",
+    ];
+    let all: Vec<&str> = merged.iter().chain(sorted_here.iter()).copied().collect();
+    check_all(cluster, &all);
+    let mut coordinator = cluster.coordinator_client();
+    let has_sort = |plan: &[String]| {
+        plan.iter().any(|l| {
+            l.trim_start()
+                .trim_start_matches("->")
+                .trim()
+                .starts_with("Sort ")
+        })
+    };
+    for sql in merged {
+        let plan = explain(&mut coordinator, sql);
+        assert!(
+            plan.iter().any(|l| l.contains("Merge: ")),
+            "{sql} must merge sorted streams: {plan:#?}"
+        );
+        assert!(
+            !has_sort(&plan),
+            "{sql} must not sort on the coordinator: {plan:#?}"
+        );
+    }
+    for sql in sorted_here {
+        let plan = explain(&mut coordinator, sql);
+        assert!(
+            has_sort(&plan),
+            "{sql} must sort on the coordinator: {plan:#?}"
+        );
+    }
+
+    // A correlated subquery: the merged scan restarts for every outer row.
+    check_all(cluster, &[
+        "SELECT c.customer_id, (SELECT string_agg(s.order_id::text, ',') FROM (SELECT order_id FROM orders o WHERE o.customer_id IN (c.customer_id, c.customer_id + 1) ORDER BY amount NULLS FIRST, order_id) s) FROM customers c WHERE c.customer_id < 25 ORDER BY 1",
+    ]);
+
+    // Inside a transaction that has written on the nodes, the merged shares run on the
+    // transaction's own connections and see its writes.
+    let mut reference = cluster.reference.connect();
+    for client in [&mut coordinator, &mut reference] {
+        client
+            .batch_execute("BEGIN; UPDATE orders SET amount = amount + 1000 WHERE qty = 7")
+            .unwrap();
+    }
+    let sql = "SELECT order_id, amount FROM orders WHERE qty IN (6, 7) ORDER BY amount DESC NULLS FIRST, order_id";
+    assert_eq!(
+        compare(&mut coordinator, &mut reference, sql),
+        Comparison::Same
+    );
+    for client in [&mut coordinator, &mut reference] {
+        client.batch_execute("ROLLBACK").unwrap();
     }
 }
 

@@ -6,6 +6,10 @@
 //! the executor takes them one at a time on the backend's thread. Each finished fragment also
 //! reports its row count and time (for EXPLAIN ANALYZE).
 //!
+//! For a merge (ORDER BY without LIMIT) each connection instead runs its share as one sorted
+//! query, `<fragment> UNION ALL <fragment> … ORDER BY …`, into a channel of its own, so the
+//! executor can take the next row of whichever sorted stream it needs.
+//!
 //! A node where the coordinator transaction has already changed data is read through that
 //! transaction's connection (one lane), so the statement sees its own writes. Such a lane is
 //! never cancelled halfway — that would abort the remote transaction — but read to its end.
@@ -19,8 +23,9 @@ use crate::remote::connection::{self, NodeConnection};
 use crate::remote::{runtime, NodeTarget, RemoteError};
 use crate::transaction::remote_xact::{self, Checkout};
 
-/// Rows buffered between the nodes and the executor.
+/// Rows buffered between the nodes and the executor (per stream when merging).
 const CHANNEL_ROWS: usize = 1024;
+const MERGE_CHANNEL_ROWS: usize = 256;
 
 pub type TextRow = Vec<Option<String>>;
 
@@ -28,6 +33,8 @@ pub type TextRow = Vec<Option<String>>;
 #[derive(Clone, Debug)]
 pub struct FragmentStats {
     pub node_id: i32,
+    /// How many fragments ran (a merged connection runs its share as one query).
+    pub fragments: usize,
     pub rows: u64,
     pub elapsed: std::time::Duration,
 }
@@ -40,7 +47,8 @@ enum Message {
 type Sender = mpsc::Sender<Result<Message, RemoteError>>;
 
 pub struct FragmentStream {
-    messages: mpsc::Receiver<Result<Message, RemoteError>>,
+    /// One stream of rows, or one per connection when merging; None once it has ended.
+    streams: Vec<Option<mpsc::Receiver<Result<Message, RemoteError>>>>,
     /// The fragments finished so far.
     pub stats: Vec<FragmentStats>,
     tasks: Vec<JoinHandle<Option<NodeConnection>>>,
@@ -55,14 +63,17 @@ impl FragmentStream {
     /// Starts every fragment. `work` is one entry per node: its target and its fragments;
     /// `settings` (SET statements) go first on connections that do not have them yet. With
     /// `in_transaction` (row locks) every node is read through the coordinator transaction's
-    /// connection, joining it to the transaction where needed.
+    /// connection, joining it to the transaction where needed. With `merge_order` (an `ORDER
+    /// BY` of output positions) each connection's share is one sorted query with a stream of
+    /// its own.
     pub fn start(
         work: Vec<(NodeTarget, Vec<String>)>,
         settings: String,
         connections_per_node: usize,
         in_transaction: bool,
+        merge_order: Option<String>,
     ) -> FragmentStream {
-        let (sender, messages) = mpsc::channel(CHANNEL_ROWS);
+        let mut channels = Channels::new(merge_order);
         connection::notice_closed_connections();
         let (transactional, work): (Vec<_>, Vec<_>) = work.into_iter().partition(|(target, _)| {
             in_transaction || remote_xact::is_participant(target.node.node_id)
@@ -78,12 +89,13 @@ impl FragmentStream {
             let conns = std::mem::take(&mut lent.conns);
             for (i, ((target, fragments), conn)) in transactional.into_iter().zip(conns).enumerate()
             {
+                let (fragments, sender) = channels.add(fragments);
                 let share = Share {
                     target,
                     fragments,
                     prefix: lent.take_prefix(i),
                     settings: settings.clone(),
-                    sender: sender.clone(),
+                    sender,
                     transactional: true,
                 };
                 participant_tasks.push(runtime::spawn(share.run(Some(conn))));
@@ -101,19 +113,20 @@ impl FragmentStream {
                 if let Some(conn) = &cached {
                     cancel_tokens.push(conn.cancel_token());
                 }
+                let (fragments, sender) = channels.add(fragments);
                 let share = Share {
                     target: target.clone(),
                     fragments,
                     prefix: String::new(),
                     settings: settings.clone(),
-                    sender: sender.clone(),
+                    sender,
                     transactional: false,
                 };
                 tasks.push(runtime::spawn(share.run(cached)));
             }
         }
         FragmentStream {
-            messages,
+            streams: channels.receivers,
             stats: Vec::new(),
             tasks,
             participant_tasks,
@@ -138,27 +151,102 @@ impl FragmentStream {
 
     /// The next row from any node, None when every fragment is done.
     pub fn next(&mut self) -> Result<Option<TextRow>, RemoteError> {
+        self.next_from(0)
+    }
+
+    /// How many streams `next_from` reads: one, or one per connection when merging.
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// The next row of stream `index`, None when it has ended.
+    pub fn next_from(&mut self, index: usize) -> Result<Option<TextRow>, RemoteError> {
         loop {
-            if self.finished {
+            let Some(stream) = self.streams.get_mut(index).and_then(Option::as_mut) else {
                 return Ok(None);
-            }
-            match runtime::block_on(self.messages.recv()) {
+            };
+            match runtime::block_on(stream.recv()) {
                 Ok(Some(Ok(Message::Row(row)))) => return Ok(Some(row)),
                 Ok(Some(Ok(Message::Done(stats)))) => self.stats.push(stats),
                 Ok(Some(Err(err))) => return Err(err),
                 Ok(None) => {
-                    self.finished = true;
-                    self.return_participants();
-                    let tasks = std::mem::take(&mut self.tasks);
-                    if let Ok(results) = runtime::block_on(futures_util::future::join_all(tasks)) {
-                        for conn in results.into_iter().flatten().flatten() {
-                            connection::give_back(conn);
-                        }
+                    self.streams[index] = None;
+                    if self.streams.iter().all(Option::is_none) {
+                        self.finish();
                     }
                 }
                 Err(_) => runtime::raise_interrupt(),
             }
         }
+    }
+
+    /// Every stream has ended: hands the connections back.
+    fn finish(&mut self) {
+        self.finished = true;
+        self.return_participants();
+        let tasks = std::mem::take(&mut self.tasks);
+        if let Ok(results) = runtime::block_on(futures_util::future::join_all(tasks)) {
+            for conn in results.into_iter().flatten().flatten() {
+                connection::give_back(conn);
+            }
+        }
+    }
+}
+
+/// The channels of a stream being started: one shared by every connection, or one per
+/// connection when merging.
+struct Channels {
+    merge_order: Option<String>,
+    shared: Option<Sender>,
+    receivers: Vec<Option<mpsc::Receiver<Result<Message, RemoteError>>>>,
+}
+
+impl Channels {
+    fn new(merge_order: Option<String>) -> Channels {
+        let mut lanes = Channels {
+            merge_order,
+            shared: None,
+            receivers: Vec::new(),
+        };
+        if lanes.merge_order.is_none() {
+            let (sender, receiver) = mpsc::channel(CHANNEL_ROWS);
+            lanes.shared = Some(sender);
+            lanes.receivers.push(Some(receiver));
+        }
+        lanes
+    }
+
+    /// What one connection runs, and where it sends its rows.
+    fn add(&mut self, fragments: Vec<String>) -> (Vec<Fragment>, Sender) {
+        match (&self.merge_order, &self.shared) {
+            (None, Some(sender)) => (
+                fragments.into_iter().map(Fragment::single).collect(),
+                sender.clone(),
+            ),
+            (order, _) => {
+                let (sender, receiver) = mpsc::channel(MERGE_CHANNEL_ROWS);
+                self.receivers.push(Some(receiver));
+                let count = fragments.len();
+                let sql = format!(
+                    "{} ORDER BY {}",
+                    fragments.join(" UNION ALL "),
+                    order.as_deref().unwrap_or("1")
+                );
+                (vec![Fragment { sql, count }], sender)
+            }
+        }
+    }
+}
+
+/// SQL one connection runs as one query: a fragment, or a merged share of several.
+struct Fragment {
+    sql: String,
+    count: usize,
+}
+
+impl Fragment {
+    fn single(sql: String) -> Fragment {
+        Fragment { sql, count: 1 }
     }
 }
 
@@ -170,7 +258,9 @@ impl Drop for FragmentStream {
             return;
         }
         // Stop receiving: transactional lanes then read their fragments to the end.
-        self.messages.close();
+        for stream in self.streams.iter_mut().flatten() {
+            stream.close();
+        }
         self.return_participants();
         for task in &self.tasks {
             task.abort();
@@ -190,7 +280,7 @@ impl Drop for FragmentStream {
 /// One lane: fragments run one after another on one connection.
 struct Share {
     target: NodeTarget,
-    fragments: Vec<String>,
+    fragments: Vec<Fragment>,
     /// Statements that must go first (BEGIN / SAVEPOINT of the transaction's connection).
     prefix: String,
     settings: String,
@@ -215,7 +305,11 @@ impl Share {
         let _in_flight = runtime::InFlight::register(conn.cancel_token());
         let mut prefix = self.prefix;
         let mut receiving = true;
-        for mut fragment in self.fragments {
+        for Fragment {
+            sql: mut fragment,
+            count,
+        } in self.fragments
+        {
             if conn.session_settings != self.settings {
                 fragment.insert_str(0, &self.settings);
                 conn.session_settings = self.settings.clone();
@@ -227,6 +321,7 @@ impl Share {
                 Ok(Some(rows)) => {
                     let stats = FragmentStats {
                         node_id: conn.node.node_id,
+                        fragments: count,
                         rows,
                         elapsed: started.elapsed(),
                     };

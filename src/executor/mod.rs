@@ -5,6 +5,7 @@
 pub mod copy;
 pub mod copy_stream;
 pub mod fragments;
+pub mod merge;
 pub mod modify;
 pub mod scan;
 pub mod shard_writer;

@@ -18,6 +18,7 @@ use crate::distribution::hashing;
 use crate::distribution::shell::with_suffix;
 use crate::error::raise;
 use crate::executor::fragments::FragmentStream;
+use crate::executor::merge::SortedMerge;
 use crate::metadata::cache;
 use crate::planner::modify_plan::INSERT_TARGET_RTI;
 use crate::planner::scan_path::{from_list, ScanPlan, SCAN_NAME};
@@ -77,6 +78,8 @@ struct ScanRuntime {
     coordinator_values: Vec<*mut pg_sys::ExprState>,
     inputs: Vec<ColumnInput>,
     stream: Option<FragmentStream>,
+    /// ORDER BY without LIMIT: the merge of the sorted streams (`ScanPlan::merge_keys`).
+    merge: Option<SortedMerge>,
 }
 
 #[pg_guard]
@@ -97,6 +100,7 @@ unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut
             coordinator_values: Vec::new(),
             inputs: Vec::new(),
             stream: None,
+            merge: None,
         });
         state.cast()
     }
@@ -175,25 +179,74 @@ unsafe extern "C-unwind" fn next_tuple(
         let node = scan.cast::<pg_sys::CustomScanState>();
         let runtime = runtime_of(node);
         let slot = (*scan).ss_ScanTupleSlot;
+        let per_tuple_memory = (*(*scan).ps.ps_ExprContext).ecxt_per_tuple_memory;
         if runtime.stream.is_none() {
-            runtime.stream = Some(start(runtime, node));
+            let stream = start(runtime, node);
+            if !runtime.plan.merge_keys.is_empty() {
+                let old = pg_sys::MemoryContextSwitchTo((*(*scan).ps.state).es_query_cxt);
+                match runtime.merge.as_mut() {
+                    Some(merge) => merge.restart(stream.stream_count()),
+                    None => {
+                        runtime.merge = Some(SortedMerge::new(
+                            &runtime.plan.merge_keys,
+                            (*slot).tts_tupleDescriptor,
+                            stream.stream_count(),
+                        ))
+                    }
+                }
+                pg_sys::MemoryContextSwitchTo(old);
+            }
+            runtime.stream = Some(stream);
         }
-        let Some(stream) = runtime.stream.as_mut() else {
+        let ScanRuntime {
+            stream: Some(stream),
+            inputs,
+            merge,
+            ..
+        } = runtime
+        else {
             return pg_sys::ExecClearTuple(slot);
         };
-        let row = match stream.next() {
-            Ok(Some(row)) => row,
-            Ok(None) => return pg_sys::ExecClearTuple(slot),
+        if let Some(merge) = merge {
+            let next = merge.next(|index, head| match stream.next_from(index) {
+                Ok(Some(row)) => {
+                    store_row(inputs, head, row, per_tuple_memory);
+                    // The row must outlive per-tuple memory while other streams move on.
+                    if let Some(materialize) = (*(*head).tts_ops).materialize {
+                        materialize(head);
+                    }
+                    true
+                }
+                Ok(None) => false,
+                Err(err) => raise(err),
+            });
+            return next.unwrap_or_else(|| pg_sys::ExecClearTuple(slot));
+        }
+        match stream.next() {
+            Ok(Some(row)) => store_row(inputs, slot, row, per_tuple_memory),
+            Ok(None) => pg_sys::ExecClearTuple(slot),
             Err(err) => raise(err),
-        };
+        }
+    }
+}
+
+/// Stores one fetched row in `slot`, its values converted by the column types' input
+/// functions in `memory`.
+unsafe fn store_row(
+    inputs: &mut [ColumnInput],
+    slot: *mut pg_sys::TupleTableSlot,
+    row: crate::executor::fragments::TextRow,
+    memory: pg_sys::MemoryContext,
+) -> *mut pg_sys::TupleTableSlot {
+    // SAFETY: slot has the scan's descriptor, which `inputs` index.
+    unsafe {
         pg_sys::ExecClearTuple(slot);
         let natts = (*(*slot).tts_tupleDescriptor).natts as usize;
         let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
         let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
         nulls.fill(true);
-        let econtext = (*scan).ps.ps_ExprContext;
-        let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
-        for (input, value) in runtime.inputs.iter_mut().zip(row) {
+        let old = pg_sys::MemoryContextSwitchTo(memory);
+        for (input, value) in inputs.iter_mut().zip(row) {
             if let Some(text) = value {
                 let text = CString::new(text).unwrap_or_default();
                 values[input.slot_index] = pg_sys::InputFunctionCall(
@@ -213,7 +266,11 @@ unsafe extern "C-unwind" fn next_tuple(
 #[pg_guard]
 unsafe extern "C-unwind" fn end(node: *mut pg_sys::CustomScanState) {
     // SAFETY: drops the remote work of this scan (cancelling what still runs).
-    unsafe { runtime_of(node).stream = None };
+    unsafe {
+        let runtime = runtime_of(node);
+        runtime.stream = None;
+        runtime.merge = None;
+    }
 }
 
 #[pg_guard]
@@ -249,6 +306,12 @@ unsafe extern "C-unwind" fn explain(
             return;
         };
         text(c"Fragment", first);
+        if let Some(order) = merge_order(&runtime.plan) {
+            text(
+                c"Merge",
+                &format!("each connection's fragments sorted by ORDER BY {order}, streams merged"),
+            );
+        }
         if (*es).verbose || (*es).analyze {
             // The plan the worker makes for that fragment.
             let explain = format!("EXPLAIN (COSTS OFF) {first}");
@@ -273,7 +336,7 @@ unsafe extern "C-unwind" fn explain(
                 let entry = per_node.entry(stat.node_id).or_default();
                 let ms = stat.elapsed.as_secs_f64() * 1000.0;
                 *entry = (
-                    entry.0 + 1,
+                    entry.0 + stat.fragments,
                     entry.1 + stat.rows,
                     entry.2.max(ms),
                     entry.3 + ms,
@@ -627,6 +690,14 @@ impl ShardNames {
     }
 }
 
+/// The `ORDER BY` of each connection's merged share, when the scan merges sorted streams.
+fn merge_order(plan: &ScanPlan) -> Option<String> {
+    (!plan.merge_keys.is_empty()).then(|| {
+        let keys: Vec<String> = plan.merge_keys.iter().map(|k| k.order_by_text()).collect();
+        keys.join(", ")
+    })
+}
+
 unsafe fn start(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomScanState) -> FragmentStream {
     // SAFETY: see fragments().
     let (work, _) = unsafe { fragments(runtime, node, None) };
@@ -644,6 +715,7 @@ unsafe fn start(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomScanState) -
         settings,
         crate::gucs::max_connections_per_node() as usize,
         !runtime.plan.row_lock.is_empty(),
+        merge_order(&runtime.plan),
     )
 }
 

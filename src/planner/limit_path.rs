@@ -18,7 +18,7 @@ use crate::planner::scan_path::{
 use crate::planner::shippable::{sort_key_text, ScanDeparser};
 
 /// How many rows each fragment must return: LIMIT + OFFSET, when both are constants.
-unsafe fn fragment_limit(parse: *mut pg_sys::Query) -> Option<i64> {
+pub unsafe fn fragment_limit(parse: *mut pg_sys::Query) -> Option<i64> {
     // SAFETY: LIMIT and OFFSET expressions of a planned query (coerced to bigint).
     unsafe {
         let constant = |node: *mut pg_sys::Node| -> Option<i64> {
@@ -42,7 +42,7 @@ unsafe fn fragment_limit(parse: *mut pg_sys::Query) -> Option<i64> {
 
 /// The Distributed Scan that produces all of `rel`'s rows, if a LIMIT may go into its
 /// fragments: `(rel's path, the scan under it, the scan's plan)`.
-unsafe fn limitable_scan(
+pub unsafe fn limitable_scan(
     root: *mut pg_sys::PlannerInfo,
     rel: *mut pg_sys::RelOptInfo,
 ) -> Option<(*mut pg_sys::Path, *mut pg_sys::CustomPath, ScanPlan)> {
@@ -75,17 +75,19 @@ unsafe fn limitable_scan(
         }
         let scan = scan.cast::<pg_sys::CustomPath>();
         let plan = ScanPlan::decode(&from_list((*scan).custom_private));
-        (plan.row_lock.is_empty() && plan.limit.is_empty()).then_some((top, scan, plan))
+        (plan.row_lock.is_empty() && plan.limit.is_empty() && plan.merge_keys.is_empty())
+            .then_some((top, scan, plan))
     }
 }
 
-/// A copy of `top` whose scan runs `plan`, returning `rows` rows.
-unsafe fn with_plan(
+/// A copy of `top` whose scan runs `plan`, returning `rows` rows in the order of `pathkeys`.
+pub unsafe fn with_plan(
     root: *mut pg_sys::PlannerInfo,
     top: *mut pg_sys::Path,
     scan: *mut pg_sys::CustomPath,
     plan: &ScanPlan,
     rows: f64,
+    pathkeys: *mut pg_sys::List,
 ) -> *mut pg_sys::Path {
     // SAFETY: new paths in planner memory over the same relations and targets.
     unsafe {
@@ -99,6 +101,7 @@ unsafe fn with_plan(
             (*scan).methods,
         );
         (*limited).flags = (*scan).flags;
+        (*limited).path.pathkeys = pathkeys;
         if top == scan.cast() {
             limited.cast()
         } else {
@@ -140,7 +143,7 @@ pub unsafe fn add_top_n_path(
         };
         let shards = plan.shard_ids.len().max(1) as f64;
         let rows = (*scan).path.rows.min(shards * limit as f64).max(1.0);
-        let path = with_plan(root, top, scan, &plan, rows);
+        let path = with_plan(root, top, scan, &plan, rows, std::ptr::null_mut());
         let mut sorted: *mut pg_sys::Path = pg_sys::create_sort_path(
             root,
             ordered_rel,
@@ -184,7 +187,7 @@ pub unsafe fn add_first_rows_path(
         };
         let shards = plan.shard_ids.len().max(1) as f64;
         let rows = (*scan).path.rows.min(shards * limit as f64).max(1.0);
-        let path = with_plan(root, top, scan, &plan, rows);
+        let path = with_plan(root, top, scan, &plan, rows, std::ptr::null_mut());
         let limited = pg_sys::create_limit_path(
             root,
             final_rel,

@@ -9,6 +9,7 @@ pub mod aggregate_path;
 pub mod coordinator_subqueries;
 pub mod join_path;
 pub mod limit_path;
+pub mod merge_path;
 pub mod modify_plan;
 pub mod modify_pushdown;
 pub mod range_pruning;
@@ -124,6 +125,7 @@ unsafe extern "C-unwind" fn create_upper_paths(
             }
             pg_sys::UpperRelationKind::UPPERREL_ORDERED => {
                 limit_path::add_top_n_path(root, input_rel, output_rel);
+                merge_path::add_merged_path(root, input_rel, output_rel);
             }
             pg_sys::UpperRelationKind::UPPERREL_FINAL if !sorted && !extra.is_null() => {
                 limit_path::add_first_rows_path(root, input_rel, output_rel, extra.cast());

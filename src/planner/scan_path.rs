@@ -200,6 +200,63 @@ pub struct ScanPlan {
     /// The expressions behind `$<COORDINATOR_VALUE_BASE + i>` in `where_sql`, computed at
     /// execution (`nodeToString` of a List; empty: none).
     pub coordinator_values: String,
+    /// `ORDER BY` without `LIMIT` (`merge_path.rs`): each connection's fragments come back
+    /// sorted by these keys and the scan merges the streams.
+    pub merge_keys: Vec<MergeKey>,
+}
+
+/// One sort key of a merged scan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergeKey {
+    /// The key's column in the scan tuple (0-based).
+    pub slot_index: usize,
+    /// Its position in each fragment's SELECT list (1-based).
+    pub position: usize,
+    pub sort_operator: pg_sys::Oid,
+    pub collation: pg_sys::Oid,
+    pub descending: bool,
+    pub nulls_first: bool,
+}
+
+impl MergeKey {
+    fn encode(&self) -> String {
+        format!(
+            "{}:{}:{}:{}:{}:{}",
+            self.slot_index,
+            self.position,
+            u32::from(self.sort_operator),
+            u32::from(self.collation),
+            u8::from(self.descending),
+            u8::from(self.nulls_first)
+        )
+    }
+
+    fn decode(text: &str) -> Option<MergeKey> {
+        let fields: Vec<u32> = text
+            .split(':')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let [slot_index, position, sort_operator, collation, descending, nulls_first] = fields[..]
+        else {
+            return None;
+        };
+        Some(MergeKey {
+            slot_index: slot_index as usize,
+            position: position as usize,
+            sort_operator: pg_sys::Oid::from(sort_operator),
+            collation: pg_sys::Oid::from(collation),
+            descending: descending == 1,
+            nulls_first: nulls_first == 1,
+        })
+    }
+
+    /// The key in a fragment's `ORDER BY`.
+    pub fn order_by_text(&self) -> String {
+        let direction = if self.descending { "DESC" } else { "ASC" };
+        let nulls = if self.nulls_first { "FIRST" } else { "LAST" };
+        format!("{} {direction} NULLS {nulls}", self.position)
+    }
 }
 
 impl ScanPlan {
@@ -232,6 +289,7 @@ impl ScanPlan {
             self.order_by.clone(),
             self.limit.clone(),
             self.coordinator_values.clone(),
+            join(self.merge_keys.iter().map(MergeKey::encode).collect()),
         ]
     }
 
@@ -279,6 +337,10 @@ impl ScanPlan {
             order_by: parts.get(10).cloned().unwrap_or_default(),
             limit: parts.get(11).cloned().unwrap_or_default(),
             coordinator_values: parts.get(12).cloned().unwrap_or_default(),
+            merge_keys: parts
+                .get(13)
+                .map(|s| s.split(',').filter_map(MergeKey::decode).collect())
+                .unwrap_or_default(),
         }
     }
 }
