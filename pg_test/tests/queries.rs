@@ -29,6 +29,7 @@ fn main() {
             grouping_by_the_distribution_column_runs_whole_on_the_workers,
             limits_run_on_the_workers,
             sorted_streams_merge_on_the_coordinator,
+            distinct_aggregates_read_distinct_rows,
             subqueries_ctes_and_set_operations,
             window_functions,
             windows_partitioned_by_the_distribution_column_run_on_the_workers,
@@ -616,6 +617,54 @@ fn sorted_streams_merge_on_the_coordinator(cluster: &Cluster) {
     );
     for client in [&mut coordinator, &mut reference] {
         client.batch_execute("ROLLBACK").unwrap();
+    }
+}
+
+fn distinct_aggregates_read_distinct_rows(cluster: &Cluster) {
+    // Only aggregates that ignore duplicate rows, at least one DISTINCT, or SELECT DISTINCT:
+    // the fragments return each distinct row of the columns read once.
+    let deduplicated = [
+        "SELECT status, count(DISTINCT customer_id) FROM orders GROUP BY status",
+        "SELECT count(DISTINCT qty), min(ordered_at), max(note) FROM orders WHERE customer_id > 100",
+        "SELECT qty, count(DISTINCT status), string_agg(DISTINCT note, ',' ORDER BY note) FROM orders GROUP BY qty HAVING count(DISTINCT status) > 1",
+        "SELECT country, count(DISTINCT signup), bool_or(vip), array_agg(DISTINCT name ORDER BY name) FILTER (WHERE customer_id < 40) FROM customers GROUP BY country",
+        "SELECT count(DISTINCT ref), count(DISTINCT payload) FILTER (WHERE qty > 3) FROM orders",
+        "SELECT kind, count(DISTINCT day), max(n) FROM events GROUP BY kind",
+        "SELECT count(DISTINCT ordered_at::date) FROM orders WHERE qty = 3",
+        "SELECT count(DISTINCT customer_id) FROM orders WHERE amount IS NULL",
+        "SELECT DISTINCT status, qty FROM orders WHERE qty < 5",
+        "SELECT DISTINCT country FROM customers ORDER BY country NULLS FIRST",
+        "SELECT DISTINCT kind, day FROM events WHERE n < 100 ORDER BY day, kind",
+    ];
+    // Duplicates matter (count(*), avg), equal values can differ (numeric, float, interval),
+    // or the groups are finished on the workers anyway: no DISTINCT in the fragments.
+    let kept = [
+        "SELECT count(DISTINCT amount) FROM orders",
+        "SELECT count(DISTINCT price), max(qty) FROM orders",
+        "SELECT count(DISTINCT waited) FROM orders",
+        "SELECT qty, count(DISTINCT status), count(*) FROM orders GROUP BY qty",
+        "SELECT count(DISTINCT qty), avg(qty) FROM orders",
+        "SELECT count(DISTINCT qty), random() < 2 FROM orders",
+        "SELECT customer_id, count(DISTINCT qty) FROM orders GROUP BY customer_id",
+        "SELECT DISTINCT amount FROM orders",
+        "SELECT DISTINCT ON (qty) qty, order_id FROM orders ORDER BY qty, order_id",
+    ];
+    let all: Vec<&str> = deduplicated.iter().chain(kept.iter()).copied().collect();
+    check_all(cluster, &all);
+    let mut coordinator = cluster.coordinator_client();
+    for sql in deduplicated {
+        let fragment = fragment(&mut coordinator, sql);
+        assert!(
+            fragment.starts_with("SELECT DISTINCT "),
+            "{sql}: {fragment}"
+        );
+    }
+    for sql in kept {
+        let fragment = fragment(&mut coordinator, sql);
+        assert!(
+            !fragment.starts_with("SELECT DISTINCT "),
+            "{sql}: {fragment}"
+        );
     }
 }
 

@@ -543,7 +543,8 @@ fn fragment_sql(plan: &ScanPlan, relid: pg_sys::Oid) -> String {
             format!("${RELATION_BASE}"),
         )
     };
-    let mut sql = format!("SELECT {select} FROM {from}");
+    let distinct = if plan.distinct { "DISTINCT " } else { "" };
+    let mut sql = format!("SELECT {distinct}{select} FROM {from}");
     for (keyword, text) in [
         ("WHERE", &plan.where_sql),
         ("GROUP BY", &plan.group_by),

@@ -293,6 +293,7 @@ unsafe fn whole_path(
             having,
             columns: (1..=select.len() as i16).collect(),
             exec_params: sql.take_exec_params(),
+            distinct: false,
             ..base_plan.clone()
         };
         let shards = plan.shard_ids.len().max(1) as f64;
@@ -349,6 +350,7 @@ unsafe fn partial_path(
             group_by: group_positions.join(", "),
             columns: (1..=select.len() as i16).collect(),
             exec_params: sql.take_exec_params(),
+            distinct: false,
             ..base_plan.clone()
         };
         let shards = plan.shard_ids.len().max(1) as f64;

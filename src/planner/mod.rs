@@ -7,6 +7,7 @@
 
 pub mod aggregate_path;
 pub mod coordinator_subqueries;
+pub mod distinct_rows;
 pub mod join_path;
 pub mod limit_path;
 pub mod merge_path;

@@ -203,6 +203,8 @@ pub struct ScanPlan {
     /// `ORDER BY` without `LIMIT` (`merge_path.rs`): each connection's fragments come back
     /// sorted by these keys and the scan merges the streams.
     pub merge_keys: Vec<MergeKey>,
+    /// `SELECT DISTINCT` (`distinct_rows.rs`): the query needs each distinct row once only.
+    pub distinct: bool,
 }
 
 /// One sort key of a merged scan.
@@ -290,6 +292,7 @@ impl ScanPlan {
             self.limit.clone(),
             self.coordinator_values.clone(),
             join(self.merge_keys.iter().map(MergeKey::encode).collect()),
+            u8::from(self.distinct).to_string(),
         ]
     }
 
@@ -341,6 +344,7 @@ impl ScanPlan {
                 .get(13)
                 .map(|s| s.split(',').filter_map(MergeKey::decode).collect())
                 .unwrap_or_default(),
+            distinct: parts.get(14).is_some_and(|s| s == "1"),
         }
     }
 }
@@ -388,6 +392,12 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
         };
         let mut plan = plan_scan(&table, rel);
         plan.row_lock = crate::planner::row_locks::clause_for(root, rti);
+        plan.distinct = crate::planner::distinct_rows::only_distinct_rows_needed(
+            root,
+            rel,
+            table.oid,
+            &plan.columns,
+        );
         add_distributed_path(root, rel, plan);
     }
 }
@@ -483,7 +493,7 @@ unsafe fn plan_scan(table: &DistTable, rel: *mut pg_sys::RelOptInfo) -> ScanPlan
     }
 }
 
-/// Columns the query needs from this table: its target list and the local filters.
+/// Columns the query needs from this table: its target list and the local filters'.
 unsafe fn needed_columns(rel: *mut pg_sys::RelOptInfo) -> Vec<i16> {
     let mut attnos: Vec<i16> = Vec::new();
     // SAFETY: reltarget and baserestrictinfo belong to rel; pull_varattnos fills a Bitmapset
@@ -492,8 +502,11 @@ unsafe fn needed_columns(rel: *mut pg_sys::RelOptInfo) -> Vec<i16> {
         let mut set: *mut pg_sys::Bitmapset = std::ptr::null_mut();
         let relid = (*rel).relid;
         pg_sys::pull_varattnos((*(*rel).reltarget).exprs.cast(), relid, &mut set);
+        // Shipped clauses run on the workers: only local filters need their columns here.
         for ri in PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo).iter_ptr() {
-            pg_sys::pull_varattnos((*ri).clause.cast(), relid, &mut set);
+            if shipped_form((*ri).clause.cast(), &mut Vec::new()).is_none() {
+                pg_sys::pull_varattnos((*ri).clause.cast(), relid, &mut set);
+            }
         }
         let offset = pg_sys::FirstLowInvalidHeapAttributeNumber;
         let mut member = -1;
