@@ -559,6 +559,9 @@ fn sorted_streams_merge_on_the_coordinator(cluster: &Cluster) {
         "SELECT customer_id, order_id, row_number() OVER (PARTITION BY customer_id ORDER BY order_id) AS rn FROM orders WHERE customer_id < 300 ORDER BY rn, customer_id",
         "SELECT * FROM events WHERE n % 7 = 0 ORDER BY day DESC, n",
         "SELECT * FROM countries ORDER BY name NULLS FIRST",
+        // The table's sorted path feeds a GroupAggregate or a WindowAgg without a Sort.
+        "SELECT qty, count(DISTINCT status), min(note) FROM orders GROUP BY qty ORDER BY qty",
+        "SELECT order_id, amount, rank() OVER (ORDER BY amount DESC NULLS LAST, order_id) FROM orders WHERE qty = 5",
     ];
     // A sort key the scan does not return, or one the workers would order differently, keeps
     // the coordinator's Sort.

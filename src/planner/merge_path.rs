@@ -2,6 +2,10 @@
 //! sorted by the worker (`… UNION ALL … ORDER BY <positions>`) and the coordinator merges the
 //! sorted streams, so no Sort runs here and the first rows arrive before the last are read.
 //!
+//! A table that is its query's only relation also gets a second, sorted path in the order the
+//! query wants first (`query_pathkeys`: GROUP BY, DISTINCT or ORDER BY), so that a
+//! GroupAggregate or Unique above it needs no Sort either; PostgreSQL picks it by cost.
+//!
 //! The merge compares the scan's own output columns, so every sort key must be one of them
 //! (a column of the table, or an output of a pushed-down join, aggregate or window), sorted by
 //! its type's default `<` or `>` under a collation that orders the same on every node.
@@ -10,7 +14,7 @@ use pgrx::pg_sys;
 use pgrx::PgList;
 
 use crate::planner::limit_path::{fragment_limit, limitable_scan, with_plan};
-use crate::planner::scan_path::{MergeKey, ScanPlan};
+use crate::planner::scan_path::{new_custom_path, MergeKey, ScanPlan};
 use crate::planner::shippable::collation_ok;
 
 /// Adds the merged path to `ordered_rel` when the query's rows come from one Distributed
@@ -117,6 +121,106 @@ unsafe fn merge_key(
             collation,
             descending,
             nulls_first: (*clause).nulls_first,
+        })
+    }
+}
+
+/// Adds a copy of the table scan `unsorted` whose rows come back in `query_pathkeys` order,
+/// when `rel` is the query's only relation and every key is one of its columns.
+pub unsafe fn add_sorted_table_path(
+    root: *mut pg_sys::PlannerInfo,
+    rel: *mut pg_sys::RelOptInfo,
+    unsorted: *mut pg_sys::CustomPath,
+    plan: &ScanPlan,
+) {
+    // SAFETY: the planner's pathkeys and equivalence classes; paths in planner memory.
+    unsafe {
+        let pathkeys = (*root).query_pathkeys;
+        if pathkeys.is_null()
+            || !plan.row_lock.is_empty()
+            || pg_sys::bms_membership((*root).all_baserels) != pg_sys::BMS_Membership::BMS_SINGLETON
+        {
+            return;
+        }
+        let mut keys = Vec::new();
+        for pathkey in PgList::<pg_sys::PathKey>::from_pg(pathkeys).iter_ptr() {
+            let Some(key) = table_merge_key(rel, plan, pathkey) else {
+                return;
+            };
+            keys.push(key);
+        }
+        let sorted_plan = ScanPlan {
+            merge_keys: keys,
+            ..plan.clone()
+        };
+        let rows = (*unsorted).path.rows;
+        // Merging costs a comparison or two per row, less than a Sort of the same rows.
+        let sorted = new_custom_path(
+            rel,
+            (*unsorted).path.pathtarget,
+            rows,
+            (*unsorted).path.total_cost + rows * 0.005,
+            &sorted_plan,
+            (*unsorted).methods,
+        );
+        (*sorted).flags = (*unsorted).flags;
+        (*sorted).path.pathkeys = pathkeys;
+        pg_sys::add_path(rel, sorted.cast());
+    }
+}
+
+/// How the coordinator compares the column of `rel` that `pathkey` sorts by.
+unsafe fn table_merge_key(
+    rel: *mut pg_sys::RelOptInfo,
+    plan: &ScanPlan,
+    pathkey: *mut pg_sys::PathKey,
+) -> Option<MergeKey> {
+    // SAFETY: a pathkey of the query being planned and its equivalence class.
+    unsafe {
+        let class = (*pathkey).pk_eclass;
+        let var = PgList::<pg_sys::EquivalenceMember>::from_pg((*class).ec_members)
+            .iter_ptr()
+            .map(|member| (*member).em_expr.cast::<pg_sys::Node>())
+            .find(|expr| {
+                (**expr).type_ == pg_sys::NodeTag::T_Var && {
+                    let var = expr.cast::<pg_sys::Var>();
+                    (*var).varno as u32 == (*rel).relid
+                        && (*var).varlevelsup == 0
+                        && (*var).varattno > 0
+                }
+            })?
+            .cast::<pg_sys::Var>();
+        let attno = (*var).varattno;
+        let position = plan.columns.iter().position(|c| *c == attno)? + 1;
+        let type_oid = (*var).vartype;
+        let sort_operator = pg_sys::get_opfamily_member(
+            (*pathkey).pk_opfamily,
+            type_oid,
+            type_oid,
+            (*pathkey).pk_strategy as i16,
+        );
+        let types = pg_sys::lookup_type_cache(
+            type_oid,
+            (pg_sys::TYPECACHE_LT_OPR | pg_sys::TYPECACHE_GT_OPR) as i32,
+        );
+        let descending = if sort_operator == (*types).lt_opr {
+            false
+        } else if sort_operator == (*types).gt_opr {
+            true
+        } else {
+            return None;
+        };
+        let collation = (*class).ec_collation;
+        if sort_operator == pg_sys::InvalidOid || !collation_ok(collation) {
+            return None;
+        }
+        Some(MergeKey {
+            slot_index: attno as usize - 1,
+            position,
+            sort_operator,
+            collation,
+            descending,
+            nulls_first: (*pathkey).pk_nulls_first,
         })
     }
 }

@@ -49,8 +49,8 @@ pub unsafe fn is_distributed_scan(path: *mut pg_sys::Path) -> bool {
     }
 }
 
-/// The Distributed Scan among `rel`'s paths: of the base table, or of a pushed-down join
-/// (possibly under a projection that computes expressions over its columns).
+/// The unsorted Distributed Scan among `rel`'s paths: of the base table, or of a pushed-down
+/// join (possibly under a projection that computes expressions over its columns).
 pub unsafe fn distributed_path_of(rel: *mut pg_sys::RelOptInfo) -> Option<*mut pg_sys::CustomPath> {
     // SAFETY: rel's pathlist is a List of Paths; casts follow node tags.
     unsafe {
@@ -63,7 +63,7 @@ pub unsafe fn distributed_path_of(rel: *mut pg_sys::RelOptInfo) -> Option<*mut p
                     path
                 }
             })
-            .find(|path| is_distributed_scan(*path))
+            .find(|path| is_distributed_scan(*path) && (**path).pathkeys.is_null())
             .map(|path| path.cast())
     }
 }
@@ -398,7 +398,8 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
             table.oid,
             &plan.columns,
         );
-        add_distributed_path(root, rel, plan);
+        let path = add_distributed_path(rel, &plan);
+        crate::planner::merge_path::add_sorted_table_path(root, rel, path, &plan);
     }
 }
 
@@ -714,14 +715,12 @@ unsafe fn equality_values(
 }
 
 unsafe fn add_distributed_path(
-    root: *mut pg_sys::PlannerInfo,
     rel: *mut pg_sys::RelOptInfo,
-    plan: ScanPlan,
-) {
+    plan: &ScanPlan,
+) -> *mut pg_sys::CustomPath {
     // SAFETY: we build a CustomPath in planner memory and hand it to add_path, replacing the
     // shell table's paths (which would read the empty shell).
     unsafe {
-        let _ = root;
         (*rel).pathlist = std::ptr::null_mut();
         (*rel).partial_pathlist = std::ptr::null_mut();
         (*rel).consider_parallel = false;
@@ -742,10 +741,11 @@ unsafe fn add_distributed_path(
             (*rel).reltarget,
             rows,
             total_cost,
-            &plan,
+            plan,
             &raw const PATH_METHODS,
         );
         pg_sys::add_path(rel, path.cast());
+        path
     }
 }
 
