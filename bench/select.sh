@@ -6,6 +6,8 @@
 #   - count(*), sum() and a ~100-group GROUP BY over ROWS rows (time ratio)
 #   - a join of two co-located tables on their key, aggregated (time ratio)
 #   - a top-10 by a non-key column (ORDER BY … LIMIT pushed into every fragment; time ratio)
+#   - count(DISTINCT) grouped by another column (fragments return distinct rows; time ratio)
+#   - every row in the order of a non-key column (sorted streams merged; time ratio)
 #   bash bench/select.sh          ROWS=200000 SECONDS_EACH=5 bash bench/select.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +52,9 @@ for mode in prepared simple; do
 done
 for q in "SELECT count(*) FROM TABLE" "SELECT sum(amount) FROM TABLE" "SELECT customer_id % 100, count(*), sum(amount) FROM TABLE GROUP BY 1" \
          "SELECT e.weight, count(*), sum(t.amount) FROM TABLE t JOIN TABLE_extra e USING (id) GROUP BY 1" \
-         "SELECT * FROM TABLE ORDER BY amount DESC, id LIMIT 10"; do
+         "SELECT * FROM TABLE ORDER BY amount DESC, id LIMIT 10" \
+         "SELECT customer_id % 100, count(DISTINCT customer_id) FROM TABLE GROUP BY 1" \
+         "SELECT id, amount FROM TABLE ORDER BY amount, id"; do
     plain=$(timed "${q//TABLE/bench_local}"); dist=$(timed "${q//TABLE/bench_dist}")
     results+=("${q//TABLE/t}|${plain}s|${dist}s|$(python3 -c "print(f'{$dist / $plain:.2f}x the time')")")
 done
