@@ -197,44 +197,36 @@ impl FragmentStream {
 /// connection when merging.
 struct Channels {
     merge_order: Option<String>,
-    shared: Option<Sender>,
+    shared: Sender,
     receivers: Vec<Option<mpsc::Receiver<Result<Message, RemoteError>>>>,
 }
 
 impl Channels {
     fn new(merge_order: Option<String>) -> Channels {
-        let mut lanes = Channels {
-            merge_order,
-            shared: None,
-            receivers: Vec::new(),
+        let (shared, receiver) = mpsc::channel(CHANNEL_ROWS);
+        let receivers = if merge_order.is_none() {
+            vec![Some(receiver)]
+        } else {
+            Vec::new()
         };
-        if lanes.merge_order.is_none() {
-            let (sender, receiver) = mpsc::channel(CHANNEL_ROWS);
-            lanes.shared = Some(sender);
-            lanes.receivers.push(Some(receiver));
+        Channels {
+            merge_order,
+            shared,
+            receivers,
         }
-        lanes
     }
 
     /// What one connection runs, and where it sends its rows.
     fn add(&mut self, fragments: Vec<String>) -> (Vec<Fragment>, Sender) {
-        match (&self.merge_order, &self.shared) {
-            (None, Some(sender)) => (
-                fragments.into_iter().map(Fragment::single).collect(),
-                sender.clone(),
-            ),
-            (order, _) => {
-                let (sender, receiver) = mpsc::channel(MERGE_CHANNEL_ROWS);
-                self.receivers.push(Some(receiver));
-                let count = fragments.len();
-                let sql = format!(
-                    "{} ORDER BY {}",
-                    fragments.join(" UNION ALL "),
-                    order.as_deref().unwrap_or("1")
-                );
-                (vec![Fragment { sql, count }], sender)
-            }
-        }
+        let Some(order) = &self.merge_order else {
+            let fragments = fragments.into_iter().map(Fragment::single).collect();
+            return (fragments, self.shared.clone());
+        };
+        let (sender, receiver) = mpsc::channel(MERGE_CHANNEL_ROWS);
+        self.receivers.push(Some(receiver));
+        let sql = format!("{} ORDER BY {order}", fragments.join(" UNION ALL "));
+        let count = fragments.len();
+        (vec![Fragment { sql, count }], sender)
     }
 }
 
