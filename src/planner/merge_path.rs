@@ -15,7 +15,7 @@ use pgrx::PgList;
 
 use crate::planner::limit_path::{fragment_limit, limitable_scan, with_plan};
 use crate::planner::scan_path::{new_custom_path, MergeKey, ScanPlan};
-use crate::planner::shippable::collation_ok;
+use crate::planner::shippable::{collation_ok, is_descending};
 
 /// Adds the merged path to `ordered_rel` when the query's rows come from one Distributed
 /// Scan whose output holds every sort key.
@@ -103,17 +103,7 @@ unsafe fn merge_key(
         if !collation_ok(collation) {
             return None;
         }
-        let types = pg_sys::lookup_type_cache(
-            pg_sys::exprType(expr),
-            (pg_sys::TYPECACHE_LT_OPR | pg_sys::TYPECACHE_GT_OPR) as i32,
-        );
-        let descending = if (*clause).sortop == (*types).lt_opr {
-            false
-        } else if (*clause).sortop == (*types).gt_opr {
-            true
-        } else {
-            return None; // ORDER BY … USING another operator
-        };
+        let descending = is_descending(pg_sys::exprType(expr), (*clause).sortop)?;
         Some(MergeKey {
             slot_index,
             position,
@@ -199,19 +189,9 @@ unsafe fn table_merge_key(
             type_oid,
             (*pathkey).pk_strategy as i16,
         );
-        let types = pg_sys::lookup_type_cache(
-            type_oid,
-            (pg_sys::TYPECACHE_LT_OPR | pg_sys::TYPECACHE_GT_OPR) as i32,
-        );
-        let descending = if sort_operator == (*types).lt_opr {
-            false
-        } else if sort_operator == (*types).gt_opr {
-            true
-        } else {
-            return None;
-        };
+        let descending = is_descending(type_oid, sort_operator)?;
         let collation = (*class).ec_collation;
-        if sort_operator == pg_sys::InvalidOid || !collation_ok(collation) {
+        if !collation_ok(collation) {
             return None;
         }
         Some(MergeKey {

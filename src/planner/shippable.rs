@@ -191,16 +191,10 @@ pub unsafe fn sort_key_text(
     unsafe {
         let expr = pg_sys::get_sortgroupclause_expr(clause, tlist).cast::<pg_sys::Node>();
         let text = sql.text(expr)?;
-        let types = pg_sys::lookup_type_cache(
-            pg_sys::exprType(expr),
-            (pg_sys::TYPECACHE_LT_OPR | pg_sys::TYPECACHE_GT_OPR) as i32,
-        );
-        let direction = if (*clause).sortop == (*types).lt_opr {
-            "ASC"
-        } else if (*clause).sortop == (*types).gt_opr {
+        let direction = if is_descending(pg_sys::exprType(expr), (*clause).sortop)? {
             "DESC"
         } else {
-            return None; // ORDER BY … USING another operator
+            "ASC"
         };
         let nulls = if (*clause).nulls_first {
             "NULLS FIRST"
@@ -208,6 +202,28 @@ pub unsafe fn sort_key_text(
             "NULLS LAST"
         };
         Some(format!("{text} {direction} {nulls}"))
+    }
+}
+
+/// Whether `sort_operator` is the `>` (true) or the `<` (false) of `type_oid`'s default btree
+/// operator class, the only orders a worker's `ASC` / `DESC` reproduce; None for another
+/// operator (`ORDER BY … USING`).
+pub unsafe fn is_descending(type_oid: pg_sys::Oid, sort_operator: pg_sys::Oid) -> Option<bool> {
+    // SAFETY: a type cache lookup.
+    unsafe {
+        let types = pg_sys::lookup_type_cache(
+            type_oid,
+            (pg_sys::TYPECACHE_LT_OPR | pg_sys::TYPECACHE_GT_OPR) as i32,
+        );
+        if sort_operator == pg_sys::InvalidOid {
+            None
+        } else if sort_operator == (*types).lt_opr {
+            Some(false)
+        } else if sort_operator == (*types).gt_opr {
+            Some(true)
+        } else {
+            None
+        }
     }
 }
 
