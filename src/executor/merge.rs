@@ -8,10 +8,14 @@ use pgrx::pg_sys;
 
 use crate::planner::scan_path::MergeKey;
 
+type Comparator =
+    unsafe extern "C-unwind" fn(pg_sys::Datum, pg_sys::Datum, pg_sys::SortSupport) -> i32;
+
 struct SortKey {
     /// The key's column in the scan tuple (0-based).
     slot_index: usize,
     support: *mut pg_sys::SortSupportData,
+    comparator: Comparator,
 }
 
 pub struct SortedMerge {
@@ -49,9 +53,17 @@ impl SortedMerge {
                     (*support).ssup_nulls_first = key.nulls_first;
                     (*support).ssup_attno = (key.slot_index + 1) as i16;
                     pg_sys::PrepareSortSupportFromOrderingOp(key.sort_operator, support);
+                    // PostgreSQL raises an error itself when the operator has no comparison.
+                    let Some(comparator) = (*support).comparator else {
+                        pgrx::error!(
+                            "pgdist: no comparison for sort operator {}",
+                            u32::from(key.sort_operator)
+                        );
+                    };
                     SortKey {
                         slot_index: key.slot_index,
                         support,
+                        comparator,
                     }
                 })
                 .collect();
@@ -146,10 +158,7 @@ impl SortedMerge {
                     (false, true) if (*support).ssup_nulls_first => Ordering::Greater,
                     (false, true) => Ordering::Less,
                     (false, false) => {
-                        let compare = (*support)
-                            .comparator
-                            .expect("PrepareSortSupportFromOrderingOp sets a comparator");
-                        let order = compare(a_value, b_value, support).cmp(&0);
+                        let order = (key.comparator)(a_value, b_value, support).cmp(&0);
                         if (*support).ssup_reverse {
                             order.reverse()
                         } else {
