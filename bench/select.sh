@@ -5,6 +5,7 @@
 #   - router point lookups by key: pgbench, 4 clients, -M prepared and -M simple (TPS ratio)
 #   - count(*), sum() and a ~100-group GROUP BY over ROWS rows (time ratio)
 #   - a join of two co-located tables on their key, aggregated (time ratio)
+#   - a join with a 5000-row table that is not co-located, aggregated (broadcast; time ratio)
 #   - a top-10 by a non-key column (ORDER BY … LIMIT pushed into every fragment; time ratio)
 #   - count(DISTINCT) grouped by another column (fragments return distinct rows; time ratio)
 #   - every row in the order of a non-key column (sorted streams merged; time ratio)
@@ -43,6 +44,12 @@ CREATE TABLE bench_dist_extra AS SELECT * FROM bench_local_extra;
 ALTER TABLE bench_dist_extra ADD PRIMARY KEY (id);
 VACUUM ANALYZE bench_local_extra;
 SELECT pgdist.create_distributed_table('bench_dist_extra', 'id', colocate_with => 'bench_dist');
+CREATE TABLE bench_local_dim (customer_id int PRIMARY KEY, region text);
+INSERT INTO bench_local_dim SELECT i, 'region ' || i % 10 FROM generate_series(0, 4999) i;
+CREATE TABLE bench_dist_dim AS SELECT * FROM bench_local_dim;
+ALTER TABLE bench_dist_dim ADD PRIMARY KEY (customer_id);
+VACUUM ANALYZE bench_local_dim;
+SELECT pgdist.create_distributed_table('bench_dist_dim', 'customer_id');
 SQL
 
 results=()
@@ -52,6 +59,7 @@ for mode in prepared simple; do
 done
 for q in "SELECT count(*) FROM TABLE" "SELECT sum(amount) FROM TABLE" "SELECT customer_id % 100, count(*), sum(amount) FROM TABLE GROUP BY 1" \
          "SELECT e.weight, count(*), sum(t.amount) FROM TABLE t JOIN TABLE_extra e USING (id) GROUP BY 1" \
+         "SELECT d.region, count(*), sum(t.amount) FROM TABLE t JOIN TABLE_dim d USING (customer_id) GROUP BY 1" \
          "SELECT * FROM TABLE ORDER BY amount DESC, id LIMIT 10" \
          "SELECT customer_id % 100, count(DISTINCT customer_id) FROM TABLE GROUP BY 1" \
          "SELECT id, amount FROM TABLE ORDER BY amount, id"; do

@@ -38,6 +38,9 @@ CREATE TABLE pgdist.dist_table (
     method              text NOT NULL CHECK (method IN ('hash', 'range', 'reference')),
     distribution_column text,
     colocation_id       int NOT NULL REFERENCES pgdist.colocation_group (colocation_id),
+    -- Rows in all its shards, as the nodes last estimated them (NULL: not asked yet); the
+    -- planner sizes scans and joins by it.
+    row_estimate        float8,
     CHECK ((method = 'reference') = (distribution_column IS NULL))
 );
 SELECT pg_catalog.pg_extension_config_dump('pgdist.dist_table', '');

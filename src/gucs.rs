@@ -13,6 +13,7 @@ static SHARD_COUNT: GucSetting<i32> = GucSetting::<i32>::new(32);
 static REPLICATION_FACTOR: GucSetting<i32> = GucSetting::<i32>::new(1);
 static RECOVERY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static DEADLOCK_DETECTION_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+static STATISTICS_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 static DEBUG_PAUSE_AT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init() {
@@ -77,6 +78,16 @@ pub fn init() {
         c"How often the maintenance daemon resolves two-phase commits left in doubt by a crash.",
         c"-1 turns automatic recovery off (pgdist.recover_prepared_transactions() still works).",
         &RECOVERY_INTERVAL_MS,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pgdist.statistics_interval",
+        c"How often the maintenance daemon asks the nodes how many rows each distributed table has.",
+        c"The planner sizes scans and joins by these numbers. -1 turns it off (pgdist.refresh_row_estimates() still works).",
+        &STATISTICS_INTERVAL_MS,
         -1,
         i32::MAX,
         GucContext::Sighup,
@@ -166,6 +177,10 @@ fn interval(setting: &GucSetting<i32>) -> Option<std::time::Duration> {
 
 pub fn recovery_interval() -> Option<std::time::Duration> {
     interval(&RECOVERY_INTERVAL_MS)
+}
+
+pub fn statistics_interval() -> Option<std::time::Duration> {
+    interval(&STATISTICS_INTERVAL_MS)
 }
 
 pub fn deadlock_detection_interval() -> Option<std::time::Duration> {

@@ -26,6 +26,7 @@ fn main() {
             ordering_limits_and_distinct,
             joins,
             co_located_joins_run_on_the_workers,
+            other_joins_broadcast_the_smaller_side,
             grouping_by_the_distribution_column_runs_whole_on_the_workers,
             limits_run_on_the_workers,
             sorted_streams_merge_on_the_coordinator,
@@ -344,10 +345,8 @@ fn co_located_joins_run_on_the_workers(cluster: &Cluster) {
         "SELECT c.customer_id, o.ordered_at, o.waited, o.payload, o.ref FROM customers c JOIN orders o USING (customer_id) WHERE c.tags IS NOT NULL AND o.qty = 0",
     ];
     let local = [
-        "SELECT a.customer_id, b.customer_id FROM customers a JOIN customers b ON a.customer_id = b.customer_id + 1000",
         "SELECT k.code, c.customer_id FROM countries k LEFT JOIN customers c ON c.country = k.code",
         "SELECT k.code FROM countries k WHERE EXISTS (SELECT FROM customers c WHERE c.country = k.code)",
-        "SELECT o.order_id, p.name FROM orders o JOIN products p ON p.product_id = o.customer_id",
         "SELECT c.name, e.kind FROM customers c JOIN events e ON e.n = c.customer_id",
         "SELECT c.customer_id, o.order_id FROM customers c JOIN orders o USING (customer_id) WHERE c.signup < now()",
         "SELECT c.customer_id, o.order_id FROM customers c FULL JOIN orders o ON o.customer_id = c.customer_id + 1",
@@ -414,6 +413,74 @@ fn co_located_joins_run_on_the_workers(cluster: &Cluster) {
     check_all(cluster, &[
         "SELECT c.customer_id, (SELECT count(*) FROM orders o JOIN customers c2 USING (customer_id) WHERE o.customer_id = c.customer_id AND o.qty > c2.customer_id % 9) FROM customers c WHERE c.customer_id < 40",
     ]);
+}
+
+fn other_joins_broadcast_the_smaller_side(cluster: &Cluster) {
+    // Not co-located (products has 5 shards, customers and orders 8) or not joined on the
+    // distribution columns: the smaller side is read first and sent with every fragment.
+    let broadcast = [
+        "SELECT o.order_id, p.name FROM orders o JOIN products p ON p.product_id = o.customer_id",
+        "SELECT p.category, count(*), sum(o.amount), max(o.ordered_at) FROM orders o JOIN products p ON p.product_id = o.qty * 30 + 1 GROUP BY 1",
+        "SELECT o.order_id, p.category, p.weight FROM orders o LEFT JOIN products p ON p.product_id = o.customer_id AND p.category <> 'food' WHERE o.qty = 2",
+        "SELECT count(*) FROM orders o WHERE o.customer_id IN (SELECT product_id FROM products WHERE category = 'toys')",
+        "SELECT o.order_id FROM orders o WHERE o.qty = 7 AND NOT EXISTS (SELECT FROM products p WHERE p.product_id = o.customer_id)",
+        "SELECT c.country, p.category, count(*) FROM orders o JOIN customers c USING (customer_id) JOIN products p ON p.product_id = o.customer_id GROUP BY 1, 2",
+        "SELECT o.order_id, p.name FROM orders o JOIN products p ON p.name = 'product ' || o.qty WHERE o.customer_id < 100",
+        "SELECT a.customer_id, b.customer_id FROM customers a JOIN customers b ON a.customer_id = b.customer_id + 1000",
+        "SELECT c.customer_id, o.order_id, o.amount, o.price, o.status, o.ordered_at, o.note, o.payload, o.ref, o.waited FROM customers c JOIN orders o ON c.customer_id = o.order_id WHERE o.qty = 3 AND o.order_id < 300",
+        "SELECT o.order_id, c.name, c.signup, c.vip, c.profile FROM orders o JOIN customers c ON c.customer_id = o.qty WHERE o.customer_id < 50",
+        "SELECT p.category, count(DISTINCT o.customer_id) FROM orders o JOIN products p ON p.product_id = o.customer_id GROUP BY 1",
+        "SELECT o.order_id, p.name FROM orders o JOIN products p ON p.product_id = o.customer_id ORDER BY o.order_id DESC LIMIT 5",
+    ];
+    check_all(cluster, &broadcast);
+    let mut coordinator = cluster.coordinator_client();
+    for sql in broadcast {
+        let plan = explain(&mut coordinator, sql);
+        assert!(
+            join_pushed_down(&mut coordinator, sql) && plan.iter().any(|l| l.contains("Broadcast: ")),
+            "not broadcast: {sql}: {plan:?}"
+        );
+    }
+    // EXPLAIN ANALYZE says how many rows were sent.
+    let analyzed: Vec<String> = coordinator
+        .query("EXPLAIN ANALYZE SELECT count(*) FROM orders o JOIN products p ON p.product_id = o.customer_id WHERE p.category = 'food'", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        analyzed.iter().any(|l| l.contains("Broadcast: products: 75 rows")),
+        "{analyzed:?}"
+    );
+    // A parameter of the broadcast side, in custom and generic plans.
+    let mut reference = cluster.reference.connect();
+    let sql = "SELECT count(*), sum(o.amount)::text FROM orders o JOIN products p ON p.product_id = o.customer_id WHERE p.category = $1";
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        coordinator.batch_execute(&format!("SET plan_cache_mode = {mode}")).unwrap();
+        let statement = coordinator.prepare(sql).unwrap();
+        for category in ["food", "toys", "none", "tools"] {
+            let got = coordinator.query_one(&statement, &[&category]).unwrap();
+            let want = reference.query_one(sql, &[&category]).unwrap();
+            assert_eq!(
+                (got.get::<_, i64>(0), got.get::<_, Option<String>>(1)),
+                (want.get::<_, i64>(0), want.get::<_, Option<String>>(1)),
+                "{mode}, category {category}"
+            );
+        }
+    }
+    coordinator.batch_execute("RESET plan_cache_mode").unwrap();
+    // Inside a transaction the broadcast side includes the transaction's own writes.
+    for client in [&mut coordinator, &mut reference] {
+        client.batch_execute("BEGIN; INSERT INTO products VALUES (1042, 'product new', 'food', 1)").unwrap();
+    }
+    compare(
+        &mut coordinator,
+        &mut reference,
+        "SELECT o.customer_id, count(*) FROM orders o JOIN products p ON p.product_id = o.customer_id WHERE p.category = 'food' AND o.customer_id > 1000 GROUP BY 1",
+    );
+    for client in [&mut coordinator, &mut reference] {
+        client.batch_execute("ROLLBACK").unwrap();
+    }
 }
 
 fn simple_rows(messages: &[postgres::SimpleQueryMessage]) -> Vec<String> {

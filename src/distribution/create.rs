@@ -525,6 +525,8 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
         method: spec.method,
         distribution_column: column.map(|c| c.name.clone()),
         colocation_id,
+        // Unknown for an empty table until the maintenance daemon asks the nodes.
+        row_estimate: (moved > 0).then_some(moved as f64),
     })?;
     for shard in &shards {
         for node in &shard.nodes {

@@ -1,6 +1,6 @@
 //! Live numbers for the `pgdist.tables` and `pgdist.shards` views, asked from the nodes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use pgrx::prelude::*;
 
@@ -114,4 +114,60 @@ fn shard_statistics() -> TableIterator<
     ),
 > {
     TableIterator::new(statistics().or_raise())
+}
+
+/// Stores each distributed table's row count — its shards' counts as the nodes estimate them,
+/// summed — in `pgdist.dist_table.row_estimate`, where the planner sizes scans and joins by it.
+/// A table with a shard that no node answered for keeps its number; a number within 10% of
+/// the stored one is left alone, so that cached plans are not invalidated for nothing.
+/// Returns how many tables changed.
+pub fn refresh_row_estimates() -> Result<i64, MetadataError> {
+    let mut shard_rows: HashMap<i64, i64> = HashMap::new();
+    for (shard_id, _, rows, _) in statistics()? {
+        if let Some(rows) = rows {
+            let entry = shard_rows.entry(shard_id).or_default();
+            *entry = (*entry).max(rows);
+        }
+    }
+    let shards = Spi::connect(|client| {
+        client
+            .select("SELECT table_oid::oid, shard_id FROM pgdist.shard", None, &[])?
+            .map(|row| {
+                Ok((
+                    row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                    row.get::<i64>(2)?.unwrap_or_default(),
+                ))
+            })
+            .collect::<Result<Vec<_>, MetadataError>>()
+    })?;
+    let mut table_rows: HashMap<pg_sys::Oid, Option<f64>> = HashMap::new();
+    for (table, shard_id) in shards {
+        let sum = table_rows.entry(table).or_insert(Some(0.0));
+        *sum = sum.zip(shard_rows.get(&shard_id)).map(|(sum, rows)| sum + *rows as f64);
+    }
+    let mut changed = 0;
+    for (table, rows) in table_rows {
+        let Some(rows) = rows else { continue };
+        changed += Spi::get_one_with_args::<i64>(
+            "WITH changed AS (
+                 UPDATE pgdist.dist_table SET row_estimate = $2
+                 WHERE table_oid = $1::oid::regclass
+                   AND (row_estimate IS NULL OR abs(row_estimate - $2) > 0.1 * greatest(row_estimate, 100))
+                 RETURNING 1)
+             SELECT count(*) FROM changed",
+            &[table.into(), rows.into()],
+        )?
+        .unwrap_or_default();
+    }
+    if changed > 0 {
+        crate::metadata::cache::invalidate();
+    }
+    Ok(changed)
+}
+
+/// Asks the nodes for every distributed table's row count now, rather than at the maintenance
+/// daemon's next round (`pgdist.statistics_interval`); returns how many tables changed.
+#[pg_extern(name = "refresh_row_estimates")]
+fn refresh_row_estimates_now() -> i64 {
+    refresh_row_estimates().or_raise()
 }

@@ -22,7 +22,9 @@ use crate::executor::merge::SortedMerge;
 use crate::metadata::cache;
 use crate::planner::modify_plan::INSERT_TARGET_RTI;
 use crate::planner::scan_path::{from_list, ScanPlan, SCAN_NAME};
-use crate::planner::shippable::{COORDINATOR_VALUE_BASE, EXEC_PARAM_BASE, RELATION_BASE};
+use crate::planner::shippable::{
+    BROADCAST_BASE, COORDINATOR_VALUE_BASE, EXEC_PARAM_BASE, RELATION_BASE,
+};
 use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified, replace_dollar_refs};
 use crate::remote::NodeAddress;
 
@@ -80,6 +82,23 @@ struct ScanRuntime {
     stream: Option<FragmentStream>,
     /// ORDER BY without LIMIT: the merge of the sorted streams (`ScanPlan::merge_keys`).
     merge: Option<SortedMerge>,
+    /// The broadcast tables' columns as array literals (`ScanPlan::broadcasts`), once read,
+    /// and each table's row count.
+    broadcast: Option<(Vec<String>, Vec<usize>)>,
+}
+
+impl ScanRuntime {
+    fn new(plan: ScanPlan) -> ScanRuntime {
+        ScanRuntime {
+            relid: plan.relid,
+            plan,
+            coordinator_values: Vec::new(),
+            inputs: Vec::new(),
+            stream: None,
+            merge: None,
+            broadcast: None,
+        }
+    }
 }
 
 #[pg_guard]
@@ -94,14 +113,7 @@ unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut
         (*state).css.flags = (*cscan).flags;
         let plan = ScanPlan::decode(&from_list((*cscan).custom_private));
         // Freed with the query's memory, also when the query fails.
-        (*state).runtime = super::alloc_for_context(ScanRuntime {
-            plan,
-            relid: pg_sys::InvalidOid,
-            coordinator_values: Vec::new(),
-            inputs: Vec::new(),
-            stream: None,
-            merge: None,
-        });
+        (*state).runtime = super::alloc_for_context(ScanRuntime::new(plan));
         state.cast()
     }
 }
@@ -277,7 +289,11 @@ unsafe extern "C-unwind" fn end(node: *mut pg_sys::CustomScanState) {
 unsafe extern "C-unwind" fn rescan(node: *mut pg_sys::CustomScanState) {
     // SAFETY: the next fetch starts the fragments again (parameters may have changed).
     unsafe {
-        runtime_of(node).stream = None;
+        let runtime = runtime_of(node);
+        runtime.stream = None;
+        if runtime.plan.broadcasts.iter().any(|b| !b.exec_params.is_empty()) {
+            runtime.broadcast = None;
+        }
         pg_sys::ExecScanReScan(&mut (*node).ss);
     }
 }
@@ -296,9 +312,23 @@ unsafe extern "C-unwind" fn explain(
             pg_sys::ExplainPropertyText(label.as_ptr(), value.as_ptr(), es);
         };
         let runtime = runtime_of(node);
+        // Broadcast rows would drown the fragment's text: it shows empty arrays instead.
+        let broadcast = runtime.broadcast.take();
         let (work, nodes) = fragments(runtime, node, None);
+        runtime.broadcast = broadcast;
         let count: usize = work.iter().map(|(_, f)| f.len()).sum();
         text(c"Fragments", &format!("{count} on {nodes} node(s)"));
+        for (index, read) in runtime.plan.broadcasts.iter().enumerate() {
+            let rows = match &runtime.broadcast {
+                Some((_, counts)) => format!("{} rows", counts[index]),
+                None => "its rows".to_string(),
+            };
+            let name = CStr::from_ptr(pg_sys::get_rel_name(read.relid)).to_string_lossy();
+            text(
+                c"Broadcast",
+                &format!("{name}: {rows} read first and sent with every fragment as arrays (shown empty below)"),
+            );
+        }
         let Some((target, first)) = work
             .first()
             .and_then(|(t, f)| f.first().map(|sql| (t, sql)))
@@ -582,8 +612,20 @@ unsafe fn fragments(
             &plan.exec_params,
         );
         let values = evaluate_values(node, &runtime.coordinator_values);
+        let array_types = broadcast_array_types(plan);
         let substitute = |sql: &str| {
-            substitute_params(sql, |id| value_text(node, &plan.exec_params, &values, id))
+            substitute_params(sql, |id| {
+                if !(BROADCAST_BASE..RELATION_BASE).contains(&id) {
+                    return value_text(node, &plan.exec_params, &values, id);
+                }
+                let column = (id - BROADCAST_BASE) as usize;
+                let type_name = array_types.get(column)?.clone();
+                let array = runtime
+                    .broadcast
+                    .as_ref()
+                    .and_then(|(arrays, _)| arrays.get(column).cloned());
+                Some((array.unwrap_or_else(|| "{}".to_string()), type_name))
+            })
         };
         // The SQL of every fragment; shard placeholders are filled in per shard.
         let mut template = substitute(&fragment_sql(plan, relid));
@@ -645,7 +687,11 @@ pub unsafe fn insert_statements(
     target: pg_sys::Oid,
 ) -> Vec<(NodeAddress, Vec<(String, bool)>)> {
     // SAFETY: node is a running Distributed Scan (initialised, never read from).
-    let (work, _) = unsafe { fragments(runtime_of(node), node, Some((statement, target))) };
+    let (work, _) = unsafe {
+        let runtime = runtime_of(node);
+        read_broadcasts(runtime, node);
+        fragments(runtime, node, Some((statement, target)))
+    };
     work.into_iter()
         .map(|(target, sqls)| {
             (
@@ -701,7 +747,23 @@ fn merge_order(plan: &ScanPlan) -> Option<String> {
 
 unsafe fn start(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomScanState) -> FragmentStream {
     // SAFETY: see fragments().
-    let (work, _) = unsafe { fragments(runtime, node, None) };
+    let work = unsafe {
+        read_broadcasts(runtime, node);
+        fragments(runtime, node, None).0
+    };
+    start_fragments(
+        work,
+        !runtime.plan.row_lock.is_empty(),
+        merge_order(&runtime.plan),
+    )
+}
+
+/// Starts `work` on every node at once, with the session's settings.
+fn start_fragments(
+    work: Vec<(crate::remote::NodeTarget, Vec<String>)>,
+    row_lock: bool,
+    merge_order: Option<String>,
+) -> FragmentStream {
     // SAFETY: reads GUC values of this backend.
     let settings = unsafe { session_settings() };
     if crate::gucs::log_remote_commands() {
@@ -715,14 +777,92 @@ unsafe fn start(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomScanState) -
         work,
         settings,
         crate::gucs::max_connections_per_node() as usize,
-        !runtime.plan.row_lock.is_empty(),
-        merge_order(&runtime.plan),
+        row_lock,
+        merge_order,
     )
+}
+
+/// Reads the tables the scan broadcasts (`ScanPlan::broadcasts`), unless read already: each
+/// column's values become one array literal.
+unsafe fn read_broadcasts(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomScanState) {
+    if runtime.broadcast.is_some() || runtime.plan.broadcasts.is_empty() {
+        return;
+    }
+    let mut arrays = Vec::new();
+    let mut counts = Vec::new();
+    for read in &runtime.plan.broadcasts {
+        let table = ScanRuntime::new(read.clone());
+        // SAFETY: the broadcast's parameters are this running scan's.
+        let (work, _) = unsafe { fragments(&table, node, None) };
+        let mut stream = start_fragments(work, false, None);
+        let mut columns = vec![String::from("{"); read.columns.len()];
+        let mut rows = 0;
+        while let Some(row) = stream.next().unwrap_or_else(|err| raise(err)) {
+            for (array, value) in columns.iter_mut().zip(row) {
+                if rows > 0 {
+                    array.push(',');
+                }
+                push_array_element(array, value.as_deref());
+            }
+            rows += 1;
+        }
+        for mut array in columns {
+            array.push('}');
+            arrays.push(array);
+        }
+        counts.push(rows);
+    }
+    runtime.broadcast = Some((arrays, counts));
+}
+
+/// Appends one element to an array literal: NULL, or the value double-quoted.
+fn push_array_element(array: &mut String, value: Option<&str>) {
+    let Some(value) = value else {
+        array.push_str("NULL");
+        return;
+    };
+    array.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            array.push('\\');
+        }
+        array.push(c);
+    }
+    array.push('"');
+}
+
+/// The array type names of every broadcast column, in `$<BROADCAST_BASE + i>` order.
+fn broadcast_array_types(plan: &ScanPlan) -> Vec<String> {
+    plan.broadcasts
+        .iter()
+        .flat_map(|read| read.columns.iter().map(|attno| (read.relid, *attno)))
+        .map(|(relid, attno)| {
+            // SAFETY: catalog lookups of a column of a table the plan reads.
+            unsafe {
+                let array_type = pg_sys::get_array_type(pg_sys::get_atttype(relid, attno));
+                CStr::from_ptr(pg_sys::format_type_be(array_type))
+                    .to_string_lossy()
+                    .into_owned()
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod unit {
-    use super::substitute_params;
+    use super::{push_array_element, substitute_params};
+
+    #[test]
+    fn array_elements_are_quoted_and_escaped() {
+        let mut array = String::from("{");
+        push_array_element(&mut array, Some(r#"a "b" \c"#));
+        array.push(',');
+        push_array_element(&mut array, None);
+        array.push(',');
+        push_array_element(&mut array, Some("NULL"));
+        array.push('}');
+        assert_eq!(array, r#"{"a \"b\" \\c",NULL,"NULL"}"#);
+    }
 
     #[test]
     fn parameters_become_typed_literals_outside_quotes() {

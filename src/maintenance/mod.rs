@@ -172,6 +172,15 @@ pub extern "C-unwind" fn pgdist_maintenance_main(argument: pg_sys::Datum) {
             },
         },
         Periodic {
+            interval: crate::gucs::statistics_interval,
+            next: start,
+            run: || {
+                if let Err(err) = crate::distribution::statistics::refresh_row_estimates() {
+                    pgrx::log!("pgdist: could not refresh row estimates: {err}");
+                }
+            },
+        },
+        Periodic {
             interval: crate::gucs::deadlock_detection_interval,
             next: start,
             run: || {

@@ -38,6 +38,8 @@ pub struct DistTable {
     pub method: Method,
     pub distribution_column: Option<String>,
     pub colocation_id: i32,
+    /// Rows in all its shards when last asked (`statistics::refresh_row_estimates`).
+    pub row_estimate: Option<f64>,
 }
 
 impl DistTable {
@@ -83,7 +85,7 @@ fn select_tables(
     args: &[pgrx::datum::DatumWithOid],
 ) -> Result<Vec<DistTable>, MetadataError> {
     let query = format!(
-        "SELECT table_oid::oid, method, distribution_column, colocation_id FROM pgdist.dist_table {filter}"
+        "SELECT table_oid::oid, method, distribution_column, colocation_id, row_estimate FROM pgdist.dist_table {filter}"
     );
     Spi::connect(|client| {
         client
@@ -95,6 +97,7 @@ fn select_tables(
                     method: Method::parse(&method).unwrap_or(Method::Hash),
                     distribution_column: row.get(3)?,
                     colocation_id: row.get(4)?.unwrap_or_default(),
+                    row_estimate: row.get(5)?,
                 })
             })
             .collect()
@@ -208,13 +211,14 @@ pub fn next_shard_id() -> Result<i64, MetadataError> {
 pub fn insert_table(table: &DistTable) -> Result<(), MetadataError> {
     crate::metadata::cache::invalidate();
     Ok(Spi::run_with_args(
-        "INSERT INTO pgdist.dist_table (table_oid, method, distribution_column, colocation_id)
-         VALUES ($1::oid::regclass, $2, $3, $4)",
+        "INSERT INTO pgdist.dist_table (table_oid, method, distribution_column, colocation_id, row_estimate)
+         VALUES ($1::oid::regclass, $2, $3, $4, $5)",
         &[
             table.oid.into(),
             table.method.as_str().into(),
             table.distribution_column.clone().into(),
             table.colocation_id.into(),
+            table.row_estimate.into(),
         ],
     )?)
 }

@@ -27,7 +27,10 @@ use crate::planner::scan_path::{
     distributed_path_of, from_list, is_hash_equality, new_custom_path, pushed_down_path_methods,
     ScanPlan,
 };
-use crate::planner::shippable::{alias, deparse_qualified, shippable, RELATION_BASE};
+use crate::planner::shippable::{
+    alias, deparse_qualified, shippable, BROADCAST_BASE, RELATION_BASE,
+};
+use crate::remote::quote::quote_identifier;
 
 static mut PREVIOUS_HOOK: pg_sys::set_join_pathlist_hook_type = None;
 
@@ -53,14 +56,11 @@ unsafe extern "C-unwind" fn set_join_pathlist(
         if let Some(previous) = PREVIOUS_HOOK {
             previous(root, joinrel, outerrel, innerrel, jointype, extra);
         }
-        let Some((plan, cost_of_inputs)) =
+        let Some((plan, total_cost)) =
             plan_join(root, joinrel, outerrel, innerrel, jointype, extra)
         else {
             return;
         };
-        // Half the inputs' cost: any join on the coordinator costs at least both inputs, so
-        // when the workers can run a join they do, and the largest such join wins.
-        let total_cost = 0.5 * cost_of_inputs;
         let path = new_custom_path(
             joinrel,
             (*joinrel).reltarget,
@@ -96,6 +96,8 @@ struct Input {
     shard_indexes: Vec<i32>,
     /// The total cost of its Distributed Scan.
     cost: f64,
+    /// What reading it first and sending it with every fragment adds (broadcast only).
+    broadcast_cost: f64,
 }
 
 impl Input {
@@ -164,6 +166,81 @@ impl Input {
                 spread,
                 shard_indexes,
                 cost: (*path).path.total_cost,
+                broadcast_cost: 0.0,
+            })
+        }
+    }
+
+    /// This input — a distributed table, read alone — as a broadcast for a join whose other
+    /// side is not co-located with it: its rows are read first (`broadcasts`) and stand in every
+    /// one of the `fragments` as `unnest(<one array per column>) r<rti>(<columns>)`, so that
+    /// each fragment sees all of them, as it would a reference table. The array columns are
+    /// numbered from `$<first_param>`. None when a needed column cannot travel in an array
+    /// unchanged.
+    unsafe fn broadcast(self, rel: *mut pg_sys::RelOptInfo, first_param: i32, fragments: usize) -> Option<Input> {
+        // SAFETY: rel is this input's relation; catalog lookups of its columns' types.
+        unsafe {
+            let [(rti, relid)] = self.relations[..] else {
+                return None;
+            };
+            if !self.plan.from_sql.is_empty() || !self.plan.coordinator_values.is_empty() {
+                return None;
+            }
+            let mut columns = Vec::new();
+            let mut names = Vec::new();
+            for expr in PgList::<pg_sys::Node>::from_pg((*(*rel).reltarget).exprs).iter_ptr() {
+                if (*expr).type_ != pg_sys::NodeTag::T_Var {
+                    return None;
+                }
+                let var = expr.cast::<pg_sys::Var>();
+                if (*var).varno as u32 != rti
+                    || (*var).varattno <= 0
+                    || !travels_in_array((*var).vartype, (*var).varcollid)
+                {
+                    return None;
+                }
+                columns.push((*var).varattno);
+                let name = std::ffi::CStr::from_ptr(pg_sys::get_attname(relid, (*var).varattno, false));
+                names.push(quote_identifier(&name.to_string_lossy()));
+            }
+            if columns.is_empty() {
+                return None;
+            }
+            let arrays: Vec<String> = (0..columns.len())
+                .map(|i| format!("${}", first_param + i as i32))
+                .collect();
+            let from_sql = format!(
+                "unnest({}) AS {}({})",
+                arrays.join(", "),
+                alias(rti),
+                names.join(", ")
+            );
+            let rows = (*rel).rows.max(1.0);
+            let read = ScanPlan {
+                relid,
+                columns,
+                where_sql: self.plan.where_sql,
+                shard_ids: self.plan.shard_ids,
+                prune_param: self.plan.prune_param,
+                exec_params: self.plan.exec_params.clone(),
+                base_rti: rti,
+                ..Default::default()
+            };
+            Some(Input {
+                plan: ScanPlan {
+                    relid,
+                    exec_params: self.plan.exec_params,
+                    broadcasts: vec![read],
+                    ..Default::default()
+                },
+                from_sql,
+                pending: Vec::new(),
+                relations: Vec::new(),
+                spread: Spread::Replicated,
+                shard_indexes: Vec::new(),
+                cost: self.cost,
+                // Read whole on the coordinator, then parsed again by every fragment.
+                broadcast_cost: 0.5 * self.cost + rows * fragments as f64 * BROADCAST_ROW_COST,
             })
         }
     }
@@ -205,7 +282,7 @@ unsafe fn plan_join(
             return None;
         }
         let outer = Input::of(outerrel)?;
-        let inner = Input::of(innerrel)?;
+        let mut inner = Input::of(innerrel)?;
 
         // The join's own clauses: those that decide which rows match (ON), and, for outer and
         // anti joins, those that filter the joined rows (pushed down from WHERE). Inner and
@@ -234,18 +311,21 @@ unsafe fn plan_join(
             return None;
         }
 
+        if let (Spread::Sharded(a), Spread::Sharded(b)) = (outer.spread, inner.spread) {
+            let same_single_shard = (outer.shard_indexes.len() == 1
+                && outer.shard_indexes == inner.shard_indexes)
+                || (outer.plan.prune_param > 0 && outer.plan.prune_param == inner.plan.prune_param);
+            let co_partitioned = on_clauses
+                .iter()
+                .any(|clause| equates_distribution_columns(*clause, &outer, &inner));
+            if a != b || !(same_single_shard || co_partitioned) {
+                // Not co-located: every fragment of the outer side gets all the inner rows.
+                let first_param = BROADCAST_BASE + broadcast_columns(&outer.plan) as i32;
+                inner = inner.broadcast(innerrel, first_param, outer.shard_indexes.len())?;
+            }
+        }
         let (spread, shard_indexes) = match (outer.spread, inner.spread) {
-            (Spread::Sharded(a), Spread::Sharded(b)) => {
-                let same_single_shard = (outer.shard_indexes.len() == 1
-                    && outer.shard_indexes == inner.shard_indexes)
-                    || (outer.plan.prune_param > 0
-                        && outer.plan.prune_param == inner.plan.prune_param);
-                let co_partitioned = on_clauses
-                    .iter()
-                    .any(|clause| equates_distribution_columns(*clause, &outer, &inner));
-                if a != b || !(same_single_shard || co_partitioned) {
-                    return None;
-                }
+            (Spread::Sharded(a), Spread::Sharded(_)) => {
                 let both = outer
                     .shard_indexes
                     .iter()
@@ -385,6 +465,11 @@ unsafe fn plan_join(
         exec_params.sort_unstable_by_key(|(id, _)| *id);
         exec_params.dedup_by_key(|(id, _)| *id);
         let columns = (1..=targets.len() as i16).collect();
+        // Broadcast columns are numbered across the whole join: only one side may bring any.
+        if !outer.plan.broadcasts.is_empty() && !inner.plan.broadcasts.is_empty() {
+            return None;
+        }
+        let broadcasts = [outer.plan.broadcasts, inner.plan.broadcasts].concat();
         let plan = ScanPlan {
             relid: anchor,
             select_sql: select.join(", "),
@@ -395,9 +480,50 @@ unsafe fn plan_join(
             exec_params,
             from_sql,
             relations,
+            broadcasts,
             ..Default::default()
         };
-        Some((plan, outer.cost + inner.cost))
+        // Half the inputs' cost: any join on the coordinator costs at least both inputs, so
+        // when the workers can run a join they do, and the largest such join wins.
+        let cost = 0.5 * (outer.cost + inner.cost) + outer.broadcast_cost + inner.broadcast_cost;
+        Some((plan, cost))
+    }
+}
+
+/// The cost of one broadcast row in one fragment: sent, parsed from its array and hashed
+/// there, against the 0.01 of a row read back from the workers.
+const BROADCAST_ROW_COST: f64 = 0.005;
+
+/// How many broadcast columns `plan` numbers already.
+fn broadcast_columns(plan: &ScanPlan) -> usize {
+    plan.broadcasts.iter().map(|b| b.columns.len()).sum()
+}
+
+/// True when values of `type_oid` under `collation` come back unchanged from a text array
+/// literal: the type has an array type, is not an array itself, separates elements with a
+/// comma, and the column has the type's own collation.
+unsafe fn travels_in_array(type_oid: pg_sys::Oid, collation: pg_sys::Oid) -> bool {
+    // SAFETY: catalog lookups of an existing type.
+    unsafe {
+        if pg_sys::get_array_type(type_oid) == pg_sys::InvalidOid
+            || pg_sys::get_base_element_type(type_oid) != pg_sys::InvalidOid
+            || collation != pg_sys::get_typcollation(type_oid)
+        {
+            return false;
+        }
+        let (mut length, mut by_value, mut align, mut delimiter) = (0i16, false, 0i8, 0i8);
+        let (mut io_param, mut function) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+        pg_sys::get_type_io_data(
+            type_oid,
+            pg_sys::IOFuncSelector::IOFunc_input,
+            &mut length,
+            &mut by_value,
+            &mut align,
+            &mut delimiter,
+            &mut io_param,
+            &mut function,
+        );
+        delimiter as u8 == b','
     }
 }
 

@@ -205,7 +205,15 @@ pub struct ScanPlan {
     pub merge_keys: Vec<MergeKey>,
     /// `SELECT DISTINCT` (`distinct_rows.rs`): the query needs each distinct row once only.
     pub distinct: bool,
+    /// Tables of a non-co-located join read first (`join_path.rs`, broadcast): the scan of
+    /// each, whose rows stand in the fragments as arrays, its columns numbered in order from
+    /// `$<BROADCAST_BASE>`.
+    pub broadcasts: Vec<ScanPlan>,
 }
+
+/// How many strings a ScanPlan without broadcasts encodes to, the last one the number of
+/// broadcasts (whose own parts follow).
+const ENCODED_PARTS: usize = 19;
 
 /// One sort key of a merged scan.
 #[derive(Clone, Debug, PartialEq)]
@@ -264,7 +272,7 @@ impl MergeKey {
 impl ScanPlan {
     pub fn encode(&self) -> Vec<String> {
         let join = |v: Vec<String>| v.join(",");
-        vec![
+        let mut parts = vec![
             u32::from(self.relid).to_string(),
             self.select_sql.clone(),
             self.group_by.clone(),
@@ -293,10 +301,26 @@ impl ScanPlan {
             self.coordinator_values.clone(),
             join(self.merge_keys.iter().map(MergeKey::encode).collect()),
             u8::from(self.distinct).to_string(),
-        ]
+        ];
+        parts.push(self.broadcasts.len().to_string());
+        for broadcast in &self.broadcasts {
+            parts.extend(broadcast.encode());
+        }
+        parts
     }
 
     pub fn decode(parts: &[String]) -> ScanPlan {
+        let broadcast_count: usize = parts
+            .get(ENCODED_PARTS - 1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_default();
+        let broadcasts = parts
+            .get(ENCODED_PARTS..)
+            .unwrap_or_default()
+            .chunks(ENCODED_PARTS)
+            .take(broadcast_count)
+            .map(ScanPlan::decode)
+            .collect();
         let (head, parts) = parts.split_at(parts.len().min(3));
         let relid = head
             .first()
@@ -345,6 +369,7 @@ impl ScanPlan {
                 .map(|s| s.split(',').filter_map(MergeKey::decode).collect())
                 .unwrap_or_default(),
             distinct: parts.get(14).is_some_and(|s| s == "1"),
+            broadcasts,
         }
     }
 }
@@ -398,7 +423,7 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
             table.oid,
             &plan.columns,
         );
-        let path = add_distributed_path(rel, &plan);
+        let path = add_distributed_path(root, rel, &plan, &table);
         crate::planner::merge_path::add_sorted_table_path(root, rel, path, &plan);
     }
 }
@@ -715,8 +740,10 @@ unsafe fn equality_values(
 }
 
 unsafe fn add_distributed_path(
+    root: *mut pg_sys::PlannerInfo,
     rel: *mut pg_sys::RelOptInfo,
     plan: &ScanPlan,
+    table: &DistTable,
 ) -> *mut pg_sys::CustomPath {
     // SAFETY: we build a CustomPath in planner memory and hand it to add_path, replacing the
     // shell table's paths (which would read the empty shell).
@@ -731,9 +758,26 @@ unsafe fn add_distributed_path(
         } else {
             plan.shard_ids.len().max(1) as f64
         };
-        let rows = ((*rel).rows).max(1000.0 * shards);
+        // The shell is empty: the rows are those the nodes last counted in the shards read, as
+        // many as the filters keep; 1000 per shard while nobody has counted.
+        let rows = match table.row_estimate {
+            Some(table_rows) => {
+                let all_shards = cache::shards(plan.relid).len().max(1) as f64;
+                let tuples = table_rows * (shards / all_shards).min(1.0);
+                let selectivity = pg_sys::clauselist_selectivity(
+                    root,
+                    (*rel).baserestrictinfo,
+                    0,
+                    pg_sys::JoinType::JOIN_INNER,
+                    std::ptr::null_mut(),
+                );
+                (*rel).tuples = tuples.max(1.0);
+                (tuples * selectivity).max(1.0).round()
+            }
+            None => ((*rel).rows).max(1000.0 * shards),
+        };
         (*rel).rows = rows;
-        // The shell is empty; without this, group and distinct estimates clamp to one row.
+        // Without this, group and distinct estimates clamp to one row.
         (*rel).tuples = (*rel).tuples.max(rows);
         let total_cost = 100.0 + 10.0 * shards + rows * 0.01;
         let path = new_custom_path(
@@ -777,5 +821,36 @@ unsafe extern "C-unwind" fn plan_path(
         (*scan).scan.scanrelid = (*rel).relid;
         (*scan).custom_exprs = shipped_list.into_pg();
         scan.cast()
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn plans_with_broadcasts_survive_encoding() {
+        let broadcast = ScanPlan {
+            relid: pg_sys::Oid::from(17000),
+            columns: vec![1, 3],
+            where_sql: "(region = 'north')".into(),
+            shard_ids: vec![102_040, 102_041],
+            ..Default::default()
+        };
+        let plan = ScanPlan {
+            relid: pg_sys::Oid::from(16999),
+            from_sql: "$300001 r1 JOIN unnest($270000, $270001) AS r2(a, b) ON (r1.x = r2.a)".into(),
+            relations: vec![(1, pg_sys::Oid::from(16999))],
+            distinct: true,
+            broadcasts: vec![broadcast.clone(), broadcast],
+            ..Default::default()
+        };
+        assert_eq!(ScanPlan::decode(&plan.encode()), plan);
+        let plain = ScanPlan {
+            where_sql: "(a > 1)".into(),
+            ..Default::default()
+        };
+        assert_eq!(plain.encode().len(), ENCODED_PARTS);
+        assert_eq!(ScanPlan::decode(&plain.encode()), plain);
     }
 }

@@ -236,6 +236,10 @@ pub const EXEC_PARAM_BASE: i32 = 100_000;
 /// execution (`with_coordinator_values`).
 pub const COORDINATOR_VALUE_BASE: i32 = 250_000;
 
+/// `$<BROADCAST_BASE + i>` stands for the i-th column of the tables a join broadcasts
+/// (`ScanPlan::broadcasts`): an array of the column's values, read at execution.
+pub const BROADCAST_BASE: i32 = 270_000;
+
 /// In the FROM clause of a pushed-down join, `$<RELATION_BASE + rti>` stands for the shard of
 /// range-table entry `rti` that a fragment reads; the executor writes the shard's name there.
 pub const RELATION_BASE: i32 = 300_000;
