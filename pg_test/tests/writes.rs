@@ -27,6 +27,7 @@ fn main() {
             inserts_match_plain_postgres,
             updates_and_deletes_match_plain_postgres,
             updates_and_deletes_reading_other_tables_match_plain_postgres,
+            updates_and_deletes_broadcast_tables_that_are_not_co_located,
             now_and_other_stable_values_are_computed_once_per_statement,
             writes_to_reference_and_range_tables_reach_every_shard,
             unsupported_writes_fail_with_0a000_and_change_nothing,
@@ -404,6 +405,47 @@ fn updates_and_deletes_reading_other_tables_match_plain_postgres(cluster: &Clust
     );
 }
 
+fn updates_and_deletes_broadcast_tables_that_are_not_co_located(cluster: &Cluster) {
+    // notes (4 shards, its own group) is not co-located with items (6) or stock (4, another
+    // group): its rows are read first and go with every shard's statement.
+    same_writes(
+        cluster,
+        "SELECT * FROM notes ORDER BY 1, 2",
+        &["INSERT INTO notes SELECT i, i % 4, CASE WHEN i % 3 <> 0 THEN 'note ' || i END FROM generate_series(1, 99, 2) i"],
+    );
+    let mut coordinator = cluster.coordinator_client();
+    let plan = explain(
+        &mut coordinator,
+        "UPDATE stock SET qty = n.line FROM notes n WHERE n.item_id = stock.id",
+    );
+    assert!(
+        plan.contains("Fragments: 4 on 2 node(s)") && plan.contains("FROM unnest("),
+        "{plan}"
+    );
+    same_writes(
+        cluster,
+        "SELECT * FROM stock ORDER BY id",
+        &[
+            "UPDATE stock SET qty = n.line FROM notes n WHERE n.item_id = stock.id",
+            "UPDATE stock s SET grp = n.line % 7 FROM notes n WHERE n.line = s.qty AND n.body IS NOT NULL RETURNING s.*",
+            "DELETE FROM stock WHERE EXISTS (SELECT 1 FROM notes n WHERE n.item_id = stock.id AND n.line > 2)",
+            "DELETE FROM stock s USING notes n WHERE n.line = s.id % 5 AND s.grp = 3 RETURNING s.id",
+            "UPDATE stock SET qty = (SELECT count(*) FROM notes n WHERE n.line <= stock.grp) WHERE id > 90",
+            "UPDATE stock SET qty = -qty WHERE NOT EXISTS (SELECT FROM notes n WHERE n.item_id = stock.id)",
+        ],
+    );
+    same_writes(
+        cluster,
+        "SELECT * FROM items ORDER BY id",
+        &[
+            "UPDATE items SET qty = n.line FROM notes n WHERE n.item_id = items.id",
+            "DELETE FROM items WHERE EXISTS (SELECT 1 FROM notes WHERE notes.item_id = items.id) AND grp = 1",
+            "UPDATE items SET name = s.qty::text FROM stock s WHERE s.id = items.id AND s.grp = 2",
+        ],
+    );
+    same_writes(cluster, "SELECT count(*) FROM notes", &["TRUNCATE notes"]);
+}
+
 fn explain(client: &mut Client, sql: &str) -> String {
     client
         .query(&format!("EXPLAIN (COSTS OFF) {sql}"), &[])
@@ -421,11 +463,9 @@ fn unsupported_writes_fail_with_0a000_and_change_nothing(cluster: &Cluster) {
         "UPDATE items SET id = id + 1 WHERE id = 2",
         "UPDATE items SET name = random()::text WHERE id = 2",
         "UPDATE items SET name = seen::text WHERE id = 2",
-        "UPDATE items SET qty = n.line FROM notes n WHERE n.item_id = items.id",
-        "DELETE FROM items WHERE EXISTS (SELECT 1 FROM notes WHERE notes.item_id = items.id)",
         "UPDATE stock SET qty = m.delta FROM stock_moves m WHERE m.id = stock.id + 1",
         "UPDATE stock SET qty = (SELECT count(*) FROM stock_moves m WHERE m.delta = stock.qty)",
-        "UPDATE stock SET qty = 1 FROM items WHERE items.id = stock.id",
+        "UPDATE items SET qty = n.line FROM notes n WHERE n.item_id = items.id RETURNING n.body",
         "WITH gone AS (DELETE FROM items WHERE id = 2 RETURNING *) SELECT count(*) FROM gone",
         "INSERT INTO items (id, grp) VALUES (2, 2) ON CONFLICT (id) DO UPDATE SET id = 3",
     ] {

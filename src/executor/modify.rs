@@ -17,7 +17,8 @@ use crate::distribution::shell::with_suffix;
 use crate::executor::fragments::TextRow;
 use crate::executor::scan::insert_statements;
 use crate::executor::scan::{
-    evaluate_values, prune_by_param, substitute_params, value_text, ShardNames,
+    broadcast_value, evaluate_values, is_broadcast_column, prune_by_param, substitute_params,
+    value_text, BroadcastRows, ShardNames,
 };
 use crate::executor::shard_writer::{run_statements, RowInput, ShardWriter, WriteKind};
 use crate::metadata::cache;
@@ -69,6 +70,8 @@ struct ModifyRuntime {
     done: bool,
     returned: std::vec::IntoIter<TextRow>,
     input: Option<RowInput>,
+    /// The rows of the tables the statement broadcasts (`ModifyPlan::broadcasts`), once read.
+    broadcast: Option<BroadcastRows>,
 }
 
 #[pg_guard]
@@ -87,6 +90,7 @@ unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut
             done: false,
             returned: Vec::new().into_iter(),
             input: None,
+            broadcast: None,
         });
         state.cast()
     }
@@ -168,14 +172,24 @@ unsafe extern "C-unwind" fn next_row(scan: *mut pg_sys::ScanState) -> *mut pg_sy
 }
 
 /// `sql` with the statement's parameters and the values computed here put in as literals.
-unsafe fn with_values(
+unsafe fn with_values<'a>(
     node: *mut pg_sys::CustomScanState,
-    runtime: &ModifyRuntime,
-) -> impl Fn(&str) -> String {
+    runtime: &'a ModifyRuntime,
+) -> impl Fn(&str) -> String + 'a {
     // SAFETY: this node is running.
     let values = unsafe { evaluate_values(node, &runtime.coordinator_values) };
-    // SAFETY: the statement's parameters, read while the node runs.
-    move |sql: &str| substitute_params(sql, |id| unsafe { value_text(node, &[], &values, id) })
+    let broadcasts = &runtime.plan.broadcasts;
+    let broadcast = runtime.broadcast.as_ref();
+    move |sql: &str| {
+        substitute_params(sql, |id| {
+            if is_broadcast_column(id) {
+                broadcast_value(broadcasts, broadcast, id)
+            } else {
+                // SAFETY: the statement's parameters, read while the node runs.
+                unsafe { value_text(node, &[], &values, id) }
+            }
+        })
+    }
 }
 
 /// Routes every row of the child plan to its shard.
@@ -339,10 +353,15 @@ unsafe fn statements(
 
 unsafe fn update_or_delete(
     node: *mut pg_sys::CustomScanState,
-    runtime: &ModifyRuntime,
+    runtime: &mut ModifyRuntime,
 ) -> (u64, Vec<TextRow>) {
-    // SAFETY: see statements().
-    let work = unsafe { statements(node, runtime) };
+    // SAFETY: see statements(); the broadcast tables are read with this node's parameters.
+    let work = unsafe {
+        if !runtime.plan.broadcasts.is_empty() {
+            runtime.broadcast = Some(BroadcastRows::read(&runtime.plan.broadcasts, node));
+        }
+        statements(node, runtime)
+    };
     run_statements(work)
 }
 

@@ -82,9 +82,8 @@ struct ScanRuntime {
     stream: Option<FragmentStream>,
     /// ORDER BY without LIMIT: the merge of the sorted streams (`ScanPlan::merge_keys`).
     merge: Option<SortedMerge>,
-    /// The broadcast tables' columns as array literals (`ScanPlan::broadcasts`), once read,
-    /// and each table's row count.
-    broadcast: Option<(Vec<String>, Vec<usize>)>,
+    /// The rows of the tables the scan broadcasts (`ScanPlan::broadcasts`), once read.
+    broadcast: Option<BroadcastRows>,
 }
 
 impl ScanRuntime {
@@ -320,7 +319,7 @@ unsafe extern "C-unwind" fn explain(
         text(c"Fragments", &format!("{count} on {nodes} node(s)"));
         for (index, read) in runtime.plan.broadcasts.iter().enumerate() {
             let rows = match &runtime.broadcast {
-                Some((_, counts)) => format!("{} rows", counts[index]),
+                Some(read) => format!("{} rows", read.counts[index]),
                 None => "its rows".to_string(),
             };
             let name = CStr::from_ptr(pg_sys::get_rel_name(read.relid)).to_string_lossy();
@@ -612,19 +611,13 @@ unsafe fn fragments(
             &plan.exec_params,
         );
         let values = evaluate_values(node, &runtime.coordinator_values);
-        let array_types = broadcast_array_types(plan);
         let substitute = |sql: &str| {
             substitute_params(sql, |id| {
-                if !(BROADCAST_BASE..RELATION_BASE).contains(&id) {
-                    return value_text(node, &plan.exec_params, &values, id);
+                if is_broadcast_column(id) {
+                    broadcast_value(&plan.broadcasts, runtime.broadcast.as_ref(), id)
+                } else {
+                    value_text(node, &plan.exec_params, &values, id)
                 }
-                let column = (id - BROADCAST_BASE) as usize;
-                let type_name = array_types.get(column)?.clone();
-                let array = runtime
-                    .broadcast
-                    .as_ref()
-                    .and_then(|(arrays, _)| arrays.get(column).cloned());
-                Some((array.unwrap_or_else(|| "{}".to_string()), type_name))
             })
         };
         // The SQL of every fragment; shard placeholders are filled in per shard.
@@ -782,37 +775,86 @@ fn start_fragments(
     )
 }
 
-/// Reads the tables the scan broadcasts (`ScanPlan::broadcasts`), unless read already: each
-/// column's values become one array literal.
+/// Reads the tables the scan broadcasts, unless read already.
 unsafe fn read_broadcasts(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomScanState) {
-    if runtime.broadcast.is_some() || runtime.plan.broadcasts.is_empty() {
-        return;
+    if runtime.broadcast.is_none() && !runtime.plan.broadcasts.is_empty() {
+        // SAFETY: node is this running scan.
+        runtime.broadcast = Some(unsafe { BroadcastRows::read(&runtime.plan.broadcasts, node) });
     }
-    let mut arrays = Vec::new();
-    let mut counts = Vec::new();
-    for read in &runtime.plan.broadcasts {
-        let table = ScanRuntime::new(read.clone());
-        // SAFETY: the broadcast's parameters are this running scan's.
-        let (work, _) = unsafe { fragments(&table, node, None) };
-        let mut stream = start_fragments(work, false, None);
-        let mut columns = vec![String::from("{"); read.columns.len()];
-        let mut rows = 0;
-        while let Some(row) = stream.next().unwrap_or_else(|err| raise(err)) {
-            for (array, value) in columns.iter_mut().zip(row) {
-                if rows > 0 {
-                    array.push(',');
+}
+
+/// The rows of the tables a statement broadcasts (`ScanPlan::broadcasts`): each column's
+/// values as one array literal, in `$<BROADCAST_BASE + i>` order.
+pub struct BroadcastRows {
+    arrays: Vec<String>,
+    /// Rows read, per table.
+    counts: Vec<usize>,
+}
+
+impl BroadcastRows {
+    /// Runs the scans `reads` on the workers now (`node` supplies their parameters).
+    pub unsafe fn read(reads: &[ScanPlan], node: *mut pg_sys::CustomScanState) -> BroadcastRows {
+        let mut arrays = Vec::new();
+        let mut counts = Vec::new();
+        for read in reads {
+            let table = ScanRuntime::new(read.clone());
+            // SAFETY: the broadcast's parameters are those of the running node.
+            let (work, _) = unsafe { fragments(&table, node, None) };
+            let mut stream = start_fragments(work, false, None);
+            let mut columns = vec![String::from("{"); read.columns.len()];
+            let mut rows = 0;
+            while let Some(row) = stream.next().unwrap_or_else(|err| raise(err)) {
+                for (array, value) in columns.iter_mut().zip(row) {
+                    if rows > 0 {
+                        array.push(',');
+                    }
+                    push_array_element(array, value.as_deref());
                 }
-                push_array_element(array, value.as_deref());
+                rows += 1;
             }
-            rows += 1;
+            for mut array in columns {
+                array.push('}');
+                arrays.push(array);
+            }
+            counts.push(rows);
         }
-        for mut array in columns {
-            array.push('}');
-            arrays.push(array);
-        }
-        counts.push(rows);
+        BroadcastRows { arrays, counts }
     }
-    runtime.broadcast = Some((arrays, counts));
+
+    /// How many rows each table had.
+    pub fn counts(&self) -> &[usize] {
+        &self.counts
+    }
+}
+
+/// True when `$id` stands for a broadcast column.
+pub fn is_broadcast_column(id: i32) -> bool {
+    (BROADCAST_BASE..RELATION_BASE).contains(&id)
+}
+
+/// The value of broadcast column `$id` of `reads`: its array literal (empty when the rows
+/// are not read, as under a plain EXPLAIN) and the array type's name.
+pub fn broadcast_value(
+    reads: &[ScanPlan],
+    rows: Option<&BroadcastRows>,
+    id: i32,
+) -> Option<(String, String)> {
+    let index = usize::try_from(id - BROADCAST_BASE).ok()?;
+    let (relid, attno) = reads
+        .iter()
+        .flat_map(|read| read.columns.iter().map(|attno| (read.relid, *attno)))
+        .nth(index)?;
+    // SAFETY: catalog lookups of a column of a table the plan reads.
+    let type_name = unsafe {
+        let array_type = pg_sys::get_array_type(pg_sys::get_atttype(relid, attno));
+        CStr::from_ptr(pg_sys::format_type_be(array_type))
+            .to_string_lossy()
+            .into_owned()
+    };
+    let array = rows
+        .and_then(|rows| rows.arrays.get(index).cloned())
+        .unwrap_or_else(|| "{}".to_string());
+    Some((array, type_name))
 }
 
 /// Appends one element to an array literal: NULL, or the value double-quoted.
@@ -829,23 +871,6 @@ fn push_array_element(array: &mut String, value: Option<&str>) {
         array.push(c);
     }
     array.push('"');
-}
-
-/// The array type names of every broadcast column, in `$<BROADCAST_BASE + i>` order.
-fn broadcast_array_types(plan: &ScanPlan) -> Vec<String> {
-    plan.broadcasts
-        .iter()
-        .flat_map(|read| read.columns.iter().map(|attno| (read.relid, *attno)))
-        .map(|(relid, attno)| {
-            // SAFETY: catalog lookups of a column of a table the plan reads.
-            unsafe {
-                let array_type = pg_sys::get_array_type(pg_sys::get_atttype(relid, attno));
-                CStr::from_ptr(pg_sys::format_type_be(array_type))
-                    .to_string_lossy()
-                    .into_owned()
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use crate::planner::scan_path::{
     ScanPlan,
 };
 use crate::planner::shippable::{
-    alias, deparse_qualified, shippable, BROADCAST_BASE, RELATION_BASE,
+    alias, deparse_qualified, shippable, travels_in_array, BROADCAST_BASE, RELATION_BASE,
 };
 use crate::remote::quote::quote_identifier;
 
@@ -497,34 +497,6 @@ const BROADCAST_ROW_COST: f64 = 0.005;
 /// How many broadcast columns `plan` numbers already.
 fn broadcast_columns(plan: &ScanPlan) -> usize {
     plan.broadcasts.iter().map(|b| b.columns.len()).sum()
-}
-
-/// True when values of `type_oid` under `collation` come back unchanged from a text array
-/// literal: the type has an array type, is not an array itself, separates elements with a
-/// comma, and the column has the type's own collation.
-unsafe fn travels_in_array(type_oid: pg_sys::Oid, collation: pg_sys::Oid) -> bool {
-    // SAFETY: catalog lookups of an existing type.
-    unsafe {
-        if pg_sys::get_array_type(type_oid) == pg_sys::InvalidOid
-            || pg_sys::get_base_element_type(type_oid) != pg_sys::InvalidOid
-            || collation != pg_sys::get_typcollation(type_oid)
-        {
-            return false;
-        }
-        let (mut length, mut by_value, mut align, mut delimiter) = (0i16, false, 0i8, 0i8);
-        let (mut io_param, mut function) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
-        pg_sys::get_type_io_data(
-            type_oid,
-            pg_sys::IOFuncSelector::IOFunc_input,
-            &mut length,
-            &mut by_value,
-            &mut align,
-            &mut delimiter,
-            &mut io_param,
-            &mut function,
-        );
-        delimiter as u8 == b','
-    }
 }
 
 /// True when `clause` is `a = b` with `a` the distribution column of a hash table of one input

@@ -21,7 +21,7 @@ use pgrx::PgList;
 
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
-use crate::planner::scan_path::{from_list, to_list};
+use crate::planner::scan_path::{decode_broadcasts, encode_broadcasts, from_list, to_list, ScanPlan};
 use crate::planner::shippable::{deparse, shippable, with_coordinator_values};
 use crate::planner::PlannerError;
 use crate::remote::quote::quote_identifier;
@@ -66,6 +66,9 @@ pub struct ModifyPlan {
     pub relations: Vec<(u32, pg_sys::Oid)>,
     /// The alias of the target in `statement`.
     pub target_alias: String,
+    /// Tables `statement` reads that are not co-located with the target: read first, their
+    /// columns stand in it as arrays (`$<BROADCAST_BASE + i>`, as in a scan).
+    pub broadcasts: Vec<ScanPlan>,
 }
 
 /// The range-table index that stands for the INSERT's table in a pushed-down INSERT … SELECT.
@@ -73,7 +76,7 @@ pub const INSERT_TARGET_RTI: u32 = 65_000;
 
 impl ModifyPlan {
     pub fn encode(&self) -> Vec<String> {
-        vec![
+        let mut parts = vec![
             match self.kind {
                 ModifyKind::Insert => "insert",
                 ModifyKind::Update => "update",
@@ -101,7 +104,9 @@ impl ModifyPlan {
                 .collect::<Vec<_>>()
                 .join(","),
             self.target_alias.clone(),
-        ]
+        ];
+        parts.extend(encode_broadcasts(&self.broadcasts));
+        parts
     }
 
     pub fn decode(parts: &[String]) -> ModifyPlan {
@@ -131,6 +136,7 @@ impl ModifyPlan {
                 })
                 .collect(),
             target_alias: part(13),
+            broadcasts: decode_broadcasts(parts.get(14..).unwrap_or_default()),
         }
     }
 }
@@ -466,6 +472,7 @@ unsafe fn analyse(
             statement: String::new(),
             relations: Vec::new(),
             target_alias: String::new(),
+            broadcasts: Vec::new(),
         };
         match (*parse).commandType {
             pg_sys::CmdType::CMD_INSERT => {
@@ -616,6 +623,7 @@ unsafe fn whole_statement(
     modify.statement = pushdown.statement;
     modify.relations = pushdown.relations;
     modify.target_alias = pushdown.target_alias;
+    modify.broadcasts = pushdown.broadcasts;
     let shards = cache::shards(table.oid);
     // SAFETY: `own` are conditions on the target's columns only.
     (modify.shard_ids, modify.prune_param) = match table.method {

@@ -7,7 +7,10 @@
 //! table, complete on every node. A subquery that combines rows (aggregates, DISTINCT, LIMIT,
 //! window functions, set operations) must be pinned to one distribution value: correlated by
 //! an equality with the outer distribution column, or grouped by its own distribution column
-//! (without LIMIT). Everything else is refused with 0A000 and the reason.
+//! (without LIMIT). A distributed table that is not co-located with the target is broadcast:
+//! read first and written into every shard's statement as `unnest(<one array per column>)`,
+//! so that, like a reference table, it is complete wherever the statement runs (up to
+//! `BROADCAST_MAX_ROWS` rows). Everything else is refused with 0A000 and the reason.
 //!
 //! The statement is written back as SQL by PostgreSQL's own deparser (`pg_get_querydef`)
 //! under an empty search_path, so every name comes out schema-qualified; each distributed or
@@ -22,8 +25,11 @@ use pgrx::{pg_sys, PgList};
 use crate::distribution::create::relation_name;
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
-use crate::planner::scan_path::is_hash_equality;
-use crate::planner::shippable::{builtin_immutable, collation_ok, shippable, RELATION_BASE};
+use crate::planner::scan_path::{is_hash_equality, ScanPlan};
+use crate::planner::shippable::{
+    builtin_immutable, collation_ok, shippable, travels_in_array, BROADCAST_BASE, RELATION_BASE,
+};
+use crate::remote::quote::quote_identifier;
 use crate::planner::PlannerError;
 
 /// A statement to run once on every (pruned) shard of its target.
@@ -34,6 +40,20 @@ pub struct Pushdown {
     pub relations: Vec<(u32, pg_sys::Oid)>,
     /// The alias the target goes by in the statement.
     pub target_alias: String,
+    /// The tables broadcast into the statement (`ModifyPlan::broadcasts`).
+    pub broadcasts: Vec<ScanPlan>,
+}
+
+/// The most rows (by the table's row estimate) a table may have to be broadcast into every
+/// shard's statement; a larger one that is not co-located is refused.
+const BROADCAST_MAX_ROWS: f64 = 100_000.0;
+
+/// A table written into the statement as arrays of its rows: its alias number, the table and
+/// the columns the statement reads.
+struct Broadcast {
+    k: u32,
+    relid: pg_sys::Oid,
+    columns: Vec<i16>,
 }
 
 /// A column of one range-table entry of one query level: (query address, rti, attno).
@@ -62,6 +82,7 @@ struct Walk {
     /// The distribution column of every distributed table read.
     hash_columns: Vec<(Key, pg_sys::Oid)>,
     relations: Vec<(u32, pg_sys::Oid)>,
+    broadcasts: Vec<Broadcast>,
     target_alias: String,
     /// Inside a WITH query (evaluated once for the whole statement).
     in_cte: usize,
@@ -102,6 +123,7 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
             parent: HashMap::new(),
             hash_columns: Vec::new(),
             relations: Vec::new(),
+            broadcasts: Vec::new(),
             target_alias: String::new(),
             in_cte: 0,
             problem: None,
@@ -111,11 +133,22 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
             return Err(refuse(problem));
         }
         walk.check_pinned().map_err(refuse)?;
-        let statement = deparse(parse, &walk.relations).map_err(refuse)?;
+        let statement = deparse(parse, &walk.relations, &walk.broadcasts).map_err(refuse)?;
+        let broadcasts = walk
+            .broadcasts
+            .iter()
+            .map(|b| ScanPlan {
+                relid: b.relid,
+                columns: b.columns.clone(),
+                shard_ids: cache::shards(b.relid).iter().map(|(id, _)| *id).collect(),
+                ..Default::default()
+            })
+            .collect();
         Ok(Pushdown {
             statement,
             relations: walk.relations,
             target_alias: walk.target_alias,
+            broadcasts,
         })
     }
 }
@@ -272,7 +305,20 @@ impl Walk {
                     self.hash_columns
                         .push(((query as usize, rti, attno), relid));
                 }
-                _ => {
+                Method::Hash => {
+                    let k = (self.relations.len() + self.broadcasts.len()) as u32;
+                    match broadcast_columns(query, rti, &table) {
+                        Ok(columns) => self.broadcasts.push(Broadcast { k, relid, columns }),
+                        Err(why) => self.fail(format!(
+                            "{} is not co-located with {} and {why}",
+                            relation_name(relid),
+                            relation_name(self.target)
+                        )),
+                    }
+                    set_alias(rte, k);
+                    return;
+                }
+                Method::Range => {
                     self.fail(format!(
                         "{} is not co-located with {}",
                         relation_name(relid),
@@ -281,13 +327,11 @@ impl Walk {
                     return;
                 }
             }
-            let k = self.relations.len() as u32;
-            let alias = format!("pgdist_t{k}");
+            let k = (self.relations.len() + self.broadcasts.len()) as u32;
             if query == self.top && rti == (*query).resultRelation {
-                self.target_alias = alias.clone();
+                self.target_alias = format!("pgdist_t{k}");
             }
-            let name = CString::new(alias).unwrap_or_default();
-            (*rte).alias = pg_sys::makeAlias(name.as_ptr(), std::ptr::null_mut());
+            set_alias(rte, k);
             self.relations.push((k, relid));
         }
     }
@@ -471,6 +515,102 @@ impl Walk {
                 })
         }
     }
+}
+
+/// Names range-table entry `rte` `pgdist_t<k>` in the statement.
+unsafe fn set_alias(rte: *mut pg_sys::RangeTblEntry, k: u32) {
+    let name = CString::new(format!("pgdist_t{k}")).unwrap_or_default();
+    // SAFETY: makeAlias copies the name into the planner's memory.
+    unsafe { (*rte).alias = pg_sys::makeAlias(name.as_ptr(), std::ptr::null_mut()) };
+}
+
+/// The columns of `table` — entry `rti` of `query` — that the statement reads, when the
+/// table can be broadcast: not too large, read column by column, each column able to travel
+/// in an array; otherwise why not.
+unsafe fn broadcast_columns(
+    query: *mut pg_sys::Query,
+    rti: i32,
+    table: &DistTable,
+) -> Result<Vec<i16>, String> {
+    if let Some(rows) = table.row_estimate.filter(|rows| *rows > BROADCAST_MAX_ROWS) {
+        return Err(format!(
+            "has about {rows:.0} rows, too many to send with every shard's statement"
+        ));
+    }
+    // SAFETY: the walk reads the statement; catalog lookups of the table's columns.
+    unsafe {
+        let mut columns = columns_read(query, rti).ok_or("the statement reads its whole rows")?;
+        columns.sort_unstable();
+        columns.dedup();
+        if columns.is_empty() {
+            // Only its rows count (`… USING t` without conditions): any column will do.
+            columns.push(1);
+        }
+        for attno in &columns {
+            let (mut type_oid, mut typmod, mut collation) = (pg_sys::InvalidOid, 0, pg_sys::InvalidOid);
+            pg_sys::get_atttypetypmodcoll(table.oid, *attno, &mut type_oid, &mut typmod, &mut collation);
+            if !travels_in_array(type_oid, collation) {
+                let name = CStr::from_ptr(pg_sys::get_attname(table.oid, *attno, false));
+                return Err(format!(
+                    "its column {} cannot be sent to the shards as an array",
+                    name.to_string_lossy()
+                ));
+            }
+        }
+        Ok(columns)
+    }
+}
+
+/// The attribute numbers of range-table entry `rti` of `query` that `query` and its
+/// subqueries read; None when something reads a whole row or a system column.
+unsafe fn columns_read(query: *mut pg_sys::Query, rti: i32) -> Option<Vec<i16>> {
+    struct Reads {
+        rti: i32,
+        depth: u32,
+        columns: Vec<i16>,
+        whole_row: bool,
+    }
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walk(node: *mut pg_sys::Node, context: *mut c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        // SAFETY: node is part of the statement; context is the Reads we passed.
+        unsafe {
+            let reads = &mut *context.cast::<Reads>();
+            match (*node).type_ {
+                pg_sys::NodeTag::T_Var => {
+                    let var = node.cast::<pg_sys::Var>();
+                    if (*var).varno == reads.rti && (*var).varlevelsup == reads.depth {
+                        if (*var).varattno > 0 {
+                            reads.columns.push((*var).varattno);
+                        } else {
+                            reads.whole_row = true;
+                        }
+                    }
+                    false
+                }
+                pg_sys::NodeTag::T_Query => {
+                    reads.depth += 1;
+                    let done = pg_sys::query_tree_walker(node.cast(), Some(walk), context, 0);
+                    reads.depth -= 1;
+                    done
+                }
+                _ => pg_sys::expression_tree_walker(node, Some(walk), context),
+            }
+        }
+    }
+    let mut reads = Reads {
+        rti,
+        depth: 0,
+        columns: Vec::new(),
+        whole_row: false,
+    };
+    // SAFETY: the walker only reads the statement.
+    unsafe {
+        pg_sys::query_tree_walker(query, Some(walk), (&raw mut reads).cast(), 0);
+    }
+    (!reads.whole_row).then_some(reads.columns)
 }
 
 /// The column `var` (a Var of `query`'s own level) stands for, following join aliases.
@@ -679,25 +819,44 @@ pub unsafe fn qualified_sql(query: *mut pg_sys::Query) -> String {
 unsafe fn deparse(
     parse: *mut pg_sys::Query,
     relations: &[(u32, pg_sys::Oid)],
+    broadcasts: &[Broadcast],
 ) -> Result<String, String> {
     // SAFETY: the query is ours.
     let mut sql = unsafe { qualified_sql(parse) };
-    for (k, relid) in relations {
-        // As ruleutils writes it: quoted only where needed.
-        let (schema, name) = crate::executor::schema_and_name(*relid);
-        let (schema, name) = (
-            CString::new(schema).unwrap_or_default(),
-            CString::new(name).unwrap_or_default(),
+    let mut next_array = BROADCAST_BASE;
+    for broadcast in broadcasts {
+        let written = format!("{} pgdist_t{}", qualified_name(broadcast.relid), broadcast.k);
+        let arrays: Vec<String> = broadcast
+            .columns
+            .iter()
+            .zip(next_array..)
+            .map(|(_, param)| format!("${param}"))
+            .collect();
+        next_array += arrays.len() as i32;
+        let names: Vec<String> = broadcast
+            .columns
+            .iter()
+            .map(|attno| {
+                // SAFETY: a catalog lookup of an existing column.
+                let name = unsafe {
+                    CStr::from_ptr(pg_sys::get_attname(broadcast.relid, *attno, false))
+                };
+                quote_identifier(&name.to_string_lossy())
+            })
+            .collect();
+        let unnest = format!(
+            "unnest({}) AS pgdist_t{}({})",
+            arrays.join(", "),
+            broadcast.k,
+            names.join(", ")
         );
-        // SAFETY: two valid C strings; the result is copied at once.
-        let qualified = unsafe {
-            CStr::from_ptr(pg_sys::quote_qualified_identifier(
-                schema.as_ptr(),
-                name.as_ptr(),
-            ))
-            .to_string_lossy()
-            .into_owned()
-        };
+        if sql.matches(written.as_str()).count() != 1 {
+            return Err("pgdist could not write it as SQL for the shards".into());
+        }
+        sql = sql.replacen(written.as_str(), &unnest, 1);
+    }
+    for (k, relid) in relations {
+        let qualified = qualified_name(*relid);
         // The UPDATE's own table is written `name AS alias`, the others `name alias`.
         let forms = [" AS ", " "].map(|between| {
             (
@@ -717,6 +876,24 @@ unsafe fn deparse(
         }
     }
     Ok(sql)
+}
+
+/// The table's schema-qualified name as ruleutils writes it: quoted only where needed.
+fn qualified_name(relid: pg_sys::Oid) -> String {
+    let (schema, name) = crate::executor::schema_and_name(relid);
+    let (schema, name) = (
+        CString::new(schema).unwrap_or_default(),
+        CString::new(name).unwrap_or_default(),
+    );
+    // SAFETY: two valid C strings; the result is copied at once.
+    unsafe {
+        CStr::from_ptr(pg_sys::quote_qualified_identifier(
+            schema.as_ptr(),
+            name.as_ptr(),
+        ))
+        .to_string_lossy()
+        .into_owned()
+    }
 }
 
 /// Replaces references to the statement's plain WITH queries (SELECTs without volatile

@@ -302,25 +302,12 @@ impl ScanPlan {
             join(self.merge_keys.iter().map(MergeKey::encode).collect()),
             u8::from(self.distinct).to_string(),
         ];
-        parts.push(self.broadcasts.len().to_string());
-        for broadcast in &self.broadcasts {
-            parts.extend(broadcast.encode());
-        }
+        parts.extend(encode_broadcasts(&self.broadcasts));
         parts
     }
 
     pub fn decode(parts: &[String]) -> ScanPlan {
-        let broadcast_count: usize = parts
-            .get(ENCODED_PARTS - 1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_default();
-        let broadcasts = parts
-            .get(ENCODED_PARTS..)
-            .unwrap_or_default()
-            .chunks(ENCODED_PARTS)
-            .take(broadcast_count)
-            .map(ScanPlan::decode)
-            .collect();
+        let broadcasts = decode_broadcasts(parts.get(ENCODED_PARTS - 1..).unwrap_or_default());
         let (head, parts) = parts.split_at(parts.len().min(3));
         let relid = head
             .first()
@@ -372,6 +359,31 @@ impl ScanPlan {
             broadcasts,
         }
     }
+}
+
+/// Broadcast scans (`ScanPlan::broadcasts`, `ModifyPlan::broadcasts`) as strings: their
+/// number, then the parts of each.
+pub fn encode_broadcasts(broadcasts: &[ScanPlan]) -> Vec<String> {
+    let mut parts = vec![broadcasts.len().to_string()];
+    for broadcast in broadcasts {
+        parts.extend(broadcast.encode());
+    }
+    parts
+}
+
+/// The broadcast scans `encode_broadcasts` wrote at the start of `parts`.
+pub fn decode_broadcasts(parts: &[String]) -> Vec<ScanPlan> {
+    let count: usize = parts
+        .first()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_default();
+    parts
+        .get(1..)
+        .unwrap_or_default()
+        .chunks(ENCODED_PARTS)
+        .take(count)
+        .map(ScanPlan::decode)
+        .collect()
 }
 
 /// Strings → a List of String nodes (what custom_private holds).

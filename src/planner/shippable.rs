@@ -562,3 +562,31 @@ pub unsafe fn new_param(
         param
     }
 }
+
+/// True when values of `type_oid` under `collation` come back unchanged from a text array
+/// literal: the type has an array type, is not an array itself, separates elements with a
+/// comma, and the column has the type's own collation.
+pub unsafe fn travels_in_array(type_oid: pg_sys::Oid, collation: pg_sys::Oid) -> bool {
+    // SAFETY: catalog lookups of an existing type.
+    unsafe {
+        if pg_sys::get_array_type(type_oid) == pg_sys::InvalidOid
+            || pg_sys::get_base_element_type(type_oid) != pg_sys::InvalidOid
+            || collation != pg_sys::get_typcollation(type_oid)
+        {
+            return false;
+        }
+        let (mut length, mut by_value, mut align, mut delimiter) = (0i16, false, 0i8, 0i8);
+        let (mut io_param, mut function) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+        pg_sys::get_type_io_data(
+            type_oid,
+            pg_sys::IOFuncSelector::IOFunc_input,
+            &mut length,
+            &mut by_value,
+            &mut align,
+            &mut delimiter,
+            &mut io_param,
+            &mut function,
+        );
+        delimiter as u8 == b','
+    }
+}
