@@ -437,7 +437,8 @@ fn other_joins_broadcast_the_smaller_side(cluster: &Cluster) {
     for sql in broadcast {
         let plan = explain(&mut coordinator, sql);
         assert!(
-            join_pushed_down(&mut coordinator, sql) && plan.iter().any(|l| l.contains("Broadcast: ")),
+            join_pushed_down(&mut coordinator, sql)
+                && plan.iter().any(|l| l.contains("Broadcast: ")),
             "not broadcast: {sql}: {plan:?}"
         );
     }
@@ -449,14 +450,18 @@ fn other_joins_broadcast_the_smaller_side(cluster: &Cluster) {
         .map(|r| r.get(0))
         .collect();
     assert!(
-        analyzed.iter().any(|l| l.contains("Broadcast: products: 75 rows")),
+        analyzed
+            .iter()
+            .any(|l| l.contains("Broadcast: products: 75 rows")),
         "{analyzed:?}"
     );
     // A parameter of the broadcast side, in custom and generic plans.
     let mut reference = cluster.reference.connect();
     let sql = "SELECT count(*), sum(o.amount)::text FROM orders o JOIN products p ON p.product_id = o.customer_id WHERE p.category = $1";
     for mode in ["force_custom_plan", "force_generic_plan"] {
-        coordinator.batch_execute(&format!("SET plan_cache_mode = {mode}")).unwrap();
+        coordinator
+            .batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .unwrap();
         let statement = coordinator.prepare(sql).unwrap();
         for category in ["food", "toys", "none", "tools"] {
             let got = coordinator.query_one(&statement, &[&category]).unwrap();
@@ -471,7 +476,9 @@ fn other_joins_broadcast_the_smaller_side(cluster: &Cluster) {
     coordinator.batch_execute("RESET plan_cache_mode").unwrap();
     // Inside a transaction the broadcast side includes the transaction's own writes.
     for client in [&mut coordinator, &mut reference] {
-        client.batch_execute("BEGIN; INSERT INTO products VALUES (1042, 'product new', 'food', 1)").unwrap();
+        client
+            .batch_execute("BEGIN; INSERT INTO products VALUES (1042, 'product new', 'food', 1)")
+            .unwrap();
     }
     compare(
         &mut coordinator,

@@ -131,7 +131,11 @@ pub fn refresh_row_estimates() -> Result<i64, MetadataError> {
     }
     let shards = Spi::connect(|client| {
         client
-            .select("SELECT table_oid::oid, shard_id FROM pgdist.shard", None, &[])?
+            .select(
+                "SELECT table_oid::oid, shard_id FROM pgdist.shard",
+                None,
+                &[],
+            )?
             .map(|row| {
                 Ok((
                     row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
@@ -143,7 +147,9 @@ pub fn refresh_row_estimates() -> Result<i64, MetadataError> {
     let mut table_rows: HashMap<pg_sys::Oid, Option<f64>> = HashMap::new();
     for (table, shard_id) in shards {
         let sum = table_rows.entry(table).or_insert(Some(0.0));
-        *sum = sum.zip(shard_rows.get(&shard_id)).map(|(sum, rows)| sum + *rows as f64);
+        *sum = sum
+            .zip(shard_rows.get(&shard_id))
+            .map(|(sum, rows)| sum + *rows as f64);
     }
     let mut changed = 0;
     for (table, rows) in table_rows {

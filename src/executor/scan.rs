@@ -290,7 +290,12 @@ unsafe extern "C-unwind" fn rescan(node: *mut pg_sys::CustomScanState) {
     unsafe {
         let runtime = runtime_of(node);
         runtime.stream = None;
-        if runtime.plan.broadcasts.iter().any(|b| !b.exec_params.is_empty()) {
+        if runtime
+            .plan
+            .broadcasts
+            .iter()
+            .any(|b| !b.exec_params.is_empty())
+        {
             runtime.broadcast = None;
         }
         pg_sys::ExecScanReScan(&mut (*node).ss);
@@ -792,7 +797,10 @@ pub struct BroadcastRows {
 }
 
 impl BroadcastRows {
-    /// Runs the scans `reads` on the workers now (`node` supplies their parameters).
+    /// Runs the scans `reads` on the workers now.
+    ///
+    /// # Safety
+    /// `node` must be a running Distributed Scan or Modify: it supplies the parameters.
     pub unsafe fn read(reads: &[ScanPlan], node: *mut pg_sys::CustomScanState) -> BroadcastRows {
         let mut arrays = Vec::new();
         let mut counts = Vec::new();
@@ -819,11 +827,6 @@ impl BroadcastRows {
             counts.push(rows);
         }
         BroadcastRows { arrays, counts }
-    }
-
-    /// How many rows each table had.
-    pub fn counts(&self) -> &[usize] {
-        &self.counts
     }
 }
 

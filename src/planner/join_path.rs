@@ -177,7 +177,12 @@ impl Input {
     /// each fragment sees all of them, as it would a reference table. The array columns are
     /// numbered from `$<first_param>`. None when a needed column cannot travel in an array
     /// unchanged.
-    unsafe fn broadcast(self, rel: *mut pg_sys::RelOptInfo, first_param: i32, fragments: usize) -> Option<Input> {
+    unsafe fn broadcast(
+        self,
+        rel: *mut pg_sys::RelOptInfo,
+        first_param: i32,
+        fragments: usize,
+    ) -> Option<Input> {
         // SAFETY: rel is this input's relation; catalog lookups of its columns' types.
         unsafe {
             let [(rti, relid)] = self.relations[..] else {
@@ -200,7 +205,8 @@ impl Input {
                     return None;
                 }
                 columns.push((*var).varattno);
-                let name = std::ffi::CStr::from_ptr(pg_sys::get_attname(relid, (*var).varattno, false));
+                let name =
+                    std::ffi::CStr::from_ptr(pg_sys::get_attname(relid, (*var).varattno, false));
                 names.push(quote_identifier(&name.to_string_lossy()));
             }
             if columns.is_empty() {

@@ -21,7 +21,9 @@ use pgrx::PgList;
 
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
-use crate::planner::scan_path::{decode_broadcasts, encode_broadcasts, from_list, to_list, ScanPlan};
+use crate::planner::scan_path::{
+    decode_broadcasts, encode_broadcasts, from_list, to_list, ScanPlan,
+};
 use crate::planner::shippable::{deparse, shippable, with_coordinator_values};
 use crate::planner::PlannerError;
 use crate::remote::quote::quote_identifier;

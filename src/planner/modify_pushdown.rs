@@ -29,8 +29,8 @@ use crate::planner::scan_path::{is_hash_equality, ScanPlan};
 use crate::planner::shippable::{
     builtin_immutable, collation_ok, shippable, travels_in_array, BROADCAST_BASE, RELATION_BASE,
 };
-use crate::remote::quote::quote_identifier;
 use crate::planner::PlannerError;
+use crate::remote::quote::quote_identifier;
 
 /// A statement to run once on every (pruned) shard of its target.
 pub struct Pushdown {
@@ -547,8 +547,15 @@ unsafe fn broadcast_columns(
             columns.push(1);
         }
         for attno in &columns {
-            let (mut type_oid, mut typmod, mut collation) = (pg_sys::InvalidOid, 0, pg_sys::InvalidOid);
-            pg_sys::get_atttypetypmodcoll(table.oid, *attno, &mut type_oid, &mut typmod, &mut collation);
+            let (mut type_oid, mut typmod, mut collation) =
+                (pg_sys::InvalidOid, 0, pg_sys::InvalidOid);
+            pg_sys::get_atttypetypmodcoll(
+                table.oid,
+                *attno,
+                &mut type_oid,
+                &mut typmod,
+                &mut collation,
+            );
             if !travels_in_array(type_oid, collation) {
                 let name = CStr::from_ptr(pg_sys::get_attname(table.oid, *attno, false));
                 return Err(format!(
@@ -825,7 +832,11 @@ unsafe fn deparse(
     let mut sql = unsafe { qualified_sql(parse) };
     let mut next_array = BROADCAST_BASE;
     for broadcast in broadcasts {
-        let written = format!("{} pgdist_t{}", qualified_name(broadcast.relid), broadcast.k);
+        let written = format!(
+            "{} pgdist_t{}",
+            qualified_name(broadcast.relid),
+            broadcast.k
+        );
         let arrays: Vec<String> = broadcast
             .columns
             .iter()
@@ -838,9 +849,8 @@ unsafe fn deparse(
             .iter()
             .map(|attno| {
                 // SAFETY: a catalog lookup of an existing column.
-                let name = unsafe {
-                    CStr::from_ptr(pg_sys::get_attname(broadcast.relid, *attno, false))
-                };
+                let name =
+                    unsafe { CStr::from_ptr(pg_sys::get_attname(broadcast.relid, *attno, false)) };
                 quote_identifier(&name.to_string_lossy())
             })
             .collect();

@@ -851,7 +851,8 @@ mod unit {
         };
         let plan = ScanPlan {
             relid: pg_sys::Oid::from(16999),
-            from_sql: "$300001 r1 JOIN unnest($270000, $270001) AS r2(a, b) ON (r1.x = r2.a)".into(),
+            from_sql: "$300001 r1 JOIN unnest($270000, $270001) AS r2(a, b) ON (r1.x = r2.a)"
+                .into(),
             relations: vec![(1, pg_sys::Oid::from(16999))],
             distinct: true,
             broadcasts: vec![broadcast.clone(), broadcast],
