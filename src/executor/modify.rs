@@ -17,8 +17,7 @@ use crate::distribution::shell::with_suffix;
 use crate::executor::fragments::TextRow;
 use crate::executor::scan::insert_statements;
 use crate::executor::scan::{
-    broadcast_value, evaluate_values, is_broadcast_column, prune_by_param, substitute_params,
-    value_text, BroadcastRows, ShardNames,
+    evaluate_values, prune_by_param, statement_value, substitute_params, BroadcastRows, ShardNames,
 };
 use crate::executor::shard_writer::{run_statements, RowInput, ShardWriter, WriteKind};
 use crate::metadata::cache;
@@ -178,16 +177,14 @@ unsafe fn with_values<'a>(
 ) -> impl Fn(&str) -> String + 'a {
     // SAFETY: this node is running.
     let values = unsafe { evaluate_values(node, &runtime.coordinator_values) };
-    let broadcasts = &runtime.plan.broadcasts;
-    let broadcast = runtime.broadcast.as_ref();
+    let broadcasts = (
+        runtime.plan.broadcasts.as_slice(),
+        runtime.broadcast.as_ref(),
+    );
     move |sql: &str| {
-        substitute_params(sql, |id| {
-            if is_broadcast_column(id) {
-                broadcast_value(broadcasts, broadcast, id)
-            } else {
-                // SAFETY: the statement's parameters, read while the node runs.
-                unsafe { value_text(node, &[], &values, id) }
-            }
+        // SAFETY: the statement's parameters, read while the node runs.
+        substitute_params(sql, |id| unsafe {
+            statement_value(node, &[], &values, broadcasts, id)
         })
     }
 }

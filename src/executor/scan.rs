@@ -464,7 +464,7 @@ pub unsafe fn evaluate_values(
 
 /// The text of `$id` in fragment SQL: a value computed here (from COORDINATOR_VALUE_BASE), or
 /// a statement or executor parameter.
-pub unsafe fn value_text(
+unsafe fn value_text(
     node: *mut pg_sys::CustomScanState,
     exec_params: &[(i32, pg_sys::Oid)],
     values: &[Option<(String, String)>],
@@ -618,11 +618,13 @@ unsafe fn fragments(
         let values = evaluate_values(node, &runtime.coordinator_values);
         let substitute = |sql: &str| {
             substitute_params(sql, |id| {
-                if is_broadcast_column(id) {
-                    broadcast_value(&plan.broadcasts, runtime.broadcast.as_ref(), id)
-                } else {
-                    value_text(node, &plan.exec_params, &values, id)
-                }
+                statement_value(
+                    node,
+                    &plan.exec_params,
+                    &values,
+                    (&plan.broadcasts, runtime.broadcast.as_ref()),
+                    id,
+                )
             })
         };
         // The SQL of every fragment; shard placeholders are filled in per shard.
@@ -830,14 +832,26 @@ impl BroadcastRows {
     }
 }
 
-/// True when `$id` stands for a broadcast column.
-pub fn is_broadcast_column(id: i32) -> bool {
-    (BROADCAST_BASE..RELATION_BASE).contains(&id)
+/// The text of `$id` in a statement sent to the workers: a broadcast column of `broadcasts`
+/// (the scans and, once read, their rows), or what `value_text` says.
+pub unsafe fn statement_value(
+    node: *mut pg_sys::CustomScanState,
+    exec_params: &[(i32, pg_sys::Oid)],
+    values: &[Option<(String, String)>],
+    broadcasts: (&[ScanPlan], Option<&BroadcastRows>),
+    id: i32,
+) -> Option<(String, String)> {
+    if (BROADCAST_BASE..RELATION_BASE).contains(&id) {
+        broadcast_value(broadcasts.0, broadcasts.1, id)
+    } else {
+        // SAFETY: see value_text.
+        unsafe { value_text(node, exec_params, values, id) }
+    }
 }
 
 /// The value of broadcast column `$id` of `reads`: its array literal (empty when the rows
 /// are not read, as under a plain EXPLAIN) and the array type's name.
-pub fn broadcast_value(
+fn broadcast_value(
     reads: &[ScanPlan],
     rows: Option<&BroadcastRows>,
     id: i32,
