@@ -322,6 +322,12 @@ unsafe extern "C-unwind" fn explain(
         runtime.broadcast = broadcast;
         let count: usize = work.iter().map(|(_, f)| f.len()).sum();
         text(c"Fragments", &format!("{count} on {nodes} node(s)"));
+        if !runtime.plan.statement_sql.is_empty() {
+            text(
+                c"Router",
+                "fast path, the whole statement runs on one shard",
+            );
+        }
         for (index, read) in runtime.plan.broadcasts.iter().enumerate() {
             let rows = match &runtime.broadcast {
                 Some(read) => format!("{} rows", read.counts[index]),
@@ -562,6 +568,9 @@ pub unsafe fn prune_by_param(
 
 /// The text of every fragment, with `$<RELATION_BASE + rti>` for the shards read.
 fn fragment_sql(plan: &ScanPlan, relid: pg_sys::Oid) -> String {
+    if !plan.statement_sql.is_empty() {
+        return plan.statement_sql.clone();
+    }
     let (select, from) = if !plan.from_sql.is_empty() {
         (plan.select_sql.clone(), plan.from_sql.clone())
     } else if !plan.select_sql.is_empty() {

@@ -54,7 +54,8 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
 }
 
 /// The oid of `pgdist.dist_table`, or None where pgdist is not installed.
-fn catalog_relid() -> Option<pg_sys::Oid> {
+/// The catalog table whose invalidation means pgdist's metadata changed.
+pub fn catalog_relid() -> Option<pg_sys::Oid> {
     // SAFETY: syscache lookups by name; both return InvalidOid when nothing matches.
     unsafe {
         let namespace = pg_sys::get_namespace_oid(c"pgdist".as_ptr(), true);

@@ -8,6 +8,7 @@
 pub mod aggregate_path;
 pub mod coordinator_subqueries;
 pub mod distinct_rows;
+pub mod fast_path;
 pub mod join_path;
 pub mod limit_path;
 pub mod merge_path;
@@ -153,6 +154,10 @@ unsafe extern "C-unwind" fn plan(
     let any_distributed = cache::with_tables(|tables| !tables.is_empty());
     if !any_distributed {
         return plan_rest();
+    }
+    // SAFETY: parse is the query being planned, valid for this call.
+    if let Some(stmt) = unsafe { fast_path::plan(parse, cursor_options) } {
+        return stmt;
     }
     // Lives until planning ends: the table's scan picks the lock clause up.
     // SAFETY: parse is the query being planned, valid for this call.

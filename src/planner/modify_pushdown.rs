@@ -518,7 +518,7 @@ impl Walk {
 }
 
 /// Names range-table entry `rte` `pgdist_t<k>` in the statement.
-unsafe fn set_alias(rte: *mut pg_sys::RangeTblEntry, k: u32) {
+pub(crate) unsafe fn set_alias(rte: *mut pg_sys::RangeTblEntry, k: u32) {
     let name = CString::new(format!("pgdist_t{k}")).unwrap_or_default();
     // SAFETY: makeAlias copies the name into the planner's memory.
     unsafe { (*rte).alias = pg_sys::makeAlias(name.as_ptr(), std::ptr::null_mut()) };
@@ -818,8 +818,45 @@ pub unsafe fn qualified_sql(query: *mut pg_sys::Query) -> String {
         );
         let text = pg_sys::pg_get_querydef(query, false);
         pg_sys::AtEOXact_GUC(true, level);
-        CStr::from_ptr(text).to_string_lossy().into_owned()
+        one_line(&CStr::from_ptr(text).to_string_lossy())
     }
+}
+
+/// Deparsed SQL on one line: each line break the deparser put between words, with the
+/// indentation after it, becomes one space (breaks inside quoted literals and identifiers
+/// stay).
+fn one_line(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut quote: Option<char> = None;
+    let mut chars = sql.trim().chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, '\'' | '"') => quote = Some(c),
+            (Some(open), _) if c == open => quote = None,
+            (None, '\n') => {
+                while chars.peek() == Some(&' ') {
+                    chars.next();
+                }
+                if !out.ends_with(' ') {
+                    out.push(' ');
+                }
+                continue;
+            }
+            _ => {}
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `parse` as SQL with a placeholder for the shard of each of `relations` (each named
+/// `pgdist_t<k>` by [`set_alias`]).
+pub(crate) unsafe fn deparse_with_shards(
+    parse: *mut pg_sys::Query,
+    relations: &[(u32, pg_sys::Oid)],
+) -> Result<String, String> {
+    // SAFETY: as for deparse.
+    unsafe { deparse(parse, relations, &[]) }
 }
 
 /// The statement as SQL with a placeholder for each relation's shard.
@@ -1014,5 +1051,22 @@ unsafe fn names_with_query(query: *mut pg_sys::Query) -> bool {
             std::ptr::null_mut(),
             pg_sys::QTW_EXAMINE_RTES_BEFORE as i32,
         )
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::one_line;
+
+    #[test]
+    fn line_breaks_become_spaces_outside_quotes() {
+        assert_eq!(
+            one_line(" SELECT a,\n    b\n   FROM t\n  WHERE (b = 'x\n  y''\n z')"),
+            "SELECT a, b FROM t WHERE (b = 'x\n  y''\n z')"
+        );
+        assert_eq!(
+            one_line("SELECT \"a\n  b\"\n  FROM t"),
+            "SELECT \"a\n  b\" FROM t"
+        );
     }
 }

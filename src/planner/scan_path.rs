@@ -209,11 +209,14 @@ pub struct ScanPlan {
     /// each, whose rows stand in the fragments as arrays, its columns numbered in order from
     /// `$<BROADCAST_BASE>`.
     pub broadcasts: Vec<ScanPlan>,
+    /// A whole statement run as it is on its one shard (`fast_path.rs`), `$<RELATION_BASE +
+    /// 1>` standing for the shard; the other SQL parts are then empty.
+    pub statement_sql: String,
 }
 
 /// How many strings a ScanPlan without broadcasts encodes to, the last one the number of
 /// broadcasts (whose own parts follow).
-const ENCODED_PARTS: usize = 19;
+const ENCODED_PARTS: usize = 20;
 
 /// One sort key of a merged scan.
 #[derive(Clone, Debug, PartialEq)]
@@ -301,6 +304,7 @@ impl ScanPlan {
             self.coordinator_values.clone(),
             join(self.merge_keys.iter().map(MergeKey::encode).collect()),
             u8::from(self.distinct).to_string(),
+            self.statement_sql.clone(),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
         parts
@@ -356,6 +360,7 @@ impl ScanPlan {
                 .map(|s| s.split(',').filter_map(MergeKey::decode).collect())
                 .unwrap_or_default(),
             distinct: parts.get(14).is_some_and(|s| s == "1"),
+            statement_sql: parts.get(15).cloned().unwrap_or_default(),
             broadcasts,
         }
     }
