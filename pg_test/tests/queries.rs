@@ -1191,4 +1191,15 @@ fn a_worker_that_is_down_gives_a_clear_error(cluster: &Cluster) {
         .unwrap()
         .get(0);
     assert_eq!(count, 20000);
+    // A session's cached connections to a node that restarted since are replaced quietly.
+    let mut session = cluster.coordinator_client();
+    let count_all = |session: &mut postgres::Client| -> i64 {
+        session
+            .query_one("SELECT count(*) FROM orders", &[])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(count_all(&mut session), 20000);
+    down.ctl("restart");
+    assert_eq!(count_all(&mut session), 20000);
 }

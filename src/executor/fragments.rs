@@ -74,7 +74,6 @@ impl FragmentStream {
         merge_order: Option<String>,
     ) -> FragmentStream {
         let mut channels = Channels::new(merge_order);
-        connection::notice_closed_connections();
         let (transactional, work): (Vec<_>, Vec<_>) = work.into_iter().partition(|(target, _)| {
             in_transaction || remote_xact::is_participant(target.node.node_id)
         });
@@ -165,7 +164,13 @@ impl FragmentStream {
             let Some(stream) = self.streams.get_mut(index).and_then(Option::as_mut) else {
                 return Ok(None);
             };
-            match runtime::block_on(stream.recv()) {
+            // Rows that arrived with the last wake-up are taken without waiting again.
+            let message = match stream.try_recv() {
+                Ok(message) => Ok(Some(message)),
+                Err(mpsc::error::TryRecvError::Disconnected) => Ok(None),
+                Err(mpsc::error::TryRecvError::Empty) => runtime::block_on(stream.recv()),
+            };
+            match message {
                 Ok(Some(Ok(Message::Row(row)))) => return Ok(Some(row)),
                 Ok(Some(Ok(Message::Done(stats)))) => self.stats.push(stats),
                 Ok(Some(Err(err))) => return Err(err),
@@ -294,22 +299,38 @@ impl Share {
             },
         };
         // Registered for the whole share, so an interrupt while rows stream cancels it.
-        let _in_flight = runtime::InFlight::register(conn.cancel_token());
+        let mut _in_flight = runtime::InFlight::register(conn.cancel_token());
         let mut prefix = self.prefix;
         let mut receiving = true;
-        for Fragment {
-            sql: mut fragment,
-            count,
-        } in self.fragments
-        {
+        for Fragment { sql, count } in self.fragments {
+            let mut sent = std::mem::take(&mut prefix);
             if conn.session_settings != self.settings {
-                fragment.insert_str(0, &self.settings);
+                sent.push_str(&self.settings);
                 conn.session_settings = self.settings.clone();
             }
-            fragment.insert_str(0, &std::mem::take(&mut prefix));
+            sent.push_str(&sql);
             let started = std::time::Instant::now();
             let sender = receiving.then_some(&self.sender);
-            match run_fragment(&conn, &fragment, sender, self.transactional).await {
+            let mut result = run_fragment(&conn, &sent, sender, self.transactional).await;
+            // A cached connection whose node restarted since its last use fails before any
+            // row: the fragment runs once more on a fresh connection.
+            if let Err((err, 0)) = &result {
+                if conn.reused && !self.transactional && err.is_connection_failure() {
+                    match NodeConnection::open(&self.target).await {
+                        Ok(fresh) => conn = fresh,
+                        Err(err) => {
+                            let _ = self.sender.send(Err(err)).await;
+                            return None;
+                        }
+                    }
+                    _in_flight = runtime::InFlight::register(conn.cancel_token());
+                    conn.session_settings = self.settings.clone();
+                    let sender = receiving.then_some(&self.sender);
+                    result = run_fragment(&conn, &format!("{}{sql}", self.settings), sender, false)
+                        .await;
+                }
+            }
+            match result.map_err(|(err, _)| err) {
                 Ok(Some(rows)) => {
                     let stats = FragmentStats {
                         node_id: conn.node.node_id,
@@ -337,20 +358,21 @@ impl Share {
 }
 
 /// Streams one fragment's rows into `sender` (or discards them without one); the row count,
-/// or None when the receiver went away (then, with `drain`, after reading to the end).
+/// or None when the receiver went away (then, with `drain`, after reading to the end). An
+/// error comes with the number of rows received before it.
 async fn run_fragment(
     conn: &NodeConnection,
     fragment: &str,
     mut sender: Option<&Sender>,
     drain: bool,
-) -> Result<Option<u64>, RemoteError> {
-    let stream = conn.stream_query(fragment).await?;
+) -> Result<Option<u64>, (RemoteError, u64)> {
+    let stream = conn.stream_query(fragment).await.map_err(|err| (err, 0))?;
     let mut stream = std::pin::pin!(stream);
     let mut rows = 0u64;
     let mut gone = false;
     while let Some(message) = stream.next().await {
         if let SimpleQueryMessage::Row(row) =
-            message.map_err(|err| RemoteError::from_postgres(&conn.node, err))?
+            message.map_err(|err| (RemoteError::from_postgres(&conn.node, err), rows))?
         {
             rows += 1;
             let Some(to) = sender else { continue };
