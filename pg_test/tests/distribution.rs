@@ -21,6 +21,7 @@ fn main() {
             remove_node_refuses_a_node_with_shards,
             ddl_reaches_every_shard,
             ddl_that_a_worker_rejects_changes_nothing,
+            prepared_reads_follow_column_type_changes,
             bad_input_gives_clear_errors_and_changes_nothing,
             a_node_down_during_distribution_leaves_nothing_behind,
             a_worker_failing_mid_distribution_leaves_nothing_behind,
@@ -481,6 +482,36 @@ fn ddl_reaches_every_shard(cluster: &Cluster) {
         .batch_execute("ALTER TABLE renamed ADD CONSTRAINT u UNIQUE (v)")
         .unwrap_err();
     assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+}
+
+/// Reads with parameters run as statements prepared on the workers; a column whose type
+/// changes in between (in another session) gets a statement of its own, not an error. (The
+/// query's own result types stay the same, as plain PostgreSQL requires of a prepared
+/// statement.)
+fn prepared_reads_follow_column_type_changes(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE retyped (id int PRIMARY KEY, code varchar(4), n int);
+             INSERT INTO retyped SELECT i, 'c' || i % 100, i FROM generate_series(1, 500) i;
+             SELECT pgdist.create_distributed_table('retyped', 'id', shard_count => 4);
+             SET plan_cache_mode = force_generic_plan;
+             PREPARE several(int) AS
+                 SELECT id, code::text, n::bigint FROM retyped WHERE n > $1 AND id < 30 ORDER BY id;",
+        )
+        .unwrap();
+    let before = query_text(&mut client, "EXECUTE several(20)").unwrap();
+    assert_eq!(before.len(), 9);
+    cluster
+        .coordinator_client()
+        .batch_execute(
+            "ALTER TABLE retyped ALTER COLUMN code TYPE varchar(10), ALTER COLUMN n TYPE bigint",
+        )
+        .unwrap();
+    assert_eq!(query_text(&mut client, "EXECUTE several(20)").unwrap(), before);
+    client
+        .batch_execute("DEALLOCATE ALL; RESET plan_cache_mode; DROP TABLE retyped")
+        .unwrap();
 }
 
 fn ddl_that_a_worker_rejects_changes_nothing(cluster: &Cluster) {

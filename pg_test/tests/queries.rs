@@ -977,6 +977,28 @@ fn prepared_statements_prune_by_parameter(cluster: &Cluster) {
         &mut reference,
         "DEALLOCATE c; RESET plan_cache_mode",
     );
+    // Fragments with parameters run as statements prepared on the workers: an execution that
+    // fails there, or a rolled-back transaction, leaves the next ones working.
+    run_on_both(&mut coordinator, &mut reference, "SET plan_cache_mode = force_generic_plan; PREPARE d(int, int) AS SELECT order_id / $2 FROM orders WHERE customer_id = $1 OR qty = $2 ORDER BY 1");
+    for sql in [
+        "EXECUTE d(5, 1)",
+        "EXECUTE d(5, 0)",
+        "EXECUTE d(5, 2)",
+        "BEGIN; EXECUTE d(6, 3); ROLLBACK",
+        "EXECUTE d(6, 3)",
+        "EXECUTE d(6, 0)",
+        "EXECUTE d(7, 4)",
+    ] {
+        assert!(matches!(
+            compare(&mut coordinator, &mut reference, sql),
+            Comparison::Same
+        ));
+    }
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DEALLOCATE d; RESET plan_cache_mode",
+    );
 }
 
 fn range_tables_prune_by_comparisons(cluster: &Cluster) {

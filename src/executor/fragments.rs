@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{CancelToken, NoTls, SimpleQueryMessage};
 
 use crate::remote::connection::{self, NodeConnection};
+use crate::remote::quote::replace_dollar_refs;
 use crate::remote::{runtime, NodeTarget, RemoteError};
 use crate::transaction::remote_xact::{self, Checkout};
 
@@ -27,7 +28,44 @@ use crate::transaction::remote_xact::{self, Checkout};
 const CHANNEL_ROWS: usize = 1024;
 const MERGE_CHANNEL_ROWS: usize = 256;
 
+/// How many statements a connection keeps prepared; beyond that fragments go as plain SQL.
+const MAX_PREPARED_PER_CONNECTION: usize = 256;
+
 pub type TextRow = Vec<Option<String>>;
+
+/// One fragment's SQL. With `params` its text uses `$1`, `$2`, … for their values, and it runs
+/// as a statement prepared once per connection (the worker then parses and plans it once, not
+/// for every value); without, it is plain SQL.
+#[derive(Clone, Debug)]
+pub struct FragmentSql {
+    pub sql: String,
+    /// Each parameter as a typed literal (`('7'::bigint)`) and its type's name.
+    pub params: Vec<(String, String)>,
+    /// The types of the columns it returns: part of the prepared statement's identity, since
+    /// a worker refuses to run a prepared statement whose result types changed (ALTER TABLE).
+    pub result_types: String,
+}
+
+impl FragmentSql {
+    pub fn plain(sql: String) -> FragmentSql {
+        FragmentSql {
+            sql,
+            params: Vec::new(),
+            result_types: String::new(),
+        }
+    }
+
+    /// The fragment as plain SQL, its values written in.
+    pub fn literal(&self) -> String {
+        if self.params.is_empty() {
+            return self.sql.clone();
+        }
+        replace_dollar_refs(&self.sql, |k| {
+            let index = usize::try_from(k).ok()?.checked_sub(1)?;
+            self.params.get(index).map(|(value, _)| value.clone())
+        })
+    }
+}
 
 /// What one fragment did.
 #[derive(Clone, Debug)]
@@ -67,7 +105,7 @@ impl FragmentStream {
     /// BY` of output positions) each connection's share is one sorted query with a stream of
     /// its own.
     pub fn start(
-        work: Vec<(NodeTarget, Vec<String>)>,
+        work: Vec<(NodeTarget, Vec<FragmentSql>)>,
         settings: String,
         connections_per_node: usize,
         in_transaction: bool,
@@ -103,7 +141,7 @@ impl FragmentStream {
         }
         for (target, fragments) in work {
             let lanes = connections_per_node.clamp(1, fragments.len().max(1));
-            let mut shares: Vec<Vec<String>> = vec![Vec::new(); lanes];
+            let mut shares: Vec<Vec<FragmentSql>> = vec![Vec::new(); lanes];
             for (i, fragment) in fragments.into_iter().enumerate() {
                 shares[i % lanes].push(fragment);
             }
@@ -222,14 +260,18 @@ impl Channels {
     }
 
     /// What one connection runs, and where it sends its rows.
-    fn add(&mut self, fragments: Vec<String>) -> (Vec<Fragment>, Sender) {
+    fn add(&mut self, fragments: Vec<FragmentSql>) -> (Vec<Fragment>, Sender) {
         let Some(order) = &self.merge_order else {
-            let fragments = fragments.into_iter().map(Fragment::single).collect();
+            let fragments = fragments
+                .into_iter()
+                .map(|sql| Fragment { sql, count: 1 })
+                .collect();
             return (fragments, self.shared.clone());
         };
         let (sender, receiver) = mpsc::channel(MERGE_CHANNEL_ROWS);
         self.receivers.push(Some(receiver));
-        let sql = format!("{} ORDER BY {order}", fragments.join(" UNION ALL "));
+        let shares: Vec<String> = fragments.iter().map(FragmentSql::literal).collect();
+        let sql = FragmentSql::plain(format!("{} ORDER BY {order}", shares.join(" UNION ALL ")));
         let count = fragments.len();
         (vec![Fragment { sql, count }], sender)
     }
@@ -237,13 +279,56 @@ impl Channels {
 
 /// SQL one connection runs as one query: a fragment, or a merged share of several.
 struct Fragment {
-    sql: String,
+    sql: FragmentSql,
     count: usize,
 }
 
-impl Fragment {
-    fn single(sql: String) -> Fragment {
-        Fragment { sql, count: 1 }
+/// How a fragment goes over one connection.
+enum Sent {
+    Plain,
+    /// `EXECUTE` of the statement prepared under this key earlier.
+    Execute(String),
+    /// `PREPARE` of statement `number` and `EXECUTE`: remembered under the key once it worked.
+    Prepare(String, u64),
+}
+
+/// The text that runs `fragment` on `conn`: `EXECUTE` of the statement prepared for it earlier,
+/// or `PREPARE` and `EXECUTE`, or plain SQL (no parameters, or too many statements prepared).
+/// A failed PREPARE may still have created its statement, so a name is never used twice.
+fn statement_text(conn: &mut NodeConnection, fragment: &FragmentSql) -> (String, Sent) {
+    if fragment.params.is_empty() {
+        return (fragment.sql.clone(), Sent::Plain);
+    }
+    let types: Vec<&str> = fragment.params.iter().map(|(_, ty)| ty.as_str()).collect();
+    let values: Vec<&str> = fragment.params.iter().map(|(v, _)| v.as_str()).collect();
+    let (types, values) = (types.join(", "), values.join(", "));
+    let key = format!("{types}\n{}\n{}", fragment.result_types, fragment.sql);
+    if let Some(number) = conn.prepared.get(&key) {
+        return (format!("EXECUTE pgdist_f{number}({values})"), Sent::Execute(key));
+    }
+    if conn.prepared.len() >= MAX_PREPARED_PER_CONNECTION {
+        return (fragment.literal(), Sent::Plain);
+    }
+    let number = conn.next_statement;
+    conn.next_statement += 1;
+    let text = format!(
+        "PREPARE pgdist_f{number}({types}) AS {}; EXECUTE pgdist_f{number}({values})",
+        fragment.sql
+    );
+    (text, Sent::Prepare(key, number))
+}
+
+/// Keeps `conn`'s record of prepared statements true after running a fragment sent as `sent`:
+/// a new statement is remembered once it worked, a failing one is prepared afresh next time.
+fn note_prepared(conn: &mut NodeConnection, sent: Sent, worked: bool) {
+    match (sent, worked) {
+        (Sent::Prepare(key, number), true) => {
+            conn.prepared.insert(key, number);
+        }
+        (Sent::Execute(key), false) => {
+            conn.prepared.remove(&key);
+        }
+        _ => {}
     }
 }
 
@@ -308,7 +393,8 @@ impl Share {
                 sent.push_str(&self.settings);
                 conn.session_settings = self.settings.clone();
             }
-            sent.push_str(&sql);
+            let (text, mut sent_as) = statement_text(&mut conn, &sql);
+            sent.push_str(&text);
             let started = std::time::Instant::now();
             let sender = receiving.then_some(&self.sender);
             let mut result = run_fragment(&conn, &sent, sender, self.transactional).await;
@@ -325,11 +411,14 @@ impl Share {
                     }
                     _in_flight = runtime::InFlight::register(conn.cancel_token());
                     conn.session_settings = self.settings.clone();
+                    let (text, fresh) = statement_text(&mut conn, &sql);
+                    sent_as = fresh;
                     let sender = receiving.then_some(&self.sender);
-                    result = run_fragment(&conn, &format!("{}{sql}", self.settings), sender, false)
+                    result = run_fragment(&conn, &format!("{}{text}", self.settings), sender, false)
                         .await;
                 }
             }
+            note_prepared(&mut conn, sent_as, result.is_ok());
             match result.map_err(|(err, _)| err) {
                 Ok(Some(rows)) => {
                     let stats = FragmentStats {

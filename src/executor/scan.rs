@@ -17,7 +17,7 @@ use crate::cluster::target_for;
 use crate::distribution::hashing;
 use crate::distribution::shell::with_suffix;
 use crate::error::raise;
-use crate::executor::fragments::FragmentStream;
+use crate::executor::fragments::{FragmentSql, FragmentStream};
 use crate::executor::merge::SortedMerge;
 use crate::metadata::cache;
 use crate::planner::modify_plan::INSERT_TARGET_RTI;
@@ -341,11 +341,11 @@ unsafe extern "C-unwind" fn explain(
         }
         let Some((target, first)) = work
             .first()
-            .and_then(|(t, f)| f.first().map(|sql| (t, sql)))
+            .and_then(|(t, f)| f.first().map(|sql| (t, sql.literal())))
         else {
             return;
         };
-        text(c"Fragment", first);
+        text(c"Fragment", &first);
         if let Some(order) = merge_order(&runtime.plan) {
             text(
                 c"Merge",
@@ -519,6 +519,39 @@ pub fn substitute_params(sql: &str, value: impl Fn(i32) -> Option<(String, Strin
     })
 }
 
+/// `sql` with each distinct statement or executor parameter `$n` (not a relation or
+/// broadcast placeholder) renumbered `$1`, `$2`, … in order of first use, and their values as
+/// typed literals with their types; None when there is none, or one is NULL (its type
+/// unknown).
+fn parameterize(
+    sql: &str,
+    value: impl Fn(i32) -> Option<(String, String)>,
+) -> Option<(String, Vec<(String, String)>)> {
+    let found = std::cell::RefCell::new((Vec::<i32>::new(), Vec::new(), false));
+    let body = replace_dollar_refs(sql, |id| {
+        if id >= BROADCAST_BASE {
+            return None;
+        }
+        let mut found = found.borrow_mut();
+        let (ids, values, null) = &mut *found;
+        let position = match ids.iter().position(|known| *known == id) {
+            Some(position) => position,
+            None => {
+                let Some((text, type_name)) = value(id) else {
+                    *null = true;
+                    return None;
+                };
+                ids.push(id);
+                values.push((typed_literal(Some((text, type_name.clone()))), type_name));
+                ids.len() - 1
+            }
+        };
+        Some(format!("${}", position + 1))
+    });
+    let (_, values, null) = found.into_inner();
+    (!null && !values.is_empty()).then_some((body, values))
+}
+
 /// Settings that change how values are written and read, as the coordinator's session has them.
 pub unsafe fn session_settings() -> String {
     let setting = |name: &CStr| {
@@ -612,7 +645,7 @@ unsafe fn fragments(
     runtime: &ScanRuntime,
     node: *mut pg_sys::CustomScanState,
     insert: Option<(&str, pg_sys::Oid)>,
-) -> (Vec<(crate::remote::NodeTarget, Vec<String>)>, usize) {
+) -> (Vec<(crate::remote::NodeTarget, Vec<FragmentSql>)>, usize) {
     // SAFETY: catalog lookups for the scanned relations; params as in param_datum.
     unsafe {
         let plan = &runtime.plan;
@@ -625,19 +658,30 @@ unsafe fn fragments(
             &plan.exec_params,
         );
         let values = evaluate_values(node, &runtime.coordinator_values);
-        let substitute = |sql: &str| {
-            substitute_params(sql, |id| {
-                statement_value(
-                    node,
-                    &plan.exec_params,
-                    &values,
-                    (&plan.broadcasts, runtime.broadcast.as_ref()),
-                    id,
-                )
-            })
+        let value = |id| {
+            statement_value(
+                node,
+                &plan.exec_params,
+                &values,
+                (&plan.broadcasts, runtime.broadcast.as_ref()),
+                id,
+            )
         };
-        // The SQL of every fragment; shard placeholders are filled in per shard.
-        let mut template = substitute(&fragment_sql(plan, relid));
+        // The SQL of every fragment, shard placeholders filled in per shard; values go as
+        // parameters of a prepared statement, except into broadcast arrays and INSERT … SELECT.
+        let sql = fragment_sql(plan, relid);
+        let parameterized = (plan.broadcasts.is_empty() && insert.is_none())
+            .then(|| parameterize(&sql, value))
+            .flatten();
+        let (mut template, params) = match parameterized {
+            Some((body, params)) => (body, params),
+            None => (substitute_params(&sql, value), Vec::new()),
+        };
+        let result_types = if params.is_empty() {
+            String::new()
+        } else {
+            column_types(node, &plan.columns)
+        };
         // (range-table index, shards by index) of every table read; the scanned table alone
         // is index 0.
         let mut relations: Vec<(u32, ShardNames)> = if plan.relations.is_empty() {
@@ -654,7 +698,7 @@ unsafe fn fragments(
         }
         let anchor_shards = cache::shards(relid);
         let placements = cache::placements(relid);
-        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
+        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<FragmentSql>)> = BTreeMap::new();
         for shard_id in &shard_ids {
             // The first placement (lowest node id) of each shard serves reads.
             let Some(placement) = placements.iter().find(|p| p.shard_id == *shard_id) else {
@@ -676,7 +720,11 @@ unsafe fn fragments(
                 .entry(placement.node.node_id)
                 .or_insert_with(|| (placement.node.clone(), Vec::new()))
                 .1
-                .push(sql);
+                .push(FragmentSql {
+                    sql,
+                    params: params.clone(),
+                    result_types: result_types.clone(),
+                });
         }
         let work = per_node
             .into_values()
@@ -684,6 +732,22 @@ unsafe fn fragments(
             .collect::<Vec<_>>();
         let count = work.len();
         (work, count)
+    }
+}
+
+/// The types (and typmods) of scan tuple columns `columns`, as text.
+unsafe fn column_types(node: *mut pg_sys::CustomScanState, columns: &[i16]) -> String {
+    // SAFETY: the scan slot's descriptor has every column the plan fetches.
+    unsafe {
+        let tupdesc = (*(*node).ss.ss_ScanTupleSlot).tts_tupleDescriptor;
+        let types: Vec<String> = columns
+            .iter()
+            .map(|attno| {
+                let attribute = (*tupdesc).attrs.as_ptr().add(*attno as usize - 1);
+                format!("{}:{}", u32::from((*attribute).atttypid), (*attribute).atttypmod)
+            })
+            .collect();
+        types.join(",")
     }
 }
 
@@ -705,7 +769,7 @@ pub unsafe fn insert_statements(
         .map(|(target, sqls)| {
             (
                 target.node,
-                sqls.into_iter().map(|sql| (sql, true)).collect(),
+                sqls.into_iter().map(|sql| (sql.literal(), true)).collect(),
             )
         })
         .collect()
@@ -769,7 +833,7 @@ unsafe fn start(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomScanState) -
 
 /// Starts `work` on every node at once, with the session's settings.
 fn start_fragments(
-    work: Vec<(crate::remote::NodeTarget, Vec<String>)>,
+    work: Vec<(crate::remote::NodeTarget, Vec<FragmentSql>)>,
     row_lock: bool,
     merge_order: Option<String>,
 ) -> FragmentStream {
@@ -778,7 +842,7 @@ fn start_fragments(
     if crate::gucs::log_remote_commands() {
         for (target, sqls) in &work {
             for sql in sqls {
-                pgrx::log!("pgdist: issuing on {}: {}", target.node, sql);
+                pgrx::log!("pgdist: issuing on {}: {}", target.node, sql.literal());
             }
         }
     }

@@ -58,6 +58,11 @@ pub struct NodeConnection {
     pub reused: bool,
     /// The SET statements this session last received (fragments send them only on change).
     pub session_settings: String,
+    /// Statements prepared in this session (`executor::fragments`), by parameter types and
+    /// text: the number in their name.
+    pub prepared: HashMap<String, u64>,
+    /// The number the next prepared statement's name gets (never reused, also after a failure).
+    pub next_statement: u64,
 }
 
 impl NodeConnection {
@@ -82,6 +87,8 @@ impl NodeConnection {
             key: target.cache_key(),
             reused: false,
             session_settings: String::new(),
+            prepared: HashMap::new(),
+            next_statement: 1,
         })
     }
 
