@@ -494,13 +494,20 @@ fn prepared_reads_follow_column_type_changes(cluster: &Cluster) {
         .batch_execute(
             "CREATE TABLE retyped (id int PRIMARY KEY, code varchar(4), n int);
              INSERT INTO retyped SELECT i, 'c' || i % 100, i FROM generate_series(1, 500) i;
-             SELECT pgdist.create_distributed_table('retyped', 'id', shard_count => 4);
+             SELECT pgdist.create_distributed_table('retyped', 'id', shard_count => 2);
+             CREATE FUNCTION tagged(text) RETURNS text AS $$ SELECT '<' || $1 || '>' $$ LANGUAGE sql;
+             CREATE FUNCTION doubled(bigint) RETURNS bigint AS $$ SELECT 2 * $1 $$ LANGUAGE sql;
              SET plan_cache_mode = force_generic_plan;
-             PREPARE several(int) AS
-                 SELECT id, code::text, n::bigint FROM retyped WHERE n > $1 AND id < 30 ORDER BY id;",
+             PREPARE several(int) AS SELECT id, tagged(code), doubled(n) FROM retyped
+                 WHERE n > $1 AND id < 30;",
         )
         .unwrap();
-    let before = query_text(&mut client, "EXECUTE several(20)").unwrap();
+    let read = |client: &mut Client| {
+        let mut rows = query_text(client, "EXECUTE several(20)").unwrap();
+        rows.sort();
+        rows
+    };
+    let before = read(&mut client);
     assert_eq!(before.len(), 9);
     cluster
         .coordinator_client()
@@ -508,9 +515,12 @@ fn prepared_reads_follow_column_type_changes(cluster: &Cluster) {
             "ALTER TABLE retyped ALTER COLUMN code TYPE varchar(10), ALTER COLUMN n TYPE bigint",
         )
         .unwrap();
-    assert_eq!(query_text(&mut client, "EXECUTE several(20)").unwrap(), before);
+    assert_eq!(read(&mut client), before);
     client
-        .batch_execute("DEALLOCATE ALL; RESET plan_cache_mode; DROP TABLE retyped")
+        .batch_execute(
+            "DEALLOCATE ALL; RESET plan_cache_mode; DROP TABLE retyped;
+             DROP FUNCTION tagged(text), doubled(bigint)",
+        )
         .unwrap();
 }
 

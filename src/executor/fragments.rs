@@ -304,7 +304,10 @@ fn statement_text(conn: &mut NodeConnection, fragment: &FragmentSql) -> (String,
     let (types, values) = (types.join(", "), values.join(", "));
     let key = format!("{types}\n{}\n{}", fragment.result_types, fragment.sql);
     if let Some(number) = conn.prepared.get(&key) {
-        return (format!("EXECUTE pgdist_f{number}({values})"), Sent::Execute(key));
+        return (
+            format!("EXECUTE pgdist_f{number}({values})"),
+            Sent::Execute(key),
+        );
     }
     if conn.prepared.len() >= MAX_PREPARED_PER_CONNECTION {
         return (fragment.literal(), Sent::Plain);
@@ -414,8 +417,9 @@ impl Share {
                     let (text, fresh) = statement_text(&mut conn, &sql);
                     sent_as = fresh;
                     let sender = receiving.then_some(&self.sender);
-                    result = run_fragment(&conn, &format!("{}{text}", self.settings), sender, false)
-                        .await;
+                    result =
+                        run_fragment(&conn, &format!("{}{text}", self.settings), sender, false)
+                            .await;
                 }
             }
             note_prepared(&mut conn, sent_as, result.is_ok());

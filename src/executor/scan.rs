@@ -744,7 +744,11 @@ unsafe fn column_types(node: *mut pg_sys::CustomScanState, columns: &[i16]) -> S
             .iter()
             .map(|attno| {
                 let attribute = (*tupdesc).attrs.as_ptr().add(*attno as usize - 1);
-                format!("{}:{}", u32::from((*attribute).atttypid), (*attribute).atttypmod)
+                format!(
+                    "{}:{}",
+                    u32::from((*attribute).atttypid),
+                    (*attribute).atttypmod
+                )
             })
             .collect();
         types.join(",")
