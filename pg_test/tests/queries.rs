@@ -195,6 +195,19 @@ fn single_shard_statements_take_the_fast_path(cluster: &Cluster) {
                 &format!("EXECUTE f({id}, 4)"),
             );
         }
+        // A NULL key matches no shard: the aggregate over no rows still answers.
+        run_on_both(
+            &mut coordinator,
+            &mut reference,
+            "PREPARE g(int) AS SELECT count(*), max(amount) FROM orders WHERE customer_id = $1",
+        );
+        for sql in ["EXECUTE g(NULL)", "EXECUTE g(5)"] {
+            assert!(matches!(
+                compare(&mut coordinator, &mut reference, sql),
+                Comparison::Same
+            ));
+        }
+        run_on_both(&mut coordinator, &mut reference, "DEALLOCATE g");
         let plan = explain(&mut coordinator, "EXECUTE f(3, 4)");
         assert!(
             plan.iter().any(|l| l.contains("Router: fast path")),

@@ -10,6 +10,11 @@
 //! query, `<fragment> UNION ALL <fragment> … ORDER BY …`, into a channel of its own, so the
 //! executor can take the next row of whichever sorted stream it needs.
 //!
+//! A fragment with values known only at execution runs as a statement prepared on its
+//! connection (`PREPARE` once, then `EXECUTE` with the values), so the worker does not parse
+//! and plan it for every value; this needs session-level connections to the workers (not a
+//! transaction-mode pooler), as the remote transactions do anyway.
+//!
 //! A node where the coordinator transaction has already changed data is read through that
 //! transaction's connection (one lane), so the statement sees its own writes. Such a lane is
 //! never cancelled halfway — that would abort the remote transaction — but read to its end.

@@ -650,13 +650,18 @@ unsafe fn fragments(
     unsafe {
         let plan = &runtime.plan;
         let relid = runtime.relid;
-        let shard_ids = prune_by_param(
+        let mut shard_ids = prune_by_param(
             node,
             relid,
             plan.shard_ids.clone(),
             plan.prune_param,
             &plan.exec_params,
         );
+        // A whole statement still runs when its parameter matches no shard (NULL): it finds
+        // no rows there, and an aggregate over no rows still returns its one row.
+        if shard_ids.is_empty() && !plan.statement_sql.is_empty() {
+            shard_ids.extend(plan.shard_ids.first());
+        }
         let values = evaluate_values(node, &runtime.coordinator_values);
         let value = |id| {
             statement_value(

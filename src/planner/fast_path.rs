@@ -1,7 +1,7 @@
 //! The router fast path: a SELECT that reads one distributed table and pins its distribution
 //! column to one value (`= constant` or `= $n`), or reads one reference table, runs whole on
-//! one shard. Every row it can see lives in that shard, so aggregates, GROUP BY, window-free
-//! ORDER BY, DISTINCT and LIMIT computed there are the query's own answer.
+//! one shard. Every row it can see lives in that shard, so aggregates, GROUP BY, ORDER BY,
+//! DISTINCT and LIMIT computed there are the query's own answer.
 //!
 //! Such a query skips the standard planner: it is written back as SQL (`pg_get_querydef`, as
 //! UPDATE and DELETE are) and planned as a single Distributed Scan whose fragment is the whole
