@@ -7,7 +7,7 @@
 //! input functions, on the backend's thread. Local filters and projection are PostgreSQL's
 //! (ExecScan).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString};
 
 use pgrx::pg_sys;
@@ -334,10 +334,17 @@ unsafe extern "C-unwind" fn explain(
                 None => "its rows".to_string(),
             };
             let name = CStr::from_ptr(pg_sys::get_rel_name(read.relid)).to_string_lossy();
-            text(
-                c"Broadcast",
-                &format!("{name}: {rows} read first and sent with every fragment as arrays (shown empty below)"),
-            );
+            if read.partitioned {
+                text(
+                    c"Repartitioned",
+                    &format!("{name}: {rows} read first, each sent as arrays only to the fragment of the shard its join key hashes to (shown empty below)"),
+                );
+            } else {
+                text(
+                    c"Broadcast",
+                    &format!("{name}: {rows} read first and sent with every fragment as arrays (shown empty below)"),
+                );
+            }
         }
         let Some((target, first)) = work
             .first()
@@ -663,24 +670,22 @@ unsafe fn fragments(
             shard_ids.extend(plan.shard_ids.first());
         }
         let values = evaluate_values(node, &runtime.coordinator_values);
-        let value = |id| {
-            statement_value(
-                node,
-                &plan.exec_params,
-                &values,
-                (&plan.broadcasts, runtime.broadcast.as_ref()),
-                id,
-            )
-        };
-        // The SQL of every fragment, shard placeholders filled in per shard; values go as
-        // parameters of a prepared statement, except into broadcast arrays and INSERT … SELECT.
+        let value = |id| value_text(node, &plan.exec_params, &values, id);
+        // The SQL of every fragment, shard and broadcast placeholders filled in per shard;
+        // values go as parameters of a prepared statement, except next to broadcast arrays and
+        // into INSERT … SELECT.
         let sql = fragment_sql(plan, relid);
         let parameterized = (plan.broadcasts.is_empty() && insert.is_none())
             .then(|| parameterize(&sql, value))
             .flatten();
         let (mut template, params) = match parameterized {
             Some((body, params)) => (body, params),
-            None => (substitute_params(&sql, value), Vec::new()),
+            None => (
+                replace_dollar_refs(&sql, |id| {
+                    (id < BROADCAST_BASE).then(|| typed_literal(value(id)))
+                }),
+                Vec::new(),
+            ),
         };
         let result_types = if params.is_empty() {
             String::new()
@@ -717,7 +722,12 @@ unsafe fn fragments(
                 continue;
             };
             let sql = replace_dollar_refs(&template, |id| {
-                let rti = u32::try_from(id.checked_sub(RELATION_BASE)?).ok()?;
+                if id < RELATION_BASE {
+                    let rows = runtime.broadcast.as_ref();
+                    let array = broadcast_value(&plan.broadcasts, rows, id, Some(index));
+                    return (id >= BROADCAST_BASE).then(|| typed_literal(array));
+                }
+                let rti = u32::try_from(id - RELATION_BASE).ok()?;
                 let (_, names) = relations.iter().find(|(r, _)| *r == rti)?;
                 names.at(index)
             });
@@ -873,11 +883,20 @@ unsafe fn read_broadcasts(runtime: &mut ScanRuntime, node: *mut pg_sys::CustomSc
 }
 
 /// The rows of the tables a statement broadcasts (`ScanPlan::broadcasts`): each column's
-/// values as one array literal, in `$<BROADCAST_BASE + i>` order.
+/// values as array literals, in `$<BROADCAST_BASE + i>` order.
 pub struct BroadcastRows {
-    arrays: Vec<String>,
+    arrays: Vec<ColumnArrays>,
     /// Rows read, per table.
     counts: Vec<usize>,
+}
+
+/// One broadcast column's values.
+enum ColumnArrays {
+    /// One array that every fragment gets.
+    Every(String),
+    /// A repartitioned table's (`ScanPlan::partitioned`): by shard index, the array of the
+    /// rows that belong to that shard's fragment.
+    ByShard(HashMap<i32, String>),
 }
 
 impl BroadcastRows {
@@ -893,20 +912,45 @@ impl BroadcastRows {
             // SAFETY: the broadcast's parameters are those of the running node.
             let (work, _) = unsafe { fragments(&table, node, None) };
             let mut stream = start_fragments(work, false, None);
-            let mut columns = vec![String::from("{"); read.columns.len()];
+            // Array literals under construction, per shard index (-1: every fragment's).
+            let mut open: HashMap<i32, Vec<String>> = HashMap::new();
             let mut rows = 0;
-            while let Some(row) = stream.next().unwrap_or_else(|err| raise(err)) {
+            while let Some(mut row) = stream.next().unwrap_or_else(|err| raise(err)) {
+                rows += 1;
+                let shard_index = if read.partitioned {
+                    // The last value is the row's shard index; none (a NULL key) matches
+                    // nothing, so the row goes nowhere.
+                    match row.pop().flatten().and_then(|index| index.parse().ok()) {
+                        Some(index) => index,
+                        None => continue,
+                    }
+                } else {
+                    -1
+                };
+                let columns = open
+                    .entry(shard_index)
+                    .or_insert_with(|| vec![String::from("{"); read.columns.len()]);
                 for (array, value) in columns.iter_mut().zip(row) {
-                    if rows > 0 {
+                    if array.len() > 1 {
                         array.push(',');
                     }
                     push_array_element(array, value.as_deref());
                 }
-                rows += 1;
             }
-            for mut array in columns {
-                array.push('}');
-                arrays.push(array);
+            for column in 0..read.columns.len() {
+                let mut by_shard: HashMap<i32, String> = open
+                    .iter_mut()
+                    .map(|(index, columns)| {
+                        let mut array = std::mem::take(&mut columns[column]);
+                        array.push('}');
+                        (*index, array)
+                    })
+                    .collect();
+                arrays.push(if read.partitioned {
+                    ColumnArrays::ByShard(by_shard)
+                } else {
+                    ColumnArrays::Every(by_shard.remove(&-1).unwrap_or_else(|| "{}".into()))
+                });
             }
             counts.push(rows);
         }
@@ -924,19 +968,21 @@ pub unsafe fn statement_value(
     id: i32,
 ) -> Option<(String, String)> {
     if (BROADCAST_BASE..RELATION_BASE).contains(&id) {
-        broadcast_value(broadcasts.0, broadcasts.1, id)
+        broadcast_value(broadcasts.0, broadcasts.1, id, None)
     } else {
         // SAFETY: see value_text.
         unsafe { value_text(node, exec_params, values, id) }
     }
 }
 
-/// The value of broadcast column `$id` of `reads`: its array literal (empty when the rows
-/// are not read, as under a plain EXPLAIN) and the array type's name.
+/// The value of broadcast column `$id` of `reads` in the fragment of shard `shard_index`: its
+/// array literal (empty when the rows are not read, as under a plain EXPLAIN) and the array
+/// type's name.
 fn broadcast_value(
     reads: &[ScanPlan],
     rows: Option<&BroadcastRows>,
     id: i32,
+    shard_index: Option<i32>,
 ) -> Option<(String, String)> {
     let index = usize::try_from(id - BROADCAST_BASE).ok()?;
     let (relid, attno) = reads
@@ -950,10 +996,15 @@ fn broadcast_value(
             .to_string_lossy()
             .into_owned()
     };
-    let array = rows
-        .and_then(|rows| rows.arrays.get(index).cloned())
-        .unwrap_or_else(|| "{}".to_string());
-    Some((array, type_name))
+    let array = match rows.and_then(|rows| rows.arrays.get(index)) {
+        Some(ColumnArrays::Every(array)) => Some(array),
+        Some(ColumnArrays::ByShard(by_shard)) => shard_index.and_then(|i| by_shard.get(&i)),
+        None => None,
+    };
+    Some((
+        array.cloned().unwrap_or_else(|| "{}".to_string()),
+        type_name,
+    ))
 }
 
 /// Appends one element to an array literal: NULL, or the value double-quoted.

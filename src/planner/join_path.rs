@@ -21,6 +21,7 @@
 use pgrx::pg_sys;
 use pgrx::PgList;
 
+use crate::distribution::hashing::{hash_family, hash_index_sql};
 use crate::metadata::cache;
 use crate::metadata::tables::Method;
 use crate::planner::scan_path::{
@@ -182,6 +183,7 @@ impl Input {
         rel: *mut pg_sys::RelOptInfo,
         first_param: i32,
         fragments: usize,
+        partition: Option<Partition>,
     ) -> Option<Input> {
         // SAFETY: rel is this input's relation; catalog lookups of its columns' types.
         unsafe {
@@ -222,9 +224,27 @@ impl Input {
                 names.join(", ")
             );
             let rows = (*rel).rows.max(1.0);
+            // Repartitioned: each row goes only to the fragment of the shard its key hashes to,
+            // which the worker computes as one more column.
+            let select_sql = match partition {
+                Some(Partition { attno, shard_count }) if columns.contains(&attno) => {
+                    let name = std::ffi::CStr::from_ptr(pg_sys::get_attname(relid, attno, false));
+                    let key = quote_identifier(&name.to_string_lossy());
+                    format!(
+                        "{}, {}",
+                        names.join(", "),
+                        hash_index_sql(&key, shard_count)
+                    )
+                }
+                _ => String::new(),
+            };
+            let partitioned = !select_sql.is_empty();
+            let copies = if partitioned { 1.0 } else { fragments as f64 };
             let read = ScanPlan {
                 relid,
                 columns,
+                select_sql,
+                partitioned,
                 where_sql: self.plan.where_sql,
                 shard_ids: self.plan.shard_ids,
                 prune_param: self.plan.prune_param,
@@ -245,8 +265,9 @@ impl Input {
                 spread: Spread::Replicated,
                 shard_indexes: Vec::new(),
                 cost: self.cost,
-                // Read whole on the coordinator, then parsed again by every fragment.
-                broadcast_cost: 0.5 * self.cost + rows * fragments as f64 * BROADCAST_ROW_COST,
+                // Read whole on the coordinator, then parsed again by every fragment (once in
+                // all when repartitioned).
+                broadcast_cost: 0.5 * self.cost + rows * copies * BROADCAST_ROW_COST,
             })
         }
     }
@@ -325,9 +346,14 @@ unsafe fn plan_join(
                 .iter()
                 .any(|clause| equates_distribution_columns(*clause, &outer, &inner));
             if a != b || !(same_single_shard || co_partitioned) {
-                // Not co-located: every fragment of the outer side gets all the inner rows.
+                // Not co-located: every fragment of the outer side gets all the inner rows, or
+                // only its own when they join on the outer side's distribution column.
                 let first_param = BROADCAST_BASE + broadcast_columns(&outer.plan) as i32;
-                inner = inner.broadcast(innerrel, first_param, outer.shard_indexes.len())?;
+                let partition = on_clauses
+                    .iter()
+                    .find_map(|clause| repartition_key(*clause, &outer, &inner));
+                inner =
+                    inner.broadcast(innerrel, first_param, outer.shard_indexes.len(), partition)?;
             }
         }
         let (spread, shard_indexes) = match (outer.spread, inner.spread) {
@@ -530,7 +556,7 @@ unsafe fn equates_distribution_columns(
         let (Some(left), Some(right)) = (as_var(args.get_ptr(0)), as_var(args.get_ptr(1))) else {
             return false;
         };
-        let Some(family) = crate::distribution::hashing::hash_family((*left).vartype) else {
+        let Some(family) = hash_family((*left).vartype) else {
             return false;
         };
         args.len() == 2
@@ -538,6 +564,65 @@ unsafe fn equates_distribution_columns(
             && is_hash_equality((*op).opno, family)
             && ((outer.has_distribution_column(left) && inner.has_distribution_column(right))
                 || (outer.has_distribution_column(right) && inner.has_distribution_column(left)))
+    }
+}
+
+/// How a broadcast table's rows are split among the fragments of the other side: by the hash
+/// of its column `attno`, into `shard_count` shards.
+#[derive(Clone, Copy)]
+struct Partition {
+    attno: i16,
+    shard_count: i32,
+}
+
+/// When `clause` is `a = b` with `a` a distribution column of the outer input's hash tables and
+/// `b` a column of the inner input (a single table), under a hash equality of `a`'s type whose
+/// family also hashes `b`'s type: equal values hash alike, so each inner row can only match
+/// outer rows of the shard its `b` hashes to.
+unsafe fn repartition_key(
+    clause: *mut pg_sys::Node,
+    outer: &Input,
+    inner: &Input,
+) -> Option<Partition> {
+    // SAFETY: clause is a valid expression; casts follow node tags.
+    unsafe {
+        let [(inner_rti, _)] = inner.relations[..] else {
+            return None;
+        };
+        if (*clause).type_ != pg_sys::NodeTag::T_OpExpr {
+            return None;
+        }
+        let op = clause.cast::<pg_sys::OpExpr>();
+        let args = PgList::<pg_sys::Node>::from_pg((*op).args);
+        if args.len() != 2 {
+            return None;
+        }
+        let as_var = |n: Option<*mut pg_sys::Node>| {
+            let mut n = n?;
+            while (*n).type_ == pg_sys::NodeTag::T_RelabelType {
+                n = (*n.cast::<pg_sys::RelabelType>()).arg.cast();
+            }
+            ((*n).type_ == pg_sys::NodeTag::T_Var).then(|| n.cast::<pg_sys::Var>())
+        };
+        let (left, right) = (as_var(args.get_ptr(0))?, as_var(args.get_ptr(1))?);
+        let is_inner_column = |var: *mut pg_sys::Var| {
+            (*var).varlevelsup == 0 && (*var).varno as u32 == inner_rti && (*var).varattno > 0
+        };
+        let (key, column) = if outer.has_distribution_column(left) && is_inner_column(right) {
+            (left, right)
+        } else if outer.has_distribution_column(right) && is_inner_column(left) {
+            (right, left)
+        } else {
+            return None;
+        };
+        let family = hash_family((*key).vartype)?;
+        if !is_hash_equality((*op).opno, family) || hash_family((*column).vartype) != Some(family) {
+            return None;
+        }
+        Some(Partition {
+            attno: (*column).varattno,
+            shard_count: cache::shards(outer.plan.relid).len() as i32,
+        })
     }
 }
 

@@ -212,11 +212,14 @@ pub struct ScanPlan {
     /// A whole statement run as it is on its one shard (`fast_path.rs`), `$<RELATION_BASE +
     /// 1>` standing for the shard; the other SQL parts are then empty.
     pub statement_sql: String,
+    /// A broadcast read repartitioned to the fragments (`join_path.rs`): its SELECT list ends
+    /// with the shard index each row belongs to, and each fragment gets only its own rows.
+    pub partitioned: bool,
 }
 
 /// How many strings a ScanPlan without broadcasts encodes to, the last one the number of
 /// broadcasts (whose own parts follow).
-const ENCODED_PARTS: usize = 20;
+const ENCODED_PARTS: usize = 21;
 
 /// One sort key of a merged scan.
 #[derive(Clone, Debug, PartialEq)]
@@ -305,6 +308,7 @@ impl ScanPlan {
             join(self.merge_keys.iter().map(MergeKey::encode).collect()),
             u8::from(self.distinct).to_string(),
             self.statement_sql.clone(),
+            u8::from(self.partitioned).to_string(),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
         parts
@@ -361,6 +365,7 @@ impl ScanPlan {
                 .unwrap_or_default(),
             distinct: parts.get(14).is_some_and(|s| s == "1"),
             statement_sql: parts.get(15).cloned().unwrap_or_default(),
+            partitioned: parts.get(16).is_some_and(|s| s == "1"),
             broadcasts,
         }
     }
@@ -852,6 +857,7 @@ mod unit {
             columns: vec![1, 3],
             where_sql: "(region = 'north')".into(),
             shard_ids: vec![102_040, 102_041],
+            partitioned: true,
             ..Default::default()
         };
         let plan = ScanPlan {
@@ -866,6 +872,7 @@ mod unit {
         assert_eq!(ScanPlan::decode(&plan.encode()), plan);
         let plain = ScanPlan {
             where_sql: "(a > 1)".into(),
+            statement_sql: "SELECT 1".into(),
             ..Default::default()
         };
         assert_eq!(plain.encode().len(), ENCODED_PARTS);
