@@ -6,7 +6,12 @@
 //!   single shard: fragment *i* joins shard *i* of each, any join type;
 //! - a distributed input with reference tables (a copy on every node): inner joins, and outer,
 //!   semi and anti joins that keep the distributed side's rows;
-//! - reference tables with each other: one fragment.
+//! - reference tables with each other: one fragment;
+//! - a distributed input with a distributed table that is not co-located with it (inner, left,
+//!   semi, anti): the table is read first and travels in the fragments as arrays — all of its
+//!   rows to every fragment (broadcast), or, when it is joined on the other side's
+//!   distribution column, each row only to the fragment of the shard its key hashes to
+//!   (repartitioned). Chosen by cost against the coordinator's own join.
 //!
 //! Every clause of the join and of its inputs must be shippable; otherwise PostgreSQL joins the
 //! inputs' rows on the coordinator, which is always correct. The pushed-down join is again a
