@@ -443,6 +443,26 @@ fn updates_and_deletes_broadcast_tables_that_are_not_co_located(cluster: &Cluste
             "UPDATE items SET name = s.qty::text FROM stock s WHERE s.id = items.id AND s.grp = 2",
         ],
     );
+    // A co-located table that is not joined on the distribution column is broadcast too.
+    let plan = explain(
+        &mut coordinator,
+        "UPDATE stock SET qty = m.delta FROM stock_moves m WHERE m.id = stock.id + 1",
+    );
+    assert!(
+        plan.contains("Fragments: 4 on 2 node(s)") && plan.contains("FROM unnest("),
+        "{plan}"
+    );
+    same_writes(
+        cluster,
+        "SELECT * FROM stock ORDER BY id",
+        &[
+            "UPDATE stock SET qty = m.delta FROM stock_moves m WHERE m.id = stock.id + 1",
+            "UPDATE stock SET qty = (SELECT count(*) FROM stock_moves m WHERE m.delta = stock.qty) WHERE id % 3 = 0",
+            "DELETE FROM stock s USING stock_moves m WHERE m.delta = s.qty AND s.grp = 2 RETURNING s.id",
+            "UPDATE stock SET qty = x.qty + 1 FROM stock x WHERE x.id = stock.id + 1 AND stock.id < 30 RETURNING stock.id, stock.qty",
+            "UPDATE stock SET grp = m.delta % 4 FROM stock_moves m, stock_moves k WHERE k.id = stock.id AND m.id = k.delta AND stock.id > 80",
+        ],
+    );
     same_writes(cluster, "SELECT count(*) FROM notes", &["TRUNCATE notes"]);
 }
 
@@ -463,8 +483,6 @@ fn unsupported_writes_fail_with_0a000_and_change_nothing(cluster: &Cluster) {
         "UPDATE items SET id = id + 1 WHERE id = 2",
         "UPDATE items SET name = random()::text WHERE id = 2",
         "UPDATE items SET name = seen::text WHERE id = 2",
-        "UPDATE stock SET qty = m.delta FROM stock_moves m WHERE m.id = stock.id + 1",
-        "UPDATE stock SET qty = (SELECT count(*) FROM stock_moves m WHERE m.delta = stock.qty)",
         "UPDATE items SET qty = n.line FROM notes n WHERE n.item_id = items.id RETURNING n.body",
         "WITH gone AS (DELETE FROM items WHERE id = 2 RETURNING *) SELECT count(*) FROM gone",
         "INSERT INTO items (id, grp) VALUES (2, 2) ON CONFLICT (id) DO UPDATE SET id = 3",

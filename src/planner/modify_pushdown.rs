@@ -7,7 +7,8 @@
 //! table, complete on every node. A subquery that combines rows (aggregates, DISTINCT, LIMIT,
 //! window functions, set operations) must be pinned to one distribution value: correlated by
 //! an equality with the outer distribution column, or grouped by its own distribution column
-//! (without LIMIT). A distributed table that is not co-located with the target is broadcast:
+//! (without LIMIT). A distributed table that is not co-located with the target, or a
+//! co-located one not tied to the target's distribution column, is broadcast:
 //! read first and written into every shard's statement as `unnest(<one array per column>)`,
 //! so that, like a reference table, it is complete wherever the statement runs (up to
 //! `BROADCAST_MAX_ROWS` rows). Everything else is refused with 0A000 and the reason.
@@ -62,8 +63,9 @@ type Key = (usize, i32, i16);
 /// What one query level (the statement or a subquery) looks like after the walk.
 struct Level {
     query: *mut pg_sys::Query,
-    /// It reads distributed tables, itself or in its subqueries.
-    reads_shards: bool,
+    /// The entries of `Walk::hash_columns` for the distributed tables it reads, itself or in
+    /// its subqueries.
+    hash_reads: std::ops::Range<usize>,
     /// Equalities of its own columns with columns of outer levels (local side).
     correlated: Vec<Key>,
 }
@@ -79,8 +81,11 @@ struct Walk {
     finished: Vec<Level>,
     /// Union-find over columns known equal.
     parent: HashMap<Key, Key>,
-    /// The distribution column of every distributed table read.
+    /// The distribution column of every co-located table read.
     hash_columns: Vec<(Key, pg_sys::Oid)>,
+    /// Those of `hash_columns` whose table is broadcast after all (not tied to the target's
+    /// distribution column).
+    broadcast_keys: Vec<Key>,
     relations: Vec<(u32, pg_sys::Oid)>,
     broadcasts: Vec<Broadcast>,
     target_alias: String,
@@ -122,6 +127,7 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
             finished: Vec::new(),
             parent: HashMap::new(),
             hash_columns: Vec::new(),
+            broadcast_keys: Vec::new(),
             relations: Vec::new(),
             broadcasts: Vec::new(),
             target_alias: String::new(),
@@ -132,6 +138,7 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
         if let Some(problem) = walk.problem.take() {
             return Err(refuse(problem));
         }
+        walk.broadcast_unpinned_tables();
         walk.check_pinned().map_err(refuse)?;
         let statement = deparse(parse, &walk.relations, &walk.broadcasts).map_err(refuse)?;
         let broadcasts = walk
@@ -266,7 +273,7 @@ impl Walk {
             self.levels.pop();
             self.finished.push(Level {
                 query,
-                reads_shards: self.hash_columns.len() > hash_before,
+                hash_reads: hash_before..self.hash_columns.len(),
                 correlated,
             });
         }
@@ -452,9 +459,50 @@ impl Walk {
 
     /// Every distributed table is tied to the target's distribution column, and every
     /// subquery that combines rows sees the rows of one distribution value only.
+    /// Co-located tables that are not tied to the target's distribution column are read
+    /// first and written into every shard's statement, like tables of other co-location groups
+    /// (when they can be: see `broadcast_columns`); the entry keeps its alias.
+    unsafe fn broadcast_unpinned_tables(&mut self) {
+        let unpinned: Vec<(Key, pg_sys::Oid)> = self
+            .hash_columns
+            .iter()
+            .filter(|(key, _)| !self.pinned(*key))
+            .copied()
+            .collect();
+        for (key @ (query, rti, _), relid) in unpinned {
+            // SAFETY: the key names a relation entry of one of the statement's queries, which
+            // the walk named `pgdist_t<k>`.
+            unsafe {
+                let query = query as *mut pg_sys::Query;
+                let Some(table) = cache::lookup(relid) else {
+                    continue;
+                };
+                let Ok(columns) = broadcast_columns(query, rti, &table) else {
+                    continue;
+                };
+                let rte =
+                    pg_sys::list_nth((*query).rtable, rti - 1).cast::<pg_sys::RangeTblEntry>();
+                let alias = CStr::from_ptr((*(*rte).alias).aliasname).to_string_lossy();
+                let Some(k) = alias.strip_prefix("pgdist_t").and_then(|k| k.parse().ok()) else {
+                    continue;
+                };
+                self.relations.retain(|(known, _)| *known != k);
+                self.broadcasts.push(Broadcast { k, relid, columns });
+                self.broadcast_keys.push(key);
+            }
+        }
+    }
+
+    /// True when `level` reads shards of co-located tables (not broadcast ones).
+    fn reads_shards(&self, level: &Level) -> bool {
+        self.hash_columns[level.hash_reads.clone()]
+            .iter()
+            .any(|(key, _)| !self.broadcast_keys.contains(key))
+    }
+
     fn check_pinned(&self) -> Result<(), String> {
         for (key, relid) in &self.hash_columns {
-            if !self.pinned(*key) {
+            if !self.pinned(*key) && !self.broadcast_keys.contains(key) {
                 return Err(format!(
                     "distributed table {} is not joined to {} on the distribution column",
                     relation_name(*relid),
@@ -463,7 +511,7 @@ impl Walk {
             }
         }
         for level in &self.finished {
-            if level.query == self.top || !level.reads_shards {
+            if level.query == self.top || !self.reads_shards(level) {
                 continue;
             }
             // SAFETY: the levels are the statement's own (sub)queries.
