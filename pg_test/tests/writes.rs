@@ -28,6 +28,7 @@ fn main() {
             updates_and_deletes_match_plain_postgres,
             updates_and_deletes_reading_other_tables_match_plain_postgres,
             updates_and_deletes_broadcast_tables_that_are_not_co_located,
+            large_tables_tied_to_the_distribution_column_are_repartitioned_into_writes,
             now_and_other_stable_values_are_computed_once_per_statement,
             writes_to_reference_and_range_tables_reach_every_shard,
             unsupported_writes_fail_with_0a000_and_change_nothing,
@@ -464,6 +465,58 @@ fn updates_and_deletes_broadcast_tables_that_are_not_co_located(cluster: &Cluste
         ],
     );
     same_writes(cluster, "SELECT count(*) FROM notes", &["TRUNCATE notes"]);
+}
+
+/// A table too large to send whole with every shard's statement still works when it is tied
+/// to the target's distribution column: each shard's statement gets only the rows whose key
+/// hashes to it.
+fn large_tables_tied_to_the_distribution_column_are_repartitioned_into_writes(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    for client in [&mut coordinator, &mut reference] {
+        client
+            .batch_execute(
+                "CREATE TABLE refills (id int PRIMARY KEY, stock_ref int, amount int);
+                 INSERT INTO refills SELECT i, CASE WHEN i % 13 = 0 THEN NULL ELSE i % 120 END, i % 7
+                 FROM generate_series(1, 150000) i;",
+            )
+            .unwrap();
+    }
+    coordinator
+        .batch_execute("SELECT pgdist.create_distributed_table('refills', 'id', shard_count => 3, colocate_with => 'none')")
+        .unwrap();
+    let tied = "UPDATE stock SET qty = s.total FROM (SELECT stock_ref, sum(amount) AS total FROM refills GROUP BY stock_ref) s WHERE s.stock_ref = stock.id";
+    let plan = explain(&mut coordinator, tied);
+    assert!(
+        plan.contains(
+            "refills: read first; each shard's statement gets the rows whose key hashes to it"
+        ),
+        "{plan}"
+    );
+    same_writes(
+        cluster,
+        "SELECT * FROM stock ORDER BY id",
+        &[
+            tied,
+            "UPDATE stock SET qty = (SELECT count(*) FROM refills r WHERE r.stock_ref = stock.id AND r.amount > 2) WHERE grp = 1",
+            "DELETE FROM stock WHERE id IN (SELECT stock_ref FROM refills WHERE amount = 6 AND id < 2000) RETURNING id",
+            "UPDATE stock SET grp = 9 WHERE NOT EXISTS (SELECT FROM refills r WHERE r.stock_ref = stock.id AND r.id < 500)",
+        ],
+    );
+    // Not tied to the distribution column: the whole table would go to every shard.
+    let before = outcome(&mut coordinator, "SELECT * FROM stock ORDER BY id");
+    let refused = outcome(
+        &mut coordinator,
+        "UPDATE stock SET qty = 0 FROM refills r WHERE r.amount = stock.qty",
+    );
+    assert_eq!(refused, Err("0A000".to_string()));
+    assert_eq!(
+        outcome(&mut coordinator, "SELECT * FROM stock ORDER BY id"),
+        before
+    );
+    for client in [&mut coordinator, &mut reference] {
+        client.batch_execute("DROP TABLE refills").unwrap();
+    }
 }
 
 fn explain(client: &mut Client, sql: &str) -> String {

@@ -17,12 +17,13 @@ use crate::distribution::shell::with_suffix;
 use crate::executor::fragments::TextRow;
 use crate::executor::scan::insert_statements;
 use crate::executor::scan::{
-    evaluate_values, prune_by_param, statement_value, substitute_params, BroadcastRows, ShardNames,
+    broadcast_value, evaluate_values, prune_by_param, typed_literal, value_text, BroadcastRows,
+    ShardNames,
 };
 use crate::executor::shard_writer::{run_statements, RowInput, ShardWriter, WriteKind};
 use crate::metadata::cache;
 use crate::planner::modify_plan::{self, ModifyKind, ModifyPlan, MODIFY_NAME};
-use crate::planner::shippable::RELATION_BASE;
+use crate::planner::shippable::{BROADCAST_BASE, RELATION_BASE};
 use crate::remote::quote::{quote_identifier, quote_qualified, replace_dollar_refs};
 use crate::remote::NodeAddress;
 
@@ -170,21 +171,19 @@ unsafe extern "C-unwind" fn next_row(scan: *mut pg_sys::ScanState) -> *mut pg_sy
     }
 }
 
-/// `sql` with the statement's parameters and the values computed here put in as literals.
+/// `sql` with the statement's parameters and the values computed here put in as literals
+/// (broadcast arrays and shards are filled in per shard).
 unsafe fn with_values<'a>(
     node: *mut pg_sys::CustomScanState,
     runtime: &'a ModifyRuntime,
 ) -> impl Fn(&str) -> String + 'a {
     // SAFETY: this node is running.
     let values = unsafe { evaluate_values(node, &runtime.coordinator_values) };
-    let broadcasts = (
-        runtime.plan.broadcasts.as_slice(),
-        runtime.broadcast.as_ref(),
-    );
     move |sql: &str| {
-        // SAFETY: the statement's parameters, read while the node runs.
-        substitute_params(sql, |id| unsafe {
-            statement_value(node, &[], &values, broadcasts, id)
+        replace_dollar_refs(sql, |id| {
+            // SAFETY: the statement's parameters, read while the node runs.
+            (id < BROADCAST_BASE)
+                .then(|| typed_literal(unsafe { value_text(node, &[], &values, id) }))
         })
     }
 }
@@ -326,7 +325,12 @@ unsafe fn statements(
                     continue;
                 };
                 replace_dollar_refs(&statement, |id| {
-                    let k = u32::try_from(id.checked_sub(RELATION_BASE)?).ok()?;
+                    if id < RELATION_BASE {
+                        let rows = runtime.broadcast.as_ref();
+                        let array = broadcast_value(&plan.broadcasts, rows, id, Some(index));
+                        return (id >= BROADCAST_BASE).then(|| typed_literal(array));
+                    }
+                    let k = u32::try_from(id - RELATION_BASE).ok()?;
                     relations.iter().find(|(r, _)| *r == k)?.1.at(index)
                 })
             };
@@ -411,9 +415,24 @@ unsafe extern "C-unwind" fn explain(
                 }
             }
             _ => {
+                // Broadcast rows would drown the statement's text: it shows empty arrays.
+                let broadcast = runtime.broadcast.take();
                 let work = statements(node, runtime);
+                runtime.broadcast = broadcast;
                 let count: usize = work.iter().map(|(_, jobs)| jobs.len()).sum();
                 text(c"Fragments", &format!("{count} on {} node(s)", work.len()));
+                for read in &runtime.plan.broadcasts {
+                    let name = CStr::from_ptr(pg_sys::get_rel_name(read.relid)).to_string_lossy();
+                    let how = if read.partitioned {
+                        "each shard's statement gets the rows whose key hashes to it"
+                    } else {
+                        "every shard's statement gets all of them"
+                    };
+                    text(
+                        c"Broadcast",
+                        &format!("{name}: read first; {how} (arrays shown empty below)"),
+                    );
+                }
                 if let Some((_, jobs)) = work.first() {
                     if let Some((sql, _)) = jobs.first() {
                         text(c"Fragment", sql);

@@ -477,7 +477,10 @@ pub unsafe fn evaluate_values(
 
 /// The text of `$id` in fragment SQL: a value computed here (from COORDINATOR_VALUE_BASE), or
 /// a statement or executor parameter.
-unsafe fn value_text(
+///
+/// # Safety
+/// `node` must be a running Distributed Scan or Modify (its parameters are read).
+pub unsafe fn value_text(
     node: *mut pg_sys::CustomScanState,
     exec_params: &[(i32, pg_sys::Oid)],
     values: &[Option<(String, String)>],
@@ -516,14 +519,6 @@ pub fn typed_literal(value: Option<(String, String)>) -> String {
         Some((text, type_name)) => format!("({}::{type_name})", quote_literal(&text)),
         None => "NULL".to_string(),
     }
-}
-
-/// `sql` with every statement or executor parameter `$n` outside quotes replaced by
-/// `'value'::type` (or NULL); relation placeholders (`$n` from RELATION_BASE) are kept.
-pub fn substitute_params(sql: &str, value: impl Fn(i32) -> Option<(String, String)>) -> String {
-    replace_dollar_refs(sql, |id| {
-        (id < RELATION_BASE).then(|| typed_literal(value(id)))
-    })
 }
 
 /// `sql` with each distinct statement or executor parameter `$n` (not a relation or
@@ -958,27 +953,10 @@ impl BroadcastRows {
     }
 }
 
-/// The text of `$id` in a statement sent to the workers: a broadcast column of `broadcasts`
-/// (the scans and, once read, their rows), or what `value_text` says.
-pub unsafe fn statement_value(
-    node: *mut pg_sys::CustomScanState,
-    exec_params: &[(i32, pg_sys::Oid)],
-    values: &[Option<(String, String)>],
-    broadcasts: (&[ScanPlan], Option<&BroadcastRows>),
-    id: i32,
-) -> Option<(String, String)> {
-    if (BROADCAST_BASE..RELATION_BASE).contains(&id) {
-        broadcast_value(broadcasts.0, broadcasts.1, id, None)
-    } else {
-        // SAFETY: see value_text.
-        unsafe { value_text(node, exec_params, values, id) }
-    }
-}
-
 /// The value of broadcast column `$id` of `reads` in the fragment of shard `shard_index`: its
 /// array literal (empty when the rows are not read, as under a plain EXPLAIN) and the array
 /// type's name.
-fn broadcast_value(
+pub fn broadcast_value(
     reads: &[ScanPlan],
     rows: Option<&BroadcastRows>,
     id: i32,
@@ -1025,7 +1003,8 @@ fn push_array_element(array: &mut String, value: Option<&str>) {
 
 #[cfg(test)]
 mod unit {
-    use super::{push_array_element, substitute_params};
+    use super::{parameterize, push_array_element};
+    use crate::executor::fragments::FragmentSql;
 
     #[test]
     fn array_elements_are_quoted_and_escaped() {
@@ -1040,14 +1019,28 @@ mod unit {
     }
 
     #[test]
-    fn parameters_become_typed_literals_outside_quotes() {
+    fn parameters_are_numbered_in_order_and_written_back_as_typed_literals() {
         let value = |id: i32| match id {
-            1 => Some(("it's".to_string(), "text".to_string())),
+            7 => Some(("it's".to_string(), "text".to_string())),
+            100_003 => Some(("3".to_string(), "integer".to_string())),
             _ => None,
         };
+        let sql = "(a = $7) AND (b = '$7') AND (c = $100003) AND (d = $7) FROM $300001";
+        let (body, params) = parameterize(sql, value).unwrap();
         assert_eq!(
-            substitute_params("(a = $1) AND (b = '$1') AND (c = $2)", value),
-            "(a = ('it''s'::text)) AND (b = '$1') AND (c = NULL)"
+            body,
+            "(a = $1) AND (b = '$7') AND (c = $2) AND (d = $1) FROM $300001"
         );
+        let fragment = FragmentSql {
+            sql: body,
+            params,
+            result_types: String::new(),
+        };
+        assert_eq!(
+            fragment.literal(),
+            "(a = ('it''s'::text)) AND (b = '$7') AND (c = ('3'::integer)) AND (d = ('it''s'::text)) FROM $300001"
+        );
+        // A NULL value has no type to prepare with: the fragment goes as plain SQL.
+        assert!(parameterize("(a = $7) AND (e = $8)", value).is_none());
     }
 }

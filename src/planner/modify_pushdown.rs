@@ -11,7 +11,9 @@
 //! co-located one not tied to the target's distribution column, is broadcast:
 //! read first and written into every shard's statement as `unnest(<one array per column>)`,
 //! so that, like a reference table, it is complete wherever the statement runs (up to
-//! `BROADCAST_MAX_ROWS` rows). Everything else is refused with 0A000 and the reason.
+//! `BROADCAST_MAX_ROWS` rows) — or, when one of its columns is tied to the target's
+//! distribution column, each shard's statement gets only the rows whose value hashes to that
+//! shard (repartitioned, any size). Everything else is refused with 0A000 and the reason.
 //!
 //! The statement is written back as SQL by PostgreSQL's own deparser (`pg_get_querydef`)
 //! under an empty search_path, so every name comes out schema-qualified; each distributed or
@@ -49,12 +51,16 @@ pub struct Pushdown {
 /// shard's statement; a larger one that is not co-located is refused.
 const BROADCAST_MAX_ROWS: f64 = 100_000.0;
 
-/// A table written into the statement as arrays of its rows: its alias number, the table and
-/// the columns the statement reads.
+/// A table written into the statement as arrays of its rows: its alias number, the table, the
+/// columns the statement reads, where it stands (query address, range-table index), and the
+/// column tied to the target's distribution column, if any: then each shard's statement gets
+/// only the rows whose value hashes to that shard (repartitioned).
 struct Broadcast {
     k: u32,
     relid: pg_sys::Oid,
     columns: Vec<i16>,
+    entry: (usize, i32),
+    partition_by: Option<i16>,
 }
 
 /// A column of one range-table entry of one query level: (query address, rti, attno).
@@ -140,16 +146,15 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
         }
         walk.broadcast_unpinned_tables();
         walk.check_pinned().map_err(refuse)?;
+        walk.partition_broadcasts();
+        if let Some(problem) = walk.problem.take() {
+            return Err(refuse(problem));
+        }
         let statement = deparse(parse, &walk.relations, &walk.broadcasts).map_err(refuse)?;
         let broadcasts = walk
             .broadcasts
             .iter()
-            .map(|b| ScanPlan {
-                relid: b.relid,
-                columns: b.columns.clone(),
-                shard_ids: cache::shards(b.relid).iter().map(|(id, _)| *id).collect(),
-                ..Default::default()
-            })
+            .map(|b| broadcast_read(b, table.oid))
             .collect();
         Ok(Pushdown {
             statement,
@@ -157,6 +162,33 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
             target_alias: walk.target_alias,
             broadcasts,
         })
+    }
+}
+
+/// The scan that reads broadcast table `b` first; a repartitioned one also computes, on the
+/// workers, the index of the `target` shard each row belongs to (its last column).
+fn broadcast_read(b: &Broadcast, target: pg_sys::Oid) -> ScanPlan {
+    let name = |attno: i16| {
+        // SAFETY: a catalog lookup of a column the statement reads.
+        let name = unsafe { CStr::from_ptr(pg_sys::get_attname(b.relid, attno, false)) };
+        quote_identifier(&name.to_string_lossy())
+    };
+    let select_sql = b.partition_by.map_or_else(String::new, |attno| {
+        let names: Vec<String> = b.columns.iter().map(|a| name(*a)).collect();
+        let shard_count = cache::shards(target).len() as i32;
+        format!(
+            "{}, {}",
+            names.join(", "),
+            crate::distribution::hashing::hash_index_sql(&name(attno), shard_count)
+        )
+    });
+    ScanPlan {
+        relid: b.relid,
+        columns: b.columns.clone(),
+        shard_ids: cache::shards(b.relid).iter().map(|(id, _)| *id).collect(),
+        partitioned: b.partition_by.is_some(),
+        select_sql,
+        ..Default::default()
     }
 }
 
@@ -315,7 +347,13 @@ impl Walk {
                 Method::Hash => {
                     let k = (self.relations.len() + self.broadcasts.len()) as u32;
                     match broadcast_columns(query, rti, &table) {
-                        Ok(columns) => self.broadcasts.push(Broadcast { k, relid, columns }),
+                        Ok(columns) => self.broadcasts.push(Broadcast {
+                            k,
+                            relid,
+                            columns,
+                            entry: (query as usize, rti),
+                            partition_by: None,
+                        }),
                         Err(why) => self.fail(format!(
                             "{} is not co-located with {} and {why}",
                             relation_name(relid),
@@ -487,8 +525,41 @@ impl Walk {
                     continue;
                 };
                 self.relations.retain(|(known, _)| *known != k);
-                self.broadcasts.push(Broadcast { k, relid, columns });
+                self.broadcasts.push(Broadcast {
+                    k,
+                    relid,
+                    columns,
+                    entry: (query as usize, rti),
+                    partition_by: None,
+                });
                 self.broadcast_keys.push(key);
+            }
+        }
+    }
+
+    /// Ties each broadcast table to the target's shards where it can (a column it reads is
+    /// equal to the target's distribution column, of a type hashed alike), and refuses the
+    /// ones that must travel whole but are too large.
+    unsafe fn partition_broadcasts(&mut self) {
+        for i in 0..self.broadcasts.len() {
+            let (query, rti) = self.broadcasts[i].entry;
+            let relid = self.broadcasts[i].relid;
+            // SAFETY: catalog lookups of the table's columns.
+            let tied = self.broadcasts[i].columns.iter().copied().find(|attno| {
+                self.pinned((query, rti, *attno))
+                    && crate::distribution::hashing::hash_family(unsafe {
+                        pg_sys::get_atttype(relid, *attno)
+                    }) == Some(self.family)
+            });
+            self.broadcasts[i].partition_by = tied;
+            let rows = cache::lookup(relid).and_then(|t| t.row_estimate);
+            if let (None, Some(rows)) = (tied, rows.filter(|rows| *rows > BROADCAST_MAX_ROWS)) {
+                self.fail(format!(
+                    "{} has about {rows:.0} rows, too many to send with every shard's \
+                     statement, and is not joined on the distribution column of {}",
+                    relation_name(relid),
+                    relation_name(self.target)
+                ));
             }
         }
     }
@@ -573,18 +644,13 @@ pub(crate) unsafe fn set_alias(rte: *mut pg_sys::RangeTblEntry, k: u32) {
 }
 
 /// The columns of `table` — entry `rti` of `query` — that the statement reads, when the
-/// table can be broadcast: not too large, read column by column, each column able to travel
-/// in an array; otherwise why not.
+/// table can be broadcast: read column by column, each column able to travel in an array;
+/// otherwise why not. (Its size is checked once it is known whether it is repartitioned.)
 unsafe fn broadcast_columns(
     query: *mut pg_sys::Query,
     rti: i32,
     table: &DistTable,
 ) -> Result<Vec<i16>, String> {
-    if let Some(rows) = table.row_estimate.filter(|rows| *rows > BROADCAST_MAX_ROWS) {
-        return Err(format!(
-            "has about {rows:.0} rows, too many to send with every shard's statement"
-        ));
-    }
     // SAFETY: the walk reads the statement; catalog lookups of the table's columns.
     unsafe {
         let mut columns = columns_read(query, rti).ok_or("the statement reads its whole rows")?;
