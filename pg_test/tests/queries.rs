@@ -45,6 +45,7 @@ fn main() {
             unsupported_queries_fail_with_0a000,
             statement_timeout_stops_fragments_on_every_node,
             a_worker_that_is_down_gives_a_clear_error,
+            other_roles_get_errors_never_empty_tables,
         ],
     )
 }
@@ -1296,4 +1297,47 @@ fn a_worker_that_is_down_gives_a_clear_error(cluster: &Cluster) {
     assert_eq!(count_all(&mut session), 20000);
     down.ctl("restart");
     assert_eq!(count_all(&mut session), 20000);
+}
+
+/// A role other than the superuser plans with pgdist's catalog like anyone (it is read as its
+/// owner), so a distributed table is never mistaken for its empty shell: without rights on the
+/// workers the query fails, every time, and local tables keep working.
+fn other_roles_get_errors_never_empty_tables(cluster: &Cluster) {
+    let mut admin = cluster.coordinator_client();
+    admin
+        .batch_execute(
+            "CREATE ROLE reader LOGIN;
+             GRANT SELECT ON customers, orders TO reader;
+             CREATE TABLE reader_notes (n int); INSERT INTO reader_notes VALUES (1), (2);
+             GRANT SELECT ON reader_notes TO reader;",
+        )
+        .unwrap();
+    // A backend of the role's own, whose first catalog read happens as the role.
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=reader dbname=postgres",
+        cluster.coordinator.port
+    );
+    let mut session = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    for sql in [
+        "SELECT * FROM customers WHERE customer_id = 7",
+        "SELECT count(*) FROM orders",
+        "SELECT * FROM customers WHERE customer_id = 7",
+    ] {
+        let outcome = session.simple_query(sql);
+        assert!(
+            outcome.is_err(),
+            "{sql} answered from the empty shell: {outcome:?}"
+        );
+    }
+    let local: i64 = session
+        .query_one("SELECT sum(n) FROM reader_notes", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(local, 3);
+    drop(session);
+    admin
+        .batch_execute(
+            "DROP TABLE reader_notes; REVOKE ALL ON customers, orders FROM reader; DROP ROLE reader",
+        )
+        .unwrap();
 }

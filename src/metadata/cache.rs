@@ -80,9 +80,19 @@ pub fn with_tables<R>(f: impl FnOnce(&HashMap<pg_sys::Oid, DistTable>) -> R) -> 
             return f(&empty);
         };
         crate::maintenance::ensure_running();
-        LOADING.set(true);
-        let result = tables::all_tables();
-        LOADING.set(false);
+        let result = {
+            // Reset also when loading fails (a cancel, an error): a flag left set would make
+            // every later query of this backend see no distributed table at all.
+            struct Loading;
+            impl Drop for Loading {
+                fn drop(&mut self) {
+                    LOADING.set(false);
+                }
+            }
+            LOADING.set(true);
+            let _loading = Loading;
+            crate::metadata::as_catalog_owner(tables::all_tables)
+        };
         let tables = result.unwrap_or_else(|err: MetadataError| crate::error::raise(err));
         CACHE.with_borrow_mut(|cache| {
             *cache = Some(Loaded {
@@ -111,7 +121,7 @@ pub fn placements(oid: pg_sys::Oid) -> Rc<[Placement]> {
     if let Some(placements) = cached {
         return placements;
     }
-    let placements: Rc<[Placement]> = tables::placements(oid)
+    let placements: Rc<[Placement]> = crate::metadata::as_catalog_owner(|| tables::placements(oid))
         .unwrap_or_else(|err| crate::error::raise(err))
         .into();
     CACHE.with_borrow_mut(|cache| {

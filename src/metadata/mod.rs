@@ -4,7 +4,7 @@ pub mod cache;
 pub mod nodes;
 pub mod tables;
 
-use pgrx::PgSqlErrorCode;
+use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::error::PgError;
 
@@ -18,4 +18,32 @@ impl PgError for MetadataError {
     fn sqlstate(&self) -> PgSqlErrorCode {
         PgSqlErrorCode::ERRCODE_INTERNAL_ERROR
     }
+}
+
+/// Runs `f` — reads or writes of pgdist's own catalog — as the bootstrap superuser.
+///
+/// The catalog is pgdist's bookkeeping, not user data: every role's queries are planned and
+/// committed with it (which tables are distributed, where their shards are, the commit
+/// decisions of two-phase commit), whatever that role may read itself. The user id is switched
+/// back when `f` returns or fails (an abort would restore it too).
+pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(pg_sys::Oid, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores the user id and security context saved below.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    // SAFETY: plain getters and setters of backend state; the local-userid flag keeps SET ROLE
+    // and the like out while it is in force, as for SECURITY DEFINER functions.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+    }
+    let _restore = Restore(user, context);
+    f()
 }

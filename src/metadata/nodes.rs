@@ -64,11 +64,13 @@ fn select_nodes(
     args: &[pgrx::datum::DatumWithOid],
 ) -> Result<Vec<Node>, MetadataError> {
     let query = format!("SELECT {NODE_COLUMNS} FROM pgdist.node {filter} ORDER BY node_id");
-    Spi::connect(|client| {
-        client
-            .select(query.as_str(), None, args)?
-            .map(node_from_row)
-            .collect()
+    super::as_catalog_owner(|| {
+        Spi::connect(|client| {
+            client
+                .select(query.as_str(), None, args)?
+                .map(node_from_row)
+                .collect()
+        })
     })
 }
 

@@ -498,10 +498,12 @@ fn record_commit_decision(gids: &[String]) {
     // Pre-commit runs without an active snapshot; SPI needs one.
     // SAFETY: we are inside a live transaction; the pushed snapshot is popped right after.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    let result = Spi::run_with_args(
-        "INSERT INTO pgdist.transaction_decision (gid, node_id) SELECT * FROM unnest($1::text[], $2::int[])",
-        &[gids.to_vec().into(), node_ids.into()],
-    );
+    let result = crate::metadata::as_catalog_owner(|| {
+        Spi::run_with_args(
+            "INSERT INTO pgdist.transaction_decision (gid, node_id) SELECT * FROM unnest($1::text[], $2::int[])",
+            &[gids.to_vec().into(), node_ids.into()],
+        )
+    });
     // SAFETY: pops the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
     if let Err(err) = result {
