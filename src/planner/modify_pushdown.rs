@@ -495,8 +495,6 @@ impl Walk {
         }
     }
 
-    /// Every distributed table is tied to the target's distribution column, and every
-    /// subquery that combines rows sees the rows of one distribution value only.
     /// Co-located tables that are not tied to the target's distribution column are read
     /// first and written into every shard's statement, like tables of other co-location groups
     /// (when they can be: see `broadcast_columns`); the entry keeps its alias.
@@ -571,6 +569,9 @@ impl Walk {
             .any(|(key, _)| !self.broadcast_keys.contains(key))
     }
 
+    /// Every co-located table (not broadcast) is tied to the target's distribution column,
+    /// and every subquery that combines rows of shards sees the rows of one distribution value
+    /// only.
     fn check_pinned(&self) -> Result<(), String> {
         for (key, relid) in &self.hash_columns {
             if !self.pinned(*key) && !self.broadcast_keys.contains(key) {
