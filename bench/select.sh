@@ -9,6 +9,9 @@
 #   - a top-10 by a non-key column (ORDER BY … LIMIT pushed into every fragment; time ratio)
 #   - count(DISTINCT) grouped by another column (fragments return distinct rows; time ratio)
 #   - every row in the order of a non-key column (sorted streams merged; time ratio)
+#   - what the planner hook costs queries that touch no distributed table: the same local-table
+#     lookups on the coordinator (pgdist loaded, distributed tables present) and on a server
+#     without pgdist (TPS ratio)
 #   bash bench/select.sh          ROWS=200000 SECONDS_EACH=5 bash bench/select.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,17 +20,35 @@ SECONDS_EACH=${SECONDS_EACH:-10}
 export PGDIST_DEMO_DIR=/tmp/pgdist-bench PGDIST_DEMO_PORT=${PGDIST_BENCH_PORT:-9800} PGDIST_DEMO_NO_SAMPLE=1
 export PGDIST_PROFILE=${PGDIST_PROFILE:-release}
 bash scripts/demo.sh >/dev/null
-trap 'bash scripts/demo.sh stop >/dev/null' EXIT
 PORT=$PGDIST_DEMO_PORT
+BIN=/usr/lib/postgresql/15/bin
+PLAIN_DIR=/tmp/pgdist-bench-plain PLAIN_PORT=$((PORT + 10))
+as_server_user() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+stop_all() {
+    bash scripts/demo.sh stop >/dev/null
+    as_server_user "$BIN/pg_ctl" -D "$PLAIN_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+}
+trap stop_all EXIT
+# A server without pgdist, configured like the cluster's nodes otherwise.
+rm -rf "$PLAIN_DIR" && mkdir -p "$PLAIN_DIR" && { [ "$(id -u)" != 0 ] || chown postgres: "$PLAIN_DIR"; }
+as_server_user "$BIN/initdb" -D "$PLAIN_DIR/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
+cat >>"$PLAIN_DIR/data/postgresql.conf" <<CONF
+port = $PLAIN_PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$PLAIN_DIR'
+max_prepared_transactions = 100
+wal_level = logical
+CONF
+as_server_user "$BIN/pg_ctl" -D "$PLAIN_DIR/data" -l "$PLAIN_DIR/server.log" -w start >/dev/null
 psql_c() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -At "$@"; }
 timed() {
     psql_c -c "DO \$\$ DECLARE t0 timestamptz := clock_timestamp(); r record; BEGIN FOR r IN EXECUTE \$q\$$1\$q\$ LOOP END LOOP;
                RAISE NOTICE 'elapsed %', extract(epoch FROM clock_timestamp() - t0); END \$\$" 2>&1 \
         | sed -n 's/.*elapsed \([0-9.]*\).*/\1/p'
 }
-tps() { # table mode
+tps() { # table mode [port]
     printf '\\set id random(1, %d)\nSELECT * FROM %s WHERE id = :id;\n' "$ROWS" "$1" > /tmp/pgdist-bench-$1.sql
-    /usr/lib/postgresql/15/bin/pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -c 4 -j 2 -T "$SECONDS_EACH" -M "$2" \
+    "$BIN/pgbench" -n -h 127.0.0.1 -p "${3:-$PORT}" -U postgres -c 4 -j 2 -T "$SECONDS_EACH" -M "$2" \
         -f /tmp/pgdist-bench-$1.sql postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
 }
 
@@ -52,7 +73,17 @@ VACUUM ANALYZE bench_local_dim;
 SELECT pgdist.create_distributed_table('bench_dist_dim', 'customer_id');
 SQL
 
+psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PLAIN_PORT" -U postgres -d postgres <<SQL
+CREATE TABLE bench_local (id bigint PRIMARY KEY, customer_id int, amount numeric(12,2), note text);
+INSERT INTO bench_local SELECT i, i % 5000, (i % 10007) / 100.0, 'note ' || i FROM generate_series(1, $ROWS) i;
+VACUUM ANALYZE bench_local;
+SQL
+
 results=()
+for mode in prepared simple; do
+    without=$(tps bench_local "$mode" "$PLAIN_PORT"); with=$(tps bench_local "$mode")
+    results+=("local-table point SELECT, pgdist loaded (-M $mode)|$without TPS|$with TPS|$(python3 -c "print(f'{$with / $without:.2f}x TPS')")")
+done
 for mode in prepared simple; do
     plain=$(tps bench_local "$mode"); dist=$(tps bench_dist "$mode")
     results+=("router point SELECT (-M $mode)|$plain TPS|$dist TPS|$(python3 -c "print(f'{$dist / $plain:.2f}x TPS')")")
@@ -66,5 +97,5 @@ for q in "SELECT count(*) FROM TABLE" "SELECT sum(amount) FROM TABLE" "SELECT cu
     plain=$(timed "${q//TABLE/bench_local}"); dist=$(timed "${q//TABLE/bench_dist}")
     results+=("${q//TABLE/t}|${plain}s|${dist}s|$(python3 -c "print(f'{$dist / $plain:.2f}x the time')")")
 done
-printf '%-60s %-16s %-16s %s\n' "scenario ($ROWS rows)" plain distributed ratio
+printf '%-60s %-16s %-16s %s\n' "scenario ($ROWS rows)" plain "distributed (or with pgdist)" ratio
 for r in "${results[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-60s %-16s %-16s %s\n' "$a" "$b" "$c" "$d"; done
