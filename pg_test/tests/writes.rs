@@ -29,6 +29,7 @@ fn main() {
             updates_and_deletes_reading_other_tables_match_plain_postgres,
             updates_and_deletes_broadcast_tables_that_are_not_co_located,
             large_tables_tied_to_the_distribution_column_are_repartitioned_into_writes,
+            writes_with_parameters_run_as_statements_prepared_on_the_workers,
             now_and_other_stable_values_are_computed_once_per_statement,
             writes_to_reference_and_range_tables_reach_every_shard,
             unsupported_writes_fail_with_0a000_and_change_nothing,
@@ -516,6 +517,71 @@ fn large_tables_tied_to_the_distribution_column_are_repartitioned_into_writes(cl
     );
     for client in [&mut coordinator, &mut reference] {
         client.batch_execute("DROP TABLE refills").unwrap();
+    }
+}
+
+/// UPDATE and DELETE with parameters go to the workers as statements prepared once per
+/// connection: executions that fail there, or whose transaction rolls back, leave the next
+/// ones working, and RETURNING comes back as before.
+fn writes_with_parameters_run_as_statements_prepared_on_the_workers(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    let setup = "SET plan_cache_mode = force_generic_plan;
+        PREPARE up(int, int) AS UPDATE stock SET qty = qty + $2 WHERE id = $1 RETURNING id, qty;
+        PREPARE del(int) AS DELETE FROM stock WHERE id = $1 AND qty < 0 RETURNING *;
+        PREPARE halve(int, int) AS UPDATE stock SET qty = qty / $2 WHERE grp = $1;";
+    for client in [&mut coordinator, &mut reference] {
+        client.batch_execute(setup).unwrap();
+    }
+    for sql in [
+        "EXECUTE up(5, 10)",
+        "EXECUTE up(5, 10)",
+        "EXECUTE up(6, -100000)",
+        "EXECUTE del(6)",
+        "EXECUTE halve(1, 0)",
+        "EXECUTE halve(1, 2)",
+        "BEGIN; EXECUTE up(7, 1); ROLLBACK",
+        "EXECUTE up(7, 1)",
+        "BEGIN; EXECUTE up(8, 1); EXECUTE halve(2, 0)",
+        "ROLLBACK",
+        "EXECUTE halve(2, 3)",
+        "EXECUTE up(8, 2)",
+    ] {
+        let got = outcome(&mut coordinator, sql);
+        let want = outcome(&mut reference, sql);
+        assert_eq!(got, want, "different outcomes for\n  {sql}");
+        assert_eq!(
+            outcome(&mut coordinator, "SELECT * FROM stock ORDER BY id"),
+            outcome(&mut reference, "SELECT * FROM stock ORDER BY id"),
+            "after\n  {sql}"
+        );
+    }
+    let plan = explain(&mut coordinator, "EXECUTE up(9, 1)");
+    assert!(plan.contains("Fragments: 1 on 1 node(s)"), "{plan}");
+    // In an open transaction, the worker connection's last command runs a prepared statement.
+    coordinator
+        .batch_execute("BEGIN; EXECUTE up(9, 1)")
+        .unwrap();
+    let executed: i64 = cluster
+        .workers
+        .iter()
+        .map(|worker| {
+            worker
+                .connect()
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%EXECUTE pgdist_f%'",
+                    &[],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+        })
+        .sum();
+    assert!(executed > 0);
+    coordinator.batch_execute("ROLLBACK").unwrap();
+    for client in [&mut coordinator, &mut reference] {
+        client
+            .batch_execute("DEALLOCATE ALL; RESET plan_cache_mode")
+            .unwrap();
     }
 }
 

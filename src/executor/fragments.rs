@@ -289,7 +289,7 @@ struct Fragment {
 }
 
 /// How a fragment goes over one connection.
-enum Sent {
+pub enum Sent {
     Plain,
     /// `EXECUTE` of the statement prepared under this key earlier.
     Execute(String),
@@ -297,38 +297,35 @@ enum Sent {
     Prepare(String, u64),
 }
 
-/// The text that runs `fragment` on `conn`: `EXECUTE` of the statement prepared for it earlier,
-/// or `PREPARE` and `EXECUTE`, or plain SQL (no parameters, or too many statements prepared).
-/// A failed PREPARE may still have created its statement, so a name is never used twice.
-fn statement_text(conn: &mut NodeConnection, fragment: &FragmentSql) -> (String, Sent) {
+/// What runs `fragment` on `conn`: the `PREPARE` that must come first (or nothing), and the
+/// `EXECUTE` of the statement prepared for it — or plain SQL (no parameters, or too many
+/// statements prepared). A failed PREPARE may still have created its statement, so a name is
+/// never used twice.
+pub fn statement_text(conn: &mut NodeConnection, fragment: &FragmentSql) -> (String, String, Sent) {
     if fragment.params.is_empty() {
-        return (fragment.sql.clone(), Sent::Plain);
+        return (String::new(), fragment.sql.clone(), Sent::Plain);
     }
     let types: Vec<&str> = fragment.params.iter().map(|(_, ty)| ty.as_str()).collect();
     let values: Vec<&str> = fragment.params.iter().map(|(v, _)| v.as_str()).collect();
     let (types, values) = (types.join(", "), values.join(", "));
     let key = format!("{types}\n{}\n{}", fragment.result_types, fragment.sql);
     if let Some(number) = conn.prepared.get(&key) {
-        return (
-            format!("EXECUTE pgdist_f{number}({values})"),
-            Sent::Execute(key),
-        );
+        let run = format!("EXECUTE pgdist_f{number}({values})");
+        return (String::new(), run, Sent::Execute(key));
     }
     if conn.prepared.len() >= MAX_PREPARED_PER_CONNECTION {
-        return (fragment.literal(), Sent::Plain);
+        return (String::new(), fragment.literal(), Sent::Plain);
     }
     let number = conn.next_statement;
     conn.next_statement += 1;
-    let text = format!(
-        "PREPARE pgdist_f{number}({types}) AS {}; EXECUTE pgdist_f{number}({values})",
-        fragment.sql
-    );
-    (text, Sent::Prepare(key, number))
+    let prepare = format!("PREPARE pgdist_f{number}({types}) AS {}; ", fragment.sql);
+    let run = format!("EXECUTE pgdist_f{number}({values})");
+    (prepare, run, Sent::Prepare(key, number))
 }
 
 /// Keeps `conn`'s record of prepared statements true after running a fragment sent as `sent`:
 /// a new statement is remembered once it worked, a failing one is prepared afresh next time.
-fn note_prepared(conn: &mut NodeConnection, sent: Sent, worked: bool) {
+pub fn note_prepared(conn: &mut NodeConnection, sent: Sent, worked: bool) {
     match (sent, worked) {
         (Sent::Prepare(key, number), true) => {
             conn.prepared.insert(key, number);
@@ -401,8 +398,9 @@ impl Share {
                 sent.push_str(&self.settings);
                 conn.session_settings = self.settings.clone();
             }
-            let (text, mut sent_as) = statement_text(&mut conn, &sql);
-            sent.push_str(&text);
+            let (prepare, run, mut sent_as) = statement_text(&mut conn, &sql);
+            sent.push_str(&prepare);
+            sent.push_str(&run);
             let started = std::time::Instant::now();
             let sender = receiving.then_some(&self.sender);
             let mut result = run_fragment(&conn, &sent, sender, self.transactional).await;
@@ -419,12 +417,11 @@ impl Share {
                     }
                     _in_flight = runtime::InFlight::register(conn.cancel_token());
                     conn.session_settings = self.settings.clone();
-                    let (text, fresh) = statement_text(&mut conn, &sql);
+                    let (prepare, run, fresh) = statement_text(&mut conn, &sql);
                     sent_as = fresh;
                     let sender = receiving.then_some(&self.sender);
-                    result =
-                        run_fragment(&conn, &format!("{}{text}", self.settings), sender, false)
-                            .await;
+                    let text = format!("{}{prepare}{run}", self.settings);
+                    result = run_fragment(&conn, &text, sender, false).await;
                 }
             }
             note_prepared(&mut conn, sent_as, result.is_ok());

@@ -14,11 +14,11 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::distribution::shell::with_suffix;
-use crate::executor::fragments::TextRow;
+use crate::executor::fragments::{FragmentSql, TextRow};
 use crate::executor::scan::insert_statements;
 use crate::executor::scan::{
-    broadcast_value, evaluate_values, prune_by_param, typed_literal, value_text, BroadcastRows,
-    ShardNames,
+    broadcast_value, evaluate_values, parameterize, prune_by_param, typed_literal, value_text,
+    BroadcastRows, ShardNames,
 };
 use crate::executor::shard_writer::{run_statements, RowInput, ShardWriter, WriteKind};
 use crate::metadata::cache;
@@ -260,95 +260,131 @@ unsafe fn distributed_scan_state(
     }
 }
 
-/// One statement per placement of every shard left after pruning.
+/// One statement per placement of every shard left after pruning. Values known only now go as
+/// parameters of a statement prepared on the worker connection, unless tables are broadcast
+/// into it (their arrays are written in per shard).
 unsafe fn statements(
     node: *mut pg_sys::CustomScanState,
     runtime: &ModifyRuntime,
-) -> Vec<(NodeAddress, Vec<(String, bool)>)> {
+) -> Vec<(NodeAddress, Vec<(FragmentSql, bool)>)> {
     // SAFETY: catalog lookups for the result relation; parameters as in the scan.
     unsafe {
         let plan = &runtime.plan;
         let relid = plan.relid;
         let shard_ids = prune_by_param(node, relid, plan.shard_ids.clone(), plan.prune_param, &[]);
         let (schema, name) = crate::executor::schema_and_name(relid);
-        let substitute = with_values(node, runtime);
-        let where_sql = substitute(&plan.where_sql);
-        let set_sql = substitute(&plan.set_sql);
-        let returning = plan.returning.then(|| {
-            let relation = pg_sys::RelationIdGetRelation(relid);
-            let tupdesc = (*relation).rd_att;
-            let names: Vec<String> = (0..(*tupdesc).natts as usize)
-                .map(|i| (*tupdesc).attrs.as_ptr().add(i))
-                .filter(|a| !(**a).attisdropped)
-                .map(|a| {
-                    let column = quote_identifier(
-                        &CStr::from_ptr((*a).attname.data.as_ptr()).to_string_lossy(),
-                    );
-                    if plan.target_alias.is_empty() {
-                        column
-                    } else {
-                        format!("{}.{column}", plan.target_alias)
-                    }
-                })
-                .collect();
-            pg_sys::RelationClose(relation);
-            names.join(", ")
-        });
-        // A whole statement (UPDATE … FROM, subqueries): its relations' shards by index.
-        let statement = substitute(&plan.statement);
+        let returning = plan
+            .returning
+            .then(|| returning_columns(relid, &plan.target_alias));
+        // Every shard's statement, `$<RELATION_BASE + k>` standing for the shards of the
+        // relations (the target alone, k = 0, in a plain UPDATE or DELETE).
+        let template = if plan.statement.is_empty() {
+            let mut sql = match plan.kind {
+                ModifyKind::Update => format!("UPDATE ${RELATION_BASE} SET {}", plan.set_sql),
+                _ => format!("DELETE FROM ${RELATION_BASE}"),
+            };
+            if !plan.where_sql.is_empty() {
+                sql.push_str(&format!(" WHERE {}", plan.where_sql));
+            }
+            sql
+        } else {
+            plan.statement.clone()
+        };
+        let values = evaluate_values(node, &runtime.coordinator_values);
+        let value = |id| value_text(node, &[], &values, id);
+        let parameterized = plan
+            .broadcasts
+            .is_empty()
+            .then(|| parameterize(&template, value))
+            .flatten();
+        let (template, params) = match parameterized {
+            Some((body, params)) => (body, params),
+            None => (
+                replace_dollar_refs(&template, |id| {
+                    (id < BROADCAST_BASE).then(|| typed_literal(value(id)))
+                }),
+                Vec::new(),
+            ),
+        };
         let relations: Vec<(u32, ShardNames)> = plan
             .relations
             .iter()
             .map(|(k, oid)| (*k, ShardNames::of(*oid)))
             .collect();
-        let shard_index = |shard_id: i64| {
-            cache::shards(relid)
-                .iter()
-                .find(|(id, _)| *id == shard_id)
-                .map(|(_, index)| *index)
-        };
+        let shards = cache::shards(relid);
         let placements = cache::placements(relid);
-        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(String, bool)>)> = BTreeMap::new();
+        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(FragmentSql, bool)>)> = BTreeMap::new();
         for shard_id in shard_ids {
-            let relation = quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
-            let body = if plan.statement.is_empty() {
-                let mut sql = match plan.kind {
-                    ModifyKind::Update => format!("UPDATE {relation} SET {set_sql}"),
-                    _ => format!("DELETE FROM {relation}"),
-                };
-                if !where_sql.is_empty() {
-                    sql.push_str(&format!(" WHERE {where_sql}"));
-                }
-                sql
-            } else {
-                let Some(index) = shard_index(shard_id) else {
-                    continue;
-                };
-                replace_dollar_refs(&statement, |id| {
-                    if id < RELATION_BASE {
-                        let rows = runtime.broadcast.as_ref();
-                        let array = broadcast_value(&plan.broadcasts, rows, id, Some(index));
-                        return (id >= BROADCAST_BASE).then(|| typed_literal(array));
-                    }
-                    let k = u32::try_from(id - RELATION_BASE).ok()?;
-                    relations.iter().find(|(r, _)| *r == k)?.1.at(index)
-                })
+            let Some(index) = shards.iter().find(|(id, _)| *id == shard_id).map(|s| s.1) else {
+                continue;
             };
+            let body = replace_dollar_refs(&template, |id| {
+                if id < BROADCAST_BASE {
+                    return None;
+                }
+                if id < RELATION_BASE {
+                    let rows = runtime.broadcast.as_ref();
+                    let array = broadcast_value(&plan.broadcasts, rows, id, Some(index));
+                    return Some(typed_literal(array));
+                }
+                if plan.statement.is_empty() {
+                    return Some(quote_qualified(
+                        &schema,
+                        &with_suffix(&name, &shard_id.to_string()),
+                    ));
+                }
+                let k = u32::try_from(id - RELATION_BASE).ok()?;
+                relations.iter().find(|(r, _)| *r == k)?.1.at(index)
+            });
             let shard_placements = placements.iter().filter(|p| p.shard_id == shard_id);
             for (i, placement) in shard_placements.enumerate() {
                 let primary = i == 0;
-                let mut sql = body.clone();
-                if let (Some(columns), true) = (&returning, primary) {
-                    sql.push_str(&format!(" RETURNING {columns}"));
+                let mut statement = FragmentSql {
+                    sql: body.clone(),
+                    params: params.clone(),
+                    result_types: String::new(),
+                };
+                if let (Some((columns, types)), true) = (&returning, primary) {
+                    statement.sql.push_str(&format!(" RETURNING {columns}"));
+                    statement.result_types = types.clone();
                 }
                 per_node
                     .entry(placement.node.node_id)
                     .or_insert_with(|| (placement.node.clone(), Vec::new()))
                     .1
-                    .push((sql, primary));
+                    .push((statement, primary));
             }
         }
         per_node.into_values().collect()
+    }
+}
+
+/// The target's columns as a RETURNING list (qualified by `alias` when there is one), and
+/// their types (part of a prepared statement's identity).
+unsafe fn returning_columns(relid: pg_sys::Oid, alias: &str) -> (String, String) {
+    // SAFETY: the result relation is open and locked for the statement.
+    unsafe {
+        let relation = pg_sys::RelationIdGetRelation(relid);
+        let tupdesc = (*relation).rd_att;
+        let (names, types): (Vec<String>, Vec<String>) = (0..(*tupdesc).natts as usize)
+            .map(|i| (*tupdesc).attrs.as_ptr().add(i))
+            .filter(|a| !(**a).attisdropped)
+            .map(|a| {
+                let column =
+                    quote_identifier(&CStr::from_ptr((*a).attname.data.as_ptr()).to_string_lossy());
+                let name = if alias.is_empty() {
+                    column
+                } else {
+                    format!("{alias}.{column}")
+                };
+                (
+                    name,
+                    format!("{}:{}", u32::from((*a).atttypid), (*a).atttypmod),
+                )
+            })
+            .unzip();
+        pg_sys::RelationClose(relation);
+        (names.join(", "), types.join(","))
     }
 }
 
@@ -402,7 +438,7 @@ unsafe extern "C-unwind" fn explain(
                 let scan = distributed_scan_state(child);
                 let work = insert_statements(scan, &runtime.plan.insert_select, runtime.plan.relid);
                 if let Some((sql, _)) = work.first().and_then(|(_, jobs)| jobs.first()) {
-                    text(c"Statement", sql);
+                    text(c"Statement", &sql.literal());
                 }
             }
             ModifyKind::Insert => {
@@ -435,7 +471,7 @@ unsafe extern "C-unwind" fn explain(
                 }
                 if let Some((_, jobs)) = work.first() {
                     if let Some((sql, _)) = jobs.first() {
-                        text(c"Fragment", sql);
+                        text(c"Fragment", &sql.literal());
                     }
                 }
             }

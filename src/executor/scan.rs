@@ -525,7 +525,7 @@ pub fn typed_literal(value: Option<(String, String)>) -> String {
 /// broadcast placeholder) renumbered `$1`, `$2`, … in order of first use, and their values as
 /// typed literals with their types; None when there is none, or one is NULL (its type
 /// unknown).
-fn parameterize(
+pub fn parameterize(
     sql: &str,
     value: impl Fn(i32) -> Option<(String, String)>,
 ) -> Option<(String, Vec<(String, String)>)> {
@@ -772,7 +772,7 @@ pub unsafe fn insert_statements(
     node: *mut pg_sys::CustomScanState,
     statement: &str,
     target: pg_sys::Oid,
-) -> Vec<(NodeAddress, Vec<(String, bool)>)> {
+) -> Vec<(NodeAddress, Vec<(FragmentSql, bool)>)> {
     // SAFETY: node is a running Distributed Scan (initialised, never read from).
     let (work, _) = unsafe {
         let runtime = runtime_of(node);
@@ -783,7 +783,7 @@ pub unsafe fn insert_statements(
         .map(|(target, sqls)| {
             (
                 target.node,
-                sqls.into_iter().map(|sql| (sql.literal(), true)).collect(),
+                sqls.into_iter().map(|sql| (sql, true)).collect(),
             )
         })
         .collect()

@@ -22,7 +22,7 @@ use crate::distribution::hashing;
 use crate::distribution::shell::with_suffix;
 use crate::error::{raise, PgError};
 use crate::executor::copy_stream::{Batch, CopyStreams, LaneFailure};
-use crate::executor::fragments::TextRow;
+use crate::executor::fragments::{note_prepared, statement_text, FragmentSql, TextRow};
 use crate::metadata::cache;
 use crate::metadata::tables::Method;
 use crate::planner::range_pruning::RangeMap;
@@ -555,7 +555,7 @@ impl ShardWriter {
         } else {
             format!(" AS {alias}")
         };
-        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(String, bool)>)> = BTreeMap::new();
+        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(FragmentSql, bool)>)> = BTreeMap::new();
         for (shard_id, (data, _)) in buffers {
             let mut sql = format!(
                 "INSERT INTO {}{alias} ({}) OVERRIDING SYSTEM VALUE VALUES {}",
@@ -581,7 +581,7 @@ impl ShardWriter {
                     .entry(node.node_id)
                     .or_insert_with(|| (node.clone(), Vec::new()))
                     .1
-                    .push((statement, primary));
+                    .push((FragmentSql::plain(statement), primary));
             }
         }
         let (count, rows) = run_statements(per_node.into_values().collect());
@@ -591,9 +591,10 @@ impl ShardWriter {
 }
 
 /// Runs each node's statements on its participant connection (nodes in parallel; statements of
-/// a node in one round trip) and returns the row count and RETURNING rows of the statements
-/// marked primary (the first placement of their shard).
-pub fn run_statements(work: Vec<(NodeAddress, Vec<(String, bool)>)>) -> (u64, Vec<TextRow>) {
+/// a node in one round trip, those with parameters as prepared statements) and returns the row
+/// count and RETURNING rows of the statements marked primary (the first placement of their
+/// shard).
+pub fn run_statements(work: Vec<(NodeAddress, Vec<(FragmentSql, bool)>)>) -> (u64, Vec<TextRow>) {
     let targets = work
         .iter()
         .map(|(node, _)| target_for(node.clone()))
@@ -603,6 +604,8 @@ pub fn run_statements(work: Vec<(NodeAddress, Vec<(String, bool)>)>) -> (u64, Ve
     let settings = unsafe { crate::executor::scan::session_settings() };
     let mut checkout = remote_xact::checkout(&targets).unwrap_or_else(|err| raise(err));
     let mut plans = Vec::with_capacity(work.len());
+    // Per node, how each statement went (prepared statements to remember once they worked).
+    let mut sent_as = Vec::with_capacity(work.len());
     for (i, (_, jobs)) in work.into_iter().enumerate() {
         let mut prefix = checkout.take_prefix(i);
         let conn = &mut checkout.conns[i];
@@ -610,7 +613,17 @@ pub fn run_statements(work: Vec<(NodeAddress, Vec<(String, bool)>)>) -> (u64, Ve
             prefix.push_str(&settings);
             conn.session_settings = settings.clone();
         }
-        plans.push((prefix, jobs));
+        // PREPAREs go with the prefix: the statements' own results are counted from the end.
+        let mut runs = Vec::with_capacity(jobs.len());
+        let mut node_sent = Vec::with_capacity(jobs.len());
+        for (job, primary) in jobs {
+            let (prepare, run, sent) = statement_text(conn, &job);
+            prefix.push_str(&prepare);
+            runs.push((run, primary));
+            node_sent.push(sent);
+        }
+        plans.push((prefix, runs));
+        sent_as.push(node_sent);
     }
     if crate::gucs::log_remote_commands() {
         for ((prefix, jobs), conn) in plans.iter().zip(&checkout.conns) {
@@ -669,6 +682,11 @@ pub fn run_statements(work: Vec<(NodeAddress, Vec<(String, bool)>)>) -> (u64, Ve
         Ok(results) => results,
         Err(_) => runtime::raise_interrupt(),
     };
+    for ((conn, node_sent), result) in checkout.conns.iter_mut().zip(sent_as).zip(&results) {
+        for sent in node_sent {
+            note_prepared(conn, sent, result.is_ok());
+        }
+    }
     checkout.finish();
     let mut count = 0;
     let mut rows = Vec::new();
