@@ -17,7 +17,7 @@ use crate::distribution::shell::with_suffix;
 use crate::executor::fragments::{FragmentSql, TextRow};
 use crate::executor::scan::insert_statements;
 use crate::executor::scan::{
-    broadcast_value, evaluate_values, parameterize, prune_by_param, typed_literal, value_text,
+    broadcast_value, evaluate_values, prune_by_param, typed_literal, value_text, values_in,
     BroadcastRows, ShardNames,
 };
 use crate::executor::shard_writer::{run_statements, RowInput, ShardWriter, WriteKind};
@@ -171,23 +171,6 @@ unsafe extern "C-unwind" fn next_row(scan: *mut pg_sys::ScanState) -> *mut pg_sy
     }
 }
 
-/// `sql` with the statement's parameters and the values computed here put in as literals
-/// (broadcast arrays and shards are filled in per shard).
-unsafe fn with_values<'a>(
-    node: *mut pg_sys::CustomScanState,
-    runtime: &'a ModifyRuntime,
-) -> impl Fn(&str) -> String + 'a {
-    // SAFETY: this node is running.
-    let values = unsafe { evaluate_values(node, &runtime.coordinator_values) };
-    move |sql: &str| {
-        replace_dollar_refs(sql, |id| {
-            // SAFETY: the statement's parameters, read while the node runs.
-            (id < BROADCAST_BASE)
-                .then(|| typed_literal(unsafe { value_text(node, &[], &values, id) }))
-        })
-    }
-}
-
 /// Routes every row of the child plan to its shard.
 unsafe fn insert(
     node: *mut pg_sys::CustomScanState,
@@ -214,7 +197,11 @@ unsafe fn insert(
         } else {
             WriteKind::Insert {
                 alias: plan.alias.clone(),
-                on_conflict: with_values(node, runtime)(&plan.on_conflict),
+                on_conflict: {
+                    let values = evaluate_values(node, &runtime.coordinator_values);
+                    let value = |id| value_text(node, &[], &values, id);
+                    values_in(&plan.on_conflict, value, false).0
+                },
                 conflict_constraint: plan.conflict_constraint.clone(),
                 returning: plan.returning,
             }
@@ -292,20 +279,7 @@ unsafe fn statements(
         };
         let values = evaluate_values(node, &runtime.coordinator_values);
         let value = |id| value_text(node, &[], &values, id);
-        let parameterized = plan
-            .broadcasts
-            .is_empty()
-            .then(|| parameterize(&template, value))
-            .flatten();
-        let (template, params) = match parameterized {
-            Some((body, params)) => (body, params),
-            None => (
-                replace_dollar_refs(&template, |id| {
-                    (id < BROADCAST_BASE).then(|| typed_literal(value(id)))
-                }),
-                Vec::new(),
-            ),
-        };
+        let (template, params) = values_in(&template, value, plan.broadcasts.is_empty());
         let relations: Vec<(u32, ShardNames)> = plan
             .relations
             .iter()

@@ -525,7 +525,7 @@ pub fn typed_literal(value: Option<(String, String)>) -> String {
 /// broadcast placeholder) renumbered `$1`, `$2`, … in order of first use, and their values as
 /// typed literals with their types; None when there is none, or one is NULL (its type
 /// unknown).
-pub fn parameterize(
+fn parameterize(
     sql: &str,
     value: impl Fn(i32) -> Option<(String, String)>,
 ) -> Option<(String, Vec<(String, String)>)> {
@@ -552,6 +552,23 @@ pub fn parameterize(
     });
     let (_, values, null) = found.into_inner();
     (!null && !values.is_empty()).then_some((body, values))
+}
+
+/// `sql` with the values known now (`value` of each `$n` below the broadcast placeholders): as
+/// parameters `$1`, `$2`, … of a statement to prepare, with their values, when `prepare` and
+/// no value is NULL; otherwise written in as typed literals.
+pub fn values_in(
+    sql: &str,
+    value: impl Fn(i32) -> Option<(String, String)>,
+    prepare: bool,
+) -> (String, Vec<(String, String)>) {
+    if let Some(parameterized) = prepare.then(|| parameterize(sql, &value)).flatten() {
+        return parameterized;
+    }
+    let written = replace_dollar_refs(sql, |id| {
+        (id < BROADCAST_BASE).then(|| typed_literal(value(id)))
+    });
+    (written, Vec::new())
 }
 
 /// Settings that change how values are written and read, as the coordinator's session has them.
@@ -669,19 +686,8 @@ unsafe fn fragments(
         // The SQL of every fragment, shard and broadcast placeholders filled in per shard;
         // values go as parameters of a prepared statement, except next to broadcast arrays and
         // into INSERT … SELECT.
-        let sql = fragment_sql(plan, relid);
-        let parameterized = (plan.broadcasts.is_empty() && insert.is_none())
-            .then(|| parameterize(&sql, value))
-            .flatten();
-        let (mut template, params) = match parameterized {
-            Some((body, params)) => (body, params),
-            None => (
-                replace_dollar_refs(&sql, |id| {
-                    (id < BROADCAST_BASE).then(|| typed_literal(value(id)))
-                }),
-                Vec::new(),
-            ),
-        };
+        let prepare = plan.broadcasts.is_empty() && insert.is_none();
+        let (mut template, params) = values_in(&fragment_sql(plan, relid), value, prepare);
         let result_types = if params.is_empty() {
             String::new()
         } else {
