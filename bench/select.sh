@@ -6,6 +6,7 @@
 #   - count(*), sum() and a ~100-group GROUP BY over ROWS rows (time ratio)
 #   - a join of two co-located tables on their key, aggregated (time ratio)
 #   - a join with a 5000-row table that is not co-located, aggregated (broadcast; time ratio)
+#   - a join with a 0.3×ROWS table of another group on the big table's key (repartitioned)
 #   - a top-10 by a non-key column (ORDER BY … LIMIT pushed into every fragment; time ratio)
 #   - count(DISTINCT) grouped by another column (fragments return distinct rows; time ratio)
 #   - every row in the order of a non-key column (sorted streams merged; time ratio)
@@ -71,6 +72,12 @@ CREATE TABLE bench_dist_dim AS SELECT * FROM bench_local_dim;
 ALTER TABLE bench_dist_dim ADD PRIMARY KEY (customer_id);
 VACUUM ANALYZE bench_local_dim;
 SELECT pgdist.create_distributed_table('bench_dist_dim', 'customer_id');
+CREATE TABLE bench_local_refs (ref_id int PRIMARY KEY, bench_id bigint, w int);
+INSERT INTO bench_local_refs SELECT i, (i::bigint * 7) % $ROWS + 1, i % 5 FROM generate_series(1, $ROWS * 3 / 10) i;
+CREATE TABLE bench_dist_refs AS SELECT * FROM bench_local_refs;
+ALTER TABLE bench_dist_refs ADD PRIMARY KEY (ref_id);
+VACUUM ANALYZE bench_local_refs;
+SELECT pgdist.create_distributed_table('bench_dist_refs', 'ref_id', shard_count => 16);
 SQL
 
 psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PLAIN_PORT" -U postgres -d postgres <<SQL
@@ -91,6 +98,7 @@ done
 for q in "SELECT count(*) FROM TABLE" "SELECT sum(amount) FROM TABLE" "SELECT customer_id % 100, count(*), sum(amount) FROM TABLE GROUP BY 1" \
          "SELECT e.weight, count(*), sum(t.amount) FROM TABLE t JOIN TABLE_extra e USING (id) GROUP BY 1" \
          "SELECT d.region, count(*), sum(t.amount) FROM TABLE t JOIN TABLE_dim d USING (customer_id) GROUP BY 1" \
+         "SELECT t.customer_id % 10, count(*), sum(r.w) FROM TABLE t JOIN TABLE_refs r ON r.bench_id = t.id GROUP BY 1" \
          "SELECT * FROM TABLE ORDER BY amount DESC, id LIMIT 10" \
          "SELECT customer_id % 100, count(DISTINCT customer_id) FROM TABLE GROUP BY 1" \
          "SELECT id, amount FROM TABLE ORDER BY amount, id"; do

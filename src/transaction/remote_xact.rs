@@ -515,6 +515,10 @@ fn record_commit_decision(gids: &[String]) {
 /// are left to recovery (the decision record says "commit").
 pub fn after_commit() {
     let participants: Vec<(NodeConnection, Option<String>)> = take_all();
+    // Most transactions touch no node: they must not pay for the async runtime.
+    if participants.is_empty() {
+        return;
+    }
     if participants.iter().any(|(_, gid)| gid.is_some()) {
         // The commit record must be durable before any node commits its part, also under
         // synchronous_commit = off: otherwise a crash could lose the decision after a node
