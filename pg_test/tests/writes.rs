@@ -416,13 +416,24 @@ fn updates_and_deletes_broadcast_tables_that_are_not_co_located(cluster: &Cluste
         &["INSERT INTO notes SELECT i, i % 4, CASE WHEN i % 3 <> 0 THEN 'note ' || i END FROM generate_series(1, 99, 2) i"],
     );
     let mut coordinator = cluster.coordinator_client();
-    let plan = explain(
-        &mut coordinator,
+    // Every shard's statement reads the table as arrays: all of its rows, or (tied to the
+    // distribution column) only the rows of that shard.
+    let mut assert_travels = |sql: &str, how: &str| {
+        let plan = explain(&mut coordinator, sql);
+        assert!(
+            plan.contains("Fragments: 4 on 2 node(s)")
+                && plan.contains("FROM unnest(")
+                && plan.contains(how),
+            "{plan}"
+        );
+    };
+    assert_travels(
         "UPDATE stock SET qty = n.line FROM notes n WHERE n.item_id = stock.id",
+        "notes: read first; each shard's statement gets the rows whose key hashes to it",
     );
-    assert!(
-        plan.contains("Fragments: 4 on 2 node(s)") && plan.contains("FROM unnest("),
-        "{plan}"
+    assert_travels(
+        "UPDATE stock s SET grp = n.line % 7 FROM notes n WHERE n.line = s.qty",
+        "notes: read first; every shard's statement gets all of them",
     );
     same_writes(
         cluster,
@@ -446,13 +457,9 @@ fn updates_and_deletes_broadcast_tables_that_are_not_co_located(cluster: &Cluste
         ],
     );
     // A co-located table that is not joined on the distribution column is broadcast too.
-    let plan = explain(
-        &mut coordinator,
+    assert_travels(
         "UPDATE stock SET qty = m.delta FROM stock_moves m WHERE m.id = stock.id + 1",
-    );
-    assert!(
-        plan.contains("Fragments: 4 on 2 node(s)") && plan.contains("FROM unnest("),
-        "{plan}"
+        "stock_moves: read first; every shard's statement gets all of them",
     );
     same_writes(
         cluster,
