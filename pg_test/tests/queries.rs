@@ -523,6 +523,10 @@ fn other_joins_broadcast_the_smaller_side(cluster: &Cluster) {
         "SELECT o.order_id, c.name, c.signup, c.vip, c.profile FROM orders o JOIN customers c ON c.customer_id = o.qty WHERE o.customer_id < 50",
         "SELECT p.category, count(DISTINCT o.customer_id) FROM orders o JOIN products p ON p.product_id = o.customer_id GROUP BY 1",
         "SELECT o.order_id, p.name FROM orders o JOIN products p ON p.product_id = o.customer_id ORDER BY o.order_id DESC LIMIT 5",
+        // A semi join keeps only its outer table in FROM, which then joins on as a bare table.
+        "SELECT c.customer_id FROM customers c WHERE EXISTS (SELECT FROM orders o WHERE o.customer_id = c.customer_id AND o.order_id < 40) AND NOT EXISTS (SELECT FROM products p WHERE p.product_id = c.customer_id % 100)",
+        "SELECT c.customer_id FROM customers c WHERE NOT EXISTS (SELECT FROM orders o WHERE o.customer_id = c.customer_id AND o.qty <> 4) AND c.customer_id % 100 IN (SELECT product_id FROM products WHERE category = 'food')",
+        "SELECT c.customer_id, p.name FROM customers c JOIN products p ON p.product_id = c.customer_id % 50 WHERE NOT EXISTS (SELECT FROM orders o WHERE o.customer_id = c.customer_id AND o.qty > 1)",
     ];
     check_all(cluster, &broadcast);
     let mut coordinator = cluster.coordinator_client();

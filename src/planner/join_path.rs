@@ -93,6 +93,8 @@ struct Input {
     plan: ScanPlan,
     /// The FROM item.
     from_sql: String,
+    /// `from_sql` is a join, parenthesized (a table stays bare: `(t r1)` is not SQL).
+    from_is_join: bool,
     /// Conditions on the FROM item's rows not applied inside it yet (ANDed).
     pending: Vec<String>,
     /// (range-table index, table) of every table read.
@@ -117,6 +119,7 @@ impl Input {
             if !plan.row_lock.is_empty() {
                 return None;
             }
+            let from_is_join = plan.from_is_join;
             let (from_sql, pending, relations) = if plan.from_sql.is_empty() {
                 // A base table: its filters must all run on the workers, before the join.
                 let all_shipped = PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo)
@@ -143,11 +146,12 @@ impl Input {
                 } else {
                     vec![plan.where_sql.clone()]
                 };
-                (
-                    format!("({})", plan.from_sql),
-                    pending,
-                    plan.relations.clone(),
-                )
+                let from_sql = if from_is_join {
+                    format!("({})", plan.from_sql)
+                } else {
+                    plan.from_sql.clone()
+                };
+                (from_sql, pending, plan.relations.clone())
             };
             let mut spread = Spread::Replicated;
             for (_, oid) in &relations {
@@ -167,6 +171,7 @@ impl Input {
             Some(Input {
                 plan,
                 from_sql,
+                from_is_join,
                 pending,
                 relations,
                 spread,
@@ -265,6 +270,7 @@ impl Input {
                     ..Default::default()
                 },
                 from_sql,
+                from_is_join: false,
                 pending: Vec::new(),
                 relations: Vec::new(),
                 spread: Spread::Replicated,
@@ -450,6 +456,7 @@ unsafe fn plan_join(
         } else {
             select
         };
+        let from_is_join = !matches!(jointype, JOIN_SEMI | JOIN_ANTI) || outer.from_is_join;
         let (from_sql, mut pending) = match jointype {
             JOIN_INNER => (
                 format!(
@@ -516,6 +523,7 @@ unsafe fn plan_join(
             prune_param,
             exec_params,
             from_sql,
+            from_is_join,
             relations,
             broadcasts,
             ..Default::default()

@@ -215,11 +215,14 @@ pub struct ScanPlan {
     /// A broadcast read repartitioned to the fragments (`join_path.rs`): its SELECT list ends
     /// with the shard index each row belongs to, and each fragment gets only its own rows.
     pub partitioned: bool,
+    /// `from_sql` is a join (not a single table a semi or anti join kept alone in FROM, its
+    /// other side being in an `EXISTS` of `where_sql`): it may be parenthesized.
+    pub from_is_join: bool,
 }
 
 /// How many strings a ScanPlan without broadcasts encodes to, the last one the number of
 /// broadcasts (whose own parts follow).
-const ENCODED_PARTS: usize = 21;
+const ENCODED_PARTS: usize = 22;
 
 /// One sort key of a merged scan.
 #[derive(Clone, Debug, PartialEq)]
@@ -309,6 +312,7 @@ impl ScanPlan {
             u8::from(self.distinct).to_string(),
             self.statement_sql.clone(),
             u8::from(self.partitioned).to_string(),
+            u8::from(self.from_is_join).to_string(),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
         parts
@@ -366,6 +370,7 @@ impl ScanPlan {
             distinct: parts.get(14).is_some_and(|s| s == "1"),
             statement_sql: parts.get(15).cloned().unwrap_or_default(),
             partitioned: parts.get(16).is_some_and(|s| s == "1"),
+            from_is_join: parts.get(17).is_some_and(|s| s == "1"),
             broadcasts,
         }
     }
@@ -864,6 +869,7 @@ mod unit {
             relid: pg_sys::Oid::from(16999),
             from_sql: "$300001 r1 JOIN unnest($270000, $270001) AS r2(a, b) ON (r1.x = r2.a)"
                 .into(),
+            from_is_join: true,
             relations: vec![(1, pg_sys::Oid::from(16999))],
             distinct: true,
             broadcasts: vec![broadcast.clone(), broadcast],
