@@ -35,6 +35,16 @@ pub enum RemoteError {
 }
 
 impl RemoteError {
+    /// True when the node's session is gone (connection lost, or the node shut down or
+    /// crashed, SQLSTATE class 57P): the command it was running may or may not have finished.
+    pub fn ended_the_session(&self) -> bool {
+        match self {
+            RemoteError::ConnectionLost { .. } => true,
+            RemoteError::Worker { sqlstate, .. } => sqlstate.starts_with("57P"),
+            _ => false,
+        }
+    }
+
     /// Builds the error for a failed call on an open connection.
     pub fn from_postgres(node: &NodeAddress, err: tokio_postgres::Error) -> Self {
         match err.as_db_error() {

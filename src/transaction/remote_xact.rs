@@ -65,6 +65,8 @@ pub enum XactError {
     PrepareNotSupported,
     #[error("the connection to {0} is busy with another part of this statement")]
     Busy(crate::remote::NodeAddress),
+    #[error("the outcome of this transaction's commit is unknown: {0}")]
+    OutcomeUnknown(RemoteError),
     #[error(transparent)]
     Remote(#[from] RemoteError),
 }
@@ -77,6 +79,7 @@ impl PgError for XactError {
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
             }
             XactError::Remote(err) => err.sqlstate(),
+            XactError::OutcomeUnknown(_) => PgSqlErrorCode::ERRCODE_TRANSACTION_RESOLUTION_UNKNOWN,
         }
     }
     fn detail(&self) -> Option<String> {
@@ -95,6 +98,12 @@ impl PgError for XactError {
             XactError::PrepareNotSupported => {
                 Some("Commit the transaction instead of preparing it.".into())
             }
+            XactError::OutcomeUnknown(_) => Some(
+                "The only node that changed data lost the connection after COMMIT was sent \
+                 (one-phase commit), as a client can lose its server: look whether the \
+                 changes are there before running the transaction again."
+                    .into(),
+            ),
             XactError::Busy(_) => Some(
                 "A statement that reads and writes shards on the same node inside a transaction \
                  that already changed data there is not supported yet; run it in its own \
@@ -439,6 +448,8 @@ pub fn pre_commit() {
         };
         match runtime::block_on(conn.simple_query("COMMIT")) {
             Ok(Ok(_)) => connection::give_back(conn),
+            // The node may have committed before its session ended.
+            Ok(Err(err)) if err.ended_the_session() => raise(XactError::OutcomeUnknown(err)),
             Ok(Err(err)) => raise(err),
             Err(_) => runtime::raise_interrupt(),
         }
