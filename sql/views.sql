@@ -55,3 +55,8 @@ LEFT JOIN pg_catalog.pg_stat_activity a
        OR (p.coordinator_pid IS NULL AND a.backend_xid::text = p.local_xid)
 ORDER BY a.xact_start, coordinator_pid, p.node_id, p.remote_pid;
 COMMENT ON VIEW pgdist.distributed_transactions IS 'One row per node taking part in an open coordinator transaction (its backend there, or its prepared transaction waiting for COMMIT PREPARED).';
+
+-- Every role may use pgdist's functions (partial aggregates appear in distributed plans); the
+-- catalog tables and views stay readable by their owner, and the administration functions
+-- check for a superuser or the table's owner themselves (docs/security.md).
+GRANT USAGE ON SCHEMA pgdist TO PUBLIC;

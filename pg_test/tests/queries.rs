@@ -45,7 +45,7 @@ fn main() {
             unsupported_queries_fail_with_0a000,
             statement_timeout_stops_fragments_on_every_node,
             a_worker_that_is_down_gives_a_clear_error,
-            other_roles_get_errors_never_empty_tables,
+            roles_are_checked_on_the_coordinator_and_need_no_account_on_the_workers,
         ],
     )
 }
@@ -1303,36 +1303,105 @@ fn a_worker_that_is_down_gives_a_clear_error(cluster: &Cluster) {
     assert_eq!(count_all(&mut session), 20000);
 }
 
-/// A role other than the superuser plans with pgdist's catalog like anyone (it is read as its
-/// owner), so a distributed table is never mistaken for its empty shell: without rights on the
-/// workers the query fails, every time, and local tables keep working.
-fn other_roles_get_errors_never_empty_tables(cluster: &Cluster) {
+/// A role that exists only on the coordinator: its privileges are checked there (tables,
+/// columns, functions, administration), and its fragments run under pgdist's own login.
+fn roles_are_checked_on_the_coordinator_and_need_no_account_on_the_workers(cluster: &Cluster) {
     let mut admin = cluster.coordinator_client();
     admin
         .batch_execute(
-            "CREATE ROLE reader LOGIN;
-             GRANT SELECT ON customers, orders TO reader;
+            "CREATE ROLE reader LOGIN NOINHERIT;
+             CREATE ROLE analyst NOLOGIN;
+             GRANT analyst TO reader;
+             GRANT SELECT ON customers, orders TO analyst;
+             GRANT SELECT (customer_id, name) ON customers TO reader;
+             CREATE VIEW cheap_orders AS SELECT * FROM orders WHERE amount < 10 WITH CHECK OPTION;
+             GRANT ALL ON cheap_orders TO analyst;
              CREATE TABLE reader_notes (n int); INSERT INTO reader_notes VALUES (1), (2);
              GRANT SELECT ON reader_notes TO reader;",
         )
         .unwrap();
+    for worker in &cluster.workers {
+        let roles: i64 = worker
+            .connect()
+            .query_one(
+                "SELECT count(*) FROM pg_roles WHERE rolname IN ('reader', 'analyst')",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(roles, 0, "the roles exist on a worker");
+    }
     // A backend of the role's own, whose first catalog read happens as the role.
     let conninfo = format!(
         "host=127.0.0.1 port={} user=reader dbname=postgres",
         cluster.coordinator.port
     );
     let mut session = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    let mut reference = cluster.reference.connect();
+    let denied = |session: &mut postgres::Client, sql: &str| {
+        let err = session.simple_query(sql).expect_err(sql);
+        assert_eq!(sqlstate(&err), "42501", "{sql}: {err:?}");
+    };
+    // Its own column privileges, then the tables only its NOLOGIN role may read.
+    compare(
+        &mut session,
+        &mut reference,
+        "SELECT customer_id, name FROM customers WHERE customer_id IN (7, 8, 900)",
+    );
+    denied(
+        &mut session,
+        "SELECT country FROM customers WHERE customer_id = 7",
+    );
+    denied(&mut session, "SELECT count(*) FROM orders");
+    session.batch_execute("SET ROLE analyst").unwrap();
     for sql in [
+        "SELECT count(*), sum(amount)::text, avg(qty)::text FROM orders",
         "SELECT * FROM customers WHERE customer_id = 7",
-        "SELECT count(*) FROM orders",
-        "SELECT * FROM customers WHERE customer_id = 7",
+        "SELECT c.country, count(*), max(o.ordered_at) FROM customers c JOIN orders o USING (customer_id) GROUP BY 1",
+        "SELECT status, count(DISTINCT customer_id) FROM orders GROUP BY 1",
+        "SELECT order_id FROM orders ORDER BY amount DESC NULLS LAST, order_id LIMIT 5",
     ] {
-        let outcome = session.simple_query(sql);
-        assert!(
-            outcome.is_err(),
-            "{sql} answered from the empty shell: {outcome:?}"
-        );
+        compare(&mut session, &mut reference, sql);
     }
+    // Writes it has no privilege for, and a function PUBLIC may not execute: refused on the
+    // coordinator, nothing sent.
+    for sql in [
+        "UPDATE orders SET qty = 0 WHERE customer_id = 7",
+        "DELETE FROM orders WHERE qty = 1",
+        "INSERT INTO orders (customer_id, order_id) VALUES (7, 99999)",
+        "TRUNCATE orders",
+        "SELECT pgdist.run_on_workers('SELECT 1')",
+        "SELECT pgdist.undistribute_table('orders')",
+        "SELECT pgdist.add_node('127.0.0.1', 1)",
+    ] {
+        denied(&mut session, sql);
+    }
+    admin
+        .batch_execute("REVOKE EXECUTE ON FUNCTION abs(int) FROM PUBLIC")
+        .unwrap();
+    denied(
+        &mut session,
+        "SELECT count(*) FROM orders WHERE abs(qty) = 3",
+    );
+    admin
+        .batch_execute("GRANT EXECUTE ON FUNCTION abs(int) TO PUBLIC")
+        .unwrap();
+    compare(
+        &mut session,
+        &mut reference,
+        "SELECT count(*) FROM orders WHERE abs(qty) = 3",
+    );
+    // A view's check option is not applied on the workers yet: refused, for every role.
+    let err = session
+        .simple_query("UPDATE cheap_orders SET qty = qty WHERE customer_id = 7")
+        .expect_err("check option");
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    compare(
+        &mut admin,
+        &mut reference,
+        "SELECT count(*), sum(qty) FROM orders",
+    );
+    session.batch_execute("RESET ROLE").unwrap();
     let local: i64 = session
         .query_one("SELECT sum(n) FROM reader_notes", &[])
         .unwrap()
@@ -1341,7 +1410,8 @@ fn other_roles_get_errors_never_empty_tables(cluster: &Cluster) {
     drop(session);
     admin
         .batch_execute(
-            "DROP TABLE reader_notes; REVOKE ALL ON customers, orders FROM reader; DROP ROLE reader",
+            "DROP TABLE reader_notes; DROP VIEW cheap_orders;
+             REVOKE ALL ON customers, orders FROM reader, analyst; DROP ROLE reader, analyst",
         )
         .unwrap();
 }

@@ -173,6 +173,7 @@ fn add_node_impl(host: &str, port: i32, role: &str) -> Result<i32, ClusterError>
 /// Adds a server to the cluster and returns its node_id.
 #[pg_extern]
 fn add_node(host: &str, port: i32, role: default!(&str, "'primary'")) -> i32 {
+    crate::cluster::require_superuser("add nodes");
     add_node_impl(host, port, role).or_raise()
 }
 
@@ -226,5 +227,6 @@ fn drop_reference_copies(node: &NodeAddress) -> Result<(), ClusterError> {
 /// Removes a node from the cluster's catalog (the server itself is left untouched).
 #[pg_extern]
 fn remove_node(node_id: i32) {
+    crate::cluster::require_superuser("remove nodes");
     remove_node_impl(node_id).or_raise()
 }

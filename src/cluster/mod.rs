@@ -136,13 +136,44 @@ impl PgError for ClusterError {
     }
 }
 
-/// Name of the role the current statement runs as (connections to nodes use the same name).
-pub fn current_user_name() -> String {
-    // SAFETY: GetUserId() is valid inside a transaction; GetUserNameFromId(.., false) raises an
-    // ERROR rather than returning NULL, and returns a palloc'd C string we copy at once.
+/// Name of the login pgdist uses on every node: the coordinator's bootstrap superuser (the role
+/// that ran initdb, `postgres` on Debian). Fragments run under it whatever role the user is:
+/// the coordinator checks privileges first (docs/security.md).
+pub fn service_login_name() -> String {
+    // SAFETY: GetUserNameFromId(.., false) raises an ERROR rather than returning NULL, and
+    // returns a palloc'd C string we copy at once.
     unsafe {
-        let name = pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false);
+        let name =
+            pg_sys::GetUserNameFromId(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), false);
         CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+/// Raises 42501 unless the current role is a superuser: `what` (cluster administration runs
+/// on the workers under pgdist's superuser login).
+pub fn require_superuser(what: &str) {
+    // SAFETY: a role lookup for the current user.
+    if !unsafe { pg_sys::superuser() } {
+        pgrx::ereport!(
+            ERROR,
+            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied: only a superuser may {what}")
+        );
+    }
+}
+
+/// Raises 42501 unless the current role owns table `oid` (or is a superuser), like ALTER TABLE.
+pub fn require_owner(oid: pg_sys::Oid) {
+    // SAFETY: catalog lookups of a relation that exists (the caller opened it); aclcheck_error
+    // raises the standard "must be owner of table" error.
+    unsafe {
+        if !pg_sys::pg_class_ownercheck(oid, pg_sys::GetUserId()) {
+            pg_sys::aclcheck_error(
+                pg_sys::AclResult::ACLCHECK_NOT_OWNER,
+                pg_sys::get_relkind_objtype(pg_sys::get_rel_relkind(oid)),
+                pg_sys::get_rel_name(oid),
+            );
+        }
     }
 }
 
@@ -167,9 +198,9 @@ thread_local! {
         std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
-/// How to reach `node` as the current user in the current database.
+/// How to reach `node` as pgdist's login in the current database.
 pub fn target_for(node: NodeAddress) -> Result<NodeTarget, RemoteError> {
-    let user = current_user_name();
+    let user = service_login_name();
     let key = (node, user, crate::gucs::node_conninfo());
     if let Some(target) = TARGETS.with_borrow(|targets| targets.get(&key).cloned()) {
         return Ok(target);
@@ -179,7 +210,7 @@ pub fn target_for(node: NodeAddress) -> Result<NodeTarget, RemoteError> {
     Ok(target)
 }
 
-/// How to reach every primary node as the current user; raises on a catalog or conninfo error.
+/// How to reach every primary node; raises on a catalog or conninfo error.
 pub fn primary_targets() -> Vec<NodeTarget> {
     let nodes =
         crate::metadata::nodes::primary_nodes().unwrap_or_else(|err| crate::error::raise(err));

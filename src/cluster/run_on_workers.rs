@@ -71,5 +71,6 @@ fn run_on_workers(
         name!(result, Option<String>),
     ),
 > {
+    crate::cluster::require_superuser("run commands on the worker nodes");
     TableIterator::new(run_impl(command).or_raise())
 }

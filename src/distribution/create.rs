@@ -664,6 +664,7 @@ fn create_distributed_table(
         split_points,
     };
     let oid = table_name.oid();
+    crate::cluster::require_owner(oid);
     drop(table_name); // close it: TRUNCATE refuses a relation this statement still holds open
     distribute(oid, spec).or_raise()
 }
@@ -680,6 +681,7 @@ fn create_reference_table(table_name: pgrx::PgRelation) {
         split_points: None,
     };
     let oid = table_name.oid();
+    crate::cluster::require_owner(oid);
     drop(table_name);
     distribute(oid, spec).or_raise()
 }

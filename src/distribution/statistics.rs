@@ -175,5 +175,6 @@ pub fn refresh_row_estimates() -> Result<i64, MetadataError> {
 /// daemon's next round (`pgdist.statistics_interval`); returns how many tables changed.
 #[pg_extern(name = "refresh_row_estimates")]
 fn refresh_row_estimates_now() -> i64 {
+    crate::cluster::require_superuser("refresh row estimates");
     refresh_row_estimates().or_raise()
 }

@@ -73,6 +73,7 @@ fn undistribute(oid: pg_sys::Oid) -> Result<(), DistributionError> {
 #[pg_extern]
 fn undistribute_table(table_name: pgrx::PgRelation) {
     let oid = table_name.oid();
+    crate::cluster::require_owner(oid);
     drop(table_name);
     undistribute(oid).or_raise()
 }

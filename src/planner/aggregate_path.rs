@@ -43,7 +43,7 @@ unsafe fn partial_call(aggref: *mut pg_sys::Aggref, sql: &mut ScanDeparser) -> O
             || (*aggref).aggkind != b'n' as std::ffi::c_char
             || (*aggref).agglevelsup != 0
             || (*aggref).aggvariadic
-            || u32::from((*aggref).aggfnoid) >= pg_sys::FirstNormalObjectId
+            || !crate::planner::shippable::builtin_for_everyone((*aggref).aggfnoid)
         {
             return None;
         }

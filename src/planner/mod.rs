@@ -41,6 +41,8 @@ pub enum PlannerError {
     ModifyNotPushable(String, String),
     #[error("modifying the distribution column \"{1}\" of distributed table {0} is not supported")]
     DistributionColumnUpdate(String, String),
+    #[error("row-level security policies, security-barrier views and WITH CHECK OPTION on distributed table {0} are not supported yet")]
+    RowSecurity(String),
 }
 
 impl crate::error::PgError for PlannerError {
@@ -76,6 +78,12 @@ impl crate::error::PgError for PlannerError {
             }
             PlannerError::DistributionColumnUpdate(..) => {
                 "Delete the row and insert it again with the new value.".into()
+            }
+            PlannerError::RowSecurity(_) => {
+                "pgdist does not apply these conditions on the worker nodes yet and refuses \
+                 rather than skip them: use the table as its owner (or a role with BYPASSRLS), \
+                 or put the condition in the statement itself."
+                    .into()
             }
         })
     }
@@ -213,6 +221,27 @@ unsafe fn distributed_rte(query: *mut pg_sys::Query, rti: i32) -> Option<pg_sys:
     }
 }
 
+/// A distributed or reference table of `query` read under row-level security or a
+/// security-barrier view (the rewriter's `securityQuals`), or written under a check option.
+unsafe fn row_security_on_distributed_table(query: *mut pg_sys::Query) -> Option<pg_sys::Oid> {
+    // SAFETY: query is a valid Query; its range table holds RangeTblEntry nodes.
+    unsafe {
+        if !(*query).withCheckOptions.is_null() {
+            if let Some(oid) = distributed_rte(query, (*query).resultRelation) {
+                return Some(oid);
+            }
+        }
+        pgrx::PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable)
+            .iter_ptr()
+            .find(|rte| {
+                (**rte).rtekind == pg_sys::RTEKind::RTE_RELATION
+                    && !(**rte).securityQuals.is_null()
+                    && cache::lookup((**rte).relid).is_some()
+            })
+            .map(|rte| (*rte).relid)
+    }
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_void) -> bool {
     if node.is_null() {
@@ -224,6 +253,10 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
         match (*node).type_ {
             pg_sys::NodeTag::T_Query => {
                 let query = node.cast::<pg_sys::Query>();
+                if let Some(oid) = row_security_on_distributed_table(query) {
+                    check.found = Some(PlannerError::RowSecurity(relation_name(oid)));
+                    return true;
+                }
                 if (*query).commandType != pg_sys::CmdType::CMD_SELECT && query != check.top {
                     if let Some(oid) = distributed_rte(query, (*query).resultRelation) {
                         check.found = Some(PlannerError::Writes(relation_name(oid)));

@@ -844,7 +844,7 @@ unsafe fn shippable_itself(node: *mut pg_sys::Node) -> bool {
             }
             pg_sys::NodeTag::T_Aggref => {
                 let aggref = node.cast::<pg_sys::Aggref>();
-                u32::from((*aggref).aggfnoid) < pg_sys::FirstNormalObjectId
+                crate::planner::shippable::builtin_for_everyone((*aggref).aggfnoid)
                     && collation_ok((*aggref).inputcollid)
             }
             pg_sys::NodeTag::T_RelabelType => {

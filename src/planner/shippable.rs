@@ -14,8 +14,19 @@ const POSIX_COLLATION_OID: u32 = 951;
 
 pub fn builtin_immutable(funcid: pg_sys::Oid) -> bool {
     // SAFETY: a syscache lookup by oid.
-    u32::from(funcid) < pg_sys::FirstNormalObjectId
+    builtin_for_everyone(funcid)
         && unsafe { pg_sys::func_volatile(funcid) } == b'i' as std::ffi::c_char
+}
+
+/// True for a function (or aggregate, window function) built into PostgreSQL that every role
+/// may execute. Fragments run on the workers under pgdist's own login, so only such functions
+/// are sent there; any other runs on the coordinator, where PostgreSQL checks EXECUTE.
+pub fn builtin_for_everyone(funcid: pg_sys::Oid) -> bool {
+    const PUBLIC: pg_sys::Oid = pg_sys::Oid::from_u32(pg_sys::ACL_ID_PUBLIC);
+    u32::from(funcid) < pg_sys::FirstNormalObjectId
+        // SAFETY: an ACL check of a function by oid for the PUBLIC pseudo-role.
+        && unsafe { pg_sys::pg_proc_aclcheck(funcid, PUBLIC, pg_sys::ACL_EXECUTE) }
+            == pg_sys::AclResult::ACLCHECK_OK
 }
 
 pub fn collation_ok(collation: pg_sys::Oid) -> bool {
@@ -103,7 +114,7 @@ pub unsafe fn shippable(node: *mut pg_sys::Node) -> bool {
             pg_sys::NodeTag::T_Aggref => {
                 // Only where a whole aggregate runs on the workers (`aggregate_path.rs`).
                 let aggref = node.cast::<pg_sys::Aggref>();
-                u32::from((*aggref).aggfnoid) < pg_sys::FirstNormalObjectId
+                builtin_for_everyone((*aggref).aggfnoid)
                     && (*aggref).agglevelsup == 0
                     && collation_ok((*aggref).inputcollid)
                     && all_shippable((*aggref).aggdirectargs)

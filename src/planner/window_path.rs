@@ -147,7 +147,7 @@ unsafe fn call_text(
 ) -> Option<String> {
     // SAFETY: parts of a valid WindowFunc; catalog lookups by oid.
     unsafe {
-        if u32::from((*call).winfnoid) >= pg_sys::FirstNormalObjectId {
+        if !crate::planner::shippable::builtin_for_everyone((*call).winfnoid) {
             return None;
         }
         let name = pg_sys::get_func_name((*call).winfnoid);

@@ -169,6 +169,7 @@ pub fn finished_elsewhere(err: &crate::remote::RemoteError) -> bool {
 /// forgets decisions no longer needed. Returns how many transactions it resolved.
 #[pg_extern]
 fn recover_prepared_transactions() -> i64 {
+    crate::cluster::require_superuser("recover prepared transactions");
     recover()
 }
 
