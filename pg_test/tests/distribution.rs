@@ -28,7 +28,7 @@ fn main() {
             undistribute_brings_every_row_back,
             views_show_estimates_and_sizes,
             catalog_survives_pg_dump_and_restore,
-            reads_see_the_shards_nested_writes_are_refused,
+            reads_see_the_shards_writes_that_would_see_each_other_are_refused,
         ],
     )
 }
@@ -867,7 +867,7 @@ fn catalog_survives_pg_dump_and_restore(cluster: &Cluster) {
     client.batch_execute("DROP DATABASE restored").unwrap();
 }
 
-fn reads_see_the_shards_nested_writes_are_refused(cluster: &Cluster) {
+fn reads_see_the_shards_writes_that_would_see_each_other_are_refused(cluster: &Cluster) {
     let mut client = cluster.coordinator_client();
     client
         .batch_execute(
@@ -894,7 +894,7 @@ fn reads_see_the_shards_nested_writes_are_refused(cluster: &Cluster) {
         2
     );
     for sql in [
-        "WITH d AS (DELETE FROM guarded_reads RETURNING *) SELECT count(*) FROM d",
+        "WITH d AS (DELETE FROM guarded_reads RETURNING *) SELECT count(*) FROM guarded_view",
         "SELECT * FROM guarded_reads ORDER BY v LIMIT 1 FOR UPDATE",
     ] {
         let err = client.batch_execute(sql).unwrap_err();

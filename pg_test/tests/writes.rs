@@ -39,6 +39,7 @@ fn main() {
             copy_of_a_million_rows_is_exact,
             copy_formats_options_and_bad_input_match_plain_postgres,
             insert_select_between_colocated_tables_runs_on_the_workers,
+            writes_inside_with_match_plain_postgres,
             coordinator_crash_after_commit_decision_is_committed_by_recovery,
             coordinator_crash_before_commit_decision_is_rolled_back_by_recovery,
             worker_crash_after_prepare_is_committed_once_it_is_back,
@@ -74,6 +75,11 @@ INSERT INTO stock SELECT i, i * 3, i % 5 FROM generate_series(1, 100) i;
 INSERT INTO stock_moves SELECT i, (i * 37) % 300 FROM generate_series(1, 100) i;
 INSERT INTO stock_groups SELECT i, 'g' || i FROM generate_series(0, 4) i;
 INSERT INTO colors VALUES ('r', 'red'), ('g', 'green');
+CREATE TABLE orders (id int PRIMARY KEY, customer int NOT NULL, amount int, status text);
+CREATE TABLE orders_archive (id int, customer int, amount int, status text);
+CREATE TABLE order_events (order_id int, what text);
+INSERT INTO orders SELECT i, i % 13, (i * 7) % 100, CASE WHEN i % 4 = 0 THEN 'done' ELSE 'open' END
+  FROM generate_series(1, 200) i;
 ";
 
 const DISTRIBUTE: &str = "
@@ -91,6 +97,8 @@ SELECT pgdist.create_distributed_table('transfers', 'id', shard_count => 4, colo
 SELECT pgdist.create_distributed_table('stock', 'id', shard_count => 4, colocate_with => 'none');
 SELECT pgdist.create_distributed_table('stock_moves', 'id', colocate_with => 'stock');
 SELECT pgdist.create_reference_table('stock_groups');
+SELECT pgdist.create_distributed_table('orders', 'id', shard_count => 4, colocate_with => 'none');
+SELECT pgdist.create_distributed_table('orders_archive', 'customer', shard_count => 3, colocate_with => 'none');
 ";
 
 /// Rows (as text) and the row counts of a statement's commands.
@@ -120,24 +128,31 @@ fn outcome(client: &mut Client, sql: &str) -> Outcome {
 /// Runs each statement on both servers; returned rows, counts and errors must agree, and so
 /// must the whole table afterwards.
 fn same_writes(cluster: &Cluster, table_query: &str, statements: &[&str]) {
+    same_writes_to(cluster, &[table_query], statements);
+}
+
+/// As [`same_writes`], comparing every table of `table_queries` after each statement.
+fn same_writes_to(cluster: &Cluster, table_queries: &[&str], statements: &[&str]) {
     let mut coordinator = cluster.coordinator_client();
     let mut reference = cluster.reference.connect();
     for sql in statements {
         let got = outcome(&mut coordinator, sql);
         let want = outcome(&mut reference, sql);
         assert_eq!(got, want, "different outcomes for\n  {sql}");
-        let (Ok((got, _)), Ok((want, _))) = (
-            outcome(&mut coordinator, table_query),
-            outcome(&mut reference, table_query),
-        ) else {
-            panic!("{table_query} failed");
-        };
-        let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).collect();
-        let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).collect();
-        assert!(
-            missing.is_empty() && extra.is_empty() && got.len() == want.len(),
-            "after\n  {sql}\n{table_query} differs: missing {missing:?}, extra {extra:?}"
-        );
+        for table_query in table_queries {
+            let (Ok((got, _)), Ok((want, _))) = (
+                outcome(&mut coordinator, table_query),
+                outcome(&mut reference, table_query),
+            ) else {
+                panic!("{table_query} failed");
+            };
+            let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).collect();
+            let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).collect();
+            assert!(
+                missing.is_empty() && extra.is_empty() && got.len() == want.len(),
+                "after\n  {sql}\n{table_query} differs: missing {missing:?}, extra {extra:?}"
+            );
+        }
     }
 }
 
@@ -610,7 +625,7 @@ fn unsupported_writes_fail_with_0a000_and_change_nothing(cluster: &Cluster) {
         "UPDATE items SET name = random()::text WHERE id = 2",
         "UPDATE items SET name = seen::text WHERE id = 2",
         "UPDATE items SET qty = n.line FROM notes n WHERE n.item_id = items.id RETURNING n.body",
-        "WITH gone AS (DELETE FROM items WHERE id = 2 RETURNING *) SELECT count(*) FROM gone",
+        "WITH gone AS (DELETE FROM items WHERE id = 2 RETURNING *) SELECT count(*) FROM items",
         "INSERT INTO items (id, grp) VALUES (2, 2) ON CONFLICT (id) DO UPDATE SET id = 3",
     ] {
         let err = coordinator.batch_execute(sql).unwrap_err();
@@ -901,6 +916,94 @@ fn insert_select_between_colocated_tables_runs_on_the_workers(cluster: &Cluster)
         "SELECT * FROM dst ORDER BY id, total, n, label",
         &statements,
     );
+}
+
+fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let plan = explain(
+        &mut coordinator,
+        "WITH moved AS (DELETE FROM orders WHERE status = 'done' RETURNING *) \
+         INSERT INTO orders_archive SELECT * FROM moved",
+    );
+    assert_eq!(plan.matches("pgdist Distributed Modify").count(), 2, "{plan}");
+    let tables = [
+        "SELECT * FROM orders ORDER BY id",
+        "SELECT * FROM orders_archive ORDER BY id, status",
+        "SELECT * FROM order_events ORDER BY order_id, what",
+    ];
+    same_writes_to(
+        cluster,
+        &tables,
+        &[
+            // Rows move from one distributed table to another through RETURNING.
+            "WITH moved AS (DELETE FROM orders WHERE status = 'done' AND customer < 5 RETURNING *) \
+             INSERT INTO orders_archive SELECT * FROM moved",
+            "WITH moved AS (DELETE FROM orders WHERE id BETWEEN 10 AND 20 RETURNING id, customer, amount, status) \
+             INSERT INTO orders_archive SELECT * FROM moved RETURNING id, customer",
+            "WITH u AS (UPDATE orders SET amount = amount + 1 WHERE customer = 3 RETURNING id, amount) \
+             SELECT count(*), sum(amount) FROM u",
+            "WITH u AS (UPDATE orders SET status = 'seen' WHERE id = 42 RETURNING *) SELECT * FROM u",
+            // A write nobody reads still runs, and its rows do not count as the statement's.
+            "WITH d AS (DELETE FROM orders WHERE id = 7) SELECT 1 AS unreferenced",
+            "WITH d AS (DELETE FROM orders WHERE customer = 12 RETURNING id) \
+             UPDATE orders_archive SET status = 'x' WHERE customer = 12",
+            "WITH i AS (INSERT INTO orders VALUES (1001, 1, 5, 'open'), (1002, 2, 6, 'open') RETURNING id) \
+             SELECT array_agg(id ORDER BY id) FROM i",
+            "WITH i AS (INSERT INTO orders SELECT id + 2000, customer, amount, 'copy' FROM orders_archive RETURNING *) \
+             INSERT INTO order_events SELECT id, 'copied' FROM i",
+            "WITH d AS (DELETE FROM orders_archive WHERE customer = 1 RETURNING *), \
+                  e AS (INSERT INTO order_events SELECT id, 'gone' FROM d RETURNING *) \
+             SELECT count(*) FROM e",
+            // A write inside WITH may read the statement's other WITH queries and other tables.
+            "WITH small AS (SELECT id FROM orders WHERE amount < 10), \
+                  gone AS (DELETE FROM orders WHERE id IN (SELECT id FROM small) RETURNING id) \
+             SELECT count(*) FROM gone",
+            "WITH u AS (UPDATE orders o SET amount = o.amount * 2 FROM orders_archive a \
+                        WHERE a.id = o.id - 2000 AND a.customer = 2 RETURNING o.id) \
+             SELECT count(*) FROM u",
+            "BEGIN; WITH d AS (DELETE FROM orders WHERE customer = 6 RETURNING *) \
+             INSERT INTO orders_archive SELECT * FROM d; ROLLBACK",
+            "WITH d AS (DELETE FROM orders WHERE amount > 90 RETURNING *) \
+             INSERT INTO orders_archive SELECT * FROM d WHERE customer = 999",
+        ],
+    );
+    // Parameters pick the shard at execution, generic plans included.
+    let mut reference = cluster.reference.connect();
+    let mut results = Vec::new();
+    for client in [&mut coordinator, &mut reference] {
+        client.batch_execute("SET plan_cache_mode = force_generic_plan").unwrap();
+        let delete = client
+            .prepare("WITH d AS (DELETE FROM orders WHERE id = $1 RETURNING amount) SELECT coalesce(sum(amount), 0)::int8 FROM d")
+            .unwrap();
+        let amounts: Vec<i64> = (30..40)
+            .map(|id| client.query_one(&delete, &[&id]).unwrap().get(0))
+            .collect();
+        results.push(amounts);
+        client.batch_execute("RESET plan_cache_mode").unwrap();
+    }
+    assert_eq!(results[0], results[1]);
+    compare(&mut coordinator, &mut reference, tables[0]);
+    // Parts that would see each other's changes on the workers are refused.
+    let before: Vec<Outcome> = tables.iter().map(|t| outcome(&mut coordinator, t)).collect();
+    for sql in [
+        "WITH d AS (DELETE FROM orders WHERE id < 100 RETURNING *) SELECT count(*) FROM orders",
+        "WITH a AS (UPDATE orders SET amount = 0 WHERE id = 1 RETURNING *), \
+              b AS (DELETE FROM orders WHERE id = 2 RETURNING *) SELECT * FROM a, b",
+        "WITH d AS (DELETE FROM orders_archive RETURNING *) INSERT INTO orders_archive SELECT * FROM d",
+        "WITH e AS (INSERT INTO order_events VALUES (1, 'x') RETURNING *) \
+         SELECT count(*) FROM order_events JOIN orders ON orders.id = order_events.order_id",
+        "WITH e AS (INSERT INTO order_events VALUES (5, 'x') RETURNING order_id) \
+         UPDATE orders SET status = 'noted' WHERE id IN (SELECT order_id FROM e)",
+    ] {
+        let err = coordinator.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+        assert!(
+            err.as_db_error().and_then(|d| d.hint()).is_some(),
+            "{sql}: no hint"
+        );
+    }
+    let after: Vec<Outcome> = tables.iter().map(|t| outcome(&mut coordinator, t)).collect();
+    assert_eq!(before, after);
 }
 
 /// `COPY … FROM STDIN` of `data` on one server: the row count, or the error's SQLSTATE.

@@ -1,5 +1,6 @@
 //! The Distributed Modify node: runs an INSERT, UPDATE or DELETE planned by
-//! `planner/modify_plan.rs` on the shards.
+//! `planner/modify_plan.rs` on the shards, as the statement itself or as one of its WITH
+//! queries.
 //!
 //! At the first fetch it does all the writing — INSERT pulls every row from its child plan and
 //! hands it to a [`ShardWriter`]; UPDATE and DELETE send one statement per (pruned) shard — and
@@ -108,7 +109,7 @@ unsafe extern "C-unwind" fn begin(
     eflags: i32,
 ) {
     // SAFETY: the INSERT's row source is initialised as our child; the scan slot has the
-    // result relation's row type.
+    // result relation's row type; the node lives in the estate's memory, as its list does.
     unsafe {
         let cscan = (*node).ss.ps.plan.cast::<pg_sys::CustomScan>();
         if !(*cscan).custom_plans.is_null() {
@@ -123,6 +124,11 @@ unsafe extern "C-unwind" fn begin(
             .iter_ptr()
             .map(|expr| pg_sys::ExecInitExpr(expr, &mut (*node).ss.ps))
             .collect();
+        if !runtime.plan.can_set_tag {
+            // A write inside WITH runs to completion at the end of the statement even when
+            // nothing reads it, as PostgreSQL does with its own ModifyTable nodes.
+            (*estate).es_auxmodifytables = pg_sys::lcons(node.cast(), (*estate).es_auxmodifytables);
+        }
     }
 }
 
@@ -154,7 +160,9 @@ unsafe extern "C-unwind" fn next_row(scan: *mut pg_sys::ScanState) -> *mut pg_sy
                 ModifyKind::Insert => insert(node, runtime),
                 ModifyKind::Update | ModifyKind::Delete => update_or_delete(node, runtime),
             };
-            (*(*scan).ps.state).es_processed += count;
+            if runtime.plan.can_set_tag {
+                (*(*scan).ps.state).es_processed += count;
+            }
             runtime.returned = rows.into_iter();
         }
         let slot = (*scan).ss_ScanTupleSlot;

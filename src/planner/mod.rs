@@ -1,9 +1,10 @@
 //! The planner hook. Queries that involve no distributed or reference table go to the standard
 //! planner untouched (after one cheap look at the per-backend table cache). Reads of
 //! distributed tables are planned by PostgreSQL with a Distributed Scan for each such table
-//! (`scan_path.rs`); INSERT, UPDATE and DELETE get a Distributed Modify node (`modify_plan.rs`).
-//! What is not supported yet is refused here with 0A000 — writes inside WITH or subqueries, row
-//! locks — rather than answered from the coordinator's empty shell table.
+//! (`scan_path.rs`); INSERT, UPDATE and DELETE get a Distributed Modify node (`modify_plan.rs`),
+//! also inside WITH (`with_writes.rs`). What is not supported yet is refused here with 0A000 —
+//! MERGE, row locks in some queries, row-level security — rather than answered from the
+//! coordinator's empty shell table.
 
 pub mod aggregate_path;
 pub mod coordinator_subqueries;
@@ -19,6 +20,7 @@ pub mod row_locks;
 pub mod scan_path;
 pub mod shippable;
 pub mod window_path;
+pub mod with_writes;
 
 use std::ffi::c_void;
 
@@ -29,8 +31,10 @@ use crate::metadata::cache;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlannerError {
-    #[error("data-modifying statements on distributed table {0} inside WITH or a subquery are not supported yet")]
+    #[error("this data-modifying statement on distributed table {0} is not supported yet")]
     Writes(String),
+    #[error("table {0} is written by one part of this statement and read or written by another")]
+    WrittenAndRead(String),
     #[error("MERGE into distributed table {0} is not supported yet")]
     Merge(String),
     #[error("row locks (FOR UPDATE / FOR SHARE) on distributed table {0} are not supported in this query")]
@@ -54,6 +58,13 @@ impl crate::error::PgError for PlannerError {
         Some(match self {
             PlannerError::Writes(_) => {
                 "Run the INSERT, UPDATE or DELETE as a statement of its own.".into()
+            }
+            PlannerError::WrittenAndRead(_) => {
+                "pgdist runs the parts of a statement with data-modifying WITH queries one \
+                 after the other, so one part would see another's changes, which PostgreSQL \
+                 never shows. Pass rows between the parts with RETURNING, or run the parts as \
+                 separate statements in one transaction."
+                    .into()
             }
             PlannerError::Merge(_) => {
                 "Use INSERT … ON CONFLICT, UPDATE or DELETE statements instead.".into()
@@ -181,30 +192,29 @@ unsafe extern "C-unwind" fn plan(
         if let Some(err) = unsupported_use(parse) {
             crate::error::raise(err);
         }
-        if (*parse).commandType != pg_sys::CmdType::CMD_SELECT {
-            if let Some(oid) = distributed_rte(parse, (*parse).resultRelation) {
-                if let Some(table) = cache::lookup(oid) {
-                    return modify_plan::plan(parse, &table, plan_rest)
-                        .unwrap_or_else(|err| crate::error::raise(err));
-                }
-            }
-        }
+        let with_writes =
+            with_writes::analyse(parse).unwrap_or_else(|err| crate::error::raise(err));
+        let written = match (*parse).commandType {
+            pg_sys::CmdType::CMD_SELECT => None,
+            _ => distributed_rte(parse, (*parse).resultRelation).and_then(cache::lookup),
+        };
+        let stmt = match written {
+            Some(table) => modify_plan::plan(parse, &table, plan_rest)
+                .unwrap_or_else(|err| crate::error::raise(err)),
+            None => plan_rest(),
+        };
+        with_writes::plan(stmt, with_writes).unwrap_or_else(|err| crate::error::raise(err));
+        stmt
     }
-    plan_rest()
 }
 
 struct Check {
-    /// The statement being planned: its own write is planned, not refused.
-    top: *mut pg_sys::Query,
     found: Option<PlannerError>,
 }
 
 /// What in `query` (subqueries, CTEs, sublinks included) pgdist cannot run yet, if anything.
 unsafe fn unsupported_use(query: *mut pg_sys::Query) -> Option<PlannerError> {
-    let mut check = Check {
-        top: query,
-        found: None,
-    };
+    let mut check = Check { found: None };
     // SAFETY: the walker visits the nodes of a valid Query; the context is `check`.
     unsafe { check_node(query.cast(), (&raw mut check).cast()) };
     check.found
@@ -256,12 +266,6 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
                 if let Some(oid) = row_security_on_distributed_table(query) {
                     check.found = Some(PlannerError::RowSecurity(relation_name(oid)));
                     return true;
-                }
-                if (*query).commandType != pg_sys::CmdType::CMD_SELECT && query != check.top {
-                    if let Some(oid) = distributed_rte(query, (*query).resultRelation) {
-                        check.found = Some(PlannerError::Writes(relation_name(oid)));
-                        return true;
-                    }
                 }
                 for mark in
                     pgrx::PgList::<pg_sys::RowMarkClause>::from_pg((*query).rowMarks).iter_ptr()

@@ -57,6 +57,9 @@ pub struct ModifyPlan {
     /// UPDATE / DELETE: `$n` whose value picks the shard at execution (0: none).
     pub prune_param: i32,
     pub returning: bool,
+    /// False for a write inside WITH: its rows do not count as the statement's, and it runs to
+    /// completion even when nothing reads its RETURNING rows (as ModifyTable's `canSetTag`).
+    pub can_set_tag: bool,
     /// INSERT … SELECT pushed down (empty: rows go through the coordinator): the statement
     /// each fragment of the child scan becomes, `{fragment}` standing for the fragment's SQL
     /// and `$<RELATION_BASE + INSERT_TARGET_RTI>` for the co-located shard of the table.
@@ -98,6 +101,7 @@ impl ModifyPlan {
                 .join(","),
             self.prune_param.to_string(),
             self.returning.to_string(),
+            self.can_set_tag.to_string(),
             self.insert_select.clone(),
             self.statement.clone(),
             self.relations
@@ -128,17 +132,18 @@ impl ModifyPlan {
             shard_ids: part(7).split(',').filter_map(|s| s.parse().ok()).collect(),
             prune_param: part(8).parse().unwrap_or_default(),
             returning: part(9) == "true",
-            insert_select: part(10),
-            statement: part(11),
-            relations: part(12)
+            can_set_tag: part(10) == "true",
+            insert_select: part(11),
+            statement: part(12),
+            relations: part(13)
                 .split(',')
                 .filter_map(|pair| {
                     let (k, oid) = pair.split_once(':')?;
                     Some((k.parse().ok()?, pg_sys::Oid::from(oid.parse::<u32>().ok()?)))
                 })
                 .collect(),
-            target_alias: part(13),
-            broadcasts: decode_broadcasts(parts.get(14..).unwrap_or_default()),
+            target_alias: part(14),
+            broadcasts: decode_broadcasts(parts.get(15..).unwrap_or_default()),
         }
     }
 }
@@ -154,14 +159,36 @@ pub unsafe fn plan(
     // SAFETY: parse is the analysed statement being planned; the planned statement is ours to
     // rearrange before anyone else sees it.
     unsafe {
-        let mut values = PgList::<pg_sys::Node>::new();
-        let mut modify = analyse(parse, table, &mut values)?;
+        let write = analyse(parse, table)?;
         let stmt = plan_rest();
         let top = (*stmt).planTree;
         if top.is_null() || (*top).type_ != pg_sys::NodeTag::T_ModifyTable {
             return Err(PlannerError::Writes(table_name(table)));
         }
-        let mt = top.cast::<pg_sys::ModifyTable>();
+        (*stmt).planTree = modify_node(stmt, top.cast(), write, table).cast();
+        Ok(stmt)
+    }
+}
+
+/// A write analysed before planning: what the workers run, and the expressions the
+/// coordinator computes for it at execution (`$<COORDINATOR_VALUE_BASE + i>`).
+pub struct AnalysedWrite {
+    modify: ModifyPlan,
+    values: PgList<pg_sys::Node>,
+}
+
+/// The Distributed Modify node that does the work of `mt` (a ModifyTable of `stmt` writing
+/// `table`, at the top of the plan or of a WITH query's subplan).
+pub unsafe fn modify_node(
+    stmt: *mut pg_sys::PlannedStmt,
+    mt: *mut pg_sys::ModifyTable,
+    write: AnalysedWrite,
+    table: &DistTable,
+) -> *mut pg_sys::CustomScan {
+    // SAFETY: mt is a finished ModifyTable of stmt; the new node takes over its parts.
+    unsafe {
+        let AnalysedWrite { mut modify, values } = write;
+        modify.can_set_tag = (*mt).canSetTag;
         let scan =
             pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomScan>()).cast::<pg_sys::CustomScan>();
         (*scan).scan.plan.type_ = pg_sys::NodeTag::T_CustomScan;
@@ -185,11 +212,9 @@ pub unsafe fn plan(
             (*scan).custom_plans = pg_sys::lappend(std::ptr::null_mut(), child.cast());
         }
         (*scan).custom_private = to_list(modify.encode());
-        // Computed by the executor for `$<COORDINATOR_VALUE_BASE + i>`.
         (*scan).custom_exprs = values.into_pg();
         (*scan).methods = crate::executor::modify::scan_methods();
-        (*stmt).planTree = scan.cast();
-        Ok(stmt)
+        scan
     }
 }
 
@@ -442,13 +467,11 @@ unsafe fn is_same_column(expr: *mut pg_sys::Node, attno: i16) -> bool {
     }
 }
 
-/// What the workers run for `parse`; `values` receives the expressions the coordinator computes
-/// at execution (`with_coordinator_values`).
-unsafe fn analyse(
+/// What the workers run for `parse`, a write to `table`.
+pub unsafe fn analyse(
     parse: *mut pg_sys::Query,
     table: &DistTable,
-    values: &mut PgList<pg_sys::Node>,
-) -> Result<ModifyPlan, PlannerError> {
+) -> Result<AnalysedWrite, PlannerError> {
     // SAFETY: parse is a valid analysed statement; everything read belongs to it.
     unsafe {
         let returning_list = (*parse).returningList;
@@ -470,6 +493,7 @@ unsafe fn analyse(
             shard_ids: Vec::new(),
             prune_param: 0,
             returning: !returning_list.is_null(),
+            can_set_tag: true,
             insert_select: String::new(),
             statement: String::new(),
             relations: Vec::new(),
@@ -492,10 +516,11 @@ unsafe fn analyse(
             }
             _ => return Err(PlannerError::Writes(table_name(table))),
         }
+        let mut values = PgList::new();
         for value in coordinator_values {
             values.push(value);
         }
-        Ok(modify)
+        Ok(AnalysedWrite { modify, values })
     }
 }
 
@@ -635,9 +660,10 @@ unsafe fn whole_statement(
     Ok(())
 }
 
-/// A copy of `parse` with its plain WITH queries inlined and, with `compute_subqueries`, its
-/// uncorrelated subqueries turned into values the coordinator computes (None when it has
-/// none).
+/// A copy of `parse` with its plain WITH queries inlined, the data-modifying ones nobody
+/// reads left out (they run as subplans of their own: `with_writes.rs`) and, with
+/// `compute_subqueries`, its uncorrelated subqueries turned into values the coordinator
+/// computes (None when it has none).
 unsafe fn private_copy(
     parse: *mut pg_sys::Query,
     compute_subqueries: bool,
@@ -645,6 +671,14 @@ unsafe fn private_copy(
     // SAFETY: copies the valid statement `parse` and changes only the copy.
     unsafe {
         let copy = pg_sys::copyObjectImpl(parse.cast()).cast::<pg_sys::Query>();
+        let mut kept = PgList::<pg_sys::CommonTableExpr>::new();
+        for cte in PgList::<pg_sys::CommonTableExpr>::from_pg((*copy).cteList).iter_ptr() {
+            let body = (*cte).ctequery.cast::<pg_sys::Query>();
+            if (*body).commandType == pg_sys::CmdType::CMD_SELECT || (*cte).cterefcount > 0 {
+                kept.push(cte);
+            }
+        }
+        (*copy).cteList = kept.into_pg();
         crate::planner::modify_pushdown::inline_with_queries(copy);
         (!compute_subqueries || crate::planner::coordinator_subqueries::compute_first(copy))
             .then_some(copy)

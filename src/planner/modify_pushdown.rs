@@ -289,6 +289,10 @@ impl Walk {
                 }
             }
             for cte in PgList::<pg_sys::CommonTableExpr>::from_pg((*query).cteList).iter_ptr() {
+                let body = (*cte).ctequery.cast::<pg_sys::Query>();
+                if (*body).commandType != pg_sys::CmdType::CMD_SELECT {
+                    self.fail("it reads the rows of a data-modifying WITH query".into());
+                }
                 self.in_cte += 1;
                 self.visit_query((*cte).ctequery.cast());
                 self.in_cte -= 1;

@@ -1,0 +1,291 @@
+//! Data-modifying WITH queries on distributed and reference tables:
+//! `WITH moved AS (DELETE FROM orders WHERE … RETURNING *) INSERT INTO archive SELECT * FROM moved`.
+//!
+//! PostgreSQL plans each such WITH query as a subplan topped by a ModifyTable. pgdist analyses
+//! the query before planning, as it does a write of its own (`modify_plan::analyse`), and puts a
+//! Distributed Modify node in the place of that ModifyTable afterwards. The node writes when
+//! the statement first reads its RETURNING rows, or at the end of the statement when nothing
+//! reads them, as PostgreSQL does.
+//!
+//! In PostgreSQL all parts of such a statement see the data as it was when the statement
+//! started: no part sees another's changes. pgdist runs the parts on the workers one after the
+//! other, over the transaction's connections, so a later part would see an earlier part's
+//! changes. A statement in which a table written by one part (a WITH query or the statement
+//! itself) is read or written by another is therefore refused with 0A000 rather than answered
+//! differently; the rows a write returns may be read anywhere. A part is a WITH query or the
+//! statement's own body, with the plain WITH queries it reads.
+
+use std::collections::HashSet;
+use std::ffi::{c_void, CStr};
+
+use pgrx::{pg_sys, PgList};
+
+use crate::distribution::create::relation_name;
+use crate::metadata::cache;
+use crate::metadata::tables::DistTable;
+use crate::planner::modify_plan::{self, AnalysedWrite};
+use crate::planner::PlannerError;
+
+/// A data-modifying WITH query, analysed when it writes a distributed or reference table.
+pub struct WithWrite(Option<(DistTable, AnalysedWrite)>);
+
+/// A WITH query of the statement.
+struct Cte {
+    name: String,
+    node: *mut pg_sys::CommonTableExpr,
+    query: *mut pg_sys::Query,
+}
+
+impl Cte {
+    fn writes(&self) -> bool {
+        // SAFETY: query is the WITH query's valid Query.
+        unsafe { (*self.query).commandType != pg_sys::CmdType::CMD_SELECT }
+    }
+}
+
+/// The data-modifying WITH queries of `parse`, in order, checked and analysed.
+pub unsafe fn analyse(parse: *mut pg_sys::Query) -> Result<Vec<WithWrite>, PlannerError> {
+    // SAFETY: parse is the analysed statement being planned; its WITH queries are only read
+    // (the distributed ones through private copies).
+    unsafe {
+        if !(*parse).hasModifyingCTE {
+            return Ok(Vec::new());
+        }
+        let ctes = top_level_ctes(parse);
+        check_parts(parse, &ctes)?;
+        let mut writes = Vec::new();
+        for (index, cte) in ctes.iter().enumerate().filter(|(_, cte)| cte.writes()) {
+            let Some(table) = target(cte.query).and_then(cache::lookup) else {
+                writes.push(WithWrite(None));
+                continue;
+            };
+            let standalone = match (*cte.query).commandType {
+                pg_sys::CmdType::CMD_INSERT => cte.query,
+                _ => standalone_copy(parse, &ctes, index, &table)?,
+            };
+            let analysed = modify_plan::analyse(standalone, &table)?;
+            writes.push(WithWrite(Some((table, analysed))));
+        }
+        Ok(writes)
+    }
+}
+
+/// Puts a Distributed Modify node in the place of the ModifyTable of each distributed write
+/// among `writes` (the k-th ModifyTable among the subplans of `stmt` is the k-th
+/// data-modifying WITH query: PostgreSQL plans them in order).
+pub unsafe fn plan(
+    stmt: *mut pg_sys::PlannedStmt,
+    writes: Vec<WithWrite>,
+) -> Result<(), PlannerError> {
+    // SAFETY: stmt is the finished plan of the statement `writes` came from; replacing a
+    // subplan's pointer in its list is how the planner itself rewrites subplans.
+    unsafe {
+        let mut writes = writes.into_iter();
+        let subplans = (*stmt).subplans;
+        for i in 0..pg_sys::list_length(subplans) {
+            let cell = (*subplans).elements.add(i as usize);
+            let subplan = (*cell).ptr_value.cast::<pg_sys::Plan>();
+            if subplan.is_null() || (*subplan).type_ != pg_sys::NodeTag::T_ModifyTable {
+                continue;
+            }
+            let Some(WithWrite(write)) = writes.next() else {
+                break;
+            };
+            let Some((table, analysed)) = write else {
+                continue;
+            };
+            let mt = subplan.cast::<pg_sys::ModifyTable>();
+            let rti = pg_sys::list_nth_int((*mt).resultRelations, 0);
+            let rte = pg_sys::list_nth((*stmt).rtable, rti - 1).cast::<pg_sys::RangeTblEntry>();
+            if (*rte).relid != table.oid {
+                return Err(PlannerError::Writes(relation_name(table.oid)));
+            }
+            (*cell).ptr_value = modify_plan::modify_node(stmt, mt, analysed, &table).cast();
+        }
+        // A distributed write left unplanned would change the coordinator's empty table.
+        match writes.find_map(|WithWrite(write)| write) {
+            Some((table, _)) => Err(PlannerError::Writes(relation_name(table.oid))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The WITH queries of the statement.
+unsafe fn top_level_ctes(parse: *mut pg_sys::Query) -> Vec<Cte> {
+    // SAFETY: parse is a valid Query; its cteList holds CommonTableExpr nodes.
+    unsafe {
+        PgList::<pg_sys::CommonTableExpr>::from_pg((*parse).cteList)
+            .iter_ptr()
+            .map(|node| Cte {
+                name: CStr::from_ptr((*node).ctename).to_string_lossy().into_owned(),
+                node,
+                query: (*node).ctequery.cast(),
+            })
+            .collect()
+    }
+}
+
+/// The table a data-modifying query writes.
+unsafe fn target(query: *mut pg_sys::Query) -> Option<pg_sys::Oid> {
+    // SAFETY: resultRelation indexes the query's range table.
+    unsafe {
+        let index = usize::try_from((*query).resultRelation).ok()?.checked_sub(1)?;
+        let rte = PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable).get_ptr(index)?;
+        Some((*rte).relid)
+    }
+}
+
+/// Refuses a statement in which a table written by one part is read or written by another
+/// (see the module's documentation), when distributed or reference tables are involved.
+unsafe fn check_parts(parse: *mut pg_sys::Query, ctes: &[Cte]) -> Result<(), PlannerError> {
+    // SAFETY: parse is a valid Query; the walk only reads it.
+    unsafe {
+        let mut parts = vec![(target(parse), tables_read(parse, ctes, None))];
+        for (index, cte) in ctes.iter().enumerate().filter(|(_, cte)| cte.writes()) {
+            parts.push((target(cte.query), tables_read(parse, ctes, Some(index))));
+        }
+        let distributed = parts
+            .iter()
+            .flat_map(|(_, read)| read.tables.iter())
+            .any(|oid| cache::lookup(*oid).is_some());
+        if !distributed {
+            return Ok(());
+        }
+        for (i, (written, _)) in parts.iter().enumerate() {
+            let Some(written) = written else { continue };
+            let elsewhere = parts
+                .iter()
+                .enumerate()
+                .any(|(j, (_, read))| j != i && read.tables.contains(written));
+            if elsewhere {
+                return Err(PlannerError::WrittenAndRead(relation_name(*written)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a part of the statement reads: tables, and the statement's WITH queries it names.
+#[derive(Default)]
+struct Reads {
+    tables: HashSet<pg_sys::Oid>,
+    /// Indexes of the statement's WITH queries, in the order first named.
+    ctes: Vec<usize>,
+}
+
+/// What a part of statement `parse` reads — WITH query `cte`, or with None the statement's
+/// body — following the plain WITH queries it names into their bodies.
+unsafe fn tables_read(parse: *mut pg_sys::Query, ctes: &[Cte], cte: Option<usize>) -> Reads {
+    struct Walk<'a> {
+        ctes: &'a [Cte],
+        /// How many levels below the statement the query being walked is.
+        level: u32,
+        reads: Reads,
+    }
+    impl Walk<'_> {
+        unsafe fn query(&mut self, query: *mut pg_sys::Query, level: u32, flags: u32) {
+            let outer = std::mem::replace(&mut self.level, level);
+            // SAFETY: query is a valid Query; the context is this walk.
+            unsafe {
+                pg_sys::query_tree_walker(
+                    query,
+                    Some(walk),
+                    (self as *mut Self).cast(),
+                    (flags | pg_sys::QTW_EXAMINE_RTES_BEFORE) as i32,
+                )
+            };
+            self.level = outer;
+        }
+    }
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walk(node: *mut pg_sys::Node, context: *mut c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        // SAFETY: node is a valid node of the walked query; context is the Walk.
+        unsafe {
+            let state = &mut *context.cast::<Walk>();
+            match (*node).type_ {
+                pg_sys::NodeTag::T_Query => {
+                    state.query(node.cast(), state.level + 1, 0);
+                    false
+                }
+                pg_sys::NodeTag::T_RangeTblEntry => {
+                    let rte = node.cast::<pg_sys::RangeTblEntry>();
+                    match (*rte).rtekind {
+                        pg_sys::RTEKind::RTE_RELATION => {
+                            state.reads.tables.insert((*rte).relid);
+                        }
+                        pg_sys::RTEKind::RTE_CTE if (*rte).ctelevelsup == state.level => {
+                            let name = CStr::from_ptr((*rte).ctename).to_string_lossy();
+                            let found = state.ctes.iter().position(|cte| cte.name == name);
+                            if let Some(index) = found.filter(|i| !state.reads.ctes.contains(i)) {
+                                state.reads.ctes.push(index);
+                                // The rows a write returns are not a read of its table.
+                                if !state.ctes[index].writes() {
+                                    state.query(state.ctes[index].query, 1, 0);
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                    false
+                }
+                _ => pg_sys::expression_tree_walker(node, Some(walk), context),
+            }
+        }
+    }
+    let mut walk = Walk {
+        ctes,
+        level: 0,
+        reads: Reads::default(),
+    };
+    // SAFETY: parse and the WITH queries are valid Query nodes.
+    unsafe {
+        match cte {
+            None => walk.query(parse, 0, pg_sys::QTW_IGNORE_CTE_SUBQUERIES),
+            Some(index) => walk.query(ctes[index].query, 1, 0),
+        }
+    }
+    walk.reads
+}
+
+/// A private copy of WITH query `index` of `parse` that stands on its own: the statement's
+/// WITH queries it reads become its own, so that it can go to the workers as a statement.
+unsafe fn standalone_copy(
+    parse: *mut pg_sys::Query,
+    ctes: &[Cte],
+    index: usize,
+    table: &DistTable,
+) -> Result<*mut pg_sys::Query, PlannerError> {
+    // SAFETY: copies valid nodes and changes only the copies.
+    unsafe {
+        let copy = pg_sys::copyObjectImpl(ctes[index].query.cast()).cast::<pg_sys::Query>();
+        let mut named = tables_read(parse, ctes, Some(index)).ctes;
+        if named.is_empty() {
+            return Ok(copy);
+        }
+        let not_pushable = |why: &str| {
+            Err(PlannerError::ModifyNotPushable(
+                relation_name(table.oid),
+                why.into(),
+            ))
+        };
+        if named.iter().any(|i| ctes[*i].writes()) {
+            return not_pushable("it reads the rows of another data-modifying WITH query");
+        }
+        if !(*copy).cteList.is_null() {
+            return not_pushable("it has a WITH clause of its own and reads the statement's");
+        }
+        // One level up: what named the statement's WITH queries names the copy's own.
+        pg_sys::IncrementVarSublevelsUp(copy.cast(), -1, 1);
+        named.sort_unstable();
+        let mut own = PgList::<pg_sys::CommonTableExpr>::new();
+        for i in named {
+            own.push(pg_sys::copyObjectImpl(ctes[i].node.cast()).cast());
+        }
+        (*copy).cteList = own.into_pg();
+        (*copy).hasRecursive = (*parse).hasRecursive;
+        Ok(copy)
+    }
+}
