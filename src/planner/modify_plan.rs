@@ -1,7 +1,8 @@
 //! Plans INSERT, UPDATE and DELETE on distributed and reference tables.
 //!
 //! PostgreSQL plans the statement as usual; its ModifyTable node (which would change the empty
-//! shell) is then replaced by a Distributed Modify CustomScan over the same result relation:
+//! shell) is then replaced by a Distributed Modify CustomScan over the same result relation
+//! (`modify_node`, also used for writes inside WITH: `with_writes.rs`):
 //! - INSERT keeps ModifyTable's input plan as its child: the rows arrive with every DEFAULT,
 //!   sequence and expression already evaluated on the coordinator, exactly once, and are routed
 //!   to their shards (`executor/shard_writer.rs`); `ON CONFLICT` travels with each shard's
