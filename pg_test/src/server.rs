@@ -89,11 +89,14 @@ impl Server {
                 .args(["--locale=C.UTF-8", "--no-sync"])
                 .output(),
         );
+        // fsync = off is safe for the crash tests, which kill processes, not the machine; a
+        // commit must still reach the OS before it is acknowledged (synchronous_commit = on),
+        // or a killed server would lose commits it reported done.
         let mut conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              max_connections = 100\nmax_prepared_transactions = 20\nwal_level = logical\n\
              max_wal_senders = 10\nmax_replication_slots = 10\nfsync = off\n\
-             full_page_writes = off\nsynchronous_commit = off\nshared_buffers = 64MB\n\
+             full_page_writes = off\nsynchronous_commit = on\nshared_buffers = 64MB\n\
              log_min_messages = warning\nlog_line_prefix = '%m [%p] %q%a '\n",
             server.dir.display()
         );

@@ -400,7 +400,26 @@ fn updates_and_deletes_reading_other_tables_match_plain_postgres(cluster: &Clust
             "UPDATE stock SET qty = qty * 2 WHERE grp = ANY (ARRAY(SELECT grp FROM stock WHERE qty < 0)) OR NOT EXISTS (SELECT 1 FROM stock_moves WHERE delta > 1000)",
             "DELETE FROM stock WHERE id IN (SELECT item_id FROM notes) OR id > 95",
             "UPDATE stock SET qty = (SELECT count(*) FROM stock_moves m WHERE m.id = stock.id) + (SELECT count(*) FROM stock_groups) WHERE id BETWEEN 40 AND 45",
+            // RETURNING may use the other tables' columns.
+            "UPDATE stock SET qty = qty + m.delta FROM stock_moves m WHERE m.id = stock.id AND stock.id < 8 RETURNING stock.id, m.delta, stock.qty - m.delta AS before",
+            "DELETE FROM stock USING stock_groups g WHERE g.grp = stock.grp AND g.name = 'g4' AND stock.id > 88 RETURNING *",
+            "UPDATE stock SET qty = qty + 1 FROM stock_moves m WHERE m.delta = stock.qty AND stock.id < 60 RETURNING stock.id, m.id AS mover, m.delta::text || '!'",
+            "UPDATE stock s SET qty = 1 FROM (SELECT id, count(*) AS n FROM stock_moves GROUP BY id) c WHERE c.id = s.id AND s.id BETWEEN 80 AND 85 RETURNING s.id, c.n",
         ],
+    );
+    let plan: Vec<String> = coordinator
+        .query(
+            "EXPLAIN (VERBOSE, COSTS OFF) UPDATE stock SET qty = 1 FROM stock_moves m \
+             WHERE m.id = stock.id RETURNING stock.id, m.delta",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        plan.iter().any(|line| line.trim() == "Output: stock.id, m.delta"),
+        "{plan:?}"
     );
     // Parameters in a pushed-down join, generic plans included.
     let mut reference = cluster.reference.connect();
@@ -624,7 +643,7 @@ fn unsupported_writes_fail_with_0a000_and_change_nothing(cluster: &Cluster) {
         "UPDATE items SET id = id + 1 WHERE id = 2",
         "UPDATE items SET name = random()::text WHERE id = 2",
         "UPDATE items SET name = seen::text WHERE id = 2",
-        "UPDATE items SET qty = n.line FROM notes n WHERE n.item_id = items.id RETURNING n.body",
+        "UPDATE items SET qty = n.line FROM notes n WHERE n.item_id = items.id RETURNING n",
         "WITH gone AS (DELETE FROM items WHERE id = 2 RETURNING *) SELECT count(*) FROM items",
         "INSERT INTO items (id, grp) VALUES (2, 2) ON CONFLICT (id) DO UPDATE SET id = 3",
     ] {
@@ -961,6 +980,8 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
             "WITH u AS (UPDATE orders o SET amount = o.amount * 2 FROM orders_archive a \
                         WHERE a.id = o.id - 2000 AND a.customer = 2 RETURNING o.id) \
              SELECT count(*) FROM u",
+            "WITH d AS (DELETE FROM orders o USING orders_archive a WHERE a.id = o.id - 2000 RETURNING o.id, a.status) \
+             SELECT status, count(*) FROM d GROUP BY status",
             "BEGIN; WITH d AS (DELETE FROM orders WHERE customer = 6 RETURNING *) \
              INSERT INTO orders_archive SELECT * FROM d; ROLLBACK",
             "WITH d AS (DELETE FROM orders WHERE amount > 90 RETURNING *) \

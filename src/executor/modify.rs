@@ -109,7 +109,9 @@ unsafe extern "C-unwind" fn begin(
     eflags: i32,
 ) {
     // SAFETY: the INSERT's row source is initialised as our child; the scan slot has the
-    // result relation's row type; the node lives in the estate's memory, as its list does.
+    // layout of the rows the shards return (the result relation's row type, or the planner's
+    // `custom_scan_tlist` when RETURNING reads other tables); the node lives in the estate's
+    // memory, as its list does.
     unsafe {
         let cscan = (*node).ss.ps.plan.cast::<pg_sys::CustomScan>();
         if !(*cscan).custom_plans.is_null() {
@@ -329,6 +331,16 @@ unsafe fn statements(
                 if let (Some((columns, types)), true) = (&returning, primary) {
                     statement.sql.push_str(&format!(" RETURNING {columns}"));
                     statement.result_types = types.clone();
+                    if !plan.returning_extra.is_empty() {
+                        statement.sql.push_str(&format!(", {}", plan.returning_extra_sql));
+                        for column in &plan.returning_extra {
+                            statement.result_types.push_str(&format!(
+                                ",{}:{}",
+                                u32::from(column.type_oid),
+                                column.typmod
+                            ));
+                        }
+                    }
                 }
                 per_node
                     .entry(placement.node.node_id)

@@ -25,7 +25,8 @@ use crate::metadata::tables::{DistTable, Method};
 use crate::planner::scan_path::{
     decode_broadcasts, encode_broadcasts, from_list, to_list, ScanPlan,
 };
-use crate::planner::shippable::{deparse, shippable, with_coordinator_values};
+use crate::planner::shippable::{as_mutator, deparse, shippable, with_coordinator_values};
+use crate::planner::modify_pushdown::ExtraColumn;
 use crate::planner::PlannerError;
 use crate::remote::quote::quote_identifier;
 
@@ -72,6 +73,11 @@ pub struct ModifyPlan {
     pub relations: Vec<(u32, pg_sys::Oid)>,
     /// The alias of the target in `statement`.
     pub target_alias: String,
+    /// The columns of other tables of `statement` that RETURNING uses: each shard returns them
+    /// after the target's columns (`returning_extra_sql`), and the node's scan row has them
+    /// there too (see [`returning_over_extra_columns`]).
+    pub returning_extra: Vec<ExtraColumn>,
+    pub returning_extra_sql: String,
     /// Tables `statement` reads that are not co-located with the target: read first, their
     /// columns stand in it as arrays (`$<BROADCAST_BASE + i>`, as in a scan).
     pub broadcasts: Vec<ScanPlan>,
@@ -111,6 +117,12 @@ impl ModifyPlan {
                 .collect::<Vec<_>>()
                 .join(","),
             self.target_alias.clone(),
+            self.returning_extra
+                .iter()
+                .map(|c| format!("{}:{}:{}:{}", c.rti, c.attno, u32::from(c.type_oid), c.typmod))
+                .collect::<Vec<_>>()
+                .join(","),
+            self.returning_extra_sql.clone(),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
         parts
@@ -144,7 +156,20 @@ impl ModifyPlan {
                 })
                 .collect(),
             target_alias: part(14),
-            broadcasts: decode_broadcasts(parts.get(15..).unwrap_or_default()),
+            returning_extra: part(15)
+                .split(',')
+                .filter_map(|column| {
+                    let mut fields = column.split(':');
+                    Some(ExtraColumn {
+                        rti: fields.next()?.parse().ok()?,
+                        attno: fields.next()?.parse().ok()?,
+                        type_oid: pg_sys::Oid::from(fields.next()?.parse::<u32>().ok()?),
+                        typmod: fields.next()?.parse().ok()?,
+                    })
+                })
+                .collect(),
+            returning_extra_sql: part(16),
+            broadcasts: decode_broadcasts(parts.get(17..).unwrap_or_default()),
         }
     }
 }
@@ -176,6 +201,10 @@ pub unsafe fn plan(
 pub struct AnalysedWrite {
     modify: ModifyPlan,
     values: PgList<pg_sys::Node>,
+    /// The statement's RETURNING list as it was before planning (when it uses other tables),
+    /// and the range-table index of the target there.
+    returning: *mut pg_sys::List,
+    result_rti: i32,
 }
 
 /// The Distributed Modify node that does the work of `mt` (a ModifyTable of `stmt` writing
@@ -188,7 +217,12 @@ pub unsafe fn modify_node(
 ) -> *mut pg_sys::CustomScan {
     // SAFETY: mt is a finished ModifyTable of stmt; the new node takes over its parts.
     unsafe {
-        let AnalysedWrite { mut modify, values } = write;
+        let AnalysedWrite {
+            mut modify,
+            values,
+            returning,
+            result_rti,
+        } = write;
         modify.can_set_tag = (*mt).canSetTag;
         let scan =
             pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomScan>()).cast::<pg_sys::CustomScan>();
@@ -201,7 +235,17 @@ pub unsafe fn modify_node(
         (*scan).scan.plan.extParam = (*mt).plan.extParam;
         (*scan).scan.plan.allParam = (*mt).plan.allParam;
         (*scan).scan.scanrelid = pg_sys::list_nth_int((*mt).resultRelations, 0) as u32;
-        if modify.returning {
+        if !modify.returning_extra.is_empty() {
+            let (scan_row, targetlist) = returning_over_extra_columns(
+                table.oid,
+                returning,
+                result_rti,
+                &modify.returning_extra,
+                (*scan).scan.scanrelid,
+            );
+            (*scan).custom_scan_tlist = scan_row;
+            (*scan).scan.plan.targetlist = targetlist;
+        } else if modify.returning {
             (*scan).scan.plan.targetlist =
                 pg_sys::list_nth((*mt).returningLists, 0).cast::<pg_sys::List>();
         }
@@ -216,6 +260,110 @@ pub unsafe fn modify_node(
         (*scan).custom_exprs = values.into_pg();
         (*scan).methods = crate::executor::modify::scan_methods();
         scan
+    }
+}
+
+/// The scan row and RETURNING list of a write to `relid` whose RETURNING uses `extra` columns
+/// of other tables. Each shard returns the target's columns and then those (`returning_extra_sql`);
+/// the scan row (`custom_scan_tlist`) describes that row, and RETURNING list `returning` (as
+/// analysed before planning, the target at range-table index `result_rti`) is made to read
+/// it (`INDEX_VAR`). The target is `scanrelid` in the finished plan, the other tables are as
+/// many places further.
+unsafe fn returning_over_extra_columns(
+    relid: pg_sys::Oid,
+    returning: *mut pg_sys::List,
+    result_rti: i32,
+    extra: &[ExtraColumn],
+    scanrelid: u32,
+) -> (*mut pg_sys::List, *mut pg_sys::List) {
+    struct Remap {
+        result_rti: i32,
+        /// (range-table index, attribute number) of each scan row column, in order.
+        columns: Vec<(i32, i16)>,
+    }
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn mutate(
+        node: *mut pg_sys::Node,
+        context: *mut std::ffi::c_void,
+    ) -> *mut pg_sys::Node {
+        if node.is_null() {
+            return node;
+        }
+        // SAFETY: node is an expression of a private copy of the RETURNING list; context is
+        // the Remap.
+        unsafe {
+            let remap = &*context.cast::<Remap>();
+            if (*node).type_ == pg_sys::NodeTag::T_Var {
+                let var = pg_sys::copyObjectImpl(node.cast()).cast::<pg_sys::Var>();
+                let rti = match (*var).varno {
+                    rti if rti == remap.result_rti => 0,
+                    rti => rti,
+                };
+                if let Some(i) = remap
+                    .columns
+                    .iter()
+                    .position(|c| *c == (rti, (*var).varattno))
+                {
+                    (*var).varno = pg_sys::INDEX_VAR;
+                    (*var).varattno = i as i16 + 1;
+                }
+                return var.cast();
+            }
+            pg_sys::expression_tree_mutator(node, Some(as_mutator(mutate)), context)
+        }
+    }
+    // SAFETY: the target is locked for the statement; `returning` is a private copy; the
+    // lists are new, in the planner's memory, their operators' functions filled in as the
+    // planner does.
+    unsafe {
+        let offset = scanrelid as i32 - result_rti;
+        let mut scan_row = PgList::<pg_sys::TargetEntry>::new();
+        let mut columns = Vec::new();
+        let mut add = |key: (i32, i16), var: *mut pg_sys::Var| {
+            columns.push(key);
+            let resno = columns.len() as i16;
+            scan_row.push(pg_sys::makeTargetEntry(
+                var.cast(),
+                resno,
+                std::ptr::null_mut(),
+                false,
+            ));
+        };
+        let relation = pg_sys::RelationIdGetRelation(relid);
+        let tupdesc = (*relation).rd_att;
+        for i in 0..(*tupdesc).natts as usize {
+            let attribute = (*tupdesc).attrs.as_ptr().add(i);
+            if !(*attribute).attisdropped {
+                let var = pg_sys::makeVar(
+                    scanrelid as i32,
+                    (*attribute).attnum,
+                    (*attribute).atttypid,
+                    (*attribute).atttypmod,
+                    (*attribute).attcollation,
+                    0,
+                );
+                add((0, (*attribute).attnum), var);
+            }
+        }
+        pg_sys::RelationClose(relation);
+        for column in extra {
+            let var = pg_sys::makeVar(
+                column.rti + offset,
+                column.attno,
+                column.type_oid,
+                column.typmod,
+                pg_sys::get_typcollation(column.type_oid),
+                0,
+            );
+            add((column.rti, column.attno), var);
+        }
+        let remap = Remap {
+            result_rti,
+            columns,
+        };
+        let list = mutate(returning.cast(), (&raw const remap).cast_mut().cast());
+        pg_sys::fix_opfuncids(list);
+        (scan_row.into_pg(), list.cast())
     }
 }
 
@@ -499,6 +647,8 @@ pub unsafe fn analyse(
             statement: String::new(),
             relations: Vec::new(),
             target_alias: String::new(),
+            returning_extra: Vec::new(),
+            returning_extra_sql: String::new(),
             broadcasts: Vec::new(),
         };
         match (*parse).commandType {
@@ -521,7 +671,16 @@ pub unsafe fn analyse(
         for value in coordinator_values {
             values.push(value);
         }
-        Ok(AnalysedWrite { modify, values })
+        let returning = match modify.returning_extra.is_empty() {
+            true => std::ptr::null_mut(),
+            false => pg_sys::copyObjectImpl(returning_list.cast()).cast(),
+        };
+        Ok(AnalysedWrite {
+            modify,
+            values,
+            returning,
+            result_rti: (*parse).resultRelation,
+        })
     }
 }
 
@@ -652,6 +811,8 @@ unsafe fn whole_statement(
     modify.relations = pushdown.relations;
     modify.target_alias = pushdown.target_alias;
     modify.broadcasts = pushdown.broadcasts;
+    modify.returning_extra = pushdown.returning_extra;
+    modify.returning_extra_sql = pushdown.returning_extra_sql;
     let shards = cache::shards(table.oid);
     // SAFETY: `own` are conditions on the target's columns only.
     (modify.shard_ids, modify.prune_param) = match table.method {

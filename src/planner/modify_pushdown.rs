@@ -45,6 +45,20 @@ pub struct Pushdown {
     pub target_alias: String,
     /// The tables broadcast into the statement (`ModifyPlan::broadcasts`).
     pub broadcasts: Vec<ScanPlan>,
+    /// The columns of other tables that RETURNING uses (`ModifyPlan::returning_extra`).
+    pub returning_extra: Vec<ExtraColumn>,
+    /// Those columns as SQL in the shards' statement, `pgdist_t2.name, …` (empty: none).
+    pub returning_extra_sql: String,
+}
+
+/// A column of another table that RETURNING uses: the shards return it after the target's
+/// columns. Range-table index and attribute number in the statement, type and typmod.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ExtraColumn {
+    pub rti: i32,
+    pub attno: i16,
+    pub type_oid: pg_sys::Oid,
+    pub typmod: i32,
 }
 
 /// The most rows (by the table's row estimate) a table may have to be broadcast into every
@@ -118,10 +132,8 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
         } else {
             pg_sys::InvalidOid
         };
-        if returning_reads_other_tables(parse, result_rti) {
-            return Err(refuse("RETURNING uses columns of other tables".into()));
-        }
-        (*parse).returningList = std::ptr::null_mut();
+        let returning_extra = returning_extra(parse, result_rti).map_err(refuse)?;
+        (*parse).returningList = returning_list(&returning_extra);
         let mut walk = Walk {
             top: parse,
             target: table.oid,
@@ -150,7 +162,15 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
         if let Some(problem) = walk.problem.take() {
             return Err(refuse(problem));
         }
-        let statement = deparse(parse, &walk.relations, &walk.broadcasts).map_err(refuse)?;
+        let mut statement = deparse(parse, &walk.relations, &walk.broadcasts).map_err(refuse)?;
+        let mut returning_extra_sql = String::new();
+        if !returning_extra.is_empty() {
+            // RETURNING comes last, and lists only columns.
+            let at = statement.rfind(" RETURNING ").ok_or_else(|| {
+                refuse("pgdist could not write its RETURNING list for the shards".into())
+            })?;
+            returning_extra_sql = statement.split_off(at)[" RETURNING ".len()..].to_string();
+        }
         let broadcasts = walk
             .broadcasts
             .iter()
@@ -161,6 +181,8 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
             relations: walk.relations,
             target_alias: walk.target_alias,
             broadcasts,
+            returning_extra,
+            returning_extra_sql,
         })
     }
 }
@@ -192,27 +214,84 @@ fn broadcast_read(b: &Broadcast, target: pg_sys::Oid) -> ScanPlan {
     }
 }
 
-/// True when RETURNING reads anything but the target's own columns (the shards send back the
-/// target's rows; the coordinator computes RETURNING from them).
-unsafe fn returning_reads_other_tables(parse: *mut pg_sys::Query, result_rti: i32) -> bool {
-    // SAFETY: the RETURNING list of a valid statement.
-    unsafe {
-        let list = (*parse).returningList;
-        if list.is_null() {
+/// The columns of other tables that RETURNING uses, in order of first use (the coordinator
+/// computes RETURNING from the target's rows and these); why not when it uses more than
+/// columns of this statement's tables.
+unsafe fn returning_extra(
+    parse: *mut pg_sys::Query,
+    result_rti: i32,
+) -> Result<Vec<ExtraColumn>, String> {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walk(node: *mut pg_sys::Node, context: *mut c_void) -> bool {
+        if node.is_null() {
             return false;
         }
-        let varnos = pg_sys::pull_varnos(std::ptr::null_mut(), list.cast());
-        let mut member = -1;
-        loop {
-            member = pg_sys::bms_next_member(varnos, member);
-            if member < 0 {
+        // SAFETY: node is an expression of the RETURNING list; context is the Collect.
+        unsafe {
+            let collect = &mut *context.cast::<Collect>();
+            if (*node).type_ == pg_sys::NodeTag::T_Var {
+                let var = node.cast::<pg_sys::Var>();
+                if (*var).varlevelsup == 0 && (*var).varno != collect.result_rti {
+                    if (*var).varattno <= 0 {
+                        collect.problem = true;
+                        return true;
+                    }
+                    let column = ExtraColumn {
+                        rti: (*var).varno,
+                        attno: (*var).varattno,
+                        type_oid: (*var).vartype,
+                        typmod: (*var).vartypmod,
+                    };
+                    if !collect.columns.contains(&column) {
+                        collect.columns.push(column);
+                    }
+                }
                 return false;
             }
-            if member != result_rti {
-                return true;
-            }
+            pg_sys::expression_tree_walker(node, Some(walk), context)
         }
     }
+    struct Collect {
+        result_rti: i32,
+        columns: Vec<ExtraColumn>,
+        problem: bool,
+    }
+    let mut collect = Collect {
+        result_rti,
+        columns: Vec::new(),
+        problem: false,
+    };
+    // SAFETY: the RETURNING list of a valid statement.
+    unsafe { walk((*parse).returningList.cast(), (&raw mut collect).cast()) };
+    if collect.problem {
+        return Err("RETURNING uses a whole row or a system column of another table".into());
+    }
+    Ok(collect.columns)
+}
+
+/// A RETURNING list of `columns` (as Vars), for the shards' statement.
+unsafe fn returning_list(columns: &[ExtraColumn]) -> *mut pg_sys::List {
+    let mut list = PgList::<pg_sys::TargetEntry>::new();
+    // SAFETY: builds new nodes in the planner's memory.
+    unsafe {
+        for (resno, column) in (1..).zip(columns) {
+            let var = pg_sys::makeVar(
+                column.rti,
+                column.attno,
+                column.type_oid,
+                column.typmod,
+                pg_sys::get_typcollation(column.type_oid),
+                0,
+            );
+            list.push(pg_sys::makeTargetEntry(
+                var.cast(),
+                resno,
+                std::ptr::null_mut(),
+                false,
+            ));
+        }
+    }
+    list.into_pg()
 }
 
 impl Walk {
