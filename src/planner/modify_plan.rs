@@ -12,8 +12,10 @@
 //! - UPDATE and DELETE become one statement per shard, `UPDATE <shard> SET … WHERE …`, when
 //!   their SET expressions and WHERE clause can run on the workers (see `shippable.rs`); shards
 //!   are pruned like reads (constants at plan time, `$n` at execution).
-//! RETURNING rows come back from the shards as whole rows and are projected on the coordinator
-//! by the CustomScan's own target list, so any RETURNING expression works.
+//!
+//! RETURNING rows come back from the shards as whole rows (followed by the other tables'
+//! columns RETURNING uses) and are projected on the coordinator by the CustomScan's own target
+//! list, so any RETURNING expression works.
 
 use std::ffi::CStr;
 
