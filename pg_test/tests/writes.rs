@@ -28,6 +28,7 @@ fn main() {
             updates_and_deletes_match_plain_postgres,
             updates_and_deletes_reading_other_tables_match_plain_postgres,
             updates_and_deletes_broadcast_tables_that_are_not_co_located,
+            updates_and_deletes_read_tables_of_the_coordinator,
             large_tables_tied_to_the_distribution_column_are_repartitioned_into_writes,
             writes_with_parameters_run_as_statements_prepared_on_the_workers,
             now_and_other_stable_values_are_computed_once_per_statement,
@@ -74,6 +75,9 @@ CREATE TABLE stock_groups (grp int PRIMARY KEY, name text);
 INSERT INTO stock SELECT i, i * 3, i % 5 FROM generate_series(1, 100) i;
 INSERT INTO stock_moves SELECT i, (i * 37) % 300 FROM generate_series(1, 100) i;
 INSERT INTO stock_groups SELECT i, 'g' || i FROM generate_series(0, 4) i;
+CREATE TABLE stock_staging (id int, qty int, note text);
+INSERT INTO stock_staging SELECT i, i * 10,
+  CASE i % 10 WHEN 0 THEN 'drop' WHEN 1 THEN 'zero' ELSE 'keep' END FROM generate_series(1, 60) i;
 INSERT INTO colors VALUES ('r', 'red'), ('g', 'green');
 CREATE TABLE orders (id int PRIMARY KEY, customer int NOT NULL, amount int, status text);
 CREATE TABLE orders_archive (id int, customer int, amount int, status text);
@@ -512,6 +516,33 @@ fn updates_and_deletes_broadcast_tables_that_are_not_co_located(cluster: &Cluste
 /// A table too large to send whole with every shard's statement still works when it is tied
 /// to the target's distribution column: each shard's statement gets only the rows whose key
 /// hashes to it.
+fn updates_and_deletes_read_tables_of_the_coordinator(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let plan = explain(
+        &mut coordinator,
+        "UPDATE stock SET qty = s.qty FROM stock_staging s WHERE s.id = stock.id",
+    );
+    assert!(
+        plan.contains("Broadcast: stock_staging: read first; each shard's statement gets the rows whose key hashes to it"),
+        "{plan}"
+    );
+    same_writes(
+        cluster,
+        "SELECT * FROM stock ORDER BY id",
+        &[
+            "UPDATE stock SET qty = s.qty FROM stock_staging s WHERE s.id = stock.id RETURNING stock.id, s.note",
+            "DELETE FROM stock WHERE id IN (SELECT id FROM stock_staging WHERE note = 'drop') RETURNING *",
+            "UPDATE stock SET qty = (SELECT max(qty) FROM stock_staging st WHERE st.id < stock.id) WHERE id BETWEEN 10 AND 15",
+            "UPDATE stock SET qty = 0 FROM ONLY stock_staging s WHERE s.id = stock.id AND s.note = 'zero'",
+            // A temporary table, and a row the transaction wrote a moment before.
+            "CREATE TEMP TABLE fresh AS SELECT i AS id, -i AS qty FROM generate_series(20, 30) i; \
+             UPDATE stock SET qty = fresh.qty FROM fresh WHERE fresh.id = stock.id RETURNING stock.*; DROP TABLE fresh",
+            "BEGIN; INSERT INTO stock_staging VALUES (9, 999, 'late'); \
+             UPDATE stock SET qty = s.qty FROM stock_staging s WHERE s.id = stock.id AND s.note = 'late' RETURNING stock.id; ROLLBACK",
+        ],
+    );
+}
+
 fn large_tables_tied_to_the_distribution_column_are_repartitioned_into_writes(cluster: &Cluster) {
     let mut coordinator = cluster.coordinator_client();
     let mut reference = cluster.reference.connect();

@@ -17,7 +17,7 @@ use crate::cluster::target_for;
 use crate::distribution::hashing;
 use crate::distribution::shell::with_suffix;
 use crate::error::raise;
-use crate::executor::fragments::{FragmentSql, FragmentStream};
+use crate::executor::fragments::{FragmentSql, FragmentStream, TextRow};
 use crate::executor::merge::SortedMerge;
 use crate::metadata::cache;
 use crate::planner::modify_plan::INSERT_TARGET_RTI;
@@ -901,7 +901,7 @@ enum ColumnArrays {
 }
 
 impl BroadcastRows {
-    /// Runs the scans `reads` on the workers now.
+    /// Runs the scans `reads` on the workers now (a local table is read on the coordinator).
     ///
     /// # Safety
     /// `node` must be a running Distributed Scan or Modify: it supplies the parameters.
@@ -909,14 +909,22 @@ impl BroadcastRows {
         let mut arrays = Vec::new();
         let mut counts = Vec::new();
         for read in reads {
-            let table = ScanRuntime::new(read.clone());
-            // SAFETY: the broadcast's parameters are those of the running node.
-            let (work, _) = unsafe { fragments(&table, node, None) };
-            let mut stream = start_fragments(work, false, None);
+            let mut next_row: Box<dyn FnMut() -> Option<TextRow>> =
+                if cache::lookup(read.relid).is_none() {
+                    // SAFETY: the statement holds a lock on the table.
+                    let mut rows = unsafe { local_rows(read) }.into_iter();
+                    Box::new(move || rows.next())
+                } else {
+                    let table = ScanRuntime::new(read.clone());
+                    // SAFETY: the broadcast's parameters are those of the running node.
+                    let (work, _) = unsafe { fragments(&table, node, None) };
+                    let mut stream = start_fragments(work, false, None);
+                    Box::new(move || stream.next().unwrap_or_else(|err| raise(err)))
+                };
             // Array literals under construction, per shard index (-1: every fragment's).
             let mut open: HashMap<i32, Vec<String>> = HashMap::new();
             let mut rows = 0;
-            while let Some(mut row) = stream.next().unwrap_or_else(|err| raise(err)) {
+            while let Some(mut row) = next_row() {
                 rows += 1;
                 let shard_index = if read.partitioned {
                     // The last value is the row's shard index; none (a NULL key) matches
@@ -956,6 +964,53 @@ impl BroadcastRows {
             counts.push(rows);
         }
         BroadcastRows { arrays, counts }
+    }
+}
+
+/// The rows of `read`, a table of the coordinator itself, in the running statement's snapshot
+/// (read-only SPI takes no new one), each column as its output function writes it.
+unsafe fn local_rows(read: &ScanPlan) -> Vec<TextRow> {
+    // SAFETY: SPI is connected and finished around the query; values are copied out before.
+    unsafe {
+        let select = if read.select_sql.is_empty() {
+            read.columns
+                .iter()
+                .map(|attno| {
+                    let name = CStr::from_ptr(pg_sys::get_attname(read.relid, *attno, false));
+                    quote_identifier(&name.to_string_lossy())
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            read.select_sql.clone()
+        };
+        let (schema, name) = crate::executor::schema_and_name(read.relid);
+        let sql = CString::new(format!("SELECT {select} FROM {}", quote_qualified(&schema, &name)))
+            .unwrap_or_default();
+        pg_sys::SPI_connect();
+        if pg_sys::SPI_execute(sql.as_ptr(), true, 0) != pg_sys::SPI_OK_SELECT as i32 {
+            pg_sys::SPI_finish();
+            pgrx::error!("pgdist could not read {}.{} for the shards", schema, name);
+        }
+        let table = pg_sys::SPI_tuptable;
+        let mut rows = Vec::new();
+        if !table.is_null() {
+            let natts = (*(*table).tupdesc).natts;
+            for i in 0..pg_sys::SPI_processed as usize {
+                let tuple = *(*table).vals.add(i);
+                rows.push(
+                    (1..=natts)
+                        .map(|column| {
+                            let value = pg_sys::SPI_getvalue(tuple, (*table).tupdesc, column);
+                            (!value.is_null())
+                                .then(|| CStr::from_ptr(value).to_string_lossy().into_owned())
+                        })
+                        .collect(),
+                );
+            }
+        }
+        pg_sys::SPI_finish();
+        rows
     }
 }
 

@@ -404,10 +404,7 @@ impl Walk {
         unsafe {
             let relid = (*rte).relid;
             let Some(table) = cache::lookup(relid) else {
-                self.fail(format!(
-                    "{} is a local table of the coordinator",
-                    relation_name(relid)
-                ));
+                self.local_table(query, rti, rte);
                 return;
             };
             match table.method {
@@ -429,7 +426,7 @@ impl Walk {
                 }
                 Method::Hash => {
                     let k = (self.relations.len() + self.broadcasts.len()) as u32;
-                    match broadcast_columns(query, rti, &table) {
+                    match broadcast_columns(query, rti, relid) {
                         Ok(columns) => self.broadcasts.push(Broadcast {
                             k,
                             relid,
@@ -461,6 +458,50 @@ impl Walk {
             }
             set_alias(rte, k);
             self.relations.push((k, relid));
+        }
+    }
+
+    /// A table of the coordinator itself (a staging or temporary table, say) is broadcast
+    /// like a table that is not co-located: the coordinator reads it, in the statement's
+    /// snapshot, when the write starts.
+    unsafe fn local_table(
+        &mut self,
+        query: *mut pg_sys::Query,
+        rti: i32,
+        rte: *mut pg_sys::RangeTblEntry,
+    ) {
+        // SAFETY: rte is a relation entry of `query`; catalog lookups by oid.
+        unsafe {
+            let relid = (*rte).relid;
+            let readable = matches!(
+                (*rte).relkind as u8,
+                pg_sys::RELKIND_RELATION
+                    | pg_sys::RELKIND_PARTITIONED_TABLE
+                    | pg_sys::RELKIND_MATVIEW
+                    | pg_sys::RELKIND_FOREIGN_TABLE
+            );
+            let columns = match broadcast_columns(query, rti, relid) {
+                // `ONLY parent` of a table with children: the read would include them.
+                _ if !readable || (!(*rte).inh && has_children(relid)) => {
+                    Err("pgdist cannot read it for the shards".into())
+                }
+                result => result,
+            };
+            let k = (self.relations.len() + self.broadcasts.len()) as u32;
+            match columns {
+                Ok(columns) => self.broadcasts.push(Broadcast {
+                    k,
+                    relid,
+                    columns,
+                    entry: (query as usize, rti),
+                    partition_by: None,
+                }),
+                Err(why) => self.fail(format!(
+                    "{} is a local table of the coordinator and {why}",
+                    relation_name(relid)
+                )),
+            }
+            set_alias(rte, k);
         }
     }
 
@@ -593,10 +634,7 @@ impl Walk {
             // the walk named `pgdist_t<k>`.
             unsafe {
                 let query = query as *mut pg_sys::Query;
-                let Some(table) = cache::lookup(relid) else {
-                    continue;
-                };
-                let Ok(columns) = broadcast_columns(query, rti, &table) else {
+                let Ok(columns) = broadcast_columns(query, rti, relid) else {
                     continue;
                 };
                 let rte =
@@ -633,7 +671,11 @@ impl Walk {
                     }) == Some(self.family)
             });
             self.broadcasts[i].partition_by = tied;
-            let rows = cache::lookup(relid).and_then(|t| t.row_estimate);
+            let rows = match cache::lookup(relid) {
+                Some(table) => table.row_estimate,
+                // SAFETY: a catalog lookup of a local table the statement reads.
+                None => unsafe { local_row_estimate(relid) },
+            };
             if let (None, Some(rows)) = (tied, rows.filter(|rows| *rows > BROADCAST_MAX_ROWS)) {
                 self.fail(format!(
                     "{} has about {rows:.0} rows, too many to send with every shard's \
@@ -727,13 +769,13 @@ pub(crate) unsafe fn set_alias(rte: *mut pg_sys::RangeTblEntry, k: u32) {
     unsafe { (*rte).alias = pg_sys::makeAlias(name.as_ptr(), std::ptr::null_mut()) };
 }
 
-/// The columns of `table` — entry `rti` of `query` — that the statement reads, when the
+/// The columns of table `relid` — entry `rti` of `query` — that the statement reads, when the
 /// table can be broadcast: read column by column, each column able to travel in an array;
 /// otherwise why not. (Its size is checked once it is known whether it is repartitioned.)
 unsafe fn broadcast_columns(
     query: *mut pg_sys::Query,
     rti: i32,
-    table: &DistTable,
+    relid: pg_sys::Oid,
 ) -> Result<Vec<i16>, String> {
     // SAFETY: the walk reads the statement; catalog lookups of the table's columns.
     unsafe {
@@ -748,14 +790,14 @@ unsafe fn broadcast_columns(
             let (mut type_oid, mut typmod, mut collation) =
                 (pg_sys::InvalidOid, 0, pg_sys::InvalidOid);
             pg_sys::get_atttypetypmodcoll(
-                table.oid,
+                relid,
                 *attno,
                 &mut type_oid,
                 &mut typmod,
                 &mut collation,
             );
             if !travels_in_array(type_oid, collation) {
-                let name = CStr::from_ptr(pg_sys::get_attname(table.oid, *attno, false));
+                let name = CStr::from_ptr(pg_sys::get_attname(relid, *attno, false));
                 return Err(format!(
                     "its column {} cannot be sent to the shards as an array",
                     name.to_string_lossy()
@@ -764,6 +806,30 @@ unsafe fn broadcast_columns(
         }
         Ok(columns)
     }
+}
+
+/// What local table `relid`'s pg_class row says.
+unsafe fn class_of<R>(relid: pg_sys::Oid, read: impl FnOnce(&pg_sys::FormData_pg_class) -> R) -> R {
+    // SAFETY: the table is locked for the statement; the relation is closed again at once.
+    unsafe {
+        let relation = pg_sys::RelationIdGetRelation(relid);
+        let result = read(&*(*relation).rd_rel);
+        pg_sys::RelationClose(relation);
+        result
+    }
+}
+
+/// The row count of local table `relid` by its statistics (None before the first ANALYZE).
+unsafe fn local_row_estimate(relid: pg_sys::Oid) -> Option<f64> {
+    // SAFETY: see class_of.
+    let rows = unsafe { class_of(relid, |class| f64::from(class.reltuples)) };
+    (rows >= 0.0).then_some(rows)
+}
+
+/// True when local table `relid` has inheritance children or partitions.
+unsafe fn has_children(relid: pg_sys::Oid) -> bool {
+    // SAFETY: see class_of.
+    unsafe { class_of(relid, |class| class.relhassubclass) }
 }
 
 /// The attribute numbers of range-table entry `rti` of `query` that `query` and its
@@ -1067,11 +1133,14 @@ unsafe fn deparse(
     let mut sql = unsafe { qualified_sql(parse) };
     let mut next_array = BROADCAST_BASE;
     for broadcast in broadcasts {
-        let written = format!(
+        let mut written = format!(
             "{} pgdist_t{}",
             qualified_name(broadcast.relid),
             broadcast.k
         );
+        if sql.contains(&format!("ONLY {written}")) {
+            written = format!("ONLY {written}");
+        }
         let arrays: Vec<String> = broadcast
             .columns
             .iter()
@@ -1124,20 +1193,19 @@ unsafe fn deparse(
 }
 
 /// The table's schema-qualified name as ruleutils writes it: quoted only where needed.
+/// (A temporary table of the session is visible without its schema, so it goes without.)
 fn qualified_name(relid: pg_sys::Oid) -> String {
-    let (schema, name) = crate::executor::schema_and_name(relid);
-    let (schema, name) = (
-        CString::new(schema).unwrap_or_default(),
-        CString::new(name).unwrap_or_default(),
-    );
-    // SAFETY: two valid C strings; the result is copied at once.
+    // SAFETY: catalog lookups of a table the statement reads; the C strings are copied at once.
     unsafe {
-        CStr::from_ptr(pg_sys::quote_qualified_identifier(
-            schema.as_ptr(),
-            name.as_ptr(),
-        ))
-        .to_string_lossy()
-        .into_owned()
+        let namespace = pg_sys::get_rel_namespace(relid);
+        let schema = match pg_sys::isTempNamespace(namespace) {
+            true => std::ptr::null(),
+            false => pg_sys::get_namespace_name(namespace).cast_const(),
+        };
+        let name = pg_sys::get_rel_name(relid);
+        CStr::from_ptr(pg_sys::quote_qualified_identifier(schema, name))
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
