@@ -9,7 +9,9 @@
 //!
 //! Handled: CREATE INDEX, DROP INDEX, ALTER TABLE (ADD / DROP / ALTER COLUMN TYPE, SET / DROP
 //! DEFAULT, SET / DROP NOT NULL, ADD / DROP CONSTRAINT), RENAME of tables, columns, constraints
-//! and indexes, DROP TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE.
+//! and indexes, DROP TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE. Refused: CREATE
+//! TRIGGER (it would not fire on the shards), CREATE INDEX CONCURRENTLY, SET SCHEMA, renaming
+//! a schema that holds distributed tables.
 
 pub mod diff;
 
@@ -296,6 +298,18 @@ unsafe fn plan(
                     return Err(unsupported(
                         "ALTER TABLE … SET SCHEMA",
                         "Undistribute the table, move it, and distribute it again.",
+                    ));
+                }
+                Ok(None)
+            }
+            pg_sys::NodeTag::T_CreateTrigStmt => {
+                let stmt = node.cast::<pg_sys::CreateTrigStmt>();
+                if distributed((*stmt).relation)?.is_some() {
+                    return Err(unsupported(
+                        "CREATE TRIGGER",
+                        "A trigger on the coordinator's table would not fire where the rows are \
+                         written, on the shards: do its work in the statements themselves, or \
+                         keep the table local.",
                     ));
                 }
                 Ok(None)
