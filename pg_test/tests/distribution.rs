@@ -482,15 +482,18 @@ fn ddl_reaches_every_shard(cluster: &Cluster) {
         .batch_execute("ALTER TABLE renamed ADD CONSTRAINT u UNIQUE (v)")
         .unwrap_err();
     assert_eq!(sqlstate(&err), "0A000", "{err:?}");
-    // A trigger would not fire on the shards: refused rather than silently skipped.
-    let err = client
-        .batch_execute(
-            "CREATE FUNCTION zero_v() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.v := 0; RETURN NEW; END $$;
-             CREATE TRIGGER zero BEFORE INSERT ON renamed FOR EACH ROW EXECUTE FUNCTION zero_v()",
-        )
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
-    assert!(err.as_db_error().and_then(|d| d.hint()).is_some());
+    // A trigger would not fire on the shards, and a local table's foreign key would not be
+    // checked by the shards' deletes: refused rather than silently skipped.
+    for sql in [
+        "CREATE FUNCTION zero_v() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.v := 0; RETURN NEW; END $$;
+         CREATE TRIGGER zero BEFORE INSERT ON renamed FOR EACH ROW EXECUTE FUNCTION zero_v()",
+        "CREATE TABLE referencing (k int REFERENCES renamed (key))",
+        "CREATE TABLE referencing (k int); ALTER TABLE referencing ADD FOREIGN KEY (k) REFERENCES renamed (key)",
+    ] {
+        let err = client.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+        assert!(err.as_db_error().and_then(|d| d.hint()).is_some(), "{sql}");
+    }
 }
 
 /// Reads with parameters run as statements prepared on the workers; a column whose type

@@ -422,7 +422,8 @@ fn updates_and_deletes_reading_other_tables_match_plain_postgres(cluster: &Clust
         .map(|row| row.get(0))
         .collect();
     assert!(
-        plan.iter().any(|line| line.trim() == "Output: stock.id, m.delta"),
+        plan.iter()
+            .any(|line| line.trim() == "Output: stock.id, m.delta"),
         "{plan:?}"
     );
     // Parameters in a pushed-down join, generic plans included.
@@ -975,7 +976,11 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
         "WITH moved AS (DELETE FROM orders WHERE status = 'done' RETURNING *) \
          INSERT INTO orders_archive SELECT * FROM moved",
     );
-    assert_eq!(plan.matches("pgdist Distributed Modify").count(), 2, "{plan}");
+    assert_eq!(
+        plan.matches("pgdist Distributed Modify").count(),
+        2,
+        "{plan}"
+    );
     let tables = [
         "SELECT * FROM orders ORDER BY id",
         "SELECT * FROM orders_archive ORDER BY id, status",
@@ -1023,7 +1028,9 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
     let mut reference = cluster.reference.connect();
     let mut results = Vec::new();
     for client in [&mut coordinator, &mut reference] {
-        client.batch_execute("SET plan_cache_mode = force_generic_plan").unwrap();
+        client
+            .batch_execute("SET plan_cache_mode = force_generic_plan")
+            .unwrap();
         let delete = client
             .prepare("WITH d AS (DELETE FROM orders WHERE id = $1 RETURNING amount) SELECT coalesce(sum(amount), 0)::int8 FROM d")
             .unwrap();
@@ -1036,7 +1043,10 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
     assert_eq!(results[0], results[1]);
     compare(&mut coordinator, &mut reference, tables[0]);
     // Parts that would see each other's changes on the workers are refused.
-    let before: Vec<Outcome> = tables.iter().map(|t| outcome(&mut coordinator, t)).collect();
+    let before: Vec<Outcome> = tables
+        .iter()
+        .map(|t| outcome(&mut coordinator, t))
+        .collect();
     for sql in [
         "WITH d AS (DELETE FROM orders WHERE id < 100 RETURNING *) SELECT count(*) FROM orders",
         "WITH a AS (UPDATE orders SET amount = 0 WHERE id = 1 RETURNING *), \
@@ -1054,7 +1064,10 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
             "{sql}: no hint"
         );
     }
-    let after: Vec<Outcome> = tables.iter().map(|t| outcome(&mut coordinator, t)).collect();
+    let after: Vec<Outcome> = tables
+        .iter()
+        .map(|t| outcome(&mut coordinator, t))
+        .collect();
     assert_eq!(before, after);
 }
 

@@ -10,8 +10,9 @@
 //! Handled: CREATE INDEX, DROP INDEX, ALTER TABLE (ADD / DROP / ALTER COLUMN TYPE, SET / DROP
 //! DEFAULT, SET / DROP NOT NULL, ADD / DROP CONSTRAINT), RENAME of tables, columns, constraints
 //! and indexes, DROP TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE. Refused: CREATE
-//! TRIGGER (it would not fire on the shards), CREATE INDEX CONCURRENTLY, SET SCHEMA, renaming
-//! a schema that holds distributed tables.
+//! TRIGGER (it would not fire on the shards), foreign keys of local tables that reference
+//! distributed or reference tables, CREATE INDEX CONCURRENTLY, SET SCHEMA, renaming a schema
+//! that holds distributed tables.
 
 pub mod diff;
 
@@ -236,12 +237,24 @@ unsafe fn plan(
                 }
                 change(table)
             }
+            pg_sys::NodeTag::T_CreateStmt => {
+                let stmt = node.cast::<pg_sys::CreateStmt>();
+                refuse_references_to_distributed(
+                    PgList::<pg_sys::Node>::from_pg((*stmt).tableElts).iter_ptr(),
+                )?;
+                Ok(None)
+            }
             pg_sys::NodeTag::T_AlterTableStmt => {
                 let stmt = node.cast::<pg_sys::AlterTableStmt>();
                 if (*stmt).objtype != pg_sys::ObjectType::OBJECT_TABLE {
                     return Ok(None);
                 }
                 let Some(table) = distributed((*stmt).relation)? else {
+                    refuse_references_to_distributed(
+                        PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds)
+                            .iter_ptr()
+                            .map(|cmd| (*cmd).def),
+                    )?;
                     return Ok(None);
                 };
                 let text = CStr::from_ptr(query_string).to_string_lossy().into_owned();
@@ -327,6 +340,41 @@ unsafe fn plan(
             }
             _ => Ok(None),
         }
+    }
+}
+
+/// Refuses a foreign key among `definitions` (column definitions and constraints of a local
+/// table) that references a distributed or reference table: its rows live in the shards, whose
+/// deletes and updates would neither check nor act on the reference.
+unsafe fn refuse_references_to_distributed(
+    definitions: impl Iterator<Item = *mut pg_sys::Node>,
+) -> Result<(), DistributionError> {
+    // SAFETY: the nodes come from the statement's parse tree; casts follow node tags.
+    unsafe {
+        for definition in definitions.filter(|node| !node.is_null()) {
+            let constraints = match (*definition).type_ {
+                pg_sys::NodeTag::T_ColumnDef => PgList::<pg_sys::Constraint>::from_pg(
+                    (*definition.cast::<pg_sys::ColumnDef>()).constraints,
+                )
+                .iter_ptr()
+                .collect(),
+                pg_sys::NodeTag::T_Constraint => vec![definition.cast::<pg_sys::Constraint>()],
+                _ => Vec::new(),
+            };
+            for constraint in constraints {
+                if (*constraint).contype == pg_sys::ConstrType::CONSTR_FOREIGN
+                    && distributed((*constraint).pktable)?.is_some()
+                {
+                    return Err(unsupported(
+                        "a foreign key that references a distributed or reference table",
+                        "The referenced rows live in the shards, whose deletes and updates would \
+                         not check this reference; keep the reference without a foreign key, or \
+                         keep both tables local.",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -332,7 +332,9 @@ unsafe fn statements(
                     statement.sql.push_str(&format!(" RETURNING {columns}"));
                     statement.result_types = types.clone();
                     if !plan.returning_extra.is_empty() {
-                        statement.sql.push_str(&format!(", {}", plan.returning_extra_sql));
+                        statement
+                            .sql
+                            .push_str(&format!(", {}", plan.returning_extra_sql));
                         for column in &plan.returning_extra {
                             statement.result_types.push_str(&format!(
                                 ",{}:{}",

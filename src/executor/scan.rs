@@ -985,8 +985,11 @@ unsafe fn local_rows(read: &ScanPlan) -> Vec<TextRow> {
             read.select_sql.clone()
         };
         let (schema, name) = crate::executor::schema_and_name(read.relid);
-        let sql = CString::new(format!("SELECT {select} FROM {}", quote_qualified(&schema, &name)))
-            .unwrap_or_default();
+        let sql = CString::new(format!(
+            "SELECT {select} FROM {}",
+            quote_qualified(&schema, &name)
+        ))
+        .unwrap_or_default();
         pg_sys::SPI_connect();
         if pg_sys::SPI_execute(sql.as_ptr(), true, 0) != pg_sys::SPI_OK_SELECT as i32 {
             pg_sys::SPI_finish();

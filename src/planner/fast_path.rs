@@ -88,6 +88,18 @@ unsafe fn single_table(parse: *mut pg_sys::Query) -> Option<DistTable> {
     }
 }
 
+/// True when `node` reads a system column (`ctid`, `xmin`, …) of the table.
+unsafe fn reads_system_columns(node: *mut pg_sys::Node) -> bool {
+    let mut set: *mut pg_sys::Bitmapset = std::ptr::null_mut();
+    // SAFETY: node is an expression of the query; pull_varattnos numbers attributes from
+    // FirstLowInvalidHeapAttributeNumber, so system columns come first.
+    unsafe {
+        pg_sys::pull_varattnos(node, TABLE_RTI, &mut set);
+        let first = pg_sys::bms_next_member(set, -1);
+        first >= 0 && first + pg_sys::FirstLowInvalidHeapAttributeNumber < 0
+    }
+}
+
 /// The one shard the query reads — or every shard and the `$n` that picks one at execution —
 /// when every expression in it can run on a worker.
 unsafe fn shard(parse: *mut pg_sys::Query, table: &DistTable) -> Option<(Vec<i64>, i32)> {
@@ -95,7 +107,12 @@ unsafe fn shard(parse: *mut pg_sys::Query, table: &DistTable) -> Option<(Vec<i64
     unsafe {
         let q = &*parse;
         let quals = (*q.jointree).quals;
-        let everything_ships = shippable(quals)
+        // System columns of the shards are refused by the regular path.
+        let system_columns = [quals, q.havingQual, q.targetList.cast()]
+            .into_iter()
+            .any(|node| reads_system_columns(node));
+        let everything_ships = !system_columns
+            && shippable(quals)
             && shippable(q.havingQual)
             && shippable(q.limitCount)
             && shippable(q.limitOffset)

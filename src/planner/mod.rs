@@ -47,6 +47,8 @@ pub enum PlannerError {
     DistributionColumnUpdate(String, String),
     #[error("row-level security policies, security-barrier views and WITH CHECK OPTION on distributed table {0} are not supported yet")]
     RowSecurity(String),
+    #[error("system column {1} of distributed table {0} is not supported")]
+    SystemColumn(String, String),
 }
 
 impl crate::error::PgError for PlannerError {
@@ -89,6 +91,12 @@ impl crate::error::PgError for PlannerError {
             }
             PlannerError::DistributionColumnUpdate(..) => {
                 "Delete the row and insert it again with the new value.".into()
+            }
+            PlannerError::SystemColumn(..) => {
+                "The rows live in the shards, each with system columns of its own shard, which \
+                 do not identify a row of the table; use the table's own columns (its primary \
+                 key) instead."
+                    .into()
             }
             PlannerError::RowSecurity(_) => {
                 "pgdist does not apply these conditions on the worker nodes yet and refuses \
@@ -209,12 +217,17 @@ unsafe extern "C-unwind" fn plan(
 }
 
 struct Check {
+    /// The queries the walk is in, innermost last (for the range table a Var refers to).
+    levels: Vec<*mut pg_sys::Query>,
     found: Option<PlannerError>,
 }
 
 /// What in `query` (subqueries, CTEs, sublinks included) pgdist cannot run yet, if anything.
 unsafe fn unsupported_use(query: *mut pg_sys::Query) -> Option<PlannerError> {
-    let mut check = Check { found: None };
+    let mut check = Check {
+        levels: Vec::new(),
+        found: None,
+    };
     // SAFETY: the walker visits the nodes of a valid Query; the context is `check`.
     unsafe { check_node(query.cast(), (&raw mut check).cast()) };
     check.found
@@ -275,7 +288,29 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
                         return true;
                     }
                 }
-                pg_sys::query_tree_walker(query, Some(check_node), context, 0)
+                check.levels.push(query);
+                let found = pg_sys::query_tree_walker(query, Some(check_node), context, 0);
+                check.levels.pop();
+                found
+            }
+            pg_sys::NodeTag::T_Var if (*node.cast::<pg_sys::Var>()).varattno < 0 => {
+                let var = node.cast::<pg_sys::Var>();
+                let level = check
+                    .levels
+                    .len()
+                    .checked_sub(1 + (*var).varlevelsup as usize);
+                let table = level.and_then(|l| distributed_rte(check.levels[l], (*var).varno));
+                if let Some(oid) = table {
+                    let name = pg_sys::get_attname(oid, (*var).varattno, false);
+                    check.found = Some(PlannerError::SystemColumn(
+                        relation_name(oid),
+                        std::ffi::CStr::from_ptr(name)
+                            .to_string_lossy()
+                            .into_owned(),
+                    ));
+                    return true;
+                }
+                false
             }
             _ => pg_sys::expression_tree_walker(node, Some(check_node), context),
         }

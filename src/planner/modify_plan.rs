@@ -24,11 +24,11 @@ use pgrx::PgList;
 
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
+use crate::planner::modify_pushdown::ExtraColumn;
 use crate::planner::scan_path::{
     decode_broadcasts, encode_broadcasts, from_list, to_list, ScanPlan,
 };
 use crate::planner::shippable::{as_mutator, deparse, shippable, with_coordinator_values};
-use crate::planner::modify_pushdown::ExtraColumn;
 use crate::planner::PlannerError;
 use crate::remote::quote::quote_identifier;
 
@@ -121,7 +121,15 @@ impl ModifyPlan {
             self.target_alias.clone(),
             self.returning_extra
                 .iter()
-                .map(|c| format!("{}:{}:{}:{}", c.rti, c.attno, u32::from(c.type_oid), c.typmod))
+                .map(|c| {
+                    format!(
+                        "{}:{}:{}:{}",
+                        c.rti,
+                        c.attno,
+                        u32::from(c.type_oid),
+                        c.typmod
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(","),
             self.returning_extra_sql.clone(),

@@ -117,7 +117,9 @@ unsafe fn top_level_ctes(parse: *mut pg_sys::Query) -> Vec<Cte> {
         PgList::<pg_sys::CommonTableExpr>::from_pg((*parse).cteList)
             .iter_ptr()
             .map(|node| Cte {
-                name: CStr::from_ptr((*node).ctename).to_string_lossy().into_owned(),
+                name: CStr::from_ptr((*node).ctename)
+                    .to_string_lossy()
+                    .into_owned(),
                 node,
                 query: (*node).ctequery.cast(),
             })
@@ -129,7 +131,9 @@ unsafe fn top_level_ctes(parse: *mut pg_sys::Query) -> Vec<Cte> {
 unsafe fn target(query: *mut pg_sys::Query) -> Option<pg_sys::Oid> {
     // SAFETY: resultRelation indexes the query's range table.
     unsafe {
-        let index = usize::try_from((*query).resultRelation).ok()?.checked_sub(1)?;
+        let index = usize::try_from((*query).resultRelation)
+            .ok()?
+            .checked_sub(1)?;
         let rte = PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable).get_ptr(index)?;
         Some((*rte).relid)
     }
