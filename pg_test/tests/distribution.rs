@@ -489,6 +489,8 @@ fn ddl_reaches_every_shard(cluster: &Cluster) {
          CREATE TRIGGER zero BEFORE INSERT ON renamed FOR EACH ROW EXECUTE FUNCTION zero_v()",
         "CREATE TABLE referencing (k int REFERENCES renamed (key))",
         "CREATE TABLE referencing (k int); ALTER TABLE referencing ADD FOREIGN KEY (k) REFERENCES renamed (key)",
+        "CREATE TABLE child (extra int) INHERITS (renamed)",
+        "CREATE TABLE child (key int, v int); ALTER TABLE child INHERIT renamed",
     ] {
         let err = client.batch_execute(sql).unwrap_err();
         assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");

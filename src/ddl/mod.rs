@@ -11,7 +11,7 @@
 //! DEFAULT, SET / DROP NOT NULL, ADD / DROP CONSTRAINT), RENAME of tables, columns, constraints
 //! and indexes, DROP TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE. Refused: CREATE
 //! TRIGGER (it would not fire on the shards), foreign keys of local tables that reference
-//! distributed or reference tables, CREATE INDEX CONCURRENTLY, SET SCHEMA, renaming a schema
+//! distributed or reference tables, local tables inheriting from them, CREATE INDEX CONCURRENTLY, SET SCHEMA, renaming a schema
 //! that holds distributed tables.
 
 pub mod diff;
@@ -239,6 +239,9 @@ unsafe fn plan(
             }
             pg_sys::NodeTag::T_CreateStmt => {
                 let stmt = node.cast::<pg_sys::CreateStmt>();
+                refuse_children_of_distributed(
+                    PgList::<pg_sys::RangeVar>::from_pg((*stmt).inhRelations).iter_ptr(),
+                )?;
                 refuse_references_to_distributed(
                     PgList::<pg_sys::Node>::from_pg((*stmt).tableElts).iter_ptr(),
                 )?;
@@ -250,10 +253,12 @@ unsafe fn plan(
                     return Ok(None);
                 }
                 let Some(table) = distributed((*stmt).relation)? else {
-                    refuse_references_to_distributed(
-                        PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds)
-                            .iter_ptr()
-                            .map(|cmd| (*cmd).def),
+                    let cmds = PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds);
+                    refuse_references_to_distributed(cmds.iter_ptr().map(|cmd| (*cmd).def))?;
+                    refuse_children_of_distributed(
+                        cmds.iter_ptr()
+                            .filter(|cmd| (**cmd).subtype == pg_sys::AlterTableType::AT_AddInherit)
+                            .map(|cmd| (*cmd).def.cast()),
                     )?;
                     return Ok(None);
                 };
@@ -341,6 +346,24 @@ unsafe fn plan(
             _ => Ok(None),
         }
     }
+}
+
+/// Refuses making a local table a child of one of `parents` that is a distributed or
+/// reference table: reading the parent reads its shards, never the child's rows.
+unsafe fn refuse_children_of_distributed(
+    parents: impl Iterator<Item = *mut pg_sys::RangeVar>,
+) -> Result<(), DistributionError> {
+    for parent in parents {
+        // SAFETY: a RangeVar of the statement's parse tree.
+        if unsafe { distributed(parent)? }.is_some() {
+            return Err(unsupported(
+                "inheriting from a distributed or reference table",
+                "Reads of the parent would not include the child's rows; keep the child a \
+                 table of its own.",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a foreign key among `definitions` (column definitions and constraints of a local
