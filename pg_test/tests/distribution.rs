@@ -625,6 +625,10 @@ fn bad_input_gives_clear_errors_and_changes_nothing(cluster: &Cluster) {
             "SELECT pgdist.create_distributed_table('shapes', 'k', 'hash', 0)",
             "22023",
         ),
+        (
+            "CREATE TEMP TABLE scratch (k int); SELECT pgdist.create_distributed_table('scratch', 'k')",
+            "0A000",
+        ),
         ("SELECT pgdist.create_reference_table('twice')", "42710"),
         ("SELECT pgdist.undistribute_table('shapes')", "42809"),
     ];

@@ -73,7 +73,7 @@ fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError>
     }
     let row = Spi::connect(|client| -> Result<_, DistributionError> {
         let rows = client.select(
-            "SELECT c.relkind::text,
+            "SELECT CASE c.relpersistence WHEN 't' THEN 'temporary' ELSE c.relkind::text END,
                     c.relhassubclass OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid),
                     EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal),
                     (SELECT string_agg(k.conrelid::regclass::text, ', ') FROM pg_catalog.pg_constraint k
@@ -103,6 +103,14 @@ fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError>
                 name,
                 "partitioned tables",
                 "Distribute an ordinary table.",
+            ))
+        }
+        "temporary" => {
+            return Err(unsupported(
+                name,
+                "temporary tables",
+                "Distribute an ordinary table; a temporary table lives in one session of the \
+                 coordinator only.",
             ))
         }
         _ => return Err(DistributionError::NotATable(name.into())),
