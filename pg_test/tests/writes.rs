@@ -404,6 +404,10 @@ fn updates_and_deletes_reading_other_tables_match_plain_postgres(cluster: &Clust
             "UPDATE stock SET qty = qty * 2 WHERE grp = ANY (ARRAY(SELECT grp FROM stock WHERE qty < 0)) OR NOT EXISTS (SELECT 1 FROM stock_moves WHERE delta > 1000)",
             "DELETE FROM stock WHERE id IN (SELECT item_id FROM notes) OR id > 95",
             "UPDATE stock SET qty = (SELECT count(*) FROM stock_moves m WHERE m.id = stock.id) + (SELECT count(*) FROM stock_groups) WHERE id BETWEEN 40 AND 45",
+            // Several columns from one subquery.
+            "UPDATE stock SET (qty, grp) = (SELECT m.delta, m.delta % 5 FROM stock_moves m WHERE m.id = stock.id) WHERE id BETWEEN 20 AND 30 RETURNING *",
+            "UPDATE stock SET (grp, qty) = (SELECT g.grp, length(g.name) FROM stock_groups g WHERE g.grp = (stock.grp + 1) % 5) WHERE id > 90 RETURNING id, grp, qty",
+            "UPDATE stock SET (qty) = (SELECT count(*) FROM stock_moves), grp = 1 WHERE id = 5",
             // RETURNING may use the other tables' columns.
             "UPDATE stock SET qty = qty + m.delta FROM stock_moves m WHERE m.id = stock.id AND stock.id < 8 RETURNING stock.id, m.delta, stock.qty - m.delta AS before",
             "DELETE FROM stock USING stock_groups g WHERE g.grp = stock.grp AND g.name = 'g4' AND stock.id > 88 RETURNING *",

@@ -877,7 +877,11 @@ unsafe fn statement_for_shards(
         let dist_attno = table.distribution_attno();
         for entry in PgList::<pg_sys::TargetEntry>::from_pg((*copy).targetList).iter_ptr() {
             let attno = (*entry).resno;
-            if Some(attno) == dist_attno && !is_same_column((*entry).expr.cast(), attno) {
+            // (A junk entry — the subquery of `SET (a, b) = (SELECT …)` — sets no column.)
+            if !(*entry).resjunk
+                && Some(attno) == dist_attno
+                && !is_same_column((*entry).expr.cast(), attno)
+            {
                 return Err(PlannerError::DistributionColumnUpdate(
                     table_name(table),
                     table.distribution_column.clone().unwrap_or_default(),

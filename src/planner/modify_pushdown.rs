@@ -132,6 +132,7 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
         } else {
             pg_sys::InvalidOid
         };
+        order_multiple_assignments(parse);
         let returning_extra = returning_extra(parse, result_rti).map_err(refuse)?;
         (*parse).returningList = returning_list(&returning_extra);
         let mut walk = Walk {
@@ -211,6 +212,42 @@ fn broadcast_read(b: &Broadcast, target: pg_sys::Oid) -> ScanPlan {
         partitioned: b.partition_by.is_some(),
         select_sql,
         ..Default::default()
+    }
+}
+
+/// Puts the SET entries of `UPDATE … SET (a, b) = (SELECT …)` in the order ruleutils writes
+/// them back in: each group together, in the order of its subquery's columns, the groups in
+/// the order of their subqueries (the junk entries at the end), after the other entries. The
+/// rewriter sorted the entries by column number, which would pair columns and values wrongly.
+unsafe fn order_multiple_assignments(parse: *mut pg_sys::Query) {
+    // SAFETY: parse is a private copy; only the order of its target list changes.
+    unsafe {
+        let entries = PgList::<pg_sys::TargetEntry>::from_pg((*parse).targetList);
+        let mut keyed: Vec<((u8, i32), *mut pg_sys::TargetEntry)> = entries
+            .iter_ptr()
+            .enumerate()
+            .map(|(position, entry)| {
+                let expr = (*entry).expr.cast::<pg_sys::Node>();
+                let key = if (*entry).resjunk {
+                    (2, position as i32)
+                } else if (*expr).type_ == pg_sys::NodeTag::T_Param
+                    && (*expr.cast::<pg_sys::Param>()).paramkind
+                        == pg_sys::ParamKind::PARAM_MULTIEXPR
+                {
+                    // paramid is (subLinkId << 16) | column.
+                    (1, (*expr.cast::<pg_sys::Param>()).paramid)
+                } else {
+                    (0, position as i32)
+                };
+                (key, entry)
+            })
+            .collect();
+        keyed.sort_by_key(|(key, _)| *key);
+        let mut ordered = PgList::<pg_sys::TargetEntry>::new();
+        for (_, entry) in keyed {
+            ordered.push(entry);
+        }
+        (*parse).targetList = ordered.into_pg();
     }
 }
 
@@ -955,9 +992,10 @@ unsafe fn reaches_out(node: *mut pg_sys::Node) -> bool {
                 pg_sys::NodeTag::T_SubLink => true,
                 pg_sys::NodeTag::T_Var => (*node.cast::<pg_sys::Var>()).varlevelsup > 0,
                 pg_sys::NodeTag::T_Aggref => (*node.cast::<pg_sys::Aggref>()).agglevelsup > 0,
-                pg_sys::NodeTag::T_Param => {
-                    (*node.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_SUBLINK
-                }
+                pg_sys::NodeTag::T_Param => matches!(
+                    (*node.cast::<pg_sys::Param>()).paramkind,
+                    pg_sys::ParamKind::PARAM_SUBLINK | pg_sys::ParamKind::PARAM_MULTIEXPR
+                ),
                 _ => pg_sys::expression_tree_walker(node, Some(walk), context),
             }
         }
@@ -973,9 +1011,13 @@ unsafe fn shippable_itself(node: *mut pg_sys::Node) -> bool {
         match (*node).type_ {
             pg_sys::NodeTag::T_Var => (*node.cast::<pg_sys::Var>()).varattno > 0,
             pg_sys::NodeTag::T_Const => true,
+            // PARAM_MULTIEXPR: a column of `SET (a, b) = (SELECT …)`, whose subquery is the
+            // statement's (junk) target entry.
             pg_sys::NodeTag::T_Param => matches!(
                 (*node.cast::<pg_sys::Param>()).paramkind,
-                pg_sys::ParamKind::PARAM_EXTERN | pg_sys::ParamKind::PARAM_SUBLINK
+                pg_sys::ParamKind::PARAM_EXTERN
+                    | pg_sys::ParamKind::PARAM_SUBLINK
+                    | pg_sys::ParamKind::PARAM_MULTIEXPR
             ),
             pg_sys::NodeTag::T_OpExpr
             | pg_sys::NodeTag::T_DistinctExpr
