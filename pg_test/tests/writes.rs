@@ -408,6 +408,7 @@ fn updates_and_deletes_reading_other_tables_match_plain_postgres(cluster: &Clust
             "UPDATE stock SET (qty, grp) = (SELECT m.delta, m.delta % 5 FROM stock_moves m WHERE m.id = stock.id) WHERE id BETWEEN 20 AND 30 RETURNING *",
             "UPDATE stock SET (grp, qty) = (SELECT g.grp, length(g.name) FROM stock_groups g WHERE g.grp = (stock.grp + 1) % 5) WHERE id > 90 RETURNING id, grp, qty",
             "UPDATE stock SET (qty) = (SELECT count(*) FROM stock_moves), grp = 1 WHERE id = 5",
+            "UPDATE stock SET (qty, grp) = (SELECT max(m.delta), count(*) FROM stock_moves m WHERE m.id = stock.id) WHERE id BETWEEN 31 AND 36 RETURNING *",
             // RETURNING may use the other tables' columns.
             "UPDATE stock SET qty = qty + m.delta FROM stock_moves m WHERE m.id = stock.id AND stock.id < 8 RETURNING stock.id, m.delta, stock.qty - m.delta AS before",
             "DELETE FROM stock USING stock_groups g WHERE g.grp = stock.grp AND g.name = 'g4' AND stock.id > 88 RETURNING *",

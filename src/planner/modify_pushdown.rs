@@ -132,7 +132,7 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
         } else {
             pg_sys::InvalidOid
         };
-        order_multiple_assignments(parse);
+        order_multiple_assignments(parse).map_err(refuse)?;
         let returning_extra = returning_extra(parse, result_rti).map_err(refuse)?;
         (*parse).returningList = returning_list(&returning_extra);
         let mut walk = Walk {
@@ -219,35 +219,54 @@ fn broadcast_read(b: &Broadcast, target: pg_sys::Oid) -> ScanPlan {
 /// them back in: each group together, in the order of its subquery's columns, the groups in
 /// the order of their subqueries (the junk entries at the end), after the other entries. The
 /// rewriter sorted the entries by column number, which would pair columns and values wrongly.
-unsafe fn order_multiple_assignments(parse: *mut pg_sys::Query) {
+/// Why not, when a value is more than the subquery's column (with an implicit cast).
+unsafe fn order_multiple_assignments(parse: *mut pg_sys::Query) -> Result<(), String> {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn find(node: *mut pg_sys::Node, context: *mut c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        // SAFETY: node is an expression of a SET entry; context is the Option we passed.
+        unsafe {
+            if (*node).type_ == pg_sys::NodeTag::T_Param
+                && (*node.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_MULTIEXPR
+            {
+                *context.cast::<Option<*mut pg_sys::Param>>() = Some(node.cast());
+                return true;
+            }
+            pg_sys::expression_tree_walker(node, Some(find), context)
+        }
+    }
     // SAFETY: parse is a private copy; only the order of its target list changes.
     unsafe {
         let entries = PgList::<pg_sys::TargetEntry>::from_pg((*parse).targetList);
-        let mut keyed: Vec<((u8, i32), *mut pg_sys::TargetEntry)> = entries
-            .iter_ptr()
-            .enumerate()
-            .map(|(position, entry)| {
-                let expr = (*entry).expr.cast::<pg_sys::Node>();
-                let key = if (*entry).resjunk {
-                    (2, position as i32)
-                } else if (*expr).type_ == pg_sys::NodeTag::T_Param
-                    && (*expr.cast::<pg_sys::Param>()).paramkind
-                        == pg_sys::ParamKind::PARAM_MULTIEXPR
-                {
-                    // paramid is (subLinkId << 16) | column.
-                    (1, (*expr.cast::<pg_sys::Param>()).paramid)
-                } else {
-                    (0, position as i32)
-                };
-                (key, entry)
-            })
-            .collect();
+        let mut keyed = Vec::new();
+        for (position, entry) in entries.iter_ptr().enumerate() {
+            let expr = (*entry).expr.cast::<pg_sys::Node>();
+            let mut param: Option<*mut pg_sys::Param> = None;
+            find(expr, (&raw mut param).cast());
+            let key = match param {
+                _ if (*entry).resjunk => (2, position as i32),
+                // paramid is (subLinkId << 16) | column.
+                Some(param) if pg_sys::strip_implicit_coercions(expr) == param.cast() => {
+                    (1, (*param).paramid)
+                }
+                Some(_) => {
+                    return Err(
+                        "it sets a field or element from a subquery of several columns".into(),
+                    )
+                }
+                None => (0, position as i32),
+            };
+            keyed.push((key, entry));
+        }
         keyed.sort_by_key(|(key, _)| *key);
         let mut ordered = PgList::<pg_sys::TargetEntry>::new();
         for (_, entry) in keyed {
             ordered.push(entry);
         }
         (*parse).targetList = ordered.into_pg();
+        Ok(())
     }
 }
 
