@@ -481,22 +481,19 @@ impl Walk {
                         .push(((query as usize, rti, attno), relid));
                 }
                 Method::Hash => {
-                    let k = (self.relations.len() + self.broadcasts.len()) as u32;
-                    match broadcast_columns(query, rti, relid) {
-                        Ok(columns) => self.broadcasts.push(Broadcast {
-                            k,
-                            relid,
-                            columns,
-                            entry: (query as usize, rti),
-                            partition_by: None,
-                        }),
-                        Err(why) => self.fail(format!(
-                            "{} is not co-located with {} and {why}",
-                            relation_name(relid),
-                            relation_name(self.target)
-                        )),
-                    }
-                    set_alias(rte, k);
+                    let target = relation_name(self.target);
+                    self.broadcast(
+                        query,
+                        rti,
+                        rte,
+                        broadcast_columns(query, rti, relid),
+                        |why| {
+                            format!(
+                                "{} is not co-located with {target} and {why}",
+                                relation_name(relid)
+                            )
+                        },
+                    );
                     return;
                 }
                 Method::Range => {
@@ -543,22 +540,39 @@ impl Walk {
                 }
                 result => result,
             };
-            let k = (self.relations.len() + self.broadcasts.len()) as u32;
-            match columns {
-                Ok(columns) => self.broadcasts.push(Broadcast {
-                    k,
-                    relid,
-                    columns,
-                    entry: (query as usize, rti),
-                    partition_by: None,
-                }),
-                Err(why) => self.fail(format!(
+            self.broadcast(query, rti, rte, columns, |why| {
+                format!(
                     "{} is a local table of the coordinator and {why}",
                     relation_name(relid)
-                )),
-            }
-            set_alias(rte, k);
+                )
+            });
         }
+    }
+
+    /// Broadcasts the table of entry `rti` of `query` with the `columns` the statement reads,
+    /// or fails with `refusal(why)`.
+    unsafe fn broadcast(
+        &mut self,
+        query: *mut pg_sys::Query,
+        rti: i32,
+        rte: *mut pg_sys::RangeTblEntry,
+        columns: Result<Vec<i16>, String>,
+        refusal: impl FnOnce(String) -> String,
+    ) {
+        let k = (self.relations.len() + self.broadcasts.len()) as u32;
+        match columns {
+            Ok(columns) => self.broadcasts.push(Broadcast {
+                k,
+                // SAFETY: rte is a relation entry of `query`.
+                relid: unsafe { (*rte).relid },
+                columns,
+                entry: (query as usize, rti),
+                partition_by: None,
+            }),
+            Err(why) => self.fail(refusal(why)),
+        }
+        // SAFETY: as above.
+        unsafe { set_alias(rte, k) };
     }
 
     /// Equalities among the AND-ed conditions of WHERE and of inner joins' ON.
