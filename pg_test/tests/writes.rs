@@ -35,6 +35,7 @@ fn main() {
             writes_to_reference_and_range_tables_reach_every_shard,
             unsupported_writes_fail_with_0a000_and_change_nothing,
             transaction_blocks_read_their_writes_and_roll_back_everywhere,
+            statements_that_read_a_node_twice_work_after_the_transaction_wrote_there,
             savepoints_roll_back_on_the_workers_too,
             a_failure_at_prepare_leaves_nothing_visible,
             copy_of_a_million_rows_is_exact,
@@ -148,7 +149,7 @@ fn same_writes_to(cluster: &Cluster, table_queries: &[&str], statements: &[&str]
                 outcome(&mut coordinator, table_query),
                 outcome(&mut reference, table_query),
             ) else {
-                panic!("{table_query} failed");
+                panic!("{table_query} failed after\n  {sql}");
             };
             let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).collect();
             let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).collect();
@@ -786,6 +787,64 @@ fn transaction_blocks_read_their_writes_and_roll_back_everywhere(cluster: &Clust
         99
     );
     assert_eq!(prepared_on_workers(cluster), 0);
+}
+
+/// Once a transaction has written on a node, everything it does there goes through one
+/// connection. A statement that needs that connection while a stream of rows still reads from
+/// it (a write fed by a scan of the node, a correlated subquery, a nested loop) takes it back:
+/// the stream's remaining rows are set aside, in a temporary file past work_mem.
+fn statements_that_read_a_node_twice_work_after_the_transaction_wrote_there(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE TABLE twice_a (id int PRIMARY KEY, x int, note text);
+         CREATE TABLE twice_b (id int PRIMARY KEY, y int);
+         INSERT INTO twice_a SELECT i, i % 100, repeat('n', i % 40) FROM generate_series(1, 3000) i;
+         INSERT INTO twice_b SELECT i, i % 100 FROM generate_series(1, 1500) i;",
+    );
+    coordinator
+        .batch_execute(
+            "SELECT pgdist.create_distributed_table('twice_a', 'id', shard_count => 4);
+             SELECT pgdist.create_distributed_table('twice_b', 'id', shard_count => 3, colocate_with => 'none');",
+        )
+        .unwrap();
+    let tables = ["SELECT * FROM twice_a", "SELECT * FROM twice_b"];
+    same_writes_to(
+        cluster,
+        &tables,
+        &[
+            "BEGIN",
+            // Both nodes now carry the transaction.
+            "UPDATE twice_a SET x = x + 1 WHERE id % 7 = 0",
+            "UPDATE twice_b SET y = y - 1 WHERE id % 5 = 0",
+            // Rows read from the nodes are written back to them (through the coordinator).
+            "INSERT INTO twice_b SELECT id + 10000, x FROM twice_a",
+            "INSERT INTO twice_a SELECT id + 20000, x, note FROM twice_a WHERE id % 3 = 0",
+            "SET LOCAL work_mem = '64kB'",
+            "INSERT INTO twice_b SELECT id + 30000, length(note) FROM twice_a",
+            // A correlated subquery scans twice_b again for every row of twice_a.
+            "SELECT count(*), sum(id) FROM twice_a a WHERE id < 200 AND x IN \
+               (SELECT y FROM twice_b b WHERE b.id > a.id AND b.id < a.id + 50)",
+            "SET LOCAL enable_hashjoin = off",
+            "SET LOCAL enable_mergejoin = off",
+            "SELECT count(*), sum(a.id - b.id) FROM twice_a a JOIN twice_b b ON a.x = b.y - 1 \
+               WHERE a.id < 300 AND b.id < 3000",
+            "DELETE FROM twice_b WHERE id IN (SELECT id + 10000 FROM twice_a WHERE x < 10) RETURNING id",
+            "COMMIT",
+            "BEGIN",
+            "DELETE FROM twice_a WHERE id > 20000",
+            "INSERT INTO twice_b SELECT id + 90000, x FROM twice_a WHERE id < 100",
+            "ROLLBACK",
+        ],
+    );
+    assert_eq!(prepared_on_workers(cluster), 0);
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DROP TABLE twice_a; DROP TABLE twice_b",
+    );
 }
 
 fn savepoints_roll_back_on_the_workers_too(cluster: &Cluster) {

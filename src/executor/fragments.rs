@@ -18,12 +18,24 @@
 //! A node where the coordinator transaction has already changed data is read through that
 //! transaction's connection (one lane), so the statement sees its own writes. Such a lane is
 //! never cancelled halfway — that would abort the remote transaction — but read to its end.
+//! When another part of the statement needs that connection while the lane still runs (a join
+//! on the coordinator reading a second table there, a write to the node), it reclaims it: the
+//! lane runs its remaining fragments at once and sets their rows aside for the reader
+//! (`spill.rs`: in memory up to `work_mem`, then in a temporary file), and the connection goes
+//! to the new work. All reads of the lane thus happen before that work starts on the node.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use pgrx::pg_sys;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_postgres::{CancelToken, NoTls, SimpleQueryMessage};
 
+use crate::executor::spill::Spill;
 use crate::remote::connection::{self, NodeConnection};
 use crate::remote::quote::replace_dollar_refs;
 use crate::remote::{runtime, NodeTarget, RemoteError};
@@ -85,19 +97,140 @@ pub struct FragmentStats {
 enum Message {
     Row(TextRow),
     Done(FragmentStats),
+    /// A lane on the transaction's connection failed: its error is in its [`SetAside`].
+    Failed,
 }
 
-type Sender = mpsc::Sender<Result<Message, RemoteError>>;
+type Channel = mpsc::Sender<Result<Message, RemoteError>>;
+type LaneTask = JoinHandle<Option<NodeConnection>>;
+
+/// The reader went away.
+struct Gone;
+
+/// Where a lane sends what it reads: the stream's channel, or — a lane on the transaction's
+/// connection, once its connection was reclaimed — its [`SetAside`].
+struct Sender {
+    channel: Channel,
+    aside: Option<Arc<SetAside>>,
+}
+
+impl Sender {
+    async fn send(&self, message: Result<Message, RemoteError>) -> Result<(), Gone> {
+        let Some(aside) = &self.aside else {
+            return self.channel.send(message).await.map_err(|_| Gone);
+        };
+        let message = match message {
+            Err(err) => {
+                *lock(&aside.error) = Some(err);
+                Ok(Message::Failed)
+            }
+            message => message,
+        };
+        if !aside.requested.load(Ordering::Relaxed) {
+            let reserve = std::pin::pin!(self.channel.reserve());
+            let reclaimed = std::pin::pin!(aside.wake.notified());
+            match futures_util::future::select(reserve, reclaimed).await {
+                futures_util::future::Either::Left((Ok(permit), _)) => {
+                    permit.send(message);
+                    return Ok(());
+                }
+                futures_util::future::Either::Left((Err(_), _)) => return Err(Gone),
+                futures_util::future::Either::Right(_) => {}
+            }
+        }
+        if self.channel.is_closed() {
+            return Err(Gone);
+        }
+        aside.keep(message);
+        Ok(())
+    }
+}
+
+/// What a lane on the transaction's connection reads once another part of the statement has
+/// reclaimed its connection: it runs its remaining fragments at once and keeps their results
+/// here until the stream's reader gets to them.
+struct SetAside {
+    /// The connection was reclaimed: keep everything here from now on.
+    requested: AtomicBool,
+    wake: Notify,
+    rows: Mutex<Spill>,
+    stats: Mutex<Vec<FragmentStats>>,
+    /// The lane's error (also before it was reclaimed: the channel then carries
+    /// [`Message::Failed`]).
+    error: Mutex<Option<RemoteError>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl SetAside {
+    fn new() -> SetAside {
+        // SAFETY: reads a GUC of this backend (start() runs on the backend's thread).
+        let work_mem_kb = unsafe { pg_sys::work_mem }.max(64) as usize;
+        SetAside {
+            requested: AtomicBool::new(false),
+            wake: Notify::new(),
+            rows: Mutex::new(Spill::new(work_mem_kb * 1024)),
+            stats: Mutex::new(Vec::new()),
+            error: Mutex::new(None),
+        }
+    }
+
+    fn keep(&self, message: Result<Message, RemoteError>) {
+        match message {
+            Ok(Message::Row(row)) => {
+                if let Err(err) = lock(&self.rows).push(row) {
+                    lock(&self.error).get_or_insert(RemoteError::SpillFile(err.to_string()));
+                }
+            }
+            Ok(Message::Done(stats)) => lock(&self.stats).push(stats),
+            Ok(Message::Failed) => {}
+            Err(err) => *lock(&self.error) = Some(err),
+        }
+    }
+
+    /// The next row kept here; the lane's error comes first.
+    fn take(&self, stats: &mut Vec<FragmentStats>) -> Result<Option<TextRow>, RemoteError> {
+        stats.append(&mut lock(&self.stats));
+        if let Some(err) = lock(&self.error).take() {
+            return Err(err);
+        }
+        lock(&self.rows)
+            .pop()
+            .map_err(|err| RemoteError::SpillFile(err.to_string()))
+    }
+
+    /// How another part of the statement takes the lane's connection (`task`) back.
+    fn reclaim(self: Arc<Self>, task: Rc<RefCell<Option<LaneTask>>>) -> remote_xact::Reclaim {
+        Box::new(move || {
+            self.requested.store(true, Ordering::Relaxed);
+            self.wake.notify_one();
+            let Some(task) = task.borrow_mut().take() else {
+                return (None, None);
+            };
+            let conn = match runtime::block_on(task) {
+                Ok(joined) => joined.ok().flatten(),
+                Err(err) => return (None, Some(err)),
+            };
+            (conn, lock(&self.error).take())
+        })
+    }
+}
 
 pub struct FragmentStream {
     /// One stream of rows, or one per connection when merging; None once it has ended.
     streams: Vec<Option<mpsc::Receiver<Result<Message, RemoteError>>>>,
     /// The fragments finished so far.
     pub stats: Vec<FragmentStats>,
-    tasks: Vec<JoinHandle<Option<NodeConnection>>>,
-    /// Lanes on the transaction's own connections, and the checkout they return to.
-    participant_tasks: Vec<JoinHandle<Option<NodeConnection>>>,
+    tasks: Vec<LaneTask>,
+    /// Lanes on the transaction's own connections (a reclaimed one is taken out), the checkout
+    /// they return to, and per stream the rows they set aside.
+    participant_tasks: Vec<Rc<RefCell<Option<LaneTask>>>>,
     checkout: Option<Checkout>,
+    set_aside: Vec<(usize, Arc<SetAside>)>,
     cancel_tokens: Vec<CancelToken>,
     finished: bool,
 }
@@ -122,6 +255,7 @@ impl FragmentStream {
         });
         let mut tasks = Vec::new();
         let mut participant_tasks = Vec::new();
+        let mut set_aside = Vec::new();
         let mut cancel_tokens = Vec::new();
         let mut checkout = None;
         if !transactional.is_empty() {
@@ -131,16 +265,24 @@ impl FragmentStream {
             let conns = std::mem::take(&mut lent.conns);
             for (i, ((target, fragments), conn)) in transactional.into_iter().zip(conns).enumerate()
             {
-                let (fragments, sender) = channels.add(fragments);
+                let node_id = target.node.node_id;
+                let (fragments, channel) = channels.add(fragments);
+                let aside = Arc::new(SetAside::new());
+                set_aside.push((channels.receivers.len().saturating_sub(1), aside.clone()));
                 let share = Share {
                     target,
                     fragments,
                     prefix: lent.take_prefix(i),
                     settings: settings.clone(),
-                    sender,
+                    sender: Sender {
+                        channel,
+                        aside: Some(aside.clone()),
+                    },
                     transactional: true,
                 };
-                participant_tasks.push(runtime::spawn(share.run(Some(conn))));
+                let task = Rc::new(RefCell::new(Some(runtime::spawn(share.run(Some(conn))))));
+                remote_xact::allow_reclaim(node_id, aside.reclaim(task.clone()));
+                participant_tasks.push(task);
             }
             checkout = Some(lent);
         }
@@ -155,13 +297,16 @@ impl FragmentStream {
                 if let Some(conn) = &cached {
                     cancel_tokens.push(conn.cancel_token());
                 }
-                let (fragments, sender) = channels.add(fragments);
+                let (fragments, channel) = channels.add(fragments);
                 let share = Share {
                     target: target.clone(),
                     fragments,
                     prefix: String::new(),
                     settings: settings.clone(),
-                    sender,
+                    sender: Sender {
+                        channel,
+                        aside: None,
+                    },
                     transactional: false,
                 };
                 tasks.push(runtime::spawn(share.run(cached)));
@@ -173,6 +318,7 @@ impl FragmentStream {
             tasks,
             participant_tasks,
             checkout,
+            set_aside,
             cancel_tokens,
             finished: false,
         }
@@ -180,7 +326,10 @@ impl FragmentStream {
 
     /// Waits for the lanes on the transaction's connections and hands those back.
     fn return_participants(&mut self) {
-        let tasks = std::mem::take(&mut self.participant_tasks);
+        let tasks: Vec<LaneTask> = std::mem::take(&mut self.participant_tasks)
+            .iter()
+            .filter_map(|task| task.borrow_mut().take())
+            .collect();
         let Some(mut checkout) = self.checkout.take() else {
             return;
         };
@@ -207,25 +356,53 @@ impl FragmentStream {
             let Some(stream) = self.streams.get_mut(index).and_then(Option::as_mut) else {
                 return Ok(None);
             };
-            // Rows that arrived with the last wake-up are taken without waiting again.
+            // Rows that arrived with the last wake-up are taken without waiting again; rows a
+            // reclaimed lane set aside come after those it sent.
             let message = match stream.try_recv() {
-                Ok(message) => Ok(Some(message)),
-                Err(mpsc::error::TryRecvError::Disconnected) => Ok(None),
-                Err(mpsc::error::TryRecvError::Empty) => runtime::block_on(stream.recv()),
+                Ok(message) => Some(message),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if let Some(row) = self.take_set_aside(index)? {
+                        return Ok(Some(row));
+                    }
+                    let stream = self.streams[index].as_mut().expect("stream checked above");
+                    match runtime::block_on(stream.recv()) {
+                        Ok(message) => message,
+                        Err(_) => runtime::raise_interrupt(),
+                    }
+                }
             };
             match message {
-                Ok(Some(Ok(Message::Row(row)))) => return Ok(Some(row)),
-                Ok(Some(Ok(Message::Done(stats)))) => self.stats.push(stats),
-                Ok(Some(Err(err))) => return Err(err),
-                Ok(None) => {
+                Some(Ok(Message::Row(row))) => return Ok(Some(row)),
+                Some(Ok(Message::Done(stats))) => self.stats.push(stats),
+                Some(Ok(Message::Failed)) => {
+                    let failed = self.set_aside.iter().filter(|(i, _)| *i == index);
+                    if let Some(err) = failed.filter_map(|(_, a)| lock(&a.error).take()).next() {
+                        return Err(err);
+                    }
+                }
+                Some(Err(err)) => return Err(err),
+                None => {
+                    if let Some(row) = self.take_set_aside(index)? {
+                        return Ok(Some(row));
+                    }
                     self.streams[index] = None;
                     if self.streams.iter().all(Option::is_none) {
                         self.finish();
                     }
                 }
-                Err(_) => runtime::raise_interrupt(),
             }
         }
+    }
+
+    /// The next row that a reclaimed lane of stream `index` set aside, or its error.
+    fn take_set_aside(&mut self, index: usize) -> Result<Option<TextRow>, RemoteError> {
+        for (_, aside) in self.set_aside.iter().filter(|(i, _)| *i == index) {
+            if let Some(row) = aside.take(&mut self.stats)? {
+                return Ok(Some(row));
+            }
+        }
+        Ok(None)
     }
 
     /// Every stream has ended: hands the connections back.
@@ -245,7 +422,7 @@ impl FragmentStream {
 /// connection when merging.
 struct Channels {
     merge_order: Option<String>,
-    shared: Sender,
+    shared: Channel,
     receivers: Vec<Option<mpsc::Receiver<Result<Message, RemoteError>>>>,
 }
 
@@ -265,7 +442,7 @@ impl Channels {
     }
 
     /// What one connection runs, and where it sends its rows.
-    fn add(&mut self, fragments: Vec<FragmentSql>) -> (Vec<Fragment>, Sender) {
+    fn add(&mut self, fragments: Vec<FragmentSql>) -> (Vec<Fragment>, Channel) {
         let Some(order) = &self.merge_order else {
             let fragments = fragments
                 .into_iter()

@@ -32,6 +32,10 @@ pub enum RemoteError {
 
     #[error("invalid pgdist.node_conninfo: {0}")]
     BadConninfo(String),
+
+    /// Rows received from a node could not be set aside in a temporary file.
+    #[error("could not keep rows received from the nodes in a temporary file: {0}")]
+    SpillFile(String),
 }
 
 impl RemoteError {
@@ -97,6 +101,7 @@ impl PgError for RemoteError {
             RemoteError::ConnectionLost { .. } => PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
             RemoteError::Interrupted => PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
             RemoteError::BadConninfo(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            RemoteError::SpillFile(_) => PgSqlErrorCode::ERRCODE_IO_ERROR,
         }
     }
 
@@ -131,6 +136,9 @@ impl PgError for RemoteError {
             ),
             RemoteError::BadConninfo(_) => {
                 Some("pgdist.node_conninfo takes libpq key=value pairs.".into())
+            }
+            RemoteError::SpillFile(_) => {
+                Some("Check the free space of the data directory's base/pgsql_tmp.".into())
             }
             RemoteError::Interrupted => None,
         }

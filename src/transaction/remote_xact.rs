@@ -24,6 +24,8 @@ use crate::remote::{NodeTarget, RemoteError};
 struct Participant {
     /// None while the connection is lent out to running work ([`Checkout`]).
     conn: Option<NodeConnection>,
+    /// How to take the connection back from the work it is lent to, if that work allows it.
+    reclaim: Option<Reclaim>,
     /// Set once `PREPARE TRANSACTION` succeeded on the node.
     prepared_gid: Option<String>,
     /// How far the remote transaction has been opened: 0 nothing sent yet, 1 `BEGIN` sent,
@@ -115,6 +117,21 @@ impl PgError for XactError {
     }
 }
 
+/// Takes a lent connection back from the work holding it, which first finishes what it sent on
+/// it (a stream of rows keeps the rest aside for its reader). Returns the connection (None if
+/// it was lost) and the error that work ran into on the node, if any.
+pub type Reclaim = Box<dyn FnOnce() -> (Option<NodeConnection>, Option<RemoteError>)>;
+
+/// Lets a later [`checkout`] in the same statement take node `node_id`'s connection back from
+/// the work it is lent to now, instead of failing as busy. Cleared when the connection returns.
+pub fn allow_reclaim(node_id: i32, reclaim: Reclaim) {
+    with_state(|state| {
+        if let Some(participant) = state.participants.get_mut(&node_id) {
+            participant.reclaim = Some(reclaim);
+        }
+    });
+}
+
 /// Participant connections lent to a piece of work, one per node in the order asked for.
 ///
 /// Each connection comes with a *prefix* — `BEGIN` and the `SAVEPOINT`s the remote transaction
@@ -168,6 +185,7 @@ impl Checkout {
                         }
                     }
                     participant.conn = Some(conn);
+                    participant.reclaim = None;
                 }
             }
         });
@@ -201,43 +219,43 @@ fn opening_statements(from: i32, to: i32) -> String {
 pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
     connection::notice_closed_connections();
     let level = nest_level();
+    reclaim_lent(targets);
+    // A node whose connection is still lent out fails the checkout before anything is taken
+    // or opened, so the transaction's state stays as it was.
+    let busy = with_state(|state| {
+        targets.iter().find(|target| {
+            state
+                .participants
+                .get(&target.node.node_id)
+                .is_some_and(|p| p.conn.is_none())
+        })
+    });
+    if let Some(target) = busy {
+        raise(XactError::Busy(target.node.clone()));
+    }
     // Take the existing participants' connections; register new nodes (without a connection
     // yet, so that a failure below leaves the transaction unable to commit).
-    let existing: Vec<Result<Option<(NodeConnection, i32)>, XactError>> = with_state(|state| {
+    let existing: Vec<Option<(NodeConnection, i32)>> = with_state(|state| {
         targets
             .iter()
-            .map(
-                |target| match state.participants.get_mut(&target.node.node_id) {
-                    Some(participant) => match participant.conn.take() {
-                        Some(conn) => Ok(Some((conn, participant.sent_level))),
-                        None => Err(XactError::Busy(target.node.clone())),
-                    },
-                    None => {
-                        state.participants.insert(
-                            target.node.node_id,
-                            Participant {
-                                conn: None,
-                                prepared_gid: None,
-                                sent_level: 0,
-                            },
-                        );
-                        Ok(None)
-                    }
-                },
-            )
+            .map(|target| {
+                let participant = state
+                    .participants
+                    .entry(target.node.node_id)
+                    .or_insert_with(|| Participant {
+                        conn: None,
+                        reclaim: None,
+                        prepared_gid: None,
+                        sent_level: 0,
+                    });
+                let level = participant.sent_level;
+                participant.conn.take().map(|conn| (conn, level))
+            })
             .collect()
     });
     let mut previous_levels = Vec::with_capacity(targets.len());
     let mut work = Vec::with_capacity(targets.len());
-    let mut busy = None;
     for (target, existing) in targets.iter().zip(existing) {
-        let existing = match existing {
-            Ok(existing) => existing,
-            Err(err) => {
-                busy.get_or_insert(err);
-                None
-            }
-        };
         previous_levels.push(existing.as_ref().map_or(0, |(_, level)| *level));
         work.push(async move {
             match existing {
@@ -285,13 +303,38 @@ pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
         order,
         finished: false,
     };
-    if let Some(err) = busy {
-        checkout.finish();
-        raise(err);
-    }
     match first_error {
         Some(err) => Err(err), // dropping `checkout` poisons the transaction
         None => Ok(checkout),
+    }
+}
+
+/// Takes back the connections of `targets` that are lent to work allowing it
+/// ([`allow_reclaim`]). An error that work ran into on a node is raised: the statement fails.
+fn reclaim_lent(targets: &[NodeTarget]) {
+    let reclaims: Vec<(i32, Reclaim)> = with_state(|state| {
+        targets
+            .iter()
+            .filter_map(|target| {
+                let participant = state.participants.get_mut(&target.node.node_id)?;
+                if participant.conn.is_some() {
+                    return None;
+                }
+                Some((target.node.node_id, participant.reclaim.take()?))
+            })
+            .collect()
+    });
+    let mut failure = None;
+    for (node_id, reclaim) in reclaims {
+        let (conn, error) = reclaim();
+        with_state(|state| match (conn, state.participants.get_mut(&node_id)) {
+            (Some(conn), Some(participant)) => participant.conn = Some(conn),
+            _ => state.poisoned = true,
+        });
+        failure = failure.or(error);
+    }
+    if let Some(err) = failure {
+        raise(err);
     }
 }
 
@@ -430,6 +473,7 @@ pub fn pre_commit() {
             (0, Some(conn)) => connection::give_back(conn),
             (sent_level, conn) => participants.push(Participant {
                 conn,
+                reclaim: None,
                 sent_level,
                 prepared_gid: None,
             }),
