@@ -215,7 +215,8 @@ impl SetAside {
                 Ok(joined) => joined.ok().flatten(),
                 Err(err) => return (None, Some(err)),
             };
-            (conn, lock(&self.error).take())
+            // The reader still gets the error, should the statement go on.
+            (conn, lock(&self.error).clone())
         })
     }
 }

@@ -5,7 +5,7 @@ use pgrx::PgSqlErrorCode;
 use crate::error::{sqlstate_from_code, PgError};
 use crate::remote::NodeAddress;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum RemoteError {
     #[error("could not connect to {node}: {cause}")]
     Connect { node: NodeAddress, cause: String },

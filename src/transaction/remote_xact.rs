@@ -119,7 +119,7 @@ impl PgError for XactError {
 
 /// Takes a lent connection back from the work holding it, which first finishes what it sent on
 /// it (a stream of rows keeps the rest aside for its reader). Returns the connection (None if
-/// it was lost) and the error that work ran into on the node, if any.
+/// it was lost) and the error that work ran into on the node, if any (its reader gets it too).
 pub type Reclaim = Box<dyn FnOnce() -> (Option<NodeConnection>, Option<RemoteError>)>;
 
 /// Lets a later [`checkout`] in the same statement take node `node_id`'s connection back from
@@ -219,7 +219,11 @@ fn opening_statements(from: i32, to: i32) -> String {
 pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
     connection::notice_closed_connections();
     let level = nest_level();
-    reclaim_lent(targets);
+    let node_ids: Vec<i32> = targets.iter().map(|t| t.node.node_id).collect();
+    // The statement fails with the error a reclaimed stream met on its node.
+    if let Some(err) = reclaim_lent(&node_ids) {
+        raise(err);
+    }
     // A node whose connection is still lent out fails the checkout before anything is taken
     // or opened, so the transaction's state stays as it was.
     let busy = with_state(|state| {
@@ -309,18 +313,18 @@ pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
     }
 }
 
-/// Takes back the connections of `targets` that are lent to work allowing it
-/// ([`allow_reclaim`]). An error that work ran into on a node is raised: the statement fails.
-fn reclaim_lent(targets: &[NodeTarget]) {
+/// Takes back the connections of nodes `node_ids` that are lent to work allowing it
+/// ([`allow_reclaim`]); returns the first error that work ran into on a node.
+fn reclaim_lent(node_ids: &[i32]) -> Option<RemoteError> {
     let reclaims: Vec<(i32, Reclaim)> = with_state(|state| {
-        targets
+        node_ids
             .iter()
-            .filter_map(|target| {
-                let participant = state.participants.get_mut(&target.node.node_id)?;
+            .filter_map(|node_id| {
+                let participant = state.participants.get_mut(node_id)?;
                 if participant.conn.is_some() {
                     return None;
                 }
-                Some((target.node.node_id, participant.reclaim.take()?))
+                Some((*node_id, participant.reclaim.take()?))
             })
             .collect()
     });
@@ -333,9 +337,7 @@ fn reclaim_lent(targets: &[NodeTarget]) {
         });
         failure = failure.or(error);
     }
-    if let Some(err) = failure {
-        raise(err);
-    }
+    failure
 }
 
 /// Like [`checkout`], with every remote transaction opened before it returns.
@@ -661,6 +663,17 @@ fn take_all() -> Vec<(NodeConnection, Option<String>)> {
 /// to commit.
 pub fn subtransaction_aborted() {
     let level = nest_level();
+    // A cursor of an outer level may still stream rows on a connection that must roll back:
+    // its rows are set aside first (an error it met still reaches it).
+    let lent: Vec<i32> = with_state(|state| {
+        state
+            .participants
+            .iter()
+            .filter(|(_, p)| p.sent_level >= level && p.conn.is_none())
+            .map(|(id, _)| *id)
+            .collect()
+    });
+    let _ = reclaim_lent(&lent);
     let mut to_roll_back: Vec<NodeConnection> = Vec::new();
     with_state(|state| {
         for participant in state.participants.values_mut() {
