@@ -119,6 +119,7 @@ fn router_queries(cluster: &Cluster) {
         "SELECT * FROM customers WHERE customer_id = 42 FOR UPDATE",
         "SELECT * FROM orders WHERE customer_id IN (4, 5) AND qty > 3 FOR SHARE",
         "SELECT customer_id, name FROM customers WHERE vip FOR NO KEY UPDATE SKIP LOCKED",
+        "SELECT * FROM customers c JOIN orders o USING (customer_id) WHERE customer_id = 1 FOR SHARE",
         "SELECT name, country FROM customers WHERE customer_id = 7 AND vip",
         "SELECT * FROM orders WHERE customer_id = 5 ORDER BY order_id",
         "SELECT count(*), sum(amount), min(ordered_at), max(note) FROM orders WHERE customer_id = 5",
@@ -1208,7 +1209,7 @@ fn unsupported_queries_fail_with_0a000(cluster: &Cluster) {
         cluster,
         &[
             "SELECT * FROM customers ORDER BY customer_id LIMIT 3 FOR UPDATE",
-            "SELECT * FROM customers c JOIN orders o USING (customer_id) WHERE customer_id = 1 FOR SHARE",
+            "SELECT * FROM customers c JOIN orders o ON o.order_id = c.customer_id FOR UPDATE OF c",
         ],
     );
     // System columns would describe a shard's row, not the table's: refused, not answered.

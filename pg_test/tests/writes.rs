@@ -48,6 +48,7 @@ fn main() {
             the_maintenance_daemon_recovers_without_being_asked,
             a_deadlock_across_two_nodes_cancels_exactly_one_transaction,
             select_for_update_locks_rows_on_the_workers_until_commit,
+            row_locks_in_joins_lock_the_rows_postgres_locks,
             bank_transfers_stay_exact_while_a_worker_keeps_crashing,
         ],
     )
@@ -1649,13 +1650,91 @@ fn select_for_update_locks_rows_on_the_workers_until_commit(cluster: &Cluster) {
     // Shapes where the workers would lock other rows than PostgreSQL: refused, with a hint.
     for sql in [
         "SELECT * FROM seats ORDER BY id LIMIT 1 FOR UPDATE",
-        "SELECT * FROM seats s JOIN colors c ON c.code = s.taken_by FOR UPDATE OF s",
+        "SELECT * FROM seats s JOIN notes n ON n.line = s.id FOR UPDATE OF s",
+        "SELECT * FROM seats s JOIN stock_staging l ON l.id = s.id FOR UPDATE OF s",
         "SELECT * FROM seats WHERE id IN (SELECT id FROM seats WHERE id < 3 FOR UPDATE)",
     ] {
         let err = other.query(sql, &[]).unwrap_err();
         assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
         assert!(err.as_db_error().and_then(|e| e.hint()).is_some(), "{sql}");
     }
+}
+
+/// A join the workers run whole (co-located tables, reference tables) locks on each shard the
+/// rows PostgreSQL would lock: those of the named tables that join, and no others.
+fn row_locks_in_joins_lock_the_rows_postgres_locks(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE TABLE rooms (hotel int, room int, state text, PRIMARY KEY (hotel, room));
+         CREATE TABLE stays (hotel int, room int, guest text);
+         CREATE TABLE room_states (state text PRIMARY KEY, label text);
+         INSERT INTO rooms SELECT i % 6, i, CASE WHEN i % 3 = 0 THEN 'free' ELSE 'taken' END
+           FROM generate_series(1, 60) i;
+         INSERT INTO stays SELECT i % 6, i, 'guest ' || i FROM generate_series(1, 60, 4) i;
+         INSERT INTO room_states VALUES ('free', 'Free'), ('taken', 'Taken');",
+    );
+    coordinator
+        .batch_execute(
+            "SELECT pgdist.create_distributed_table('rooms', 'hotel', shard_count => 4);
+             SELECT pgdist.create_distributed_table('stays', 'hotel', colocate_with => 'rooms');
+             SELECT pgdist.create_reference_table('room_states');",
+        )
+        .unwrap();
+    same_writes_to(
+        cluster,
+        &["SELECT * FROM rooms", "SELECT * FROM stays"],
+        &[
+            "BEGIN",
+            "SELECT r.room, s.guest FROM rooms r JOIN stays s USING (hotel, room) WHERE hotel = 3 FOR UPDATE",
+            "SELECT r.room, t.label FROM rooms r JOIN room_states t USING (state) WHERE r.room < 20 FOR UPDATE OF r NOWAIT",
+            "SELECT r.room FROM rooms r LEFT JOIN stays s USING (hotel, room) WHERE s.guest IS NULL FOR SHARE OF r",
+            "SELECT room FROM rooms r WHERE hotel IN (SELECT hotel FROM stays WHERE guest = 'guest 5') FOR NO KEY UPDATE",
+            "UPDATE rooms SET state = 'taken' FROM stays s WHERE s.hotel = rooms.hotel AND s.room = rooms.room",
+            "COMMIT",
+        ],
+    );
+    // Locked: the rooms with a stay at hotel 1 (rows 1, 13, 25, 37, 49 of rooms), not the stays.
+    let mut holder = cluster.coordinator_client();
+    holder.batch_execute("BEGIN").unwrap();
+    let locked = holder
+        .query(
+            "SELECT r.room FROM rooms r JOIN stays s USING (hotel, room) WHERE hotel = 1 FOR UPDATE OF r",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(locked.len(), 5);
+    let mut other = cluster.coordinator_client();
+    let free: Vec<i32> = other
+        .query(
+            "SELECT room FROM rooms WHERE hotel = 1 ORDER BY room FOR UPDATE SKIP LOCKED",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(free, vec![7, 19, 31, 43, 55]);
+    let stays = other
+        .query("SELECT * FROM stays WHERE hotel = 1 FOR UPDATE NOWAIT", &[])
+        .unwrap();
+    assert_eq!(stays.len(), 5);
+    let err = other
+        .query(
+            "SELECT * FROM rooms WHERE hotel = 1 AND room = 13 FOR UPDATE NOWAIT",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "55P03", "{err:?}");
+    holder.batch_execute("COMMIT").unwrap();
+    assert_eq!(prepared_on_workers(cluster), 0);
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DROP TABLE rooms; DROP TABLE stays; DROP TABLE room_states",
+    );
 }
 
 fn bank_transfers_stay_exact_while_a_worker_keeps_crashing(cluster: &Cluster) {

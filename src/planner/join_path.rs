@@ -29,6 +29,7 @@ use pgrx::PgList;
 use crate::distribution::hashing::{hash_family, hash_index_sql};
 use crate::metadata::cache;
 use crate::metadata::tables::Method;
+use crate::planner::row_locks;
 use crate::planner::scan_path::{
     distributed_path_of, from_list, is_hash_equality, new_custom_path, pushed_down_path_methods,
     ScanPlan,
@@ -106,19 +107,26 @@ struct Input {
     cost: f64,
     /// What reading it first and sending it with every fragment adds (broadcast only).
     broadcast_cost: f64,
+    /// Its row-lock clauses, each naming its table's alias (`FOR UPDATE OF r2`).
+    locks: Vec<String>,
 }
 
 impl Input {
     /// The input read by `rel`'s Distributed Scan, if it has one that can be joined on the
     /// workers.
-    unsafe fn of(rel: *mut pg_sys::RelOptInfo) -> Option<Input> {
+    unsafe fn of(root: *mut pg_sys::PlannerInfo, rel: *mut pg_sys::RelOptInfo) -> Option<Input> {
         // SAFETY: rel is a relation of the query being planned.
         unsafe {
             let path = distributed_path_of(rel)?;
             let plan = ScanPlan::decode(&from_list((*path).custom_private));
-            if !plan.row_lock.is_empty() {
-                return None;
-            }
+            let locks = match (plan.row_lock.is_empty(), plan.from_sql.is_empty()) {
+                (true, _) => Vec::new(),
+                (false, true) => {
+                    let rti = (*rel).relid;
+                    vec![row_locks::clause_in_join(root, rti, &alias(rti))]
+                }
+                (false, false) => vec![plan.row_lock.clone()],
+            };
             let from_is_join = plan.from_is_join;
             let (from_sql, pending, relations) = if plan.from_sql.is_empty() {
                 // A base table: its filters must all run on the workers, before the join.
@@ -178,6 +186,7 @@ impl Input {
                 shard_indexes,
                 cost: (*path).path.total_cost,
                 broadcast_cost: 0.0,
+                locks,
             })
         }
     }
@@ -279,6 +288,7 @@ impl Input {
                 // Read whole on the coordinator, then parsed again by every fragment (once in
                 // all when repartitioned).
                 broadcast_cost: 0.5 * self.cost + rows * copies * BROADCAST_ROW_COST,
+                locks: Vec::new(),
             })
         }
     }
@@ -319,8 +329,14 @@ unsafe fn plan_join(
         {
             return None;
         }
-        let outer = Input::of(outerrel)?;
-        let mut inner = Input::of(innerrel)?;
+        let outer = Input::of(root, outerrel)?;
+        let mut inner = Input::of(root, innerrel)?;
+        // Locked rows must be the shards' own: a broadcast input's rows are copies, and the
+        // inner side of a semi or anti join only tests for matches.
+        let locked = !outer.locks.is_empty() || !inner.locks.is_empty();
+        if !inner.locks.is_empty() && matches!(jointype, JOIN_SEMI | JOIN_ANTI) {
+            return None;
+        }
 
         // The join's own clauses: those that decide which rows match (ON), and, for outer and
         // anti joins, those that filter the joined rows (pushed down from WHERE). Inner and
@@ -357,6 +373,9 @@ unsafe fn plan_join(
                 .iter()
                 .any(|clause| equates_distribution_columns(*clause, &outer, &inner));
             if a != b || !(same_single_shard || co_partitioned) {
+                if locked {
+                    return None;
+                }
                 // Not co-located: every fragment of the outer side gets all the inner rows, or
                 // only its own when they join on the outer side's distribution column.
                 let first_param = BROADCAST_BASE + broadcast_columns(&outer.plan) as i32;
@@ -514,6 +533,7 @@ unsafe fn plan_join(
             return None;
         }
         let broadcasts = [outer.plan.broadcasts, inner.plan.broadcasts].concat();
+        let row_lock = [outer.locks, inner.locks].concat().join(" ");
         let plan = ScanPlan {
             relid: anchor,
             select_sql: select.join(", "),
@@ -526,6 +546,7 @@ unsafe fn plan_join(
             from_is_join,
             relations,
             broadcasts,
+            row_lock,
             ..Default::default()
         };
         // Half the inputs' cost: any join on the coordinator costs at least both inputs, so

@@ -72,9 +72,10 @@ impl crate::error::PgError for PlannerError {
                 "Use INSERT … ON CONFLICT, UPDATE or DELETE statements instead.".into()
             }
             PlannerError::RowLocks(_) => {
-                "FOR UPDATE / FOR SHARE works on a query that reads one distributed or \
-                 reference table, without LIMIT or OFFSET; lock the rows with such a query \
-                 first, or drop the clause."
+                "FOR UPDATE / FOR SHARE works on a query that reads only distributed and \
+                 reference tables, without LIMIT or OFFSET, and that the workers run whole \
+                 (one table, or a join of co-located or reference tables); lock the rows with \
+                 such a query first, or drop the clause."
                     .into()
             }
             PlannerError::ModifyNotPushable(..) => {
@@ -212,6 +213,7 @@ unsafe extern "C-unwind" fn plan(
             None => plan_rest(),
         };
         with_writes::plan(stmt, with_writes).unwrap_or_else(|err| crate::error::raise(err));
+        row_locks::check_plan(stmt).unwrap_or_else(|err| crate::error::raise(err));
         stmt
     }
 }

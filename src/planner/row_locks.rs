@@ -1,13 +1,17 @@
 //! `SELECT … FOR UPDATE / FOR NO KEY UPDATE / FOR SHARE / FOR KEY SHARE` (with `NOWAIT` or
-//! `SKIP LOCKED`) on one distributed or reference table: the clause is sent with every fragment,
+//! `SKIP LOCKED`) on distributed and reference tables: the clause is sent with every fragment,
 //! and the fragments run in the coordinator transaction's remote transaction on each node, so
 //! the rows stay locked until the transaction ends (two-phase commit releases them with
 //! everything else). PostgreSQL's own LockRows step, which would lock the coordinator's empty
-//! shell, is taken out of the plan.
+//! shells, is taken out of the plan.
 //!
-//! Supported when the query reads exactly that one table, without LIMIT / OFFSET (the workers
-//! would lock every matching row, not just the ones returned). Rows that a filter pgdist
-//! cannot send to the workers (e.g. `now()`) removes on the coordinator are still locked.
+//! Supported when the query reads only distributed and reference tables, without LIMIT /
+//! OFFSET (the workers would lock every matching row, not just the ones returned), and the
+//! whole query runs as one Distributed Scan: one table, or a join the workers run whole
+//! (co-located, or with reference tables), whose fragments say `FOR UPDATE OF r<i>` for each
+//! locked table. A plan that joins on the coordinator would lock every row each table's scan
+//! returns, so it is refused after planning. Rows that a filter pgdist cannot send to the
+//! workers (e.g. `now()`) removes on the coordinator are still locked.
 
 use std::cell::RefCell;
 
@@ -18,11 +22,13 @@ use crate::distribution::create::relation_name;
 use crate::metadata::cache;
 use crate::planner::PlannerError;
 
-/// The lock clause for range-table entry `rti` of the query being planned.
+/// The lock clauses of the query being planned, per range-table entry.
 struct Pending {
     query: *mut pg_sys::Query,
-    rti: u32,
-    clause: String,
+    /// (range-table index, strength such as `FOR UPDATE`, wait policy such as ` NOWAIT`).
+    marks: Vec<(u32, &'static str, &'static str)>,
+    /// The table named in errors.
+    first_table: pg_sys::Oid,
 }
 
 thread_local! {
@@ -39,14 +45,18 @@ impl Drop for Scope {
     }
 }
 
-/// Takes the row-lock clause of a top-level SELECT on a distributed table out of `parse` and
-/// keeps it for the table's Distributed Scan, for as long as the returned scope lives.
+/// Takes the row-lock clauses of a top-level SELECT on distributed tables out of `parse` and
+/// keeps them for the Distributed Scans, for as long as the returned scope lives.
 pub unsafe fn take_from(parse: *mut pg_sys::Query) -> Result<Scope, PlannerError> {
     // SAFETY: parse is the query being planned; its range table and row marks are valid.
     unsafe {
         let marks = PgList::<pg_sys::RowMarkClause>::from_pg((*parse).rowMarks);
         let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*parse).rtable);
-        let mut pending = None;
+        let mut pending = Pending {
+            query: parse,
+            marks: Vec::new(),
+            first_table: pg_sys::InvalidOid,
+        };
         for mark in marks.iter_ptr() {
             let Some(rte) = rtable.get_ptr((*mark).rti as usize - 1) else {
                 continue;
@@ -56,38 +66,107 @@ pub unsafe fn take_from(parse: *mut pg_sys::Query) -> Result<Scope, PlannerError
             {
                 continue;
             }
-            if rtable.len() != 1
+            let only_distributed = rtable.iter_ptr().all(|rte| match (*rte).rtekind {
+                pg_sys::RTEKind::RTE_RELATION => cache::lookup((*rte).relid).is_some(),
+                pg_sys::RTEKind::RTE_JOIN => true,
+                _ => false,
+            });
+            if !only_distributed
                 || !(*parse).limitCount.is_null()
                 || !(*parse).limitOffset.is_null()
             {
                 return Err(PlannerError::RowLocks(relation_name((*rte).relid)));
             }
-            pending = Some(Pending {
-                query: parse,
-                rti: (*mark).rti,
-                clause: lock_clause(mark),
-            });
+            if pending.marks.is_empty() {
+                pending.first_table = (*rte).relid;
+            }
+            let (strength, wait) = lock_clause(mark);
+            pending.marks.push(((*mark).rti, strength, wait));
         }
         let outer = PENDING.take();
-        if pending.is_some() {
+        let locks = !pending.marks.is_empty();
+        if locks {
             (*parse).rowMarks = std::ptr::null_mut();
+            PENDING.set(Some(pending));
         }
-        PENDING.set(pending);
         Ok(Scope(outer))
     }
 }
 
-/// The lock clause for range-table entry `rti` of the query `root` plans, if it has one.
+/// The lock clause for range-table entry `rti` read alone by the query `root` plans, if it has
+/// one: `FOR UPDATE`.
 pub unsafe fn clause_for(root: *mut pg_sys::PlannerInfo, rti: u32) -> String {
     // SAFETY: root is the planner state of the query being planned.
     let query = unsafe { (*root).parse };
     PENDING.with_borrow(|pending| match pending {
-        Some(p) if p.query == query && p.rti == rti => p.clause.clone(),
+        Some(p) if p.query == query => p
+            .marks
+            .iter()
+            .find(|(r, _, _)| *r == rti)
+            .map(|(_, strength, wait)| format!("{strength}{wait}"))
+            .unwrap_or_default(),
         _ => String::new(),
     })
 }
 
-unsafe fn lock_clause(mark: *mut pg_sys::RowMarkClause) -> String {
+/// The lock clause for range-table entry `rti`, known as `alias` in a join's fragment, if it
+/// has one: `FOR UPDATE OF r2`.
+pub unsafe fn clause_in_join(root: *mut pg_sys::PlannerInfo, rti: u32, alias: &str) -> String {
+    // SAFETY: root is the planner state of the query being planned.
+    let query = unsafe { (*root).parse };
+    PENDING.with_borrow(|pending| match pending {
+        Some(p) if p.query == query => p
+            .marks
+            .iter()
+            .find(|(r, _, _)| *r == rti)
+            .map(|(_, strength, wait)| format!("{strength} OF {alias}{wait}"))
+            .unwrap_or_default(),
+        _ => String::new(),
+    })
+}
+
+/// After planning a query with row locks: refuses a plan that reads its tables in more than one
+/// scan (a join on the coordinator), which would lock rows PostgreSQL would not.
+pub unsafe fn check_plan(stmt: *mut pg_sys::PlannedStmt) -> Result<(), PlannerError> {
+    let Some(table) = PENDING.with_borrow(|p| p.as_ref().map(|p| p.first_table)) else {
+        return Ok(());
+    };
+    // SAFETY: stmt is the finished plan of the query being planned.
+    let scans = unsafe {
+        let subplans = PgList::<pg_sys::Plan>::from_pg((*stmt).subplans);
+        count_scans((*stmt).planTree) + subplans.iter_ptr().map(|p| count_scans(p)).sum::<usize>()
+    };
+    if scans > 1 {
+        return Err(PlannerError::RowLocks(relation_name(table)));
+    }
+    Ok(())
+}
+
+/// How many scan nodes the plan tree `plan` has (the node types between T_Scan and
+/// T_CustomScan are PostgreSQL's scans).
+unsafe fn count_scans(plan: *mut pg_sys::Plan) -> usize {
+    if plan.is_null() {
+        return 0;
+    }
+    // SAFETY: plan is a node of a finished plan tree; its children are plans or NULL.
+    unsafe {
+        let tag = (*plan).type_ as u32;
+        let own = usize::from(
+            (pg_sys::NodeTag::T_Scan as u32..=pg_sys::NodeTag::T_CustomScan as u32).contains(&tag),
+        );
+        let mut children = count_scans((*plan).lefttree) + count_scans((*plan).righttree);
+        if (*plan).type_ == pg_sys::NodeTag::T_Append {
+            let append = plan.cast::<pg_sys::Append>();
+            children += PgList::<pg_sys::Plan>::from_pg((*append).appendplans)
+                .iter_ptr()
+                .map(|p| count_scans(p))
+                .sum::<usize>();
+        }
+        own + children
+    }
+}
+
+unsafe fn lock_clause(mark: *mut pg_sys::RowMarkClause) -> (&'static str, &'static str) {
     use pg_sys::LockClauseStrength::*;
     use pg_sys::LockWaitPolicy::{LockWaitError as ERROR, LockWaitSkip as SKIP};
     // SAFETY: mark is a valid RowMarkClause.
@@ -103,5 +182,5 @@ unsafe fn lock_clause(mark: *mut pg_sys::RowMarkClause) -> String {
         ERROR => " NOWAIT",
         _ => "",
     };
-    format!("{strength}{wait}")
+    (strength, wait)
 }
