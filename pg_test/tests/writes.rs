@@ -1693,9 +1693,23 @@ fn row_locks_in_joins_lock_the_rows_postgres_locks(cluster: &Cluster) {
             "SELECT r.room FROM rooms r LEFT JOIN stays s USING (hotel, room) WHERE s.guest IS NULL FOR SHARE OF r",
             "SELECT room FROM rooms r WHERE hotel IN (SELECT hotel FROM stays WHERE guest = 'guest 5') FOR NO KEY UPDATE",
             "UPDATE rooms SET state = 'taken' FROM stays s WHERE s.hotel = rooms.hotel AND s.room = rooms.room",
+            "SELECT * FROM rooms WHERE hotel = 2 AND state = 'free' ORDER BY room LIMIT 2 OFFSET 1 FOR UPDATE",
+            "SELECT r.room FROM rooms r JOIN stays s USING (hotel, room) WHERE hotel = 5 ORDER BY room DESC LIMIT 1 FOR UPDATE OF r",
             "COMMIT",
         ],
     );
+    // A queue per hotel: each taker locks just the row it gets, the next one skips it.
+    let queue =
+        "SELECT room FROM rooms WHERE hotel = 4 ORDER BY room LIMIT 1 FOR UPDATE SKIP LOCKED";
+    let mut first = cluster.coordinator_client();
+    let mut second = cluster.coordinator_client();
+    first.batch_execute("BEGIN").unwrap();
+    second.batch_execute("BEGIN").unwrap();
+    let taken: i32 = first.query_one(queue, &[]).unwrap().get(0);
+    let next: i32 = second.query_one(queue, &[]).unwrap().get(0);
+    assert_eq!((taken, next), (4, 10));
+    first.batch_execute("COMMIT").unwrap();
+    second.batch_execute("COMMIT").unwrap();
     // Locked: the rooms with a stay at hotel 1 (rows 1, 13, 25, 37, 49 of rooms), not the stays.
     let mut holder = cluster.coordinator_client();
     holder.batch_execute("BEGIN").unwrap();

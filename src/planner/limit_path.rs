@@ -75,7 +75,11 @@ pub unsafe fn limitable_scan(
         }
         let scan = scan.cast::<pg_sys::CustomPath>();
         let plan = ScanPlan::decode(&from_list((*scan).custom_private));
-        (plan.row_lock.is_empty() && plan.limit.is_empty() && plan.merge_keys.is_empty())
+        // With row locks only on one shard: there the fragment locks just the rows it
+        // returns, as PostgreSQL would.
+        let locks_ok =
+            plan.row_lock.is_empty() || plan.shard_ids.len() == 1 || plan.prune_param > 0;
+        (locks_ok && plan.limit.is_empty() && plan.merge_keys.is_empty())
             .then_some((top, scan, plan))
     }
 }

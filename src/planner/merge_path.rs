@@ -31,9 +31,14 @@ pub unsafe fn add_merged_path(
         if (*parse).sortClause.is_null() || fragment_limit(parse).is_some() {
             return;
         }
+        // Each connection runs its share as one `… UNION ALL … ORDER BY` query, which cannot
+        // lock rows.
         let Some((top, scan, plan)) = limitable_scan(root, input_rel) else {
             return;
         };
+        if !plan.row_lock.is_empty() {
+            return;
+        }
         let target = (*scan).path.pathtarget;
         let mut keys = Vec::new();
         for clause in PgList::<pg_sys::SortGroupClause>::from_pg((*parse).sortClause).iter_ptr() {

@@ -5,12 +5,14 @@
 //! everything else). PostgreSQL's own LockRows step, which would lock the coordinator's empty
 //! shells, is taken out of the plan.
 //!
-//! Supported when the query reads only distributed and reference tables, without LIMIT /
-//! OFFSET (the workers would lock every matching row, not just the ones returned), and the
-//! whole query runs as one Distributed Scan: one table, or a join the workers run whole
-//! (co-located, or with reference tables), whose fragments say `FOR UPDATE OF r<i>` for each
-//! locked table. A plan that joins on the coordinator would lock every row each table's scan
-//! returns, so it is refused after planning. Rows that a filter pgdist cannot send to the
+//! Supported when the query reads only distributed and reference tables and runs whole as one
+//! Distributed Scan: one table, or a join the workers run whole (co-located, or with reference
+//! tables), whose fragments say `FOR UPDATE OF r<i>` for each locked table. A plan that joins
+//! on the coordinator would lock every row each table's scan returns, so it is refused after
+//! planning. LIMIT / OFFSET is supported when the query reads one shard and the LIMIT (with
+//! its ORDER BY) goes into the fragment, which then locks just the rows it returns (the job
+//! queue's `… WHERE tenant = 7 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED`); on several shards
+//! each would lock its own first rows. Rows that a filter pgdist cannot send to the
 //! workers (e.g. `now()`) removes on the coordinator are still locked.
 
 use std::cell::RefCell;
@@ -20,6 +22,7 @@ use pgrx::PgList;
 
 use crate::distribution::create::relation_name;
 use crate::metadata::cache;
+use crate::planner::scan_path::{from_list, ScanPlan};
 use crate::planner::PlannerError;
 
 /// The lock clauses of the query being planned, per range-table entry.
@@ -29,6 +32,8 @@ struct Pending {
     marks: Vec<(u32, &'static str, &'static str)>,
     /// The table named in errors.
     first_table: pg_sys::Oid,
+    /// The query has LIMIT or OFFSET.
+    limited: bool,
 }
 
 thread_local! {
@@ -56,6 +61,7 @@ pub unsafe fn take_from(parse: *mut pg_sys::Query) -> Result<Scope, PlannerError
             query: parse,
             marks: Vec::new(),
             first_table: pg_sys::InvalidOid,
+            limited: !(*parse).limitCount.is_null() || !(*parse).limitOffset.is_null(),
         };
         for mark in marks.iter_ptr() {
             let Some(rte) = rtable.get_ptr((*mark).rti as usize - 1) else {
@@ -71,10 +77,7 @@ pub unsafe fn take_from(parse: *mut pg_sys::Query) -> Result<Scope, PlannerError
                 pg_sys::RTEKind::RTE_JOIN => true,
                 _ => false,
             });
-            if !only_distributed
-                || !(*parse).limitCount.is_null()
-                || !(*parse).limitOffset.is_null()
-            {
+            if !only_distributed {
                 return Err(PlannerError::RowLocks(relation_name((*rte).relid)));
             }
             if pending.marks.is_empty() {
@@ -126,43 +129,63 @@ pub unsafe fn clause_in_join(root: *mut pg_sys::PlannerInfo, rti: u32, alias: &s
 }
 
 /// After planning a query with row locks: refuses a plan that reads its tables in more than one
-/// scan (a join on the coordinator), which would lock rows PostgreSQL would not.
+/// scan (a join on the coordinator), which would lock rows PostgreSQL would not, and a LIMIT or
+/// OFFSET that does not run on the one shard the query reads (every shard would lock its own
+/// first rows).
 pub unsafe fn check_plan(stmt: *mut pg_sys::PlannedStmt) -> Result<(), PlannerError> {
-    let Some(table) = PENDING.with_borrow(|p| p.as_ref().map(|p| p.first_table)) else {
+    let Some((table, limited)) =
+        PENDING.with_borrow(|p| p.as_ref().map(|p| (p.first_table, p.limited)))
+    else {
         return Ok(());
     };
     // SAFETY: stmt is the finished plan of the query being planned.
-    let scans = unsafe {
-        let subplans = PgList::<pg_sys::Plan>::from_pg((*stmt).subplans);
-        count_scans((*stmt).planTree) + subplans.iter_ptr().map(|p| count_scans(p)).sum::<usize>()
+    let (scans, scan) = unsafe {
+        let mut scans = Vec::new();
+        collect_scans((*stmt).planTree, &mut scans);
+        for plan in PgList::<pg_sys::Plan>::from_pg((*stmt).subplans).iter_ptr() {
+            collect_scans(plan, &mut scans);
+        }
+        let scan = match scans[..] {
+            [only] if (*only).type_ == pg_sys::NodeTag::T_CustomScan => {
+                let private = (*only.cast::<pg_sys::CustomScan>()).custom_private;
+                Some(ScanPlan::decode(&from_list(private)))
+            }
+            _ => None,
+        };
+        (scans.len(), scan)
     };
-    if scans > 1 {
-        return Err(PlannerError::RowLocks(relation_name(table)));
+    let limit_on_one_shard = |plan: &ScanPlan| {
+        !plan.limit.is_empty() && (plan.shard_ids.len() == 1 || plan.prune_param > 0)
+    };
+    match scan {
+        _ if scans > 1 => Err(PlannerError::RowLocks(relation_name(table))),
+        Some(plan) if limited && !limit_on_one_shard(&plan) => {
+            Err(PlannerError::RowLocks(relation_name(table)))
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-/// How many scan nodes the plan tree `plan` has (the node types between T_Scan and
+/// Adds the scan nodes of the plan tree `plan` to `scans` (the node types between T_Scan and
 /// T_CustomScan are PostgreSQL's scans).
-unsafe fn count_scans(plan: *mut pg_sys::Plan) -> usize {
+unsafe fn collect_scans(plan: *mut pg_sys::Plan, scans: &mut Vec<*mut pg_sys::Plan>) {
     if plan.is_null() {
-        return 0;
+        return;
     }
     // SAFETY: plan is a node of a finished plan tree; its children are plans or NULL.
     unsafe {
         let tag = (*plan).type_ as u32;
-        let own = usize::from(
-            (pg_sys::NodeTag::T_Scan as u32..=pg_sys::NodeTag::T_CustomScan as u32).contains(&tag),
-        );
-        let mut children = count_scans((*plan).lefttree) + count_scans((*plan).righttree);
+        if (pg_sys::NodeTag::T_Scan as u32..=pg_sys::NodeTag::T_CustomScan as u32).contains(&tag) {
+            scans.push(plan);
+        }
+        collect_scans((*plan).lefttree, scans);
+        collect_scans((*plan).righttree, scans);
         if (*plan).type_ == pg_sys::NodeTag::T_Append {
             let append = plan.cast::<pg_sys::Append>();
-            children += PgList::<pg_sys::Plan>::from_pg((*append).appendplans)
-                .iter_ptr()
-                .map(|p| count_scans(p))
-                .sum::<usize>();
+            for child in PgList::<pg_sys::Plan>::from_pg((*append).appendplans).iter_ptr() {
+                collect_scans(child, scans);
+            }
         }
-        own + children
     }
 }
 
