@@ -20,6 +20,7 @@ fn main() {
             reference_tables_are_copied_to_every_worker_and_to_new_ones,
             remove_node_refuses_a_node_with_shards,
             ddl_reaches_every_shard,
+            create_index_concurrently_builds_every_shard,
             ddl_that_a_worker_rejects_changes_nothing,
             prepared_reads_follow_column_type_changes,
             bad_input_gives_clear_errors_and_changes_nothing,
@@ -387,6 +388,76 @@ fn assert_shards_match_shell(cluster: &Cluster, client: &mut Client, table: &str
         let got = shape(&mut cluster.worker_on(shard.port).connect(), &shard.name);
         assert_eq!(got, expected, "{} differs from {table}", shard.name);
     }
+}
+
+/// Indexes of `relation` (on the server `client` talks to) that are not valid.
+fn invalid_indexes(client: &mut Client, relation: &str) -> i64 {
+    client
+        .query_one(
+            &format!("SELECT count(*) FROM pg_index WHERE indrelid = '{relation}'::regclass AND NOT indisvalid"),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// CREATE INDEX CONCURRENTLY builds the index on the shell, then on every shard, each outside
+/// a transaction; a failed build leaves the index INVALID, as PostgreSQL does.
+fn create_index_concurrently_builds_every_shard(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE visits (site int, page int, hits int);
+             INSERT INTO visits SELECT i % 50, i, i % 7 FROM generate_series(1, 5000) i;
+             SELECT pgdist.create_distributed_table('visits', 'site', shard_count => 4);",
+        )
+        .unwrap();
+    client
+        .batch_execute("CREATE INDEX CONCURRENTLY visits_page ON visits (page) WHERE hits > 0")
+        .unwrap();
+    client
+        .batch_execute("CREATE UNIQUE INDEX CONCURRENTLY visits_site_page ON visits (site, page)")
+        .unwrap();
+    assert_shards_match_shell(cluster, &mut client, "visits");
+    for shard in shards(&mut client, "visits") {
+        let mut worker = cluster.worker_on(shard.port).connect();
+        assert_eq!(
+            invalid_indexes(&mut worker, &shard.name),
+            0,
+            "{}",
+            shard.name
+        );
+    }
+    let err = client
+        .batch_execute("INSERT INTO visits VALUES (3, 3, 1)")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23505", "{err:?}");
+
+    // Uniqueness without the distribution column is refused before anything is built.
+    let err = client
+        .batch_execute("CREATE UNIQUE INDEX CONCURRENTLY visits_page_only ON visits (page)")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    // Inside a transaction block PostgreSQL refuses it, as for any table.
+    let err = client
+        .batch_execute("BEGIN; CREATE INDEX CONCURRENTLY visits_hits ON visits (hits)")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "25001", "{err:?}");
+    client.batch_execute("ROLLBACK").unwrap();
+    assert_shards_match_shell(cluster, &mut client, "visits");
+
+    // Duplicates on the shards: their builds fail; the index is left INVALID on the
+    // coordinator and DROP INDEX removes it everywhere.
+    let err = client
+        .batch_execute("CREATE UNIQUE INDEX CONCURRENTLY visits_site_hits ON visits (site, hits)")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23505", "{err:?}");
+    let hint = err.as_db_error().and_then(|e| e.hint()).unwrap_or_default();
+    assert!(hint.contains("INVALID"), "{hint}");
+    assert_eq!(invalid_indexes(&mut client, "visits"), 1);
+    client.batch_execute("DROP INDEX visits_site_hits").unwrap();
+    assert_shards_match_shell(cluster, &mut client, "visits");
+    client.batch_execute("DROP TABLE visits").unwrap();
 }
 
 fn ddl_reaches_every_shard(cluster: &Cluster) {

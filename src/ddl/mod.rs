@@ -9,9 +9,13 @@
 //!
 //! Handled: CREATE INDEX, DROP INDEX, ALTER TABLE (ADD / DROP / ALTER COLUMN TYPE, SET / DROP
 //! DEFAULT, SET / DROP NOT NULL, ADD / DROP CONSTRAINT), RENAME of tables, columns, constraints
-//! and indexes, DROP TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE. Refused: CREATE
-//! TRIGGER (it would not fire on the shards), foreign keys of local tables that reference
-//! distributed or reference tables, local tables inheriting from them, CREATE INDEX CONCURRENTLY, SET SCHEMA, renaming a schema
+//! and indexes, DROP TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE. CREATE INDEX
+//! CONCURRENTLY runs outside any transaction, so it is not propagated in one: once PostgreSQL
+//! has built the index on the shell, each shard's index is built concurrently over a
+//! connection of its own (nodes in parallel); if one fails the shell's index is marked INVALID,
+//! as PostgreSQL leaves a failed concurrent build. Refused: CREATE TRIGGER (it would not fire
+//! on the shards), foreign keys of local tables that reference distributed or reference tables,
+//! local tables inheriting from them, DROP INDEX CONCURRENTLY, SET SCHEMA, renaming a schema
 //! that holds distributed tables.
 
 pub mod diff;
@@ -56,6 +60,11 @@ enum Propagation {
     /// DROP INDEX: drop the shard indexes.
     DropIndexes(Vec<(TableDefinition, String)>),
     Truncate(Vec<TableDefinition>),
+    /// CREATE INDEX CONCURRENTLY: build the new index on every shard, concurrently.
+    IndexConcurrently {
+        table: DistTable,
+        before: TableDefinition,
+    },
 }
 
 #[pg_guard]
@@ -229,13 +238,12 @@ unsafe fn plan(
                 let Some(table) = distributed((*stmt).relation)? else {
                     return Ok(None);
                 };
-                if (*stmt).concurrent {
-                    return Err(unsupported(
-                        "CREATE INDEX CONCURRENTLY",
-                        "Use CREATE INDEX; it runs on all shards in parallel.",
-                    ));
+                if !(*stmt).concurrent {
+                    return change(table);
                 }
-                change(table)
+                require_distribution_column_in_unique_index(&table, stmt)?;
+                let before = shell::read_definition(table.oid)?;
+                Ok(Some(Propagation::IndexConcurrently { table, before }))
             }
             pg_sys::NodeTag::T_CreateStmt => {
                 let stmt = node.cast::<pg_sys::CreateStmt>();
@@ -623,6 +631,9 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
             }
             Ok(())
         }
+        Propagation::IndexConcurrently { table, before } => {
+            build_index_concurrently(&table, &before)
+        }
         Propagation::DropIndexes(indexes) => {
             for (definition, index) in indexes {
                 let placements = tables::placements(definition.oid)?;
@@ -652,6 +663,115 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
 
 /// A new UNIQUE / PRIMARY KEY / EXCLUDE constraint or unique index must include the
 /// distribution column (uniqueness is enforced per shard).
+/// A unique index built concurrently must include the distribution column: checked before
+/// the shell's index is built (and committed).
+unsafe fn require_distribution_column_in_unique_index(
+    table: &DistTable,
+    stmt: *mut pg_sys::IndexStmt,
+) -> Result<(), DistributionError> {
+    // SAFETY: stmt is the statement being run; its index elements are IndexElem nodes.
+    unsafe {
+        let Some(column) = table.distribution_column.as_deref() else {
+            return Ok(());
+        };
+        if !(*stmt).unique {
+            return Ok(());
+        }
+        let includes = PgList::<pg_sys::IndexElem>::from_pg((*stmt).indexParams)
+            .iter_ptr()
+            .any(|elem| {
+                !(*elem).name.is_null()
+                    && CStr::from_ptr((*elem).name).to_bytes() == column.as_bytes()
+            });
+        if includes {
+            return Ok(());
+        }
+        let index = if (*stmt).idxname.is_null() {
+            "(new index)".to_string()
+        } else {
+            CStr::from_ptr((*stmt).idxname)
+                .to_string_lossy()
+                .into_owned()
+        };
+        Err(DistributionError::UniqueWithoutDistributionColumn {
+            table: relation_name(table.oid),
+            constraint: index,
+            column: column.to_string(),
+        })
+    }
+}
+
+/// Builds the indexes CREATE INDEX CONCURRENTLY added to the shell on every shard placement,
+/// each with its own `CREATE INDEX CONCURRENTLY` outside any transaction: one connection per
+/// node, nodes in parallel, a NOTICE per node done. A failure marks the shell's index INVALID.
+fn build_index_concurrently(
+    table: &DistTable,
+    before: &TableDefinition,
+) -> Result<(), DistributionError> {
+    let after = shell::read_definition(table.oid)?;
+    let placements = tables::placements(table.oid)?;
+    for index in after
+        .indexes
+        .iter()
+        .filter(|i| !before.indexes.iter().any(|b| b.oid == i.oid))
+    {
+        let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
+        for placement in &placements {
+            let sql = shell::index_sql(&after, index, placement.shard_id).replacen(
+                "INDEX ",
+                "INDEX CONCURRENTLY ",
+                1,
+            );
+            per_node
+                .entry(placement.node.node_id)
+                .or_insert_with(|| (placement.node.clone(), Vec::new()))
+                .1
+                .push(sql);
+        }
+        let work = per_node
+            .into_values()
+            .map(|(node, statements)| Ok((target_for(node)?, statements)))
+            .collect::<Result<Vec<_>, DistributionError>>()?;
+        let builds = work.into_iter().map(|(target, statements)| async move {
+            let conn = crate::remote::connection::NodeConnection::open(&target).await?;
+            let _in_flight = crate::remote::runtime::InFlight::register(conn.cancel_token());
+            for sql in &statements {
+                conn.simple_query(sql).await?;
+            }
+            Ok::<_, crate::remote::RemoteError>((target.node, statements.len()))
+        });
+        let outcome = crate::remote::runtime::block_on(futures_util::future::join_all(builds));
+        let failure = match outcome {
+            Ok(results) => results.into_iter().find_map(|result| match result {
+                Ok((node, shards)) => {
+                    pgrx::notice!(
+                        "pgdist: index {} built on {shards} shards of {node}",
+                        index.name
+                    );
+                    None
+                }
+                Err(err) => Some(err),
+            }),
+            Err(err) => Some(err),
+        };
+        if let Some(cause) = failure {
+            // SAFETY: clears indisvalid of the index this statement just built (an in-place
+            // update, so it stays when the error aborts the transaction).
+            unsafe {
+                pg_sys::index_set_state_flags(
+                    index.oid,
+                    pg_sys::IndexStateFlagsAction::INDEX_DROP_CLEAR_VALID,
+                );
+            }
+            return Err(DistributionError::ConcurrentIndex {
+                index: index.name.clone(),
+                cause,
+            });
+        }
+    }
+    Ok(())
+}
+
 fn check_uniqueness(table: &DistTable, after: &TableDefinition) -> Result<(), DistributionError> {
     match table
         .distribution_column

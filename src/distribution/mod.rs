@@ -56,6 +56,8 @@ pub enum DistributionError {
     CannotColocate { other: String, why: String },
     #[error(transparent)]
     Remote(#[from] RemoteError),
+    #[error("could not build index \"{index}\" concurrently on every shard: {cause}")]
+    ConcurrentIndex { index: String, cause: RemoteError },
     #[error(transparent)]
     Metadata(#[from] MetadataError),
 }
@@ -84,14 +86,15 @@ impl PgError for DistributionError {
             NoWorkers => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             StillDistributed(_) => PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
             CannotColocate { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            Remote(err) => err.sqlstate(),
+            Remote(err) | ConcurrentIndex { cause: err, .. } => err.sqlstate(),
             Metadata(err) => err.sqlstate(),
         }
     }
 
     fn detail(&self) -> Option<String> {
         match self {
-            DistributionError::Remote(err) => err.detail(),
+            DistributionError::Remote(err)
+            | DistributionError::ConcurrentIndex { cause: err, .. } => err.detail(),
             _ => None,
         }
     }
@@ -123,6 +126,12 @@ impl PgError for DistributionError {
             BadArgument(_) => Some("See the arguments of pgdist.create_distributed_table in the README.".into()),
             BadMethod(_) => Some("Use method => 'hash' (the default) or method => 'range'.".into()),
             Remote(err) => err.hint(),
+            ConcurrentIndex { .. } => Some(
+                "The index is left INVALID, as PostgreSQL leaves an index whose CREATE INDEX \
+                 CONCURRENTLY failed: DROP INDEX it (on the coordinator; the shards follow), \
+                 fix the cause and run the statement again."
+                    .into(),
+            ),
             _ => None,
         }
     }
