@@ -457,6 +457,10 @@ fn create_index_concurrently_builds_every_shard(cluster: &Cluster) {
     assert_eq!(invalid_indexes(&mut client, "visits"), 1);
     client.batch_execute("DROP INDEX visits_site_hits").unwrap();
     assert_shards_match_shell(cluster, &mut client, "visits");
+    client
+        .batch_execute("DROP INDEX CONCURRENTLY visits_page")
+        .unwrap();
+    assert_shards_match_shell(cluster, &mut client, "visits");
     client.batch_execute("DROP TABLE visits").unwrap();
 }
 

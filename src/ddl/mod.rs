@@ -15,8 +15,8 @@
 //! connection of its own (nodes in parallel); if one fails the shell's index is marked INVALID,
 //! as PostgreSQL leaves a failed concurrent build. Refused: CREATE TRIGGER (it would not fire
 //! on the shards), foreign keys of local tables that reference distributed or reference tables,
-//! local tables inheriting from them, DROP INDEX CONCURRENTLY, SET SCHEMA, renaming a schema
-//! that holds distributed tables.
+//! local tables inheriting from them, SET SCHEMA, renaming a schema that holds distributed
+//! tables. DROP INDEX CONCURRENTLY drops the shards' indexes concurrently too.
 
 pub mod diff;
 
@@ -32,8 +32,9 @@ use crate::distribution::shell::{self, with_suffix, TableDefinition};
 use crate::distribution::DistributionError;
 use crate::error::OrRaise;
 use crate::metadata::tables::{self, DistTable, Method, Placement};
+use crate::remote::connection::NodeConnection;
 use crate::remote::quote::quote_qualified;
-use crate::remote::NodeAddress;
+use crate::remote::{runtime, NodeAddress, RemoteError};
 use crate::transaction::remote_xact;
 
 static mut PREVIOUS_HOOK: pg_sys::ProcessUtility_hook_type = None;
@@ -57,8 +58,12 @@ enum Propagation {
     },
     /// DROP TABLE / DROP SCHEMA CASCADE: drop the shards, forget the table.
     Drop(Vec<(DistTable, TableDefinition, Vec<Placement>)>),
-    /// DROP INDEX: drop the shard indexes.
-    DropIndexes(Vec<(TableDefinition, String)>),
+    /// DROP INDEX: drop the shard indexes (CONCURRENTLY: each outside a transaction).
+    DropIndexes {
+        /// (table, its schema, index name)
+        indexes: Vec<(pg_sys::Oid, String, String)>,
+        concurrently: bool,
+    },
     Truncate(Vec<TableDefinition>),
     /// CREATE INDEX CONCURRENTLY: build the new index on every shard, concurrently.
     IndexConcurrently {
@@ -525,17 +530,19 @@ unsafe fn plan_drop(stmt: *mut pg_sys::DropStmt) -> Result<Option<Propagation>, 
                     if index == pg_sys::InvalidOid {
                         continue;
                     }
+                    // Catalog caches only: DROP INDEX CONCURRENTLY must be the transaction's
+                    // first action, and SPI would take that from it.
                     let table = pg_sys::IndexGetRelation(index, true);
-                    if tables::dist_table(table)?.is_some() {
-                        let definition = shell::read_definition(table)?;
+                    if crate::metadata::cache::lookup(table).is_some() {
+                        let (schema, _) = crate::executor::schema_and_name(table);
                         let name = CStr::from_ptr((*rv).relname).to_string_lossy().into_owned();
-                        if (*stmt).concurrent {
-                            return Err(unsupported("DROP INDEX CONCURRENTLY", "Use DROP INDEX."));
-                        }
-                        indexes.push((definition, name));
+                        indexes.push((table, schema, name));
                     }
                 }
-                Ok((!indexes.is_empty()).then_some(Propagation::DropIndexes(indexes)))
+                Ok((!indexes.is_empty()).then_some(Propagation::DropIndexes {
+                    indexes,
+                    concurrently: (*stmt).concurrent,
+                }))
             }
             pg_sys::ObjectType::OBJECT_EXTENSION => {
                 for name in PgList::<pg_sys::String>::from_pg((*stmt).objects).iter_ptr() {
@@ -634,18 +641,41 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
         Propagation::IndexConcurrently { table, before } => {
             build_index_concurrently(&table, &before)
         }
-        Propagation::DropIndexes(indexes) => {
-            for (definition, index) in indexes {
-                let placements = tables::placements(definition.oid)?;
-                run_per_node(&placements, |shard_id| {
-                    vec![format!(
-                        "DROP INDEX IF EXISTS {}",
-                        quote_qualified(
-                            &definition.schema,
-                            &with_suffix(&index, &shard_id.to_string())
-                        )
-                    )]
-                })?;
+        Propagation::DropIndexes {
+            indexes,
+            concurrently,
+        } => {
+            for (table, schema, index) in indexes {
+                let placements = tables::placements(table)?;
+                let shard_index = |shard_id: i64| {
+                    quote_qualified(&schema, &with_suffix(&index, &shard_id.to_string()))
+                };
+                if !concurrently {
+                    run_per_node(&placements, |shard_id| {
+                        vec![format!("DROP INDEX IF EXISTS {}", shard_index(shard_id))]
+                    })?;
+                    continue;
+                }
+                let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
+                for placement in &placements {
+                    per_node
+                        .entry(placement.node.node_id)
+                        .or_insert_with(|| (placement.node.clone(), Vec::new()))
+                        .1
+                        .push(format!(
+                            "DROP INDEX CONCURRENTLY IF EXISTS {}",
+                            shard_index(placement.shard_id)
+                        ));
+                }
+                // The coordinator's index is gone for good by now: a shard that kept its copy
+                // only takes space, so this is a warning, with what to run.
+                if let Err(err) = run_outside_transactions(per_node)? {
+                    pgrx::warning!(
+                        "pgdist: index {index} was dropped, but not on every shard ({err}); \
+                         its copies are named {index}_<shard id>: drop the ones left on the \
+                         nodes of pgdist.shards"
+                    );
+                }
             }
             Ok(())
         }
@@ -728,30 +758,16 @@ fn build_index_concurrently(
                 .1
                 .push(sql);
         }
-        let work = per_node
-            .into_values()
-            .map(|(node, statements)| Ok((target_for(node)?, statements)))
-            .collect::<Result<Vec<_>, DistributionError>>()?;
-        let builds = work.into_iter().map(|(target, statements)| async move {
-            let conn = crate::remote::connection::NodeConnection::open(&target).await?;
-            let _in_flight = crate::remote::runtime::InFlight::register(conn.cancel_token());
-            for sql in &statements {
-                conn.simple_query(sql).await?;
-            }
-            Ok::<_, crate::remote::RemoteError>((target.node, statements.len()))
-        });
-        let outcome = crate::remote::runtime::block_on(futures_util::future::join_all(builds));
-        let failure = match outcome {
-            Ok(results) => results.into_iter().find_map(|result| match result {
-                Ok((node, shards)) => {
+        let failure = match run_outside_transactions(per_node)? {
+            Ok(done) => {
+                for (node, shards) in done {
                     pgrx::notice!(
                         "pgdist: index {} built on {shards} shards of {node}",
                         index.name
                     );
-                    None
                 }
-                Err(err) => Some(err),
-            }),
+                None
+            }
             Err(err) => Some(err),
         };
         if let Some(cause) = failure {
@@ -770,6 +786,28 @@ fn build_index_concurrently(
         }
     }
     Ok(())
+}
+
+/// Runs each node's statements one by one, each in its own transaction, over a fresh
+/// connection per node (nodes in parallel): for the statements that refuse to run in a
+/// transaction block. Returns how many statements each node ran, or the first failure.
+fn run_outside_transactions(
+    per_node: BTreeMap<i32, (NodeAddress, Vec<String>)>,
+) -> Result<Result<Vec<(NodeAddress, usize)>, RemoteError>, DistributionError> {
+    let work = per_node
+        .into_values()
+        .map(|(node, statements)| Ok((target_for(node)?, statements)))
+        .collect::<Result<Vec<_>, DistributionError>>()?;
+    let runs = work.into_iter().map(|(target, statements)| async move {
+        let conn = NodeConnection::open(&target).await?;
+        let _in_flight = runtime::InFlight::register(conn.cancel_token());
+        for sql in &statements {
+            conn.simple_query(sql).await?;
+        }
+        Ok::<_, RemoteError>((target.node, statements.len()))
+    });
+    Ok(runtime::block_on(futures_util::future::join_all(runs))
+        .and_then(|results| results.into_iter().collect()))
 }
 
 fn check_uniqueness(table: &DistTable, after: &TableDefinition) -> Result<(), DistributionError> {
