@@ -530,8 +530,8 @@ unsafe fn plan_drop(stmt: *mut pg_sys::DropStmt) -> Result<Option<Propagation>, 
                     if index == pg_sys::InvalidOid {
                         continue;
                     }
-                    // Catalog caches only: DROP INDEX CONCURRENTLY must be the transaction's
-                    // first action, and SPI would take that from it.
+                    // Catalog caches only, no SPI: DROP INDEX CONCURRENTLY must stay the
+                    // transaction's first action (the SPI reads made it fail that check).
                     let table = pg_sys::IndexGetRelation(index, true);
                     if crate::metadata::cache::lookup(table).is_some() {
                         let (schema, _) = crate::executor::schema_and_name(table);
