@@ -25,6 +25,7 @@ fn main() {
             pg_cancel_backend_cancels_remote_work,
             replica_is_matched_to_its_primary,
             differential_helper_catches_differences,
+            connections_to_nodes_use_tls_as_node_conninfo_asks,
         ],
     )
 }
@@ -504,4 +505,142 @@ fn differential_helper_catches_differences(cluster: &Cluster) {
         "a differing count must fail the comparison"
     );
     run_on_both(&mut coordinator, &mut reference, "DROP TABLE diff_check");
+}
+
+/// Sets `pgdist.node_conninfo` on the coordinator (new sessions open new connections with it).
+fn set_node_conninfo(cluster: &Cluster, value: &str) {
+    set_and_reload(
+        &cluster.coordinator,
+        &[&format!(
+            "ALTER SYSTEM SET pgdist.node_conninfo = '{value}'"
+        )],
+    );
+}
+
+/// Runs each ALTER SYSTEM statement (one per transaction) on `server` and reloads it.
+fn set_and_reload(server: &Server, statements: &[&str]) {
+    let mut client = server.connect();
+    for sql in statements {
+        client.batch_execute(sql).unwrap();
+    }
+    client.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// Which of the worker's pgdist sessions are encrypted.
+fn pgdist_sessions_with_ssl(worker: &Server) -> Vec<bool> {
+    worker
+        .connect()
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name LIKE 'pgdist:%'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// `sslmode` and friends in `pgdist.node_conninfo` work as for libpq: `verify-full` encrypts
+/// and checks the node's certificate, a certificate nobody vouches for is refused with a clear
+/// error, `require` refuses a node without TLS, and cancel requests still reach the nodes.
+fn connections_to_nodes_use_tls_as_node_conninfo_asks(cluster: &Cluster) {
+    let worker = &cluster.workers[0];
+    // A self-signed certificate for 127.0.0.1: the node's, and the one authority to trust.
+    let cert = worker.dir.join("node.crt");
+    let key = worker.dir.join("node.key");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    worker.chown(&worker.dir);
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let stranger = worker.dir.join("stranger.crt");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=stranger", "-keyout", "/dev/null", "-out"])
+        .arg(&stranger)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    set_and_reload(
+        worker,
+        &[
+            "ALTER SYSTEM SET ssl = on",
+            &format!("ALTER SYSTEM SET ssl_cert_file = '{}'", cert.display()),
+            &format!("ALTER SYSTEM SET ssl_key_file = '{}'", key.display()),
+        ],
+    );
+    let on_worker = "SELECT count(*) FROM pgdist.run_on_workers('SELECT 1') WHERE success";
+
+    set_node_conninfo(
+        cluster,
+        &format!("sslmode=verify-full sslrootcert={}", cert.display()),
+    );
+    let mut client = cluster.coordinator_client();
+    assert_eq!(
+        query_text(&mut client, on_worker).unwrap(),
+        vec![vec![Some("1".into())]],
+        "only the worker with TLS answers"
+    );
+    // This session's, and the maintenance daemon's once it reloaded.
+    let sessions = pgdist_sessions_with_ssl(worker);
+    assert!(
+        !sessions.is_empty() && sessions.iter().all(|ssl| *ssl),
+        "{sessions:?}"
+    );
+    // A cancel request reaches a command running over TLS.
+    client
+        .batch_execute("SET statement_timeout = '300ms'")
+        .unwrap();
+    let started = Instant::now();
+    let err = client
+        .batch_execute("SELECT * FROM pgdist.run_on_workers('SELECT pg_sleep(30)')")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "57014", "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(client);
+
+    set_node_conninfo(
+        cluster,
+        &format!("sslmode=verify-ca sslrootcert={}", stranger.display()),
+    );
+    let failures = query_text(
+        &mut cluster.coordinator_client(),
+        "SELECT result FROM pgdist.run_on_workers('SELECT 1') WHERE NOT success",
+    )
+    .unwrap();
+    assert_eq!(failures.len(), 2, "{failures:?}");
+    let text = format!("{failures:?}");
+    assert!(text.contains("certificate verify failed"), "{text}");
+
+    set_node_conninfo(cluster, "sslmode=require");
+    assert_eq!(
+        query_text(&mut cluster.coordinator_client(), on_worker).unwrap(),
+        vec![vec![Some("1".into())]],
+        "the worker without TLS is refused"
+    );
+    set_node_conninfo(cluster, "sslmode=prefer");
+    assert_eq!(
+        query_text(&mut cluster.coordinator_client(), on_worker).unwrap(),
+        vec![vec![Some("2".into())]]
+    );
+    set_node_conninfo(cluster, "");
+    set_and_reload(worker, &["ALTER SYSTEM RESET ssl"]);
 }

@@ -800,7 +800,7 @@ fn run_outside_transactions(
         .collect::<Result<Vec<_>, DistributionError>>()?;
     let runs = work.into_iter().map(|(target, statements)| async move {
         let conn = NodeConnection::open(&target).await?;
-        let _in_flight = runtime::InFlight::register(conn.cancel_token());
+        let _in_flight = runtime::InFlight::register(conn.canceller());
         for sql in &statements {
             conn.simple_query(sql).await?;
         }

@@ -33,7 +33,7 @@ use futures_util::StreamExt;
 use pgrx::pg_sys;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
-use tokio_postgres::{CancelToken, NoTls, SimpleQueryMessage};
+use tokio_postgres::SimpleQueryMessage;
 
 use crate::executor::spill::Spill;
 use crate::remote::connection::{self, NodeConnection};
@@ -232,7 +232,7 @@ pub struct FragmentStream {
     participant_tasks: Vec<Rc<RefCell<Option<LaneTask>>>>,
     checkout: Option<Checkout>,
     set_aside: Vec<(usize, Arc<SetAside>)>,
-    cancel_tokens: Vec<CancelToken>,
+    cancel_tokens: Vec<crate::remote::tls::Canceller>,
     finished: bool,
 }
 
@@ -296,7 +296,7 @@ impl FragmentStream {
             for fragments in shares.into_iter().filter(|s| !s.is_empty()) {
                 let cached = connection::take_cached(&target);
                 if let Some(conn) = &cached {
-                    cancel_tokens.push(conn.cancel_token());
+                    cancel_tokens.push(conn.canceller());
                 }
                 let (fragments, channel) = channels.add(fragments);
                 let share = Share {
@@ -532,7 +532,7 @@ impl Drop for FragmentStream {
         }
         let tokens = std::mem::take(&mut self.cancel_tokens);
         let _ = runtime::block_on(async move {
-            let cancels = tokens.iter().map(|t| t.cancel_query(NoTls));
+            let cancels = tokens.iter().map(crate::remote::tls::Canceller::cancel);
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(1),
                 futures_util::future::join_all(cancels),
@@ -567,7 +567,7 @@ impl Share {
             },
         };
         // Registered for the whole share, so an interrupt while rows stream cancels it.
-        let mut _in_flight = runtime::InFlight::register(conn.cancel_token());
+        let mut _in_flight = runtime::InFlight::register(conn.canceller());
         let mut prefix = self.prefix;
         let mut receiving = true;
         for Fragment { sql, count } in self.fragments {
@@ -593,7 +593,7 @@ impl Share {
                             return None;
                         }
                     }
-                    _in_flight = runtime::InFlight::register(conn.cancel_token());
+                    _in_flight = runtime::InFlight::register(conn.canceller());
                     conn.session_settings = self.settings.clone();
                     let (prepare, run, fresh) = statement_text(&mut conn, &sql);
                     sent_as = fresh;

@@ -7,11 +7,13 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use postgres_openssl::MakeTlsConnector;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use crate::remote::conninfo::ConnectParams;
 use crate::remote::runtime::InFlight;
+use crate::remote::tls::{Canceller, TlsSettings};
 use crate::remote::{NodeAddress, RemoteError};
 
 /// How many idle connections per node and user the cache keeps.
@@ -22,6 +24,7 @@ const MAX_IDLE_PER_NODE: usize = 8;
 pub struct NodeTarget {
     pub node: NodeAddress,
     pub config: tokio_postgres::Config,
+    pub tls: TlsSettings,
 }
 
 impl NodeTarget {
@@ -33,11 +36,11 @@ impl NodeTarget {
             user,
             application_name: crate::transaction::activity::application_name(),
         };
-        let config = params.to_config(
+        let (config, tls) = params.to_config(
             &crate::gucs::node_conninfo(),
             crate::gucs::node_connect_timeout(),
         )?;
-        Ok(NodeTarget { node, config })
+        Ok(NodeTarget { node, config, tls })
     }
 
     fn cache_key(&self) -> CacheKey {
@@ -53,6 +56,8 @@ pub struct NodeConnection {
     pub node: NodeAddress,
     client: Client,
     driver: JoinHandle<()>,
+    /// The TLS connector the connection was made with (cancel requests use it too).
+    tls: Option<MakeTlsConnector>,
     key: CacheKey,
     /// True when this connection came from the cache (it may have died since).
     pub reused: bool,
@@ -68,22 +73,37 @@ pub struct NodeConnection {
 impl NodeConnection {
     /// Opens a new connection (runs on the runtime; touches nothing of PostgreSQL's).
     pub async fn open(target: &NodeTarget) -> Result<NodeConnection, RemoteError> {
-        let (client, connection) =
-            target
-                .config
-                .connect(NoTls)
-                .await
-                .map_err(|err| RemoteError::Connect {
-                    node: target.node.clone(),
-                    cause: super::error::error_chain(&err),
-                })?;
-        let driver = tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let failed = |cause: String| RemoteError::Connect {
+            node: target.node.clone(),
+            cause,
+        };
+        let tls = target.tls.connector().map_err(failed)?;
+        let chain = |err: tokio_postgres::Error| failed(super::error::error_chain(&err));
+        let (client, driver) = match &tls {
+            Some(connector) => {
+                let (client, connection) = target
+                    .config
+                    .connect(connector.clone())
+                    .await
+                    .map_err(chain)?;
+                let driver = tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                (client, driver)
+            }
+            None => {
+                let (client, connection) = target.config.connect(NoTls).await.map_err(chain)?;
+                let driver = tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                (client, driver)
+            }
+        };
         Ok(NodeConnection {
             node: target.node.clone(),
             client,
             driver,
+            tls,
             key: target.cache_key(),
             reused: false,
             session_settings: String::new(),
@@ -94,7 +114,7 @@ impl NodeConnection {
 
     /// Runs `sql` with the simple query protocol; cancellable while it runs.
     pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, RemoteError> {
-        let _in_flight = InFlight::register(self.client.cancel_token());
+        let _in_flight = InFlight::register(self.canceller());
         self.client
             .simple_query(sql)
             .await
@@ -105,8 +125,12 @@ impl NodeConnection {
         self.client.is_closed()
     }
 
-    pub fn cancel_token(&self) -> tokio_postgres::CancelToken {
-        self.client.cancel_token()
+    /// How to cancel what this connection runs.
+    pub fn canceller(&self) -> Canceller {
+        Canceller {
+            token: self.client.cancel_token(),
+            tls: self.tls.clone(),
+        }
     }
 
     /// Starts `sql` (simple protocol) and returns its messages as they arrive.
@@ -231,7 +255,7 @@ impl NodeConnection {
         chunks: Vec<bytes::Bytes>,
     ) -> Result<u64, RemoteError> {
         use futures_util::SinkExt;
-        let _in_flight = InFlight::register(self.client.cancel_token());
+        let _in_flight = InFlight::register(self.canceller());
         let fail = |err| RemoteError::from_postgres(&self.node, err);
         let sink = self
             .client

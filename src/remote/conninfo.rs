@@ -7,6 +7,7 @@
 use std::str::FromStr;
 
 use crate::remote::quote::quote_conninfo_value;
+use crate::remote::tls::{TlsSettings, TLS_KEYS};
 use crate::remote::RemoteError;
 
 /// Keys pgdist sets itself; `pgdist.node_conninfo` may not override them.
@@ -78,13 +79,15 @@ pub struct ConnectParams {
 }
 
 impl ConnectParams {
-    /// The tokio-postgres configuration for these parameters plus `extra` (node_conninfo).
+    /// The tokio-postgres configuration for these parameters plus `extra` (node_conninfo), and
+    /// the TLS settings `extra` asks for.
     pub fn to_config(
         &self,
         extra: &str,
         default_connect_timeout: std::time::Duration,
-    ) -> Result<tokio_postgres::Config, RemoteError> {
+    ) -> Result<(tokio_postgres::Config, TlsSettings), RemoteError> {
         let mut passfile = std::env::var("PGPASSFILE").ok();
+        let mut tls = TlsSettings::default();
         let mut text = String::new();
         let mut has_timeout = false;
         for (key, value) in parse_conninfo(extra)? {
@@ -100,6 +103,7 @@ impl ConnectParams {
             }
             match key.as_str() {
                 "passfile" => passfile = Some(value),
+                tls_key if TLS_KEYS.contains(&tls_key) => tls.set(tls_key, value)?,
                 _ => {
                     has_timeout |= key == "connect_timeout";
                     text.push_str(&format!("{key}={} ", quote_conninfo_value(&value)));
@@ -112,7 +116,8 @@ impl ConnectParams {
             .host(&self.host)
             .port(self.port)
             .dbname(&self.dbname)
-            .user(&self.user);
+            .user(&self.user)
+            .ssl_mode(tls.wire_mode());
         // Tells the nodes which coordinator backend each of their sessions works for.
         config.application_name(&self.application_name);
         if !has_timeout {
@@ -126,7 +131,7 @@ impl ConnectParams {
         if let Some(password) = passfile.and_then(|path| self.password_from_file(&path)) {
             config.password(password);
         }
-        Ok(config)
+        Ok((config, tls))
     }
 
     /// The password for this host/port/database/user in a libpq passfile, if any.
@@ -218,9 +223,13 @@ mod unit {
         )
         .unwrap();
         let extra = format!("passfile={} connect_timeout=3", path.display());
-        let config = params()
-            .to_config(&extra, std::time::Duration::from_secs(1))
+        let (config, tls) = params()
+            .to_config(
+                &format!("{extra} sslmode=require"),
+                std::time::Duration::from_secs(1),
+            )
             .unwrap();
+        assert_eq!(tls.mode, crate::remote::tls::Mode::Require);
         std::fs::remove_file(&path).unwrap();
         assert_eq!(config.get_password(), Some(&b"p:w"[..]));
         assert_eq!(

@@ -1,11 +1,12 @@
 //! Talking to nodes: connection parameters, the per-backend connection cache, the async
-//! runtime, interruptible waits and quoting for remote SQL.
+//! runtime, interruptible waits, TLS and quoting for remote SQL.
 
 pub mod connection;
 pub mod conninfo;
 pub mod error;
 pub mod quote;
 pub mod runtime;
+pub mod tls;
 
 use std::fmt;
 

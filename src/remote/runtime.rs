@@ -18,9 +18,9 @@ use std::future::Future;
 use std::pin::pin;
 use std::time::Duration;
 
+use crate::remote::tls::Canceller;
 use pgrx::pg_sys;
 use tokio::runtime::Runtime;
-use tokio_postgres::{CancelToken, NoTls};
 
 use crate::remote::RemoteError;
 
@@ -40,14 +40,14 @@ thread_local! {
 #[derive(Default)]
 struct InFlightSet {
     next_id: u64,
-    tokens: HashMap<u64, CancelToken>,
+    tokens: HashMap<u64, Canceller>,
 }
 
 /// Registration of one remote command that is running; deregisters itself when dropped.
 pub struct InFlight(u64);
 
 impl InFlight {
-    pub fn register(token: CancelToken) -> InFlight {
+    pub fn register(token: Canceller) -> InFlight {
         IN_FLIGHT.with_borrow_mut(|set| {
             set.next_id += 1;
             set.tokens.insert(set.next_id, token);
@@ -122,10 +122,10 @@ pub fn block_on<F: Future>(future: F) -> Result<F::Output, RemoteError> {
                 return Ok(output);
             }
             if interrupt_requested() {
-                let tokens: Vec<CancelToken> =
+                let tokens: Vec<Canceller> =
                     IN_FLIGHT.with_borrow(|set| set.tokens.values().cloned().collect());
                 runtime.block_on(async {
-                    let cancels = tokens.iter().map(|token| token.cancel_query(NoTls));
+                    let cancels = tokens.iter().map(Canceller::cancel);
                     let _ =
                         tokio::time::timeout(CANCEL_GRACE, futures_util::future::join_all(cancels))
                             .await;
