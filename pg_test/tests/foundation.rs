@@ -527,14 +527,14 @@ fn set_and_reload(server: &Server, statements: &[&str]) {
     std::thread::sleep(Duration::from_millis(300));
 }
 
-/// Which of the worker's pgdist sessions are encrypted.
-fn pgdist_sessions_with_ssl(worker: &Server) -> Vec<bool> {
+/// Whether the worker's sessions for coordinator backend `pid` are encrypted.
+fn sessions_with_ssl(worker: &Server, pid: i32) -> Vec<bool> {
     worker
         .connect()
         .query(
             "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
-             WHERE a.application_name LIKE 'pgdist:%'",
-            &[],
+             WHERE a.application_name LIKE 'pgdist:%:' || $1",
+            &[&pid.to_string()],
         )
         .unwrap()
         .iter()
@@ -599,12 +599,11 @@ fn connections_to_nodes_use_tls_as_node_conninfo_asks(cluster: &Cluster) {
         vec![vec![Some("1".into())]],
         "only the worker with TLS answers"
     );
-    // This session's, and the maintenance daemon's once it reloaded.
-    let sessions = pgdist_sessions_with_ssl(worker);
-    assert!(
-        !sessions.is_empty() && sessions.iter().all(|ssl| *ssl),
-        "{sessions:?}"
-    );
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(sessions_with_ssl(worker, pid), vec![true]);
     // A cancel request reaches a command running over TLS.
     client
         .batch_execute("SET statement_timeout = '300ms'")
