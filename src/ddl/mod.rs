@@ -691,8 +691,6 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
     }
 }
 
-/// A new UNIQUE / PRIMARY KEY / EXCLUDE constraint or unique index must include the
-/// distribution column (uniqueness is enforced per shard).
 /// A unique index built concurrently must include the distribution column: checked before
 /// the shell's index is built (and committed).
 unsafe fn require_distribution_column_in_unique_index(
@@ -810,6 +808,8 @@ fn run_outside_transactions(
         .and_then(|results| results.into_iter().collect()))
 }
 
+/// A new UNIQUE / PRIMARY KEY / EXCLUDE constraint or unique index must include the
+/// distribution column (uniqueness is enforced per shard).
 fn check_uniqueness(table: &DistTable, after: &TableDefinition) -> Result<(), DistributionError> {
     match table
         .distribution_column

@@ -232,7 +232,7 @@ pub struct FragmentStream {
     participant_tasks: Vec<Rc<RefCell<Option<LaneTask>>>>,
     checkout: Option<Checkout>,
     set_aside: Vec<(usize, Arc<SetAside>)>,
-    cancel_tokens: Vec<crate::remote::tls::Canceller>,
+    cancellers: Vec<crate::remote::tls::Canceller>,
     finished: bool,
 }
 
@@ -257,7 +257,7 @@ impl FragmentStream {
         let mut tasks = Vec::new();
         let mut participant_tasks = Vec::new();
         let mut set_aside = Vec::new();
-        let mut cancel_tokens = Vec::new();
+        let mut cancellers = Vec::new();
         let mut checkout = None;
         if !transactional.is_empty() {
             let targets: Vec<NodeTarget> = transactional.iter().map(|(t, _)| t.clone()).collect();
@@ -296,7 +296,7 @@ impl FragmentStream {
             for fragments in shares.into_iter().filter(|s| !s.is_empty()) {
                 let cached = connection::take_cached(&target);
                 if let Some(conn) = &cached {
-                    cancel_tokens.push(conn.canceller());
+                    cancellers.push(conn.canceller());
                 }
                 let (fragments, channel) = channels.add(fragments);
                 let share = Share {
@@ -320,7 +320,7 @@ impl FragmentStream {
             participant_tasks,
             checkout,
             set_aside,
-            cancel_tokens,
+            cancellers,
             finished: false,
         }
     }
@@ -530,7 +530,7 @@ impl Drop for FragmentStream {
         for task in &self.tasks {
             task.abort();
         }
-        let tokens = std::mem::take(&mut self.cancel_tokens);
+        let tokens = std::mem::take(&mut self.cancellers);
         let _ = runtime::block_on(async move {
             let cancels = tokens.iter().map(crate::remote::tls::Canceller::cancel);
             let _ = tokio::time::timeout(

@@ -99,22 +99,18 @@ pub unsafe fn take_from(parse: *mut pg_sys::Query) -> Result<Scope, PlannerError
 /// The lock clause for range-table entry `rti` read alone by the query `root` plans, if it has
 /// one: `FOR UPDATE`.
 pub unsafe fn clause_for(root: *mut pg_sys::PlannerInfo, rti: u32) -> String {
-    // SAFETY: root is the planner state of the query being planned.
-    let query = unsafe { (*root).parse };
-    PENDING.with_borrow(|pending| match pending {
-        Some(p) if p.query == query => p
-            .marks
-            .iter()
-            .find(|(r, _, _)| *r == rti)
-            .map(|(_, strength, wait)| format!("{strength}{wait}"))
-            .unwrap_or_default(),
-        _ => String::new(),
-    })
+    // SAFETY: as clause.
+    unsafe { clause(root, rti, None) }
 }
 
 /// The lock clause for range-table entry `rti`, known as `alias` in a join's fragment, if it
 /// has one: `FOR UPDATE OF r2`.
 pub unsafe fn clause_in_join(root: *mut pg_sys::PlannerInfo, rti: u32, alias: &str) -> String {
+    // SAFETY: as clause.
+    unsafe { clause(root, rti, Some(alias)) }
+}
+
+unsafe fn clause(root: *mut pg_sys::PlannerInfo, rti: u32, alias: Option<&str>) -> String {
     // SAFETY: root is the planner state of the query being planned.
     let query = unsafe { (*root).parse };
     PENDING.with_borrow(|pending| match pending {
@@ -122,7 +118,10 @@ pub unsafe fn clause_in_join(root: *mut pg_sys::PlannerInfo, rti: u32, alias: &s
             .marks
             .iter()
             .find(|(r, _, _)| *r == rti)
-            .map(|(_, strength, wait)| format!("{strength} OF {alias}{wait}"))
+            .map(|(_, strength, wait)| match alias {
+                Some(alias) => format!("{strength} OF {alias}{wait}"),
+                None => format!("{strength}{wait}"),
+            })
             .unwrap_or_default(),
         _ => String::new(),
     })
