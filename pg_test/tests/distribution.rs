@@ -21,6 +21,7 @@ fn main() {
             remove_node_refuses_a_node_with_shards,
             ddl_reaches_every_shard,
             create_index_concurrently_builds_every_shard,
+            table_settings_and_ownership_changes_reach_every_shard,
             ddl_that_a_worker_rejects_changes_nothing,
             prepared_reads_follow_column_type_changes,
             bad_input_gives_clear_errors_and_changes_nothing,
@@ -388,6 +389,75 @@ fn assert_shards_match_shell(cluster: &Cluster, client: &mut Client, table: &str
         let got = shape(&mut cluster.worker_on(shard.port).connect(), &shard.name);
         assert_eq!(got, expected, "{} differs from {table}", shard.name);
     }
+}
+
+/// Storage parameters, replica identity and a column's statistics target of `relation`.
+fn settings_of(client: &mut Client, relation: &str) -> Vec<Vec<Option<String>>> {
+    query_text(
+        client,
+        &format!(
+            "SELECT coalesce(array_to_string(c.reloptions, ','), ''), c.relreplident::text, a.attstattarget::text
+             FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'city'
+             WHERE c.oid = '{relation}'::regclass"
+        ),
+    )
+    .unwrap()
+}
+
+/// ALTER TABLE forms that the definition does not show reach the shards too (storage
+/// parameters, statistics target, replica identity); ownership and row security stay on the
+/// coordinator, which checks every statement.
+fn table_settings_and_ownership_changes_reach_every_shard(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE stores (id int PRIMARY KEY, city text);
+             INSERT INTO stores SELECT i, 'c' || i % 9 FROM generate_series(1, 100) i;
+             SELECT pgdist.create_distributed_table('stores', 'id', shard_count => 3);
+             CREATE ROLE store_owner;",
+        )
+        .unwrap();
+    for step in [
+        "ALTER TABLE stores SET (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.05)",
+        "ALTER TABLE stores ALTER COLUMN city SET STATISTICS 500",
+        "ALTER TABLE stores REPLICA IDENTITY FULL",
+        "ALTER TABLE stores RESET (autovacuum_vacuum_scale_factor)",
+        "ALTER TABLE stores OWNER TO store_owner",
+        "ALTER TABLE stores ENABLE ROW LEVEL SECURITY",
+        "ALTER TABLE stores DISABLE ROW LEVEL SECURITY",
+    ] {
+        client
+            .batch_execute(step)
+            .unwrap_or_else(|e| panic!("{step}: {e:?}"));
+    }
+    let expected = vec![vec![
+        Some("fillfactor=70".to_string()),
+        Some("f".to_string()),
+        Some("500".to_string()),
+    ]];
+    assert_eq!(settings_of(&mut client, "stores"), expected);
+    for shard in shards(&mut client, "stores") {
+        let mut worker = cluster.worker_on(shard.port).connect();
+        assert_eq!(
+            settings_of(&mut worker, &shard.name),
+            expected,
+            "{}",
+            shard.name
+        );
+    }
+    let owner = query_text(
+        &mut client,
+        "SELECT tableowner FROM pg_tables WHERE tablename = 'stores'",
+    )
+    .unwrap();
+    assert_eq!(owner, vec![vec![Some("store_owner".to_string())]]);
+    let err = client
+        .batch_execute("ALTER TABLE stores REPLICA IDENTITY USING INDEX stores_pkey")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    client
+        .batch_execute("DROP TABLE stores; DROP ROLE store_owner")
+        .unwrap();
 }
 
 /// Indexes of `relation` (on the server `client` talks to) that are not valid.

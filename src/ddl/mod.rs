@@ -8,7 +8,9 @@
 //! changes nothing anywhere.
 //!
 //! Handled: CREATE INDEX, DROP INDEX, ALTER TABLE (ADD / DROP / ALTER COLUMN TYPE, SET / DROP
-//! DEFAULT, SET / DROP NOT NULL, ADD / DROP CONSTRAINT), RENAME of tables, columns, constraints
+//! DEFAULT, SET / DROP NOT NULL, ADD / DROP CONSTRAINT; storage parameters, statistics targets
+//! and the replica identity, which the definition does not show, go as the subcommand itself;
+//! OWNER TO and row security only change the shell), RENAME of tables, columns, constraints
 //! and indexes, DROP TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE. CREATE INDEX
 //! CONCURRENTLY runs outside any transaction, so it is not propagated in one: once PostgreSQL
 //! has built the index on the shell, each shard's index is built concurrently over a
@@ -33,7 +35,7 @@ use crate::distribution::DistributionError;
 use crate::error::OrRaise;
 use crate::metadata::tables::{self, DistTable, Method, Placement};
 use crate::remote::connection::NodeConnection;
-use crate::remote::quote::quote_qualified;
+use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified};
 use crate::remote::{runtime, NodeAddress, RemoteError};
 use crate::transaction::remote_xact;
 
@@ -55,6 +57,9 @@ enum Propagation {
         table: DistTable,
         before: TableDefinition,
         using: HashMap<String, String>,
+        /// Subcommands the definition does not show (storage parameters, statistics targets,
+        /// replica identity), as SQL to apply to each shard after `ALTER TABLE <shard>`.
+        settings: Vec<String>,
     },
     /// DROP TABLE / DROP SCHEMA CASCADE: drop the shards, forget the table.
     Drop(Vec<(DistTable, TableDefinition, Vec<Placement>)>),
@@ -223,6 +228,7 @@ fn change(table: DistTable) -> Result<Option<Propagation>, DistributionError> {
         table,
         before,
         using: HashMap::new(),
+        settings: Vec::new(),
     }))
 }
 
@@ -277,14 +283,16 @@ unsafe fn plan(
                 };
                 let text = CStr::from_ptr(query_string).to_string_lossy().into_owned();
                 let mut using = HashMap::new();
+                let mut settings = Vec::new();
                 for cmd in PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds).iter_ptr() {
-                    check_alter_command(&table, cmd, &text, &mut using)?;
+                    check_alter_command(&table, cmd, &text, &mut using, &mut settings)?;
                 }
                 let before = shell::read_definition(table.oid)?;
                 Ok(Some(Propagation::Change {
                     table,
                     before,
                     using,
+                    settings,
                 }))
             }
             pg_sys::NodeTag::T_RenameStmt => {
@@ -446,6 +454,7 @@ unsafe fn check_alter_command(
     cmd: *mut pg_sys::AlterTableCmd,
     query: &str,
     using: &mut HashMap<String, String>,
+    settings: &mut Vec<String>,
 ) -> Result<(), DistributionError> {
     #[allow(non_upper_case_globals)]
     use pg_sys::AlterTableType::*;
@@ -486,12 +495,67 @@ unsafe fn check_alter_command(
                 }
                 Ok(())
             }
+            // Who owns the table and whether policies apply are the coordinator's business
+            // (it checks every statement); the shards belong to the service login.
+            AT_ChangeOwner | AT_EnableRowSecurity | AT_DisableRowSecurity | AT_ForceRowSecurity
+            | AT_NoForceRowSecurity => Ok(()),
+            AT_SetRelOptions | AT_ResetRelOptions => {
+                let options: Vec<String> = PgList::<pg_sys::DefElem>::from_pg((*cmd).def.cast())
+                    .iter_ptr()
+                    .map(|option| storage_option(option, (*cmd).subtype == AT_SetRelOptions))
+                    .collect();
+                let verb = if (*cmd).subtype == AT_SetRelOptions { "SET" } else { "RESET" };
+                settings.push(format!("{verb} ({})", options.join(", ")));
+                Ok(())
+            }
+            AT_SetStatistics if name.is_some() && !(*cmd).def.is_null() => {
+                let target = (*(*cmd).def.cast::<pg_sys::Integer>()).ival;
+                let column = quote_identifier(name.as_deref().unwrap_or_default());
+                settings.push(format!("ALTER COLUMN {column} SET STATISTICS {target}"));
+                Ok(())
+            }
+            AT_ReplicaIdentity => {
+                let identity = (*cmd).def.cast::<pg_sys::ReplicaIdentityStmt>();
+                let form = match (*identity).identity_type as u8 {
+                    b'd' => "DEFAULT",
+                    b'f' => "FULL",
+                    b'n' => "NOTHING",
+                    _ => {
+                        return Err(unsupported(
+                            "REPLICA IDENTITY USING INDEX",
+                            "Use REPLICA IDENTITY DEFAULT (the primary key) or FULL.",
+                        ))
+                    }
+                };
+                settings.push(format!("REPLICA IDENTITY {form}"));
+                Ok(())
+            }
             _ => Err(unsupported(
                 "this ALTER TABLE subcommand",
                 "Supported on distributed tables: ADD / DROP COLUMN, ALTER COLUMN TYPE, SET / DROP DEFAULT, \
-                 SET / DROP NOT NULL, ADD / DROP CONSTRAINT, RENAME.",
+                 SET / DROP NOT NULL, ADD / DROP CONSTRAINT, RENAME, OWNER TO, SET / RESET (storage \
+                 parameters), ALTER COLUMN SET STATISTICS, REPLICA IDENTITY, ENABLE / DISABLE ROW \
+                 LEVEL SECURITY.",
             )),
         }
+    }
+}
+
+/// One storage parameter of `SET (…)` / `RESET (…)` as SQL: `fillfactor = '70'`,
+/// `toast.autovacuum_enabled = 'false'`, or just the name to reset.
+unsafe fn storage_option(option: *mut pg_sys::DefElem, with_value: bool) -> String {
+    // SAFETY: option is a DefElem of the statement's parse tree; defGetString copies its value.
+    unsafe {
+        let mut name = quote_identifier(&CStr::from_ptr((*option).defname).to_string_lossy());
+        if !(*option).defnamespace.is_null() {
+            let namespace = CStr::from_ptr((*option).defnamespace).to_string_lossy();
+            name = format!("{}.{name}", quote_identifier(&namespace));
+        }
+        if !with_value || (*option).arg.is_null() {
+            return name;
+        }
+        let value = CStr::from_ptr(pg_sys::defGetString(option)).to_string_lossy();
+        format!("{name} = {}", quote_literal(&value))
     }
 }
 
@@ -601,6 +665,7 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
             table,
             before,
             using,
+            settings,
         } => {
             let after = shell::read_definition(table.oid)?;
             if table.method != Method::Reference {
@@ -623,7 +688,10 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
             }
             let placements = tables::placements(table.oid)?;
             run_per_node(&placements, |shard_id| {
-                diff::shard_statements(&before, &after, shard_id, &using)
+                let mut statements = diff::shard_statements(&before, &after, shard_id, &using);
+                let shard = after.shard_relation(shard_id);
+                statements.extend(settings.iter().map(|s| format!("ALTER TABLE {shard} {s}")));
+                statements
             })
         }
         Propagation::Drop(drops) => {
