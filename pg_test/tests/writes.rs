@@ -42,6 +42,7 @@ fn main() {
             copy_formats_options_and_bad_input_match_plain_postgres,
             insert_select_between_colocated_tables_runs_on_the_workers,
             writes_inside_with_match_plain_postgres,
+            merge_matches_plain_postgres,
             coordinator_crash_after_commit_decision_is_committed_by_recovery,
             coordinator_crash_before_commit_decision_is_rolled_back_by_recovery,
             worker_crash_after_prepare_is_committed_once_it_is_back,
@@ -1153,6 +1154,108 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
 }
 
 /// `COPY … FROM STDIN` of `data` on one server: the row count, or the error's SQLSTATE.
+/// MERGE runs as one MERGE per shard when the source is co-located (joined on the
+/// distribution columns) or a reference table; other shapes are refused with 0A000 and change
+/// nothing.
+fn merge_matches_plain_postgres(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE TABLE stock_levels (item int PRIMARY KEY, qty int NOT NULL, note text DEFAULT 'new');
+         CREATE TABLE deliveries (item int, qty int, kind text);
+         CREATE TABLE price_list (item int PRIMARY KEY, price numeric);
+         CREATE TABLE shelf (item int PRIMARY KEY, qty int);
+         CREATE TABLE elsewhere (item int, qty int);
+         INSERT INTO stock_levels SELECT i, i * 10 FROM generate_series(1, 60) i;
+         INSERT INTO deliveries SELECT i, i % 17, CASE i % 4 WHEN 0 THEN 'recall' WHEN 1 THEN 'add' ELSE 'set' END
+           FROM generate_series(30, 90) i;
+         INSERT INTO price_list SELECT i, i * 1.5 FROM generate_series(1, 100) i;
+         INSERT INTO shelf SELECT i, i FROM generate_series(1, 20) i;
+         INSERT INTO elsewhere SELECT i, i FROM generate_series(1, 50) i;",
+    );
+    coordinator
+        .batch_execute(
+            "SELECT pgdist.create_distributed_table('stock_levels', 'item', shard_count => 4, colocate_with => 'none');
+             SELECT pgdist.create_distributed_table('deliveries', 'item', colocate_with => 'stock_levels');
+             SELECT pgdist.create_reference_table('price_list');
+             SELECT pgdist.create_reference_table('shelf');
+             SELECT pgdist.create_distributed_table('elsewhere', 'item', shard_count => 3, colocate_with => 'none');",
+        )
+        .unwrap();
+    let tables = ["SELECT * FROM stock_levels", "SELECT * FROM shelf"];
+    same_writes_to(
+        cluster,
+        &tables,
+        &[
+            "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item \
+               WHEN MATCHED AND d.kind = 'recall' THEN DELETE \
+               WHEN MATCHED AND d.kind = 'add' THEN UPDATE SET qty = s.qty + d.qty, note = 'added' \
+               WHEN MATCHED THEN UPDATE SET qty = d.qty \
+               WHEN NOT MATCHED AND d.qty > 3 THEN INSERT (item, qty) VALUES (d.item, d.qty * 2) \
+               WHEN NOT MATCHED THEN DO NOTHING",
+            "MERGE INTO stock_levels USING price_list p ON stock_levels.item = p.item AND p.price > 80 \
+               WHEN MATCHED THEN UPDATE SET note = 'pricey ' || p.price",
+            "MERGE INTO shelf USING price_list p ON shelf.item = p.item \
+               WHEN MATCHED AND p.price < 10 THEN DELETE \
+               WHEN NOT MATCHED AND p.item <= 30 THEN INSERT VALUES (p.item, 0)",
+            "BEGIN",
+            "UPDATE deliveries SET qty = qty + 100 WHERE item % 5 = 0",
+            "MERGE INTO stock_levels s USING deliveries d ON d.item = s.item \
+               WHEN MATCHED AND d.qty > 100 THEN UPDATE SET qty = d.qty",
+            "ROLLBACK",
+            // A target row matched twice fails on its shard as on one server (21000).
+            "INSERT INTO deliveries VALUES (31, 1, 'add'), (31, 2, 'add')",
+            "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item WHEN MATCHED THEN UPDATE SET qty = 0",
+        ],
+    );
+    // Refused: not co-located, not joined on the distribution columns, INSERT from a
+    // reference table, a changed distribution column, a subquery source.
+    for sql in [
+        "MERGE INTO stock_levels s USING elsewhere e ON s.item = e.item WHEN MATCHED THEN DELETE",
+        "MERGE INTO stock_levels s USING deliveries d ON s.qty = d.qty WHEN MATCHED THEN DELETE",
+        "MERGE INTO stock_levels s USING price_list p ON s.item = p.item WHEN NOT MATCHED THEN INSERT VALUES (p.item, 1)",
+        "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item WHEN MATCHED THEN UPDATE SET item = d.item + 1",
+        "MERGE INTO stock_levels s USING (SELECT * FROM deliveries) d ON s.item = d.item WHEN MATCHED THEN DELETE",
+    ] {
+        let err = coordinator.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+        assert!(err.as_db_error().and_then(|e| e.hint()).is_some(), "{sql}");
+    }
+    same_writes_to(cluster, &tables, &["SELECT 1"]);
+    // With parameters, as a prepared statement (custom and generic plans).
+    let mut client = cluster.coordinator_client();
+    let statement = client
+        .prepare(
+            "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item AND d.qty > $1 \
+             WHEN MATCHED THEN UPDATE SET qty = s.qty + $2",
+        )
+        .unwrap();
+    let mut plain = cluster.reference.connect();
+    let plain_statement = plain
+        .prepare(
+            "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item AND d.qty > $1 \
+             WHEN MATCHED THEN UPDATE SET qty = s.qty + $2",
+        )
+        .unwrap();
+    for round in 0..7 {
+        let got = client
+            .execute(&statement, &[&(round * 2), &1])
+            .map_err(|e| sqlstate(&e));
+        let want = plain
+            .execute(&plain_statement, &[&(round * 2), &1])
+            .map_err(|e| sqlstate(&e));
+        assert_eq!(got, want, "round {round}");
+    }
+    same_writes_to(cluster, &tables, &["SELECT 1"]);
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DROP TABLE stock_levels, deliveries, price_list, shelf, elsewhere",
+    );
+}
+
 fn copy_into(client: &mut Client, sql: &str, data: &[u8]) -> Result<u64, String> {
     use std::io::Write;
     let mut writer = client.copy_in(sql).map_err(|err| sqlstate(&err))?;

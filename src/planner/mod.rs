@@ -13,6 +13,7 @@ pub mod fast_path;
 pub mod join_path;
 pub mod limit_path;
 pub mod merge_path;
+pub mod merge_plan;
 pub mod modify_plan;
 pub mod modify_pushdown;
 pub mod range_pruning;
@@ -35,8 +36,8 @@ pub enum PlannerError {
     Writes(String),
     #[error("table {0} is written by one part of this statement and read or written by another")]
     WrittenAndRead(String),
-    #[error("MERGE into distributed table {0} is not supported yet")]
-    Merge(String),
+    #[error("MERGE into distributed table {0} cannot run on the worker nodes: it has {1}")]
+    MergeNotPushable(String, String),
     #[error("row locks (FOR UPDATE / FOR SHARE) on distributed table {0} are not supported in this query")]
     RowLocks(String),
     #[error("{1} in a write to distributed table {0} cannot run on the worker nodes")]
@@ -68,8 +69,12 @@ impl crate::error::PgError for PlannerError {
                  separate statements in one transaction."
                     .into()
             }
-            PlannerError::Merge(_) => {
-                "Use INSERT … ON CONFLICT, UPDATE or DELETE statements instead.".into()
+            PlannerError::MergeNotPushable(..) => {
+                "MERGE runs on the shards when its source is a distributed table co-located with \
+                 the target and joined ON the distribution columns, or a reference table (then \
+                 without WHEN NOT MATCHED … INSERT); otherwise use INSERT … ON CONFLICT, UPDATE \
+                 and DELETE statements."
+                    .into()
             }
             PlannerError::RowLocks(_) => {
                 "FOR UPDATE / FOR SHARE works on a query that reads only distributed and \
@@ -194,11 +199,6 @@ unsafe extern "C-unwind" fn plan(
         unsafe { row_locks::take_from(parse) }.unwrap_or_else(|err| crate::error::raise(err));
     // SAFETY: as above.
     unsafe {
-        if (*parse).commandType == pg_sys::CmdType::CMD_MERGE {
-            if let Some(oid) = distributed_rte(parse, (*parse).resultRelation) {
-                crate::error::raise(PlannerError::Merge(relation_name(oid)));
-            }
-        }
         if let Some(err) = unsupported_use(parse) {
             crate::error::raise(err);
         }

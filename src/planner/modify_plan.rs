@@ -675,6 +675,15 @@ pub unsafe fn analyse(
                 };
                 update_or_delete(parse, table, &mut modify, &mut coordinator_values)?;
             }
+            pg_sys::CmdType::CMD_MERGE => {
+                modify.kind = ModifyKind::Update;
+                let merge =
+                    crate::planner::merge_plan::plan(parse, table, &mut coordinator_values)?;
+                modify.statement = merge.statement;
+                modify.relations = merge.relations;
+                modify.target_alias = merge.target_alias;
+                modify.shard_ids = cache::shards(table.oid).iter().map(|(id, _)| *id).collect();
+            }
             _ => return Err(PlannerError::Writes(table_name(table))),
         }
         let mut values = PgList::new();

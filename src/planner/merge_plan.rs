@@ -1,0 +1,392 @@
+//! MERGE into a distributed or reference table, run as one MERGE per shard.
+//!
+//! Each shard can do its part alone when the source rows that can match a target row live
+//! beside it: the source is a distributed table co-located with the target and the ON
+//! condition equates the two distribution columns, or the source is a reference table (a
+//! copy on every node). A row that WHEN NOT MATCHED inserts then belongs to the shard whose
+//! MERGE inserts it only if its distribution value is the co-located source row's own, so
+//! INSERT must set the distribution column to that column, and is refused with a reference
+//! source (every shard would insert the row). UPDATE may not change the distribution column.
+//!
+//! PostgreSQL 15 cannot write a MERGE back as SQL, so the statement is written in parts: the
+//! ON condition and every expression of the actions are deparsed as one SELECT over the
+//! target and the source (ruleutils, names qualified, each table under its `pgdist_t<k>`
+//! alias with a placeholder for its shard), split at the top level, and put together as
+//! `MERGE INTO … USING … ON … WHEN …`. Values the coordinator computes (parameters, stable
+//! functions) are taken out first, as for UPDATE.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::PgList;
+
+use crate::metadata::cache;
+use crate::metadata::tables::{DistTable, Method};
+use crate::planner::modify_pushdown::{deparse_with_shards, set_alias};
+use crate::planner::shippable::{shippable, with_coordinator_values};
+use crate::planner::PlannerError;
+use crate::remote::quote::quote_identifier;
+
+/// The alias numbers of the target and the source in the shards' MERGE.
+const TARGET_K: u32 = 1;
+const SOURCE_K: u32 = 2;
+
+/// What the shards run for a MERGE: the statement (`$<RELATION_BASE + k>` for the shard of
+/// relation k), its relations and the target's alias.
+pub struct MergeForShards {
+    pub statement: String,
+    pub relations: Vec<(u32, pg_sys::Oid)>,
+    pub target_alias: String,
+}
+
+/// The MERGE `parse` into `table` as a statement for every shard, its coordinator values
+/// appended to `values`; or why it cannot run that way.
+pub unsafe fn plan(
+    parse: *mut pg_sys::Query,
+    table: &DistTable,
+    values: &mut Vec<*mut pg_sys::Node>,
+) -> Result<MergeForShards, PlannerError> {
+    let refuse = |why: &str| {
+        Err(PlannerError::MergeNotPushable(
+            crate::distribution::create::relation_name(table.oid),
+            why.into(),
+        ))
+    };
+    // SAFETY: parse is a valid MERGE; its copy is changed, never the statement itself.
+    unsafe {
+        if !(*parse).cteList.is_null() {
+            return refuse("a WITH query");
+        }
+        let result_rti = (*parse).resultRelation;
+        let from = PgList::<pg_sys::Node>::from_pg((*(*parse).jointree).fromlist);
+        let source_rti = match from.get_ptr(0) {
+            Some(item) if from.len() == 1 && (*item).type_ == pg_sys::NodeTag::T_RangeTblRef => {
+                (*item.cast::<pg_sys::RangeTblRef>()).rtindex
+            }
+            _ => return refuse("a source that is not a table"),
+        };
+        let source_rte = range_entry((*parse).rtable, source_rti);
+        let source = match (*source_rte).rtekind {
+            pg_sys::RTEKind::RTE_RELATION => cache::lookup((*source_rte).relid),
+            _ => None,
+        };
+        let Some(source) = source else {
+            return refuse("a source that is not a distributed or reference table");
+        };
+        if source.oid == table.oid {
+            return refuse("the target table as its own source");
+        }
+        let co_located = table.method == Method::Hash
+            && source.method == Method::Hash
+            && source.colocation_id == table.colocation_id;
+        let replicated_source = source.method == Method::Reference
+            && matches!(table.method, Method::Hash | Method::Reference);
+        if !co_located && !replicated_source {
+            return refuse(
+                "a source that is neither co-located with the target nor a reference table",
+            );
+        }
+        let on = (*(*parse).jointree).quals;
+        if co_located && !equates_distribution_columns(on, table, result_rti, &source, source_rti) {
+            return refuse(
+                "an ON condition without target.distribution_column = source.distribution_column",
+            );
+        }
+        // Every expression to deparse, in order: ON, then per action its condition and values.
+        let mut exprs: Vec<*mut pg_sys::Node> = vec![on];
+        let mut shapes = Vec::new();
+        let dist_attno = table.distribution_attno();
+        for action in PgList::<pg_sys::MergeAction>::from_pg((*parse).mergeActionList).iter_ptr() {
+            let qual = (*action).qual;
+            let qual_index = (!qual.is_null()).then(|| {
+                exprs.push(qual);
+                exprs.len() - 1
+            });
+            let mut columns = Vec::new();
+            for entry in PgList::<pg_sys::TargetEntry>::from_pg((*action).targetList).iter_ptr() {
+                if (*entry).resjunk {
+                    continue;
+                }
+                let attno = (*entry).resno;
+                let expr = (*entry).expr.cast::<pg_sys::Node>();
+                if Some(attno) == dist_attno {
+                    let keeps = match (*action).commandType {
+                        pg_sys::CmdType::CMD_UPDATE => is_column(expr, result_rti, attno),
+                        _ => {
+                            co_located
+                                && is_column(
+                                    expr,
+                                    source_rti,
+                                    source.distribution_attno().unwrap_or(0),
+                                )
+                        }
+                    };
+                    if !keeps {
+                        return refuse(match (*action).commandType {
+                            pg_sys::CmdType::CMD_UPDATE => "UPDATE of the distribution column",
+                            _ => "INSERT whose distribution column is not the source's distribution column",
+                        });
+                    }
+                }
+                exprs.push(expr);
+                columns.push((attno, exprs.len() - 1));
+            }
+            if (*action).commandType == pg_sys::CmdType::CMD_INSERT
+                && dist_attno.is_some()
+                && !columns.iter().any(|(attno, _)| Some(*attno) == dist_attno)
+            {
+                return refuse("INSERT without the distribution column");
+            }
+            shapes.push((
+                (*action).matched,
+                (*action).commandType,
+                (*action).override_,
+                qual_index,
+                columns,
+            ));
+        }
+        for expr in exprs.iter_mut() {
+            let folded = pg_sys::eval_const_expressions(
+                std::ptr::null_mut(),
+                pg_sys::copyObjectImpl(expr.cast()).cast(),
+            );
+            *expr = with_coordinator_values(folded, values);
+            if pg_sys::checkExprHasSubLink(*expr) || !shippable(*expr) {
+                return refuse("an expression the worker nodes cannot compute (a subquery, or a function that is not a built-in)");
+            }
+        }
+        let Some(texts) =
+            deparse_parts(parse, result_rti, source_rti, table.oid, source.oid, &exprs)
+        else {
+            return refuse("an expression pgdist could not write as SQL for the shards");
+        };
+        let mut sql = format!(
+            "MERGE INTO ${} pgdist_t{TARGET_K} USING ${} pgdist_t{SOURCE_K} ON {}",
+            crate::planner::shippable::RELATION_BASE + TARGET_K as i32,
+            crate::planner::shippable::RELATION_BASE + SOURCE_K as i32,
+            texts[0]
+        );
+        for (matched, command, overriding, qual_index, columns) in shapes {
+            sql.push_str(if matched {
+                " WHEN MATCHED"
+            } else {
+                " WHEN NOT MATCHED"
+            });
+            if let Some(i) = qual_index {
+                sql.push_str(&format!(" AND {}", texts[i]));
+            }
+            sql.push_str(" THEN ");
+            let names: Vec<String> = columns
+                .iter()
+                .map(|(attno, _)| {
+                    quote_identifier(
+                        &CStr::from_ptr(pg_sys::get_attname(table.oid, *attno, false))
+                            .to_string_lossy(),
+                    )
+                })
+                .collect();
+            let exprs: Vec<&str> = columns.iter().map(|(_, i)| texts[*i].as_str()).collect();
+            match command {
+                pg_sys::CmdType::CMD_UPDATE => {
+                    let sets: Vec<String> = names
+                        .iter()
+                        .zip(&exprs)
+                        .map(|(name, expr)| format!("{name} = {expr}"))
+                        .collect();
+                    sql.push_str(&format!("UPDATE SET {}", sets.join(", ")));
+                }
+                pg_sys::CmdType::CMD_DELETE => sql.push_str("DELETE"),
+                pg_sys::CmdType::CMD_INSERT => {
+                    if replicated_source && table.method == Method::Hash {
+                        return refuse("WHEN NOT MATCHED … INSERT from a reference table (every shard would insert the row)");
+                    }
+                    let overriding = match overriding {
+                        pg_sys::OverridingKind::OVERRIDING_SYSTEM_VALUE => {
+                            " OVERRIDING SYSTEM VALUE"
+                        }
+                        pg_sys::OverridingKind::OVERRIDING_USER_VALUE => " OVERRIDING USER VALUE",
+                        _ => "",
+                    };
+                    sql.push_str(&format!(
+                        "INSERT ({}){overriding} VALUES ({})",
+                        names.join(", "),
+                        exprs.join(", ")
+                    ));
+                }
+                _ => sql.push_str("DO NOTHING"),
+            }
+        }
+        Ok(MergeForShards {
+            statement: sql,
+            relations: vec![(TARGET_K, table.oid), (SOURCE_K, source.oid)],
+            target_alias: format!("pgdist_t{TARGET_K}"),
+        })
+    }
+}
+
+/// Range-table entry `rti` (1-based) of `rtable`.
+unsafe fn range_entry(rtable: *mut pg_sys::List, rti: i32) -> *mut pg_sys::RangeTblEntry {
+    // SAFETY: rti is an index of rtable, as the statement's nodes give it.
+    unsafe { pg_sys::list_nth(rtable, rti - 1).cast() }
+}
+
+/// A zeroed node of type `T` tagged `tag`, in the current memory context.
+unsafe fn new_node<T>(tag: pg_sys::NodeTag) -> *mut T {
+    // SAFETY: every node type starts with its NodeTag; palloc0 zeroes the rest.
+    unsafe {
+        let node = pg_sys::palloc0(std::mem::size_of::<T>());
+        (*node.cast::<pg_sys::Node>()).type_ = tag;
+        node.cast()
+    }
+}
+
+/// True when `expr` (under any relabeling) is column `attno` of range-table entry `rti`.
+unsafe fn is_column(expr: *mut pg_sys::Node, rti: i32, attno: i16) -> bool {
+    // SAFETY: expr is a valid expression; casts follow the tags.
+    unsafe {
+        let mut node = expr;
+        while (*node).type_ == pg_sys::NodeTag::T_RelabelType {
+            node = (*node.cast::<pg_sys::RelabelType>()).arg.cast();
+        }
+        (*node).type_ == pg_sys::NodeTag::T_Var && {
+            let var = node.cast::<pg_sys::Var>();
+            (*var).varno == rti && (*var).varattno == attno && (*var).varlevelsup == 0
+        }
+    }
+}
+
+/// True when one of the ANDed conditions of `on` is `target.dist = source.dist` with the
+/// types' equality operator.
+unsafe fn equates_distribution_columns(
+    on: *mut pg_sys::Node,
+    table: &DistTable,
+    target_rti: i32,
+    source: &DistTable,
+    source_rti: i32,
+) -> bool {
+    let (Some(target_attno), Some(source_attno)) =
+        (table.distribution_attno(), source.distribution_attno())
+    else {
+        return false;
+    };
+    // SAFETY: on is the statement's ON condition; casts follow the tags.
+    unsafe {
+        PgList::<pg_sys::Node>::from_pg(pg_sys::make_ands_implicit(on.cast()))
+            .iter_ptr()
+            .any(|clause| {
+                if (*clause).type_ != pg_sys::NodeTag::T_OpExpr {
+                    return false;
+                }
+                let op = clause.cast::<pg_sys::OpExpr>();
+                let args = PgList::<pg_sys::Node>::from_pg((*op).args);
+                let (Some(left), Some(right)) = (args.get_ptr(0), args.get_ptr(1)) else {
+                    return false;
+                };
+                let equality = pg_sys::op_hashjoinable((*op).opno, pg_sys::exprType(left));
+                equality
+                    && args.len() == 2
+                    && ((is_column(left, target_rti, target_attno)
+                        && is_column(right, source_rti, source_attno))
+                        || (is_column(left, source_rti, source_attno)
+                            && is_column(right, target_rti, target_attno)))
+            })
+    }
+}
+
+/// `exprs` as SQL, deparsed as the select list of `SELECT … FROM target, source`, each table
+/// under its alias and shard placeholder; None when the text cannot be split back.
+unsafe fn deparse_parts(
+    parse: *mut pg_sys::Query,
+    target_rti: i32,
+    source_rti: i32,
+    target: pg_sys::Oid,
+    source: pg_sys::Oid,
+    exprs: &[*mut pg_sys::Node],
+) -> Option<Vec<String>> {
+    // SAFETY: builds a SELECT over a private copy of the statement's range table.
+    unsafe {
+        let select = new_node::<pg_sys::Query>(pg_sys::NodeTag::T_Query);
+        (*select).commandType = pg_sys::CmdType::CMD_SELECT;
+        (*select).canSetTag = true;
+        (*select).rtable = pg_sys::copyObjectImpl((*parse).rtable.cast()).cast();
+        // The MERGE's target is not in its FROM list; the SELECT's is.
+        let target_entry = range_entry((*select).rtable, target_rti);
+        (*target_entry).inFromCl = true;
+        set_alias(target_entry, TARGET_K);
+        set_alias(range_entry((*select).rtable, source_rti), SOURCE_K);
+        let mut from = PgList::<pg_sys::RangeTblRef>::new();
+        for rti in [target_rti, source_rti] {
+            let reference = new_node::<pg_sys::RangeTblRef>(pg_sys::NodeTag::T_RangeTblRef);
+            (*reference).rtindex = rti;
+            from.push(reference);
+        }
+        (*select).jointree = pg_sys::makeFromExpr(from.into_pg(), std::ptr::null_mut());
+        let mut targets = PgList::<pg_sys::TargetEntry>::new();
+        for (i, expr) in exprs.iter().enumerate() {
+            targets.push(pg_sys::makeTargetEntry(
+                expr.cast(),
+                (i + 1) as i16,
+                std::ptr::null_mut(),
+                false,
+            ));
+        }
+        (*select).targetList = targets.into_pg();
+        let relations = [(TARGET_K, target), (SOURCE_K, source)];
+        let sql = deparse_with_shards(select, &relations).ok()?;
+        let list = sql.strip_prefix("SELECT ")?;
+        let from_at = top_level_find(list, " FROM ")?;
+        let parts = split_top_level(&list[..from_at]);
+        (parts.len() == exprs.len()).then_some(parts)
+    }
+}
+
+/// Where `needle` first occurs in `sql` outside quotes, parentheses and brackets.
+fn top_level_find(sql: &str, needle: &str) -> Option<usize> {
+    let mut depth = 0i32;
+    let mut quote: Option<char> = None;
+    for (at, c) in sql.char_indices() {
+        match (quote, c) {
+            (Some(open), _) if c == open => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '(' | '[') => depth += 1,
+            (None, ')' | ']') => depth -= 1,
+            (None, _) if depth == 0 && sql[at..].starts_with(needle) => return Some(at),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// `list` split at its top-level `, `.
+fn split_top_level(list: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut rest = list;
+    while let Some(at) = top_level_find(rest, ", ") {
+        parts.push(rest[..at].to_string());
+        rest = &rest[at + 2..];
+    }
+    parts.push(rest.to_string());
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_split_only_at_their_top_level() {
+        let list = "pgdist_t2.v, f(a, b), 'x, y', ARRAY[1, 2], \"a, b\".c";
+        assert_eq!(
+            split_top_level(list),
+            vec![
+                "pgdist_t2.v",
+                "f(a, b)",
+                "'x, y'",
+                "ARRAY[1, 2]",
+                "\"a, b\".c"
+            ]
+        );
+        assert_eq!(top_level_find("(a FROM b) FROM c", " FROM "), Some(10));
+    }
+}
