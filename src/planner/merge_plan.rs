@@ -152,7 +152,7 @@ pub unsafe fn plan(
             );
             *expr = with_coordinator_values(folded, values);
             if pg_sys::checkExprHasSubLink(*expr) || !shippable(*expr) {
-                return refuse("an expression the worker nodes cannot compute (a subquery, or a function that is not a built-in)");
+                return refuse("an expression the worker nodes cannot compute the same way (a subquery, a sequence, a function that is not a built-in)");
             }
         }
         let Some(texts) =
