@@ -366,7 +366,9 @@ impl FragmentStream {
                     if let Some(row) = self.take_set_aside(index)? {
                         return Ok(Some(row));
                     }
-                    let stream = self.streams[index].as_mut().expect("stream checked above");
+                    let Some(stream) = self.streams.get_mut(index).and_then(Option::as_mut) else {
+                        return Ok(None);
+                    };
                     match runtime::block_on(stream.recv()) {
                         Ok(message) => message,
                         Err(_) => runtime::raise_interrupt(),
