@@ -21,9 +21,10 @@ pub trait PgError: std::fmt::Display {
 /// Raises `err` as a PostgreSQL ERROR; never returns.
 #[track_caller]
 pub fn raise<E: PgError>(err: E) -> ! {
-    let mut report = ErrorReport::new(err.sqlstate(), err.to_string(), "pgdist");
+    let message = coordinator_names(&err.to_string());
+    let mut report = ErrorReport::new(err.sqlstate(), message, "pgdist");
     if let Some(detail) = err.detail() {
-        report = report.set_detail(detail);
+        report = report.set_detail(coordinator_names(&detail));
     }
     if let Some(hint) = err.hint() {
         report = report.set_hint(hint);
@@ -79,4 +80,30 @@ mod unit {
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR
         );
     }
+}
+
+/// `text` with each quoted name of a shard, or of a shard's constraint or index
+/// (`"orders_pkey_102008"`), written as the coordinator's table names it (`"orders_pkey"`):
+/// what a worker reports reads as PostgreSQL would report it for the table.
+pub fn coordinator_names(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('"') {
+        let Some(length) = rest[open + 1..].find('"') else {
+            break;
+        };
+        let name = &rest[open + 1..open + 1 + length];
+        out.push_str(&rest[..=open]);
+        let shard_suffix = name.rsplit_once('_').filter(|(base, id)| {
+            !base.is_empty()
+                && id
+                    .parse::<i64>()
+                    .is_ok_and(crate::metadata::cache::is_loaded_shard)
+        });
+        out.push_str(shard_suffix.map_or(name, |(base, _)| base));
+        out.push('"');
+        rest = &rest[open + length + 2..];
+    }
+    out.push_str(rest);
+    out
 }

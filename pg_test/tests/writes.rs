@@ -194,6 +194,13 @@ fn inserts_match_plain_postgres(cluster: &Cluster) {
         &mut reference,
         "SELECT * FROM notes ORDER BY item_id, line",
     );
+    // A worker's error names the table and its constraint as the coordinator knows them, not
+    // the shard's ("items_pkey", not "items_pkey_102008").
+    let duplicate = "INSERT INTO items (id, grp) VALUES (1, 9)";
+    let got = coordinator.batch_execute(duplicate).unwrap_err();
+    let want = reference.batch_execute(duplicate).unwrap_err();
+    let text = |err: &postgres::Error| err.as_db_error().map(|e| e.message().to_string());
+    assert_eq!(text(&got), text(&want));
 }
 
 fn updates_and_deletes_match_plain_postgres(cluster: &Cluster) {

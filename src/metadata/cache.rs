@@ -132,6 +132,23 @@ pub fn placements(oid: pg_sys::Oid) -> Rc<[Placement]> {
     placements
 }
 
+/// True when `shard_id` is a shard of a table whose placements this backend has loaded (never
+/// reads the catalog: errors are reported with it, whatever the transaction's state).
+pub fn is_loaded_shard(shard_id: i64) -> bool {
+    CACHE
+        .try_with(|cache| {
+            cache.try_borrow().is_ok_and(|cache| {
+                cache.as_ref().is_some_and(|loaded| {
+                    loaded
+                        .placements
+                        .values()
+                        .any(|placements| placements.iter().any(|p| p.shard_id == shard_id))
+                })
+            })
+        })
+        .unwrap_or(false)
+}
+
 /// `(shard_id, shard_index)` of every shard of `oid`, by index (cached).
 pub fn shards(oid: pg_sys::Oid) -> Vec<(i64, i32)> {
     let mut shards: Vec<(i64, i32)> = placements(oid)
