@@ -1161,9 +1161,10 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
 }
 
 /// `COPY … FROM STDIN` of `data` on one server: the row count, or the error's SQLSTATE.
-/// MERGE runs as one MERGE per shard when the source is co-located (joined on the
-/// distribution columns) or a reference table; other shapes are refused with 0A000 and change
-/// nothing.
+/// MERGE runs as one MERGE per shard: with a co-located source joined on the distribution
+/// columns, a reference source, or any other table repartitioned by the source column the ON
+/// condition equates with the distribution column; other shapes are refused with 0A000 and
+/// change nothing.
 fn merge_matches_plain_postgres(cluster: &Cluster) {
     let mut coordinator = cluster.coordinator_client();
     let mut reference = cluster.reference.connect();
@@ -1215,14 +1216,22 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
             // A target row matched twice fails on its shard as on one server (21000).
             "INSERT INTO deliveries VALUES (31, 1, 'add'), (31, 2, 'add')",
             "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item WHEN MATCHED THEN UPDATE SET qty = 0",
+            "DELETE FROM deliveries WHERE item = 31",
+            // Repartitioned: a table of another co-location group, and a reference table that
+            // inserts, each row sent only to the shard its key hashes to.
+            "MERGE INTO stock_levels s USING elsewhere e ON s.item = e.item \
+               WHEN MATCHED AND e.qty % 3 = 0 THEN DELETE \
+               WHEN MATCHED THEN UPDATE SET qty = s.qty + e.qty \
+               WHEN NOT MATCHED THEN INSERT VALUES (e.item, e.qty)",
+            "MERGE INTO stock_levels s USING price_list p ON s.item = p.item \
+               WHEN NOT MATCHED AND p.item % 2 = 0 THEN INSERT (item, qty, note) VALUES (p.item, 1, 'priced')",
         ],
     );
-    // Refused: not co-located, not joined on the distribution columns, INSERT from a
-    // reference table, a changed distribution column, a subquery source.
+    // Refused: not joined on the distribution column, INSERT of another distribution value,
+    // a changed distribution column, a subquery source.
     for sql in [
-        "MERGE INTO stock_levels s USING elsewhere e ON s.item = e.item WHEN MATCHED THEN DELETE",
         "MERGE INTO stock_levels s USING deliveries d ON s.qty = d.qty WHEN MATCHED THEN DELETE",
-        "MERGE INTO stock_levels s USING price_list p ON s.item = p.item WHEN NOT MATCHED THEN INSERT VALUES (p.item, 1)",
+        "MERGE INTO stock_levels s USING elsewhere e ON s.item = e.item WHEN NOT MATCHED THEN INSERT VALUES (e.qty, 1)",
         "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item WHEN MATCHED THEN UPDATE SET item = d.item + 1",
         "MERGE INTO stock_levels s USING (SELECT * FROM deliveries) d ON s.item = d.item WHEN MATCHED THEN DELETE",
     ] {

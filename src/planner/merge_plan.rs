@@ -3,10 +3,13 @@
 //! Each shard can do its part alone when the source rows that can match a target row live
 //! beside it: the source is a distributed table co-located with the target and the ON
 //! condition equates the two distribution columns, or the source is a reference table (a
-//! copy on every node). A row that WHEN NOT MATCHED inserts then belongs to the shard whose
-//! MERGE inserts it only if its distribution value is the co-located source row's own, so
-//! INSERT must set the distribution column to that column, and is refused with a reference
-//! source (every shard would insert the row). UPDATE may not change the distribution column.
+//! copy on every node) and nothing is inserted. Any other distributed or reference table
+//! whose column of the target's distribution type the ON condition equates with the target's
+//! distribution column is *repartitioned*: the coordinator reads it first and each shard's
+//! MERGE gets, as arrays (`unnest(…) AS pgdist_t2(…)`), the source rows whose value hashes to
+//! it. A row that WHEN NOT MATCHED inserts belongs to the shard whose MERGE inserts it only if
+//! its distribution value is that source column, so INSERT must set the distribution column to
+//! it. UPDATE may not change the distribution column.
 //!
 //! PostgreSQL 15 cannot write a MERGE back as SQL, so the statement is written in parts: the
 //! ON condition and every expression of the actions are deparsed as one SELECT over the
@@ -22,8 +25,10 @@ use pgrx::PgList;
 
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
-use crate::planner::modify_pushdown::{deparse_with_shards, set_alias};
-use crate::planner::shippable::{shippable, with_coordinator_values};
+use crate::planner::modify_pushdown::{deparse_with_shards, repartitioned_read, set_alias};
+use crate::planner::shippable::{
+    shippable, travels_in_array, with_coordinator_values, BROADCAST_BASE, RELATION_BASE,
+};
 use crate::planner::PlannerError;
 use crate::remote::quote::quote_identifier;
 
@@ -37,6 +42,8 @@ pub struct MergeForShards {
     pub statement: String,
     pub relations: Vec<(u32, pg_sys::Oid)>,
     pub target_alias: String,
+    /// The repartitioned source's read (`ModifyPlan::broadcasts`), if any.
+    pub broadcasts: Vec<crate::planner::scan_path::ScanPlan>,
 }
 
 /// The MERGE `parse` into `table` as a statement for every shard, its coordinator values
@@ -76,26 +83,38 @@ pub unsafe fn plan(
         if source.oid == table.oid {
             return refuse("the target table as its own source");
         }
+        let on = (*(*parse).jointree).quals;
+        let dist_attno = table.distribution_attno();
+        let key =
+            dist_attno.and_then(|attno| equated_source_column(on, result_rti, attno, source_rti));
+        let inserts = PgList::<pg_sys::MergeAction>::from_pg((*parse).mergeActionList)
+            .iter_ptr()
+            .any(|action| (*action).commandType == pg_sys::CmdType::CMD_INSERT);
         let co_located = table.method == Method::Hash
             && source.method == Method::Hash
-            && source.colocation_id == table.colocation_id;
-        let replicated_source = source.method == Method::Reference
-            && matches!(table.method, Method::Hash | Method::Reference);
-        if !co_located && !replicated_source {
-            return refuse(
-                "a source that is neither co-located with the target nor a reference table",
-            );
-        }
-        let on = (*(*parse).jointree).quals;
-        if co_located && !equates_distribution_columns(on, table, result_rti, &source, source_rti) {
-            return refuse(
-                "an ON condition without target.distribution_column = source.distribution_column",
-            );
-        }
+            && source.colocation_id == table.colocation_id
+            && key.is_some()
+            && key == source.distribution_attno();
+        let replicated =
+            source.method == Method::Reference && (table.method == Method::Reference || !inserts);
+        let repartition_by =
+            match (co_located || replicated, key) {
+                (true, _) => None,
+                (false, Some(attno)) if table.method == Method::Hash => Some(attno),
+                _ => return refuse(
+                    "an ON condition that does not equate the target's distribution column with \
+                     a column of the source of the same type",
+                ),
+            };
+        // The source column each shard's rows are tied to: INSERT must take it.
+        let shard_key = if co_located {
+            source.distribution_attno()
+        } else {
+            repartition_by
+        };
         // Every expression to deparse, in order: ON, then per action its condition and values.
         let mut exprs: Vec<*mut pg_sys::Node> = vec![on];
         let mut shapes = Vec::new();
-        let dist_attno = table.distribution_attno();
         for action in PgList::<pg_sys::MergeAction>::from_pg((*parse).mergeActionList).iter_ptr() {
             let qual = (*action).qual;
             let qual_index = (!qual.is_null()).then(|| {
@@ -112,14 +131,7 @@ pub unsafe fn plan(
                 if Some(attno) == dist_attno {
                     let keeps = match (*action).commandType {
                         pg_sys::CmdType::CMD_UPDATE => is_column(expr, result_rti, attno),
-                        _ => {
-                            co_located
-                                && is_column(
-                                    expr,
-                                    source_rti,
-                                    source.distribution_attno().unwrap_or(0),
-                                )
-                        }
+                        _ => shard_key.is_some_and(|attno| is_column(expr, source_rti, attno)),
                     };
                     if !keeps {
                         return refuse(match (*action).commandType {
@@ -160,10 +172,23 @@ pub unsafe fn plan(
         else {
             return refuse("an expression pgdist could not write as SQL for the shards");
         };
+        let (using, relations, broadcasts) = match repartition_by {
+            None => (
+                format!("${} pgdist_t{SOURCE_K}", RELATION_BASE + SOURCE_K as i32),
+                vec![(TARGET_K, table.oid), (SOURCE_K, source.oid)],
+                Vec::new(),
+            ),
+            Some(attno) => {
+                let Some((using, columns)) = source_as_arrays(source.oid) else {
+                    return refuse("a source column that cannot travel in an array");
+                };
+                let read = repartitioned_read(source.oid, columns, attno, table.oid);
+                (using, vec![(TARGET_K, table.oid)], vec![read])
+            }
+        };
         let mut sql = format!(
-            "MERGE INTO ${} pgdist_t{TARGET_K} USING ${} pgdist_t{SOURCE_K} ON {}",
-            crate::planner::shippable::RELATION_BASE + TARGET_K as i32,
-            crate::planner::shippable::RELATION_BASE + SOURCE_K as i32,
+            "MERGE INTO ${} pgdist_t{TARGET_K} USING {using} ON {}",
+            RELATION_BASE + TARGET_K as i32,
             texts[0]
         );
         for (matched, command, overriding, qual_index, columns) in shapes {
@@ -197,9 +222,6 @@ pub unsafe fn plan(
                 }
                 pg_sys::CmdType::CMD_DELETE => sql.push_str("DELETE"),
                 pg_sys::CmdType::CMD_INSERT => {
-                    if replicated_source && table.method == Method::Hash {
-                        return refuse("WHEN NOT MATCHED … INSERT from a reference table (every shard would insert the row)");
-                    }
                     let overriding = match overriding {
                         pg_sys::OverridingKind::OVERRIDING_SYSTEM_VALUE => {
                             " OVERRIDING SYSTEM VALUE"
@@ -218,8 +240,9 @@ pub unsafe fn plan(
         }
         Ok(MergeForShards {
             statement: sql,
-            relations: vec![(TARGET_K, table.oid), (SOURCE_K, source.oid)],
+            relations,
             target_alias: format!("pgdist_t{TARGET_K}"),
+            broadcasts,
         })
     }
 }
@@ -255,41 +278,84 @@ unsafe fn is_column(expr: *mut pg_sys::Node, rti: i32, attno: i16) -> bool {
     }
 }
 
-/// True when one of the ANDed conditions of `on` is `target.dist = source.dist` with the
-/// types' equality operator.
-unsafe fn equates_distribution_columns(
+/// The source column that one of the ANDed conditions of `on` equates with the target's
+/// distribution column (`target_attno`), with the type's equality operator, when both have
+/// the same type (so they hash alike).
+unsafe fn equated_source_column(
     on: *mut pg_sys::Node,
-    table: &DistTable,
     target_rti: i32,
-    source: &DistTable,
+    target_attno: i16,
     source_rti: i32,
-) -> bool {
-    let (Some(target_attno), Some(source_attno)) =
-        (table.distribution_attno(), source.distribution_attno())
-    else {
-        return false;
-    };
+) -> Option<i16> {
     // SAFETY: on is the statement's ON condition; casts follow the tags.
     unsafe {
         PgList::<pg_sys::Node>::from_pg(pg_sys::make_ands_implicit(on.cast()))
             .iter_ptr()
-            .any(|clause| {
+            .find_map(|clause| {
                 if (*clause).type_ != pg_sys::NodeTag::T_OpExpr {
-                    return false;
+                    return None;
                 }
                 let op = clause.cast::<pg_sys::OpExpr>();
                 let args = PgList::<pg_sys::Node>::from_pg((*op).args);
                 let (Some(left), Some(right)) = (args.get_ptr(0), args.get_ptr(1)) else {
-                    return false;
+                    return None;
                 };
-                let equality = pg_sys::op_hashjoinable((*op).opno, pg_sys::exprType(left));
-                equality
-                    && args.len() == 2
-                    && ((is_column(left, target_rti, target_attno)
-                        && is_column(right, source_rti, source_attno))
-                        || (is_column(left, source_rti, source_attno)
-                            && is_column(right, target_rti, target_attno)))
+                let (target_side, source_side) = if is_column(left, target_rti, target_attno) {
+                    (left, right)
+                } else if is_column(right, target_rti, target_attno) {
+                    (right, left)
+                } else {
+                    return None;
+                };
+                if (*source_side).type_ != pg_sys::NodeTag::T_Var {
+                    return None;
+                }
+                let var = source_side.cast::<pg_sys::Var>();
+                (args.len() == 2
+                    && pg_sys::exprType(target_side) == (*var).vartype
+                    && (*var).varno == source_rti
+                    && (*var).varlevelsup == 0
+                    && (*var).varattno > 0
+                    && pg_sys::op_hashjoinable((*op).opno, (*var).vartype))
+                .then_some((*var).varattno)
             })
+    }
+}
+
+/// The source table `relid` as `unnest($<BROADCAST_BASE>, …) AS pgdist_t2(<columns>)`, and
+/// its columns in order; None when a column cannot travel in an array.
+unsafe fn source_as_arrays(relid: pg_sys::Oid) -> Option<(String, Vec<i16>)> {
+    // SAFETY: the source's descriptor, read while the relation is open; names are copied.
+    unsafe {
+        let relation = pg_sys::RelationIdGetRelation(relid);
+        let descriptor = (*relation).rd_att;
+        let mut columns = Vec::new();
+        let mut names = Vec::new();
+        let mut fits = true;
+        for i in 0..(*descriptor).natts as usize {
+            let attribute = (*descriptor).attrs.as_ptr().add(i);
+            if (*attribute).attisdropped {
+                continue;
+            }
+            fits &= travels_in_array((*attribute).atttypid, (*attribute).attcollation);
+            columns.push((*attribute).attnum);
+            names.push(quote_identifier(
+                &CStr::from_ptr((*attribute).attname.data.as_ptr()).to_string_lossy(),
+            ));
+        }
+        pg_sys::RelationClose(relation);
+        if !fits {
+            return None;
+        }
+        let arrays: Vec<String> = (0..columns.len())
+            .map(|i| format!("${}", BROADCAST_BASE + i as i32))
+            .collect();
+        let using = format!(
+            "unnest({}) AS pgdist_t{SOURCE_K}({})",
+            arrays.join(", "),
+            names.join(", ")
+        );
+        Some((using, columns))
     }
 }
 

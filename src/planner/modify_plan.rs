@@ -682,6 +682,7 @@ pub unsafe fn analyse(
                 modify.statement = merge.statement;
                 modify.relations = merge.relations;
                 modify.target_alias = merge.target_alias;
+                modify.broadcasts = merge.broadcasts;
                 modify.shard_ids = cache::shards(table.oid).iter().map(|(id, _)| *id).collect();
             }
             _ => return Err(PlannerError::Writes(table_name(table))),

@@ -188,6 +188,24 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
     }
 }
 
+/// The scan that reads `columns` of table `relid` first and computes, on the workers, the index
+/// of the `target` shard each row belongs to by its column `partition_by` (MERGE's source).
+pub(crate) fn repartitioned_read(
+    relid: pg_sys::Oid,
+    columns: Vec<i16>,
+    partition_by: i16,
+    target: pg_sys::Oid,
+) -> ScanPlan {
+    let b = Broadcast {
+        k: 0,
+        relid,
+        columns,
+        entry: (0, 0),
+        partition_by: Some(partition_by),
+    };
+    broadcast_read(&b, target)
+}
+
 /// The scan that reads broadcast table `b` first; a repartitioned one also computes, on the
 /// workers, the index of the `target` shard each row belongs to (its last column).
 fn broadcast_read(b: &Broadcast, target: pg_sys::Oid) -> ScanPlan {
