@@ -70,10 +70,10 @@ impl crate::error::PgError for PlannerError {
                     .into()
             }
             PlannerError::MergeNotPushable(..) => {
-                "MERGE runs on the shards when its source is a distributed table co-located with \
-                 the target and joined ON the distribution columns, or a reference table (then \
-                 without WHEN NOT MATCHED … INSERT); otherwise use INSERT … ON CONFLICT, UPDATE \
-                 and DELETE statements."
+                "MERGE runs on the shards when its source is a distributed or reference table \
+                 and the ON condition equates the target's distribution column with a source \
+                 column of the same type (which INSERT must then use); otherwise use INSERT … \
+                 ON CONFLICT, UPDATE … FROM and DELETE … USING."
                     .into()
             }
             PlannerError::RowLocks(_) => {
