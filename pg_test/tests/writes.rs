@@ -1225,6 +1225,24 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
                WHEN NOT MATCHED THEN INSERT VALUES (e.item, e.qty)",
             "MERGE INTO stock_levels s USING price_list p ON s.item = p.item \
                WHEN NOT MATCHED AND p.item % 2 = 0 THEN INSERT (item, qty, note) VALUES (p.item, 1, 'priced')",
+            // A staging table of the coordinator, and a temporary one; a NULL key is inserted
+            // nowhere and fails as on one server.
+            "CREATE TABLE staging (item int, qty int, note text)",
+            "INSERT INTO staging SELECT i, i % 9, 'staged' FROM generate_series(95, 130) i",
+            "MERGE INTO stock_levels s USING staging g ON g.item = s.item \
+               WHEN MATCHED AND g.qty = 0 THEN DELETE \
+               WHEN MATCHED THEN UPDATE SET qty = g.qty, note = g.note \
+               WHEN NOT MATCHED THEN INSERT VALUES (g.item, g.qty, g.note)",
+            "INSERT INTO staging VALUES (NULL, 1, 'no key')",
+            "MERGE INTO stock_levels s USING staging g ON g.item = s.item \
+               WHEN NOT MATCHED THEN INSERT VALUES (g.item, g.qty, g.note)",
+            "MERGE INTO stock_levels s USING staging g ON g.item = s.item \
+               WHEN MATCHED THEN UPDATE SET qty = s.qty + 1",
+            "CREATE TEMP TABLE fresh AS SELECT i AS item, -i AS qty FROM generate_series(1, 12) i; \
+             MERGE INTO stock_levels s USING fresh f ON s.item = f.item \
+               WHEN MATCHED THEN UPDATE SET qty = f.qty WHEN NOT MATCHED THEN INSERT VALUES (f.item, f.qty); \
+             DROP TABLE fresh",
+            "DROP TABLE staging",
         ],
     );
     // Refused: not joined on the distribution column, INSERT of another distribution value,

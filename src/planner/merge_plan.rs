@@ -3,9 +3,10 @@
 //! Each shard can do its part alone when the source rows that can match a target row live
 //! beside it: the source is a distributed table co-located with the target and the ON
 //! condition equates the two distribution columns, or the source is a reference table (a
-//! copy on every node) and nothing is inserted. Any other distributed or reference table
-//! whose column of the target's distribution type the ON condition equates with the target's
-//! distribution column is *repartitioned*: the coordinator reads it first and each shard's
+//! copy on every node) and nothing is inserted. Any other table — distributed, reference, or a
+//! plain (staging, temporary) table of the coordinator — whose column of the target's
+//! distribution type the ON condition equates with the target's distribution column is
+//! *repartitioned*: the coordinator reads it first (a local one in the statement's snapshot) and each shard's
 //! MERGE gets, as arrays (`unnest(…) AS pgdist_t2(…)`), the source rows whose value hashes to
 //! it. A row that WHEN NOT MATCHED inserts belongs to the shard whose MERGE inserts it only if
 //! its distribution value is that source column, so INSERT must set the distribution column to
@@ -73,16 +74,22 @@ pub unsafe fn plan(
             _ => return refuse("a source that is not a table"),
         };
         let source_rte = range_entry((*parse).rtable, source_rti);
-        let source = match (*source_rte).rtekind {
-            pg_sys::RTEKind::RTE_RELATION => cache::lookup((*source_rte).relid),
-            _ => None,
-        };
-        let Some(source) = source else {
-            return refuse("a source that is not a distributed or reference table");
-        };
-        if source.oid == table.oid {
+        if (*source_rte).rtekind != pg_sys::RTEKind::RTE_RELATION {
+            return refuse("a source that is not a table");
+        }
+        let source_oid = (*source_rte).relid;
+        // A distributed or reference table, or (None) a plain table of the coordinator.
+        let source = cache::lookup(source_oid);
+        if source.is_none()
+            && pg_sys::get_rel_relkind(source_oid) != pg_sys::RELKIND_RELATION as std::ffi::c_char
+        {
+            return refuse("a source that is a view, a foreign or a partitioned table");
+        }
+        if source_oid == table.oid {
             return refuse("the target table as its own source");
         }
+        let source_method = source.as_ref().map(|s| s.method);
+        let source_dist_attno = source.as_ref().and_then(DistTable::distribution_attno);
         let on = (*(*parse).jointree).quals;
         let dist_attno = table.distribution_attno();
         let key =
@@ -91,12 +98,14 @@ pub unsafe fn plan(
             .iter_ptr()
             .any(|action| (*action).commandType == pg_sys::CmdType::CMD_INSERT);
         let co_located = table.method == Method::Hash
-            && source.method == Method::Hash
-            && source.colocation_id == table.colocation_id
+            && source_method == Some(Method::Hash)
+            && source
+                .as_ref()
+                .is_some_and(|s| s.colocation_id == table.colocation_id)
             && key.is_some()
-            && key == source.distribution_attno();
-        let replicated =
-            source.method == Method::Reference && (table.method == Method::Reference || !inserts);
+            && key == source_dist_attno;
+        let replicated = source_method == Some(Method::Reference)
+            && (table.method == Method::Reference || !inserts);
         let repartition_by =
             match (co_located || replicated, key) {
                 (true, _) => None,
@@ -106,9 +115,20 @@ pub unsafe fn plan(
                      a column of the source of the same type",
                 ),
             };
+        // A repartitioned source row with a NULL key goes to the first shard, where inserting
+        // it fails as in PostgreSQL; a NULL a shard could store would break the distribution.
+        if repartition_by.is_some()
+            && inserts
+            && !dist_attno.is_some_and(|a| not_null(table.oid, a))
+        {
+            return refuse(
+                "WHEN NOT MATCHED … INSERT into a distribution column that allows NULL (add NOT \
+                 NULL to it)",
+            );
+        }
         // The source column each shard's rows are tied to: INSERT must take it.
         let shard_key = if co_located {
-            source.distribution_attno()
+            source_dist_attno
         } else {
             repartition_by
         };
@@ -136,7 +156,7 @@ pub unsafe fn plan(
                     if !keeps {
                         return refuse(match (*action).commandType {
                             pg_sys::CmdType::CMD_UPDATE => "UPDATE of the distribution column",
-                            _ => "INSERT whose distribution column is not the source's distribution column",
+                            _ => "INSERT whose distribution column is not the source column the ON condition equates with it",
                         });
                     }
                 }
@@ -168,21 +188,21 @@ pub unsafe fn plan(
             }
         }
         let Some(texts) =
-            deparse_parts(parse, result_rti, source_rti, table.oid, source.oid, &exprs)
+            deparse_parts(parse, result_rti, source_rti, table.oid, source_oid, &exprs)
         else {
             return refuse("an expression pgdist could not write as SQL for the shards");
         };
         let (using, relations, broadcasts) = match repartition_by {
             None => (
                 format!("${} pgdist_t{SOURCE_K}", RELATION_BASE + SOURCE_K as i32),
-                vec![(TARGET_K, table.oid), (SOURCE_K, source.oid)],
+                vec![(TARGET_K, table.oid), (SOURCE_K, source_oid)],
                 Vec::new(),
             ),
             Some(attno) => {
-                let Some((using, columns)) = source_as_arrays(source.oid) else {
+                let Some((using, columns)) = source_as_arrays(source_oid) else {
                     return refuse("a source column that cannot travel in an array");
                 };
-                let read = repartitioned_read(source.oid, columns, attno, table.oid);
+                let read = repartitioned_read(source_oid, columns, attno, table.oid);
                 (using, vec![(TARGET_K, table.oid)], vec![read])
             }
         };
@@ -319,6 +339,19 @@ unsafe fn equated_source_column(
                     && pg_sys::op_hashjoinable((*op).opno, (*var).vartype))
                 .then_some((*var).varattno)
             })
+    }
+}
+
+/// True when column `attno` of table `relid` is NOT NULL.
+unsafe fn not_null(relid: pg_sys::Oid, attno: i16) -> bool {
+    // SAFETY: reads the descriptor of an open relation.
+    unsafe {
+        let relation = pg_sys::RelationIdGetRelation(relid);
+        let descriptor = (*relation).rd_att;
+        let result = (1..=(*descriptor).natts as i16).contains(&attno)
+            && (*(*descriptor).attrs.as_ptr().add(attno as usize - 1)).attnotnull;
+        pg_sys::RelationClose(relation);
+        result
     }
 }
 

@@ -190,6 +190,8 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
 
 /// The scan that reads `columns` of table `relid` first and computes, on the workers, the index
 /// of the `target` shard each row belongs to by its column `partition_by` (MERGE's source).
+/// Rows whose key is NULL go to the first shard (a MERGE may still insert them, and must fail
+/// there as PostgreSQL would), not nowhere.
 pub(crate) fn repartitioned_read(
     relid: pg_sys::Oid,
     columns: Vec<i16>,
@@ -203,34 +205,42 @@ pub(crate) fn repartitioned_read(
         entry: (0, 0),
         partition_by: Some(partition_by),
     };
-    broadcast_read(&b, target)
+    ScanPlan {
+        select_sql: partitioned_select(&b, target, true),
+        ..broadcast_read(&b, target)
+    }
 }
 
 /// The scan that reads broadcast table `b` first; a repartitioned one also computes, on the
 /// workers, the index of the `target` shard each row belongs to (its last column).
 fn broadcast_read(b: &Broadcast, target: pg_sys::Oid) -> ScanPlan {
-    let name = |attno: i16| {
-        // SAFETY: a catalog lookup of a column the statement reads.
-        let name = unsafe { CStr::from_ptr(pg_sys::get_attname(b.relid, attno, false)) };
-        quote_identifier(&name.to_string_lossy())
-    };
-    let select_sql = b.partition_by.map_or_else(String::new, |attno| {
-        let names: Vec<String> = b.columns.iter().map(|a| name(*a)).collect();
-        let shard_count = cache::shards(target).len() as i32;
-        format!(
-            "{}, {}",
-            names.join(", "),
-            crate::distribution::hashing::hash_index_sql(&name(attno), shard_count)
-        )
-    });
     ScanPlan {
         relid: b.relid,
         columns: b.columns.clone(),
         shard_ids: cache::shards(b.relid).iter().map(|(id, _)| *id).collect(),
         partitioned: b.partition_by.is_some(),
-        select_sql,
+        select_sql: partitioned_select(b, target, false),
         ..Default::default()
     }
+}
+
+/// The select list of a repartitioned read: the columns, then the target shard index of the
+/// row (NULL for a NULL key, or 0 with `null_keys_to_first`); empty when not repartitioned.
+fn partitioned_select(b: &Broadcast, target: pg_sys::Oid, null_keys_to_first: bool) -> String {
+    let name = |attno: i16| {
+        // SAFETY: a catalog lookup of a column the statement reads.
+        let name = unsafe { CStr::from_ptr(pg_sys::get_attname(b.relid, attno, false)) };
+        quote_identifier(&name.to_string_lossy())
+    };
+    b.partition_by.map_or_else(String::new, |attno| {
+        let names: Vec<String> = b.columns.iter().map(|a| name(*a)).collect();
+        let shard_count = cache::shards(target).len() as i32;
+        let index = crate::distribution::hashing::hash_index_sql(&name(attno), shard_count);
+        match null_keys_to_first {
+            true => format!("{}, coalesce({index}, 0)", names.join(", ")),
+            false => format!("{}, {index}", names.join(", ")),
+        }
+    })
 }
 
 /// Puts the SET entries of `UPDATE … SET (a, b) = (SELECT …)` in the order ruleutils writes
