@@ -1252,6 +1252,7 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
         "MERGE INTO stock_levels s USING elsewhere e ON s.item = e.item WHEN NOT MATCHED THEN INSERT VALUES (e.qty, 1)",
         "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item WHEN MATCHED THEN UPDATE SET item = d.item + 1",
         "MERGE INTO stock_levels s USING (SELECT * FROM deliveries) d ON s.item = d.item WHEN MATCHED THEN DELETE",
+        "MERGE INTO shelf USING deliveries d ON shelf.item = d.item WHEN MATCHED THEN DELETE",
     ] {
         let err = coordinator.batch_execute(sql).unwrap_err();
         assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");

@@ -110,6 +110,9 @@ pub unsafe fn plan(
             match (co_located || replicated, key) {
                 (true, _) => None,
                 (false, Some(attno)) if table.method == Method::Hash => Some(attno),
+                _ if table.method == Method::Reference => {
+                    return refuse("a source that is not a reference table (the target is one)")
+                }
                 _ => return refuse(
                     "an ON condition that does not equate the target's distribution column with \
                      a column of the source of the same type",
