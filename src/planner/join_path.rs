@@ -31,9 +31,10 @@ use crate::metadata::cache;
 use crate::metadata::tables::Method;
 use crate::planner::row_locks;
 use crate::planner::scan_path::{
-    distributed_path_of, from_list, is_hash_equality, new_custom_path, pushed_down_path_methods,
+    all_clauses_ship, distributed_path_of, from_list, is_hash_equality, new_custom_path, pushed_down_path_methods,
     ScanPlan,
 };
+use crate::planner::security_quals::join_clause_may_ship;
 use crate::planner::shippable::{
     alias, deparse_qualified, shippable, travels_in_array, BROADCAST_BASE, RELATION_BASE,
 };
@@ -130,9 +131,10 @@ impl Input {
             let from_is_join = plan.from_is_join;
             let (from_sql, pending, relations) = if plan.from_sql.is_empty() {
                 // A base table: its filters must all run on the workers, before the join.
-                let all_shipped = PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo)
-                    .iter_ptr()
-                    .all(|ri| shippable((*ri).clause.cast()));
+                let all_shipped = all_clauses_ship(rel)
+                    && PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo)
+                        .iter_ptr()
+                        .all(|ri| shippable((*ri).clause.cast()));
                 if !all_shipped {
                     return None;
                 }
@@ -346,7 +348,7 @@ unsafe fn plan_join(
         let mut after_clauses = Vec::new();
         for ri in PgList::<pg_sys::RestrictInfo>::from_pg((*extra).restrictlist).iter_ptr() {
             let clause = (*ri).clause.cast::<pg_sys::Node>();
-            if !shippable(clause) {
+            if !shippable(clause) || !join_clause_may_ship(root, ri, (*joinrel).relids) {
                 return None;
             }
             let filters_joined_rows = (*ri).is_pushed_down

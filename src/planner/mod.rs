@@ -19,6 +19,7 @@ pub mod modify_pushdown;
 pub mod range_pruning;
 pub mod row_locks;
 pub mod scan_path;
+pub mod security_quals;
 pub mod shippable;
 pub mod window_path;
 pub mod with_writes;
@@ -222,6 +223,8 @@ unsafe extern "C-unwind" fn plan(
 struct Check {
     /// The queries the walk is in, innermost last (for the range table a Var refers to).
     levels: Vec<*mut pg_sys::Query>,
+    /// How many of those write a distributed or reference table.
+    in_distributed_write: usize,
     found: Option<PlannerError>,
 }
 
@@ -229,6 +232,7 @@ struct Check {
 unsafe fn unsupported_use(query: *mut pg_sys::Query) -> Option<PlannerError> {
     let mut check = Check {
         levels: Vec::new(),
+        in_distributed_write: 0,
         found: None,
     };
     // SAFETY: the walker visits the nodes of a valid Query; the context is `check`.
@@ -247,8 +251,19 @@ unsafe fn distributed_rte(query: *mut pg_sys::Query, rti: i32) -> Option<pg_sys:
     }
 }
 
+/// True when `query` writes a distributed or reference table.
+unsafe fn writes_distributed_table(query: *mut pg_sys::Query) -> bool {
+    // SAFETY: query is a valid Query.
+    unsafe {
+        (*query).commandType != pg_sys::CmdType::CMD_SELECT
+            && distributed_rte(query, (*query).resultRelation).is_some()
+    }
+}
+
 /// A distributed or reference table of `query` read under row-level security or a
 /// security-barrier view (the rewriter's `securityQuals`), or written under a check option.
+/// Refused inside writes to distributed tables, which are sent to the workers as SQL text that
+/// would lose those conditions; reads apply them on the workers (`security_quals.rs`).
 unsafe fn row_security_on_distributed_table(query: *mut pg_sys::Query) -> Option<pg_sys::Oid> {
     // SAFETY: query is a valid Query; its range table holds RangeTblEntry nodes.
     unsafe {
@@ -279,9 +294,15 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
         match (*node).type_ {
             pg_sys::NodeTag::T_Query => {
                 let query = node.cast::<pg_sys::Query>();
-                if let Some(oid) = row_security_on_distributed_table(query) {
-                    check.found = Some(PlannerError::RowSecurity(relation_name(oid)));
-                    return true;
+                // UPDATE, DELETE and MERGE go to the workers as text, subqueries included;
+                // INSERT keeps PostgreSQL's plan of its rows.
+                let writes = writes_distributed_table(query)
+                    && (*query).commandType != pg_sys::CmdType::CMD_INSERT;
+                if writes_distributed_table(query) || check.in_distributed_write > 0 {
+                    if let Some(oid) = row_security_on_distributed_table(query) {
+                        check.found = Some(PlannerError::RowSecurity(relation_name(oid)));
+                        return true;
+                    }
                 }
                 for mark in
                     pgrx::PgList::<pg_sys::RowMarkClause>::from_pg((*query).rowMarks).iter_ptr()
@@ -292,7 +313,9 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
                     }
                 }
                 check.levels.push(query);
+                check.in_distributed_write += usize::from(writes);
                 let found = pg_sys::query_tree_walker(query, Some(check_node), context, 0);
+                check.in_distributed_write -= usize::from(writes);
                 check.levels.pop();
                 found
             }

@@ -17,6 +17,7 @@ use pgrx::PgList;
 use crate::distribution::hashing;
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
+use crate::planner::security_quals::shipped_forms;
 use crate::planner::shippable::{
     deparse, new_param, shippable, with_coordinator_values, EXEC_PARAM_BASE,
 };
@@ -458,7 +459,7 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
 /// `clause` as it runs on the workers — with placeholders for the values the coordinator
 /// computes, appended to `values` — or None when it stays a local filter. The same rule
 /// decides at path and at plan time.
-unsafe fn shipped_form(
+pub(crate) unsafe fn shipped_form(
     clause: *mut pg_sys::Node,
     values: &mut Vec<*mut pg_sys::Node>,
 ) -> Option<*mut pg_sys::Node> {
@@ -480,9 +481,7 @@ unsafe fn shipped_form(
 pub unsafe fn all_clauses_ship(rel: *mut pg_sys::RelOptInfo) -> bool {
     // SAFETY: rel's restriction clauses, as the planner made them.
     unsafe {
-        PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo)
-            .iter_ptr()
-            .all(|ri| shipped_form((*ri).clause.cast(), &mut Vec::new()).is_some())
+        shipped_forms(rel, &mut Vec::new()).iter().all(Option::is_some)
     }
 }
 
@@ -494,9 +493,11 @@ unsafe fn plan_scan(table: &DistTable, rel: *mut pg_sys::RelOptInfo) -> ScanPlan
         let mut parts = Vec::new();
         // Pruning looks at the clauses that ship as they are (no values computed here).
         let mut clauses = Vec::new();
-        for ri in PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo).iter_ptr() {
+        let forms = shipped_forms(rel, &mut values);
+        let infos = PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo);
+        for (ri, form) in infos.iter_ptr().zip(forms) {
             let clause = (*ri).clause.cast::<pg_sys::Node>();
-            let Some(shipped) = shipped_form(clause, &mut values) else {
+            let Some(shipped) = form else {
                 continue;
             };
             if shippable(clause) {
@@ -556,8 +557,10 @@ unsafe fn needed_columns(rel: *mut pg_sys::RelOptInfo) -> Vec<i16> {
         let relid = (*rel).relid;
         pg_sys::pull_varattnos((*(*rel).reltarget).exprs.cast(), relid, &mut set);
         // Shipped clauses run on the workers: only local filters need their columns here.
-        for ri in PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo).iter_ptr() {
-            if shipped_form((*ri).clause.cast(), &mut Vec::new()).is_none() {
+        let forms = shipped_forms(rel, &mut Vec::new());
+        let infos = PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo);
+        for (ri, form) in infos.iter_ptr().zip(forms) {
+            if form.is_none() {
                 pg_sys::pull_varattnos((*ri).clause.cast(), relid, &mut set);
             }
         }
@@ -836,8 +839,17 @@ unsafe extern "C-unwind" fn plan_path(
         // planner then knows which parameters the scan depends on (and rescans it when they
         // change).
         let mut shipped_list = PgList::<pg_sys::Node>::new();
+        let infos: Vec<*mut pg_sys::RestrictInfo> =
+            PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo)
+                .iter_ptr()
+                .collect();
+        let forms = shipped_forms(rel, &mut Vec::new());
         for ri in PgList::<pg_sys::RestrictInfo>::from_pg(clauses).iter_ptr() {
-            if shipped_form((*ri).clause.cast(), &mut Vec::new()).is_some() {
+            let ships = match infos.iter().position(|info| std::ptr::eq(*info, ri)) {
+                Some(i) => forms[i].is_some(),
+                None => shipped_form((*ri).clause.cast(), &mut Vec::new()).is_some(),
+            };
+            if ships {
                 shipped_list.push((*ri).clause.cast());
             } else {
                 local_list.push(ri);
