@@ -1404,11 +1404,15 @@ fn roles_are_checked_on_the_coordinator_and_need_no_account_on_the_workers(clust
         &mut reference,
         "SELECT count(*) FROM orders WHERE abs(qty) = 3",
     );
-    // A view's check option is not applied on the workers yet: refused, for every role.
-    let err = session
+    // A view's check option is tested on the coordinator: rows that stay in the view are
+    // written, a row that would leave it fails with PostgreSQL's error and changes nothing.
+    session
         .simple_query("UPDATE cheap_orders SET qty = qty WHERE customer_id = 7")
+        .expect("rows stay in the view");
+    let err = session
+        .simple_query("UPDATE cheap_orders SET amount = amount + 50 WHERE customer_id = 7")
         .expect_err("check option");
-    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    assert_eq!(sqlstate(&err), "44000", "{err:?}");
     compare(
         &mut admin,
         &mut reference,
@@ -1507,6 +1511,12 @@ fn row_level_security_is_applied_on_the_workers(cluster: &Cluster) {
     for sql in queries {
         same(&mut admin, &mut reference, sql);
     }
+    // The policy's `tenant = <setting>` picks the one shard at execution, as `tenant = $1`.
+    let plan = explain(&mut admin, "SELECT count(*) FROM tags");
+    assert!(
+        plan.iter().any(|line| line.contains("Fragments: 1 on 1")),
+        "{plan:?}"
+    );
     // Another tenant through the setting, then the membership policy alone.
     for setting in ["SET app.tenant = '2'", "SET app.tenant = '-1'"] {
         run_on_both(&mut admin, &mut reference, setting);

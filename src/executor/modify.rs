@@ -73,6 +73,8 @@ struct ModifyRuntime {
     input: Option<RowInput>,
     /// The rows of the tables the statement broadcasts (`ModifyPlan::broadcasts`), once read.
     broadcast: Option<BroadcastRows>,
+    /// The result relation with the check options every new row must pass (null: none).
+    checks: *mut pg_sys::ResultRelInfo,
 }
 
 #[pg_guard]
@@ -92,6 +94,7 @@ unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut
             returned: Vec::new().into_iter(),
             input: None,
             broadcast: None,
+            checks: std::ptr::null_mut(),
         });
         state.cast()
     }
@@ -122,10 +125,18 @@ unsafe extern "C-unwind" fn begin(
         let tupdesc = (*(*node).ss.ss_ScanTupleSlot).tts_tupleDescriptor;
         let runtime = runtime_of(node);
         runtime.input = Some(RowInput::new(tupdesc));
-        runtime.coordinator_values = pgrx::PgList::<pg_sys::Expr>::from_pg((*cscan).custom_exprs)
-            .iter_ptr()
-            .map(|expr| pg_sys::ExecInitExpr(expr, &mut (*node).ss.ps))
-            .collect();
+        let mut checks = pgrx::PgList::<pg_sys::WithCheckOption>::new();
+        for expr in pgrx::PgList::<pg_sys::Expr>::from_pg((*cscan).custom_exprs).iter_ptr() {
+            if (*expr).type_ == pg_sys::NodeTag::T_WithCheckOption {
+                checks.push(expr.cast());
+            } else {
+                let state = pg_sys::ExecInitExpr(expr, &mut (*node).ss.ps);
+                runtime.coordinator_values.push(state);
+            }
+        }
+        if !checks.is_empty() {
+            runtime.checks = check_options(node, estate, checks.into_pg());
+        }
         if !runtime.plan.can_set_tag {
             // A write inside WITH runs to completion at the end of the statement even when
             // nothing reads it, as PostgreSQL does with its own ModifyTable nodes.
@@ -229,6 +240,7 @@ unsafe fn insert(
             if i32::from((*slot).tts_nvalid) < natts {
                 pg_sys::slot_getsomeattrs_int(slot, natts);
             }
+            check_new_row(node, runtime.checks, slot, pg_sys::WCOKind::WCO_RLS_INSERT_CHECK);
             let values = std::slice::from_raw_parts((*slot).tts_values, natts as usize);
             let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts as usize);
             writer.add(values, nulls);
@@ -268,10 +280,17 @@ unsafe fn statements(
     unsafe {
         let plan = &runtime.plan;
         let relid = plan.relid;
-        let shard_ids = prune_by_param(node, relid, plan.shard_ids.clone(), plan.prune_param, &[]);
+        let shard_ids = prune_by_param(
+            node,
+            relid,
+            plan.shard_ids.clone(),
+            plan.prune_param,
+            &[],
+            &runtime.coordinator_values,
+        );
         let (schema, name) = crate::executor::schema_and_name(relid);
-        let returning = plan
-            .returning
+        // An UPDATE under check options needs its new rows, to test them.
+        let returning = (plan.returning || !runtime.checks.is_null())
             .then(|| returning_columns(relid, &plan.target_alias));
         // Every shard's statement, `$<RELATION_BASE + k>` standing for the shards of the
         // relations (the target alone, k = 0, in a plain UPDATE or DELETE).
@@ -395,7 +414,81 @@ unsafe fn update_or_delete(
         }
         statements(node, runtime)
     };
-    run_statements(work)
+    let (count, rows) = run_statements(work);
+    if runtime.checks.is_null() {
+        return (count, rows);
+    }
+    // SAFETY: the rows are the result relation's, stored in our scan slot for the test.
+    unsafe {
+        let slot = (*node).ss.ss_ScanTupleSlot;
+        let econtext = (*node).ss.ps.ps_ExprContext;
+        for row in &rows {
+            if let Some(input) = runtime.input.as_mut() {
+                let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+                input.store(row, slot);
+                pg_sys::MemoryContextSwitchTo(old);
+            }
+            check_new_row(node, runtime.checks, slot, pg_sys::WCOKind::WCO_RLS_UPDATE_CHECK);
+            pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
+        }
+        pg_sys::ExecClearTuple(slot);
+    }
+    let rows = if runtime.plan.returning { rows } else { Vec::new() };
+    (count, rows)
+}
+
+/// The result relation of `node` set up with `checks`, ready for [`check_new_row`].
+unsafe fn check_options(
+    node: *mut pg_sys::CustomScanState,
+    estate: *mut pg_sys::EState,
+    checks: *mut pg_sys::List,
+) -> *mut pg_sys::ResultRelInfo {
+    // SAFETY: as ExecInitModifyTable prepares its result relation's check options: the
+    // relation is the one our scan opened, the expressions are initialised under our node.
+    unsafe {
+        let info = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+            .cast::<pg_sys::ResultRelInfo>();
+        let cscan = (*node).ss.ps.plan.cast::<pg_sys::CustomScan>();
+        pg_sys::InitResultRelInfo(
+            info,
+            (*node).ss.ss_currentRelation,
+            (*cscan).scan.scanrelid,
+            std::ptr::null_mut(),
+            (*estate).es_instrument,
+        );
+        let mut states = pgrx::PgList::<pg_sys::ExprState>::new();
+        for check in pgrx::PgList::<pg_sys::WithCheckOption>::from_pg(checks).iter_ptr() {
+            states.push(pg_sys::ExecInitQual((*check).qual.cast(), &mut (*node).ss.ps));
+        }
+        (*info).ri_WithCheckOptions = checks;
+        (*info).ri_WithCheckOptionExprs = states.into_pg();
+        info
+    }
+}
+
+/// Raises PostgreSQL's own error when the new row in `slot` fails a policy check of
+/// `policy_kind` or a view's check option (`checks`: see [`check_options`]; null: none).
+unsafe fn check_new_row(
+    node: *mut pg_sys::CustomScanState,
+    checks: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+    policy_kind: pg_sys::WCOKind::Type,
+) {
+    if checks.is_null() {
+        return;
+    }
+    // SAFETY: checks was prepared by check_options for this node's estate; slot holds a row
+    // of the result relation.
+    unsafe {
+        let estate = (*node).ss.ps.state;
+        for kind in [policy_kind, pg_sys::WCOKind::WCO_VIEW_CHECK] {
+            pg_sys::ExecWithCheckOptions(kind, checks, slot, estate);
+        }
+        let per_tuple = (*estate).es_per_tuple_exprcontext;
+        if !per_tuple.is_null() {
+            pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
+        }
+    }
 }
 
 #[pg_guard]

@@ -404,11 +404,19 @@ unsafe extern "C-unwind" fn explain(
 unsafe fn param_datum(
     node: *mut pg_sys::CustomScanState,
     exec_params: &[(i32, pg_sys::Oid)],
+    coordinator_values: &[*mut pg_sys::ExprState],
     id: i32,
 ) -> Option<(pg_sys::Oid, pg_sys::Datum)> {
-    // SAFETY: node is a running scan; ids index the statement's or the executor's parameters.
+    // SAFETY: node is a running scan; ids index the statement's or the executor's parameters,
+    // or the expressions the coordinator computes (initialised under this node).
     unsafe {
         let econtext = (*node).ss.ps.ps_ExprContext;
+        if (COORDINATOR_VALUE_BASE..BROADCAST_BASE).contains(&id) {
+            let state = *coordinator_values.get((id - COORDINATOR_VALUE_BASE) as usize)?;
+            let mut isnull = false;
+            let value = (*state).evalfunc?(state, econtext, &mut isnull);
+            return (!isnull).then(|| (pg_sys::exprType((*state).expr.cast()), value));
+        }
         if id >= EXEC_PARAM_BASE {
             let exec_id = id - EXEC_PARAM_BASE;
             let type_oid = exec_params.iter().find(|(p, _)| *p == exec_id)?.1;
@@ -449,7 +457,7 @@ pub unsafe fn param_text(
 ) -> Option<(String, String)> {
     // SAFETY: see param_datum and datum_text.
     unsafe {
-        let (type_oid, value) = param_datum(node, exec_params, id)?;
+        let (type_oid, value) = param_datum(node, exec_params, &[], id)?;
         Some(datum_text(type_oid, value))
     }
 }
@@ -602,13 +610,14 @@ pub unsafe fn prune_by_param(
     shard_ids: Vec<i64>,
     param: i32,
     exec_params: &[(i32, pg_sys::Oid)],
+    coordinator_values: &[*mut pg_sys::ExprState],
 ) -> Vec<i64> {
     if param <= 0 {
         return shard_ids;
     }
     let shards = cache::shards(relid);
     // SAFETY: node is a running scan; see param_datum.
-    let target = unsafe { param_datum(node, exec_params, param) }
+    let target = unsafe { param_datum(node, exec_params, coordinator_values, param) }
         .and_then(|(type_oid, value)| hashing::hash_datum(type_oid, value))
         .map(|hash| hashing::hash_shard_index(hash, shards.len() as i32))
         .and_then(|index| shards.iter().find(|(_, i)| *i == index).map(|(id, _)| *id));
@@ -675,6 +684,7 @@ unsafe fn fragments(
             plan.shard_ids.clone(),
             plan.prune_param,
             &plan.exec_params,
+            &runtime.coordinator_values,
         );
         // A whole statement still runs when its parameter matches no shard (NULL): it finds
         // no rows there, and an aggregate over no rows still returns its one row.

@@ -47,7 +47,7 @@ pub enum PlannerError {
     ModifyNotPushable(String, String),
     #[error("modifying the distribution column \"{1}\" of distributed table {0} is not supported")]
     DistributionColumnUpdate(String, String),
-    #[error("row-level security policies, security-barrier views and WITH CHECK OPTION on distributed table {0} are not supported yet")]
+    #[error("row-level security policies or check options of distributed table {0} are not supported in this write yet")]
     RowSecurity(String),
     #[error("system column {1} of distributed table {0} is not supported")]
     SystemColumn(String, String),
@@ -107,9 +107,10 @@ impl crate::error::PgError for PlannerError {
                     .into()
             }
             PlannerError::RowSecurity(_) => {
-                "pgdist does not apply these conditions on the worker nodes yet and refuses \
-                 rather than skip them: use the table as its owner (or a role with BYPASSRLS), \
-                 or put the condition in the statement itself."
+                "Policies and check options apply to SELECT, INSERT (without ON CONFLICT DO \
+                 UPDATE), and to the target of UPDATE and DELETE; not yet to MERGE or to the other \
+                 tables an UPDATE or DELETE reads. Write the rows with one of those statements, \
+                 or as the table's owner (or a role with BYPASSRLS)."
                     .into()
             }
         })
@@ -261,25 +262,38 @@ unsafe fn writes_distributed_table(query: *mut pg_sys::Query) -> bool {
 }
 
 /// A distributed or reference table of `query` read under row-level security or a
-/// security-barrier view (the rewriter's `securityQuals`), or written under a check option.
-/// Refused inside writes to distributed tables, which are sent to the workers as SQL text that
-/// would lose those conditions; reads apply them on the workers (`security_quals.rs`).
+/// security-barrier view (the rewriter's `securityQuals`), or written under a check option,
+/// in a way pgdist does not apply yet. Checked inside writes to distributed tables, which go
+/// to the workers as SQL text; reads apply those conditions on the workers
+/// (`security_quals.rs`), and so do the writes themselves: UPDATE and DELETE take their
+/// target's conditions into their WHERE clause, INSERT and UPDATE test check options on the
+/// coordinator. Not yet: MERGE, `ON CONFLICT DO UPDATE` under check options, and conditions
+/// on the other tables a write reads.
 unsafe fn row_security_on_distributed_table(query: *mut pg_sys::Query) -> Option<pg_sys::Oid> {
+    use pg_sys::CmdType::{CMD_DELETE, CMD_INSERT, CMD_UPDATE};
     // SAFETY: query is a valid Query; its range table holds RangeTblEntry nodes.
     unsafe {
-        if !(*query).withCheckOptions.is_null() {
-            if let Some(oid) = distributed_rte(query, (*query).resultRelation) {
+        let command = (*query).commandType;
+        let target = (*query).resultRelation;
+        let conflict_update = !(*query).onConflict.is_null()
+            && (*(*query).onConflict).action == pg_sys::OnConflictAction::ONCONFLICT_UPDATE;
+        let checks_tested = matches!(command, CMD_INSERT | CMD_UPDATE) && !conflict_update;
+        if !(*query).withCheckOptions.is_null() && !checks_tested {
+            if let Some(oid) = distributed_rte(query, target) {
                 return Some(oid);
             }
         }
+        let target_in_where = matches!(command, CMD_UPDATE | CMD_DELETE);
         pgrx::PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable)
             .iter_ptr()
-            .find(|rte| {
+            .enumerate()
+            .find(|(i, rte)| {
                 (**rte).rtekind == pg_sys::RTEKind::RTE_RELATION
                     && !(**rte).securityQuals.is_null()
                     && cache::lookup((**rte).relid).is_some()
+                    && !(target_in_where && *i as i32 + 1 == target)
             })
-            .map(|rte| (*rte).relid)
+            .map(|(_, rte)| (*rte).relid)
     }
 }
 

@@ -259,15 +259,21 @@ pub unsafe fn modify_node(
             (*scan).scan.plan.targetlist =
                 pg_sys::list_nth((*mt).returningLists, 0).cast::<pg_sys::List>();
         }
+        // Check options (policies' WITH CHECK, views' CHECK OPTION) are tested on the
+        // coordinator, on every new row: they travel after the values the coordinator computes.
+        let checks = match (*mt).withCheckOptionLists.is_null() {
+            true => std::ptr::null_mut(),
+            false => pg_sys::list_nth((*mt).withCheckOptionLists, 0).cast::<pg_sys::List>(),
+        };
         if modify.kind == ModifyKind::Insert {
             let child = (*mt).plan.lefttree;
-            if modify.on_conflict.is_empty() && !modify.returning {
+            if modify.on_conflict.is_empty() && !modify.returning && checks.is_null() {
                 modify.insert_select = pushed_down_insert(stmt, child, table).unwrap_or_default();
             }
             (*scan).custom_plans = pg_sys::lappend(std::ptr::null_mut(), child.cast());
         }
         (*scan).custom_private = to_list(modify.encode());
-        (*scan).custom_exprs = values.into_pg();
+        (*scan).custom_exprs = pg_sys::list_concat(values.into_pg(), checks);
         (*scan).methods = crate::executor::modify::scan_methods();
         scan
     }
@@ -673,6 +679,8 @@ pub unsafe fn analyse(
                 } else {
                     ModifyKind::Delete
                 };
+                // The target's policies become conditions of the statement itself.
+                let parse = crate::planner::security_quals::in_where_clause(parse);
                 update_or_delete(parse, table, &mut modify, &mut coordinator_values)?;
             }
             pg_sys::CmdType::CMD_MERGE => {

@@ -491,7 +491,7 @@ unsafe fn plan_scan(table: &DistTable, rel: *mut pg_sys::RelOptInfo) -> ScanPlan
         let mut values = Vec::new();
         let mut exec_params = Vec::new();
         let mut parts = Vec::new();
-        // Pruning looks at the clauses that ship as they are (no values computed here).
+        // Pruning looks at the clauses as they ship.
         let mut clauses = Vec::new();
         let forms = shipped_forms(rel, &mut values);
         let infos = PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo);
@@ -500,9 +500,8 @@ unsafe fn plan_scan(table: &DistTable, rel: *mut pg_sys::RelOptInfo) -> ScanPlan
             let Some(shipped) = form else {
                 continue;
             };
-            if shippable(clause) {
-                clauses.push(clause);
-            }
+            // `key = <a value the coordinator computes>` prunes at execution, as `key = $n`.
+            clauses.push(if shippable(clause) { clause } else { shipped });
             let (text, params) = deparse(shipped, table.oid, (*rel).relid);
             parts.push(format!("({text})"));
             exec_params.extend(params);

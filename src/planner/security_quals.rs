@@ -121,3 +121,62 @@ pub unsafe fn join_clause_may_ship(
         }
     }
 }
+
+/// A copy of UPDATE or DELETE `query` whose target's policy conditions (`securityQuals`) are
+/// part of its WHERE clause, lowest level first, each condition that is not leakproof behind
+/// the levels below it — the statement's own conditions are the top level — so that the
+/// statement runs on the workers as one, and without its check options; `query` itself when
+/// it has neither.
+pub unsafe fn in_where_clause(query: *mut pg_sys::Query) -> *mut pg_sys::Query {
+    // SAFETY: query is a valid UPDATE or DELETE; only the copy is changed.
+    unsafe {
+        let target = |query: *mut pg_sys::Query| {
+            let index = usize::try_from((*query).resultRelation - 1).ok()?;
+            PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable).get_ptr(index)
+        };
+        let has_quals = target(query).is_some_and(|rte| !(*rte).securityQuals.is_null());
+        if !has_quals && (*query).withCheckOptions.is_null() {
+            return query;
+        }
+        let copy = pg_sys::copyObjectImpl(query.cast()).cast::<pg_sys::Query>();
+        // The coordinator tests the new rows (`executor/modify.rs`), not the workers.
+        (*copy).withCheckOptions = std::ptr::null_mut();
+        let Some(rte) = target(copy) else {
+            return copy;
+        };
+        if !has_quals {
+            return copy;
+        }
+        let mut levels: Vec<Vec<*mut pg_sys::Node>> =
+            PgList::<pg_sys::Node>::from_pg((*rte).securityQuals)
+                .iter_ptr()
+                .map(|level| conjuncts(level))
+                .collect();
+        levels.push(conjuncts((*(*copy).jointree).quals));
+        let mut lower: Vec<*mut pg_sys::Node> = Vec::new();
+        let mut quals = PgList::<pg_sys::Node>::new();
+        for level in levels {
+            for clause in &level {
+                if lower.is_empty() || !pg_sys::contain_leaked_vars(*clause) {
+                    quals.push(*clause);
+                } else {
+                    quals.push(only_after(&lower, *clause));
+                }
+            }
+            lower.extend(level);
+        }
+        (*(*copy).jointree).quals = pg_sys::make_ands_explicit(quals.into_pg()).cast();
+        (*rte).securityQuals = std::ptr::null_mut();
+        copy
+    }
+}
+
+/// The ANDed conditions of `expr` (none for NULL).
+unsafe fn conjuncts(expr: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
+    // SAFETY: expr is a boolean expression or NULL.
+    unsafe {
+        PgList::<pg_sys::Node>::from_pg(pg_sys::make_ands_implicit(expr.cast()))
+            .iter_ptr()
+            .collect()
+    }
+}
