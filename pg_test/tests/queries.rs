@@ -1517,6 +1517,15 @@ fn row_level_security_is_applied_on_the_workers(cluster: &Cluster) {
         plan.iter().any(|line| line.contains("Fragments: 1 on 1")),
         "{plan:?}"
     );
+    // The membership policy's subquery is computed once, first: the workers filter by its
+    // result (and count), instead of sending every row to the coordinator to be tested.
+    let plan = explain(&mut admin, "SELECT count(*) FROM notes");
+    assert!(
+        plan.iter().any(|line| line.contains("InitPlan"))
+            && !plan.iter().any(|line| line.contains("Filter:"))
+            && plan.iter().any(|line| line.contains("= ANY")),
+        "{plan:?}"
+    );
     // Another tenant through the setting, then the membership policy alone.
     for setting in ["SET app.tenant = '2'", "SET app.tenant = '-1'"] {
         run_on_both(&mut admin, &mut reference, setting);

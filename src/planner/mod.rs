@@ -204,6 +204,7 @@ unsafe extern "C-unwind" fn plan(
         if let Some(err) = unsupported_use(parse) {
             crate::error::raise(err);
         }
+        security_quals::policy_subqueries_computed_first(parse);
         let with_writes =
             with_writes::analyse(parse).unwrap_or_else(|err| crate::error::raise(err));
         let written = match (*parse).commandType {

@@ -180,3 +180,119 @@ unsafe fn conjuncts(expr: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
             .collect()
     }
 }
+
+/// Rewrites the policy conditions `x IN (SELECT c …)` of the distributed and reference tables
+/// `query` reads (subqueries included) whose subquery does not depend on the row into
+/// `x = ANY (ARRAY(SELECT c …))`, which means the same, NULLs included. PostgreSQL then
+/// computes the subquery once before the scan (an init plan) and the workers get its result
+/// as a value, instead of sending every row of the table to the coordinator to be tested
+/// there — the membership policy `tenant IN (SELECT tenant FROM members WHERE who =
+/// current_user)` would otherwise read the whole table.
+pub unsafe fn policy_subqueries_computed_first(query: *mut pg_sys::Query) {
+    // SAFETY: query is the statement being planned, which the planner may change.
+    unsafe {
+        visit(query.cast(), std::ptr::null_mut());
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn visit(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    // SAFETY: node is a valid node of the statement (walker contract).
+    unsafe {
+        if (*node).type_ != pg_sys::NodeTag::T_Query {
+            return pg_sys::expression_tree_walker(node, Some(visit), context);
+        }
+        let query = node.cast::<pg_sys::Query>();
+        for rte in PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable).iter_ptr() {
+            if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION
+                && !(*rte).securityQuals.is_null()
+                && crate::metadata::cache::lookup((*rte).relid).is_some()
+            {
+                (*rte).securityQuals = in_arrays((*rte).securityQuals.cast(), std::ptr::null_mut())
+                    .cast();
+            }
+        }
+        pg_sys::query_tree_walker(query, Some(visit), context, 0)
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn in_arrays(
+    node: *mut pg_sys::Node,
+    context: *mut std::ffi::c_void,
+) -> *mut pg_sys::Node {
+    if node.is_null() {
+        return node;
+    }
+    // SAFETY: node is a valid expression node of a policy condition; the mutator copies what
+    // it changes and leaves subqueries as they are.
+    unsafe {
+        match (*node).type_ {
+            pg_sys::NodeTag::T_Query => node,
+            pg_sys::NodeTag::T_SubLink => match as_array_comparison(node.cast()) {
+                Some(replacement) => replacement,
+                None => node,
+            },
+            _ => pg_sys::expression_tree_mutator(
+                node,
+                Some(crate::planner::shippable::as_mutator(in_arrays)),
+                context,
+            ),
+        }
+    }
+}
+
+/// `x = ANY (ARRAY(SELECT c …))` for `x IN (SELECT c …)` (`x op ANY (SELECT c …)`) whose
+/// subquery does not depend on the row; None for any other sublink.
+unsafe fn as_array_comparison(sublink: *mut pg_sys::SubLink) -> Option<*mut pg_sys::Node> {
+    // SAFETY: sublink is a valid, analysed SubLink; new nodes are built around its parts.
+    unsafe {
+        if (*sublink).subLinkType != pg_sys::SubLinkType::ANY_SUBLINK
+            || (*(*sublink).testexpr).type_ != pg_sys::NodeTag::T_OpExpr
+        {
+            return None;
+        }
+        let test = (*sublink).testexpr.cast::<pg_sys::OpExpr>();
+        let args = PgList::<pg_sys::Node>::from_pg((*test).args);
+        let (Some(row_side), Some(column)) = (args.get_ptr(0), args.get_ptr(1)) else {
+            return None;
+        };
+        let column_is_the_subquerys = (*column).type_ == pg_sys::NodeTag::T_Param
+            && (*column.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_SUBLINK
+            && (*column.cast::<pg_sys::Param>()).paramid == 1;
+        let subquery = (*sublink).subselect.cast::<pg_sys::Query>();
+        let outputs = PgList::<pg_sys::TargetEntry>::from_pg((*subquery).targetList)
+            .iter_ptr()
+            .filter(|entry| !(**entry).resjunk)
+            .count();
+        if args.len() != 2
+            || !column_is_the_subquerys
+            || outputs != 1
+            || pg_sys::contain_vars_of_level(subquery.cast(), 1)
+            || pg_sys::get_array_type(pg_sys::exprType(column)) == pg_sys::InvalidOid
+        {
+            return None;
+        }
+        let array = pg_sys::palloc0(std::mem::size_of::<pg_sys::SubLink>()).cast::<pg_sys::SubLink>();
+        (*array).xpr.type_ = pg_sys::NodeTag::T_SubLink;
+        (*array).subLinkType = pg_sys::SubLinkType::ARRAY_SUBLINK;
+        (*array).subselect = subquery.cast();
+        (*array).location = -1;
+        let any = pg_sys::palloc0(std::mem::size_of::<pg_sys::ScalarArrayOpExpr>())
+            .cast::<pg_sys::ScalarArrayOpExpr>();
+        (*any).xpr.type_ = pg_sys::NodeTag::T_ScalarArrayOpExpr;
+        (*any).opno = (*test).opno;
+        (*any).opfuncid = pg_sys::get_opcode((*test).opno);
+        (*any).useOr = true;
+        (*any).inputcollid = (*test).inputcollid;
+        let mut any_args = PgList::<pg_sys::Node>::new();
+        any_args.push(row_side);
+        any_args.push(array.cast());
+        (*any).args = any_args.into_pg();
+        (*any).location = -1;
+        Some(any.cast())
+    }
+}
