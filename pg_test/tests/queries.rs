@@ -1539,7 +1539,15 @@ fn row_level_security_is_applied_on_the_workers(cluster: &Cluster) {
         &mut reference,
         "PREPARE by_id(int) AS SELECT id, secret FROM notes WHERE id = $1 OR id = $1 + 6",
     );
-    for (tenant, id) in [(1, 7), (2, 8), (1, 1000), (2, 1001), (1, 13), (5, 11), (1, 19)] {
+    for (tenant, id) in [
+        (1, 7),
+        (2, 8),
+        (1, 1000),
+        (2, 1001),
+        (1, 13),
+        (5, 11),
+        (1, 19),
+    ] {
         run_on_both(
             &mut admin,
             &mut reference,

@@ -2026,7 +2026,8 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
                               PRIMARY KEY (tenant, id));
          CREATE TABLE clerks (tenant int, clerk text);
          INSERT INTO ledger SELECT g % 4, g, g % 30, 'n' || g FROM generate_series(1, 200) g;
-         INSERT INTO ledger VALUES (2, 1000, 100000, 'hidden'), (1, 1001, 100000, 'big');
+         INSERT INTO ledger VALUES (2, 1000, 100000, 'hidden'), (1, 1001, 100000, 'big'),
+                                   (1, 1002, 5, 'frozen');
          INSERT INTO clerks VALUES (3, 'clerk');
          ALTER TABLE ledger ENABLE ROW LEVEL SECURITY;
          CREATE POLICY read_own ON ledger FOR SELECT
@@ -2039,6 +2040,7 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
            USING (tenant IN (SELECT c.tenant FROM clerks c WHERE c.clerk = current_user));
          CREATE POLICY read_assigned ON ledger FOR SELECT
            USING (tenant IN (SELECT c.tenant FROM clerks c WHERE c.clerk = current_user));
+         CREATE POLICY not_frozen ON ledger AS RESTRICTIVE FOR UPDATE USING (note <> 'frozen');
          CREATE POLICY drop_small ON ledger FOR DELETE
            USING (tenant = current_setting('app.tenant', true)::int AND secret < 10);
          CREATE VIEW small_ledger AS SELECT * FROM ledger WHERE secret < 100 WITH CHECK OPTION;
@@ -2051,9 +2053,8 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
              SELECT pgdist.create_reference_table('clerks');",
         )
         .unwrap();
-    let as_clerk = |tenant: i32, sql: &str| {
-        format!("SET ROLE clerk; SET app.tenant = '{tenant}'; {sql}")
-    };
+    let as_clerk =
+        |tenant: i32, sql: &str| format!("SET ROLE clerk; SET app.tenant = '{tenant}'; {sql}");
     let statements: Vec<String> = [
         (1, "INSERT INTO ledger VALUES (1, 2000, 5, 'new')"),
         (1, "INSERT INTO ledger VALUES (1, 2001, 5, 'a'), (1, 2002, 7, 'b') RETURNING id, secret"),
@@ -2074,6 +2075,16 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
         (3, "UPDATE ledger SET note = 'joined' FROM clerks c WHERE c.tenant = ledger.tenant AND ledger.id < 40"),
         (1, "DELETE FROM ledger WHERE id < 60 AND secret::smallint >= 0 RETURNING id"),
         (2, "DELETE FROM ledger WHERE id > 100"),
+        // Upserts: INSERT's check on the proposed row (coordinator), UPDATE's USING on the
+        // conflicting row and its WITH CHECK on the new one (shards).
+        (1, "INSERT INTO ledger VALUES (1, 2000, 5, 'up') ON CONFLICT (tenant, id) DO UPDATE SET note = excluded.note, secret = ledger.secret + 1 RETURNING *"),
+        (1, "INSERT INTO ledger VALUES (1, 2001, 5, 'up') ON CONFLICT (tenant, id) DO UPDATE SET secret = 700"),
+        (3, "INSERT INTO ledger VALUES (3, 3, 5, 'x') ON CONFLICT (tenant, id) DO UPDATE SET secret = 700"),
+        (1, "INSERT INTO ledger VALUES (2, 2, 5, 'x') ON CONFLICT (tenant, id) DO UPDATE SET note = 'x'"),
+        (1, "INSERT INTO ledger VALUES (1, 1002, 5, 'x') ON CONFLICT (tenant, id) DO UPDATE SET note = 'x'"),
+        (1, "INSERT INTO ledger VALUES (1, 1002, 5, 'x') ON CONFLICT (tenant, id) DO UPDATE SET note = 'x' WHERE ledger.secret > 5"),
+        (1, "INSERT INTO ledger SELECT 1, g, 3, 'bulk' FROM generate_series(20, 40) g ON CONFLICT (tenant, id) DO UPDATE SET note = 'bulk ' || excluded.id WHERE ledger.secret > 3 RETURNING id, note"),
+        (1, "UPDATE ledger SET note = 'thawed' WHERE id = 1002"),
         (1, "UPDATE small_ledger SET secret = 150 WHERE id = 3002"),
         (1, "UPDATE small_ledger SET secret = 50 WHERE id = 3002 RETURNING id, secret"),
         (1, "INSERT INTO small_ledger VALUES (1, 4000, 200, 'v')"),
@@ -2098,6 +2109,10 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
             "UPDATE small_ledger SET secret = 150 WHERE id = 3003",
             "new row violates check option for view \"small_ledger\"",
         ),
+        (
+            "INSERT INTO ledger VALUES (1, 1002, 5, 'x') ON CONFLICT (tenant, id) DO UPDATE SET note = 'x'",
+            "new row violates row-level security policy \"not_frozen\" (USING expression) for table \"ledger\"",
+        ),
     ] {
         let err = coordinator.batch_execute(&as_clerk(1, sql)).unwrap_err();
         let db = err.as_db_error().expect("a server error");
@@ -2111,10 +2126,17 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
     let bump = tx
         .prepare("UPDATE ledger SET secret = secret + $2 WHERE id = $1")
         .unwrap();
-    let changed: Vec<u64> = [(3004, 1), (3005, 1), (1000, 1), (3006, 1), (3007, 1), (3008, 1)]
-        .iter()
-        .map(|(id, by)| tx.execute(&bump, &[id, by]).unwrap())
-        .collect();
+    let changed: Vec<u64> = [
+        (3004, 1),
+        (3005, 1),
+        (1000, 1),
+        (3006, 1),
+        (3007, 1),
+        (3008, 1),
+    ]
+    .iter()
+    .map(|(id, by)| tx.execute(&bump, &[id, by]).unwrap())
+    .collect();
     assert_eq!(changed, vec![1, 1, 0, 1, 1, 1], "row 1000 is tenant 2's");
     let err = tx.execute(&bump, &[&3009, &1000]).unwrap_err();
     assert_eq!(sqlstate(&err), "42501", "{err:?}");
@@ -2130,7 +2152,10 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
             &[],
         )
         .unwrap();
-    let expected = count(&mut coordinator, "SELECT count(*) FROM ledger WHERE tenant = 3");
+    let expected = count(
+        &mut coordinator,
+        "SELECT count(*) FROM ledger WHERE tenant = 3",
+    );
     assert_eq!(pinned as i64, expected);
     // MERGE under a policy is refused, changing nothing.
     let before = outcome(&mut coordinator, "SELECT * FROM ledger ORDER BY tenant, id");
@@ -2142,16 +2167,16 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
         ))
         .unwrap_err();
     assert_eq!(sqlstate(&err), "0A000", "{err:?}");
-    coordinator.batch_execute("RESET ROLE; RESET app.tenant").unwrap();
+    coordinator
+        .batch_execute("RESET ROLE; RESET app.tenant")
+        .unwrap();
     assert_eq!(
         before,
         outcome(&mut coordinator, "SELECT * FROM ledger ORDER BY tenant, id")
     );
     for client in [&mut coordinator, &mut reference] {
         client
-            .batch_execute(
-                "DROP VIEW small_ledger; DROP TABLE ledger, clerks; DROP ROLE clerk",
-            )
+            .batch_execute("DROP VIEW small_ledger; DROP TABLE ledger, clerks; DROP ROLE clerk")
             .unwrap();
     }
 }

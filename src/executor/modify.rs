@@ -240,7 +240,12 @@ unsafe fn insert(
             if i32::from((*slot).tts_nvalid) < natts {
                 pg_sys::slot_getsomeattrs_int(slot, natts);
             }
-            check_new_row(node, runtime.checks, slot, pg_sys::WCOKind::WCO_RLS_INSERT_CHECK);
+            check_new_row(
+                node,
+                runtime.checks,
+                slot,
+                pg_sys::WCOKind::WCO_RLS_INSERT_CHECK,
+            );
             let values = std::slice::from_raw_parts((*slot).tts_values, natts as usize);
             let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts as usize);
             writer.add(values, nulls);
@@ -428,13 +433,51 @@ unsafe fn update_or_delete(
                 input.store(row, slot);
                 pg_sys::MemoryContextSwitchTo(old);
             }
-            check_new_row(node, runtime.checks, slot, pg_sys::WCOKind::WCO_RLS_UPDATE_CHECK);
+            check_new_row(
+                node,
+                runtime.checks,
+                slot,
+                pg_sys::WCOKind::WCO_RLS_UPDATE_CHECK,
+            );
             pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
         }
         pg_sys::ExecClearTuple(slot);
     }
-    let rows = if runtime.plan.returning { rows } else { Vec::new() };
+    let rows = if runtime.plan.returning {
+        rows
+    } else {
+        Vec::new()
+    };
     (count, rows)
+}
+
+/// A row-level security check of an `INSERT … ON CONFLICT DO UPDATE` that the shards make on a
+/// conflicting row (`planner/modify_plan.rs`, `policy_checks`): true when `passed`, otherwise
+/// PostgreSQL's own error — `using_expression` for UPDATE's USING condition on the existing
+/// row, else its WITH CHECK condition on the new one.
+#[pg_extern(volatile, parallel_safe)]
+fn policy_check(
+    passed: Option<bool>,
+    using_expression: bool,
+    table_name: &str,
+    policy_name: Option<&str>,
+) -> bool {
+    if passed == Some(true) {
+        return true;
+    }
+    let policy = policy_name.map(|p| format!(" \"{p}\"")).unwrap_or_default();
+    let using = if using_expression {
+        " (USING expression)"
+    } else {
+        ""
+    };
+    ereport!(
+        ERROR,
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!(
+            "new row violates row-level security policy{policy}{using} for table \"{table_name}\""
+        )
+    );
 }
 
 /// The result relation of `node` set up with `checks`, ready for [`check_new_row`].
@@ -458,7 +501,10 @@ unsafe fn check_options(
         );
         let mut states = pgrx::PgList::<pg_sys::ExprState>::new();
         for check in pgrx::PgList::<pg_sys::WithCheckOption>::from_pg(checks).iter_ptr() {
-            states.push(pg_sys::ExecInitQual((*check).qual.cast(), &mut (*node).ss.ps));
+            states.push(pg_sys::ExecInitQual(
+                (*check).qual.cast(),
+                &mut (*node).ss.ps,
+            ));
         }
         (*info).ri_WithCheckOptions = checks;
         (*info).ri_WithCheckOptionExprs = states.into_pg();

@@ -138,21 +138,47 @@ unsafe fn computed_first(
                     return None;
                 }
                 let array = call(function, &format!("SELECT ARRAY({text})"), array_type);
-                let scalar = pg_sys::palloc0(std::mem::size_of::<pg_sys::ScalarArrayOpExpr>())
-                    .cast::<pg_sys::ScalarArrayOpExpr>();
-                (*scalar).xpr.type_ = pg_sys::NodeTag::T_ScalarArrayOpExpr;
-                (*scalar).opno = (*op).opno;
-                (*scalar).opfuncid = pg_sys::get_opcode((*op).opno);
-                (*scalar).useOr = (*sublink).subLinkType == pg_sys::SubLinkType::ANY_SUBLINK;
-                (*scalar).inputcollid = (*op).inputcollid;
-                let mut list = PgList::<pg_sys::Node>::new();
-                list.push(left);
-                list.push(array);
-                (*scalar).args = list.into_pg();
-                (*scalar).location = -1;
-                Some(scalar.cast())
+                let any = (*sublink).subLinkType == pg_sys::SubLinkType::ANY_SUBLINK;
+                Some(over_array(op, left, array, any))
             }
             _ => None,
+        }
+    }
+}
+
+/// `<left> op ANY|ALL (<array>)`, with the operator of `op`.
+pub(crate) unsafe fn over_array(
+    op: *mut pg_sys::OpExpr,
+    left: *mut pg_sys::Node,
+    array: *mut pg_sys::Node,
+    any: bool,
+) -> *mut pg_sys::Node {
+    // SAFETY: builds a new node in the current memory context around valid ones.
+    unsafe {
+        let scalar = pg_sys::palloc0(std::mem::size_of::<pg_sys::ScalarArrayOpExpr>())
+            .cast::<pg_sys::ScalarArrayOpExpr>();
+        (*scalar).xpr.type_ = pg_sys::NodeTag::T_ScalarArrayOpExpr;
+        (*scalar).opno = (*op).opno;
+        (*scalar).opfuncid = pg_sys::get_opcode((*op).opno);
+        (*scalar).useOr = any;
+        (*scalar).inputcollid = (*op).inputcollid;
+        let mut list = PgList::<pg_sys::Node>::new();
+        list.push(left);
+        list.push(array);
+        (*scalar).args = list.into_pg();
+        (*scalar).location = -1;
+        scalar.cast()
+    }
+}
+
+/// `expr` with its uncorrelated subqueries replaced by values the coordinator computes first
+/// (as in [`compute_first`]).
+pub unsafe fn computed_first_in(expr: *mut pg_sys::Node) -> *mut pg_sys::Node {
+    // SAFETY: expr is a valid expression; the replacement copies what it changes.
+    unsafe {
+        match subquery_value_function() {
+            Some(function) => replace(expr, function, &mut false),
+            None => expr,
         }
     }
 }

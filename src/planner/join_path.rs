@@ -31,8 +31,8 @@ use crate::metadata::cache;
 use crate::metadata::tables::Method;
 use crate::planner::row_locks;
 use crate::planner::scan_path::{
-    all_clauses_ship, distributed_path_of, from_list, is_hash_equality, new_custom_path, pushed_down_path_methods,
-    ScanPlan,
+    all_clauses_ship, distributed_path_of, from_list, is_hash_equality, new_custom_path,
+    pushed_down_path_methods, ScanPlan,
 };
 use crate::planner::security_quals::join_clause_may_ship;
 use crate::planner::shippable::{

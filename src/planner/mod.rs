@@ -107,10 +107,11 @@ impl crate::error::PgError for PlannerError {
                     .into()
             }
             PlannerError::RowSecurity(_) => {
-                "Policies and check options apply to SELECT, INSERT (without ON CONFLICT DO \
-                 UPDATE), and to the target of UPDATE and DELETE; not yet to MERGE or to the other \
-                 tables an UPDATE or DELETE reads. Write the rows with one of those statements, \
-                 or as the table's owner (or a role with BYPASSRLS)."
+                "Policies and check options apply to SELECT, INSERT (also ON CONFLICT), and to \
+                 the target of UPDATE and DELETE; not yet to MERGE, to ON CONFLICT DO UPDATE \
+                 through a view WITH CHECK OPTION, or to the other tables an UPDATE or DELETE \
+                 reads. Write the rows with one of the supported statements, or as the table's \
+                 owner (or a role with BYPASSRLS)."
                     .into()
             }
         })
@@ -268,17 +269,25 @@ unsafe fn writes_distributed_table(query: *mut pg_sys::Query) -> bool {
 /// to the workers as SQL text; reads apply those conditions on the workers
 /// (`security_quals.rs`), and so do the writes themselves: UPDATE and DELETE take their
 /// target's conditions into their WHERE clause, INSERT and UPDATE test check options on the
-/// coordinator. Not yet: MERGE, `ON CONFLICT DO UPDATE` under check options, and conditions
-/// on the other tables a write reads.
+/// coordinator, `ON CONFLICT DO UPDATE` on the shards. Not yet: MERGE, `ON CONFLICT DO
+/// UPDATE` through a view with a check option, and conditions on the other tables a write
+/// reads.
 unsafe fn row_security_on_distributed_table(query: *mut pg_sys::Query) -> Option<pg_sys::Oid> {
     use pg_sys::CmdType::{CMD_DELETE, CMD_INSERT, CMD_UPDATE};
     // SAFETY: query is a valid Query; its range table holds RangeTblEntry nodes.
     unsafe {
         let command = (*query).commandType;
         let target = (*query).resultRelation;
+        // ON CONFLICT DO UPDATE: the shards test the policies on conflicting rows; a view's
+        // check option would have to be tested on the rows they return.
         let conflict_update = !(*query).onConflict.is_null()
             && (*(*query).onConflict).action == pg_sys::OnConflictAction::ONCONFLICT_UPDATE;
-        let checks_tested = matches!(command, CMD_INSERT | CMD_UPDATE) && !conflict_update;
+        let view_check =
+            pgrx::PgList::<pg_sys::WithCheckOption>::from_pg((*query).withCheckOptions)
+                .iter_ptr()
+                .any(|option| (*option).kind == pg_sys::WCOKind::WCO_VIEW_CHECK);
+        let checks_tested =
+            matches!(command, CMD_INSERT | CMD_UPDATE) && !(conflict_update && view_check);
         if !(*query).withCheckOptions.is_null() && !checks_tested {
             if let Some(oid) = distributed_rte(query, target) {
                 return Some(oid);

@@ -30,7 +30,7 @@ use crate::planner::scan_path::{
 };
 use crate::planner::shippable::{as_mutator, deparse, shippable, with_coordinator_values};
 use crate::planner::PlannerError;
-use crate::remote::quote::quote_identifier;
+use crate::remote::quote::{quote_identifier, quote_literal};
 
 pub const MODIFY_NAME: &CStr = c"pgdist Distributed Modify";
 
@@ -1020,20 +1020,104 @@ unsafe fn on_conflict(
                 ));
             }
             sql.push_str(&format!(" DO UPDATE SET {}", assignments.join(", ")));
-            if !(*conflict).onConflictWhere.is_null() {
-                sql.push_str(&format!(
-                    " WHERE {}",
-                    context.shipped(
-                        table,
-                        (*conflict).onConflictWhere,
-                        "the DO UPDATE WHERE",
-                        values
-                    )?
-                ));
+            let condition = match (*conflict).onConflictWhere.is_null() {
+                true => None,
+                false => Some(context.shipped(
+                    table,
+                    (*conflict).onConflictWhere,
+                    "the DO UPDATE WHERE",
+                    values,
+                )?),
+            };
+            // In PostgreSQL's order: the existing row's checks, the DO UPDATE WHERE, the new
+            // row's checks (a row the WHERE skips is not updated, so not checked).
+            use pg_sys::WCOKind::{WCO_RLS_CONFLICT_CHECK, WCO_RLS_UPDATE_CHECK};
+            let existing = policy_checks(parse, table, &context, values, WCO_RLS_CONFLICT_CHECK)?;
+            let new = policy_checks(parse, table, &context, values, WCO_RLS_UPDATE_CHECK)?;
+            let only_if = |first: Option<String>, then: Option<String>| match (first, then) {
+                (Some(first), Some(then)) => {
+                    Some(format!("CASE WHEN {first} THEN {then} ELSE false END"))
+                }
+                (first, then) => first.or(then),
+            };
+            if let Some(clause) = only_if(existing, only_if(condition, new)) {
+                sql.push_str(&format!(" WHERE {clause}"));
             }
         }
         modify.on_conflict = sql;
         Ok(())
+    }
+}
+
+/// The row-level security checks of `kind` that the shards make on a conflicting row of an
+/// `INSERT … ON CONFLICT DO UPDATE`, as one condition of calls of `pgdist.policy_check` for
+/// its DO UPDATE WHERE (None: no such check): UPDATE's USING conditions on the existing row
+/// (`WCO_RLS_CONFLICT_CHECK`), or its WITH CHECK conditions on the new row — the existing row
+/// with the DO UPDATE SET values in place of its columns (`WCO_RLS_UPDATE_CHECK`). INSERT's
+/// checks are made on the coordinator before the rows are routed.
+unsafe fn policy_checks(
+    parse: *mut pg_sys::Query,
+    table: &DistTable,
+    context: &Deparser,
+    values: &mut Vec<*mut pg_sys::Node>,
+    kind: pg_sys::WCOKind::Type,
+) -> Result<Option<String>, PlannerError> {
+    use pg_sys::WCOKind::{WCO_RLS_CONFLICT_CHECK, WCO_RLS_UPDATE_CHECK};
+    // SAFETY: parse is a valid INSERT … ON CONFLICT DO UPDATE; its check options are rewritten
+    // on copies.
+    unsafe {
+        let result_rti = (*parse).resultRelation;
+        let target = PgList::<pg_sys::RangeTblEntry>::from_pg((*parse).rtable)
+            .get_ptr(result_rti as usize - 1)
+            .expect("the target's range-table entry");
+        let mut checks = Vec::new();
+        let options = PgList::<pg_sys::WithCheckOption>::from_pg((*parse).withCheckOptions);
+        for option in options.iter_ptr().filter(|o| (**o).kind == kind) {
+            // A membership policy's subquery is computed first, as in UPDATE.
+            let mut condition = crate::planner::coordinator_subqueries::computed_first_in(
+                pg_sys::copyObjectImpl((*option).qual.cast()).cast(),
+            );
+            if kind == WCO_RLS_UPDATE_CHECK {
+                if has_generated_columns(table.oid) {
+                    return Err(PlannerError::RowSecurity(table_name(table)));
+                }
+                let mut sublinks = false;
+                condition = pg_sys::ReplaceVarsFromTargetList(
+                    condition,
+                    result_rti,
+                    0,
+                    target,
+                    (*(*parse).onConflict).onConflictSet,
+                    pg_sys::ReplaceVarsNoMatchOption::REPLACEVARS_CHANGE_VARNO,
+                    result_rti,
+                    &mut sublinks,
+                );
+            }
+            let text = context.shipped(table, condition, "a row-level security policy", values)?;
+            let name = |name: *mut std::ffi::c_char| match name.is_null() {
+                true => "NULL".to_string(),
+                false => quote_literal(&CStr::from_ptr(name).to_string_lossy()),
+            };
+            checks.push(format!(
+                "pgdist.policy_check({text}, {}, {}, {})",
+                kind == WCO_RLS_CONFLICT_CHECK,
+                name((*option).relname),
+                name((*option).polname)
+            ));
+        }
+        Ok((!checks.is_empty()).then(|| checks.join(" AND ")))
+    }
+}
+
+/// True when table `relid` has stored generated columns (computed on the shards).
+unsafe fn has_generated_columns(relid: pg_sys::Oid) -> bool {
+    // SAFETY: the table is locked by the statement being planned.
+    unsafe {
+        let relation = pg_sys::RelationIdGetRelation(relid);
+        let constraints = (*(*relation).rd_att).constr;
+        let generated = !constraints.is_null() && (*constraints).has_generated_stored;
+        pg_sys::RelationClose(relation);
+        generated
     }
 }
 

@@ -481,7 +481,9 @@ pub(crate) unsafe fn shipped_form(
 pub unsafe fn all_clauses_ship(rel: *mut pg_sys::RelOptInfo) -> bool {
     // SAFETY: rel's restriction clauses, as the planner made them.
     unsafe {
-        shipped_forms(rel, &mut Vec::new()).iter().all(Option::is_some)
+        shipped_forms(rel, &mut Vec::new())
+            .iter()
+            .all(Option::is_some)
     }
 }
 

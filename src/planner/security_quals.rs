@@ -80,12 +80,14 @@ unsafe fn only_after(guard: &[*mut pg_sys::Node], clause: *mut pg_sys::Node) -> 
                     .cast::<pg_sys::Node>()
             }
         };
-        let when = pg_sys::palloc0(std::mem::size_of::<pg_sys::CaseWhen>()).cast::<pg_sys::CaseWhen>();
+        let when =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::CaseWhen>()).cast::<pg_sys::CaseWhen>();
         (*when).xpr.type_ = pg_sys::NodeTag::T_CaseWhen;
         (*when).expr = condition.cast();
         (*when).result = clause.cast();
         (*when).location = -1;
-        let case = pg_sys::palloc0(std::mem::size_of::<pg_sys::CaseExpr>()).cast::<pg_sys::CaseExpr>();
+        let case =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::CaseExpr>()).cast::<pg_sys::CaseExpr>();
         (*case).xpr.type_ = pg_sys::NodeTag::T_CaseExpr;
         (*case).casetype = pg_sys::BOOLOID;
         (*case).args = pg_sys::lappend(std::ptr::null_mut(), when.cast());
@@ -211,8 +213,8 @@ unsafe extern "C-unwind" fn visit(node: *mut pg_sys::Node, context: *mut std::ff
                 && !(*rte).securityQuals.is_null()
                 && crate::metadata::cache::lookup((*rte).relid).is_some()
             {
-                (*rte).securityQuals = in_arrays((*rte).securityQuals.cast(), std::ptr::null_mut())
-                    .cast();
+                (*rte).securityQuals =
+                    in_arrays((*rte).securityQuals.cast(), std::ptr::null_mut()).cast();
             }
         }
         pg_sys::query_tree_walker(query, Some(visit), context, 0)
@@ -276,23 +278,17 @@ unsafe fn as_array_comparison(sublink: *mut pg_sys::SubLink) -> Option<*mut pg_s
         {
             return None;
         }
-        let array = pg_sys::palloc0(std::mem::size_of::<pg_sys::SubLink>()).cast::<pg_sys::SubLink>();
+        let array =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::SubLink>()).cast::<pg_sys::SubLink>();
         (*array).xpr.type_ = pg_sys::NodeTag::T_SubLink;
         (*array).subLinkType = pg_sys::SubLinkType::ARRAY_SUBLINK;
         (*array).subselect = subquery.cast();
         (*array).location = -1;
-        let any = pg_sys::palloc0(std::mem::size_of::<pg_sys::ScalarArrayOpExpr>())
-            .cast::<pg_sys::ScalarArrayOpExpr>();
-        (*any).xpr.type_ = pg_sys::NodeTag::T_ScalarArrayOpExpr;
-        (*any).opno = (*test).opno;
-        (*any).opfuncid = pg_sys::get_opcode((*test).opno);
-        (*any).useOr = true;
-        (*any).inputcollid = (*test).inputcollid;
-        let mut any_args = PgList::<pg_sys::Node>::new();
-        any_args.push(row_side);
-        any_args.push(array.cast());
-        (*any).args = any_args.into_pg();
-        (*any).location = -1;
-        Some(any.cast())
+        Some(crate::planner::coordinator_subqueries::over_array(
+            test,
+            row_side,
+            array.cast(),
+            true,
+        ))
     }
 }
