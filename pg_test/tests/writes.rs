@@ -2028,7 +2028,13 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
          INSERT INTO ledger SELECT g % 4, g, g % 30, 'n' || g FROM generate_series(1, 200) g;
          INSERT INTO ledger VALUES (2, 1000, 100000, 'hidden'), (1, 1001, 100000, 'big'),
                                    (1, 1002, 5, 'frozen');
-         INSERT INTO clerks VALUES (3, 'clerk');
+         INSERT INTO clerks VALUES (3, 'clerk'), (1, 'someone'), (0, 'clerk');
+         CREATE TABLE limits (tenant int, cap int);
+         INSERT INTO limits VALUES (1, 7), (2, 0), (3, 9);
+         ALTER TABLE clerks ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own_rows ON clerks USING (clerk = current_user);
+         ALTER TABLE limits ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY positive ON limits USING (cap > 0);
          ALTER TABLE ledger ENABLE ROW LEVEL SECURITY;
          CREATE POLICY read_own ON ledger FOR SELECT
            USING (tenant = current_setting('app.tenant', true)::int);
@@ -2045,7 +2051,7 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
            USING (tenant = current_setting('app.tenant', true)::int AND secret < 10);
          CREATE VIEW small_ledger AS SELECT * FROM ledger WHERE secret < 100 WITH CHECK OPTION;
          GRANT ALL ON ledger, small_ledger TO clerk;
-         GRANT SELECT ON clerks TO clerk;",
+         GRANT SELECT ON clerks, limits TO clerk;",
     );
     coordinator
         .batch_execute(
@@ -2074,6 +2080,13 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
         (3, "UPDATE ledger SET note = 'assigned ' || id WHERE id % 10 = 3"),
         (3, "UPDATE ledger SET note = 'joined' FROM clerks c WHERE c.tenant = ledger.tenant AND ledger.id < 40"),
         (1, "DELETE FROM ledger WHERE id < 60 AND secret::smallint >= 0 RETURNING id"),
+        // The policies of the other tables an UPDATE or DELETE reads (a reference table, a
+        // local table of the coordinator), also in a subquery.
+        (3, "UPDATE ledger SET note = 'via ' || c.clerk FROM clerks c WHERE c.tenant = ledger.tenant AND ledger.id < 100"),
+        (1, "UPDATE ledger SET secret = l.cap FROM limits l WHERE l.tenant = ledger.tenant AND ledger.id BETWEEN 100 AND 120"),
+        (2, "UPDATE ledger SET secret = l.cap FROM limits l WHERE l.tenant = ledger.tenant AND ledger.id < 100"),
+        (3, "UPDATE ledger SET note = 'sub' WHERE id IN (SELECT tenant * 10 + 1 FROM clerks)"),
+        (1, "DELETE FROM ledger USING limits l WHERE l.tenant = ledger.tenant AND ledger.secret::smallint < 3"),
         (2, "DELETE FROM ledger WHERE id > 100"),
         // Upserts: INSERT's check on the proposed row (coordinator), UPDATE's USING on the
         // conflicting row and its WITH CHECK on the new one (shards).
@@ -2176,7 +2189,9 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
     );
     for client in [&mut coordinator, &mut reference] {
         client
-            .batch_execute("DROP VIEW small_ledger; DROP TABLE ledger, clerks; DROP ROLE clerk")
+            .batch_execute(
+                "DROP VIEW small_ledger; DROP TABLE ledger, clerks, limits; DROP ROLE clerk",
+            )
             .unwrap();
     }
 }

@@ -107,11 +107,11 @@ impl crate::error::PgError for PlannerError {
                     .into()
             }
             PlannerError::RowSecurity(_) => {
-                "Policies and check options apply to SELECT, INSERT (also ON CONFLICT), and to \
-                 the target of UPDATE and DELETE; not yet to MERGE, to ON CONFLICT DO UPDATE \
-                 through a view WITH CHECK OPTION, or to the other tables an UPDATE or DELETE \
-                 reads. Write the rows with one of the supported statements, or as the table's \
-                 owner (or a role with BYPASSRLS)."
+                "Policies and check options apply to SELECT, INSERT (also ON CONFLICT), UPDATE \
+                 and DELETE; not yet to MERGE, to ON CONFLICT DO UPDATE through a view WITH \
+                 CHECK OPTION, or to a table inside an explicit JOIN of an UPDATE or DELETE \
+                 (list it in FROM or USING instead). Use one of the supported forms, or run \
+                 the statement as the table's owner (or a role with BYPASSRLS)."
                     .into()
             }
         })
@@ -226,8 +226,10 @@ unsafe extern "C-unwind" fn plan(
 struct Check {
     /// The queries the walk is in, innermost last (for the range table a Var refers to).
     levels: Vec<*mut pg_sys::Query>,
-    /// How many of those write a distributed or reference table.
+    /// How many of those UPDATE or DELETE a distributed or reference table.
     in_distributed_write: usize,
+    /// How many of those MERGE into one.
+    in_distributed_merge: usize,
     found: Option<PlannerError>,
 }
 
@@ -236,6 +238,7 @@ unsafe fn unsupported_use(query: *mut pg_sys::Query) -> Option<PlannerError> {
     let mut check = Check {
         levels: Vec::new(),
         in_distributed_write: 0,
+        in_distributed_merge: 0,
         found: None,
     };
     // SAFETY: the walker visits the nodes of a valid Query; the context is `check`.
@@ -263,17 +266,21 @@ unsafe fn writes_distributed_table(query: *mut pg_sys::Query) -> bool {
     }
 }
 
-/// A distributed or reference table of `query` read under row-level security or a
-/// security-barrier view (the rewriter's `securityQuals`), or written under a check option,
-/// in a way pgdist does not apply yet. Checked inside writes to distributed tables, which go
-/// to the workers as SQL text; reads apply those conditions on the workers
-/// (`security_quals.rs`), and so do the writes themselves: UPDATE and DELETE take their
-/// target's conditions into their WHERE clause, INSERT and UPDATE test check options on the
-/// coordinator, `ON CONFLICT DO UPDATE` on the shards. Not yet: MERGE, `ON CONFLICT DO
-/// UPDATE` through a view with a check option, and conditions on the other tables a write
-/// reads.
-unsafe fn row_security_on_distributed_table(query: *mut pg_sys::Query) -> Option<pg_sys::Oid> {
-    use pg_sys::CmdType::{CMD_DELETE, CMD_INSERT, CMD_UPDATE};
+/// A table of `query` read under row-level security or a security-barrier view (the
+/// rewriter's `securityQuals`), or a distributed table written under a check option, in a way
+/// pgdist does not apply yet. Checked inside writes to distributed tables, whose UPDATE,
+/// DELETE and MERGE statements go to the workers as SQL text (reads apply the conditions on
+/// the workers: `security_quals.rs`). What is applied: UPDATE and DELETE take the conditions
+/// of the tables their WHERE clauses filter directly (target, FROM list, at every level) into
+/// those clauses; INSERT and UPDATE test check options on the coordinator, `ON CONFLICT DO
+/// UPDATE` on the shards. Not yet: MERGE, tables inside explicit JOINs of an UPDATE or DELETE,
+/// and `ON CONFLICT DO UPDATE` through a view with a check option.
+unsafe fn row_security_on_distributed_table(
+    query: *mut pg_sys::Query,
+    in_update_or_delete: bool,
+    in_merge: bool,
+) -> Option<pg_sys::Oid> {
+    use pg_sys::CmdType::{CMD_INSERT, CMD_UPDATE};
     // SAFETY: query is a valid Query; its range table holds RangeTblEntry nodes.
     unsafe {
         let command = (*query).commandType;
@@ -293,15 +300,20 @@ unsafe fn row_security_on_distributed_table(query: *mut pg_sys::Query) -> Option
                 return Some(oid);
             }
         }
-        let target_in_where = matches!(command, CMD_UPDATE | CMD_DELETE);
+        let applied = match in_update_or_delete && !in_merge {
+            true => security_quals::filtered_by_where(query),
+            false => Vec::new(),
+        };
+        // Inside UPDATE, DELETE and MERGE every table counts: a local one is read there too.
+        let any_table = in_update_or_delete || in_merge;
         pgrx::PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable)
             .iter_ptr()
             .enumerate()
             .find(|(i, rte)| {
                 (**rte).rtekind == pg_sys::RTEKind::RTE_RELATION
                     && !(**rte).securityQuals.is_null()
-                    && cache::lookup((**rte).relid).is_some()
-                    && !(target_in_where && *i as i32 + 1 == target)
+                    && (any_table || cache::lookup((**rte).relid).is_some())
+                    && !applied.contains(&(*i as i32 + 1))
             })
             .map(|(_, rte)| (*rte).relid)
     }
@@ -320,10 +332,25 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
                 let query = node.cast::<pg_sys::Query>();
                 // UPDATE, DELETE and MERGE go to the workers as text, subqueries included;
                 // INSERT keeps PostgreSQL's plan of its rows.
-                let writes = writes_distributed_table(query)
-                    && (*query).commandType != pg_sys::CmdType::CMD_INSERT;
-                if writes_distributed_table(query) || check.in_distributed_write > 0 {
-                    if let Some(oid) = row_security_on_distributed_table(query) {
+                let distributed_write = writes_distributed_table(query);
+                let merge = distributed_write && (*query).commandType == pg_sys::CmdType::CMD_MERGE;
+                let writes = distributed_write
+                    && matches!(
+                        (*query).commandType,
+                        pg_sys::CmdType::CMD_UPDATE | pg_sys::CmdType::CMD_DELETE
+                    );
+                check.in_distributed_write += usize::from(writes);
+                check.in_distributed_merge += usize::from(merge);
+                if distributed_write
+                    || check.in_distributed_write > 0
+                    || check.in_distributed_merge > 0
+                {
+                    let found = row_security_on_distributed_table(
+                        query,
+                        check.in_distributed_write > 0,
+                        check.in_distributed_merge > 0,
+                    );
+                    if let Some(oid) = found {
                         check.found = Some(PlannerError::RowSecurity(relation_name(oid)));
                         return true;
                     }
@@ -337,9 +364,9 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
                     }
                 }
                 check.levels.push(query);
-                check.in_distributed_write += usize::from(writes);
                 let found = pg_sys::query_tree_walker(query, Some(check_node), context, 0);
                 check.in_distributed_write -= usize::from(writes);
+                check.in_distributed_merge -= usize::from(merge);
                 check.levels.pop();
                 found
             }

@@ -124,52 +124,136 @@ pub unsafe fn join_clause_may_ship(
     }
 }
 
-/// A copy of UPDATE or DELETE `query` whose target's policy conditions (`securityQuals`) are
-/// part of its WHERE clause, lowest level first, each condition that is not leakproof behind
-/// the levels below it — the statement's own conditions are the top level — so that the
-/// statement runs on the workers as one, and without its check options; `query` itself when
-/// it has neither.
+/// A copy of UPDATE or DELETE `query` in which every table its WHERE clauses filter directly
+/// ([`filtered_by_where`], at every level: the statement, its subqueries) has its policy
+/// conditions (`securityQuals`) in that WHERE clause, lowest level first, each condition that
+/// is not leakproof behind the levels below it — the statement's own conditions are the top
+/// level — so that the statement runs on the workers as one; also without check options
+/// (tested on the coordinator). `query` itself when it has neither.
 pub unsafe fn in_where_clause(query: *mut pg_sys::Query) -> *mut pg_sys::Query {
     // SAFETY: query is a valid UPDATE or DELETE; only the copy is changed.
     unsafe {
-        let target = |query: *mut pg_sys::Query| {
-            let index = usize::try_from((*query).resultRelation - 1).ok()?;
-            PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable).get_ptr(index)
-        };
-        let has_quals = target(query).is_some_and(|rte| !(*rte).securityQuals.is_null());
-        if !has_quals && (*query).withCheckOptions.is_null() {
+        let mut policies = false;
+        each_query(query.cast(), &mut |level| {
+            policies |= PgList::<pg_sys::RangeTblEntry>::from_pg((*level).rtable)
+                .iter_ptr()
+                .any(|rte| !(*rte).securityQuals.is_null());
+        });
+        if !policies && (*query).withCheckOptions.is_null() {
             return query;
         }
         let copy = pg_sys::copyObjectImpl(query.cast()).cast::<pg_sys::Query>();
-        // The coordinator tests the new rows (`executor/modify.rs`), not the workers.
         (*copy).withCheckOptions = std::ptr::null_mut();
-        let Some(rte) = target(copy) else {
-            return copy;
-        };
-        if !has_quals {
-            return copy;
+        each_query(copy.cast(), &mut |level| merge_into_where(level));
+        copy
+    }
+}
+
+/// Range-table indexes of the tables whose rows the WHERE clause of `query` filters as they
+/// are read: the plain entries of its FROM list (joined as by an inner join) and the target of
+/// an UPDATE or DELETE. (Tables inside explicit JOINs are not among them.)
+pub unsafe fn filtered_by_where(query: *mut pg_sys::Query) -> Vec<i32> {
+    // SAFETY: query is a valid Query.
+    unsafe {
+        let mut indexes: Vec<i32> = PgList::<pg_sys::Node>::from_pg((*(*query).jointree).fromlist)
+            .iter_ptr()
+            .filter(|node| (**node).type_ == pg_sys::NodeTag::T_RangeTblRef)
+            .map(|node| (*node.cast::<pg_sys::RangeTblRef>()).rtindex)
+            .collect();
+        let command = (*query).commandType;
+        if matches!(
+            command,
+            pg_sys::CmdType::CMD_UPDATE | pg_sys::CmdType::CMD_DELETE
+        ) && !indexes.contains(&(*query).resultRelation)
+        {
+            indexes.push((*query).resultRelation);
         }
-        let mut levels: Vec<Vec<*mut pg_sys::Node>> =
-            PgList::<pg_sys::Node>::from_pg((*rte).securityQuals)
+        indexes
+    }
+}
+
+/// Moves the policy conditions of the tables `query`'s WHERE clause filters into it (see
+/// [`in_where_clause`]). A condition that is not leakproof waits for the lower levels of its
+/// own table's policies, and one of the statement's for all policies of the tables it reads
+/// (as PostgreSQL orders them per table).
+unsafe fn merge_into_where(query: *mut pg_sys::Query) {
+    // SAFETY: query is part of a private copy of the statement.
+    unsafe {
+        let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable);
+        // Each table's policy levels, lowest first.
+        let mut tables: Vec<(i32, Vec<Vec<*mut pg_sys::Node>>)> = Vec::new();
+        for index in filtered_by_where(query) {
+            let Some(rte) = rtable.get_ptr(index as usize - 1) else {
+                continue;
+            };
+            if (*rte).securityQuals.is_null() {
+                continue;
+            }
+            let levels = PgList::<pg_sys::Node>::from_pg((*rte).securityQuals)
                 .iter_ptr()
                 .map(|level| conjuncts(level))
                 .collect();
-        levels.push(conjuncts((*(*copy).jointree).quals));
-        let mut lower: Vec<*mut pg_sys::Node> = Vec::new();
-        let mut quals = PgList::<pg_sys::Node>::new();
-        for level in levels {
-            for clause in &level {
-                if lower.is_empty() || !pg_sys::contain_leaked_vars(*clause) {
-                    quals.push(*clause);
-                } else {
-                    quals.push(only_after(&lower, *clause));
-                }
-            }
-            lower.extend(level);
+            tables.push((index, levels));
+            (*rte).securityQuals = std::ptr::null_mut();
         }
-        (*(*copy).jointree).quals = pg_sys::make_ands_explicit(quals.into_pg()).cast();
-        (*rte).securityQuals = std::ptr::null_mut();
-        copy
+        if tables.is_empty() {
+            return;
+        }
+        let guarded = |guard: &[*mut pg_sys::Node], clause: *mut pg_sys::Node| {
+            if guard.is_empty() || !pg_sys::contain_leaked_vars(clause) {
+                clause
+            } else {
+                only_after(guard, clause)
+            }
+        };
+        let mut quals = PgList::<pg_sys::Node>::new();
+        for (_, levels) in &tables {
+            let mut lower: Vec<*mut pg_sys::Node> = Vec::new();
+            for level in levels {
+                for clause in level {
+                    quals.push(guarded(&lower, *clause));
+                }
+                lower.extend(level);
+            }
+        }
+        for clause in conjuncts((*(*query).jointree).quals) {
+            let varnos = pg_sys::pull_varnos(std::ptr::null_mut(), clause);
+            let guard: Vec<*mut pg_sys::Node> = tables
+                .iter()
+                .filter(|(index, _)| pg_sys::bms_is_member(*index, varnos))
+                .flat_map(|(_, levels)| levels.iter().flatten().copied())
+                .collect();
+            quals.push(guarded(&guard, clause));
+        }
+        (*(*query).jointree).quals = pg_sys::make_ands_explicit(quals.into_pg()).cast();
+    }
+}
+
+/// Calls `f` on `node` and every query inside it (subqueries, WITH queries, sublinks), outer
+/// levels first.
+unsafe fn each_query(node: *mut pg_sys::Node, f: &mut dyn FnMut(*mut pg_sys::Query)) {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walk(
+        node: *mut pg_sys::Node,
+        context: *mut std::ffi::c_void,
+    ) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        // SAFETY: node is a valid node; context is the closure passed below.
+        unsafe {
+            if (*node).type_ == pg_sys::NodeTag::T_Query {
+                let f = &mut *context.cast::<&mut dyn FnMut(*mut pg_sys::Query)>();
+                f(node.cast());
+                return pg_sys::query_tree_walker(node.cast(), Some(walk), context, 0);
+            }
+            pg_sys::expression_tree_walker(node, Some(walk), context)
+        }
+    }
+    let mut f = f;
+    // SAFETY: the walk only hands valid Query nodes to `f`; the context outlives it.
+    unsafe {
+        walk(node, (&raw mut f).cast());
     }
 }
 
@@ -193,31 +277,17 @@ unsafe fn conjuncts(expr: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
 pub unsafe fn policy_subqueries_computed_first(query: *mut pg_sys::Query) {
     // SAFETY: query is the statement being planned, which the planner may change.
     unsafe {
-        visit(query.cast(), std::ptr::null_mut());
-    }
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn visit(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
-    if node.is_null() {
-        return false;
-    }
-    // SAFETY: node is a valid node of the statement (walker contract).
-    unsafe {
-        if (*node).type_ != pg_sys::NodeTag::T_Query {
-            return pg_sys::expression_tree_walker(node, Some(visit), context);
-        }
-        let query = node.cast::<pg_sys::Query>();
-        for rte in PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable).iter_ptr() {
-            if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION
-                && !(*rte).securityQuals.is_null()
-                && crate::metadata::cache::lookup((*rte).relid).is_some()
-            {
-                (*rte).securityQuals =
-                    in_arrays((*rte).securityQuals.cast(), std::ptr::null_mut()).cast();
+        each_query(query.cast(), &mut |level| {
+            for rte in PgList::<pg_sys::RangeTblEntry>::from_pg((*level).rtable).iter_ptr() {
+                if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION
+                    && !(*rte).securityQuals.is_null()
+                    && crate::metadata::cache::lookup((*rte).relid).is_some()
+                {
+                    (*rte).securityQuals =
+                        in_arrays((*rte).securityQuals.cast(), std::ptr::null_mut()).cast();
+                }
             }
-        }
-        pg_sys::query_tree_walker(query, Some(visit), context, 0)
+        });
     }
 }
 
