@@ -1051,10 +1051,36 @@ fn prepared_statements_prune_by_parameter(cluster: &Cluster) {
         plan.iter().any(|l| l.contains("Fragments: 1 on 1")),
         "{plan:?}"
     );
+    // `key = ANY($1)` reads the shards of the array's elements.
+    run_on_both(&mut coordinator, &mut reference, "PREPARE a(int[]) AS SELECT count(*), sum(amount), max(order_id) FROM orders WHERE customer_id = ANY($1)");
+    for ids in [
+        "{3,4}",
+        "{}",
+        "{1000}",
+        "{5,NULL,2100,7,8}",
+        "{3,4}",
+        "{NULL}",
+        "{9,9,9}",
+    ] {
+        assert!(matches!(
+            compare(
+                &mut coordinator,
+                &mut reference,
+                &format!("EXECUTE a('{ids}')")
+            ),
+            Comparison::Same
+        ));
+    }
+    compare(&mut coordinator, &mut reference, "EXECUTE a(NULL)");
+    let plan = explain(&mut coordinator, "EXECUTE a('{3,3}')");
+    assert!(
+        plan.iter().any(|l| l.contains("Fragments: 1 on 1")),
+        "{plan:?}"
+    );
     run_on_both(
         &mut coordinator,
         &mut reference,
-        "DEALLOCATE c; RESET plan_cache_mode",
+        "DEALLOCATE a; DEALLOCATE c; RESET plan_cache_mode",
     );
     // Fragments with parameters run as statements prepared on the workers: an execution that
     // fails there, or a rolled-back transaction, leaves the next ones working.

@@ -621,7 +621,9 @@ fn writes_with_parameters_run_as_statements_prepared_on_the_workers(cluster: &Cl
     let setup = "SET plan_cache_mode = force_generic_plan;
         PREPARE up(int, int) AS UPDATE stock SET qty = qty + $2 WHERE id = $1 RETURNING id, qty;
         PREPARE del(int) AS DELETE FROM stock WHERE id = $1 AND qty < 0 RETURNING *;
-        PREPARE halve(int, int) AS UPDATE stock SET qty = qty / $2 WHERE grp = $1;";
+        PREPARE halve(int, int) AS UPDATE stock SET qty = qty / $2 WHERE grp = $1;
+        PREPARE bump_some(int[]) AS UPDATE stock SET qty = qty + 1 WHERE id = ANY($1) RETURNING id;
+        PREPARE drop_some(int[]) AS DELETE FROM stock WHERE id = ANY($1) AND qty > 250;";
     for client in [&mut coordinator, &mut reference] {
         client.batch_execute(setup).unwrap();
     }
@@ -638,6 +640,11 @@ fn writes_with_parameters_run_as_statements_prepared_on_the_workers(cluster: &Cl
         "ROLLBACK",
         "EXECUTE halve(2, 3)",
         "EXECUTE up(8, 2)",
+        "EXECUTE bump_some('{1,2,3,50,99}')",
+        "EXECUTE bump_some('{}')",
+        "EXECUTE bump_some(NULL)",
+        "EXECUTE bump_some('{4,NULL,4}')",
+        "EXECUTE drop_some('{90,91,92,93,94,95,96,97,98,99,100}')",
     ] {
         let got = outcome(&mut coordinator, sql);
         let want = outcome(&mut reference, sql);
@@ -649,6 +656,8 @@ fn writes_with_parameters_run_as_statements_prepared_on_the_workers(cluster: &Cl
         );
     }
     let plan = explain(&mut coordinator, "EXECUTE up(9, 1)");
+    assert!(plan.contains("Fragments: 1 on 1 node(s)"), "{plan}");
+    let plan = explain(&mut coordinator, "EXECUTE bump_some('{9,9}')");
     assert!(plan.contains("Fragments: 1 on 1 node(s)"), "{plan}");
     // In an open transaction, the worker connection's last command runs a prepared statement.
     coordinator

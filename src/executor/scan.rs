@@ -612,19 +612,31 @@ pub unsafe fn prune_by_param(
     exec_params: &[(i32, pg_sys::Oid)],
     coordinator_values: &[*mut pg_sys::ExprState],
 ) -> Vec<i64> {
-    if param <= 0 {
+    if param == 0 {
         return shard_ids;
     }
     let shards = cache::shards(relid);
-    // SAFETY: node is a running scan; see param_datum.
-    let target = unsafe { param_datum(node, exec_params, coordinator_values, param) }
-        .and_then(|(type_oid, value)| hashing::hash_datum(type_oid, value))
-        .map(|hash| hashing::hash_shard_index(hash, shards.len() as i32))
-        .and_then(|index| shards.iter().find(|(_, i)| *i == index).map(|(id, _)| *id));
-    match target {
-        Some(id) => shard_ids.into_iter().filter(|s| *s == id).collect(),
-        None => Vec::new(),
-    }
+    let shard_of = |(type_oid, value): (pg_sys::Oid, pg_sys::Datum)| {
+        let index =
+            hashing::hash_shard_index(hashing::hash_datum(type_oid, value)?, shards.len() as i32);
+        shards.iter().find(|(_, i)| *i == index).map(|(id, _)| *id)
+    };
+    // SAFETY: node is a running scan; see param_datum. A negative `param` is an array.
+    let targets: Vec<i64> = unsafe {
+        match param_datum(node, exec_params, coordinator_values, param.abs()) {
+            None => Vec::new(),
+            Some(value) if param > 0 => shard_of(value).into_iter().collect(),
+            Some((_, array)) => crate::planner::scan_path::array_elements(array)
+                .1
+                .into_iter()
+                .filter_map(shard_of)
+                .collect(),
+        }
+    };
+    shard_ids
+        .into_iter()
+        .filter(|s| targets.contains(s))
+        .collect()
 }
 
 /// The text of every fragment, with `$<RELATION_BASE + rti>` for the shards read.

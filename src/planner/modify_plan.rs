@@ -58,7 +58,8 @@ pub struct ModifyPlan {
     pub where_sql: String,
     /// UPDATE / DELETE: shards left after plan-time pruning.
     pub shard_ids: Vec<i64>,
-    /// UPDATE / DELETE: `$n` whose value picks the shard at execution (0: none).
+    /// UPDATE / DELETE: `$n` whose value picks the shard at execution (0: none; negative: an
+    /// array, as `ScanPlan::prune_param`).
     pub prune_param: i32,
     pub returning: bool,
     /// False for a write inside WITH: its rows do not count as the statement's, and it runs to

@@ -177,7 +177,8 @@ pub struct ScanPlan {
     /// Shards left after plan-time pruning (empty: none).
     pub shard_ids: Vec<i64>,
     /// `$n` whose value picks the shard at execution (0: none; above EXEC_PARAM_BASE: an
-    /// executor parameter).
+    /// executor parameter). Negative: `$-n` is an array whose elements pick the shards
+    /// (`key = ANY($n)`), possibly several.
     pub prune_param: i32,
     /// Executor parameters used in `where_sql`, with their types.
     pub exec_params: Vec<(i32, pg_sys::Oid)>,
@@ -623,7 +624,9 @@ pub unsafe fn prune(
                     });
                 }
                 Some(Equality::Param(id)) => param = id,
-                None => {}
+                // A single value prunes better.
+                Some(Equality::ArrayParam(id)) if param <= 0 => param = -id,
+                _ => {}
             }
         }
         let mut ids = allowed.unwrap_or(all);
@@ -647,8 +650,7 @@ pub unsafe fn is_hash_equality(opno: pg_sys::Oid, family: pg_sys::Oid) -> bool {
 pub unsafe fn const_array_elements(
     node: *mut pg_sys::Node,
 ) -> Option<(pg_sys::Oid, Vec<(pg_sys::Oid, pg_sys::Datum)>)> {
-    // SAFETY: node is a valid expression; a non-NULL array Const is detoasted and deconstructed
-    // into Datums that live in the current (planner) memory context.
+    // SAFETY: node is a valid expression; the cast follows its tag.
     unsafe {
         if node.is_null()
             || (*node).type_ != pg_sys::NodeTag::T_Const
@@ -656,9 +658,18 @@ pub unsafe fn const_array_elements(
         {
             return None;
         }
-        let array =
-            pg_sys::pg_detoast_datum((*node.cast::<pg_sys::Const>()).constvalue.cast_mut_ptr())
-                .cast::<pg_sys::ArrayType>();
+        Some(array_elements((*node.cast::<pg_sys::Const>()).constvalue))
+    }
+}
+
+/// The element type and non-NULL elements of the array `value` (not NULL).
+pub unsafe fn array_elements(
+    value: pg_sys::Datum,
+) -> (pg_sys::Oid, Vec<(pg_sys::Oid, pg_sys::Datum)>) {
+    // SAFETY: value is an array datum; it is detoasted and deconstructed into Datums that live
+    // in the current memory context.
+    unsafe {
+        let array = pg_sys::pg_detoast_datum(value.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
         let element_type = (*array).elemtype;
         let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
         pg_sys::get_typlenbyvalalign(element_type, &mut len, &mut byval, &mut align);
@@ -679,7 +690,7 @@ pub unsafe fn const_array_elements(
             .filter(|i| !*nulls.add(*i))
             .map(|i| (element_type, *values.add(i)))
             .collect();
-        Some((element_type, elements))
+        (element_type, elements)
     }
 }
 
@@ -688,6 +699,8 @@ enum Equality {
     Values(Vec<(pg_sys::Oid, pg_sys::Datum)>),
     /// A `$n` the column must equal.
     Param(i32),
+    /// A `$n` array the column must equal an element of.
+    ArrayParam(i32),
 }
 
 /// `column = constant`, `column = $n` or `column = ANY(constant array)` with an equality
@@ -737,18 +750,7 @@ unsafe fn equality_values(
                             vec![((*c).consttype, (*c).constvalue)]
                         }))
                     }
-                    pg_sys::NodeTag::T_Param => {
-                        let param = other.cast::<pg_sys::Param>();
-                        match (*param).paramkind {
-                            pg_sys::ParamKind::PARAM_EXTERN => {
-                                Some(Equality::Param((*param).paramid))
-                            }
-                            pg_sys::ParamKind::PARAM_EXEC => {
-                                Some(Equality::Param(EXEC_PARAM_BASE + (*param).paramid))
-                            }
-                            _ => None,
-                        }
-                    }
+                    pg_sys::NodeTag::T_Param => param_id(other).map(Equality::Param),
                     _ => None,
                 }
             }
@@ -762,9 +764,28 @@ unsafe fn equality_values(
                 {
                     return None;
                 }
-                let (_, found) = const_array_elements(strip(args.get_ptr(1)?))?;
-                Some(Equality::Values(found))
+                let array = strip(args.get_ptr(1)?);
+                match param_id(array) {
+                    Some(id) => Some(Equality::ArrayParam(id)),
+                    None => Some(Equality::Values(const_array_elements(array)?.1)),
+                }
             }
+            _ => None,
+        }
+    }
+}
+
+/// The id by which pruning finds parameter `node` at execution (see `ScanPlan::prune_param`).
+unsafe fn param_id(node: *mut pg_sys::Node) -> Option<i32> {
+    // SAFETY: node is a valid expression node; the cast follows its tag.
+    unsafe {
+        if (*node).type_ != pg_sys::NodeTag::T_Param {
+            return None;
+        }
+        let param = node.cast::<pg_sys::Param>();
+        match (*param).paramkind {
+            pg_sys::ParamKind::PARAM_EXTERN => Some((*param).paramid),
+            pg_sys::ParamKind::PARAM_EXEC => Some(EXEC_PARAM_BASE + (*param).paramid),
             _ => None,
         }
     }
