@@ -80,7 +80,8 @@ impl crate::error::PgError for PlannerError {
             PlannerError::RowLocks(_) => {
                 "FOR UPDATE / FOR SHARE works on a query that reads only distributed and \
                  reference tables and that the workers run whole (one table, or a join of \
-                 co-located or reference tables), with LIMIT or OFFSET only when it reads one \
+                 co-located or reference tables, with conditions the workers can evaluate: \
+                 built-in functions, values computed first), with LIMIT or OFFSET only when it reads one \
                  shard (filter on the distribution column); lock the rows with such a query \
                  first, or drop the clause."
                     .into()

@@ -128,7 +128,8 @@ unsafe fn clause(root: *mut pg_sys::PlannerInfo, rti: u32, alias: Option<&str>) 
 }
 
 /// After planning a query with row locks: refuses a plan that reads its tables in more than one
-/// scan (a join on the coordinator), which would lock rows PostgreSQL would not, and a LIMIT or
+/// scan (a join on the coordinator) or filters rows on the coordinator, either of which would
+/// lock rows PostgreSQL would not, and a LIMIT or
 /// OFFSET that does not run on the one shard the query reads (every shard would lock its own
 /// first rows).
 pub unsafe fn check_plan(stmt: *mut pg_sys::PlannedStmt) -> Result<(), PlannerError> {
@@ -138,7 +139,7 @@ pub unsafe fn check_plan(stmt: *mut pg_sys::PlannedStmt) -> Result<(), PlannerEr
         return Ok(());
     };
     // SAFETY: stmt is the finished plan of the query being planned.
-    let (scans, scan) = unsafe {
+    let (scans, scan, filtered_here) = unsafe {
         let mut scans = Vec::new();
         collect_scans((*stmt).planTree, &mut scans);
         for plan in PgList::<pg_sys::Plan>::from_pg((*stmt).subplans).iter_ptr() {
@@ -151,13 +152,15 @@ pub unsafe fn check_plan(stmt: *mut pg_sys::PlannedStmt) -> Result<(), PlannerEr
             }
             _ => None,
         };
-        (scans.len(), scan)
+        // A condition that stays on the coordinator would filter rows the workers locked.
+        let filtered_here = scans.iter().any(|plan| !(**plan).qual.is_null());
+        (scans.len(), scan, filtered_here)
     };
     let limit_on_one_shard = |plan: &ScanPlan| {
         !plan.limit.is_empty() && (plan.shard_ids.len() == 1 || plan.prune_param > 0)
     };
     match scan {
-        _ if scans > 1 => Err(PlannerError::RowLocks(relation_name(table))),
+        _ if scans > 1 || filtered_here => Err(PlannerError::RowLocks(relation_name(table))),
         Some(plan) if limited && !limit_on_one_shard(&plan) => {
             Err(PlannerError::RowLocks(relation_name(table)))
         }
