@@ -20,6 +20,9 @@ use crate::remote::quote::{quote_identifier, quote_qualified};
 pub enum CopyError {
     #[error("COPY … FROM … WHERE into distributed table {0} is not supported yet")]
     Where(String),
+    /// As PostgreSQL: COPY FROM would bypass the policies' WITH CHECK.
+    #[error("COPY FROM not supported with row-level security")]
+    RowSecurity,
 }
 
 impl crate::error::PgError for CopyError {
@@ -27,7 +30,11 @@ impl crate::error::PgError for CopyError {
         pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
     }
     fn hint(&self) -> Option<String> {
-        Some("COPY into a staging table, then INSERT … SELECT … WHERE.".into())
+        Some(match self {
+            CopyError::Where(_) => "COPY into a staging table, then INSERT … SELECT … WHERE.",
+            CopyError::RowSecurity => "Use INSERT statements instead.",
+        })
+        .map(String::from)
     }
 }
 
@@ -220,6 +227,10 @@ unsafe fn check_privileges(stmt: *mut pg_sys::CopyStmt, relid: pg_sys::Oid) {
                 pg_sys::get_relkind_objtype(pg_sys::get_rel_relkind(relid)),
                 pg_sys::get_rel_name(relid),
             );
+        }
+        let rls = pg_sys::check_enable_rls(relid, pg_sys::InvalidOid, false);
+        if rls == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
+            crate::error::raise(CopyError::RowSecurity);
         }
         if (*stmt).filename.is_null() {
             return;
