@@ -2033,8 +2033,9 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
         &mut coordinator,
         &mut reference,
         "CREATE ROLE clerk NOLOGIN;
-         CREATE TABLE ledger (tenant int NOT NULL, id int NOT NULL, secret int, note text,
-                              PRIMARY KEY (tenant, id));
+         CREATE TABLE ledger (tenant int NOT NULL, id int NOT NULL, scratch int, secret int,
+                              note text, PRIMARY KEY (tenant, id));
+         ALTER TABLE ledger DROP COLUMN scratch;
          CREATE TABLE clerks (tenant int, clerk text);
          INSERT INTO ledger SELECT g % 4, g, g % 30, 'n' || g FROM generate_series(1, 200) g;
          INSERT INTO ledger VALUES (2, 1000, 100000, 'hidden'), (1, 1001, 100000, 'big'),
@@ -2098,6 +2099,9 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
         (2, "UPDATE ledger SET secret = l.cap FROM limits l WHERE l.tenant = ledger.tenant AND ledger.id < 100"),
         (3, "UPDATE ledger SET note = 'sub' WHERE id IN (SELECT tenant * 10 + 1 FROM clerks)"),
         (1, "DELETE FROM ledger USING limits l WHERE l.tenant = ledger.tenant AND ledger.secret::smallint < 3"),
+        // New rows checked when RETURNING also reads another table (after a dropped column).
+        (1, "UPDATE ledger SET secret = 700 FROM limits l WHERE l.tenant = ledger.tenant AND ledger.id = 3003 RETURNING l.cap"),
+        (1, "UPDATE ledger SET secret = 8 FROM limits l WHERE l.tenant = ledger.tenant AND ledger.id = 3003 RETURNING l.cap, ledger.note"),
         (2, "DELETE FROM ledger WHERE id > 100"),
         // Upserts: INSERT's check on the proposed row (coordinator), UPDATE's USING on the
         // conflicting row and its WITH CHECK on the new one (shards).

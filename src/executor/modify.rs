@@ -423,16 +423,19 @@ unsafe fn update_or_delete(
     if runtime.checks.is_null() {
         return (count, rows);
     }
-    // SAFETY: the rows are the result relation's, stored in our scan slot for the test.
+    // SAFETY: each row starts with the result relation's columns (other tables' columns that
+    // RETURNING reads may follow), stored in a slot of the relation's own layout for the test.
     unsafe {
-        let slot = (*node).ss.ss_ScanTupleSlot;
+        let relation = (*node).ss.ss_currentRelation;
+        let estate = (*node).ss.ps.state;
+        let slot =
+            pg_sys::ExecInitExtraTupleSlot(estate, (*relation).rd_att, &pg_sys::TTSOpsVirtual);
+        let mut input = RowInput::new((*relation).rd_att);
         let econtext = (*node).ss.ps.ps_ExprContext;
         for row in &rows {
-            if let Some(input) = runtime.input.as_mut() {
-                let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
-                input.store(row, slot);
-                pg_sys::MemoryContextSwitchTo(old);
-            }
+            let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+            input.store(row, slot);
+            pg_sys::MemoryContextSwitchTo(old);
             check_new_row(
                 node,
                 runtime.checks,
