@@ -408,6 +408,9 @@ fn updates_and_deletes_reading_other_tables_match_plain_postgres(cluster: &Clust
             "DELETE FROM stock WHERE id IN (SELECT id FROM stock_moves WHERE delta < 20)",
             "UPDATE stock SET qty = qty + 1 WHERE EXISTS (SELECT 1 FROM stock_moves m WHERE m.id = stock.id AND m.delta % 3 = 0)",
             "UPDATE stock SET qty = (SELECT sum(delta) FROM stock_moves m WHERE m.id = stock.id) WHERE id < 40 RETURNING id, qty",
+            // Values the coordinator computes inside them (now(), settings), once per statement.
+            "UPDATE stock SET qty = qty + 2 WHERE EXISTS (SELECT 1 FROM stock_moves m WHERE m.id = stock.id AND m.delta::text::int < extract(year FROM now()) - 1800 AND current_setting('search_path') <> '')",
+            "DELETE FROM stock WHERE id IN (SELECT m.id FROM stock_moves m WHERE m.id = stock.id AND m.delta > 290 AND now() > '2000-01-01') RETURNING id",
             "UPDATE stock SET qty = s.total FROM (SELECT id, sum(delta) AS total FROM stock_moves GROUP BY id) s WHERE s.id = stock.id AND stock.grp = 1",
             "WITH moved AS (SELECT id FROM stock_moves WHERE delta > 250) DELETE FROM stock WHERE id IN (SELECT id FROM moved)",
             "DELETE FROM stock WHERE grp NOT IN (SELECT grp FROM stock_groups WHERE name > 'g3')",

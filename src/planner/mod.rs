@@ -224,6 +224,34 @@ unsafe extern "C-unwind" fn plan(
     }
 }
 
+/// Calls `f` on `node` and every query inside it (subqueries, WITH queries, sublinks), outer
+/// levels first.
+pub(crate) unsafe fn each_query(node: *mut pg_sys::Node, f: &mut dyn FnMut(*mut pg_sys::Query)) {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walk(
+        node: *mut pg_sys::Node,
+        context: *mut std::ffi::c_void,
+    ) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        // SAFETY: node is a valid node; context is the closure passed below.
+        unsafe {
+            if (*node).type_ == pg_sys::NodeTag::T_Query {
+                let f = &mut *context.cast::<&mut dyn FnMut(*mut pg_sys::Query)>();
+                f(node.cast());
+                return pg_sys::query_tree_walker(node.cast(), Some(walk), context, 0);
+            }
+            pg_sys::expression_tree_walker(node, Some(walk), context)
+        }
+    }
+    let mut f = f;
+    // SAFETY: the walk only hands valid Query nodes to `f`; the context outlives it.
+    unsafe {
+        walk(node, (&raw mut f).cast());
+    }
+}
+
 struct Check {
     /// The queries the walk is in, innermost last (for the range table a Var refers to).
     levels: Vec<*mut pg_sys::Query>,

@@ -913,6 +913,12 @@ unsafe fn statement_for_shards(
         if !(*jointree).quals.is_null() {
             (*jointree).quals = with_coordinator_values(folded((*jointree).quals), &mut values);
         }
+        // Values inside its subqueries (`now()` in a correlated EXISTS) are computed once too.
+        crate::planner::each_query(copy.cast(), &mut |level| {
+            if level != copy {
+                coordinator_values_of_level(level, &mut values);
+            }
+        });
         // Conditions on the target's own columns prune its shards; the other distributed
         // tables follow (same shard index).
         let own: Vec<*mut pg_sys::Node> =
@@ -927,6 +933,43 @@ unsafe fn statement_for_shards(
                 .collect();
         let pushdown = crate::planner::modify_pushdown::plan(copy, table)?;
         Ok((pushdown, own, values))
+    }
+}
+
+/// Replaces the values the coordinator can compute in the expressions of subquery `query`
+/// (its select list, WHERE, JOIN … ON and HAVING) by placeholders, appending them to `values`.
+unsafe fn coordinator_values_of_level(
+    query: *mut pg_sys::Query,
+    values: &mut Vec<*mut pg_sys::Node>,
+) {
+    unsafe fn join_conditions(node: *mut pg_sys::Node, values: &mut Vec<*mut pg_sys::Node>) {
+        // SAFETY: node is a FROM-list item of a private copy of the statement.
+        unsafe {
+            match (*node).type_ {
+                pg_sys::NodeTag::T_JoinExpr => {
+                    let join = node.cast::<pg_sys::JoinExpr>();
+                    (*join).quals = with_coordinator_values((*join).quals, values);
+                    join_conditions((*join).larg, values);
+                    join_conditions((*join).rarg, values);
+                }
+                pg_sys::NodeTag::T_FromExpr => {
+                    let from = node.cast::<pg_sys::FromExpr>();
+                    (*from).quals = with_coordinator_values((*from).quals, values);
+                    for item in PgList::<pg_sys::Node>::from_pg((*from).fromlist).iter_ptr() {
+                        join_conditions(item, values);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    // SAFETY: query is a level of a private copy of the statement; nodes are replaced in place.
+    unsafe {
+        for entry in PgList::<pg_sys::TargetEntry>::from_pg((*query).targetList).iter_ptr() {
+            (*entry).expr = with_coordinator_values((*entry).expr.cast(), values).cast();
+        }
+        join_conditions((*query).jointree.cast(), values);
+        (*query).havingQual = with_coordinator_values((*query).havingQual, values);
     }
 }
 

@@ -134,7 +134,7 @@ pub unsafe fn in_where_clause(query: *mut pg_sys::Query) -> *mut pg_sys::Query {
     // SAFETY: query is a valid UPDATE or DELETE; only the copy is changed.
     unsafe {
         let mut policies = false;
-        each_query(query.cast(), &mut |level| {
+        crate::planner::each_query(query.cast(), &mut |level| {
             policies |= PgList::<pg_sys::RangeTblEntry>::from_pg((*level).rtable)
                 .iter_ptr()
                 .any(|rte| !(*rte).securityQuals.is_null());
@@ -144,7 +144,7 @@ pub unsafe fn in_where_clause(query: *mut pg_sys::Query) -> *mut pg_sys::Query {
         }
         let copy = pg_sys::copyObjectImpl(query.cast()).cast::<pg_sys::Query>();
         (*copy).withCheckOptions = std::ptr::null_mut();
-        each_query(copy.cast(), &mut |level| merge_into_where(level));
+        crate::planner::each_query(copy.cast(), &mut |level| merge_into_where(level));
         copy
     }
 }
@@ -229,34 +229,6 @@ unsafe fn merge_into_where(query: *mut pg_sys::Query) {
     }
 }
 
-/// Calls `f` on `node` and every query inside it (subqueries, WITH queries, sublinks), outer
-/// levels first.
-unsafe fn each_query(node: *mut pg_sys::Node, f: &mut dyn FnMut(*mut pg_sys::Query)) {
-    #[pgrx::pg_guard]
-    unsafe extern "C-unwind" fn walk(
-        node: *mut pg_sys::Node,
-        context: *mut std::ffi::c_void,
-    ) -> bool {
-        if node.is_null() {
-            return false;
-        }
-        // SAFETY: node is a valid node; context is the closure passed below.
-        unsafe {
-            if (*node).type_ == pg_sys::NodeTag::T_Query {
-                let f = &mut *context.cast::<&mut dyn FnMut(*mut pg_sys::Query)>();
-                f(node.cast());
-                return pg_sys::query_tree_walker(node.cast(), Some(walk), context, 0);
-            }
-            pg_sys::expression_tree_walker(node, Some(walk), context)
-        }
-    }
-    let mut f = f;
-    // SAFETY: the walk only hands valid Query nodes to `f`; the context outlives it.
-    unsafe {
-        walk(node, (&raw mut f).cast());
-    }
-}
-
 /// The ANDed conditions of `expr` (none for NULL).
 unsafe fn conjuncts(expr: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
     // SAFETY: expr is a boolean expression or NULL.
@@ -277,7 +249,7 @@ unsafe fn conjuncts(expr: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
 pub unsafe fn policy_subqueries_computed_first(query: *mut pg_sys::Query) {
     // SAFETY: query is the statement being planned, which the planner may change.
     unsafe {
-        each_query(query.cast(), &mut |level| {
+        crate::planner::each_query(query.cast(), &mut |level| {
             for rte in PgList::<pg_sys::RangeTblEntry>::from_pg((*level).rtable).iter_ptr() {
                 if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION
                     && !(*rte).securityQuals.is_null()

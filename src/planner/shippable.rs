@@ -441,9 +441,14 @@ unsafe fn computable_without_rows(node: *mut pg_sys::Node) -> bool {
             && !pg_sys::contain_var_clause(node)
             && !pg_sys::contain_volatile_functions(node)
             && !pg_sys::checkExprHasSubLink(node)
+            // (A Var of an outer query, in a subquery, is a row's value too.)
             && !has_node(
                 node,
-                &[pg_sys::NodeTag::T_CaseTestExpr, pg_sys::NodeTag::T_Aggref],
+                &[
+                    pg_sys::NodeTag::T_CaseTestExpr,
+                    pg_sys::NodeTag::T_Aggref,
+                    pg_sys::NodeTag::T_Var,
+                ],
             )
             && !has_exec_param(node)
     }
