@@ -2044,6 +2044,9 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
          INSERT INTO ledger VALUES (2, 1000, 100000, 'hidden'), (1, 1001, 100000, 'big'),
                                    (1, 1002, 5, 'frozen');
          INSERT INTO clerks VALUES (3, 'clerk'), (1, 'someone'), (0, 'clerk');
+         CREATE TABLE ledger_stage (tenant int NOT NULL, id int, secret int, note text);
+         INSERT INTO ledger_stage SELECT g % 4, g, g, 's' || g FROM generate_series(90, 110) g;
+         INSERT INTO ledger_stage VALUES (1, 1002, 1, 'x'), (2, 2, 1, 'other');
          CREATE TABLE limits (tenant int, cap int);
          INSERT INTO limits VALUES (1, 7), (2, 0), (3, 9);
          ALTER TABLE clerks ENABLE ROW LEVEL SECURITY;
@@ -2066,7 +2069,7 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
            USING (tenant = current_setting('app.tenant', true)::int AND secret < 10);
          CREATE VIEW small_ledger AS SELECT * FROM ledger WHERE secret < 100 WITH CHECK OPTION;
          GRANT ALL ON ledger, small_ledger TO clerk;
-         GRANT SELECT ON clerks, limits TO clerk;",
+         GRANT SELECT ON clerks, limits, ledger_stage TO clerk;",
     );
     coordinator
         .batch_execute(
@@ -2116,6 +2119,13 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
         (1, "INSERT INTO ledger VALUES (1, 1002, 5, 'x') ON CONFLICT (tenant, id) DO UPDATE SET note = 'x' WHERE ledger.secret > 5"),
         (1, "INSERT INTO ledger SELECT 1, g, 3, 'bulk' FROM generate_series(20, 40) g ON CONFLICT (tenant, id) DO UPDATE SET note = 'bulk ' || excluded.id WHERE ledger.secret > 3 RETURNING id, note"),
         (1, "UPDATE ledger SET note = 'thawed' WHERE id = 1002"),
+        // MERGE: the target's policies on the shards, each action's checks once chosen.
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND s.secret > 100 THEN UPDATE SET secret = l.secret + 1 WHEN NOT MATCHED AND s.tenant = 1 THEN INSERT VALUES (s.tenant, s.id, s.secret, s.note)"),
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND s.id = 1002 THEN UPDATE SET note = 'thaw'"),
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND s.id = 97 THEN UPDATE SET secret = 700"),
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN NOT MATCHED AND s.tenant = 2 THEN INSERT VALUES (s.tenant, s.id, s.secret, s.note)"),
+        (2, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id AND 100 / (l.secret + 1) >= 0 WHEN MATCHED AND l.secret < 10 THEN DELETE"),
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND l.secret < 10 THEN DELETE WHEN MATCHED THEN UPDATE SET note = 'kept'"),
         (1, "UPDATE small_ledger SET secret = 150 WHERE id = 3002"),
         (1, "UPDATE small_ledger SET secret = 50 WHERE id = 3002 RETURNING id, secret"),
         (1, "INSERT INTO small_ledger VALUES (1, 4000, 200, 'v')"),
@@ -2214,7 +2224,7 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
     }
     let (mut coordinator, mut reference) =
         (cluster.coordinator_client(), cluster.reference.connect());
-    // MERGE under a policy is refused, changing nothing.
+    // A MERGE whose source has policies is refused, changing nothing.
     let before = outcome(&mut coordinator, "SELECT * FROM ledger ORDER BY tenant, id");
     let err = coordinator
         .batch_execute(&as_clerk(
@@ -2234,7 +2244,7 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
     for client in [&mut coordinator, &mut reference] {
         client
             .batch_execute(
-                "DROP VIEW small_ledger; DROP TABLE ledger, clerks, limits; DROP ROLE clerk",
+                "DROP VIEW small_ledger; DROP TABLE ledger, clerks, limits, ledger_stage; DROP ROLE clerk",
             )
             .unwrap();
     }

@@ -454,14 +454,15 @@ unsafe fn update_or_delete(
     (count, rows)
 }
 
-/// A row-level security check of an `INSERT … ON CONFLICT DO UPDATE` that the shards make on a
-/// conflicting row (`planner/modify_plan.rs`, `policy_checks`): true when `passed`, otherwise
-/// PostgreSQL's own error — `using_expression` for UPDATE's USING condition on the existing
-/// row, else its WITH CHECK condition on the new one.
+/// A row-level security check that the shards make themselves — on a conflicting row of an
+/// `INSERT … ON CONFLICT DO UPDATE`, on the rows a MERGE acts on (`security_quals::check_call`):
+/// true when `passed`, otherwise PostgreSQL's own error for a check of `kind`: `new` (WITH
+/// CHECK on the new row), `existing` (UPDATE's USING on a conflicting row) or `target` (a
+/// MERGE action's USING on its target row).
 #[pg_extern(volatile, parallel_safe)]
 fn policy_check(
     passed: Option<bool>,
-    using_expression: bool,
+    kind: &str,
     table_name: &str,
     policy_name: Option<&str>,
 ) -> bool {
@@ -469,16 +470,16 @@ fn policy_check(
         return true;
     }
     let policy = policy_name.map(|p| format!(" \"{p}\"")).unwrap_or_default();
-    let using = if using_expression {
-        " (USING expression)"
-    } else {
-        ""
+    let (row, using) = match kind {
+        "existing" => ("new row", " (USING expression)"),
+        "target" => ("target row", " (USING expression)"),
+        _ => ("new row", ""),
     };
     ereport!(
         ERROR,
         PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
         format!(
-            "new row violates row-level security policy{policy}{using} for table \"{table_name}\""
+            "{row} violates row-level security policy{policy}{using} for table \"{table_name}\""
         )
     );
 }

@@ -135,8 +135,10 @@ pub unsafe fn plan(
         } else {
             repartition_by
         };
-        // Every expression to deparse, in order: ON, then per action its condition and values.
-        let mut exprs: Vec<*mut pg_sys::Node> = vec![on];
+        // Every expression to deparse, in order: ON, then per action its condition, values and
+        // row-level security checks.
+        let target_rte = range_entry((*parse).rtable, result_rti);
+        let mut exprs: Vec<*mut pg_sys::Node> = vec![with_target_policies(on, target_rte)];
         let mut shapes = Vec::new();
         for action in PgList::<pg_sys::MergeAction>::from_pg((*parse).mergeActionList).iter_ptr() {
             let qual = (*action).qual;
@@ -172,12 +174,21 @@ pub unsafe fn plan(
             {
                 return refuse("INSERT without the distribution column");
             }
+            let mut checks = Vec::new();
+            for (option, condition) in action_checks(parse, action, target_rte) {
+                if condition.is_null() {
+                    return refuse("a row-level security policy on a stored generated column");
+                }
+                exprs.push(condition);
+                checks.push((exprs.len() - 1, option));
+            }
             shapes.push((
                 (*action).matched,
                 (*action).commandType,
                 (*action).override_,
                 qual_index,
                 columns,
+                checks,
             ));
         }
         for expr in exprs.iter_mut() {
@@ -214,14 +225,26 @@ pub unsafe fn plan(
             RELATION_BASE + TARGET_K as i32,
             texts[0]
         );
-        for (matched, command, overriding, qual_index, columns) in shapes {
+        for (matched, command, overriding, qual_index, columns, checks) in shapes {
             sql.push_str(if matched {
                 " WHEN MATCHED"
             } else {
                 " WHEN NOT MATCHED"
             });
-            if let Some(i) = qual_index {
-                sql.push_str(&format!(" AND {}", texts[i]));
+            // As in PostgreSQL: the action's checks once its condition chose it.
+            let checks: Vec<String> = checks
+                .iter()
+                .map(|(i, option)| crate::planner::security_quals::check_call(&texts[*i], *option))
+                .collect();
+            match (qual_index, checks.is_empty()) {
+                (Some(i), true) => sql.push_str(&format!(" AND {}", texts[i])),
+                (Some(i), false) => sql.push_str(&format!(
+                    " AND CASE WHEN {} THEN {} ELSE false END",
+                    texts[i],
+                    checks.join(" AND ")
+                )),
+                (None, false) => sql.push_str(&format!(" AND {}", checks.join(" AND "))),
+                (None, true) => {}
             }
             sql.push_str(" THEN ");
             let names: Vec<String> = columns
@@ -267,6 +290,94 @@ pub unsafe fn plan(
             target_alias: format!("pgdist_t{TARGET_K}"),
             broadcasts,
         })
+    }
+}
+
+/// The ON condition `on` with the target's row-level security conditions (`securityQuals`)
+/// ANDed in front — a target row they hide matches no source row, as when PostgreSQL filters
+/// the target before the join — and each of `on`'s conditions that is not leakproof behind
+/// them.
+unsafe fn with_target_policies(
+    on: *mut pg_sys::Node,
+    target: *mut pg_sys::RangeTblEntry,
+) -> *mut pg_sys::Node {
+    use crate::planner::security_quals::{conjuncts, only_after};
+    // SAFETY: target is the MERGE's target entry; its conditions are copied before use.
+    unsafe {
+        if (*target).securityQuals.is_null() {
+            return on;
+        }
+        let policies: Vec<*mut pg_sys::Node> =
+            PgList::<pg_sys::Node>::from_pg((*target).securityQuals)
+                .iter_ptr()
+                .flat_map(|level| {
+                    let level = crate::planner::coordinator_subqueries::computed_first_in(
+                        pg_sys::copyObjectImpl(level.cast()).cast(),
+                    );
+                    conjuncts(level)
+                })
+                .collect();
+        let mut all = PgList::<pg_sys::Node>::new();
+        for policy in &policies {
+            all.push(*policy);
+        }
+        for clause in conjuncts(on) {
+            all.push(match pg_sys::contain_leaked_vars(clause) {
+                true => only_after(&policies, clause),
+                false => clause,
+            });
+        }
+        pg_sys::make_ands_explicit(all.into_pg()).cast()
+    }
+}
+
+/// The row-level security check options of MERGE `parse` that its action `action` must pass,
+/// each with its condition for the shards: the action's USING on the target row, then the
+/// WITH CHECK on the new row it makes (the target's columns replaced by the action's values).
+/// A null condition: the check would read a stored generated column, not known before the row
+/// is written.
+unsafe fn action_checks(
+    parse: *mut pg_sys::Query,
+    action: *mut pg_sys::MergeAction,
+    target: *mut pg_sys::RangeTblEntry,
+) -> Vec<(*mut pg_sys::WithCheckOption, *mut pg_sys::Node)> {
+    use crate::planner::security_quals::on_new_row;
+    use pg_sys::WCOKind::{
+        WCO_RLS_INSERT_CHECK, WCO_RLS_MERGE_DELETE_CHECK, WCO_RLS_MERGE_UPDATE_CHECK,
+        WCO_RLS_UPDATE_CHECK,
+    };
+    // SAFETY: parse is a valid MERGE and action one of its actions.
+    unsafe {
+        let kinds: &[pg_sys::WCOKind::Type] = match (*action).commandType {
+            pg_sys::CmdType::CMD_UPDATE => &[WCO_RLS_MERGE_UPDATE_CHECK, WCO_RLS_UPDATE_CHECK],
+            pg_sys::CmdType::CMD_DELETE => &[WCO_RLS_MERGE_DELETE_CHECK],
+            pg_sys::CmdType::CMD_INSERT => &[WCO_RLS_INSERT_CHECK],
+            _ => &[],
+        };
+        let generated = crate::planner::modify_plan::has_generated_columns((*target).relid);
+        let result_rti = (*parse).resultRelation;
+        let options = PgList::<pg_sys::WithCheckOption>::from_pg((*parse).withCheckOptions);
+        let mut checks = Vec::new();
+        for kind in kinds {
+            for option in options.iter_ptr().filter(|o| (**o).kind == *kind) {
+                let on_new = matches!(*kind, WCO_RLS_UPDATE_CHECK | WCO_RLS_INSERT_CHECK);
+                let condition = match (on_new, generated) {
+                    (true, true) => std::ptr::null_mut(),
+                    (true, false) => on_new_row(
+                        option,
+                        result_rti,
+                        target,
+                        (*action).targetList,
+                        *kind == WCO_RLS_UPDATE_CHECK,
+                    ),
+                    (false, _) => crate::planner::coordinator_subqueries::computed_first_in(
+                        pg_sys::copyObjectImpl((*option).qual.cast()).cast(),
+                    ),
+                };
+                checks.push((option, condition));
+            }
+        }
+        checks
     }
 }
 

@@ -108,11 +108,11 @@ impl crate::error::PgError for PlannerError {
                     .into()
             }
             PlannerError::RowSecurity(_) => {
-                "Policies and check options apply to SELECT, INSERT (also ON CONFLICT), UPDATE \
-                 and DELETE; not yet to MERGE, to ON CONFLICT DO UPDATE through a view WITH \
-                 CHECK OPTION, or to a table inside an explicit JOIN of an UPDATE or DELETE \
-                 (list it in FROM or USING instead). Use one of the supported forms, or run \
-                 the statement as the table's owner (or a role with BYPASSRLS)."
+                "Policies and check options apply to SELECT, INSERT (also ON CONFLICT), UPDATE, \
+                 DELETE and MERGE; not yet to a MERGE source, to ON CONFLICT DO UPDATE through \
+                 a view WITH CHECK OPTION, or to a table inside an explicit JOIN of an UPDATE or \
+                 DELETE (list it in FROM or USING instead). Use one of the supported forms, or \
+                 run the statement as the table's owner (or a role with BYPASSRLS)."
                     .into()
             }
         })
@@ -302,18 +302,24 @@ unsafe fn writes_distributed_table(query: *mut pg_sys::Query) -> bool {
 /// the workers: `security_quals.rs`). What is applied: UPDATE and DELETE take the conditions
 /// of the tables their WHERE clauses filter directly (target, FROM list, at every level) into
 /// those clauses; INSERT and UPDATE test check options on the coordinator, `ON CONFLICT DO
-/// UPDATE` on the shards. Not yet: MERGE, tables inside explicit JOINs of an UPDATE or DELETE,
-/// and `ON CONFLICT DO UPDATE` through a view with a check option.
+/// UPDATE` and MERGE on the shards. Not yet: a MERGE source with policies, tables inside
+/// explicit JOINs of an UPDATE or DELETE, and `ON CONFLICT DO UPDATE` through a view with a
+/// check option.
 unsafe fn row_security_on_distributed_table(
     query: *mut pg_sys::Query,
     in_update_or_delete: bool,
     in_merge: bool,
 ) -> Option<pg_sys::Oid> {
-    use pg_sys::CmdType::{CMD_INSERT, CMD_UPDATE};
+    use pg_sys::CmdType::{CMD_INSERT, CMD_MERGE, CMD_UPDATE};
     // SAFETY: query is a valid Query; its range table holds RangeTblEntry nodes.
     unsafe {
         let command = (*query).commandType;
         let target = (*query).resultRelation;
+        // Below a MERGE, a query either is computed first as SQL of its own (a policy's
+        // subquery, planned again with its tables' policies) or is refused by `merge_plan.rs`.
+        if in_merge && command != CMD_MERGE {
+            return None;
+        }
         // ON CONFLICT DO UPDATE: the shards test the policies on conflicting rows; a view's
         // check option would have to be tested on the rows they return.
         let conflict_update = !(*query).onConflict.is_null()
@@ -322,16 +328,18 @@ unsafe fn row_security_on_distributed_table(
             pgrx::PgList::<pg_sys::WithCheckOption>::from_pg((*query).withCheckOptions)
                 .iter_ptr()
                 .any(|option| (*option).kind == pg_sys::WCOKind::WCO_VIEW_CHECK);
-        let checks_tested =
-            matches!(command, CMD_INSERT | CMD_UPDATE) && !(conflict_update && view_check);
+        let checks_tested = matches!(command, CMD_INSERT | CMD_UPDATE | CMD_MERGE)
+            && !(conflict_update && view_check);
         if !(*query).withCheckOptions.is_null() && !checks_tested {
             if let Some(oid) = distributed_rte(query, target) {
                 return Some(oid);
             }
         }
-        let applied = match in_update_or_delete && !in_merge {
-            true => security_quals::filtered_by_where(query),
-            false => Vec::new(),
+        let applied = match (in_update_or_delete && !in_merge, command == CMD_MERGE) {
+            (true, _) => security_quals::filtered_by_where(query),
+            // A MERGE's shards apply its target's (`merge_plan.rs`), not its source's.
+            (false, true) => vec![target],
+            (false, false) => Vec::new(),
         };
         // Inside UPDATE, DELETE and MERGE every table counts: a local one is read there too.
         let any_table = in_update_or_delete || in_merge;

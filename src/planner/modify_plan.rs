@@ -28,9 +28,10 @@ use crate::planner::modify_pushdown::ExtraColumn;
 use crate::planner::scan_path::{
     decode_broadcasts, encode_broadcasts, from_list, to_list, ScanPlan,
 };
+use crate::planner::security_quals;
 use crate::planner::shippable::{as_mutator, deparse, shippable, with_coordinator_values};
 use crate::planner::PlannerError;
-use crate::remote::quote::{quote_identifier, quote_literal};
+use crate::remote::quote::quote_identifier;
 
 pub const MODIFY_NAME: &CStr = c"pgdist Distributed Modify";
 
@@ -262,7 +263,9 @@ pub unsafe fn modify_node(
         }
         // Check options (policies' WITH CHECK, views' CHECK OPTION) are tested on the
         // coordinator, on every new row: they travel after the values the coordinator computes.
-        let checks = match (*mt).withCheckOptionLists.is_null() {
+        // (A MERGE's shards test its policies themselves: `merge_plan.rs`.)
+        let merge = (*mt).operation == pg_sys::CmdType::CMD_MERGE;
+        let checks = match (*mt).withCheckOptionLists.is_null() || merge {
             true => std::ptr::null_mut(),
             false => pg_sys::list_nth((*mt).withCheckOptionLists, 0).cast::<pg_sys::List>(),
         };
@@ -1106,7 +1109,7 @@ unsafe fn policy_checks(
     values: &mut Vec<*mut pg_sys::Node>,
     kind: pg_sys::WCOKind::Type,
 ) -> Result<Option<String>, PlannerError> {
-    use pg_sys::WCOKind::{WCO_RLS_CONFLICT_CHECK, WCO_RLS_UPDATE_CHECK};
+    use pg_sys::WCOKind::WCO_RLS_UPDATE_CHECK;
     // SAFETY: parse is a valid INSERT … ON CONFLICT DO UPDATE; its check options are rewritten
     // on copies.
     unsafe {
@@ -1117,44 +1120,28 @@ unsafe fn policy_checks(
         let mut checks = Vec::new();
         let options = PgList::<pg_sys::WithCheckOption>::from_pg((*parse).withCheckOptions);
         for option in options.iter_ptr().filter(|o| (**o).kind == kind) {
-            // A membership policy's subquery is computed first, as in UPDATE.
-            let mut condition = crate::planner::coordinator_subqueries::computed_first_in(
-                pg_sys::copyObjectImpl((*option).qual.cast()).cast(),
-            );
-            if kind == WCO_RLS_UPDATE_CHECK {
-                if has_generated_columns(table.oid) {
-                    return Err(PlannerError::RowSecurity(table_name(table)));
+            let condition = match kind {
+                WCO_RLS_UPDATE_CHECK => {
+                    if has_generated_columns(table.oid) {
+                        return Err(PlannerError::RowSecurity(table_name(table)));
+                    }
+                    let set = (*(*parse).onConflict).onConflictSet;
+                    security_quals::on_new_row(option, result_rti, target, set, true)
                 }
-                let mut sublinks = false;
-                condition = pg_sys::ReplaceVarsFromTargetList(
-                    condition,
-                    result_rti,
-                    0,
-                    target,
-                    (*(*parse).onConflict).onConflictSet,
-                    pg_sys::ReplaceVarsNoMatchOption::REPLACEVARS_CHANGE_VARNO,
-                    result_rti,
-                    &mut sublinks,
-                );
-            }
-            let text = context.shipped(table, condition, "a row-level security policy", values)?;
-            let name = |name: *mut std::ffi::c_char| match name.is_null() {
-                true => "NULL".to_string(),
-                false => quote_literal(&CStr::from_ptr(name).to_string_lossy()),
+                // A membership policy's subquery is computed first, as in UPDATE.
+                _ => crate::planner::coordinator_subqueries::computed_first_in(
+                    pg_sys::copyObjectImpl((*option).qual.cast()).cast(),
+                ),
             };
-            checks.push(format!(
-                "pgdist.policy_check({text}, {}, {}, {})",
-                kind == WCO_RLS_CONFLICT_CHECK,
-                name((*option).relname),
-                name((*option).polname)
-            ));
+            let text = context.shipped(table, condition, "a row-level security policy", values)?;
+            checks.push(security_quals::check_call(&text, option));
         }
         Ok((!checks.is_empty()).then(|| checks.join(" AND ")))
     }
 }
 
 /// True when table `relid` has stored generated columns (computed on the shards).
-unsafe fn has_generated_columns(relid: pg_sys::Oid) -> bool {
+pub(crate) unsafe fn has_generated_columns(relid: pg_sys::Oid) -> bool {
     // SAFETY: the table is locked by the statement being planned.
     unsafe {
         let relation = pg_sys::RelationIdGetRelation(relid);

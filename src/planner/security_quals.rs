@@ -66,7 +66,10 @@ pub unsafe fn shipped_forms(
 }
 
 /// `CASE WHEN <guard, ANDed in order> THEN <clause> ELSE false END`.
-unsafe fn only_after(guard: &[*mut pg_sys::Node], clause: *mut pg_sys::Node) -> *mut pg_sys::Node {
+pub(crate) unsafe fn only_after(
+    guard: &[*mut pg_sys::Node],
+    clause: *mut pg_sys::Node,
+) -> *mut pg_sys::Node {
     // SAFETY: builds new expression nodes in the current memory context around valid ones.
     unsafe {
         let condition = match guard {
@@ -230,7 +233,7 @@ unsafe fn merge_into_where(query: *mut pg_sys::Query) {
 }
 
 /// The ANDed conditions of `expr` (none for NULL).
-unsafe fn conjuncts(expr: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
+pub(crate) unsafe fn conjuncts(expr: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
     // SAFETY: expr is a boolean expression or NULL.
     unsafe {
         PgList::<pg_sys::Node>::from_pg(pg_sys::make_ands_implicit(expr.cast()))
@@ -332,5 +335,67 @@ unsafe fn as_array_comparison(sublink: *mut pg_sys::SubLink) -> Option<*mut pg_s
             array.cast(),
             true,
         ))
+    }
+}
+
+/// `pgdist.policy_check(<passed>, …)`: the call by which a shard tests check option `option`
+/// (of a row-level security policy) itself, `passed` being the option's condition as SQL.
+pub unsafe fn check_call(passed: &str, option: *mut pg_sys::WithCheckOption) -> String {
+    use pg_sys::WCOKind::{
+        WCO_RLS_CONFLICT_CHECK, WCO_RLS_MERGE_DELETE_CHECK, WCO_RLS_MERGE_UPDATE_CHECK,
+    };
+    // SAFETY: option is a valid WithCheckOption; its names are C strings or NULL.
+    unsafe {
+        let kind = match (*option).kind {
+            WCO_RLS_CONFLICT_CHECK => "existing",
+            WCO_RLS_MERGE_UPDATE_CHECK | WCO_RLS_MERGE_DELETE_CHECK => "target",
+            _ => "new",
+        };
+        let name = |name: *mut std::ffi::c_char| match name.is_null() {
+            true => "NULL".to_string(),
+            false => crate::remote::quote::quote_literal(
+                &std::ffi::CStr::from_ptr(name).to_string_lossy(),
+            ),
+        };
+        format!(
+            "pgdist.policy_check({passed}, '{kind}', {}, {})",
+            name((*option).relname),
+            name((*option).polname)
+        )
+    }
+}
+
+/// Check option `option`'s condition on the new row a write makes of the target's row
+/// (range-table entry `target`, `target_rti`): the target's columns replaced by the values
+/// `assignments` (entries by column number) give them; a column without one keeps the
+/// target's value (UPDATE) or is NULL (INSERT, `keep_missing` false). Membership subqueries are
+/// computed first.
+pub unsafe fn on_new_row(
+    option: *mut pg_sys::WithCheckOption,
+    target_rti: i32,
+    target: *mut pg_sys::RangeTblEntry,
+    assignments: *mut pg_sys::List,
+    keep_missing: bool,
+) -> *mut pg_sys::Node {
+    // SAFETY: option's condition is copied before it is rewritten.
+    unsafe {
+        let condition = crate::planner::coordinator_subqueries::computed_first_in(
+            pg_sys::copyObjectImpl((*option).qual.cast()).cast(),
+        );
+        let missing = match keep_missing {
+            true => pg_sys::ReplaceVarsNoMatchOption::REPLACEVARS_CHANGE_VARNO,
+            false => pg_sys::ReplaceVarsNoMatchOption::REPLACEVARS_SUBSTITUTE_NULL,
+        };
+        let mut sublinks = false;
+        pg_sys::ReplaceVarsFromTargetList(
+            condition,
+            target_rti,
+            0,
+            target,
+            assignments,
+            missing,
+            target_rti,
+            &mut sublinks,
+        )
     }
 }
