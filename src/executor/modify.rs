@@ -6,7 +6,9 @@
 //! hands it to a [`ShardWriter`]; UPDATE and DELETE send one statement per (pruned) shard — and
 //! adds the rows changed on the shards to the statement's row count. With RETURNING, the shards
 //! return whole rows, which this node then yields one by one through PostgreSQL's projection
-//! of the RETURNING list (ExecScan).
+//! of the RETURNING list (ExecScan). Check options (row-level security's WITH CHECK, a view's
+//! CHECK OPTION) are tested here with PostgreSQL's `ExecWithCheckOptions`: on INSERT's rows
+//! before they are routed, on the new rows an UPDATE's shards return.
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
