@@ -382,7 +382,10 @@ unsafe fn action_checks(
 }
 
 /// Range-table entry `rti` (1-based) of `rtable`.
-unsafe fn range_entry(rtable: *mut pg_sys::List, rti: i32) -> *mut pg_sys::RangeTblEntry {
+pub(crate) unsafe fn range_entry(
+    rtable: *mut pg_sys::List,
+    rti: i32,
+) -> *mut pg_sys::RangeTblEntry {
     // SAFETY: rti is an index of rtable, as the statement's nodes give it.
     unsafe { pg_sys::list_nth(rtable, rti - 1).cast() }
 }

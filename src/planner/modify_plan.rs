@@ -1114,9 +1114,8 @@ unsafe fn policy_checks(
     // on copies.
     unsafe {
         let result_rti = (*parse).resultRelation;
-        let target = PgList::<pg_sys::RangeTblEntry>::from_pg((*parse).rtable)
-            .get_ptr(result_rti as usize - 1)
-            .expect("the target's range-table entry");
+        // (The statement's own target: always in its range table.)
+        let target = crate::planner::merge_plan::range_entry((*parse).rtable, result_rti);
         let mut checks = Vec::new();
         let options = PgList::<pg_sys::WithCheckOption>::from_pg((*parse).withCheckOptions);
         for option in options.iter_ptr().filter(|o| (**o).kind == kind) {
