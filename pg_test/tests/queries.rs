@@ -913,6 +913,12 @@ fn subqueries_ctes_and_set_operations(cluster: &Cluster) {
         "SELECT s.country, s.n FROM (SELECT country, count(*) n FROM customers GROUP BY country) s WHERE s.n > 300",
         "SELECT customer_id FROM customers WHERE customer_id < 10 UNION SELECT customer_id FROM orders WHERE order_id < 10",
         "SELECT customer_id FROM customers WHERE customer_id < 10 UNION ALL SELECT customer_id FROM orders WHERE order_id < 10",
+        // Arms without a condition become members of an append relation, each table read by
+        // a Distributed Scan of its own (a reference table too).
+        "SELECT count(*), sum(customer_id) FROM (SELECT customer_id FROM customers UNION ALL SELECT customer_id FROM orders) u",
+        "SELECT country, count(*) FROM (SELECT country FROM customers UNION ALL SELECT code FROM countries) u GROUP BY 1",
+        "SELECT customer_id FROM customers UNION ALL SELECT customer_id FROM orders ORDER BY 1 DESC LIMIT 5",
+        "SELECT * FROM (SELECT customer_id AS id FROM customers UNION ALL SELECT order_id FROM orders) u WHERE id BETWEEN 100 AND 120",
         "SELECT customer_id FROM customers INTERSECT SELECT customer_id FROM orders WHERE qty = 1",
         "SELECT customer_id FROM customers EXCEPT SELECT customer_id FROM orders",
         "SELECT code FROM countries EXCEPT SELECT country FROM customers",

@@ -2,9 +2,10 @@
 //! planner untouched (after one cheap look at the per-backend table cache). Reads of
 //! distributed tables are planned by PostgreSQL with a Distributed Scan for each such table
 //! (`scan_path.rs`); INSERT, UPDATE and DELETE get a Distributed Modify node (`modify_plan.rs`),
-//! also inside WITH (`with_writes.rs`). What is not supported yet is refused here with 0A000 —
-//! MERGE, row locks in some queries, row-level security — rather than answered from the
-//! coordinator's empty shell table.
+//! also inside WITH (`with_writes.rs`), and MERGE (`merge_plan.rs`). What is not supported yet
+//! is refused here with 0A000 — row locks in some queries, some uses of row-level security —
+//! rather than answered from the coordinator's empty shell table; a last check refuses any
+//! finished plan that would still read a shell (`shell_read`).
 
 pub mod aggregate_path;
 pub mod coordinator_subqueries;
@@ -51,6 +52,8 @@ pub enum PlannerError {
     RowSecurity(String),
     #[error("system column {1} of distributed table {0} is not supported")]
     SystemColumn(String, String),
+    #[error("this query would read the coordinator's empty copy of distributed table {0}")]
+    ShellRead(String),
 }
 
 impl crate::error::PgError for PlannerError {
@@ -107,11 +110,17 @@ impl crate::error::PgError for PlannerError {
                  key) instead."
                     .into()
             }
+            PlannerError::ShellRead(_) => {
+                "pgdist does not plan this query shape correctly yet; please report it. \
+                 Writing the part that reads the table as a subquery with a WHERE clause may \
+                 avoid it."
+                    .into()
+            }
             PlannerError::RowSecurity(_) => {
                 "Policies and check options apply to SELECT, INSERT (also ON CONFLICT), UPDATE, \
-                 DELETE and MERGE; not yet to a MERGE source, to ON CONFLICT DO UPDATE through \
-                 a view WITH CHECK OPTION, or to a table inside an explicit JOIN of an UPDATE or \
-                 DELETE (list it in FROM or USING instead). Use one of the supported forms, or \
+                 DELETE and MERGE; not yet to ON CONFLICT DO UPDATE through a view WITH CHECK \
+                 OPTION, or to a table inside an explicit JOIN of an UPDATE or DELETE (list it \
+                 in FROM or USING instead). Use one of the supported forms, or \
                  run the statement as the table's owner (or a role with BYPASSRLS)."
                     .into()
             }
@@ -220,7 +229,77 @@ unsafe extern "C-unwind" fn plan(
         };
         with_writes::plan(stmt, with_writes).unwrap_or_else(|err| crate::error::raise(err));
         row_locks::check_plan(stmt).unwrap_or_else(|err| crate::error::raise(err));
+        if let Some(oid) = shell_read(stmt) {
+            crate::error::raise(PlannerError::ShellRead(relation_name(oid)));
+        }
         stmt
+    }
+}
+
+/// The distributed or reference table a PostgreSQL scan of plan `stmt` would read on the
+/// coordinator, whose copy is an empty shell: a safety net that turns a shape the scan paths
+/// missed into an error instead of a wrong answer.
+unsafe fn shell_read(stmt: *mut pg_sys::PlannedStmt) -> Option<pg_sys::Oid> {
+    // SAFETY: stmt is a finished plan; scans' relation indexes point into its range table.
+    unsafe {
+        let mut found = None;
+        let mut check = |plan: *mut pg_sys::Plan| {
+            let tag = (*plan).type_ as u32;
+            let postgres_scan = (pg_sys::NodeTag::T_SeqScan as u32
+                ..=pg_sys::NodeTag::T_TidRangeScan as u32)
+                .contains(&tag)
+                && (*plan).type_ != pg_sys::NodeTag::T_BitmapIndexScan;
+            if found.is_none() && postgres_scan {
+                let rti = (*plan.cast::<pg_sys::Scan>()).scanrelid;
+                if rti > 0 {
+                    let rte = pg_sys::list_nth((*stmt).rtable, rti as i32 - 1)
+                        .cast::<pg_sys::RangeTblEntry>();
+                    if cache::lookup((*rte).relid).is_some() {
+                        found = Some((*rte).relid);
+                    }
+                }
+            }
+        };
+        each_plan_node((*stmt).planTree, &mut check);
+        for plan in pgrx::PgList::<pg_sys::Plan>::from_pg((*stmt).subplans).iter_ptr() {
+            each_plan_node(plan, &mut check);
+        }
+        found
+    }
+}
+
+/// Calls `f` on `plan` and every plan below it: its children, and the plans of appends,
+/// bitmap combinations, subquery scans and custom scans.
+pub(crate) unsafe fn each_plan_node(plan: *mut pg_sys::Plan, f: &mut dyn FnMut(*mut pg_sys::Plan)) {
+    if plan.is_null() {
+        return;
+    }
+    // SAFETY: plan is a node of a finished plan tree; casts follow its tag, lists hold plans.
+    unsafe {
+        f(plan);
+        each_plan_node((*plan).lefttree, f);
+        each_plan_node((*plan).righttree, f);
+        let lists = match (*plan).type_ {
+            pg_sys::NodeTag::T_Append => vec![(*plan.cast::<pg_sys::Append>()).appendplans],
+            pg_sys::NodeTag::T_MergeAppend => {
+                vec![(*plan.cast::<pg_sys::MergeAppend>()).mergeplans]
+            }
+            pg_sys::NodeTag::T_BitmapAnd => vec![(*plan.cast::<pg_sys::BitmapAnd>()).bitmapplans],
+            pg_sys::NodeTag::T_BitmapOr => vec![(*plan.cast::<pg_sys::BitmapOr>()).bitmapplans],
+            pg_sys::NodeTag::T_CustomScan => {
+                vec![(*plan.cast::<pg_sys::CustomScan>()).custom_plans]
+            }
+            pg_sys::NodeTag::T_SubqueryScan => {
+                each_plan_node((*plan.cast::<pg_sys::SubqueryScan>()).subplan, f);
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        for list in lists {
+            for child in pgrx::PgList::<pg_sys::Plan>::from_pg(list).iter_ptr() {
+                each_plan_node(child, f);
+            }
+        }
     }
 }
 

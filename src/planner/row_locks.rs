@@ -23,7 +23,7 @@ use pgrx::PgList;
 use crate::distribution::create::relation_name;
 use crate::metadata::cache;
 use crate::planner::scan_path::{from_list, ScanPlan};
-use crate::planner::PlannerError;
+use crate::planner::{each_plan_node, PlannerError};
 
 /// The lock clauses of the query being planned, per range-table entry.
 struct Pending {
@@ -140,10 +140,20 @@ pub unsafe fn check_plan(stmt: *mut pg_sys::PlannedStmt) -> Result<(), PlannerEr
     };
     // SAFETY: stmt is the finished plan of the query being planned.
     let (scans, scan, filtered_here) = unsafe {
+        // The scan nodes (the node types between T_Scan and T_CustomScan are PostgreSQL's
+        // scans).
         let mut scans = Vec::new();
-        collect_scans((*stmt).planTree, &mut scans);
+        let mut collect = |plan: *mut pg_sys::Plan| {
+            let tag = (*plan).type_ as u32;
+            if (pg_sys::NodeTag::T_Scan as u32..=pg_sys::NodeTag::T_CustomScan as u32)
+                .contains(&tag)
+            {
+                scans.push(plan);
+            }
+        };
+        each_plan_node((*stmt).planTree, &mut collect);
         for plan in PgList::<pg_sys::Plan>::from_pg((*stmt).subplans).iter_ptr() {
-            collect_scans(plan, &mut scans);
+            each_plan_node(plan, &mut collect);
         }
         let scan = match scans[..] {
             [only] if (*only).type_ == pg_sys::NodeTag::T_CustomScan => {
@@ -165,29 +175,6 @@ pub unsafe fn check_plan(stmt: *mut pg_sys::PlannedStmt) -> Result<(), PlannerEr
             Err(PlannerError::RowLocks(relation_name(table)))
         }
         _ => Ok(()),
-    }
-}
-
-/// Adds the scan nodes of the plan tree `plan` to `scans` (the node types between T_Scan and
-/// T_CustomScan are PostgreSQL's scans).
-unsafe fn collect_scans(plan: *mut pg_sys::Plan, scans: &mut Vec<*mut pg_sys::Plan>) {
-    if plan.is_null() {
-        return;
-    }
-    // SAFETY: plan is a node of a finished plan tree; its children are plans or NULL.
-    unsafe {
-        let tag = (*plan).type_ as u32;
-        if (pg_sys::NodeTag::T_Scan as u32..=pg_sys::NodeTag::T_CustomScan as u32).contains(&tag) {
-            scans.push(plan);
-        }
-        collect_scans((*plan).lefttree, scans);
-        collect_scans((*plan).righttree, scans);
-        if (*plan).type_ == pg_sys::NodeTag::T_Append {
-            let append = plan.cast::<pg_sys::Append>();
-            for child in PgList::<pg_sys::Plan>::from_pg((*append).appendplans).iter_ptr() {
-                collect_scans(child, scans);
-            }
-        }
     }
 }
 

@@ -436,9 +436,7 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
         if let Some(previous) = PREVIOUS_HOOK {
             previous(root, rel, rti, rte);
         }
-        if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION
-            || (*rel).reloptkind != pg_sys::RelOptKind::RELOPT_BASEREL
-        {
+        if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION || !scanned_alone(root, rel) {
             return;
         }
         let Some(table) = cache::lookup((*rte).relid) else {
@@ -454,6 +452,24 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
         );
         let path = add_distributed_path(root, rel, &plan, &table);
         crate::planner::merge_path::add_sorted_table_path(root, rel, path, &plan);
+    }
+}
+
+/// True when `rel` is read by a scan of its own: a base relation, or an arm of a `UNION ALL`
+/// the planner pulled up into an append relation (`SELECT a FROM t UNION ALL SELECT a FROM
+/// u`). A child of an inheritance tree or a partitioned table is not: its parent's scan reads
+/// it.
+unsafe fn scanned_alone(root: *mut pg_sys::PlannerInfo, rel: *mut pg_sys::RelOptInfo) -> bool {
+    // SAFETY: the planner's append-relation array has an entry for every member relation.
+    unsafe {
+        match (*rel).reloptkind {
+            pg_sys::RelOptKind::RELOPT_BASEREL => true,
+            pg_sys::RelOptKind::RELOPT_OTHER_MEMBER_REL => {
+                let info = *(*root).append_rel_array.add((*rel).relid as usize);
+                !info.is_null() && (*info).parent_reloid == pg_sys::InvalidOid
+            }
+            _ => false,
+        }
     }
 }
 
