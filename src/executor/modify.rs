@@ -173,7 +173,9 @@ unsafe extern "C-unwind" fn next_row(scan: *mut pg_sys::ScanState) -> *mut pg_sy
             runtime.done = true;
             let (count, rows) = match runtime.plan.kind {
                 ModifyKind::Insert => insert(node, runtime),
-                ModifyKind::Update | ModifyKind::Delete => update_or_delete(node, runtime),
+                ModifyKind::Update | ModifyKind::Delete | ModifyKind::Merge => {
+                    update_or_delete(node, runtime)
+                }
             };
             if runtime.plan.can_set_tag {
                 (*(*scan).ps.state).es_processed += count;
@@ -328,6 +330,13 @@ unsafe fn statements(
             let Some(index) = shards.iter().find(|(id, _)| *id == shard_id).map(|s| s.1) else {
                 continue;
             };
+            // A shard's MERGE without source rows does nothing: it is not sent.
+            let source_rows = runtime.broadcast.as_ref();
+            if plan.kind == ModifyKind::Merge
+                && source_rows.is_some_and(|rows| !rows.feed(&plan.broadcasts, index))
+            {
+                continue;
+            }
             let body = replace_dollar_refs(&template, |id| {
                 if id < BROADCAST_BASE {
                     return None;
@@ -596,14 +605,30 @@ unsafe extern "C-unwind" fn explain(
                 let broadcast = runtime.broadcast.take();
                 let work = statements(node, runtime);
                 runtime.broadcast = broadcast;
-                let count: usize = work.iter().map(|(_, jobs)| jobs.len()).sum();
-                text(c"Fragments", &format!("{count} on {} node(s)", work.len()));
+                // Under ANALYZE, the fragments that ran (a MERGE skips shards without
+                // source rows).
+                let ran = runtime
+                    .broadcast
+                    .is_some()
+                    .then(|| statements(node, runtime));
+                let counted = ran.as_ref().unwrap_or(&work);
+                let count: usize = counted.iter().map(|(_, jobs)| jobs.len()).sum();
+                text(
+                    c"Fragments",
+                    &format!("{count} on {} node(s)", counted.len()),
+                );
                 for read in &runtime.plan.broadcasts {
-                    let name = CStr::from_ptr(pg_sys::get_rel_name(read.relid)).to_string_lossy();
-                    let how = if read.partitioned {
-                        "each shard's statement gets the rows whose key hashes to it"
-                    } else {
-                        "every shard's statement gets all of them"
+                    let name = match read.relid == pg_sys::InvalidOid {
+                        true => "the source query".into(),
+                        false => CStr::from_ptr(pg_sys::get_rel_name(read.relid)).to_string_lossy(),
+                    };
+                    let how = match (read.partitioned, runtime.plan.kind) {
+                        (true, ModifyKind::Merge) => {
+                            "each shard's statement gets the rows whose key hashes to it, a \
+                             shard without any gets none"
+                        }
+                        (true, _) => "each shard's statement gets the rows whose key hashes to it",
+                        (false, _) => "every shard's statement gets all of them",
                     };
                     text(
                         c"Broadcast",

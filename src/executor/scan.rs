@@ -923,7 +923,8 @@ enum ColumnArrays {
 }
 
 impl BroadcastRows {
-    /// Runs the scans `reads` on the workers now (a local table is read on the coordinator).
+    /// Runs the scans `reads` on the workers now (a local table or a query is read on the
+    /// coordinator).
     ///
     /// # Safety
     /// `node` must be a running Distributed Scan or Modify: it supplies the parameters.
@@ -934,7 +935,7 @@ impl BroadcastRows {
             let mut next_row: Box<dyn FnMut() -> Option<TextRow>> =
                 if cache::lookup(read.relid).is_none() {
                     // SAFETY: the statement holds a lock on the table.
-                    let mut rows = unsafe { local_rows(read) }.into_iter();
+                    let mut rows = unsafe { local_rows(read, node) }.into_iter();
                     Box::new(move || rows.next())
                 } else {
                     let table = ScanRuntime::new(read.clone());
@@ -987,35 +988,66 @@ impl BroadcastRows {
         }
         BroadcastRows { arrays, counts }
     }
+
+    /// True when every table of `reads` (those read into these rows) has rows for the
+    /// fragment of shard `shard_index`.
+    pub fn feed(&self, reads: &[ScanPlan], shard_index: i32) -> bool {
+        let mut first_column = 0;
+        for (read, count) in reads.iter().zip(&self.counts) {
+            let fed = match self.arrays.get(first_column) {
+                Some(ColumnArrays::ByShard(by_shard)) => by_shard.contains_key(&shard_index),
+                _ => *count > 0,
+            };
+            if !fed {
+                return false;
+            }
+            first_column += read.columns.len();
+        }
+        true
+    }
 }
 
-/// The rows of `read`, a table of the coordinator itself, in the running statement's snapshot
+/// The rows of `read` — a table of the coordinator itself, or a query it runs (`relid`
+/// invalid) with the parameters of the running `node` — in the running statement's snapshot
 /// (read-only SPI takes no new one), each column as its output function writes it.
-unsafe fn local_rows(read: &ScanPlan) -> Vec<TextRow> {
+unsafe fn local_rows(read: &ScanPlan, node: *mut pg_sys::CustomScanState) -> Vec<TextRow> {
     // SAFETY: SPI is connected and finished around the query; values are copied out before.
+    // The parameters are read from the running node's executor state.
     unsafe {
-        let select = if read.select_sql.is_empty() {
-            read.columns
-                .iter()
-                .map(|attno| {
-                    let name = CStr::from_ptr(pg_sys::get_attname(read.relid, *attno, false));
-                    quote_identifier(&name.to_string_lossy())
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
+        let (sql, what) = if read.relid == pg_sys::InvalidOid {
+            (read.statement_sql.clone(), "the source query".to_string())
         } else {
-            read.select_sql.clone()
+            let select = if read.select_sql.is_empty() {
+                read.columns
+                    .iter()
+                    .map(|attno| {
+                        let name = CStr::from_ptr(pg_sys::get_attname(read.relid, *attno, false));
+                        quote_identifier(&name.to_string_lossy())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            } else {
+                read.select_sql.clone()
+            };
+            let (schema, name) = crate::executor::schema_and_name(read.relid);
+            let table = quote_qualified(&schema, &name);
+            (format!("SELECT {select} FROM {table}"), table)
         };
-        let (schema, name) = crate::executor::schema_and_name(read.relid);
-        let sql = CString::new(format!(
-            "SELECT {select} FROM {}",
-            quote_qualified(&schema, &name)
-        ))
-        .unwrap_or_default();
+        let sql = CString::new(sql).unwrap_or_default();
+        let (mut types, mut values, nulls) = statement_params(node);
         pg_sys::SPI_connect();
-        if pg_sys::SPI_execute(sql.as_ptr(), true, 0) != pg_sys::SPI_OK_SELECT as i32 {
+        let status = pg_sys::SPI_execute_with_args(
+            sql.as_ptr(),
+            types.len() as i32,
+            types.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            true,
+            0,
+        );
+        if status != pg_sys::SPI_OK_SELECT as i32 {
             pg_sys::SPI_finish();
-            pgrx::error!("pgdist could not read {}.{} for the shards", schema, name);
+            pgrx::error!("pgdist could not read {what} for the shards");
         }
         let table = pg_sys::SPI_tuptable;
         let mut rows = Vec::new();
@@ -1039,6 +1071,41 @@ unsafe fn local_rows(read: &ScanPlan) -> Vec<TextRow> {
     }
 }
 
+/// The `$n` parameters of the statement `node` runs in, for SPI: types, values and nulls
+/// (`'n'`); a parameter not fetched has no type (only an error if the SQL used it).
+unsafe fn statement_params(
+    node: *mut pg_sys::CustomScanState,
+) -> (Vec<pg_sys::Oid>, Vec<pg_sys::Datum>, Vec<std::ffi::c_char>) {
+    // SAFETY: the parameter list belongs to the running executor state; fetched values stay
+    // valid for the statement.
+    unsafe {
+        let params = (*(*node).ss.ps.state).es_param_list_info;
+        let count = if params.is_null() {
+            0
+        } else {
+            (*params).numParams
+        };
+        let mut parts = (Vec::new(), Vec::new(), Vec::new());
+        for id in 1..=count {
+            let mut workspace = pg_sys::ParamExternData::default();
+            let param = match (*params).paramFetch {
+                Some(fetch) => fetch(params, id, false, &mut workspace),
+                None => (*params).params.as_mut_ptr().add(id as usize - 1),
+            };
+            let (type_oid, value, null) = match param.is_null() {
+                true => (pg_sys::InvalidOid, pg_sys::Datum::from(0), true),
+                false => ((*param).ptype, (*param).value, (*param).isnull),
+            };
+            parts.0.push(type_oid);
+            parts.1.push(value);
+            parts
+                .2
+                .push(if null { b'n' } else { b' ' } as std::ffi::c_char);
+        }
+        parts
+    }
+}
+
 /// The value of broadcast column `$id` of `reads` in the fragment of shard `shard_index`: its
 /// array literal (empty when the rows are not read, as under a plain EXPLAIN) and the array
 /// type's name.
@@ -1049,13 +1116,17 @@ pub fn broadcast_value(
     shard_index: Option<i32>,
 ) -> Option<(String, String)> {
     let index = usize::try_from(id - BROADCAST_BASE).ok()?;
-    let (relid, attno) = reads
+    let (read, position) = reads
         .iter()
-        .flat_map(|read| read.columns.iter().map(|attno| (read.relid, *attno)))
+        .flat_map(|read| (0..read.columns.len()).map(move |position| (read, position)))
         .nth(index)?;
-    // SAFETY: catalog lookups of a column of a table the plan reads.
+    // SAFETY: catalog lookups of a column of a table the plan reads, or of a type.
     let type_name = unsafe {
-        let array_type = pg_sys::get_array_type(pg_sys::get_atttype(relid, attno));
+        let element_type = match read.relid == pg_sys::InvalidOid {
+            true => *read.column_types.get(position)?,
+            false => pg_sys::get_atttype(read.relid, read.columns[position]),
+        };
+        let array_type = pg_sys::get_array_type(element_type);
         CStr::from_ptr(pg_sys::format_type_be(array_type))
             .to_string_lossy()
             .into_owned()

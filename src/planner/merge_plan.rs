@@ -3,14 +3,16 @@
 //! Each shard can do its part alone when the source rows that can match a target row live
 //! beside it: the source is a distributed table co-located with the target and the ON
 //! condition equates the two distribution columns, or the source is a reference table (a
-//! copy on every node) and nothing is inserted. Any other table — distributed, reference, or a
-//! plain (staging, temporary) table of the coordinator — whose column of the target's
+//! copy on every node) and nothing is inserted. Any other source whose column of the target's
 //! distribution type the ON condition equates with the target's distribution column is
-//! *repartitioned*: the coordinator reads it first (a local one in the statement's snapshot) and each shard's
-//! MERGE gets, as arrays (`unnest(…) AS pgdist_t2(…)`), the source rows whose value hashes to
-//! it. A row that WHEN NOT MATCHED inserts belongs to the shard whose MERGE inserts it only if
-//! its distribution value is that source column, so INSERT must set the distribution column to
-//! it. UPDATE may not change the distribution column.
+//! *repartitioned*: read first — a distributed or reference table from the workers, anything
+//! else (a subquery, a view, VALUES, a function, a table of the coordinator or one with
+//! policies) by the coordinator with SQL of its own (`merge_source.rs`) — each shard's MERGE
+//! gets, as arrays (`unnest(…) AS pgdist_t2(…)`), the source rows whose value hashes to it,
+//! and a shard without any gets no statement. A row that WHEN NOT MATCHED inserts belongs to
+//! the shard whose MERGE inserts it only if its distribution value is that source column, so
+//! INSERT must set the distribution column to it. UPDATE may not change the distribution
+//! column. Into a reference table, every copy gets every source row.
 //!
 //! PostgreSQL 15 cannot write a MERGE back as SQL, so the statement is written in parts: the
 //! ON condition and every expression of the actions are deparsed as one SELECT over the
@@ -19,13 +21,14 @@
 //! `MERGE INTO … USING … ON … WHEN …`. Values the coordinator computes (parameters, stable
 //! functions) are taken out first, as for UPDATE.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 
 use pgrx::pg_sys;
 use pgrx::PgList;
 
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
+use crate::planner::merge_source;
 use crate::planner::modify_pushdown::{deparse_with_shards, repartitioned_read, set_alias};
 use crate::planner::shippable::{
     shippable, travels_in_array, with_coordinator_values, BROADCAST_BASE, RELATION_BASE,
@@ -35,7 +38,7 @@ use crate::remote::quote::quote_identifier;
 
 /// The alias numbers of the target and the source in the shards' MERGE.
 const TARGET_K: u32 = 1;
-const SOURCE_K: u32 = 2;
+pub(crate) const SOURCE_K: u32 = 2;
 
 /// What the shards run for a MERGE: the statement (`$<RELATION_BASE + k>` for the shard of
 /// relation k), its relations and the target's alias.
@@ -62,8 +65,14 @@ pub unsafe fn plan(
     };
     // SAFETY: parse is a valid MERGE; its copy is changed, never the statement itself.
     unsafe {
-        if !(*parse).cteList.is_null() {
-            return refuse("a WITH query");
+        let modifying_cte = PgList::<pg_sys::CommonTableExpr>::from_pg((*parse).cteList)
+            .iter_ptr()
+            .any(|cte| {
+                let query = (*cte).ctequery.cast::<pg_sys::Query>();
+                (*query).commandType != pg_sys::CmdType::CMD_SELECT
+            });
+        if modifying_cte {
+            return refuse("a data-modifying WITH query");
         }
         let result_rti = (*parse).resultRelation;
         let from = PgList::<pg_sys::Node>::from_pg((*(*parse).jointree).fromlist);
@@ -71,20 +80,26 @@ pub unsafe fn plan(
             Some(item) if from.len() == 1 && (*item).type_ == pg_sys::NodeTag::T_RangeTblRef => {
                 (*item.cast::<pg_sys::RangeTblRef>()).rtindex
             }
-            _ => return refuse("a source that is not a table"),
+            _ => return refuse("a join as the source (write it as a subquery)"),
         };
         let source_rte = range_entry((*parse).rtable, source_rti);
-        if (*source_rte).rtekind != pg_sys::RTEKind::RTE_RELATION {
-            return refuse("a source that is not a table");
-        }
-        let source_oid = (*source_rte).relid;
-        // A distributed or reference table, or (None) a plain table of the coordinator.
-        let source = cache::lookup(source_oid);
-        if source.is_none()
-            && pg_sys::get_rel_relkind(source_oid) != pg_sys::RELKIND_RELATION as std::ffi::c_char
-        {
-            return refuse("a source that is a view, a foreign or a partitioned table");
-        }
+        // A distributed or reference table the shards read (the source's rows stay on the
+        // workers, or go from one worker to another); anything else — a subquery, a view,
+        // VALUES, a function, a WITH query, a table of the coordinator, a table with policies —
+        // is rows the coordinator reads first with SQL of its own (policies applied there),
+        // then sends to the shards (`source_query`).
+        let source = match (*source_rte).rtekind {
+            pg_sys::RTEKind::RTE_RELATION if (*source_rte).securityQuals.is_null() => {
+                cache::lookup((*source_rte).relid)
+            }
+            pg_sys::RTEKind::RTE_RELATION
+            | pg_sys::RTEKind::RTE_SUBQUERY
+            | pg_sys::RTEKind::RTE_VALUES
+            | pg_sys::RTEKind::RTE_FUNCTION
+            | pg_sys::RTEKind::RTE_CTE => None,
+            _ => return refuse("a source that is not a table, a subquery, VALUES or a function"),
+        };
+        let source_oid = source.as_ref().map_or(pg_sys::InvalidOid, |s| s.oid);
         if source_oid == table.oid {
             return refuse("the target table as its own source");
         }
@@ -106,13 +121,13 @@ pub unsafe fn plan(
             && key == source_dist_attno;
         let replicated = source_method == Some(Method::Reference)
             && (table.method == Method::Reference || !inserts);
+        // A reference target's copies each get every source row.
+        let to_every_copy = table.method == Method::Reference && !replicated;
+        let source_query = source.is_none() || to_every_copy;
         let repartition_by =
-            match (co_located || replicated, key) {
+            match (co_located || replicated || to_every_copy, key) {
                 (true, _) => None,
                 (false, Some(attno)) if table.method == Method::Hash => Some(attno),
-                _ if table.method == Method::Reference => {
-                    return refuse("a source that is not a reference table (the target is one)")
-                }
                 _ => return refuse(
                     "an ON condition that does not equate the target's distribution column with \
                      a column of the source of the same type",
@@ -201,23 +216,34 @@ pub unsafe fn plan(
                 return refuse("an expression the worker nodes cannot compute the same way (a subquery, a sequence, a function that is not a built-in)");
             }
         }
-        let Some(texts) =
-            deparse_parts(parse, result_rti, source_rti, table.oid, source_oid, &exprs)
+        let read_first = match source_query {
+            true => match merge_source::read_first(parse, source_rti, repartition_by, table.oid) {
+                Some(read) => Some(read),
+                None => return refuse("a source column that cannot travel in an array"),
+            },
+            false => None,
+        };
+        let relations = match (&read_first, repartition_by) {
+            (None, None) => vec![(TARGET_K, table.oid), (SOURCE_K, source_oid)],
+            _ => vec![(TARGET_K, table.oid)],
+        };
+        let renamed = read_first.as_ref().and_then(|r| r.renamed.as_deref());
+        let Some(texts) = deparse_parts(parse, result_rti, source_rti, &relations, renamed, &exprs)
         else {
             return refuse("an expression pgdist could not write as SQL for the shards");
         };
-        let (using, relations, broadcasts) = match repartition_by {
-            None => (
+        let (using, broadcasts) = match (read_first, repartition_by) {
+            (Some(read), _) => (read.using, vec![read.read]),
+            (None, None) => (
                 format!("${} pgdist_t{SOURCE_K}", RELATION_BASE + SOURCE_K as i32),
-                vec![(TARGET_K, table.oid), (SOURCE_K, source_oid)],
                 Vec::new(),
             ),
-            Some(attno) => {
+            (None, Some(attno)) => {
                 let Some((using, columns)) = source_as_arrays(source_oid) else {
                     return refuse("a source column that cannot travel in an array");
                 };
                 let read = repartitioned_read(source_oid, columns, attno, table.oid);
-                (using, vec![(TARGET_K, table.oid)], vec![read])
+                (using, vec![read])
             }
         };
         let mut sql = format!(
@@ -391,7 +417,7 @@ pub(crate) unsafe fn range_entry(
 }
 
 /// A zeroed node of type `T` tagged `tag`, in the current memory context.
-unsafe fn new_node<T>(tag: pg_sys::NodeTag) -> *mut T {
+pub(crate) unsafe fn new_node<T>(tag: pg_sys::NodeTag) -> *mut T {
     // SAFETY: every node type starts with its NodeTag; palloc0 zeroes the rest.
     unsafe {
         let node = pg_sys::palloc0(std::mem::size_of::<T>());
@@ -510,13 +536,14 @@ unsafe fn source_as_arrays(relid: pg_sys::Oid) -> Option<(String, Vec<i16>)> {
 }
 
 /// `exprs` as SQL, deparsed as the select list of `SELECT … FROM target, source`, each table
-/// under its alias and shard placeholder; None when the text cannot be split back.
+/// under its alias (the source's columns `renamed` when given) and each of `relations` under
+/// its shard placeholder; None when the text cannot be split back.
 unsafe fn deparse_parts(
     parse: *mut pg_sys::Query,
     target_rti: i32,
     source_rti: i32,
-    target: pg_sys::Oid,
-    source: pg_sys::Oid,
+    relations: &[(u32, pg_sys::Oid)],
+    renamed: Option<&[String]>,
     exprs: &[*mut pg_sys::Node],
 ) -> Option<Vec<String>> {
     // SAFETY: builds a SELECT over a private copy of the statement's range table.
@@ -529,7 +556,16 @@ unsafe fn deparse_parts(
         let target_entry = range_entry((*select).rtable, target_rti);
         (*target_entry).inFromCl = true;
         set_alias(target_entry, TARGET_K);
-        set_alias(range_entry((*select).rtable, source_rti), SOURCE_K);
+        let source_entry = range_entry((*select).rtable, source_rti);
+        set_alias(source_entry, SOURCE_K);
+        if let Some(names) = renamed {
+            let mut colnames = PgList::<pg_sys::String>::new();
+            for name in names {
+                let name = CString::new(name.as_str()).ok()?;
+                colnames.push(pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())));
+            }
+            (*(*source_entry).alias).colnames = colnames.into_pg();
+        }
         let mut from = PgList::<pg_sys::RangeTblRef>::new();
         for rti in [target_rti, source_rti] {
             let reference = new_node::<pg_sys::RangeTblRef>(pg_sys::NodeTag::T_RangeTblRef);
@@ -547,8 +583,7 @@ unsafe fn deparse_parts(
             ));
         }
         (*select).targetList = targets.into_pg();
-        let relations = [(TARGET_K, target), (SOURCE_K, source)];
-        let sql = deparse_with_shards(select, &relations).ok()?;
+        let sql = deparse_with_shards(select, relations).ok()?;
         let list = sql.strip_prefix("SELECT ")?;
         let from_at = top_level_find(list, " FROM ")?;
         let parts = split_top_level(&list[..from_at]);

@@ -15,6 +15,7 @@ pub mod join_path;
 pub mod limit_path;
 pub mod merge_path;
 pub mod merge_plan;
+pub mod merge_source;
 pub mod modify_plan;
 pub mod modify_pushdown;
 pub mod range_pruning;
@@ -74,10 +75,11 @@ impl crate::error::PgError for PlannerError {
                     .into()
             }
             PlannerError::MergeNotPushable(..) => {
-                "MERGE runs on the shards when its source is a distributed or reference table \
-                 and the ON condition equates the target's distribution column with a source \
-                 column of the same type (which INSERT must then use); otherwise use INSERT … \
-                 ON CONFLICT, UPDATE … FROM and DELETE … USING."
+                "MERGE into a distributed table needs an ON condition that equates the \
+                 target's distribution column with a source column of the same type (which \
+                 INSERT must then use); the source may be a table, a view, a subquery, VALUES \
+                 or a function. Otherwise use INSERT … ON CONFLICT, UPDATE … FROM and DELETE … \
+                 USING."
                     .into()
             }
             PlannerError::RowLocks(_) => {
@@ -381,9 +383,9 @@ unsafe fn writes_distributed_table(query: *mut pg_sys::Query) -> bool {
 /// the workers: `security_quals.rs`). What is applied: UPDATE and DELETE take the conditions
 /// of the tables their WHERE clauses filter directly (target, FROM list, at every level) into
 /// those clauses; INSERT and UPDATE test check options on the coordinator, `ON CONFLICT DO
-/// UPDATE` and MERGE on the shards. Not yet: a MERGE source with policies, tables inside
-/// explicit JOINs of an UPDATE or DELETE, and `ON CONFLICT DO UPDATE` through a view with a
-/// check option.
+/// UPDATE` and MERGE on the shards; a MERGE's source is read with its policies by the
+/// coordinator. Not yet: tables inside explicit JOINs of an UPDATE or DELETE, and `ON
+/// CONFLICT DO UPDATE` through a view with a check option.
 unsafe fn row_security_on_distributed_table(
     query: *mut pg_sys::Query,
     in_update_or_delete: bool,
@@ -414,11 +416,14 @@ unsafe fn row_security_on_distributed_table(
                 return Some(oid);
             }
         }
-        let applied = match (in_update_or_delete && !in_merge, command == CMD_MERGE) {
-            (true, _) => security_quals::filtered_by_where(query),
-            // A MERGE's shards apply its target's (`merge_plan.rs`), not its source's.
-            (false, true) => vec![target],
-            (false, false) => Vec::new(),
+        // A MERGE's shards apply its target's; its source, read by the coordinator with
+        // SQL of its own, gets its own (`merge_plan.rs`).
+        if command == CMD_MERGE {
+            return None;
+        }
+        let applied = match in_update_or_delete && !in_merge {
+            true => security_quals::filtered_by_where(query),
+            false => Vec::new(),
         };
         // Inside UPDATE, DELETE and MERGE every table counts: a local one is read there too.
         let any_table = in_update_or_delete || in_merge;

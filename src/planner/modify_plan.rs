@@ -40,6 +40,8 @@ pub enum ModifyKind {
     Insert,
     Update,
     Delete,
+    /// MERGE: `statement` holds it; its shards need source rows to do anything.
+    Merge,
 }
 
 /// What the executor needs, kept in the plan (`custom_private`) as strings.
@@ -97,6 +99,7 @@ impl ModifyPlan {
                 ModifyKind::Insert => "insert",
                 ModifyKind::Update => "update",
                 ModifyKind::Delete => "delete",
+                ModifyKind::Merge => "merge",
             }
             .into(),
             u32::from(self.relid).to_string(),
@@ -146,6 +149,7 @@ impl ModifyPlan {
             kind: match part(0).as_str() {
                 "insert" => ModifyKind::Insert,
                 "update" => ModifyKind::Update,
+                "merge" => ModifyKind::Merge,
                 _ => ModifyKind::Delete,
             },
             relid: pg_sys::Oid::from(part(1).parse::<u32>().unwrap_or_default()),
@@ -688,7 +692,7 @@ pub unsafe fn analyse(
                 update_or_delete(parse, table, &mut modify, &mut coordinator_values)?;
             }
             pg_sys::CmdType::CMD_MERGE => {
-                modify.kind = ModifyKind::Update;
+                modify.kind = ModifyKind::Merge;
                 let merge =
                     crate::planner::merge_plan::plan(parse, table, &mut coordinator_values)?;
                 modify.statement = merge.statement;

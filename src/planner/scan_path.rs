@@ -220,11 +220,15 @@ pub struct ScanPlan {
     /// `from_sql` is a join (not a single table a semi or anti join kept alone in FROM, its
     /// other side being in an `EXISTS` of `where_sql`): it may be parenthesized.
     pub from_is_join: bool,
+    /// A broadcast read of a query the coordinator runs itself (`relid` invalid: a MERGE
+    /// source that is a subquery, `VALUES`, a function or a table with policies): the types
+    /// of its columns, which `columns` numbers 1, 2, …; its SQL is `statement_sql`.
+    pub column_types: Vec<pg_sys::Oid>,
 }
 
 /// How many strings a ScanPlan without broadcasts encodes to, the last one the number of
 /// broadcasts (whose own parts follow).
-const ENCODED_PARTS: usize = 22;
+const ENCODED_PARTS: usize = 23;
 
 /// One sort key of a merged scan.
 #[derive(Clone, Debug, PartialEq)]
@@ -315,6 +319,12 @@ impl ScanPlan {
             self.statement_sql.clone(),
             u8::from(self.partitioned).to_string(),
             u8::from(self.from_is_join).to_string(),
+            join(
+                self.column_types
+                    .iter()
+                    .map(|ty| u32::from(*ty).to_string())
+                    .collect(),
+            ),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
         parts
@@ -373,6 +383,15 @@ impl ScanPlan {
             statement_sql: parts.get(15).cloned().unwrap_or_default(),
             partitioned: parts.get(16).is_some_and(|s| s == "1"),
             from_is_join: parts.get(17).is_some_and(|s| s == "1"),
+            column_types: parts
+                .get(18)
+                .map(|s| {
+                    numbers::<u32>(s)
+                        .into_iter()
+                        .map(pg_sys::Oid::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
             broadcasts,
         }
     }
@@ -915,6 +934,12 @@ mod unit {
             partitioned: true,
             ..Default::default()
         };
+        let query_read = ScanPlan {
+            statement_sql: "SELECT 1, 'a'".into(),
+            columns: vec![1, 2],
+            column_types: vec![pg_sys::INT4OID, pg_sys::TEXTOID],
+            ..Default::default()
+        };
         let plan = ScanPlan {
             relid: pg_sys::Oid::from(16999),
             from_sql: "$300001 r1 JOIN unnest($270000, $270001) AS r2(a, b) ON (r1.x = r2.a)"
@@ -922,7 +947,7 @@ mod unit {
             from_is_join: true,
             relations: vec![(1, pg_sys::Oid::from(16999))],
             distinct: true,
-            broadcasts: vec![broadcast.clone(), broadcast],
+            broadcasts: vec![broadcast.clone(), query_read, broadcast],
             ..Default::default()
         };
         assert_eq!(ScanPlan::decode(&plan.encode()), plan);
