@@ -919,6 +919,9 @@ fn subqueries_ctes_and_set_operations(cluster: &Cluster) {
         "SELECT country, count(*) FROM (SELECT country FROM customers UNION ALL SELECT code FROM countries) u GROUP BY 1",
         "SELECT customer_id FROM customers UNION ALL SELECT customer_id FROM orders ORDER BY 1 DESC LIMIT 5",
         "SELECT * FROM (SELECT customer_id AS id FROM customers UNION ALL SELECT order_id FROM orders) u WHERE id BETWEEN 100 AND 120",
+        // An arm whose condition is constant false is left out, not read whole.
+        "SELECT count(*) FROM (SELECT customer_id, 1 AS k FROM customers UNION ALL SELECT customer_id, 2 FROM orders) u WHERE k = 2",
+        "SELECT k, count(*) FROM (SELECT customer_id, 1 AS k FROM customers UNION ALL SELECT customer_id, 2 FROM orders UNION ALL SELECT 0, 3 FROM countries) u WHERE k <> 2 GROUP BY k",
         "SELECT customer_id FROM customers INTERSECT SELECT customer_id FROM orders WHERE qty = 1",
         "SELECT customer_id FROM customers EXCEPT SELECT customer_id FROM orders",
         "SELECT code FROM countries EXCEPT SELECT country FROM customers",

@@ -455,7 +455,13 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
         if let Some(previous) = PREVIOUS_HOOK {
             previous(root, rel, rti, rte);
         }
-        if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION || !scanned_alone(root, rel) {
+        // A relation proven empty (a condition that is constant false, as in the arm of
+        // `… UNION ALL …) WHERE k = 2` that sets k to 1) keeps its dummy path: its conditions
+        // are gone, and a scan of the shards would return every row.
+        if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION
+            || !scanned_alone(root, rel)
+            || pg_sys::is_dummy_rel(rel)
+        {
             return;
         }
         let Some(table) = cache::lookup((*rte).relid) else {
