@@ -906,6 +906,10 @@ fn subqueries_ctes_and_set_operations(cluster: &Cluster) {
         "SELECT customer_id, (SELECT count(*) FROM orders o WHERE o.customer_id = c.customer_id) FROM customers c WHERE customer_id < 50",
         "SELECT customer_id FROM customers c WHERE (SELECT max(amount) FROM orders o WHERE o.customer_id = c.customer_id) > 99",
         "SELECT * FROM orders WHERE amount = (SELECT max(amount) FROM orders)",
+        // A semi join of co-located tables inside another: the planner wants the inner
+        // side's key (equal to the outer's), which EXISTS cannot return.
+        "SELECT count(*) FROM products p WHERE p.product_id IN (SELECT c.customer_id FROM customers c WHERE c.customer_id IN (SELECT o.customer_id FROM orders o WHERE o.qty = 1))",
+        "SELECT p.category, count(*) FROM products p WHERE p.product_id IN (SELECT c.customer_id FROM customers c WHERE c.customer_id IN (SELECT o.customer_id FROM orders o)) GROUP BY 1",
         "SELECT * FROM orders WHERE amount > ALL (SELECT amount FROM orders WHERE customer_id = 3 AND amount IS NOT NULL)",
         "WITH big AS (SELECT customer_id, sum(amount) s FROM orders GROUP BY 1) SELECT * FROM big WHERE s > 1000",
         "WITH big AS MATERIALIZED (SELECT * FROM orders WHERE qty = 8) SELECT count(*), sum(amount) FROM big",

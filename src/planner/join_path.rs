@@ -366,6 +366,14 @@ unsafe fn plan_join(
         {
             return None;
         }
+        // A semi or anti join's inner side is only tested inside EXISTS: none of its columns
+        // can be returned (the planner may want one that equals an outer column).
+        let reads_inner = targets.iter_ptr().any(|expr| {
+            pg_sys::bms_is_member((*expr.cast::<pg_sys::Var>()).varno, (*innerrel).relids)
+        });
+        if reads_inner && matches!(jointype, JOIN_SEMI | JOIN_ANTI) {
+            return None;
+        }
 
         if let (Spread::Sharded(a), Spread::Sharded(b)) = (outer.spread, inner.spread) {
             let same_single_shard = (outer.shard_indexes.len() == 1
