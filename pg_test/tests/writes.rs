@@ -1280,6 +1280,11 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
                WHEN NOT MATCHED THEN INSERT VALUES (n.item, 1)",
             "MERGE INTO stock_levels s USING (SELECT item FROM deliveries UNION ALL SELECT item FROM deliveries) d \
                ON s.item = d.item WHEN MATCHED THEN UPDATE SET qty = 1",
+            // A key of another integer type hashes alike.
+            "MERGE INTO stock_levels s USING (SELECT item::bigint AS item, qty::smallint AS qty FROM deliveries WHERE kind = 'set') d \
+               ON s.item = d.item WHEN MATCHED THEN UPDATE SET qty = d.qty WHEN NOT MATCHED THEN INSERT VALUES (d.item, d.qty, 'wide')",
+            "MERGE INTO stock_levels s USING (VALUES (3000000000::bigint, 1)) AS v(item, qty) ON s.item = v.item \
+               WHEN NOT MATCHED THEN INSERT VALUES (v.item, v.qty)",
             "MERGE INTO shelf USING deliveries d ON shelf.item = d.item \
                WHEN MATCHED AND d.kind = 'recall' THEN DELETE \
                WHEN MATCHED THEN UPDATE SET qty = shelf.qty + d.qty",
@@ -1312,7 +1317,7 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
         "MERGE INTO stock_levels s USING deliveries d ON s.qty = d.qty WHEN MATCHED THEN DELETE",
         "MERGE INTO stock_levels s USING elsewhere e ON s.item = e.item WHEN NOT MATCHED THEN INSERT VALUES (e.qty, 1)",
         "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item WHEN MATCHED THEN UPDATE SET item = d.item + 1",
-        "MERGE INTO stock_levels s USING (SELECT item::bigint AS item FROM deliveries) d ON s.item = d.item WHEN MATCHED THEN DELETE",
+        "MERGE INTO stock_levels s USING (SELECT item::numeric AS item FROM deliveries) d ON s.item = d.item WHEN MATCHED THEN DELETE",
     ] {
         let err = coordinator.batch_execute(sql).unwrap_err();
         assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");

@@ -130,7 +130,7 @@ pub unsafe fn plan(
                 (false, Some(attno)) if table.method == Method::Hash => Some(attno),
                 _ => return refuse(
                     "an ON condition that does not equate the target's distribution column with \
-                     a column of the source of the same type",
+                     a column of the source of the same type (or another integer type)",
                 ),
             };
         // A repartitioned source row with a NULL key goes to the first shard, where inserting
@@ -426,13 +426,34 @@ pub(crate) unsafe fn new_node<T>(tag: pg_sys::NodeTag) -> *mut T {
     }
 }
 
-/// True when `expr` (under any relabeling) is column `attno` of range-table entry `rti`.
+/// True when `expr` (under any relabeling, or the implicit cast of one integer type to another
+/// that assigning it makes) is column `attno` of range-table entry `rti`.
 unsafe fn is_column(expr: *mut pg_sys::Node, rti: i32, attno: i16) -> bool {
     // SAFETY: expr is a valid expression; casts follow the tags.
     unsafe {
         let mut node = expr;
-        while (*node).type_ == pg_sys::NodeTag::T_RelabelType {
-            node = (*node.cast::<pg_sys::RelabelType>()).arg.cast();
+        loop {
+            match (*node).type_ {
+                pg_sys::NodeTag::T_RelabelType => {
+                    node = (*node.cast::<pg_sys::RelabelType>()).arg.cast();
+                }
+                pg_sys::NodeTag::T_FuncExpr => {
+                    let cast = node.cast::<pg_sys::FuncExpr>();
+                    let args = PgList::<pg_sys::Node>::from_pg((*cast).args);
+                    match args.get_ptr(0) {
+                        Some(arg)
+                            if args.len() == 1
+                                && (*cast).funcformat
+                                    == pg_sys::CoercionForm::COERCE_IMPLICIT_CAST
+                                && hash_alike((*cast).funcresulttype, pg_sys::exprType(arg)) =>
+                        {
+                            node = arg
+                        }
+                        _ => break,
+                    }
+                }
+                _ => break,
+            }
         }
         (*node).type_ == pg_sys::NodeTag::T_Var && {
             let var = node.cast::<pg_sys::Var>();
@@ -442,8 +463,8 @@ unsafe fn is_column(expr: *mut pg_sys::Node, rti: i32, attno: i16) -> bool {
 }
 
 /// The source column that one of the ANDed conditions of `on` equates with the target's
-/// distribution column (`target_attno`), with the type's equality operator, when both have
-/// the same type (so they hash alike).
+/// distribution column (`target_attno`), with an equality operator, when their types hash
+/// alike (`hash_alike`).
 unsafe fn equated_source_column(
     on: *mut pg_sys::Node,
     target_rti: i32,
@@ -475,7 +496,7 @@ unsafe fn equated_source_column(
                 }
                 let var = source_side.cast::<pg_sys::Var>();
                 (args.len() == 2
-                    && pg_sys::exprType(target_side) == (*var).vartype
+                    && hash_alike(pg_sys::exprType(target_side), (*var).vartype)
                     && (*var).varno == source_rti
                     && (*var).varlevelsup == 0
                     && (*var).varattno > 0
@@ -483,6 +504,13 @@ unsafe fn equated_source_column(
                 .then_some((*var).varattno)
             })
     }
+}
+
+/// True when equal values of types `a` and `b` hash to the same shard: the same type, or two
+/// integer types (PostgreSQL hashes an int8 or int2 within int4's range as the int4).
+fn hash_alike(a: pg_sys::Oid, b: pg_sys::Oid) -> bool {
+    let integer = |t| [pg_sys::INT2OID, pg_sys::INT4OID, pg_sys::INT8OID].contains(&t);
+    a == b || (integer(a) && integer(b))
 }
 
 /// True when column `attno` of table `relid` is NOT NULL.
