@@ -1011,6 +1011,9 @@ fn session_settings_travel_with_fragments(cluster: &Cluster) {
         "SET IntervalStyle = 'sql_standard'",
         "SET extra_float_digits = 0",
         "SET TimeZone = 'America/New_York'; SET DateStyle = 'German'",
+        "SET TimeZone = 'Asia/Kolkata'; SET DateStyle = 'ISO, DMY'",
+        // India's IST, not Israel's: the abbreviations travel too.
+        "SET TimeZone = 'Asia/Kolkata'; SET DateStyle = 'SQL, DMY'; SET timezone_abbreviations = 'India'",
     ] {
         run_on_both(&mut coordinator, &mut reference, setting);
         for sql in [
@@ -1023,6 +1026,19 @@ fn session_settings_travel_with_fragments(cluster: &Cluster) {
         }
         run_on_both(&mut coordinator, &mut reference, "RESET ALL");
     }
+    // Where a zone's abbreviation means another zone on reading (IST: Israel in the default
+    // table), timestamps written in a non-ISO DateStyle would come back as other instants:
+    // refused, with the way out.
+    coordinator
+        .batch_execute("SET TimeZone = 'Asia/Kolkata'; SET DateStyle = 'SQL, DMY'")
+        .unwrap();
+    let err = coordinator
+        .query("SELECT min(ordered_at) FROM orders", &[])
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    let hint = err.as_db_error().and_then(|e| e.hint()).unwrap_or_default();
+    assert!(hint.contains("DateStyle"), "{hint}");
+    coordinator.batch_execute("RESET ALL").unwrap();
 }
 
 fn prepared_statements_prune_by_parameter(cluster: &Cluster) {

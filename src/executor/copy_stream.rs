@@ -185,7 +185,7 @@ fn open_lane(node: &NodeAddress) -> Lane {
     // A checkout that returns holds one connection per node asked for.
     let mut conn = checkout.conns.pop().expect("checkout of one node");
     // SAFETY: reads GUC values of this backend.
-    let settings = unsafe { crate::executor::scan::session_settings() };
+    let settings = unsafe { crate::executor::session::settings() };
     if conn.session_settings != settings {
         prefix.push_str(&settings);
         conn.session_settings = settings;

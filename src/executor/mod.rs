@@ -1,7 +1,8 @@
 //! Executing distributed plans: the CustomScan that reads shards (`scan.rs`) and the async
 //! fragment streams behind it (`fragments.rs`); the node that writes them (`modify.rs`) and
 //! the row router it and COPY (`copy.rs`) use (`shard_writer.rs`); rows set aside for a reader
-//! that is not ready for them (`spill.rs`).
+//! that is not ready for them (`spill.rs`); the session settings every node's connection
+//! takes on (`session.rs`).
 
 pub mod copy;
 pub mod copy_stream;
@@ -9,6 +10,7 @@ pub mod fragments;
 pub mod merge;
 pub mod modify;
 pub mod scan;
+pub mod session;
 pub mod shard_writer;
 pub mod spill;
 

@@ -579,30 +579,6 @@ pub fn values_in(
     (written, Vec::new())
 }
 
-/// Settings that change how values are written and read, as the coordinator's session has them.
-pub unsafe fn session_settings() -> String {
-    let setting = |name: &CStr| {
-        // SAFETY: GetConfigOption returns a pointer to the current value (NULL if unknown).
-        let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
-        if value.is_null() {
-            String::new()
-        } else {
-            // SAFETY: a valid C string owned by the GUC machinery; copied at once.
-            unsafe { CStr::from_ptr(value) }
-                .to_string_lossy()
-                .into_owned()
-        }
-    };
-    format!(
-        "SET TimeZone TO {}; SET DateStyle TO {}; SET IntervalStyle TO {}; SET extra_float_digits TO 3; SET search_path TO {}; ",
-        quote_literal(&setting(c"TimeZone")),
-        quote_literal(&setting(c"DateStyle")),
-        quote_literal(&setting(c"IntervalStyle")),
-        // search_path is a list: its text is already valid SQL for SET.
-        setting(c"search_path"),
-    )
-}
-
 /// `shard_ids` narrowed to the shard that the value of `$param` picks (param 0: unchanged).
 pub unsafe fn prune_by_param(
     node: *mut pg_sys::CustomScanState,
@@ -880,7 +856,7 @@ fn start_fragments(
     merge_order: Option<String>,
 ) -> FragmentStream {
     // SAFETY: reads GUC values of this backend.
-    let settings = unsafe { session_settings() };
+    let settings = unsafe { crate::executor::session::settings() };
     if crate::gucs::log_remote_commands() {
         for (target, sqls) in &work {
             for sql in sqls {

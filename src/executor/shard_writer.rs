@@ -601,7 +601,7 @@ pub fn run_statements(work: Vec<(NodeAddress, Vec<(FragmentSql, bool)>)>) -> (u6
         .collect::<Result<Vec<_>, _>>()
         .unwrap_or_else(|err| raise(err));
     // SAFETY: reads GUC values of this backend.
-    let settings = unsafe { crate::executor::scan::session_settings() };
+    let settings = unsafe { crate::executor::session::settings() };
     let mut checkout = remote_xact::checkout(&targets).unwrap_or_else(|err| raise(err));
     let mut plans = Vec::with_capacity(work.len());
     // Per node, how each statement went (prepared statements to remember once they worked).
