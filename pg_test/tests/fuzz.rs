@@ -2,7 +2,9 @@
 //! tables (co-located, of other co-location groups, range-distributed), a reference table and a
 //! local table — joins of every kind, UNION / INTERSECT / EXCEPT, subqueries in FROM and WHERE,
 //! grouping, aggregates, windows, DISTINCT, LIMIT, VALUES, constant-false conditions — each run
-//! on the cluster and on the plain reference server, whose answers must match.
+//! on the cluster and on the plain reference server, whose answers must match. A second run
+//! does the same with expressions, conditions and aggregates over every kind of type, under
+//! random session settings (time zone, DateStyle, float digits) and as prepared statements.
 //!
 //! The default run is a fixed seed and a few hundred queries (the same every time). For a
 //! longer hunt: `PGDIST_FUZZ_SEED=<n> PGDIST_FUZZ_QUERIES=<n> cargo test -p pgdist-pg-test
@@ -14,7 +16,10 @@ use pgdist_pg_test::{harness, tests, Cluster};
 fn main() {
     harness::run(
         || Cluster::start(2),
-        tests![random_queries_match_plain_postgres],
+        tests![
+            random_queries_match_plain_postgres,
+            random_expressions_match_plain_postgres
+        ],
     )
 }
 
@@ -313,4 +318,274 @@ fn random_queries_match_plain_postgres(cluster: &Cluster) {
         &mut reference,
         "DROP TABLE gt, gs, gr, gx, gl, gd",
     );
+}
+
+const TYPED_SETUP: &str = "
+CREATE TABLE et (id int, k int, n numeric(12,3), f float8, ts timestamptz, d date, iv interval,
+                 j jsonb, a int[], t text, b bool, u uuid);
+INSERT INTO et SELECT i, i % 17, CASE WHEN i % 11 = 0 THEN NULL ELSE (i * 7.125) % 100 END,
+  CASE WHEN i % 13 = 0 THEN NULL ELSE i / 3.0 END,
+  timestamptz '2024-03-30 22:00+00' + i * interval '37 minutes', date '2024-01-01' + (i % 400),
+  (i % 50) * interval '1 hour 7 minutes',
+  CASE WHEN i % 7 = 0 THEN NULL ELSE jsonb_build_object('x', i % 5, 'y', ARRAY[i, i + 1], 'z', 't' || (i % 3)) END,
+  CASE WHEN i % 9 = 0 THEN NULL ELSE ARRAY[i % 4, i % 6] END,
+  CASE WHEN i % 8 = 0 THEN NULL ELSE 'T' || (i % 23) END,
+  CASE WHEN i % 10 = 0 THEN NULL ELSE i % 3 = 0 END, md5(i::text)::uuid
+FROM generate_series(1, 600) i;
+CREATE TABLE eu (k int, label text);
+INSERT INTO eu SELECT i, 'L' || i FROM generate_series(0, 20) i;
+";
+
+const SCALARS: &[&str] = &[
+    "id",
+    "k",
+    "n",
+    "f",
+    "ts",
+    "d",
+    "iv",
+    "j->'x'",
+    "j->>'z'",
+    "a[1]",
+    "t",
+    "b",
+    "u",
+    "date_trunc('day', ts)",
+    "ts::date",
+    "extract(hour from ts)",
+    "to_char(ts, 'YYYY-MM-DD HH24')",
+    "ts + iv",
+    "d + 3",
+    "n * 2 / 3",
+    "round(f::numeric, 2)",
+    "coalesce(t, 'none')",
+    "upper(t)",
+    "length(t)",
+    "t || k",
+    "j ? 'x'",
+    "jsonb_array_length(j->'y')",
+    "cardinality(a)",
+    "a @> ARRAY[1]",
+    "k % 4",
+    "CASE WHEN k > 8 THEN 'hi' ELSE 'lo' END",
+    "greatest(k, 5)",
+    "nullif(k, 3)",
+    "abs(n - 50)",
+    "ts AT TIME ZONE 'UTC'",
+    "date_part('dow', d)",
+    "substr(t, 2)",
+    "u::text",
+    "iv * 2",
+    "justify_hours(iv)",
+    "(ts - interval '1 day')::date",
+    "to_char(d, 'Mon')",
+    "regexp_replace(t, '[0-9]', 'x')",
+    "split_part(t, '1', 1)",
+    "lower(j->>'z')",
+    "n::int",
+    "f::int",
+    "b::int",
+    "ts::text",
+    "d::text || '!'",
+];
+
+const CONDITIONS: &[&str] = &[
+    "k > 7",
+    "n IS NULL",
+    "n > 40",
+    "f < 50",
+    "ts > '2024-04-05 10:00+02'",
+    "d BETWEEN '2024-02-01' AND '2024-06-01'",
+    "iv > interval '10 hours'",
+    "j->>'z' = 't1'",
+    "j @> '{\"x\": 2}'",
+    "a && ARRAY[3]",
+    "t LIKE 'T1%'",
+    "t ILIKE 't2%'",
+    "b",
+    "NOT b",
+    "b IS NULL",
+    "id IN (7, 300, 555)",
+    "ts::date = d",
+    "extract(hour from ts) < 12",
+    "date_trunc('month', ts) = '2024-04-01'",
+    "k = ANY(a)",
+    "u::text < '5'",
+    "to_char(ts, 'HH24') = '01'",
+    "ts + iv > '2024-04-10'",
+    "n::text LIKE '%5%'",
+    "f::numeric > n",
+    "t ~ '^T[12]'",
+    "j ? 'y'",
+    "k IN (SELECT k FROM eu WHERE label LIKE 'L1%')",
+    "EXISTS (SELECT 1 FROM eu WHERE eu.k = et.k AND label > 'L5')",
+    "d < '03/04/2024'",
+];
+
+const AGGREGATES: &[&str] = &[
+    "count(*)",
+    "count(n)",
+    "sum(n)",
+    "avg(n)",
+    "min(ts)",
+    "max(d)",
+    "sum(iv)",
+    "avg(iv)",
+    "min(t)",
+    "max(t)",
+    "bool_and(b)",
+    "bool_or(b)",
+    "string_agg(t, ',' ORDER BY t, id)",
+    "array_agg(k ORDER BY k, id)",
+    "count(DISTINCT k)",
+    "count(DISTINCT t)",
+    "sum(DISTINCT k)",
+    "stddev(n)",
+    "variance(k)",
+    "stddev_pop(k)",
+    "var_samp(n)",
+    "bit_and(k)",
+    "bit_or(k)",
+    "jsonb_agg(j->'x' ORDER BY id)",
+    "count(*) FILTER (WHERE b)",
+    "sum(k) FILTER (WHERE n > 20)",
+    "percentile_cont(0.5) WITHIN GROUP (ORDER BY n)",
+    "mode() WITHIN GROUP (ORDER BY k)",
+    "max(a)",
+    "avg(f)::numeric(20,6)",
+    "every(k > 2)",
+    "max(ts + iv)",
+    "min(j->>'z')",
+];
+
+/// Settings under which values cross between nodes as text; zones whose abbreviations read
+/// back as themselves in every DateStyle.
+const SESSIONS: &[&str] = &[
+    "SET TimeZone = 'UTC'",
+    "SET TimeZone = 'Europe/Berlin'; SET DateStyle = 'SQL, DMY'",
+    "SET TimeZone = 'America/New_York'; SET DateStyle = 'German'",
+    "SET TimeZone = 'Asia/Kolkata'; SET DateStyle = 'ISO, DMY'; SET extra_float_digits = 0",
+    "SET TimeZone = 'America/St_Johns'; SET DateStyle = 'Postgres, MDY'; SET IntervalStyle = 'sql_standard'",
+    "SET TimeZone = 'Australia/Adelaide'; SET IntervalStyle = 'iso_8601'; SET extra_float_digits = 1",
+];
+
+impl Generator {
+    fn pick(&mut self, items: &[&str], count: usize) -> Vec<String> {
+        (0..count)
+            .map(|_| items[self.random.below(items.len())].to_string())
+            .collect()
+    }
+
+    fn typed_query(&mut self) -> String {
+        let count = self.random.below(3);
+        let conditions = self.pick(CONDITIONS, count);
+        let filter = match conditions.is_empty() {
+            true => String::new(),
+            false => format!(" WHERE {}", conditions.join(" AND ")),
+        };
+        match self.random.below(100) {
+            0..=29 => {
+                let count = 1 + self.random.below(3);
+                let columns = self.pick(SCALARS, count).join(", ");
+                let limit = match self.random.chance(30) {
+                    true => format!(" ORDER BY id LIMIT {}", self.random.between(1, 20)),
+                    false => String::new(),
+                };
+                format!("SELECT id, {columns} FROM et{filter}{limit}")
+            }
+            30..=74 => {
+                let group = self.pick(SCALARS, 1).remove(0);
+                let aggregates = self.pick(AGGREGATES, 3).join(", ");
+                let having = match self.random.chance(30) {
+                    true => format!(" HAVING count(*) > {}", self.random.between(1, 20)),
+                    false => String::new(),
+                };
+                format!("SELECT {group}, {aggregates} FROM et{filter} GROUP BY 1{having}")
+            }
+            75..=89 => format!(
+                "SELECT {} FROM et{filter}",
+                self.pick(AGGREGATES, 3).join(", ")
+            ),
+            _ => format!(
+                "SELECT DISTINCT {} FROM et{filter}",
+                self.pick(SCALARS, 1)[0]
+            ),
+        }
+    }
+}
+
+fn random_expressions_match_plain_postgres(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    run_on_both(&mut coordinator, &mut reference, TYPED_SETUP);
+    coordinator
+        .batch_execute(
+            "SELECT pgdist.create_distributed_table('et', 'id', shard_count => 6);
+             SELECT pgdist.create_reference_table('eu');",
+        )
+        .unwrap();
+    let seed = setting("PGDIST_FUZZ_SEED", 7);
+    let queries = setting("PGDIST_FUZZ_QUERIES", 300);
+    let mut generator = Generator {
+        random: Random(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1),
+        aliases: 0,
+    };
+    for i in 0..queries {
+        let session = SESSIONS[generator.random.below(SESSIONS.len())];
+        run_on_both(
+            &mut coordinator,
+            &mut reference,
+            &format!("RESET ALL; {session}"),
+        );
+        let sql = generator.typed_query();
+        if i % 4 == 3 {
+            // As a prepared statement: custom plans first, then the generic one.
+            let prepared = format!("PREPARE typed(int) AS {}", parameterized(&sql));
+            run_on_both(&mut coordinator, &mut reference, &prepared);
+            for _ in 0..7 {
+                let value = generator.random.between(0, 16);
+                compare(
+                    &mut coordinator,
+                    &mut reference,
+                    &format!("EXECUTE typed({value})"),
+                );
+            }
+            run_on_both(&mut coordinator, &mut reference, "DEALLOCATE typed");
+        } else {
+            compare(&mut coordinator, &mut reference, &sql);
+        }
+    }
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "RESET ALL; DROP TABLE et, eu",
+    );
+}
+
+/// `sql` with a condition on the parameter `$1` added to its WHERE clause (or as one).
+fn parameterized(sql: &str) -> String {
+    let condition = "k <> $1";
+    if let Some(at) = top_level_find(sql, " WHERE ") {
+        return format!("{} WHERE {condition} AND {}", &sql[..at], &sql[at + 7..]);
+    }
+    for clause in [" GROUP BY", " ORDER BY"] {
+        if let Some(at) = top_level_find(sql, clause) {
+            return format!("{} WHERE {condition}{}", &sql[..at], &sql[at..]);
+        }
+    }
+    format!("{sql} WHERE {condition}")
+}
+
+/// Where `needle` first occurs in `sql` outside parentheses.
+fn top_level_find(sql: &str, needle: &str) -> Option<usize> {
+    let mut depth = 0;
+    for (at, c) in sql.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            _ if depth == 0 && sql[at..].starts_with(needle) => return Some(at),
+            _ => {}
+        }
+    }
+    None
 }
