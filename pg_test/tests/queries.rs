@@ -1268,12 +1268,16 @@ fn unsupported_queries_fail_with_0a000(cluster: &Cluster) {
             "SELECT * FROM customers c JOIN orders o ON o.order_id = c.customer_id FOR UPDATE OF c",
         ],
     );
-    // System columns would describe a shard's row, not the table's: refused, not answered.
+    // System columns would describe a shard's row, not the table's; TABLESAMPLE: refused, not
+    // answered.
     let mut coordinator = cluster.coordinator_client();
     for sql in [
         "SELECT ctid, name FROM customers WHERE customer_id = 1",
         "SELECT tableoid::regclass, count(*) FROM orders GROUP BY 1",
         "SELECT count(*) FROM customers c JOIN orders o USING (customer_id) WHERE o.xmin <> '0'::xid",
+        // A sample of the shards' rows is not written yet; reading them all would be no sample.
+        "SELECT count(*) FROM orders TABLESAMPLE BERNOULLI (10) REPEATABLE (3)",
+        "SELECT count(*) FROM customers c JOIN orders o TABLESAMPLE SYSTEM (50) USING (customer_id)",
     ] {
         let err = coordinator.batch_execute(sql).unwrap_err();
         assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");

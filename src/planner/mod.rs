@@ -55,6 +55,8 @@ pub enum PlannerError {
     SystemColumn(String, String),
     #[error("this query would read the coordinator's empty copy of distributed table {0}")]
     ShellRead(String),
+    #[error("TABLESAMPLE on distributed table {0} is not supported yet")]
+    TableSample(String),
 }
 
 impl crate::error::PgError for PlannerError {
@@ -111,6 +113,11 @@ impl crate::error::PgError for PlannerError {
                 "The rows live in the shards, each with system columns of its own shard, which \
                  do not identify a row of the table; use the table's own columns (its primary \
                  key) instead."
+                    .into()
+            }
+            PlannerError::TableSample(_) => {
+                "Sample with a condition instead, such as WHERE random() < 0.1 (each row with \
+                 probability 0.1, as TABLESAMPLE BERNOULLI (10))."
                     .into()
             }
             PlannerError::ShellRead(_) => {
@@ -476,6 +483,15 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
                         check.found = Some(PlannerError::RowSecurity(relation_name(oid)));
                         return true;
                     }
+                }
+                let sampled = pgrx::PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable)
+                    .iter_ptr()
+                    .find(|rte| {
+                        !(**rte).tablesample.is_null() && cache::lookup((**rte).relid).is_some()
+                    });
+                if let Some(rte) = sampled {
+                    check.found = Some(PlannerError::TableSample(relation_name((*rte).relid)));
+                    return true;
                 }
                 for mark in
                     pgrx::PgList::<pg_sys::RowMarkClause>::from_pg((*query).rowMarks).iter_ptr()
