@@ -1285,6 +1285,12 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
                ON s.item = d.item WHEN MATCHED THEN UPDATE SET qty = d.qty WHEN NOT MATCHED THEN INSERT VALUES (d.item, d.qty, 'wide')",
             "MERGE INTO stock_levels s USING (VALUES (3000000000::bigint, 1)) AS v(item, qty) ON s.item = v.item \
                WHEN NOT MATCHED THEN INSERT VALUES (v.item, v.qty)",
+            // The target as its own source: read before any shard changes it.
+            "MERGE INTO stock_levels s USING stock_levels o ON s.item = o.item \
+               WHEN MATCHED AND o.qty > 100 THEN UPDATE SET qty = s.qty + o.qty",
+            "MERGE INTO stock_levels s USING (SELECT item + 1 AS item, qty FROM stock_levels) o ON s.item = o.item \
+               WHEN MATCHED AND o.qty > 100 THEN UPDATE SET qty = s.qty + o.qty \
+               WHEN NOT MATCHED AND o.item > 590 THEN INSERT VALUES (o.item, o.qty, 'next')",
             "MERGE INTO shelf USING deliveries d ON shelf.item = d.item \
                WHEN MATCHED AND d.kind = 'recall' THEN DELETE \
                WHEN MATCHED THEN UPDATE SET qty = shelf.qty + d.qty",

@@ -85,11 +85,14 @@ pub unsafe fn plan(
         let source_rte = range_entry((*parse).rtable, source_rti);
         // A distributed or reference table the shards read (the source's rows stay on the
         // workers, or go from one worker to another); anything else — a subquery, a view,
-        // VALUES, a function, a WITH query, a table of the coordinator, a table with policies —
-        // is rows the coordinator reads first with SQL of its own (policies applied there),
-        // then sends to the shards (`source_query`).
+        // VALUES, a function, a WITH query, a table of the coordinator, a table with policies,
+        // the target itself (read before any shard changes it, as PostgreSQL reads it in the
+        // statement's snapshot) — is rows the coordinator reads first with SQL of its own
+        // (policies applied there), then sends to the shards (`source_query`).
         let source = match (*source_rte).rtekind {
-            pg_sys::RTEKind::RTE_RELATION if (*source_rte).securityQuals.is_null() => {
+            pg_sys::RTEKind::RTE_RELATION
+                if (*source_rte).securityQuals.is_null() && (*source_rte).relid != table.oid =>
+            {
                 cache::lookup((*source_rte).relid)
             }
             pg_sys::RTEKind::RTE_RELATION
@@ -100,9 +103,6 @@ pub unsafe fn plan(
             _ => return refuse("a source that is not a table, a subquery, VALUES or a function"),
         };
         let source_oid = source.as_ref().map_or(pg_sys::InvalidOid, |s| s.oid);
-        if source_oid == table.oid {
-            return refuse("the target table as its own source");
-        }
         let source_method = source.as_ref().map(|s| s.method);
         let source_dist_attno = source.as_ref().and_then(DistTable::distribution_attno);
         let on = (*(*parse).jointree).quals;
