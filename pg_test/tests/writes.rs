@@ -1285,6 +1285,12 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
                ON s.item = d.item WHEN MATCHED THEN UPDATE SET qty = d.qty WHEN NOT MATCHED THEN INSERT VALUES (d.item, d.qty, 'wide')",
             "MERGE INTO stock_levels s USING (VALUES (3000000000::bigint, 1)) AS v(item, qty) ON s.item = v.item \
                WHEN NOT MATCHED THEN INSERT VALUES (v.item, v.qty)",
+            // A join as the source, read as the subquery it amounts to.
+            "MERGE INTO stock_levels s USING deliveries d JOIN price_list p ON p.item = d.item \
+               ON s.item = d.item WHEN MATCHED AND p.price > 60 THEN UPDATE SET note = 'priced ' || p.price \
+               WHEN NOT MATCHED THEN INSERT VALUES (d.item, d.qty, 'joined')",
+            "MERGE INTO stock_levels s USING elsewhere e FULL JOIN shelf h USING (item) AS j ON s.item = j.item \
+               WHEN MATCHED THEN UPDATE SET qty = coalesce(e.qty, 0) + coalesce(h.qty, 0)",
             // The target as its own source: read before any shard changes it.
             "MERGE INTO stock_levels s USING stock_levels o ON s.item = o.item \
                WHEN MATCHED AND o.qty > 100 THEN UPDATE SET qty = s.qty + o.qty",

@@ -74,13 +74,15 @@ pub unsafe fn plan(
         if modifying_cte {
             return refuse("a data-modifying WITH query");
         }
+        // A join as the source is read as the subquery it amounts to.
+        let parse = merge_source::join_as_subquery(parse);
         let result_rti = (*parse).resultRelation;
         let from = PgList::<pg_sys::Node>::from_pg((*(*parse).jointree).fromlist);
         let source_rti = match from.get_ptr(0) {
             Some(item) if from.len() == 1 && (*item).type_ == pg_sys::NodeTag::T_RangeTblRef => {
                 (*item.cast::<pg_sys::RangeTblRef>()).rtindex
             }
-            _ => return refuse("a join as the source (write it as a subquery)"),
+            _ => return refuse("a source of several FROM items"),
         };
         let source_rte = range_entry((*parse).rtable, source_rti);
         // A distributed or reference table the shards read (the source's rows stay on the

@@ -8,6 +8,9 @@
 //! privileges and policies. For that last point the views the rewriter expanded are put back
 //! as views before the text is written (`views_restored`): the expansion's tables would
 //! otherwise be read with the privileges of the user instead of the view's owner.
+//!
+//! A source that is a join (`USING a JOIN b ON …`) is first turned into the subquery it
+//! amounts to (`join_as_subquery`): the columns the statement reads become the subquery's.
 
 use std::ffi::{c_void, CStr};
 
@@ -18,7 +21,7 @@ use crate::metadata::cache;
 use crate::planner::merge_plan::{new_node, range_entry, SOURCE_K};
 use crate::planner::modify_pushdown::deparse_with_shards;
 use crate::planner::scan_path::ScanPlan;
-use crate::planner::shippable::{travels_in_array, BROADCAST_BASE};
+use crate::planner::shippable::{as_mutator, travels_in_array, BROADCAST_BASE};
 use crate::remote::quote::quote_identifier;
 
 /// A source the coordinator reads first (`ScanPlan::column_types`): the shards' `USING`
@@ -178,5 +181,146 @@ unsafe fn restore_view(entry: *mut pg_sys::RangeTblEntry) {
         (*entry).inh = true;
         (*entry).subquery = std::ptr::null_mut();
         (*entry).security_barrier = false;
+    }
+}
+
+/// MERGE `parse` with a source that is a join rewritten, in a copy, to read a subquery of
+/// that join instead: its select list is every column of the join's tables the statement
+/// reads, and those references now point at the subquery's columns. Any other MERGE is
+/// returned as it is.
+pub unsafe fn join_as_subquery(parse: *mut pg_sys::Query) -> *mut pg_sys::Query {
+    // SAFETY: parse is a valid MERGE; only a copy of it changes.
+    unsafe {
+        let from = PgList::<pg_sys::Node>::from_pg((*(*parse).jointree).fromlist);
+        let join = match from.get_ptr(0) {
+            Some(item) if from.len() == 1 && (*item).type_ == pg_sys::NodeTag::T_JoinExpr => item,
+            _ => return parse,
+        };
+        let parse: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
+        let mut remap = Remap {
+            inside: join_relids(join),
+            columns: Vec::new(),
+            subquery_rti: PgList::<pg_sys::Node>::from_pg((*parse).rtable).len() as i32 + 1,
+        };
+        let context = (&raw mut remap).cast::<c_void>();
+        let jointree = (*parse).jointree;
+        (*jointree).quals = remap_var((*jointree).quals, context);
+        for action in PgList::<pg_sys::MergeAction>::from_pg((*parse).mergeActionList).iter_ptr() {
+            (*action).qual = remap_var((*action).qual, context);
+            (*action).targetList = remap_var((*action).targetList.cast(), context).cast();
+        }
+        let mut targets = PgList::<pg_sys::TargetEntry>::new();
+        let mut names = PgList::<pg_sys::String>::new();
+        for (i, var) in remap.columns.iter().enumerate() {
+            let name = std::ffi::CString::new(format!("c{}", i + 1)).unwrap_or_default();
+            targets.push(pg_sys::makeTargetEntry(
+                pg_sys::copyObjectImpl(var.cast()).cast(),
+                (i + 1) as i16,
+                pg_sys::pstrdup(name.as_ptr()),
+                false,
+            ));
+            names.push(pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())));
+        }
+        let subquery = new_node::<pg_sys::Query>(pg_sys::NodeTag::T_Query);
+        (*subquery).commandType = pg_sys::CmdType::CMD_SELECT;
+        (*subquery).canSetTag = true;
+        (*subquery).rtable = pg_sys::copyObjectImpl((*parse).rtable.cast()).cast();
+        let mut subquery_from = PgList::<pg_sys::Node>::new();
+        subquery_from.push(pg_sys::copyObjectImpl(join.cast()).cast());
+        (*subquery).jointree = pg_sys::makeFromExpr(subquery_from.into_pg(), std::ptr::null_mut());
+        (*subquery).targetList = targets.into_pg();
+        let entry = new_node::<pg_sys::RangeTblEntry>(pg_sys::NodeTag::T_RangeTblEntry);
+        (*entry).rtekind = pg_sys::RTEKind::RTE_SUBQUERY;
+        (*entry).subquery = subquery;
+        (*entry).inFromCl = true;
+        (*entry).eref = pg_sys::makeAlias(c"pgdist_source".as_ptr(), names.into_pg());
+        let mut rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*parse).rtable);
+        // The statement no longer reads the join itself (its tables stay, unread): an
+        // unread join entry would trip up ruleutils, which names a join's columns from the
+        // join tree.
+        for (i, other) in rtable.iter_ptr().enumerate() {
+            if (*other).rtekind == pg_sys::RTEKind::RTE_JOIN
+                && remap.inside.contains(&(i as i32 + 1))
+            {
+                (*other).rtekind = pg_sys::RTEKind::RTE_RESULT;
+                (*other).joinaliasvars = std::ptr::null_mut();
+                (*other).joinleftcols = std::ptr::null_mut();
+                (*other).joinrightcols = std::ptr::null_mut();
+            }
+        }
+        rtable.push(entry);
+        (*parse).rtable = rtable.into_pg();
+        let reference = new_node::<pg_sys::RangeTblRef>(pg_sys::NodeTag::T_RangeTblRef);
+        (*reference).rtindex = remap.subquery_rti;
+        let mut fromlist = PgList::<pg_sys::RangeTblRef>::new();
+        fromlist.push(reference);
+        (*jointree).fromlist = fromlist.into_pg();
+        parse
+    }
+}
+
+/// The columns of a join's tables that a MERGE reads, gathered while its references are
+/// pointed at the subquery that returns them.
+struct Remap {
+    /// The range-table indexes inside the join (its tables and joins).
+    inside: Vec<i32>,
+    /// The subquery's columns, in order: the original references.
+    columns: Vec<*mut pg_sys::Var>,
+    subquery_rti: i32,
+}
+
+/// The range-table indexes of `node` (a join tree item) and everything below it.
+unsafe fn join_relids(node: *mut pg_sys::Node) -> Vec<i32> {
+    // SAFETY: node is a join tree item; casts follow the tags.
+    unsafe {
+        match (*node).type_ {
+            pg_sys::NodeTag::T_RangeTblRef => vec![(*node.cast::<pg_sys::RangeTblRef>()).rtindex],
+            pg_sys::NodeTag::T_JoinExpr => {
+                let join = node.cast::<pg_sys::JoinExpr>();
+                let mut relids = join_relids((*join).larg);
+                relids.extend(join_relids((*join).rarg));
+                relids.push((*join).rtindex);
+                relids
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// `node` with the references to the join's tables pointed at the subquery's columns.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn remap_var(
+    node: *mut pg_sys::Node,
+    context: *mut c_void,
+) -> *mut pg_sys::Node {
+    if node.is_null() {
+        return node;
+    }
+    // SAFETY: node is a valid expression node; context is the Remap join_as_subquery passes.
+    unsafe {
+        let remap = &mut *context.cast::<Remap>();
+        if (*node).type_ == pg_sys::NodeTag::T_Var {
+            let var = node.cast::<pg_sys::Var>();
+            if (*var).varlevelsup == 0 && remap.inside.contains(&(*var).varno) {
+                let position = remap
+                    .columns
+                    .iter()
+                    .position(|seen| pg_sys::equal(seen.cast(), var.cast()))
+                    .unwrap_or_else(|| {
+                        remap.columns.push(var);
+                        remap.columns.len() - 1
+                    });
+                return pg_sys::makeVar(
+                    remap.subquery_rti,
+                    (position + 1) as i16,
+                    (*var).vartype,
+                    (*var).vartypmod,
+                    (*var).varcollid,
+                    0,
+                )
+                .cast();
+            }
+        }
+        pg_sys::expression_tree_mutator(node, Some(as_mutator(remap_var)), context)
     }
 }
