@@ -79,10 +79,9 @@ impl crate::error::PgError for PlannerError {
             PlannerError::MergeNotPushable(..) => {
                 "MERGE into a distributed table needs an ON condition that equates the \
                  target's distribution column with a source column of the same type or another \
-                 integer type (which \
-                 INSERT must then use); the source may be a table, a join, a view, a subquery, \
-                 VALUES or a function. Otherwise use INSERT … ON CONFLICT, UPDATE … FROM and DELETE … \
-                 USING."
+                 integer type (which INSERT must then use); the source may be a table, a join, \
+                 a view, a subquery, VALUES or a function. Otherwise use INSERT … ON CONFLICT, \
+                 UPDATE … FROM and DELETE … USING."
                     .into()
             }
             PlannerError::RowLocks(_) => {
