@@ -31,7 +31,7 @@ use crate::metadata::tables::{DistTable, Method};
 use crate::planner::merge_source;
 use crate::planner::modify_pushdown::{deparse_with_shards, repartitioned_read, set_alias};
 use crate::planner::shippable::{
-    shippable, travels_in_array, with_coordinator_values, BROADCAST_BASE, RELATION_BASE,
+    shippable, travels_in_array, with_coordinator_values, RELATION_BASE,
 };
 use crate::planner::PlannerError;
 use crate::remote::quote::quote_identifier;
@@ -553,15 +553,7 @@ unsafe fn source_as_arrays(relid: pg_sys::Oid) -> Option<(String, Vec<i16>)> {
         if !fits {
             return None;
         }
-        let arrays: Vec<String> = (0..columns.len())
-            .map(|i| format!("${}", BROADCAST_BASE + i as i32))
-            .collect();
-        let using = format!(
-            "unnest({}) AS pgdist_t{SOURCE_K}({})",
-            arrays.join(", "),
-            names.join(", ")
-        );
-        Some((using, columns))
+        Some((merge_source::unnest_source(&names), columns))
     }
 }
 

@@ -113,14 +113,7 @@ pub unsafe fn read_first(
             (Some(_), None) => return None,
             (None, _) => sql,
         };
-        let arrays: Vec<String> = (0..names.len())
-            .map(|i| format!("${}", BROADCAST_BASE + i as i32))
-            .collect();
-        let using = format!(
-            "unnest({}) AS pgdist_t{SOURCE_K}({})",
-            arrays.join(", "),
-            quoted.join(", ")
-        );
+        let using = unnest_source(&quoted);
         let is_table = (*entry).rtekind == pg_sys::RTEKind::RTE_RELATION;
         Some(SourceRead {
             using,
@@ -134,6 +127,19 @@ pub unsafe fn read_first(
             renamed: (!is_table).then_some(names),
         })
     }
+}
+
+/// The shards' `USING` for a source whose columns (`names`, quoted) arrive as arrays:
+/// `unnest($<BROADCAST_BASE>, …) AS pgdist_t2(<names>)`.
+pub fn unnest_source(names: &[String]) -> String {
+    let arrays: Vec<String> = (0..names.len())
+        .map(|i| format!("${}", BROADCAST_BASE + i as i32))
+        .collect();
+    format!(
+        "unnest({}) AS pgdist_t{SOURCE_K}({})",
+        arrays.join(", "),
+        names.join(", ")
+    )
 }
 
 /// Puts back as views, in `node` (a query, a list of WITH queries or an expression) and
