@@ -10,7 +10,7 @@ use pgrx::prelude::*;
 
 use crate::cluster::{target_for, ClusterError};
 use crate::distribution::create::{relation_name, replicate_reference_table};
-use crate::distribution::shell;
+use crate::distribution::{foreign_keys, shell};
 use crate::error::OrRaise;
 use crate::metadata::nodes::{self, NewNode, NodeRole};
 use crate::metadata::tables;
@@ -162,9 +162,24 @@ fn add_node_impl(host: &str, port: i32, role: &str) -> Result<i32, ClusterError>
             host: host.to_string(),
             port,
         };
-        for table in tables::reference_tables()? {
+        let reference_tables = tables::reference_tables()?;
+        for &table in &reference_tables {
             pgrx::notice!("copying reference table {} to {node}", relation_name(table));
             replicate_reference_table(table, &node)?;
+        }
+        // Foreign keys between reference tables, once every copy is there.
+        for table in reference_tables {
+            let definition = shell::read_definition(table)?;
+            let keys: Vec<_> = definition
+                .constraints
+                .iter()
+                .filter(|c| c.foreign_key.is_some())
+                .collect();
+            let placements: Vec<_> = tables::placements(table)?
+                .into_iter()
+                .filter(|p| p.node == node)
+                .collect();
+            foreign_keys::add_to_shards(&definition, &keys, &placements)?;
         }
     }
     Ok(node_id)

@@ -5,17 +5,18 @@
 use std::collections::HashMap;
 
 use crate::distribution::shell::{
-    column_sql, constraint_sql, index_sql, shard_name, with_suffix, TableDefinition,
+    column_sql, constraint_sql, index_sql, shard_name, with_suffix, Constraint, TableDefinition,
 };
 use crate::remote::quote::{quote_identifier, quote_qualified};
 
 /// Statements for shard `shard_id`. `using` maps a column name to the text of the USING
-/// expression of its ALTER COLUMN … TYPE.
+/// expression of its ALTER COLUMN … TYPE; `foreign_key` gives a new foreign key's shard DDL.
 pub fn shard_statements(
     before: &TableDefinition,
     after: &TableDefinition,
     shard_id: i64,
     using: &HashMap<String, String>,
+    foreign_key: impl Fn(&Constraint) -> Option<String>,
 ) -> Vec<String> {
     let suffix = shard_id.to_string();
     let shard = |name: &str| quote_identifier(&with_suffix(name, &suffix));
@@ -31,14 +32,12 @@ pub fn shard_statements(
 
     // Constraints and indexes: renamed (same oid), dropped, added. One that was rebuilt with the
     // same name and definition (ALTER COLUMN TYPE does that) is rebuilt on the shard by itself.
-    let on_shard = |kind: &str| matches!(kind, "p" | "u" | "c" | "x");
-    let unchanged_constraint =
-        |c: &crate::distribution::shell::Constraint,
-         others: &[crate::distribution::shell::Constraint]| {
-            others
-                .iter()
-                .any(|o| o.oid == c.oid || (o.name == c.name && o.definition == c.definition))
-        };
+    let on_shard = |kind: &str| matches!(kind, "p" | "u" | "c" | "x" | "f");
+    let unchanged_constraint = |c: &Constraint, others: &[Constraint]| {
+        others
+            .iter()
+            .any(|o| o.oid == c.oid || (o.name == c.name && o.definition == c.definition))
+    };
     for old in before.constraints.iter().filter(|c| on_shard(&c.kind)) {
         match after.constraints.iter().find(|c| c.oid == old.oid) {
             Some(new) if new.name != old.name => out.push(format!(
@@ -139,7 +138,7 @@ pub fn shard_statements(
 
     for new in after.constraints.iter().filter(|c| on_shard(&c.kind)) {
         if !unchanged_constraint(new, &before.constraints) {
-            out.extend(constraint_sql(after, new, shard_id));
+            out.extend(constraint_sql(after, new, shard_id).or_else(|| foreign_key(new)));
         }
     }
     for new in &after.indexes {
@@ -153,7 +152,7 @@ pub fn shard_statements(
 #[cfg(test)]
 mod unit {
     use super::*;
-    use crate::distribution::shell::{Column, Constraint};
+    use crate::distribution::shell::Column;
     use pgrx::pg_sys::Oid;
 
     fn column(attnum: i16, name: &str, type_sql: &str) -> Column {
@@ -191,7 +190,7 @@ mod unit {
         renamed.not_null = true;
         let after = table(vec![renamed, column(3, "c", "date")], vec![]);
         let using = HashMap::from([("a2".to_string(), "a2::bigint * 2".to_string())]);
-        let statements = shard_statements(&before, &after, 7, &using);
+        let statements = shard_statements(&before, &after, 7, &using, |_| None);
         assert_eq!(
             statements,
             vec![
@@ -212,15 +211,16 @@ mod unit {
             kind: "c".into(),
             definition: "CHECK ((a > 0))".into(),
             columns: vec![1],
+            foreign_key: None,
         };
         let before = table(vec![column(1, "a", "integer")], vec![]);
         let after = table(vec![column(1, "a", "integer")], vec![check.clone()]);
         assert_eq!(
-            shard_statements(&before, &after, 9, &HashMap::new()),
+            shard_statements(&before, &after, 9, &HashMap::new(), |_| None),
             vec!["ALTER TABLE \"public\".\"t_9\" ADD CONSTRAINT \"positive_9\" CHECK ((a > 0))"]
         );
         assert_eq!(
-            shard_statements(&after, &before, 9, &HashMap::new()),
+            shard_statements(&after, &before, 9, &HashMap::new(), |_| None),
             vec!["ALTER TABLE \"public\".\"t_9\" DROP CONSTRAINT IF EXISTS \"positive_9\""]
         );
     }

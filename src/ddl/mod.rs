@@ -8,7 +8,7 @@
 //! changes nothing anywhere.
 //!
 //! Handled: CREATE INDEX, DROP INDEX, ALTER TABLE (ADD / DROP / ALTER COLUMN TYPE, SET / DROP
-//! DEFAULT, SET / DROP NOT NULL, ADD / DROP CONSTRAINT; storage parameters, statistics targets
+//! DEFAULT, SET / DROP NOT NULL, ADD / DROP CONSTRAINT (foreign keys: `foreign_keys.rs`); storage parameters, statistics targets
 //! and the replica identity, which the definition does not show, go as the subcommand itself;
 //! OWNER TO and row security only change the shell), RENAME of tables, columns, constraints
 //! and indexes, DROP TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE. CREATE INDEX
@@ -16,8 +16,7 @@
 //! has built the index on the shell, each shard's index is built concurrently over a
 //! connection of its own (nodes in parallel); if one fails the shell's index is marked INVALID,
 //! as PostgreSQL leaves a failed concurrent build. Refused: CREATE TRIGGER (it would not fire
-//! on the shards), foreign keys of local tables that reference distributed or reference tables,
-//! local tables inheriting from them, SET SCHEMA, renaming a schema that holds distributed
+//! on the shards), local tables inheriting from distributed or reference tables, SET SCHEMA, renaming a schema that holds distributed
 //! tables. DROP INDEX CONCURRENTLY drops the shards' indexes concurrently too.
 
 pub mod diff;
@@ -31,7 +30,7 @@ use pgrx::PgList;
 use crate::cluster::target_for;
 use crate::distribution::create::relation_name;
 use crate::distribution::shell::{self, with_suffix, TableDefinition};
-use crate::distribution::DistributionError;
+use crate::distribution::{foreign_keys, run_on_placements, DistributionError};
 use crate::error::OrRaise;
 use crate::metadata::tables::{self, DistTable, Method, Placement};
 use crate::remote::connection::NodeConnection;
@@ -62,14 +61,23 @@ enum Propagation {
         settings: Vec<String>,
     },
     /// DROP TABLE / DROP SCHEMA CASCADE: drop the shards, forget the table.
-    Drop(Vec<(DistTable, TableDefinition, Vec<Placement>)>),
+    Drop {
+        drops: Vec<(DistTable, TableDefinition, Vec<Placement>)>,
+        cascade: bool,
+    },
     /// DROP INDEX: drop the shard indexes (CONCURRENTLY: each outside a transaction).
     DropIndexes {
         /// (table, its schema, index name)
         indexes: Vec<(pg_sys::Oid, String, String)>,
         concurrently: bool,
     },
-    Truncate(Vec<TableDefinition>),
+    Truncate {
+        definitions: Vec<TableDefinition>,
+        cascade: bool,
+    },
+    /// SET CONSTRAINTS ALL DEFERRED / IMMEDIATE: the nodes' deferrable constraints (foreign
+    /// keys) follow.
+    ConstraintMode { deferred: bool },
     /// CREATE INDEX CONCURRENTLY: build the new index on every shard, concurrently.
     IndexConcurrently {
         table: DistTable,
@@ -261,9 +269,6 @@ unsafe fn plan(
                 refuse_children_of_distributed(
                     PgList::<pg_sys::RangeVar>::from_pg((*stmt).inhRelations).iter_ptr(),
                 )?;
-                refuse_references_to_distributed(
-                    PgList::<pg_sys::Node>::from_pg((*stmt).tableElts).iter_ptr(),
-                )?;
                 Ok(None)
             }
             pg_sys::NodeTag::T_AlterTableStmt => {
@@ -273,7 +278,6 @@ unsafe fn plan(
                 }
                 let Some(table) = distributed((*stmt).relation)? else {
                     let cmds = PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds);
-                    refuse_references_to_distributed(cmds.iter_ptr().map(|cmd| (*cmd).def))?;
                     refuse_children_of_distributed(
                         cmds.iter_ptr()
                             .filter(|cmd| (**cmd).subtype == pg_sys::AlterTableType::AT_AddInherit)
@@ -354,6 +358,31 @@ unsafe fn plan(
                 Ok(None)
             }
             pg_sys::NodeTag::T_DropStmt => plan_drop(node.cast::<pg_sys::DropStmt>()),
+            pg_sys::NodeTag::T_ConstraintsSetStmt => {
+                let stmt = node.cast::<pg_sys::ConstraintsSetStmt>();
+                let names: Vec<String> = PgList::<pg_sys::RangeVar>::from_pg((*stmt).constraints)
+                    .iter_ptr()
+                    .map(|rv| CStr::from_ptr((*rv).relname).to_string_lossy().into_owned())
+                    .collect();
+                if names.is_empty() {
+                    return Ok(Some(Propagation::ConstraintMode {
+                        deferred: (*stmt).deferred,
+                    }));
+                }
+                let distributed = pgrx::Spi::get_one_with_args::<bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
+                       JOIN pgdist.dist_table d ON d.table_oid = c.conrelid
+                      WHERE c.conname = ANY ($1) AND c.condeferrable)",
+                    &[names.into()],
+                )?;
+                if distributed == Some(true) {
+                    return Err(unsupported(
+                        "SET CONSTRAINTS with the names of constraints of distributed tables",
+                        "Use SET CONSTRAINTS ALL DEFERRED (or IMMEDIATE): it reaches the shards.",
+                    ));
+                }
+                Ok(None)
+            }
             pg_sys::NodeTag::T_TruncateStmt => {
                 let stmt = node.cast::<pg_sys::TruncateStmt>();
                 let mut targets = Vec::new();
@@ -362,7 +391,10 @@ unsafe fn plan(
                         targets.push(shell::read_definition(table.oid)?);
                     }
                 }
-                Ok((!targets.is_empty()).then_some(Propagation::Truncate(targets)))
+                Ok((!targets.is_empty()).then_some(Propagation::Truncate {
+                    definitions: targets,
+                    cascade: (*stmt).behavior == pg_sys::DropBehavior::DROP_CASCADE,
+                }))
             }
             _ => Ok(None),
         }
@@ -385,41 +417,6 @@ unsafe fn refuse_children_of_distributed(
         }
     }
     Ok(())
-}
-
-/// Refuses a foreign key among `definitions` (column definitions and constraints of a local
-/// table) that references a distributed or reference table: its rows live in the shards, whose
-/// deletes and updates would neither check nor act on the reference.
-unsafe fn refuse_references_to_distributed(
-    definitions: impl Iterator<Item = *mut pg_sys::Node>,
-) -> Result<(), DistributionError> {
-    // SAFETY: the nodes come from the statement's parse tree; casts follow node tags.
-    unsafe {
-        for definition in definitions.filter(|node| !node.is_null()) {
-            let constraints = match (*definition).type_ {
-                pg_sys::NodeTag::T_ColumnDef => PgList::<pg_sys::Constraint>::from_pg(
-                    (*definition.cast::<pg_sys::ColumnDef>()).constraints,
-                )
-                .iter_ptr()
-                .collect(),
-                pg_sys::NodeTag::T_Constraint => vec![definition.cast::<pg_sys::Constraint>()],
-                _ => Vec::new(),
-            };
-            for constraint in constraints {
-                if (*constraint).contype == pg_sys::ConstrType::CONSTR_FOREIGN
-                    && distributed((*constraint).pktable)?.is_some()
-                {
-                    return Err(unsupported(
-                        "a foreign key that references a distributed or reference table",
-                        "The referenced rows live in the shards, whose deletes and updates would \
-                         not check this reference; keep the reference without a foreign key, or \
-                         keep both tables local.",
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The text of one expression starting at byte `start` of `text`: up to the first comma or
@@ -467,7 +464,8 @@ unsafe fn check_alter_command(
         };
         let on_distribution_column = name.is_some() && name == table.distribution_column;
         match (*cmd).subtype {
-            AT_AddColumn | AT_ColumnDefault | AT_DropNotNull | AT_SetNotNull | AT_DropConstraint => Ok(()),
+            AT_AddColumn | AT_ColumnDefault | AT_DropNotNull | AT_SetNotNull | AT_AddConstraint
+            | AT_DropConstraint => Ok(()),
             AT_DropColumn if on_distribution_column => Err(unsupported(
                 "dropping the distribution column",
                 "Undistribute the table first.",
@@ -485,13 +483,6 @@ unsafe fn check_alter_command(
                     if let (Ok(location), Some(name)) = (usize::try_from(location), name) {
                         using.insert(name, expression_at(query, location));
                     }
-                }
-                Ok(())
-            }
-            AT_AddConstraint => {
-                let constraint = (*cmd).def.cast::<pg_sys::Constraint>();
-                if !constraint.is_null() && (*constraint).contype == pg_sys::ConstrType::CONSTR_FOREIGN {
-                    return Err(unsupported("foreign keys", "Foreign keys on distributed tables are not supported yet."));
                 }
                 Ok(())
             }
@@ -562,6 +553,7 @@ unsafe fn storage_option(option: *mut pg_sys::DefElem, with_value: bool) -> Stri
 unsafe fn plan_drop(stmt: *mut pg_sys::DropStmt) -> Result<Option<Propagation>, DistributionError> {
     // SAFETY: stmt is a DropStmt from the parse tree; its objects are lists of name lists.
     unsafe {
+        let cascade = (*stmt).behavior == pg_sys::DropBehavior::DROP_CASCADE;
         match (*stmt).removeType {
             pg_sys::ObjectType::OBJECT_TABLE => {
                 let mut drops = Vec::new();
@@ -570,7 +562,7 @@ unsafe fn plan_drop(stmt: *mut pg_sys::DropStmt) -> Result<Option<Propagation>, 
                         drops.push(table);
                     }
                 }
-                plan_table_drops(drops)
+                plan_table_drops(drops, cascade)
             }
             pg_sys::ObjectType::OBJECT_SCHEMA => {
                 let mut schemas = Vec::new();
@@ -584,7 +576,7 @@ unsafe fn plan_drop(stmt: *mut pg_sys::DropStmt) -> Result<Option<Propagation>, 
                 for oid in tables::tables_in_schemas(&schemas)? {
                     drops.extend(tables::dist_table(oid)?);
                 }
-                plan_table_drops(drops)
+                plan_table_drops(drops, cascade)
             }
             pg_sys::ObjectType::OBJECT_INDEX => {
                 let mut indexes = Vec::new();
@@ -626,37 +618,20 @@ unsafe fn plan_drop(stmt: *mut pg_sys::DropStmt) -> Result<Option<Propagation>, 
     }
 }
 
-fn plan_table_drops(drops: Vec<DistTable>) -> Result<Option<Propagation>, DistributionError> {
+fn plan_table_drops(
+    drops: Vec<DistTable>,
+    cascade: bool,
+) -> Result<Option<Propagation>, DistributionError> {
     let mut planned = Vec::new();
     for table in drops {
         let definition = shell::read_definition(table.oid)?;
         let placements = tables::placements(table.oid)?;
         planned.push((table, definition, placements));
     }
-    Ok((!planned.is_empty()).then_some(Propagation::Drop(planned)))
-}
-
-/// Groups per-shard statements into one batch per node and runs them in the transaction.
-fn run_per_node(
-    placements: &[Placement],
-    statements: impl Fn(i64) -> Vec<String>,
-) -> Result<(), DistributionError> {
-    let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
-    for placement in placements {
-        let entry = per_node
-            .entry(placement.node.node_id)
-            .or_insert_with(|| (placement.node.clone(), Vec::new()));
-        entry.1.extend(statements(placement.shard_id));
-    }
-    let work = per_node
-        .into_values()
-        .filter(|(_, statements)| !statements.is_empty())
-        .map(|(node, statements)| Ok((target_for(node)?, statements.join(";\n"))))
-        .collect::<Result<Vec<_>, DistributionError>>()?;
-    if !work.is_empty() {
-        remote_xact::run_batches(&work);
-    }
-    Ok(())
+    Ok((!planned.is_empty()).then_some(Propagation::Drop {
+        drops: planned,
+        cascade,
+    }))
 }
 
 fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
@@ -671,11 +646,14 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
             if table.method != Method::Reference {
                 check_uniqueness(&table, &after)?;
             }
-            if after.constraints.iter().any(|c| c.kind == "f") {
-                return Err(unsupported(
-                    "foreign keys",
-                    "Foreign keys on distributed tables are not supported yet.",
-                ));
+            let name = relation_name(table.oid);
+            let referencing = foreign_keys::Referencing::of(&table, &name);
+            for added in after
+                .constraints
+                .iter()
+                .filter(|c| !before.constraints.iter().any(|b| b.oid == c.oid))
+            {
+                foreign_keys::check(&referencing, added)?;
             }
             if let Some(column) = &table.distribution_column {
                 if let Some(old) = before.column(column) {
@@ -687,22 +665,38 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
                 }
             }
             let placements = tables::placements(table.oid)?;
-            run_per_node(&placements, |shard_id| {
-                let mut statements = diff::shard_statements(&before, &after, shard_id, &using);
+            let targets = foreign_keys::Targets::of(&after)?;
+            run_on_placements(&placements, |placement| {
+                let shard_id = placement.shard_id;
+                let foreign_key = |constraint: &shell::Constraint| {
+                    targets.shard_sql(&after, constraint, shard_id, placement.shard_index)
+                };
+                let mut statements =
+                    diff::shard_statements(&before, &after, shard_id, &using, foreign_key);
                 let shard = after.shard_relation(shard_id);
                 statements.extend(settings.iter().map(|s| format!("ALTER TABLE {shard} {s}")));
                 statements
             })
         }
-        Propagation::Drop(drops) => {
+        Propagation::Drop { drops, cascade } => {
+            // CASCADE drops the shards' foreign keys that reference these shards, as PostgreSQL
+            // dropped the shells' ones.
+            let behaviour = if cascade { " CASCADE" } else { "" };
             for (table, definition, placements) in drops {
-                run_per_node(&placements, |shard_id| {
+                run_on_placements(&placements, |placement| {
                     vec![format!(
-                        "DROP TABLE IF EXISTS {}",
-                        definition.shard_relation(shard_id)
+                        "DROP TABLE IF EXISTS {}{behaviour}",
+                        definition.shard_relation(placement.shard_id)
                     )]
                 })?;
                 tables::delete_table(table.oid, table.colocation_id)?;
+            }
+            Ok(())
+        }
+        Propagation::ConstraintMode { deferred } => {
+            // SAFETY: a plain read of the transaction state.
+            if unsafe { pg_sys::IsTransactionBlock() } {
+                remote_xact::set_constraint_mode(deferred);
             }
             Ok(())
         }
@@ -719,8 +713,11 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
                     quote_qualified(&schema, &with_suffix(&index, &shard_id.to_string()))
                 };
                 if !concurrently {
-                    run_per_node(&placements, |shard_id| {
-                        vec![format!("DROP INDEX IF EXISTS {}", shard_index(shard_id))]
+                    run_on_placements(&placements, |placement| {
+                        vec![format!(
+                            "DROP INDEX IF EXISTS {}",
+                            shard_index(placement.shard_id)
+                        )]
                     })?;
                     continue;
                 }
@@ -747,12 +744,35 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
             }
             Ok(())
         }
-        Propagation::Truncate(definitions) => {
-            for definition in definitions {
-                let placements = tables::placements(definition.oid)?;
-                run_per_node(&placements, |shard_id| {
-                    vec![format!("TRUNCATE {}", definition.shard_relation(shard_id))]
-                })?;
+        Propagation::Truncate {
+            definitions,
+            cascade,
+        } => {
+            // One TRUNCATE per node naming every shard, so that shards referencing each other
+            // go together; CASCADE also empties the shards that reference them, as PostgreSQL
+            // emptied the shells.
+            let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
+            for definition in &definitions {
+                for placement in tables::placements(definition.oid)? {
+                    per_node
+                        .entry(placement.node.node_id)
+                        .or_insert_with(|| (placement.node.clone(), Vec::new()))
+                        .1
+                        .push(definition.shard_relation(placement.shard_id));
+                }
+            }
+            let behaviour = if cascade { " CASCADE" } else { "" };
+            let work = per_node
+                .into_values()
+                .map(|(node, shards)| {
+                    Ok((
+                        target_for(node)?,
+                        format!("TRUNCATE {}{behaviour}", shards.join(", ")),
+                    ))
+                })
+                .collect::<Result<Vec<_>, DistributionError>>()?;
+            if !work.is_empty() {
+                remote_xact::run_batches(&work);
             }
             Ok(())
         }

@@ -11,6 +11,7 @@ use pgrx::prelude::*;
 
 use crate::cluster::target_for;
 use crate::distribution::data_move::{self, ShardSink};
+use crate::distribution::foreign_keys;
 use crate::distribution::hashing;
 use crate::distribution::shell::{self, TableDefinition};
 use crate::distribution::DistributionError;
@@ -75,9 +76,7 @@ fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError>
         let rows = client.select(
             "SELECT CASE c.relpersistence WHEN 't' THEN 'temporary' ELSE c.relkind::text END,
                     c.relhassubclass OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid),
-                    EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal),
-                    (SELECT string_agg(k.conrelid::regclass::text, ', ') FROM pg_catalog.pg_constraint k
-                      WHERE k.confrelid = c.oid AND k.contype = 'f')
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal)
              FROM pg_catalog.pg_class c WHERE c.oid = $1",
             None,
             &[oid.into()],
@@ -88,12 +87,11 @@ fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError>
                 row.get::<String>(1)?.unwrap_or_default(),
                 row.get::<bool>(2)?.unwrap_or_default(),
                 row.get::<bool>(3)?.unwrap_or_default(),
-                row.get::<String>(4)?,
             ));
         }
         Ok(found)
     })?;
-    let Some((relkind, inherits, triggers, referenced_by)) = row else {
+    let Some((relkind, inherits, triggers)) = row else {
         return Err(DistributionError::NotATable(name.into()));
     };
     match relkind.as_str() {
@@ -129,34 +127,61 @@ fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError>
             "Drop the table's triggers before distributing it; they would not fire on the shards.",
         ));
     }
-    if let Some(referencing) = referenced_by {
-        return Err(unsupported(
-            name,
-            "foreign keys that reference the table",
-            &format!("Drop the foreign keys of {referencing} that reference it first."),
-        ));
-    }
     Ok(())
 }
 
-/// Uniqueness must include the distribution column; foreign keys are not supported yet.
+/// The local tables whose foreign keys reference table `oid`, directly or through each other,
+/// which must be empty: the table's rows leave its shell, where their keys look for them (their
+/// inserts will find the rows in the shards). Returns their names, to be emptied with the shell
+/// (TRUNCATE wants every referencing table in the same statement).
+fn empty_referencing_tables(
+    oid: pg_sys::Oid,
+    name: &str,
+) -> Result<Vec<String>, DistributionError> {
+    let mut seen = vec![oid];
+    let mut names = Vec::new();
+    let mut next = 0;
+    while next < seen.len() {
+        let referenced = seen[next];
+        next += 1;
+        for (table, distributed) in foreign_keys::referencing_tables(referenced)? {
+            if seen.contains(&table) {
+                continue;
+            }
+            seen.push(table);
+            let referencing = relation_name(table);
+            let has_rows =
+                Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT 1 FROM ONLY {referencing})"))?;
+            if distributed || has_rows == Some(true) {
+                return Err(unsupported(
+                    name,
+                    "tables whose rows are referenced by the rows of other tables",
+                    &format!(
+                        "{referencing} has rows whose foreign key references {}. Distribute \
+                         {name} before loading {referencing}, or drop the foreign key, \
+                         distribute the tables and add it again with ALTER TABLE (the workers \
+                         check the rows).",
+                        relation_name(referenced)
+                    ),
+                ));
+            }
+            names.push(referencing);
+        }
+    }
+    Ok(names)
+}
+
+/// Uniqueness must include the distribution column; foreign keys must be ones the shards can
+/// enforce (`foreign_keys::check`).
 fn validate_constraints(
     table: &TableDefinition,
-    name: &str,
+    referencing: &foreign_keys::Referencing,
     column: Option<&shell::Column>,
 ) -> Result<(), DistributionError> {
     for constraint in &table.constraints {
-        if constraint.kind == "f" {
-            return Err(unsupported(
-                name,
-                "foreign keys",
-                &format!(
-                    "Drop constraint \"{}\" before distributing the table.",
-                    constraint.name
-                ),
-            ));
-        }
+        foreign_keys::check(referencing, constraint)?;
     }
+    let name = referencing.name;
     match column {
         Some(column) => require_column_in_unique_keys(table, name, column),
         None => Ok(()),
@@ -489,7 +514,19 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
             )
         }
     };
-    validate_constraints(&table, &name, column)?;
+    validate_constraints(
+        &table,
+        &foreign_keys::Referencing {
+            oid,
+            name: &name,
+            method: spec.method,
+            distribution_attno: column.map(|c| c.attnum),
+            colocation_id: group,
+        },
+        column,
+    )?;
+    let mut emptied = vec![name.clone()];
+    emptied.extend(empty_referencing_tables(oid, &name)?);
     if let Some(column) = column {
         let has_nulls = Spi::get_one::<bool>(&format!(
             "SELECT EXISTS (SELECT 1 FROM ONLY {name} WHERE {} IS NULL)",
@@ -513,7 +550,7 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
     }
     create_shards(&table, &shards)?;
     let moved = move_rows(&table, &shards, &index_sql)?;
-    Spi::run(&format!("TRUNCATE ONLY {name}"))?;
+    Spi::run(&format!("TRUNCATE ONLY {}", emptied.join(", ")))?;
 
     let colocation_id = match group {
         Some(id) => id,
@@ -550,6 +587,12 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
             )?;
         }
     }
+    let foreign_keys: Vec<&shell::Constraint> = table
+        .constraints
+        .iter()
+        .filter(|c| c.foreign_key.is_some())
+        .collect();
+    foreign_keys::add_to_shards(&table, &foreign_keys, &tables::placements(oid)?)?;
     let node_count = shards
         .iter()
         .flat_map(|s| s.nodes.iter().map(|n| n.node_id))

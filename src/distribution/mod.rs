@@ -3,16 +3,22 @@
 
 pub mod create;
 pub mod data_move;
+pub mod foreign_keys;
 pub mod hashing;
 pub mod shell;
 pub mod statistics;
 pub mod undistribute;
 
+use std::collections::BTreeMap;
+
 use pgrx::PgSqlErrorCode;
 
+use crate::cluster::target_for;
 use crate::error::PgError;
+use crate::metadata::tables::Placement;
 use crate::metadata::MetadataError;
-use crate::remote::RemoteError;
+use crate::remote::{NodeAddress, RemoteError};
+use crate::transaction::remote_xact;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistributionError {
@@ -43,6 +49,13 @@ pub enum DistributionError {
         table: String,
         constraint: String,
         column: String,
+    },
+    #[error("foreign key \"{constraint}\" of {table} is not supported: {why}")]
+    ForeignKey {
+        constraint: String,
+        table: String,
+        why: String,
+        hint: String,
     },
     #[error("the distribution column contains NULL values")]
     NullDistributionValue,
@@ -76,6 +89,7 @@ impl PgError for DistributionError {
             NotDistributed(_) | NotATable(_) => PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
             Unsupported { .. }
             | UnsupportedStatement { .. }
+            | ForeignKey { .. }
             | UniqueWithoutDistributionColumn { .. } => {
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
             }
@@ -104,7 +118,9 @@ impl PgError for DistributionError {
         match self {
             AlreadyDistributed(_) => Some("See SELECT * FROM pgdist.tables.".into()),
             NotDistributed(_) => Some("See SELECT * FROM pgdist.tables.".into()),
-            Unsupported { hint, .. } | UnsupportedStatement { hint, .. } => Some(hint.clone()),
+            Unsupported { hint, .. } | UnsupportedStatement { hint, .. } | ForeignKey { hint, .. } => {
+                Some(hint.clone())
+            }
             StillDistributed(_) => Some(
                 "Undistribute them first: SELECT pgdist.undistribute_table(table_name) FROM pgdist.tables;".into(),
             ),
@@ -135,4 +151,28 @@ impl PgError for DistributionError {
             _ => None,
         }
     }
+}
+
+/// Runs the statements `statements` gives for each shard placement, one batch per node (nodes
+/// in parallel), in the coordinator's transaction.
+pub fn run_on_placements(
+    placements: &[Placement],
+    statements: impl Fn(&Placement) -> Vec<String>,
+) -> Result<(), DistributionError> {
+    let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
+    for placement in placements {
+        let entry = per_node
+            .entry(placement.node.node_id)
+            .or_insert_with(|| (placement.node.clone(), Vec::new()));
+        entry.1.extend(statements(placement));
+    }
+    let work = per_node
+        .into_values()
+        .filter(|(_, statements)| !statements.is_empty())
+        .map(|(node, statements)| Ok((target_for(node)?, statements.join(";\n"))))
+        .collect::<Result<Vec<_>, DistributionError>>()?;
+    if !work.is_empty() {
+        remote_xact::run_batches(&work);
+    }
+    Ok(())
 }

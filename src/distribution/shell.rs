@@ -31,6 +31,19 @@ pub struct Constraint {
     pub kind: String,
     pub definition: String,
     pub columns: Vec<i16>,
+    /// What a foreign key (`kind` `f`) references.
+    pub foreign_key: Option<ForeignKey>,
+}
+
+/// The referenced side of a foreign key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForeignKey {
+    pub table: pg_sys::Oid,
+    /// Referenced columns, pairing with the constraint's `columns`.
+    pub columns: Vec<i16>,
+    /// `a` no action, `r` restrict, `c` cascade, `n` set null, `d` set default.
+    pub on_update: String,
+    pub on_delete: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -129,7 +142,8 @@ pub fn read_definition(oid: pg_sys::Oid) -> Result<TableDefinition, MetadataErro
                 .collect::<Result<Vec<_>, MetadataError>>()?;
             let constraints = client
                 .select(
-                    "SELECT oid, conname::text, contype::text, pg_get_constraintdef(oid), coalesce(conkey, '{}')
+                    "SELECT oid, conname::text, contype::text, pg_get_constraintdef(oid), coalesce(conkey, '{}'),
+                            confrelid, confkey, confupdtype::text, confdeltype::text
                      FROM pg_constraint WHERE conrelid = $1 ORDER BY oid",
                     None,
                     &[oid.into()],
@@ -141,6 +155,15 @@ pub fn read_definition(oid: pg_sys::Oid) -> Result<TableDefinition, MetadataErro
                         kind: row.get(3)?.unwrap_or_default(),
                         definition: row.get(4)?.unwrap_or_default(),
                         columns: row.get(5)?.unwrap_or_default(),
+                        foreign_key: match row.get::<pg_sys::Oid>(6)? {
+                            Some(table) if table != pg_sys::InvalidOid => Some(ForeignKey {
+                                table,
+                                columns: row.get(7)?.unwrap_or_default(),
+                                on_update: row.get(8)?.unwrap_or_default(),
+                                on_delete: row.get(9)?.unwrap_or_default(),
+                            }),
+                            _ => None,
+                        },
                     })
                 })
                 .collect::<Result<Vec<_>, MetadataError>>()?;
@@ -232,7 +255,7 @@ pub fn index_sql(table: &TableDefinition, index: &Index, shard_id: i64) -> Strin
     )
 }
 
-/// `ALTER TABLE … ADD CONSTRAINT` for the shard (foreign keys are not created on shards).
+/// `ALTER TABLE … ADD CONSTRAINT` for the shard (foreign keys: `foreign_keys::shard_sql`).
 pub fn constraint_sql(
     table: &TableDefinition,
     constraint: &Constraint,

@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 use crate::cluster::target_for;
 use crate::distribution::create::{checkout_nodes, distinct_nodes, relation_name};
 use crate::distribution::data_move;
+use crate::distribution::foreign_keys;
 use crate::distribution::shell;
 use crate::distribution::DistributionError;
 use crate::error::OrRaise;
@@ -20,6 +21,7 @@ fn undistribute(oid: pg_sys::Oid) -> Result<(), DistributionError> {
     let table =
         tables::dist_table(oid)?.ok_or_else(|| DistributionError::NotDistributed(name.clone()))?;
     let definition = shell::read_definition(oid)?;
+    refuse_foreign_keys(&definition, &name)?;
     let placements = tables::placements(oid)?;
     // From here on the table is local again for everything this transaction does.
     tables::delete_table(oid, table.colocation_id)?;
@@ -67,6 +69,42 @@ fn undistribute(oid: pg_sys::Oid) -> Result<(), DistributionError> {
     remote_xact::run_batches(&work);
     pgrx::notice!("pgdist: {name} is a local table again; {copied} rows copied back");
     Ok(())
+}
+
+/// Refuses a table with foreign keys to or from distributed or reference tables (itself
+/// included): the rows come back in batches, whose keys would be checked batch by batch (and
+/// one remote lookup per row), and the referencing shards would keep keys to dropped shards.
+fn refuse_foreign_keys(
+    definition: &shell::TableDefinition,
+    name: &str,
+) -> Result<(), DistributionError> {
+    let own = definition
+        .constraints
+        .iter()
+        .filter(|c| {
+            c.foreign_key
+                .as_ref()
+                .is_some_and(|k| tables::dist_table(k.table).ok().flatten().is_some())
+        })
+        .map(|c| format!("{} (on {name})", c.name));
+    let mut keys: Vec<String> = own.collect();
+    for (table, distributed) in foreign_keys::referencing_tables(definition.oid)? {
+        if distributed {
+            keys.push(format!("those of {}", relation_name(table)));
+        }
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    Err(DistributionError::UnsupportedStatement {
+        what: format!(
+            "undistributing {name}, which has foreign keys to or from distributed tables,"
+        ),
+        hint: format!(
+            "Drop the foreign keys first ({}), undistribute, and add them again.",
+            keys.join(", ")
+        ),
+    })
 }
 
 /// Turns a distributed or reference table back into an ordinary local table.

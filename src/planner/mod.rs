@@ -57,6 +57,8 @@ pub enum PlannerError {
     ShellRead(String),
     #[error("TABLESAMPLE on distributed table {0} is not supported yet")]
     TableSample(String),
+    #[error("this write could break the foreign key of local table {1} that references distributed table {0}, which the shards cannot check")]
+    LocalReference(String, String),
 }
 
 impl crate::error::PgError for PlannerError {
@@ -114,6 +116,11 @@ impl crate::error::PgError for PlannerError {
                  key) instead."
                     .into()
             }
+            PlannerError::LocalReference(_, referencing) => format!(
+                "Distribute {referencing} too (co-located, or as a reference table): the shards \
+                 then enforce its key. Until then rows can be inserted and columns outside the \
+                 referenced key updated; or drop the foreign key."
+            ),
             PlannerError::TableSample(_) => {
                 "Sample with a condition instead, such as WHERE random() < 0.1 (each row with \
                  probability 0.1, as TABLESAMPLE BERNOULLI (10))."

@@ -647,6 +647,9 @@ pub unsafe fn analyse(
 ) -> Result<AnalysedWrite, PlannerError> {
     // SAFETY: parse is a valid analysed statement; everything read belongs to it.
     unsafe {
+        if let Some(referencing) = local_reference_blocking(parse, table.oid) {
+            return Err(PlannerError::LocalReference(table_name(table), referencing));
+        }
         let returning_list = (*parse).returningList;
         if pg_sys::checkExprHasSubLink(returning_list.cast()) {
             return Err(PlannerError::ModifyExpression(
@@ -717,6 +720,52 @@ pub unsafe fn analyse(
             returning,
             result_rti: (*parse).resultRelation,
         })
+    }
+}
+
+/// A local table whose foreign key to `relid` the write `parse` could break (it deletes rows or
+/// sets referenced columns): see `foreign_keys::local_reference_blocking`.
+unsafe fn local_reference_blocking(
+    parse: *mut pg_sys::Query,
+    relid: pg_sys::Oid,
+) -> Option<String> {
+    // SAFETY: parse is a valid analysed statement writing relid, which it has locked.
+    unsafe {
+        let assigned = |targets: *mut pg_sys::List| -> Vec<i16> {
+            PgList::<pg_sys::TargetEntry>::from_pg(targets)
+                .iter_ptr()
+                .filter(|tle| !(**tle).resjunk)
+                .map(|tle| (*tle).resno)
+                .collect()
+        };
+        let mut deletes = false;
+        let mut sets = Vec::new();
+        match (*parse).commandType {
+            pg_sys::CmdType::CMD_DELETE => deletes = true,
+            pg_sys::CmdType::CMD_UPDATE => sets = assigned((*parse).targetList),
+            pg_sys::CmdType::CMD_INSERT if !(*parse).onConflict.is_null() => {
+                sets = assigned((*(*parse).onConflict).onConflictSet)
+            }
+            pg_sys::CmdType::CMD_MERGE => {
+                for action in
+                    PgList::<pg_sys::MergeAction>::from_pg((*parse).mergeActionList).iter_ptr()
+                {
+                    match (*action).commandType {
+                        pg_sys::CmdType::CMD_DELETE => deletes = true,
+                        pg_sys::CmdType::CMD_UPDATE => sets.extend(assigned((*action).targetList)),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        if !deletes && sets.is_empty() {
+            return None;
+        }
+        crate::distribution::foreign_keys::local_reference_blocking(
+            relid,
+            (!deletes).then_some(sets.as_slice()),
+        )
     }
 }
 

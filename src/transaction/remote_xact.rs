@@ -40,6 +40,9 @@ struct XactState {
     /// Remote work was lost mid-transaction (an interrupted command, a savepoint that could not
     /// be rolled back on a node): the transaction may not commit.
     poisoned: bool,
+    /// `SET CONSTRAINTS ALL …` run in this transaction, with the subtransaction level it ran
+    /// at: nodes that join the transaction later run them after the matching savepoint.
+    constraint_modes: Vec<(i32, &'static str)>,
 }
 
 fn with_state<R>(f: impl FnOnce(&mut XactState) -> R) -> R {
@@ -202,16 +205,53 @@ impl Drop for Checkout {
 }
 
 /// `BEGIN` (if not sent yet) and the savepoints for subtransaction levels above `from` up to
-/// `to`, as one SQL prefix.
-fn opening_statements(from: i32, to: i32) -> String {
+/// `to`, as one SQL prefix. A remote transaction that begins here also gets the constraint
+/// modes `SET CONSTRAINTS` gave the transaction (the nodes already in it got them then).
+fn opening_statements(from: i32, to: i32, modes: &[(i32, &str)]) -> String {
     let mut sql = String::new();
-    if from < 1 {
+    let with_modes = from < 1;
+    if with_modes {
         sql.push_str("BEGIN;");
     }
-    for level in from.max(1) + 1..=to {
-        sql.push_str(&format!("SAVEPOINT pgdist_{level};"));
+    for level in from.max(0) + 1..=to {
+        if level > 1 {
+            sql.push_str(&format!("SAVEPOINT pgdist_{level};"));
+        }
+        for (_, mode) in modes.iter().filter(|(at, _)| with_modes && *at == level) {
+            sql.push_str(mode);
+            sql.push(';');
+        }
     }
     sql
+}
+
+/// `SET CONSTRAINTS ALL DEFERRED` (or `IMMEDIATE`) ran on the coordinator: the nodes in the
+/// transaction run it now (so IMMEDIATE checks what they deferred, with its error), and nodes
+/// that join later when their remote transaction begins.
+pub fn set_constraint_mode(deferred: bool) {
+    let mode = if deferred {
+        "SET CONSTRAINTS ALL DEFERRED"
+    } else {
+        "SET CONSTRAINTS ALL IMMEDIATE"
+    };
+    let level = nest_level();
+    let nodes: Vec<crate::remote::NodeAddress> = with_state(|state| {
+        state.constraint_modes.push((level, mode));
+        state
+            .participants
+            .values()
+            .filter(|p| p.sent_level > 0)
+            .filter_map(|p| p.conn.as_ref().map(|conn| conn.node.clone()))
+            .collect()
+    });
+    let work: Vec<(NodeTarget, String)> = nodes
+        .into_iter()
+        .map(|node| crate::cluster::target_for(node).map(|target| (target, mode.to_string())))
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|err| raise(err));
+    if !work.is_empty() {
+        run_batches(&work);
+    }
 }
 
 /// Lends the participant connections for `targets` (one per node, in the same order), opening
@@ -292,7 +332,15 @@ pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
     let openings = order
         .iter()
         .zip(&previous_levels)
-        .map(|(id, from)| (*id, (opening_statements(*from, level), *from)))
+        .map(|(id, from)| {
+            (
+                *id,
+                (
+                    with_state(|state| opening_statements(*from, level, &state.constraint_modes)),
+                    *from,
+                ),
+            )
+        })
         .collect();
     with_state(|state| {
         for conn in &conns {
@@ -643,6 +691,7 @@ pub fn after_abort() {
 fn take_all() -> Vec<(NodeConnection, Option<String>)> {
     with_state(|state| {
         state.poisoned = false;
+        state.constraint_modes.clear();
         state
             .participants
             .drain()
@@ -676,6 +725,7 @@ pub fn subtransaction_aborted() {
     let _ = reclaim_lent(&lent);
     let mut to_roll_back: Vec<NodeConnection> = Vec::new();
     with_state(|state| {
+        state.constraint_modes.retain(|(at, _)| *at < level);
         for participant in state.participants.values_mut() {
             if participant.sent_level < level {
                 continue;
@@ -717,6 +767,9 @@ pub fn subtransaction_committed() {
     with_state(|state| {
         for participant in state.participants.values_mut() {
             participant.sent_level = participant.sent_level.min(level - 1);
+        }
+        for (at, _) in state.constraint_modes.iter_mut() {
+            *at = (*at).min(level - 1);
         }
     });
 }
