@@ -31,6 +31,7 @@ fn main() {
             views_show_estimates_and_sizes,
             catalog_survives_pg_dump_and_restore,
             reads_see_the_shards_writes_that_would_see_each_other_are_refused,
+            foreign_keys_reach_the_shards_and_unenforceable_ones_are_refused,
         ],
     )
 }
@@ -310,6 +311,13 @@ fn reference_tables_are_copied_to_every_worker_and_to_new_ones(cluster: &Cluster
     client
         .execute("SELECT pgdist.create_reference_table('countries')", &[])
         .unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE cities (name text PRIMARY KEY, country text REFERENCES countries (code));
+             INSERT INTO cities SELECT 'city' || i, 'c' || i FROM generate_series(1, 50) i;
+             SELECT pgdist.create_reference_table('cities');",
+        )
+        .unwrap();
     let placements = shards(&mut client, "countries");
     assert_eq!(placements.len(), 2);
     for shard in &placements {
@@ -334,11 +342,23 @@ fn reference_tables_are_copied_to_every_worker_and_to_new_ones(cluster: &Cluster
         .query_one(&format!("SELECT {CHECKSUM} FROM {name} t"), &[])
         .unwrap();
     assert_eq!((copied.get::<_, i64>(0), copied.get::<_, i64>(1)), before);
+    // Its copies keep the foreign keys between reference tables.
+    let city_copy = &shards(&mut client, "cities")[0].name;
+    let keys = extra
+        .connect()
+        .query_one(
+            "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND conrelid = $1::text::regclass",
+            &[city_copy],
+        )
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(keys, 1);
     assert_eq!(shards(&mut client, "countries").len(), 3);
     client
         .execute("SELECT pgdist.remove_node($1)", &[&node_id])
         .unwrap();
     assert_eq!(shard_tables_on(&extra, "countries"), 0);
+    assert_eq!(shard_tables_on(&extra, "cities"), 0);
     assert_eq!(shards(&mut client, "countries").len(), 2);
     cluster.extra.lock().unwrap().push(extra);
 }
@@ -627,13 +647,11 @@ fn ddl_reaches_every_shard(cluster: &Cluster) {
         .batch_execute("ALTER TABLE renamed ADD CONSTRAINT u UNIQUE (v)")
         .unwrap_err();
     assert_eq!(sqlstate(&err), "0A000", "{err:?}");
-    // A trigger would not fire on the shards, and a local table's foreign key would not be
-    // checked by the shards' deletes: refused rather than silently skipped.
+    // A trigger would not fire on the shards, and a child's rows would not be read with the
+    // parent's: refused rather than silently skipped.
     for sql in [
         "CREATE FUNCTION zero_v() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.v := 0; RETURN NEW; END $$;
          CREATE TRIGGER zero BEFORE INSERT ON renamed FOR EACH ROW EXECUTE FUNCTION zero_v()",
-        "CREATE TABLE referencing (k int REFERENCES renamed (key))",
-        "CREATE TABLE referencing (k int); ALTER TABLE referencing ADD FOREIGN KEY (k) REFERENCES renamed (key)",
         "CREATE TABLE child (extra int) INHERITS (renamed)",
         "CREATE TABLE child (key int, v int); ALTER TABLE child INHERIT renamed",
     ] {
@@ -729,6 +747,7 @@ fn bad_input_gives_clear_errors_and_changes_nothing(cluster: &Cluster) {
             "CREATE TABLE shapes (k int, p point, u int UNIQUE);
              INSERT INTO shapes VALUES (1, '(1,1)', 1);
              CREATE TABLE parent (k int PRIMARY KEY); CREATE TABLE child (k int REFERENCES parent);
+             INSERT INTO parent VALUES (1); INSERT INTO child VALUES (1);
              CREATE TABLE twice (k int); SELECT pgdist.create_distributed_table('twice', 'k', shard_count => 2);",
         )
         .unwrap();
@@ -1078,4 +1097,207 @@ fn reads_see_the_shards_writes_that_would_see_each_other_are_refused(cluster: &C
         .unwrap();
     assert_eq!(one_i64(&mut client, "SELECT count(*) FROM fresh"), 3);
     client.batch_execute("ROLLBACK").unwrap();
+}
+
+/// Foreign-key constraints of `table`'s shards on the workers, as (shard, constraint) names.
+fn shard_foreign_keys(
+    cluster: &Cluster,
+    client: &mut Client,
+    table: &str,
+) -> Vec<(String, String)> {
+    let mut keys = Vec::new();
+    for shard in shards(client, table) {
+        for row in cluster
+            .worker_on(shard.port)
+            .connect()
+            .query(
+                "SELECT conname::text FROM pg_constraint WHERE contype = 'f' AND conrelid = $1::text::regclass",
+                &[&shard.name],
+            )
+            .unwrap()
+        {
+            keys.push((shard.name.clone(), row.get(0)));
+        }
+    }
+    keys.sort();
+    keys
+}
+
+/// Foreign keys added to distributed tables with ALTER TABLE are created on every shard
+/// (checking the rows there), renamed and dropped with the shell's; keys the shards cannot
+/// enforce are refused with 0A000 and change nothing; a local table that references a
+/// distributed one has its inserts checked against the shards until it is distributed too,
+/// and writes that could break its key are refused meanwhile.
+fn foreign_keys_reach_the_shards_and_unenforceable_ones_are_refused(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE fk_tenants (id int PRIMARY KEY, name text);
+             CREATE TABLE fk_users (tenant int, id int, email text, PRIMARY KEY (tenant, id));
+             CREATE TABLE fk_plans (code text PRIMARY KEY);
+             CREATE TABLE fk_apart (id int PRIMARY KEY);
+             INSERT INTO fk_tenants SELECT i, 't' || i FROM generate_series(1, 20) i;
+             INSERT INTO fk_users SELECT i % 21, i, 'u' || i FROM generate_series(1, 100) i;
+             INSERT INTO fk_plans VALUES ('free'), ('pro');
+             SELECT pgdist.create_distributed_table('fk_tenants', 'id', shard_count => 4, colocate_with => 'none');
+             SELECT pgdist.create_distributed_table('fk_users', 'tenant', colocate_with => 'fk_tenants');
+             SELECT pgdist.create_reference_table('fk_plans');
+             SELECT pgdist.create_distributed_table('fk_apart', 'id', shard_count => 3, colocate_with => 'none');",
+        )
+        .unwrap();
+    // Rows of tenant 0 reference no tenant: the workers find them, nothing is created.
+    let add = "ALTER TABLE fk_users ADD CONSTRAINT fk_users_tenant FOREIGN KEY (tenant) REFERENCES fk_tenants (id)";
+    let err = client.batch_execute(add).unwrap_err();
+    assert_eq!(sqlstate(&err), "23503", "{err:?}");
+    assert!(shard_foreign_keys(cluster, &mut client, "fk_users").is_empty());
+    client
+        .batch_execute(&format!("DELETE FROM fk_users WHERE tenant = 0; {add}"))
+        .unwrap();
+    let keys = shard_foreign_keys(cluster, &mut client, "fk_users");
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    assert!(keys
+        .iter()
+        .all(|(shard, key)| key.starts_with("fk_users_tenant_")
+            && shard.ends_with(&key["fk_users_tenant_".len()..])));
+    let err = client
+        .batch_execute("INSERT INTO fk_users VALUES (99, 1, 'x')")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23503", "{err:?}");
+    assert!(
+        message(&err).contains("fk_users_tenant"),
+        "{}",
+        message(&err)
+    );
+    client
+        .batch_execute(
+            "ALTER TABLE fk_users RENAME CONSTRAINT fk_users_tenant TO fk_users_of_tenant",
+        )
+        .unwrap();
+    let keys = shard_foreign_keys(cluster, &mut client, "fk_users");
+    assert!(
+        keys.iter()
+            .all(|(_, key)| key.starts_with("fk_users_of_tenant_")),
+        "{keys:?}"
+    );
+    client
+        .batch_execute("ALTER TABLE fk_users DROP CONSTRAINT fk_users_of_tenant")
+        .unwrap();
+    assert!(shard_foreign_keys(cluster, &mut client, "fk_users").is_empty());
+    client
+        .batch_execute("INSERT INTO fk_users VALUES (99, 1, 'x')")
+        .unwrap();
+
+    // Keys the shards cannot enforce.
+    client
+        .batch_execute(
+            "CREATE TABLE fk_local (id int PRIMARY KEY); ALTER TABLE fk_users ADD COLUMN plan text",
+        )
+        .unwrap();
+    for sql in [
+        "ALTER TABLE fk_users ADD FOREIGN KEY (tenant) REFERENCES fk_apart (id)",
+        "ALTER TABLE fk_users ADD FOREIGN KEY (id) REFERENCES fk_tenants (id)",
+        "ALTER TABLE fk_users ADD FOREIGN KEY (tenant) REFERENCES fk_local (id)",
+        "ALTER TABLE fk_users ADD FOREIGN KEY (tenant) REFERENCES fk_tenants (id) ON DELETE SET NULL",
+        "ALTER TABLE fk_plans ADD COLUMN tenant int REFERENCES fk_tenants (id)",
+    ] {
+        let err = client
+            .batch_execute(&format!("DELETE FROM fk_users WHERE tenant = 99; {sql}"))
+            .unwrap_err();
+        let state = sqlstate(&err);
+        // A key whose rows do not match fails PostgreSQL's own check first.
+        assert!(state == "0A000" || state == "23503", "{sql}: {err:?}");
+        if state == "0A000" {
+            assert!(err.as_db_error().and_then(|d| d.hint()).is_some(), "{sql}");
+        }
+    }
+    client
+        .batch_execute("DELETE FROM fk_users WHERE tenant = 99")
+        .unwrap();
+    for sql in [
+        "ALTER TABLE fk_users ADD FOREIGN KEY (tenant) REFERENCES fk_apart (id)",
+        "ALTER TABLE fk_users ADD FOREIGN KEY (tenant) REFERENCES fk_local (id)",
+    ] {
+        let err = client
+            .batch_execute(&format!("INSERT INTO fk_apart SELECT generate_series(1, 20); INSERT INTO fk_local SELECT generate_series(1, 20); {sql}"))
+            .unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+    }
+    assert!(shard_foreign_keys(cluster, &mut client, "fk_users").is_empty());
+    assert!(shard_foreign_keys(cluster, &mut client, "fk_plans").is_empty());
+    // A key to a reference table, on a column other than the distribution column, may cascade.
+    client
+        .batch_execute(
+            "UPDATE fk_users SET plan = CASE WHEN id % 2 = 0 THEN 'pro' ELSE 'free' END;
+             ALTER TABLE fk_users ADD FOREIGN KEY (plan) REFERENCES fk_plans (code) ON UPDATE CASCADE ON DELETE SET NULL;
+             UPDATE fk_plans SET code = 'premium' WHERE code = 'pro';
+             DELETE FROM fk_plans WHERE code = 'free';",
+        )
+        .unwrap();
+    assert_eq!(
+        one_i64(
+            &mut client,
+            "SELECT count(*) FROM fk_users WHERE plan = 'premium'"
+        ),
+        48
+    );
+    assert_eq!(
+        one_i64(
+            &mut client,
+            "SELECT count(*) FROM fk_users WHERE plan IS NULL"
+        ),
+        48
+    );
+
+    // A local table referencing a distributed one: checked inserts, guarded writes.
+    client
+        .batch_execute("CREATE TABLE fk_invoices (tenant int REFERENCES fk_tenants (id), n int)")
+        .unwrap();
+    client
+        .batch_execute("INSERT INTO fk_invoices VALUES (1, 1), (2, 1)")
+        .unwrap();
+    let err = client
+        .batch_execute("INSERT INTO fk_invoices VALUES (42, 1)")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23503", "{err:?}");
+    client
+        .batch_execute("UPDATE fk_tenants SET name = 'renamed' WHERE id = 1")
+        .unwrap();
+    for sql in [
+        "DELETE FROM fk_tenants WHERE id = 20",
+        "UPDATE fk_tenants SET id = 21 WHERE id = 20",
+    ] {
+        let err = client.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+        assert!(message(&err).contains("fk_invoices"), "{}", message(&err));
+    }
+    // Distributing it moves the key to the shards; the guard is gone.
+    client
+        .batch_execute(
+            "SELECT pgdist.create_distributed_table('fk_invoices', 'tenant', colocate_with => 'fk_tenants');
+             DELETE FROM fk_tenants WHERE id = 20;",
+        )
+        .unwrap();
+    assert_eq!(
+        shard_foreign_keys(cluster, &mut client, "fk_invoices").len(),
+        4
+    );
+    let err = client
+        .batch_execute("DELETE FROM fk_tenants WHERE id = 1")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23503", "{err:?}");
+    let err = client
+        .batch_execute("SELECT pgdist.undistribute_table('fk_tenants')")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+
+    // DROP … CASCADE takes the shards' keys with the shells' ones.
+    let err = client.batch_execute("DROP TABLE fk_tenants").unwrap_err();
+    assert_eq!(sqlstate(&err), "2BP01", "{err:?}");
+    client
+        .batch_execute("DROP TABLE fk_tenants CASCADE")
+        .unwrap();
+    assert!(shard_foreign_keys(cluster, &mut client, "fk_invoices").is_empty());
+    client
+        .batch_execute("INSERT INTO fk_invoices VALUES (42, 1)")
+        .unwrap();
 }

@@ -135,6 +135,9 @@ unsafe extern "C-unwind" fn process_utility(
             None
         }
     };
+    // SAFETY: pstmt is the statement being run.
+    let _shells_only =
+        unsafe { alters_distributed_table(pstmt) }.then(crate::planner::ShellsOnly::enter);
     // SAFETY: chaining to the previous hook or the standard implementation with the arguments
     // we were given, unchanged.
     unsafe {
@@ -185,6 +188,24 @@ unsafe fn distributed_copy(
         let from_pg_dump = !pg_sys::application_name.is_null()
             && CStr::from_ptr(pg_sys::application_name).to_bytes() == b"pg_dump";
         (!from_pg_dump || (*stmt).is_from).then_some((stmt, table.oid))
+    }
+}
+
+/// `pstmt` is an ALTER TABLE of a distributed or reference table (whatever
+/// `pgdist.enable_ddl_propagation` says: pg_restore adds the keys of tables it restored).
+unsafe fn alters_distributed_table(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+    // SAFETY: pstmt is the statement being run; the cast follows the node tag.
+    unsafe {
+        let node = (*pstmt).utilityStmt;
+        if node.is_null()
+            || (*node).type_ != pg_sys::NodeTag::T_AlterTableStmt
+            || !pg_sys::IsTransactionState()
+            || crate::metadata::cache::with_tables(|tables| tables.is_empty())
+        {
+            return false;
+        }
+        let relation = (*node.cast::<pg_sys::AlterTableStmt>()).relation;
+        !relation.is_null() && matches!(distributed(relation), Ok(Some(_)))
     }
 }
 

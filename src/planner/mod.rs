@@ -200,6 +200,32 @@ unsafe extern "C-unwind" fn create_upper_paths(
     }
 }
 
+thread_local! {
+    static SHELLS_ONLY: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// While it lives, queries read the coordinator's shells as the plain tables they are: for the
+/// queries PostgreSQL runs inside ALTER TABLE on a distributed table (the check of a new
+/// foreign key reads the referencing table, an empty shell; the shards check their rows).
+pub struct ShellsOnly(());
+
+impl ShellsOnly {
+    pub fn enter() -> ShellsOnly {
+        SHELLS_ONLY.set(SHELLS_ONLY.get() + 1);
+        ShellsOnly(())
+    }
+}
+
+impl Drop for ShellsOnly {
+    fn drop(&mut self) {
+        SHELLS_ONLY.set(SHELLS_ONLY.get().saturating_sub(1));
+    }
+}
+
+pub fn shells_only() -> bool {
+    SHELLS_ONLY.get() > 0
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn plan(
     parse: *mut pg_sys::Query,
@@ -215,7 +241,7 @@ unsafe extern "C-unwind" fn plan(
         }
     };
     let any_distributed = cache::with_tables(|tables| !tables.is_empty());
-    if !any_distributed {
+    if !any_distributed || shells_only() {
         return plan_rest();
     }
     // SAFETY: parse is the query being planned, valid for this call.

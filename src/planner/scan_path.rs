@@ -459,6 +459,7 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
         // `… UNION ALL …) WHERE k = 2` that sets k to 1) keeps its dummy path: its conditions
         // are gone, and a scan of the shards would return every row.
         if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION
+            || crate::planner::shells_only()
             || !scanned_alone(root, rel)
             || pg_sys::is_dummy_rel(rel)
         {

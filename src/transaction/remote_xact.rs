@@ -780,3 +780,27 @@ pub fn refuse_prepare() {
         raise(XactError::PrepareNotSupported);
     }
 }
+
+#[cfg(test)]
+mod unit {
+    use super::opening_statements;
+
+    #[test]
+    fn nodes_joining_later_get_the_constraint_modes_after_their_savepoints() {
+        let modes = [
+            (1, "SET CONSTRAINTS ALL DEFERRED"),
+            (3, "SET CONSTRAINTS ALL IMMEDIATE"),
+        ];
+        assert_eq!(
+            opening_statements(0, 3, &modes),
+            "BEGIN;SET CONSTRAINTS ALL DEFERRED;SAVEPOINT pgdist_2;SAVEPOINT pgdist_3;\
+             SET CONSTRAINTS ALL IMMEDIATE;"
+        );
+        // A node already in the transaction got them when they ran.
+        assert_eq!(
+            opening_statements(1, 3, &modes),
+            "SAVEPOINT pgdist_2;SAVEPOINT pgdist_3;"
+        );
+        assert_eq!(opening_statements(0, 1, &[]), "BEGIN;");
+    }
+}
