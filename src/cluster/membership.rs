@@ -169,17 +169,11 @@ fn add_node_impl(host: &str, port: i32, role: &str) -> Result<i32, ClusterError>
         }
         // Foreign keys between reference tables, once every copy is there.
         for table in reference_tables {
-            let definition = shell::read_definition(table)?;
-            let keys: Vec<_> = definition
-                .constraints
-                .iter()
-                .filter(|c| c.foreign_key.is_some())
-                .collect();
-            let placements: Vec<_> = tables::placements(table)?
+            let copy: Vec<_> = tables::placements(table)?
                 .into_iter()
                 .filter(|p| p.node == node)
                 .collect();
-            foreign_keys::add_to_shards(&definition, &keys, &placements)?;
+            foreign_keys::add_to_shards(&shell::read_definition(table)?, &copy)?;
         }
     }
     Ok(node_id)

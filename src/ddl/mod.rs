@@ -8,16 +8,18 @@
 //! changes nothing anywhere.
 //!
 //! Handled: CREATE INDEX, DROP INDEX, ALTER TABLE (ADD / DROP / ALTER COLUMN TYPE, SET / DROP
-//! DEFAULT, SET / DROP NOT NULL, ADD / DROP CONSTRAINT (foreign keys: `foreign_keys.rs`); storage parameters, statistics targets
-//! and the replica identity, which the definition does not show, go as the subcommand itself;
-//! OWNER TO and row security only change the shell), RENAME of tables, columns, constraints
-//! and indexes, DROP TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE. CREATE INDEX
+//! DEFAULT, SET / DROP NOT NULL, ADD / DROP CONSTRAINT, foreign keys included — see
+//! `distribution::foreign_keys`; storage parameters, statistics targets and the replica
+//! identity, which the definition does not show, go as the subcommand itself; OWNER TO and row
+//! security only change the shell), RENAME of tables, columns, constraints and indexes, DROP
+//! TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE, SET CONSTRAINTS ALL. CREATE INDEX
 //! CONCURRENTLY runs outside any transaction, so it is not propagated in one: once PostgreSQL
 //! has built the index on the shell, each shard's index is built concurrently over a
 //! connection of its own (nodes in parallel); if one fails the shell's index is marked INVALID,
 //! as PostgreSQL leaves a failed concurrent build. Refused: CREATE TRIGGER (it would not fire
-//! on the shards), local tables inheriting from distributed or reference tables, SET SCHEMA, renaming a schema that holds distributed
-//! tables. DROP INDEX CONCURRENTLY drops the shards' indexes concurrently too.
+//! on the shards), local tables inheriting from distributed or reference tables, SET SCHEMA,
+//! renaming a schema that holds distributed tables. DROP INDEX CONCURRENTLY drops the shards'
+//! indexes concurrently too.
 
 pub mod diff;
 

@@ -587,12 +587,7 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
             )?;
         }
     }
-    let foreign_keys: Vec<&shell::Constraint> = table
-        .constraints
-        .iter()
-        .filter(|c| c.foreign_key.is_some())
-        .collect();
-    foreign_keys::add_to_shards(&table, &foreign_keys, &tables::placements(oid)?)?;
+    foreign_keys::add_to_shards(&table, &tables::placements(oid)?)?;
     let node_count = shards
         .iter()
         .flat_map(|s| s.nodes.iter().map(|n| n.node_id))

@@ -235,20 +235,23 @@ fn retarget(definition: &str, relation: &str) -> Option<String> {
     ))
 }
 
-/// Adds the foreign keys `constraints` of `table` to its shard `placements` (nodes in parallel,
-/// in the coordinator's transaction): the workers check the existing rows.
+/// Adds the foreign keys of `table` to its shard `placements` (nodes in parallel, in the
+/// coordinator's transaction): the workers check the rows already there.
 pub fn add_to_shards(
     table: &TableDefinition,
-    constraints: &[&Constraint],
     placements: &[Placement],
 ) -> Result<(), DistributionError> {
-    if constraints.is_empty() {
+    let keys: Vec<&Constraint> = table
+        .constraints
+        .iter()
+        .filter(|c| c.foreign_key.is_some())
+        .collect();
+    if keys.is_empty() {
         return Ok(());
     }
     let targets = Targets::of(table)?;
     crate::distribution::run_on_placements(placements, |placement| {
-        constraints
-            .iter()
+        keys.iter()
             .filter_map(|c| targets.shard_sql(table, c, placement.shard_id, placement.shard_index))
             .collect()
     })
