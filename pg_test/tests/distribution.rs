@@ -1186,6 +1186,37 @@ fn foreign_keys_reach_the_shards_and_unenforceable_ones_are_refused(cluster: &Cl
     client
         .batch_execute("INSERT INTO fk_users VALUES (99, 1, 'x')")
         .unwrap();
+    // NOT VALID leaves the rows already there alone; VALIDATE CONSTRAINT checks every shard's.
+    client
+        .batch_execute("ALTER TABLE fk_users ADD CONSTRAINT fk_users_tenant FOREIGN KEY (tenant) REFERENCES fk_tenants (id) NOT VALID")
+        .unwrap();
+    assert_eq!(
+        shard_foreign_keys(cluster, &mut client, "fk_users").len(),
+        4
+    );
+    let validate = "ALTER TABLE fk_users VALIDATE CONSTRAINT fk_users_tenant";
+    let err = client.batch_execute(validate).unwrap_err();
+    assert_eq!(sqlstate(&err), "23503", "{err:?}");
+    client
+        .batch_execute(&format!(
+            "DELETE FROM fk_users WHERE tenant = 99; {validate}"
+        ))
+        .unwrap();
+    for worker in &cluster.workers {
+        let unvalidated = worker
+            .connect()
+            .query_one(
+                "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND NOT convalidated
+                   AND conname LIKE 'fk_users_tenant_%'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0);
+        assert_eq!(unvalidated, 0, "on {}", worker.name);
+    }
+    client
+        .batch_execute("ALTER TABLE fk_users DROP CONSTRAINT fk_users_tenant; INSERT INTO fk_users VALUES (99, 1, 'x')")
+        .unwrap();
 
     // Keys the shards cannot enforce.
     client

@@ -59,8 +59,8 @@ enum Propagation {
         before: TableDefinition,
         using: HashMap<String, String>,
         /// Subcommands the definition does not show (storage parameters, statistics targets,
-        /// replica identity), as SQL to apply to each shard after `ALTER TABLE <shard>`.
-        settings: Vec<String>,
+        /// replica identity, VALIDATE CONSTRAINT), for each shard after `ALTER TABLE <shard>`.
+        settings: Vec<Subcommand>,
     },
     /// DROP TABLE / DROP SCHEMA CASCADE: drop the shards, forget the table.
     Drop {
@@ -261,6 +261,26 @@ fn change(table: DistTable) -> Result<Option<Propagation>, DistributionError> {
         using: HashMap::new(),
         settings: Vec::new(),
     }))
+}
+
+/// An ALTER TABLE subcommand sent to every shard as the statement said it.
+enum Subcommand {
+    /// The same text for every shard.
+    Verbatim(String),
+    /// `VALIDATE CONSTRAINT` of the shell's constraint with this name: the shards check their rows.
+    ValidateConstraint(String),
+}
+
+impl Subcommand {
+    fn sql(&self, shard_id: i64) -> String {
+        match self {
+            Subcommand::Verbatim(sql) => sql.clone(),
+            Subcommand::ValidateConstraint(name) => format!(
+                "VALIDATE CONSTRAINT {}",
+                quote_identifier(&with_suffix(name, &shard_id.to_string()))
+            ),
+        }
+    }
 }
 
 /// Decides, before the statement runs, what it means for distributed tables.
@@ -474,7 +494,7 @@ unsafe fn check_alter_command(
     cmd: *mut pg_sys::AlterTableCmd,
     query: &str,
     using: &mut HashMap<String, String>,
-    settings: &mut Vec<String>,
+    settings: &mut Vec<Subcommand>,
 ) -> Result<(), DistributionError> {
     #[allow(non_upper_case_globals)]
     use pg_sys::AlterTableType::*;
@@ -519,13 +539,19 @@ unsafe fn check_alter_command(
                     .map(|option| storage_option(option, (*cmd).subtype == AT_SetRelOptions))
                     .collect();
                 let verb = if (*cmd).subtype == AT_SetRelOptions { "SET" } else { "RESET" };
-                settings.push(format!("{verb} ({})", options.join(", ")));
+                settings.push(Subcommand::Verbatim(format!("{verb} ({})", options.join(", "))));
+                Ok(())
+            }
+            AT_ValidateConstraint => {
+                settings.push(Subcommand::ValidateConstraint(name.unwrap_or_default()));
                 Ok(())
             }
             AT_SetStatistics if name.is_some() && !(*cmd).def.is_null() => {
                 let target = (*(*cmd).def.cast::<pg_sys::Integer>()).ival;
                 let column = quote_identifier(name.as_deref().unwrap_or_default());
-                settings.push(format!("ALTER COLUMN {column} SET STATISTICS {target}"));
+                settings.push(Subcommand::Verbatim(format!(
+                    "ALTER COLUMN {column} SET STATISTICS {target}"
+                )));
                 Ok(())
             }
             AT_ReplicaIdentity => {
@@ -541,13 +567,13 @@ unsafe fn check_alter_command(
                         ))
                     }
                 };
-                settings.push(format!("REPLICA IDENTITY {form}"));
+                settings.push(Subcommand::Verbatim(format!("REPLICA IDENTITY {form}")));
                 Ok(())
             }
             _ => Err(unsupported(
                 "this ALTER TABLE subcommand",
                 "Supported on distributed tables: ADD / DROP COLUMN, ALTER COLUMN TYPE, SET / DROP DEFAULT, \
-                 SET / DROP NOT NULL, ADD / DROP CONSTRAINT, RENAME, OWNER TO, SET / RESET (storage \
+                 SET / DROP NOT NULL, ADD / DROP / VALIDATE CONSTRAINT, RENAME, OWNER TO, SET / RESET (storage \
                  parameters), ALTER COLUMN SET STATISTICS, REPLICA IDENTITY, ENABLE / DISABLE ROW \
                  LEVEL SECURITY.",
             )),
@@ -697,7 +723,11 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
                 let mut statements =
                     diff::shard_statements(&before, &after, shard_id, &using, foreign_key);
                 let shard = after.shard_relation(shard_id);
-                statements.extend(settings.iter().map(|s| format!("ALTER TABLE {shard} {s}")));
+                statements.extend(
+                    settings
+                        .iter()
+                        .map(|s| format!("ALTER TABLE {shard} {}", s.sql(shard_id))),
+                );
                 statements
             })
         }
