@@ -2235,6 +2235,16 @@ fn foreign_keys_are_enforced_as_plain_postgres_enforces_them(cluster: &Cluster) 
             "TRUNCATE fk_customers CASCADE",
         ],
     );
+    // A WITH query whose delete cascades to a table the statement reads would show the
+    // cascade, which PostgreSQL hides until the statement ends: refused, nothing changes.
+    coordinator
+        .batch_execute("INSERT INTO fk_customers VALUES (2, 'c2', 'jp'); INSERT INTO fk_orders VALUES (2, 1, 1)")
+        .unwrap();
+    let err = coordinator
+        .batch_execute("WITH d AS (DELETE FROM fk_customers WHERE id = 2 RETURNING id) SELECT count(*) FROM fk_orders")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    assert_eq!(count(&mut coordinator, "SELECT count(*) FROM fk_orders"), 1);
 }
 
 fn row_level_security_applies_to_writes(cluster: &Cluster) {

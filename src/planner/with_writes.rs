@@ -11,8 +11,9 @@
 //! started: no part sees another's changes. pgdist runs the parts on the workers one after the
 //! other, over the transaction's connections, so a later part would see an earlier part's
 //! changes. A statement in which a table written by one part (a WITH query or the statement
-//! itself) is read or written by another is therefore refused with 0A000 rather than answered
-//! differently; the rows a write returns may be read anywhere. A part is a WITH query or the
+//! itself; or, through the ON DELETE / ON UPDATE action of a foreign key, a table referencing
+//! one it writes) is read or written by another is therefore refused with 0A000 rather than
+//! answered differently; the rows a write returns may be read anywhere. A part is a WITH query or the
 //! statement's own body, with the plain WITH queries it reads.
 
 use std::collections::HashSet;
@@ -155,18 +156,50 @@ unsafe fn check_parts(parse: *mut pg_sys::Query, ctes: &[Cte]) -> Result<(), Pla
         if !distributed {
             return Ok(());
         }
-        for (i, (written, _)) in parts.iter().enumerate() {
-            let Some(written) = written else { continue };
-            let elsewhere = parts
-                .iter()
-                .enumerate()
-                .any(|(j, (_, read))| j != i && read.tables.contains(written));
-            if elsewhere {
-                return Err(PlannerError::WrittenAndRead(relation_name(*written)));
+        // A write also changes the tables its foreign keys' actions reach (on the workers,
+        // when it runs, not at the end of the statement).
+        let written: Vec<Vec<pg_sys::Oid>> = parts
+            .iter()
+            .map(|(target, _)| target.map(written_through_keys).unwrap_or_default())
+            .collect();
+        for (i, tables) in written.iter().enumerate() {
+            for table in tables {
+                let elsewhere = parts.iter().enumerate().any(|(j, (_, read))| {
+                    j != i && (read.tables.contains(table) || written[j].contains(table))
+                });
+                if elsewhere {
+                    return Err(PlannerError::WrittenAndRead(relation_name(*table)));
+                }
             }
         }
         Ok(())
     }
+}
+
+/// `table` and the tables a write to it changes through ON DELETE / ON UPDATE actions
+/// (CASCADE, SET NULL, SET DEFAULT) of foreign keys, transitively.
+fn written_through_keys(table: pg_sys::Oid) -> Vec<pg_sys::Oid> {
+    let mut written = vec![table];
+    let mut next = 0;
+    while next < written.len() {
+        let referenced = written[next];
+        next += 1;
+        let referencing = pgrx::Spi::get_one_with_args::<Vec<pg_sys::Oid>>(
+            "SELECT array_agg(DISTINCT conrelid) FROM pg_catalog.pg_constraint
+              WHERE confrelid = $1 AND contype = 'f'
+                AND (confdeltype IN ('c', 'n', 'd') OR confupdtype IN ('c', 'n', 'd'))",
+            &[referenced.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        for table in referencing {
+            if !written.contains(&table) {
+                written.push(table);
+            }
+        }
+    }
+    written
 }
 
 /// What a part of the statement reads: tables, and the statement's WITH queries it names.
