@@ -601,15 +601,24 @@ CREATE TABLE w2 (id int, grp int, v int);
 CREATE TABLE w3 (id int, grp int, v int);
 CREATE TABLE wr (grp int PRIMARY KEY, name text);
 CREATE TABLE wl (id int, note text);
+CREATE TABLE wc (id int, seq int, v int);
 INSERT INTO w1 SELECT i, i % 7, (i * 13) % 50 FROM generate_series(1, 120) i;
+INSERT INTO wc SELECT i % 120 + 1, i, i % 11 FROM generate_series(1, 200) i;
 INSERT INTO w2 SELECT i % 90, i % 5, i % 60 FROM generate_series(1, 150) i;
 INSERT INTO w3 SELECT i, i % 9, (i * 7) % 40 FROM generate_series(1, 100) i;
 INSERT INTO wr SELECT g, 'g' || g FROM generate_series(0, 6) g;
 INSERT INTO wl SELECT i, 'n' || i FROM generate_series(1, 30) i;
 ";
 
-const WRITE_TABLES: [&str; 5] = [
+/// Foreign keys added once the tables are distributed (the shards check the rows).
+const WRITE_KEYS: &str = "
+ALTER TABLE wc ADD FOREIGN KEY (id) REFERENCES w1 (id) ON DELETE CASCADE;
+ALTER TABLE w1 ADD FOREIGN KEY (grp) REFERENCES wr (grp) ON DELETE CASCADE;
+";
+
+const WRITE_TABLES: [&str; 6] = [
     "SELECT * FROM w1 ORDER BY 1, 2, 3",
+    "SELECT * FROM wc ORDER BY 1, 2, 3",
     "SELECT * FROM w2 ORDER BY 1, 2, 3",
     "SELECT * FROM w3 ORDER BY 1, 2, 3",
     "SELECT * FROM wr ORDER BY 1, 2",
@@ -667,11 +676,22 @@ impl Generator {
             .pick(&["", "", " RETURNING id, v", " RETURNING *"]);
         if t == "wr" {
             let g = self.random.between(0, 12);
-            return match self.random.chance(50) {
-                true => format!("UPDATE wr SET name = name || 'x' WHERE grp = {g}"),
-                false => format!(
+            return match self.random.below(3) {
+                0 => format!("UPDATE wr SET name = name || 'x' WHERE grp = {g}"),
+                // w1.grp references wr, wc.id w1: the delete cascades from every node's copy
+                // of wr into the shards of w1 and on into wc's (groups 5 and 6 at most).
+                1 => format!("DELETE FROM wr WHERE grp = {}", g.max(5)),
+                _ => format!(
                     "INSERT INTO wr VALUES ({g}, 'n') ON CONFLICT (grp) DO UPDATE SET name = excluded.name || wr.name"
                 ),
+            };
+        }
+        if self.random.chance(10) {
+            // wc references w1 (co-located): checked on the shards, emptied by w1's deletes.
+            let (a, b) = (self.random.between(0, 140), self.number());
+            return match self.random.chance(50) {
+                true => format!("INSERT INTO wc VALUES ({a}, {b}, {b}), ({}, {b}, 0)", a / 2),
+                false => format!("DELETE FROM wc WHERE seq % 7 = {} AND v < {b}", b % 7),
             };
         }
         let condition = self.write_condition(t);
@@ -781,9 +801,11 @@ fn random_writes_match_plain_postgres(cluster: &Cluster) {
             "SELECT pgdist.create_distributed_table('w1', 'id', shard_count => 4, colocate_with => 'none');
              SELECT pgdist.create_distributed_table('w2', 'id', colocate_with => 'w1');
              SELECT pgdist.create_distributed_table('w3', 'grp', shard_count => 3, colocate_with => 'none');
-             SELECT pgdist.create_reference_table('wr');",
+             SELECT pgdist.create_reference_table('wr');
+             SELECT pgdist.create_distributed_table('wc', 'id', colocate_with => 'w1');",
         )
         .unwrap();
+    run_on_both(&mut coordinator, &mut reference, WRITE_KEYS);
     let seed = setting("PGDIST_FUZZ_SEED", 7);
     let statements = setting("PGDIST_FUZZ_QUERIES", 300) / 2;
     let mut generator = Generator {
@@ -823,6 +845,6 @@ fn random_writes_match_plain_postgres(cluster: &Cluster) {
     run_on_both(
         &mut coordinator,
         &mut reference,
-        "DROP TABLE w1, w2, w3, wr, wl",
+        "DROP TABLE wc, w1, w2, w3, wr, wl",
     );
 }
