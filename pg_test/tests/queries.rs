@@ -43,6 +43,7 @@ fn main() {
             explain_shows_fragments_remote_plans_and_timings,
             errors_match_plain_postgres,
             unsupported_queries_fail_with_0a000,
+            tablesample_samples_every_shard_alike,
             statement_timeout_stops_fragments_on_every_node,
             a_worker_that_is_down_gives_a_clear_error,
             roles_are_checked_on_the_coordinator_and_need_no_account_on_the_workers,
@@ -1268,16 +1269,16 @@ fn unsupported_queries_fail_with_0a000(cluster: &Cluster) {
             "SELECT * FROM customers c JOIN orders o ON o.order_id = c.customer_id FOR UPDATE OF c",
         ],
     );
-    // System columns would describe a shard's row, not the table's; TABLESAMPLE: refused, not
-    // answered.
+    // System columns would describe a shard's row, not the table's: refused, not answered.
     let mut coordinator = cluster.coordinator_client();
     for sql in [
         "SELECT ctid, name FROM customers WHERE customer_id = 1",
         "SELECT tableoid::regclass, count(*) FROM orders GROUP BY 1",
         "SELECT count(*) FROM customers c JOIN orders o USING (customer_id) WHERE o.xmin <> '0'::xid",
-        // A sample of the shards' rows is not written yet; reading them all would be no sample.
-        "SELECT count(*) FROM orders TABLESAMPLE BERNOULLI (10) REPEATABLE (3)",
-        "SELECT count(*) FROM customers c JOIN orders o TABLESAMPLE SYSTEM (50) USING (customer_id)",
+        // Samples whose arguments the workers cannot compute, or in a write: reading every
+        // row would be no sample.
+        "SELECT count(*) FROM orders TABLESAMPLE BERNOULLI (random() * 10) REPEATABLE (3)",
+        "UPDATE orders o SET qty = 0 FROM customers c TABLESAMPLE SYSTEM (50) WHERE c.customer_id = o.customer_id",
     ] {
         let err = coordinator.batch_execute(sql).unwrap_err();
         assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
@@ -1291,6 +1292,74 @@ fn unsupported_queries_fail_with_0a000(cluster: &Cluster) {
 }
 
 /// Fragments still running on `server` (their text mentions the shards of `orders`).
+fn one_count(client: &mut postgres::Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .unwrap_or_else(|err| panic!("{sql}: {err:?}"))
+        .get(0)
+}
+
+/// TABLESAMPLE BERNOULLI / SYSTEM samples every shard alike, so together the shards' samples
+/// are a sample of the table: all rows at 100 %, none at 0 %, about the percentage in between,
+/// only rows of the table, the same rows again with the same REPEATABLE seed.
+fn tablesample_samples_every_shard_alike(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE TABLE sampled (id int PRIMARY KEY, v int);
+         INSERT INTO sampled SELECT i, i % 10 FROM generate_series(1, 20000) i;",
+    );
+    coordinator
+        .batch_execute(
+            "SELECT pgdist.create_distributed_table('sampled', 'id', shard_count => 8, colocate_with => 'none')",
+        )
+        .unwrap();
+    for sql in [
+        "SELECT count(*), sum(v) FROM sampled TABLESAMPLE BERNOULLI (100)",
+        "SELECT count(*), sum(v) FROM sampled TABLESAMPLE SYSTEM (100) WHERE v > 3",
+        "SELECT count(*) FROM sampled TABLESAMPLE SYSTEM (0)",
+        "SELECT v, count(*) FROM sampled TABLESAMPLE BERNOULLI (100) REPEATABLE (4) GROUP BY v ORDER BY v",
+        "SELECT count(*) FROM sampled s TABLESAMPLE BERNOULLI (100) JOIN sampled t USING (id) WHERE t.v = 2",
+    ] {
+        let outcome = compare(&mut coordinator, &mut reference, sql);
+        assert!(!matches!(outcome, Comparison::Unsupported(_)), "{sql}");
+    }
+    let sample = "SELECT count(*) FROM sampled TABLESAMPLE BERNOULLI (30) REPEATABLE (11)";
+    let first = one_count(&mut coordinator, sample);
+    assert!(
+        (5000..7000).contains(&first),
+        "{first} of 20000 rows at 30 %"
+    );
+    assert_eq!(one_count(&mut coordinator, sample), first);
+    let system = one_count(
+        &mut coordinator,
+        "SELECT count(*) FROM sampled TABLESAMPLE SYSTEM (50)",
+    );
+    assert!(
+        (3000..17000).contains(&system),
+        "{system} of 20000 rows at 50 % of the pages"
+    );
+    // Joined with the table itself on the workers: every sampled row is one of its rows.
+    let joined = one_count(
+        &mut coordinator,
+        "SELECT count(*) FROM sampled s TABLESAMPLE BERNOULLI (30) REPEATABLE (11)
+           JOIN sampled t ON t.id = s.id AND t.v = s.v",
+    );
+    assert_eq!(joined, first);
+    assert!(fragment(&mut coordinator, sample).contains("TABLESAMPLE bernoulli"));
+    // With the percentage as a parameter (custom and generic plans).
+    coordinator
+        .batch_execute("PREPARE sample_of(float4) AS SELECT count(*) FROM sampled TABLESAMPLE BERNOULLI ($1) REPEATABLE (1)")
+        .unwrap();
+    for _ in 0..7 {
+        assert_eq!(one_count(&mut coordinator, "EXECUTE sample_of(100)"), 20000);
+        assert_eq!(one_count(&mut coordinator, "EXECUTE sample_of(0)"), 0);
+    }
+    run_on_both(&mut coordinator, &mut reference, "DROP TABLE sampled");
+}
+
 fn running_fragments(server: &pgdist_pg_test::Server) -> i64 {
     server
         .connect()

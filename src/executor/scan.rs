@@ -623,7 +623,10 @@ fn fragment_sql(plan: &ScanPlan, relid: pg_sys::Oid) -> String {
     let (select, from) = if !plan.from_sql.is_empty() {
         (plan.select_sql.clone(), plan.from_sql.clone())
     } else if !plan.select_sql.is_empty() {
-        (plan.select_sql.clone(), format!("${RELATION_BASE}"))
+        (
+            plan.select_sql.clone(),
+            format!("${RELATION_BASE}{}", plan.sample),
+        )
     } else {
         let columns = plan.columns.iter().map(|attno| {
             // SAFETY: a catalog lookup of a column of the scanned table.
@@ -632,7 +635,7 @@ fn fragment_sql(plan: &ScanPlan, relid: pg_sys::Oid) -> String {
         });
         (
             columns.collect::<Vec<_>>().join(", "),
-            format!("${RELATION_BASE}"),
+            format!("${RELATION_BASE}{}", plan.sample),
         )
     };
     let distinct = if plan.distinct { "DISTINCT " } else { "" };

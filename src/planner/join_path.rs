@@ -141,10 +141,11 @@ impl Input {
                 let rti = (*rel).relid;
                 let shard = format!("${}", RELATION_BASE + rti as i32);
                 let from_sql = if plan.where_sql.is_empty() {
-                    format!("{shard} {}", alias(rti))
+                    format!("{shard} {}{}", alias(rti), plan.sample)
                 } else {
                     format!(
-                        "(SELECT * FROM {shard} WHERE {}) {}",
+                        "(SELECT * FROM {shard}{} WHERE {}) {}",
+                        plan.sample,
                         plan.where_sql,
                         alias(rti)
                     )

@@ -55,7 +55,7 @@ pub enum PlannerError {
     SystemColumn(String, String),
     #[error("this query would read the coordinator's empty copy of distributed table {0}")]
     ShellRead(String),
-    #[error("TABLESAMPLE on distributed table {0} is not supported yet")]
+    #[error("this TABLESAMPLE on distributed table {0} is not supported yet")]
     TableSample(String),
     #[error("this write could break the foreign key of local table {1} that references distributed table {0}, which the shards cannot check")]
     LocalReference(String, String),
@@ -122,7 +122,9 @@ impl crate::error::PgError for PlannerError {
                  referenced key updated; or drop the foreign key."
             ),
             PlannerError::TableSample(_) => {
-                "Sample with a condition instead, such as WHERE random() < 0.1 (each row with \
+                "Queries may sample distributed tables with TABLESAMPLE BERNOULLI or SYSTEM \
+                 and arguments the workers can compute (constants, parameters); elsewhere, \
+                 sample with a condition such as WHERE random() < 0.1 (each row with \
                  probability 0.1, as TABLESAMPLE BERNOULLI (10))."
                     .into()
             }
@@ -516,10 +518,19 @@ unsafe extern "C-unwind" fn check_node(node: *mut pg_sys::Node, context: *mut c_
                         return true;
                     }
                 }
+                // A read samples each shard alike (`scan_path::sample_clause`); a write would
+                // have to ship the clause in its statement.
+                let reads_only = (*query).commandType == pg_sys::CmdType::CMD_SELECT
+                    && check.in_distributed_write == 0
+                    && check.in_distributed_merge == 0
+                    && !distributed_write;
                 let sampled = pgrx::PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable)
                     .iter_ptr()
                     .find(|rte| {
-                        !(**rte).tablesample.is_null() && cache::lookup((**rte).relid).is_some()
+                        let sample = (**rte).tablesample;
+                        !sample.is_null()
+                            && cache::lookup((**rte).relid).is_some()
+                            && !(reads_only && scan_path::samples_on_shards(sample))
                     });
                 if let Some(rte) = sampled {
                     check.found = Some(PlannerError::TableSample(relation_name((*rte).relid)));

@@ -224,11 +224,14 @@ pub struct ScanPlan {
     /// source that is a subquery, `VALUES`, a function or a table with policies): the types
     /// of its columns, which `columns` numbers 1, 2, …; its SQL is `statement_sql`.
     pub column_types: Vec<pg_sys::Oid>,
+    /// ` TABLESAMPLE <method> (…) [REPEATABLE (…)]` of the table read: each shard is sampled
+    /// alike, so together they are a sample of the table (`sample_clause`).
+    pub sample: String,
 }
 
 /// How many strings a ScanPlan without broadcasts encodes to, the last one the number of
 /// broadcasts (whose own parts follow).
-const ENCODED_PARTS: usize = 23;
+const ENCODED_PARTS: usize = 24;
 
 /// One sort key of a merged scan.
 #[derive(Clone, Debug, PartialEq)]
@@ -325,6 +328,7 @@ impl ScanPlan {
                     .map(|ty| u32::from(*ty).to_string())
                     .collect(),
             ),
+            self.sample.clone(),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
         parts
@@ -392,6 +396,7 @@ impl ScanPlan {
                         .collect()
                 })
                 .unwrap_or_default(),
+            sample: parts.get(19).cloned().unwrap_or_default(),
             broadcasts,
         }
     }
@@ -469,6 +474,13 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
             return;
         };
         let mut plan = plan_scan(&table, rel);
+        if !(*rte).tablesample.is_null() {
+            match sample_clause((*rte).tablesample, table.oid, rti) {
+                Some(sample) => plan.sample = sample,
+                // PostgreSQL's sample scan of the shell is refused after planning.
+                None => return,
+            }
+        }
         plan.row_lock = crate::planner::row_locks::clause_for(root, rti);
         plan.distinct = crate::planner::distinct_rows::only_distinct_rows_needed(
             root,
@@ -478,6 +490,73 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
         );
         let path = add_distributed_path(root, rel, &plan, &table);
         crate::planner::merge_path::add_sorted_table_path(root, rel, path, &plan);
+    }
+}
+
+/// ` TABLESAMPLE …` for the fragments reading table `relid` (range-table index `rti`), when
+/// sampling each shard alike samples the table alike: the built-in percentage methods
+/// (BERNOULLI, SYSTEM) with arguments the workers can evaluate. None otherwise.
+unsafe fn sample_clause(
+    sample: *mut pg_sys::TableSampleClause,
+    relid: pg_sys::Oid,
+    rti: u32,
+) -> Option<String> {
+    // SAFETY: sample is the (preprocessed) TABLESAMPLE clause of a relation being planned.
+    unsafe {
+        let method = sampling_method((*sample).tsmhandler)?;
+        let mut args = Vec::new();
+        for arg in PgList::<pg_sys::Node>::from_pg((*sample).args).iter_ptr() {
+            if !shippable(arg) {
+                return None;
+            }
+            args.push(deparse(arg, relid, rti).0);
+        }
+        let mut clause = format!(" TABLESAMPLE {method} ({})", args.join(", "));
+        let repeatable = (*sample).repeatable.cast::<pg_sys::Node>();
+        if !repeatable.is_null() {
+            if !shippable(repeatable) {
+                return None;
+            }
+            clause.push_str(&format!(
+                " REPEATABLE ({})",
+                deparse(repeatable, relid, rti).0
+            ));
+        }
+        Some(clause)
+    }
+}
+
+/// True when the shards can each take TABLESAMPLE clause `sample` (see `sample_clause`).
+pub unsafe fn samples_on_shards(sample: *mut pg_sys::TableSampleClause) -> bool {
+    // SAFETY: sample is a TABLESAMPLE clause of the query being planned.
+    unsafe {
+        let repeatable = (*sample).repeatable.cast::<pg_sys::Node>();
+        sampling_method((*sample).tsmhandler).is_some()
+            && PgList::<pg_sys::Node>::from_pg((*sample).args)
+                .iter_ptr()
+                .all(|arg| shippable(arg))
+            && (repeatable.is_null() || shippable(repeatable))
+    }
+}
+
+/// `system` or `bernoulli` for PostgreSQL's built-in percentage sampling methods (whose
+/// sample of a table is the union of the same samples of its parts); None for others, such as
+/// `system_rows (n)`, which would return n rows per shard.
+fn sampling_method(handler: pg_sys::Oid) -> Option<&'static str> {
+    // SAFETY: catalog lookups of a function by oid; the name is copied at once.
+    unsafe {
+        if pg_sys::get_func_namespace(handler) != pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE) {
+            return None;
+        }
+        let name = pg_sys::get_func_name(handler);
+        if name.is_null() {
+            return None;
+        }
+        match CStr::from_ptr(name).to_bytes() {
+            b"system" => Some("system"),
+            b"bernoulli" => Some("bernoulli"),
+            _ => None,
+        }
     }
 }
 
@@ -961,6 +1040,7 @@ mod unit {
         let plain = ScanPlan {
             where_sql: "(a > 1)".into(),
             statement_sql: "SELECT 1".into(),
+            sample: " TABLESAMPLE bernoulli ('10'::real)".into(),
             ..Default::default()
         };
         assert_eq!(plain.encode().len(), ENCODED_PARTS);
