@@ -12,7 +12,8 @@
 //! `distribution::foreign_keys`; storage parameters, statistics targets and the replica
 //! identity, which the definition does not show, go as the subcommand itself; OWNER TO and row
 //! security only change the shell), RENAME of tables, columns, constraints and indexes, DROP
-//! TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE, SET CONSTRAINTS ALL. CREATE INDEX
+//! TABLE (also through DROP SCHEMA … CASCADE), TRUNCATE, SET CONSTRAINTS ALL, VACUUM and ANALYZE
+//! (`vacuum.rs`). CREATE INDEX
 //! CONCURRENTLY runs outside any transaction, so it is not propagated in one: once PostgreSQL
 //! has built the index on the shell, each shard's index is built concurrently over a
 //! connection of its own (nodes in parallel); if one fails the shell's index is marked INVALID,
@@ -22,6 +23,7 @@
 //! indexes concurrently too.
 
 pub mod diff;
+mod vacuum;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CStr;
@@ -77,6 +79,8 @@ enum Propagation {
         definitions: Vec<TableDefinition>,
         cascade: bool,
     },
+    /// VACUUM / ANALYZE of distributed tables: the same on every shard.
+    Vacuum(vacuum::ShardVacuum),
     /// SET CONSTRAINTS ALL DEFERRED / IMMEDIATE: the nodes' deferrable constraints (foreign
     /// keys) follow.
     ConstraintMode { deferred: bool },
@@ -401,6 +405,7 @@ unsafe fn plan(
                 Ok(None)
             }
             pg_sys::NodeTag::T_DropStmt => plan_drop(node.cast::<pg_sys::DropStmt>()),
+            pg_sys::NodeTag::T_VacuumStmt => Ok(vacuum::plan(node.cast()).map(Propagation::Vacuum)),
             pg_sys::NodeTag::T_ConstraintsSetStmt => {
                 let stmt = node.cast::<pg_sys::ConstraintsSetStmt>();
                 let names: Vec<String> = PgList::<pg_sys::RangeVar>::from_pg((*stmt).constraints)
@@ -746,6 +751,7 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
             }
             Ok(())
         }
+        Propagation::Vacuum(work) => vacuum::run(work),
         Propagation::ConstraintMode { deferred } => {
             // SAFETY: a plain read of the transaction state.
             if unsafe { pg_sys::IsTransactionBlock() } {
