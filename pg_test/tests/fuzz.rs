@@ -760,6 +760,8 @@ impl Generator {
                     "SELECT count(*), sum(v) FROM d",
                     "SELECT d.id, x.name FROM d JOIN wr x USING (grp) ORDER BY d.id, x.name",
                     "INSERT INTO wl SELECT id, 'moved' FROM d",
+                    "DELETE FROM w3 WHERE id IN (SELECT id FROM d)",
+                    "UPDATE w2 SET v = coalesce(v, 0) + 1 WHERE id IN (SELECT id FROM d) RETURNING id, v",
                 ]);
                 format!("WITH d AS ({inner}) {outer}")
             }

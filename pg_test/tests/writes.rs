@@ -1128,6 +1128,22 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
              INSERT INTO orders_archive SELECT * FROM d; ROLLBACK",
             "WITH d AS (DELETE FROM orders WHERE amount > 90 RETURNING *) \
              INSERT INTO orders_archive SELECT * FROM d WHERE customer = 999",
+            // UPDATE and DELETE reading a WITH query's rows: they travel with every shard's
+            // statement.
+            "INSERT INTO orders_archive SELECT id + 5000, customer, amount, status FROM orders \
+             WHERE customer IN (2, 4)",
+            "WITH d AS (DELETE FROM orders WHERE customer = 4 RETURNING id, status) \
+             UPDATE orders_archive SET status = 'gone ' || d.status FROM d \
+             WHERE orders_archive.id = d.id + 5000 RETURNING orders_archive.*, d.id",
+            "WITH u AS (UPDATE orders SET amount = amount + 5 WHERE customer = 2 RETURNING id, amount) \
+             DELETE FROM orders_archive a USING u WHERE a.id = u.id + 5000 AND u.amount > 50 \
+             RETURNING a.id, u.amount",
+            "WITH d AS (DELETE FROM orders WHERE id = -1 RETURNING id) \
+             DELETE FROM orders_archive WHERE id NOT IN (SELECT id FROM d) AND customer = 5",
+            "WITH e AS (INSERT INTO order_events VALUES (5, 'x'), (6, NULL) RETURNING order_id, what) \
+             UPDATE orders SET status = coalesce(e.what, 'null') FROM e WHERE orders.id = e.order_id",
+            "WITH e AS (INSERT INTO order_events VALUES (8, 'y') RETURNING order_id) \
+             UPDATE orders SET status = 'noted' WHERE id IN (SELECT order_id FROM e)",
         ],
     );
     // Parameters pick the shard at execution, generic plans included.
@@ -1160,8 +1176,8 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
         "WITH d AS (DELETE FROM orders_archive RETURNING *) INSERT INTO orders_archive SELECT * FROM d",
         "WITH e AS (INSERT INTO order_events VALUES (1, 'x') RETURNING *) \
          SELECT count(*) FROM order_events JOIN orders ON orders.id = order_events.order_id",
-        "WITH e AS (INSERT INTO order_events VALUES (5, 'x') RETURNING order_id) \
-         UPDATE orders SET status = 'noted' WHERE id IN (SELECT order_id FROM e)",
+        "WITH d AS (DELETE FROM orders WHERE id = 3 RETURNING id) \
+         UPDATE orders SET status = 'x' FROM d WHERE orders.id = d.id + 1",
     ] {
         let err = coordinator.batch_execute(sql).unwrap_err();
         assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");

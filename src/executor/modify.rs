@@ -113,16 +113,16 @@ unsafe extern "C-unwind" fn begin(
     estate: *mut pg_sys::EState,
     eflags: i32,
 ) {
-    // SAFETY: the INSERT's row source is initialised as our child; the scan slot has the
+    // SAFETY: the INSERT's row source (or the scans of the WITH queries whose rows an UPDATE or
+    // DELETE reads) are initialised as our children; the scan slot has the
     // layout of the rows the shards return (the result relation's row type, or the planner's
     // `custom_scan_tlist` when RETURNING reads other tables); the node lives in the estate's
     // memory, as its list does.
     unsafe {
         let cscan = (*node).ss.ps.plan.cast::<pg_sys::CustomScan>();
-        if !(*cscan).custom_plans.is_null() {
-            let child = pg_sys::list_nth((*cscan).custom_plans, 0).cast::<pg_sys::Plan>();
+        for child in pgrx::PgList::<pg_sys::Plan>::from_pg((*cscan).custom_plans).iter_ptr() {
             let child_state = pg_sys::ExecInitNode(child, estate, eflags);
-            (*node).custom_ps = pg_sys::lappend(std::ptr::null_mut(), child_state.cast());
+            (*node).custom_ps = pg_sys::lappend((*node).custom_ps, child_state.cast());
         }
         let tupdesc = (*(*node).ss.ss_ScanTupleSlot).tts_tupleDescriptor;
         let runtime = runtime_of(node);
@@ -554,10 +554,10 @@ unsafe fn check_new_row(
 
 #[pg_guard]
 unsafe extern "C-unwind" fn end(node: *mut pg_sys::CustomScanState) {
-    // SAFETY: ends the child plan we initialised in begin().
+    // SAFETY: ends the child plans we initialised in begin().
     unsafe {
-        if !(*node).custom_ps.is_null() {
-            pg_sys::ExecEndNode(pg_sys::list_nth((*node).custom_ps, 0).cast());
+        for child in pgrx::PgList::<pg_sys::PlanState>::from_pg((*node).custom_ps).iter_ptr() {
+            pg_sys::ExecEndNode(child);
         }
     }
 }
@@ -619,6 +619,9 @@ unsafe extern "C-unwind" fn explain(
                 );
                 for read in &runtime.plan.broadcasts {
                     let name = match read.relid == pg_sys::InvalidOid {
+                        _ if !read.with_query.is_empty() => {
+                            format!("the rows of WITH query {}", read.with_query).into()
+                        }
                         true => "the source query".into(),
                         false => CStr::from_ptr(pg_sys::get_rel_name(read.relid)).to_string_lossy(),
                     };

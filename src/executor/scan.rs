@@ -910,19 +910,27 @@ impl BroadcastRows {
     pub unsafe fn read(reads: &[ScanPlan], node: *mut pg_sys::CustomScanState) -> BroadcastRows {
         let mut arrays = Vec::new();
         let mut counts = Vec::new();
+        let mut children = 0;
         for read in reads {
-            let mut next_row: Box<dyn FnMut() -> Option<TextRow>> =
-                if cache::lookup(read.relid).is_none() {
-                    // SAFETY: the statement holds a lock on the table.
-                    let mut rows = unsafe { local_rows(read, node) }.into_iter();
-                    Box::new(move || rows.next())
-                } else {
-                    let table = ScanRuntime::new(read.clone());
-                    // SAFETY: the broadcast's parameters are those of the running node.
-                    let (work, _) = unsafe { fragments(&table, node, None) };
-                    let mut stream = start_fragments(work, false, None);
-                    Box::new(move || stream.next().unwrap_or_else(|err| raise(err)))
-                };
+            let mut next_row: Box<dyn FnMut() -> Option<TextRow>> = if !read.with_query.is_empty() {
+                // SAFETY: a Distributed Modify has an initialised child scan per WITH
+                // query it reads, in the order of its reads.
+                let child = unsafe { pg_sys::list_nth((*node).custom_ps, children) };
+                children += 1;
+                // SAFETY: as above.
+                let mut rows = unsafe { child_rows(child.cast()) }.into_iter();
+                Box::new(move || rows.next())
+            } else if cache::lookup(read.relid).is_none() {
+                // SAFETY: the statement holds a lock on the table.
+                let mut rows = unsafe { local_rows(read, node) }.into_iter();
+                Box::new(move || rows.next())
+            } else {
+                let table = ScanRuntime::new(read.clone());
+                // SAFETY: the broadcast's parameters are those of the running node.
+                let (work, _) = unsafe { fragments(&table, node, None) };
+                let mut stream = start_fragments(work, false, None);
+                Box::new(move || stream.next().unwrap_or_else(|err| raise(err)))
+            };
             // Array literals under construction, per shard index (-1: every fragment's).
             let mut open: HashMap<i32, Vec<String>> = HashMap::new();
             let mut rows = 0;
@@ -989,6 +997,50 @@ impl BroadcastRows {
 /// The rows of `read` — a table of the coordinator itself, or a query it runs (`relid`
 /// invalid) with the parameters of the running `node` — in the running statement's snapshot
 /// (read-only SPI takes no new one), each column as its output function writes it.
+/// Every row `child` returns, as text (running it to its end).
+///
+/// # Safety
+/// `child` must be an initialised plan state of the running statement.
+unsafe fn child_rows(child: *mut pg_sys::PlanState) -> Vec<TextRow> {
+    // SAFETY: the slots the child returns stay valid until its next row; each value is turned
+    // into text (by its type's output function) before that.
+    unsafe {
+        let mut rows = Vec::new();
+        let mut outputs: Vec<(pg_sys::Oid, bool)> = Vec::new();
+        loop {
+            let Some(exec) = (*child).ExecProcNode else {
+                break;
+            };
+            let slot = exec(child);
+            if slot.is_null() || (*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16 != 0 {
+                break;
+            }
+            pg_sys::slot_getallattrs(slot);
+            let desc = (*slot).tts_tupleDescriptor;
+            let natts = (*desc).natts as usize;
+            if outputs.is_empty() {
+                for i in 0..natts {
+                    let attribute = (*desc).attrs.as_ptr().add(i);
+                    let (mut function, mut varlena) = (pg_sys::InvalidOid, false);
+                    pg_sys::getTypeOutputInfo((*attribute).atttypid, &mut function, &mut varlena);
+                    outputs.push((function, varlena));
+                }
+            }
+            let mut row = Vec::with_capacity(natts);
+            for (i, (function, _)) in outputs.iter().enumerate() {
+                if *(*slot).tts_isnull.add(i) {
+                    row.push(None);
+                    continue;
+                }
+                let text = pg_sys::OidOutputFunctionCall(*function, *(*slot).tts_values.add(i));
+                row.push(Some(CStr::from_ptr(text).to_string_lossy().into_owned()));
+            }
+            rows.push(row);
+        }
+        rows
+    }
+}
+
 unsafe fn local_rows(read: &ScanPlan, node: *mut pg_sys::CustomScanState) -> Vec<TextRow> {
     // SAFETY: SPI is connected and finished around the query; values are copied out before.
     // The parameters are read from the running node's executor state.

@@ -30,7 +30,7 @@ use crate::planner::scan_path::{
 };
 use crate::planner::security_quals;
 use crate::planner::shippable::{as_mutator, deparse, shippable, with_coordinator_values};
-use crate::planner::PlannerError;
+use crate::planner::{each_plan_node, PlannerError};
 use crate::remote::quote::quote_identifier;
 
 pub const MODIFY_NAME: &CStr = c"pgdist Distributed Modify";
@@ -280,10 +280,76 @@ pub unsafe fn modify_node(
             }
             (*scan).custom_plans = pg_sys::lappend(std::ptr::null_mut(), child.cast());
         }
+        for read in modify
+            .broadcasts
+            .iter()
+            .filter(|b| !b.with_query.is_empty())
+        {
+            let child = with_query_scan(stmt, &read.with_query, &read.column_types);
+            (*scan).custom_plans = pg_sys::lappend((*scan).custom_plans, child.cast());
+        }
         (*scan).custom_private = to_list(modify.encode());
         (*scan).custom_exprs = pg_sys::list_concat(values.into_pg(), checks);
         (*scan).methods = crate::executor::modify::scan_methods();
         scan
+    }
+}
+
+/// A scan of every row of data-modifying WITH query `name` (columns of `types`) of `stmt`:
+/// a copy of a scan of it that the planner made, without its filters and projection. Reading
+/// it runs the WITH query, as PostgreSQL's own scan would.
+unsafe fn with_query_scan(
+    stmt: *mut pg_sys::PlannedStmt,
+    name: &str,
+    types: &[pg_sys::Oid],
+) -> *mut pg_sys::Plan {
+    // SAFETY: stmt is the finished plan; the scan found is a CteScan of its range table,
+    // copied before it is changed.
+    unsafe {
+        let mut found: *mut pg_sys::CteScan = std::ptr::null_mut();
+        let mut plans = vec![(*stmt).planTree];
+        plans.extend(PgList::<pg_sys::Plan>::from_pg((*stmt).subplans).iter_ptr());
+        for plan in plans {
+            each_plan_node(plan, &mut |node| {
+                if found.is_null() && (*node).type_ == pg_sys::NodeTag::T_CteScan {
+                    let scan = node.cast::<pg_sys::CteScan>();
+                    let rte = pg_sys::list_nth((*stmt).rtable, (*scan).scan.scanrelid as i32 - 1)
+                        .cast::<pg_sys::RangeTblEntry>();
+                    if CStr::from_ptr((*rte).ctename).to_bytes() == name.as_bytes() {
+                        found = scan;
+                    }
+                }
+            });
+        }
+        if found.is_null() {
+            crate::error::raise(PlannerError::Writes(format!(
+                "(reading WITH query {name}, which the plan does not scan)"
+            )));
+        }
+        let scan = pg_sys::copyObjectImpl(found.cast()).cast::<pg_sys::CteScan>();
+        (*scan).scan.plan.qual = std::ptr::null_mut();
+        (*scan).scan.plan.lefttree = std::ptr::null_mut();
+        (*scan).scan.plan.righttree = std::ptr::null_mut();
+        (*scan).scan.plan.initPlan = std::ptr::null_mut();
+        let mut targets = PgList::<pg_sys::TargetEntry>::new();
+        for (attno, type_oid) in (1..).zip(types) {
+            let var = pg_sys::makeVar(
+                (*scan).scan.scanrelid as _,
+                attno,
+                *type_oid,
+                -1,
+                pg_sys::get_typcollation(*type_oid),
+                0,
+            );
+            targets.push(pg_sys::makeTargetEntry(
+                var.cast(),
+                attno,
+                std::ptr::null_mut(),
+                false,
+            ));
+        }
+        (*scan).scan.plan.targetlist = targets.into_pg();
+        scan.cast()
     }
 }
 

@@ -75,6 +75,18 @@ struct Broadcast {
     columns: Vec<i16>,
     entry: (usize, i32),
     partition_by: Option<i16>,
+    /// Instead of a table, the RETURNING rows of a data-modifying WITH query of the statement
+    /// (`relid` invalid, `columns` its column numbers).
+    cte: Option<WithRows>,
+}
+
+/// A data-modifying WITH query whose RETURNING rows a statement reads: they are read first
+/// (which runs it) and travel with every shard's statement.
+#[derive(Clone)]
+struct WithRows {
+    name: String,
+    /// Column names and types.
+    columns: Vec<(String, pg_sys::Oid)>,
 }
 
 /// A column of one range-table entry of one query level: (query address, rti, attno).
@@ -111,6 +123,8 @@ struct Walk {
     target_alias: String,
     /// Inside a WITH query (evaluated once for the whole statement).
     in_cte: usize,
+    /// The statement's data-modifying WITH queries (their rows may be read).
+    with_writes: Vec<*mut pg_sys::CommonTableExpr>,
     problem: Option<String>,
 }
 
@@ -151,6 +165,7 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
             broadcasts: Vec::new(),
             target_alias: String::new(),
             in_cte: 0,
+            with_writes: Vec::new(),
             problem: None,
         };
         walk.visit_query(parse);
@@ -204,6 +219,7 @@ pub(crate) fn repartitioned_read(
         columns,
         entry: (0, 0),
         partition_by: Some(partition_by),
+        cte: None,
     };
     ScanPlan {
         select_sql: partitioned_select(&b, target, true),
@@ -214,6 +230,14 @@ pub(crate) fn repartitioned_read(
 /// The scan that reads broadcast table `b` first; a repartitioned one also computes, on the
 /// workers, the index of the `target` shard each row belongs to (its last column).
 fn broadcast_read(b: &Broadcast, target: pg_sys::Oid) -> ScanPlan {
+    if let Some(cte) = &b.cte {
+        return ScanPlan {
+            columns: b.columns.clone(),
+            column_types: cte.columns.iter().map(|(_, ty)| *ty).collect(),
+            with_query: cte.name.clone(),
+            ..Default::default()
+        };
+    }
     ScanPlan {
         relid: b.relid,
         columns: b.columns.clone(),
@@ -422,6 +446,12 @@ impl Walk {
             self.levels.push(query);
             let hash_before = self.hash_columns.len();
             let mut correlated = Vec::new();
+            let ctes = PgList::<pg_sys::CommonTableExpr>::from_pg((*query).cteList);
+            // Writes of their own (`with_writes.rs`); the statement may read their rows.
+            self.with_writes.extend(ctes.iter_ptr().filter(|cte| {
+                (*(**cte).ctequery.cast::<pg_sys::Query>()).commandType
+                    != pg_sys::CmdType::CMD_SELECT
+            }));
             let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable);
             for (i, rte) in rtable.iter_ptr().enumerate() {
                 let rti = i as i32 + 1;
@@ -443,18 +473,18 @@ impl Walk {
                             }
                         }
                     }
+                    pg_sys::RTEKind::RTE_CTE => self.with_query_rows(rte),
                     pg_sys::RTEKind::RTE_JOIN
-                    | pg_sys::RTEKind::RTE_CTE
                     | pg_sys::RTEKind::RTE_FUNCTION
                     | pg_sys::RTEKind::RTE_VALUES
                     | pg_sys::RTEKind::RTE_RESULT => {}
                     _ => self.fail("it reads a kind of relation pgdist cannot ship".into()),
                 }
             }
-            for cte in PgList::<pg_sys::CommonTableExpr>::from_pg((*query).cteList).iter_ptr() {
+            for cte in ctes.iter_ptr() {
                 let body = (*cte).ctequery.cast::<pg_sys::Query>();
                 if (*body).commandType != pg_sys::CmdType::CMD_SELECT {
-                    self.fail("it reads the rows of a data-modifying WITH query".into());
+                    continue;
                 }
                 self.in_cte += 1;
                 self.visit_query((*cte).ctequery.cast());
@@ -577,6 +607,59 @@ impl Walk {
         }
     }
 
+    /// Entry `rte` names a WITH query: the rows of a data-modifying one travel with every
+    /// shard's statement (plain ones were inlined, or are read on the shards as written).
+    unsafe fn with_query_rows(&mut self, rte: *mut pg_sys::RangeTblEntry) {
+        // SAFETY: rte is a WITH query entry of the statement; the WITH queries found so far
+        // belong to the statement too.
+        unsafe {
+            let name = CStr::from_ptr((*rte).ctename);
+            let Some(&cte) = self
+                .with_writes
+                .iter()
+                .find(|cte| CStr::from_ptr((***cte).ctename) == name)
+            else {
+                return;
+            };
+            if self.in_cte > 0 {
+                self.fail("a WITH query reads the rows of a data-modifying WITH query".into());
+                return;
+            }
+            let names = PgList::<pg_sys::String>::from_pg((*cte).ctecolnames);
+            let mut columns = Vec::new();
+            let mut travel = true;
+            for (name, i) in names.iter_ptr().zip(0..) {
+                let type_oid = pg_sys::list_nth_oid((*cte).ctecoltypes, i);
+                let collation = pg_sys::list_nth_oid((*cte).ctecolcollations, i);
+                travel &= travels_in_array(type_oid, collation);
+                columns.push((
+                    CStr::from_ptr((*name).sval).to_string_lossy().into_owned(),
+                    type_oid,
+                ));
+            }
+            if !travel {
+                self.fail(format!(
+                    "a column of the rows of WITH query {} cannot travel in an array",
+                    name.to_string_lossy()
+                ));
+                return;
+            }
+            let k = (self.relations.len() + self.broadcasts.len()) as u32;
+            self.broadcasts.push(Broadcast {
+                k,
+                relid: pg_sys::InvalidOid,
+                columns: (1..=columns.len() as i16).collect(),
+                entry: (0, 0),
+                partition_by: None,
+                cte: Some(WithRows {
+                    name: name.to_string_lossy().into_owned(),
+                    columns,
+                }),
+            });
+            set_alias(rte, k);
+        }
+    }
+
     /// Broadcasts the table of entry `rti` of `query` with the `columns` the statement reads,
     /// or fails with `refusal(why)`.
     unsafe fn broadcast(
@@ -596,6 +679,7 @@ impl Walk {
                 columns,
                 entry: (query as usize, rti),
                 partition_by: None,
+                cte: None,
             }),
             Err(why) => self.fail(refusal(why)),
         }
@@ -748,6 +832,7 @@ impl Walk {
                     columns,
                     entry: (query as usize, rti),
                     partition_by: None,
+                    cte: None,
                 });
                 self.broadcast_keys.push(key);
             }
@@ -759,6 +844,9 @@ impl Walk {
     /// ones that must travel whole but are too large.
     unsafe fn partition_broadcasts(&mut self) {
         for i in 0..self.broadcasts.len() {
+            if self.broadcasts[i].cte.is_some() {
+                continue; // read whole on the coordinator, sent whole
+            }
             let (query, rti) = self.broadcasts[i].entry;
             let relid = self.broadcasts[i].relid;
             // SAFETY: catalog lookups of the table's columns.
@@ -1232,15 +1320,34 @@ unsafe fn deparse(
     relations: &[(u32, pg_sys::Oid)],
     broadcasts: &[Broadcast],
 ) -> Result<String, String> {
-    // SAFETY: the query is ours.
-    let mut sql = unsafe { qualified_sql(parse) };
+    // SAFETY: the query is ours: its data-modifying WITH queries run on their own, their rows
+    // travel as arrays.
+    let mut sql = unsafe {
+        let ctes = PgList::<pg_sys::CommonTableExpr>::from_pg((*parse).cteList);
+        let mut plain = PgList::<pg_sys::CommonTableExpr>::new();
+        for cte in ctes.iter_ptr() {
+            if (*(*cte).ctequery.cast::<pg_sys::Query>()).commandType == pg_sys::CmdType::CMD_SELECT
+            {
+                plain.push(cte);
+            }
+        }
+        (*parse).cteList = plain.into_pg();
+        qualified_sql(parse)
+    };
     let mut next_array = BROADCAST_BASE;
     for broadcast in broadcasts {
-        let mut written = format!(
-            "{} pgdist_t{}",
-            qualified_name(broadcast.relid),
-            broadcast.k
-        );
+        let mut written = match &broadcast.cte {
+            Some(cte) => format!(
+                "{} pgdist_t{}",
+                ruleutils_identifier(&cte.name),
+                broadcast.k
+            ),
+            None => format!(
+                "{} pgdist_t{}",
+                qualified_name(broadcast.relid),
+                broadcast.k
+            ),
+        };
         if sql.contains(&format!("ONLY {written}")) {
             written = format!("ONLY {written}");
         }
@@ -1254,11 +1361,15 @@ unsafe fn deparse(
         let names: Vec<String> = broadcast
             .columns
             .iter()
-            .map(|attno| {
-                // SAFETY: a catalog lookup of an existing column.
-                let name =
-                    unsafe { CStr::from_ptr(pg_sys::get_attname(broadcast.relid, *attno, false)) };
-                quote_identifier(&name.to_string_lossy())
+            .map(|attno| match &broadcast.cte {
+                Some(cte) => quote_identifier(&cte.columns[*attno as usize - 1].0),
+                None => {
+                    // SAFETY: a catalog lookup of an existing column.
+                    let name = unsafe {
+                        CStr::from_ptr(pg_sys::get_attname(broadcast.relid, *attno, false))
+                    };
+                    quote_identifier(&name.to_string_lossy())
+                }
             })
             .collect();
         let unnest = format!(
@@ -1293,6 +1404,17 @@ unsafe fn deparse(
         }
     }
     Ok(sql)
+}
+
+/// An identifier as ruleutils writes it: quoted only where needed.
+fn ruleutils_identifier(name: &str) -> String {
+    let name = CString::new(name).unwrap_or_default();
+    // SAFETY: quote_identifier returns its argument or a palloc'd quoted copy, read at once.
+    unsafe {
+        CStr::from_ptr(pg_sys::quote_identifier(name.as_ptr()))
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 /// The table's schema-qualified name as ruleutils writes it: quoted only where needed.

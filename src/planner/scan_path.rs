@@ -227,11 +227,15 @@ pub struct ScanPlan {
     /// ` TABLESAMPLE <method> (…) [REPEATABLE (…)]` of the table read: each shard is sampled
     /// alike, so together they are a sample of the table (`sample_clause`).
     pub sample: String,
+    /// A broadcast read of the RETURNING rows of the statement's data-modifying WITH query of
+    /// this name, which one of the node's child plans returns (the reads in order, one child
+    /// each): `columns` numbers its columns, `column_types` gives their types.
+    pub with_query: String,
 }
 
 /// How many strings a ScanPlan without broadcasts encodes to, the last one the number of
 /// broadcasts (whose own parts follow).
-const ENCODED_PARTS: usize = 24;
+const ENCODED_PARTS: usize = 25;
 
 /// One sort key of a merged scan.
 #[derive(Clone, Debug, PartialEq)]
@@ -329,6 +333,7 @@ impl ScanPlan {
                     .collect(),
             ),
             self.sample.clone(),
+            self.with_query.clone(),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
         parts
@@ -397,6 +402,7 @@ impl ScanPlan {
                 })
                 .unwrap_or_default(),
             sample: parts.get(19).cloned().unwrap_or_default(),
+            with_query: parts.get(20).cloned().unwrap_or_default(),
             broadcasts,
         }
     }
