@@ -33,6 +33,7 @@ fn main() {
             reads_see_the_shards_writes_that_would_see_each_other_are_refused,
             foreign_keys_reach_the_shards_and_unenforceable_ones_are_refused,
             vacuum_and_analyze_reach_every_shard,
+            shards_move_to_a_new_worker_and_off_it_again,
         ],
     )
 }
@@ -1427,4 +1428,151 @@ fn vacuum_and_analyze_reach_every_shard(cluster: &Cluster) {
     client
         .batch_execute("DROP TABLE vac; DROP ROLE vac_stranger")
         .unwrap();
+}
+
+/// Shard indexes of `table` per worker port.
+fn shards_per_port(client: &mut Client, table: &str) -> Vec<(i32, i64)> {
+    client
+        .query(
+            "SELECT port, count(*) FROM pgdist.shards WHERE table_name = $1::text::regclass
+             GROUP BY port ORDER BY port",
+            &[&table],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+/// `rebalance` spreads a co-location group over a worker added later — every co-located
+/// table's shard of an index moving together, with its rows, indexes and foreign keys — while
+/// a writer that held the tables first is waited for and its row moves too; `drain_node`
+/// moves everything off it again so that it can be removed. Queries give the same answers
+/// throughout.
+fn shards_move_to_a_new_worker_and_off_it_again(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE mv_codes (code int PRIMARY KEY);
+             CREATE TABLE mv_accounts (id int PRIMARY KEY, v int);
+             CREATE TABLE mv_events (account int REFERENCES mv_accounts (id), n int,
+                                     code int REFERENCES mv_codes (code));
+             CREATE INDEX mv_events_n ON mv_events (n);
+             SELECT pgdist.create_reference_table('mv_codes');
+             SELECT pgdist.create_distributed_table('mv_accounts', 'id', shard_count => 6, colocate_with => 'none');
+             SELECT pgdist.create_distributed_table('mv_events', 'account', colocate_with => 'mv_accounts');
+             INSERT INTO mv_codes SELECT generate_series(1, 5);
+             INSERT INTO mv_accounts SELECT i, i % 7 FROM generate_series(1, 3000) i;
+             INSERT INTO mv_events SELECT i % 3000 + 1, i, i % 5 + 1 FROM generate_series(1, 6000) i;",
+        )
+        .unwrap();
+    let answers = |client: &mut Client| {
+        query_text(
+            client,
+            "SELECT (SELECT count(*) || '/' || sum(v) FROM mv_accounts),
+                    (SELECT count(*) || '/' || sum(n) FROM mv_events),
+                    (SELECT count(*) FROM mv_accounts a JOIN mv_events e ON e.account = a.id WHERE a.v = 3)",
+        )
+        .unwrap()
+    };
+    let before = answers(&mut client);
+    let checksums = (
+        local_checksum(&mut client, "mv_accounts"),
+        local_checksum(&mut client, "mv_events"),
+    );
+    let port = free_ports(1)[0];
+    let mut extra = Server::create(cluster.root(), "worker_moves", port, true);
+    extra.start();
+    let node_id: i32 = client
+        .query_one("SELECT pgdist.add_node('127.0.0.1', $1)", &[&(port as i32)])
+        .unwrap()
+        .get(0);
+    // A writer that got there first is waited for; its row moves with the rest.
+    let mut writer = cluster.coordinator_client();
+    writer
+        .batch_execute("BEGIN; INSERT INTO mv_accounts VALUES (5000, 1)")
+        .unwrap();
+    let connect = cluster.coordinator.conninfo();
+    let mover = std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&connect, postgres::NoTls).unwrap();
+        client
+            .query_one("SELECT pgdist.rebalance('mv_events')", &[])
+            .unwrap()
+            .get::<_, i32>(0)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(!mover.is_finished(), "the move did not wait for the writer");
+    writer.batch_execute("COMMIT").unwrap();
+    assert_eq!(mover.join().unwrap(), 2);
+    assert_eq!(
+        shards_per_port(&mut client, "mv_accounts").len(),
+        3,
+        "{:?}",
+        shards_per_port(&mut client, "mv_accounts")
+    );
+    assert!(shards_per_port(&mut client, "mv_accounts")
+        .iter()
+        .all(|(_, count)| *count == 2));
+    assert_eq!(
+        shards_per_port(&mut client, "mv_events"),
+        shards_per_port(&mut client, "mv_accounts")
+    );
+    client
+        .batch_execute("DELETE FROM mv_accounts WHERE id = 5000")
+        .unwrap();
+    assert_eq!(answers(&mut client), before);
+    assert_eq!(local_checksum(&mut client, "mv_accounts"), checksums.0);
+    assert_eq!(local_checksum(&mut client, "mv_events"), checksums.1);
+    // The moved shards keep their index and foreign keys.
+    let moved = extra
+        .connect()
+        .query_one(
+            "SELECT count(*) FILTER (WHERE c.contype = 'f'), count(DISTINCT i.indexrelid)
+             FROM pg_class r LEFT JOIN pg_constraint c ON c.conrelid = r.oid
+             LEFT JOIN pg_index i ON i.indrelid = r.oid
+             WHERE r.relname LIKE 'mv\\_events\\_%' AND r.relkind = 'r'",
+            &[],
+        )
+        .unwrap();
+    assert!(
+        moved.get::<_, i64>(0) >= 4,
+        "foreign keys on the new worker"
+    );
+    assert_eq!(moved.get::<_, i64>(1), 2, "the index of each moved shard");
+    for sql in [
+        "INSERT INTO mv_events SELECT 9999, 1, 1",
+        "INSERT INTO mv_events SELECT id, 1, 99 FROM mv_accounts",
+    ] {
+        let err = client.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&err), "23503", "{sql}: {err:?}");
+    }
+    // Not a way to move a reference table, a shard to where it is, or for a non-superuser.
+    let shard: i64 = client
+        .query_one(
+            "SELECT shard_id FROM pgdist.shards WHERE table_name = 'mv_accounts'::regclass AND port = $1 LIMIT 1",
+            &[&(port as i32)],
+        )
+        .unwrap()
+        .get(0);
+    for sql in [
+        format!("SELECT pgdist.move_shard({shard}, {node_id})"),
+        "SELECT pgdist.rebalance('mv_codes')".to_string(),
+        "SELECT pgdist.move_shard(-1, 1)".to_string(),
+    ] {
+        let err = client.batch_execute(&sql).unwrap_err();
+        assert_eq!(sqlstate(&err), "22023", "{sql}: {err:?}");
+    }
+    // Off the new worker again, and it can leave.
+    let moved_off: i32 = client
+        .query_one("SELECT pgdist.drain_node($1)", &[&node_id])
+        .unwrap()
+        .get(0);
+    assert_eq!(moved_off, 2);
+    client
+        .execute("SELECT pgdist.remove_node($1)", &[&node_id])
+        .unwrap();
+    assert_eq!(answers(&mut client), before);
+    assert_eq!(local_checksum(&mut client, "mv_events"), checksums.1);
+    assert_eq!(shard_tables_on(&extra, "mv_accounts"), 0);
+    cluster.extra.lock().unwrap().push(extra);
 }

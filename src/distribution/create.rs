@@ -737,6 +737,11 @@ pub fn replicate_reference_table(
     oid: pg_sys::Oid,
     node: &NodeAddress,
 ) -> Result<(), DistributionError> {
+    // Writes wait until the new copy is in the catalog (and so gets them too).
+    Spi::run(&format!(
+        "LOCK TABLE {} IN EXCLUSIVE MODE",
+        relation_name(oid)
+    ))?;
     let table = shell::read_definition(oid)?;
     let placements = tables::placements(oid)?;
     let Some(source) = placements.iter().find(|p| p.node != *node) else {
@@ -748,6 +753,11 @@ pub fn replicate_reference_table(
         shard_creation_batch(&table, &[source.shard_id])?,
     )]);
     let checkout = remote_xact::checkout_begun(&[target_for(source.node.clone())?, target])?;
+    // Waits for writes still prepared on the source, so that the copy has every committed row.
+    data_move::wait(checkout.conns[0].simple_query_owned(format!(
+        "LOCK TABLE {} IN SHARE MODE",
+        table.shard_relation(source.shard_id)
+    )))?;
     let sink = ShardSink::new(&table, source.shard_id, vec![1]);
     data_move::copy_between_nodes(
         &checkout.conns[0],

@@ -302,7 +302,8 @@ pub fn copy_shard_rows_to_local(
     Ok(copied)
 }
 
-fn wait<T>(
+/// The result of a remote command, waited for (a cancel of the statement raises at once).
+pub fn wait<T>(
     future: impl std::future::Future<Output = Result<T, crate::remote::RemoteError>>,
 ) -> Result<T, DistributionError> {
     match runtime::block_on(future) {

@@ -330,6 +330,38 @@ pub unsafe fn local_reference_blocking(
     None
 }
 
+/// Loads the placements of the distributed and reference tables that table `relid`'s foreign
+/// keys reference or are referenced from, so that a worker's foreign-key error names them as
+/// the coordinator does (`error::coordinator_names` reads only what is loaded).
+///
+/// # Safety
+/// Call inside a transaction, with `relid` locked by the running statement.
+pub unsafe fn load_related_placements(relid: pg_sys::Oid) {
+    let mut related = Vec::new();
+    // SAFETY: as in local_reference_blocking.
+    unsafe {
+        let rel = pg_sys::RelationIdGetRelation(relid);
+        if rel.is_null() {
+            return;
+        }
+        let triggers = (*rel).trigdesc;
+        if !triggers.is_null() {
+            for i in 0..(*triggers).numtriggers as usize {
+                let other = (*(*triggers).triggers.add(i)).tgconstrrelid;
+                if other != pg_sys::InvalidOid && !related.contains(&other) {
+                    related.push(other);
+                }
+            }
+        }
+        pg_sys::RelationClose(rel);
+    }
+    for table in related {
+        if cache::lookup(table).is_some() {
+            cache::placements(table);
+        }
+    }
+}
+
 #[cfg(test)]
 mod unit {
     use super::retarget;

@@ -54,6 +54,7 @@ pub unsafe fn copy_from(
         }
         check_privileges(stmt, relid);
         let relation = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
+        crate::distribution::foreign_keys::load_related_placements(relid);
         let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
         (*pstate).p_sourcetext = query_string;
         let cstate = pg_sys::BeginCopyFrom(

@@ -126,6 +126,7 @@ unsafe extern "C-unwind" fn begin(
         }
         let tupdesc = (*(*node).ss.ss_ScanTupleSlot).tts_tupleDescriptor;
         let runtime = runtime_of(node);
+        crate::distribution::foreign_keys::load_related_placements(runtime.plan.relid);
         runtime.input = Some(RowInput::new(tupdesc));
         let mut checks = pgrx::PgList::<pg_sys::WithCheckOption>::new();
         for expr in pgrx::PgList::<pg_sys::Expr>::from_pg((*cscan).custom_exprs).iter_ptr() {

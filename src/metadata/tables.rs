@@ -305,6 +305,15 @@ pub fn placement_counts(node_id: i32) -> Result<(i64, i64), MetadataError> {
     Ok((all.unwrap_or_default(), reference.unwrap_or_default()))
 }
 
+/// Points the placements of `shard_ids` on node `source` at node `target` (shards moved).
+pub fn move_placements(shard_ids: &[i64], source: i32, target: i32) -> Result<(), MetadataError> {
+    crate::metadata::cache::invalidate();
+    Ok(Spi::run_with_args(
+        "UPDATE pgdist.placement SET node_id = $3 WHERE shard_id = ANY ($1) AND node_id = $2",
+        &[shard_ids.to_vec().into(), source.into(), target.into()],
+    )?)
+}
+
 pub fn delete_placements_on(node_id: i32) -> Result<(), MetadataError> {
     crate::metadata::cache::invalidate();
     Ok(Spi::run_with_args(

@@ -1,0 +1,431 @@
+//! Moving shards between workers: `pgdist.move_shard`, `pgdist.rebalance`, `pgdist.drain_node`.
+//!
+//! A move takes one shard index of a co-location group — that shard of every co-located table,
+//! so co-located joins and foreign keys keep working — from one node to another, inside the
+//! caller's transaction (two-phase commit: all moves happen or none):
+//!
+//! 1. lock the group's tables on the coordinator in EXCLUSIVE mode: writes wait, reads go on
+//!    (from the old placements);
+//! 2. create the shards on the target (without foreign keys), and copy the rows: on the source
+//!    the shards are locked in SHARE mode first, which waits for transactions still prepared
+//!    there (committed on the coordinator, COMMIT PREPARED in flight), so that the copy sees
+//!    every committed row;
+//! 3. once every move's rows are copied, lock the tables in ACCESS EXCLUSIVE mode (reads wait
+//!    from here to the commit, which also sends COMMIT PREPARED before the locks go), point the
+//!    placements at the targets, add the foreign keys there, ANALYZE the new shards and drop the
+//!    old ones.
+//!
+//! `rebalance` plans moves so that, in every hash co-location group (or the one of a table),
+//! each primary node holds as many shard indexes as the others, give or take one;
+//! `drain_node` moves every shard off a node, to the least loaded others.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use pgrx::prelude::*;
+
+use crate::cluster::target_for;
+use crate::distribution::create::{relation_name, shard_creation_batch};
+use crate::distribution::data_move::{self, ShardSink};
+use crate::distribution::shell::{self, TableDefinition};
+use crate::distribution::{foreign_keys, run_on_placements, DistributionError};
+use crate::error::OrRaise;
+use crate::metadata::nodes;
+use crate::metadata::tables::{self, DistTable, Method, Placement};
+use crate::remote::NodeAddress;
+use crate::transaction::remote_xact;
+
+/// One shard index of one co-location group, from one node to another.
+#[derive(Clone, Debug, PartialEq)]
+struct Move {
+    group: i32,
+    index: i32,
+    source: NodeAddress,
+    target: NodeAddress,
+}
+
+/// A co-location group's tables, with their definitions and placements.
+struct Group {
+    members: Vec<(DistTable, TableDefinition, Vec<Placement>)>,
+}
+
+impl Group {
+    fn load(colocation_id: i32) -> Result<Group, DistributionError> {
+        let mut members = Vec::new();
+        for table in tables::all_tables()?
+            .into_iter()
+            .filter(|t| t.colocation_id == colocation_id)
+        {
+            let definition = shell::read_definition(table.oid)?;
+            let placements = tables::placements(table.oid)?;
+            members.push((table, definition, placements));
+        }
+        members.sort_by_key(|(table, ..)| u32::from(table.oid));
+        Ok(Group { members })
+    }
+
+    /// Node ids holding each shard index (from the group's first table: members share them).
+    fn holders(&self) -> BTreeMap<i32, Vec<NodeAddress>> {
+        let mut holders: BTreeMap<i32, Vec<NodeAddress>> = BTreeMap::new();
+        if let Some((_, _, placements)) = self.members.first() {
+            for placement in placements {
+                holders
+                    .entry(placement.shard_index)
+                    .or_default()
+                    .push(placement.node.clone());
+            }
+        }
+        holders
+    }
+
+    fn lock(&self, mode: &str) -> Result<(), DistributionError> {
+        for (table, ..) in &self.members {
+            Spi::run(&format!(
+                "LOCK TABLE {} IN {mode} MODE",
+                relation_name(table.oid)
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// The members' placements of shard index `index` on `node`.
+    fn shards_at(&self, index: i32, node: &NodeAddress) -> Vec<(&TableDefinition, &Placement)> {
+        self.members
+            .iter()
+            .filter_map(|(_, definition, placements)| {
+                placements
+                    .iter()
+                    .find(|p| p.shard_index == index && p.node == *node)
+                    .map(|p| (definition, p))
+            })
+            .collect()
+    }
+}
+
+/// Carries out `moves` (see the module comment); NOTICEs report each.
+fn run_moves(moves: &[Move]) -> Result<(), DistributionError> {
+    let mut groups: BTreeMap<i32, Group> = BTreeMap::new();
+    for group in moves.iter().map(|m| m.group).collect::<BTreeSet<_>>() {
+        let loaded = Group::load(group)?;
+        loaded.lock("EXCLUSIVE")?;
+        groups.insert(group, loaded);
+    }
+    for step in moves {
+        let group = &groups[&step.group];
+        let shards = group.shards_at(step.index, &step.source);
+        if shards.is_empty() {
+            return Err(DistributionError::BadArgument(format!(
+                "shard index {} of co-location group {} has no placement on {}",
+                step.index, step.group, step.source
+            )));
+        }
+        if !group.shards_at(step.index, &step.target).is_empty() {
+            return Err(DistributionError::BadArgument(format!(
+                "{} already holds shard index {} of co-location group {}",
+                step.target, step.index, step.group
+            )));
+        }
+        copy_shards(&shards, &step.source, &step.target)?;
+    }
+    // Switch: from here reads wait until the commit.
+    for group in groups.values() {
+        group.lock("ACCESS EXCLUSIVE")?;
+    }
+    let mut drops: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
+    for step in moves {
+        let group = &groups[&step.group];
+        let shards = group.shards_at(step.index, &step.source);
+        let ids: Vec<i64> = shards.iter().map(|(_, p)| p.shard_id).collect();
+        tables::move_placements(&ids, step.source.node_id, step.target.node_id)?;
+        drops
+            .entry(step.source.node_id)
+            .or_insert_with(|| (step.source.clone(), Vec::new()))
+            .1
+            .extend(shards.iter().map(|(d, p)| d.shard_relation(p.shard_id)));
+    }
+    for step in moves {
+        let group = &groups[&step.group];
+        for (definition, placement) in group.shards_at(step.index, &step.source) {
+            let moved = Placement {
+                node: step.target.clone(),
+                ..placement.clone()
+            };
+            foreign_keys::add_to_shards(definition, std::slice::from_ref(&moved))?;
+            run_on_placements(std::slice::from_ref(&moved), |p| {
+                vec![format!("ANALYZE {}", definition.shard_relation(p.shard_id))]
+            })?;
+        }
+    }
+    let work = drops
+        .into_values()
+        .map(|(node, shards)| {
+            Ok((
+                target_for(node)?,
+                format!("DROP TABLE IF EXISTS {}", shards.join(", ")),
+            ))
+        })
+        .collect::<Result<Vec<_>, DistributionError>>()?;
+    remote_xact::run_batches(&work);
+    Ok(())
+}
+
+/// Creates `shards` on `target` and copies their rows from `source`.
+fn copy_shards(
+    shards: &[(&TableDefinition, &Placement)],
+    source: &NodeAddress,
+    target: &NodeAddress,
+) -> Result<(), DistributionError> {
+    let mut creation = Vec::new();
+    for (definition, placement) in shards {
+        creation.push(shard_creation_batch(definition, &[placement.shard_id])?);
+    }
+    let target_node = target_for(target.clone())?;
+    remote_xact::run_batches(&[(target_node.clone(), creation.join(";\n"))]);
+    let checkout = remote_xact::checkout_begun(&[target_for(source.clone())?, target_node])?;
+    let relations: Vec<String> = shards
+        .iter()
+        .map(|(d, p)| d.shard_relation(p.shard_id))
+        .collect();
+    // Waits for transactions still prepared on the source, and keeps writes out.
+    data_move::wait(
+        checkout.conns[0]
+            .simple_query_owned(format!("LOCK TABLE {} IN SHARE MODE", relations.join(", "))),
+    )?;
+    let mut rows = 0;
+    for ((definition, placement), relation) in shards.iter().zip(&relations) {
+        let sink = ShardSink::new(definition, placement.shard_id, vec![1]);
+        rows += data_move::copy_between_nodes(
+            &checkout.conns[0],
+            relation,
+            &data_move::column_list(definition),
+            &sink,
+            &checkout.conns,
+        )?;
+    }
+    checkout.finish();
+    pgrx::notice!(
+        "pgdist: shard index {} ({} table{}, {rows} row{}) copied from {source} to {target}",
+        shards[0].1.shard_index,
+        shards.len(),
+        if shards.len() == 1 { "" } else { "s" },
+        if rows == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
+/// The hash or range co-location group of table `oid`.
+fn group_of(oid: pg_sys::Oid) -> Result<i32, DistributionError> {
+    let name = relation_name(oid);
+    let table = tables::dist_table(oid)?.ok_or(DistributionError::NotDistributed(name.clone()))?;
+    if table.method == Method::Reference {
+        return Err(DistributionError::BadArgument(format!(
+            "{name} is a reference table: every node holds all of it"
+        )));
+    }
+    Ok(table.colocation_id)
+}
+
+/// Moves that leave each node of `nodes` with as many shard indexes of the group as the
+/// others, give or take one (`holders`: the nodes of each shard index), or with none on
+/// `drained`.
+fn balancing_moves(
+    group: i32,
+    mut holders: BTreeMap<i32, Vec<NodeAddress>>,
+    nodes: &[NodeAddress],
+    drained: Option<&NodeAddress>,
+) -> Result<Vec<Move>, DistributionError> {
+    let count = |holders: &BTreeMap<i32, Vec<NodeAddress>>, node: &NodeAddress| {
+        holders.values().filter(|h| h.contains(node)).count()
+    };
+    let targets: Vec<&NodeAddress> = nodes.iter().filter(|n| Some(*n) != drained).collect();
+    let mut moves = Vec::new();
+    loop {
+        // The most loaded node (the drained one while it holds anything), and the least
+        // loaded node that lacks one of its shard indexes.
+        let from = match drained {
+            Some(node) if count(&holders, node) > 0 => node.clone(),
+            Some(_) => break,
+            None => match nodes
+                .iter()
+                .max_by_key(|n| (count(&holders, n), std::cmp::Reverse(n.node_id)))
+            {
+                Some(node) => node.clone(),
+                None => break,
+            },
+        };
+        let candidate = holders
+            .iter()
+            .filter(|(_, h)| h.contains(&from))
+            .flat_map(|(index, h)| {
+                targets
+                    .iter()
+                    .filter(|t| !h.contains(t))
+                    .map(move |t| (*index, (*t).clone()))
+            })
+            .min_by_key(|(index, to)| (count(&holders, to), to.node_id, *index));
+        let Some((index, to)) = candidate else {
+            if drained.is_some() {
+                return Err(DistributionError::BadArgument(format!(
+                    "no other node can take the shards of co-location group {group} on {from}"
+                )));
+            }
+            break;
+        };
+        if drained.is_none() && count(&holders, &from) <= count(&holders, &to) + 1 {
+            break;
+        }
+        if let Some(h) = holders.get_mut(&index) {
+            h.retain(|n| *n != from);
+            h.push(to.clone());
+        }
+        moves.push(Move {
+            group,
+            index,
+            source: from,
+            target: to,
+        });
+    }
+    Ok(moves)
+}
+
+fn primary_addresses() -> Result<Vec<NodeAddress>, DistributionError> {
+    Ok(nodes::primary_nodes()?
+        .into_iter()
+        .map(|n| n.address)
+        .collect())
+}
+
+/// The hash and range co-location groups, or the one of `table`.
+fn groups(table: Option<pg_sys::Oid>) -> Result<Vec<i32>, DistributionError> {
+    Ok(match table {
+        Some(oid) => vec![group_of(oid)?],
+        None => tables::all_tables()?
+            .into_iter()
+            .filter(|t| t.method != Method::Reference)
+            .map(|t| t.colocation_id)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    })
+}
+
+/// Plans and runs the moves of `groups` (balanced, or off `drained`); returns how many.
+fn balance(groups: Vec<i32>, drained: Option<&NodeAddress>) -> Result<i32, DistributionError> {
+    nodes::lock_membership()?;
+    let nodes = primary_addresses()?;
+    let mut moves = Vec::new();
+    for group in groups {
+        let holders = Group::load(group)?.holders();
+        moves.extend(balancing_moves(group, holders, &nodes, drained)?);
+    }
+    run_moves(&moves)?;
+    Ok(moves.len() as i32)
+}
+
+/// Moves shard `shard_id` — with the co-located shards of its index — to node `target_node`
+/// (from `source_node`, needed only when the shard has several placements).
+#[pg_extern]
+fn move_shard(shard_id: i64, target_node: i32, source_node: default!(Option<i32>, "NULL")) {
+    crate::cluster::require_superuser("move shards");
+    move_shard_impl(shard_id, target_node, source_node).or_raise()
+}
+
+fn move_shard_impl(
+    shard_id: i64,
+    target_node: i32,
+    source_node: Option<i32>,
+) -> Result<(), DistributionError> {
+    nodes::lock_membership()?;
+    let table = Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT (SELECT table_oid::oid FROM pgdist.shard WHERE shard_id = $1)",
+        &[shard_id.into()],
+    )?
+    .ok_or_else(|| DistributionError::BadArgument(format!("there is no shard {shard_id}")))?;
+    let group = group_of(table)?;
+    let placements: Vec<Placement> = tables::placements(table)?
+        .into_iter()
+        .filter(|p| p.shard_id == shard_id)
+        .collect();
+    let source = match (source_node, placements.as_slice()) {
+        (None, [only]) => only.node.clone(),
+        (None, _) => {
+            return Err(DistributionError::BadArgument(format!(
+                "shard {shard_id} has {} placements: say which one with source_node",
+                placements.len()
+            )))
+        }
+        (Some(id), _) => placements
+            .iter()
+            .find(|p| p.node.node_id == id)
+            .map(|p| p.node.clone())
+            .ok_or_else(|| {
+                DistributionError::BadArgument(format!(
+                    "shard {shard_id} has no placement on node {id}"
+                ))
+            })?,
+    };
+    let target = primary_addresses()?
+        .into_iter()
+        .find(|n| n.node_id == target_node)
+        .ok_or_else(|| {
+            DistributionError::BadArgument(format!("node {target_node} is not a primary worker"))
+        })?;
+    run_moves(&[Move {
+        group,
+        index: placements[0].shard_index,
+        source,
+        target,
+    }])
+}
+
+/// Spreads the shards of every hash and range co-location group (or of `table_name`'s) evenly
+/// over the primary workers; returns how many shard indexes moved.
+#[pg_extern]
+fn rebalance(table_name: default!(Option<pgrx::PgRelation>, "NULL")) -> i32 {
+    crate::cluster::require_superuser("move shards");
+    let table = table_name.map(|t| t.oid());
+    balance(groups(table).or_raise(), None).or_raise()
+}
+
+/// Moves every shard of distributed tables off node `node_id` (before `remove_node`); returns
+/// how many shard indexes moved.
+#[pg_extern]
+fn drain_node(node_id: i32) -> i32 {
+    crate::cluster::require_superuser("move shards");
+    let drained = nodes::node_by_id(node_id)
+        .or_raise()
+        .map(|n| n.address)
+        .unwrap_or_else(|| {
+            crate::error::raise(DistributionError::BadArgument(format!(
+                "there is no node {node_id}"
+            )))
+        });
+    balance(groups(None).or_raise(), Some(&drained)).or_raise()
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn node(id: i32) -> NodeAddress {
+        NodeAddress {
+            node_id: id,
+            host: "h".into(),
+            port: 5000 + id as u16,
+        }
+    }
+
+    #[test]
+    fn balancing_spreads_shard_indexes_evenly() {
+        let holders: BTreeMap<i32, Vec<NodeAddress>> =
+            (0..6).map(|i| (i, vec![node(1 + i % 2)])).collect();
+        let nodes = [node(1), node(2), node(3)];
+        let moves = balancing_moves(7, holders.clone(), &nodes, None).unwrap();
+        assert_eq!(moves.len(), 2);
+        assert!(moves.iter().all(|m| m.target == node(3)));
+        let drained = balancing_moves(7, holders, &nodes, Some(&node(1))).unwrap();
+        assert_eq!(drained.len(), 3);
+        assert!(drained
+            .iter()
+            .all(|m| m.source == node(1) && m.target != node(1)));
+    }
+}
