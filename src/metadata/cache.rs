@@ -3,7 +3,8 @@
 //! Planning must not read the catalog for every query, so the set is loaded once and dropped
 //! when a relcache invalidation names the catalog table `pgdist.dist_table` (every change pgdist
 //! makes to it sends one, see [`invalidate`]), one of the cached tables, or everything.
-//! Databases without pgdist pay one syscache lookup per planned query.
+//! Databases without pgdist pay one syscache lookup per planned query. The catalog is read in
+//! the latest snapshot (`read_latest`), not the statement's.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -91,7 +92,7 @@ pub fn with_tables<R>(f: impl FnOnce(&HashMap<pg_sys::Oid, DistTable>) -> R) -> 
             }
             LOADING.set(true);
             let _loading = Loading;
-            crate::metadata::as_catalog_owner(tables::all_tables)
+            read_latest(tables::all_tables)
         };
         let tables = result.unwrap_or_else(|err: MetadataError| crate::error::raise(err));
         CACHE.with_borrow_mut(|cache| {
@@ -103,6 +104,22 @@ pub fn with_tables<R>(f: impl FnOnce(&HashMap<pg_sys::Oid, DistTable>) -> R) -> 
         });
     }
     CACHE.with_borrow(|cache| f(cache.as_ref().map_or(&empty, |loaded| &loaded.tables)))
+}
+
+/// Runs `f` — reads of pgdist's catalog for the cache — as the catalog owner, in the latest
+/// snapshot rather than the statement's. The statement's snapshot may predate a change whose
+/// invalidation this backend has already processed (taken before the statement waited for a
+/// lock that the change held: a shard move, a DDL statement); loading in it would cache the
+/// old metadata until the next invalidation, as PostgreSQL's own caches avoid with catalog
+/// snapshots.
+fn read_latest<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: inside a transaction (the callers check); the snapshot pushed here is popped
+    // below, or by the abort's cleanup of the snapshot stack when `f` fails.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+    let result = crate::metadata::as_catalog_owner(f);
+    // SAFETY: pops the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    result
 }
 
 /// The distributed table `oid`, if it is one.
@@ -121,7 +138,7 @@ pub fn placements(oid: pg_sys::Oid) -> Rc<[Placement]> {
     if let Some(placements) = cached {
         return placements;
     }
-    let placements: Rc<[Placement]> = crate::metadata::as_catalog_owner(|| tables::placements(oid))
+    let placements: Rc<[Placement]> = read_latest(|| tables::placements(oid))
         .unwrap_or_else(|err| crate::error::raise(err))
         .into();
     CACHE.with_borrow_mut(|cache| {
