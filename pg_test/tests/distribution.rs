@@ -35,6 +35,7 @@ fn main() {
             vacuum_and_analyze_reach_every_shard,
             shards_move_to_a_new_worker_and_off_it_again,
             moves_under_concurrent_transfers_lose_nothing,
+            rows_inserted_while_a_table_is_distributed_all_reach_its_shards,
         ],
     )
 }
@@ -1679,4 +1680,45 @@ fn moves_under_concurrent_transfers_lose_nothing(cluster: &Cluster) {
         .execute("SELECT pgdist.remove_node($1)", &[&node_id])
         .unwrap();
     cluster.extra.lock().unwrap().push(extra);
+}
+
+/// A session inserting rows one by one while the table is distributed: its inserts wait for
+/// the distribution and then go to the shards (none into the coordinator's emptied table,
+/// where no query would find them).
+fn rows_inserted_while_a_table_is_distributed_all_reach_its_shards(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE TABLE busy (id int, v int);
+             INSERT INTO busy SELECT i, i FROM generate_series(1, 100000) i;",
+        )
+        .unwrap();
+    let conninfo = cluster.coordinator.conninfo();
+    let inserter = std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+        for i in 0..300 {
+            client
+                .execute("INSERT INTO busy VALUES ($1, 0)", &[&(200_000 + i)])
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    client
+        .batch_execute("SELECT pgdist.create_distributed_table('busy', 'id', shard_count => 4)")
+        .unwrap();
+    inserter.join().unwrap();
+    assert_eq!(one_i64(&mut client, "SELECT count(*) FROM busy"), 100_300);
+    let on_shards: i64 = shards(&mut client, "busy")
+        .iter()
+        .map(|shard| {
+            worker_i64(
+                cluster,
+                shard.port,
+                &format!("SELECT count(*) FROM {}", shard.name),
+            )
+        })
+        .sum();
+    assert_eq!(on_shards, 100_300);
+    client.batch_execute("DROP TABLE busy").unwrap();
 }
