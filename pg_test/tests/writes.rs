@@ -1140,6 +1140,9 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
              RETURNING a.id, u.amount",
             "WITH d AS (DELETE FROM orders WHERE id = -1 RETURNING id) \
              DELETE FROM orders_archive WHERE id NOT IN (SELECT id FROM d) AND customer = 5",
+            // A WITH query of a subquery with the same name is that query, not the write.
+            "WITH d AS (DELETE FROM orders WHERE id = -2 RETURNING id) DELETE FROM orders_archive \
+             WHERE id IN (WITH d AS MATERIALIZED (SELECT 5015 AS id) SELECT id FROM d) RETURNING id",
             "WITH e AS (INSERT INTO order_events VALUES (5, 'x'), (6, NULL) RETURNING order_id, what) \
              UPDATE orders SET status = coalesce(e.what, 'null') FROM e WHERE orders.id = e.order_id",
             "WITH e AS (INSERT INTO order_events VALUES (8, 'y') RETURNING order_id) \

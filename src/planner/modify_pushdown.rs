@@ -613,6 +613,12 @@ impl Walk {
         // SAFETY: rte is a WITH query entry of the statement; the WITH queries found so far
         // belong to the statement too.
         unsafe {
+            // Only the statement's own WITH list has data-modifying queries: the entry must
+            // name one there, not a query of its own level that has the same name.
+            let depth = self.levels.len().saturating_sub(1);
+            if (*rte).ctelevelsup as usize != depth {
+                return;
+            }
             let name = CStr::from_ptr((*rte).ctename);
             let Some(&cte) = self
                 .with_writes
