@@ -58,6 +58,8 @@ pub enum DistributionError {
         why: String,
         hint: String,
     },
+    #[error("{0}")]
+    Move(String),
     #[error("the distribution column contains NULL values")]
     NullDistributionValue,
     #[error("method must be 'hash' or 'range', not \"{0}\"")]
@@ -97,7 +99,9 @@ impl PgError for DistributionError {
             NoSuchColumn { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
             NoHashFunction(_) | NoOrdering(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
             NullDistributionValue => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
-            BadMethod(_) | BadArgument(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            BadMethod(_) | BadArgument(_) | Move(_) => {
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+            }
             NoWorkers => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             StillDistributed(_) => PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
             CannotColocate { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -142,6 +146,11 @@ impl PgError for DistributionError {
             NoWorkers => Some("Add workers with SELECT pgdist.add_node(host, port).".into()),
             BadArgument(_) => Some("See the arguments of pgdist.create_distributed_table in the README.".into()),
             BadMethod(_) => Some("Use method => 'hash' (the default) or method => 'range'.".into()),
+            Move(_) => Some(
+                "pgdist.shards shows where each shard is (shard_id, node_id), pgdist.nodes the \
+                 workers."
+                    .into(),
+            ),
             Remote(err) => err.hint(),
             ConcurrentIndex { .. } => Some(
                 "The index is left INVALID, as PostgreSQL leaves an index whose CREATE INDEX \

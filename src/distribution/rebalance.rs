@@ -113,13 +113,13 @@ fn run_moves(moves: &[Move]) -> Result<(), DistributionError> {
         let group = &groups[&step.group];
         let shards = group.shards_at(step.index, &step.source);
         if shards.is_empty() {
-            return Err(DistributionError::BadArgument(format!(
+            return Err(DistributionError::Move(format!(
                 "shard index {} of co-location group {} has no placement on {}",
                 step.index, step.group, step.source
             )));
         }
         if !group.shards_at(step.index, &step.target).is_empty() {
-            return Err(DistributionError::BadArgument(format!(
+            return Err(DistributionError::Move(format!(
                 "{} already holds shard index {} of co-location group {}",
                 step.target, step.index, step.group
             )));
@@ -217,7 +217,7 @@ fn group_of(oid: pg_sys::Oid) -> Result<i32, DistributionError> {
     let name = relation_name(oid);
     let table = tables::dist_table(oid)?.ok_or(DistributionError::NotDistributed(name.clone()))?;
     if table.method == Method::Reference {
-        return Err(DistributionError::BadArgument(format!(
+        return Err(DistributionError::Move(format!(
             "{name} is a reference table: every node holds all of it"
         )));
     }
@@ -264,7 +264,7 @@ fn balancing_moves(
             .min_by_key(|(index, to)| (count(&holders, to), to.node_id, *index));
         let Some((index, to)) = candidate else {
             if drained.is_some() {
-                return Err(DistributionError::BadArgument(format!(
+                return Err(DistributionError::Move(format!(
                     "no other node can take the shards of co-location group {group} on {from}"
                 )));
             }
@@ -339,7 +339,7 @@ fn move_shard_impl(
         "SELECT (SELECT table_oid::oid FROM pgdist.shard WHERE shard_id = $1)",
         &[shard_id.into()],
     )?
-    .ok_or_else(|| DistributionError::BadArgument(format!("there is no shard {shard_id}")))?;
+    .ok_or_else(|| DistributionError::Move(format!("there is no shard {shard_id}")))?;
     let group = group_of(table)?;
     let placements: Vec<Placement> = tables::placements(table)?
         .into_iter()
@@ -348,7 +348,7 @@ fn move_shard_impl(
     let source = match (source_node, placements.as_slice()) {
         (None, [only]) => only.node.clone(),
         (None, _) => {
-            return Err(DistributionError::BadArgument(format!(
+            return Err(DistributionError::Move(format!(
                 "shard {shard_id} has {} placements: say which one with source_node",
                 placements.len()
             )))
@@ -358,16 +358,14 @@ fn move_shard_impl(
             .find(|p| p.node.node_id == id)
             .map(|p| p.node.clone())
             .ok_or_else(|| {
-                DistributionError::BadArgument(format!(
-                    "shard {shard_id} has no placement on node {id}"
-                ))
+                DistributionError::Move(format!("shard {shard_id} has no placement on node {id}"))
             })?,
     };
     let target = primary_addresses()?
         .into_iter()
         .find(|n| n.node_id == target_node)
         .ok_or_else(|| {
-            DistributionError::BadArgument(format!("node {target_node} is not a primary worker"))
+            DistributionError::Move(format!("node {target_node} is not a primary worker"))
         })?;
     run_moves(&[Move {
         group,
@@ -395,7 +393,7 @@ fn drain_node(node_id: i32) -> i32 {
         .or_raise()
         .map(|n| n.address)
         .unwrap_or_else(|| {
-            crate::error::raise(DistributionError::BadArgument(format!(
+            crate::error::raise(DistributionError::Move(format!(
                 "there is no node {node_id}"
             )))
         });
