@@ -36,6 +36,7 @@ fn main() {
             shards_move_to_a_new_worker_and_off_it_again,
             moves_under_concurrent_transfers_lose_nothing,
             rows_inserted_while_a_table_is_distributed_all_reach_its_shards,
+            tables_and_their_shards_change_schema_together,
         ],
     )
 }
@@ -1721,4 +1722,59 @@ fn rows_inserted_while_a_table_is_distributed_all_reach_its_shards(cluster: &Clu
         .sum();
     assert_eq!(on_shards, 100_300);
     client.batch_execute("DROP TABLE busy").unwrap();
+}
+
+/// ALTER TABLE … SET SCHEMA moves the shards along; ALTER SCHEMA … RENAME renames the schema on
+/// the workers too; the tables keep working afterwards.
+fn tables_and_their_shards_change_schema_together(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE SCHEMA sa; CREATE SCHEMA sb;
+             CREATE TABLE sa.moving (id int PRIMARY KEY, v int);
+             CREATE TABLE sa.lookup (k int PRIMARY KEY);
+             INSERT INTO sa.moving SELECT i, i FROM generate_series(1, 100) i;
+             INSERT INTO sa.lookup SELECT generate_series(1, 10);
+             SELECT pgdist.create_distributed_table('sa.moving', 'id', shard_count => 4);
+             SELECT pgdist.create_reference_table('sa.lookup');
+             ALTER TABLE sa.moving SET SCHEMA sb;
+             ALTER TABLE sa.lookup SET SCHEMA sb;",
+        )
+        .unwrap();
+    let on_workers = |client: &mut Client, table: &str| -> i64 {
+        shards(client, table)
+            .iter()
+            .map(|shard| {
+                worker_i64(
+                    cluster,
+                    shard.port,
+                    &format!("SELECT count(*) FROM {}", shard.name),
+                )
+            })
+            .sum()
+    };
+    assert!(shards(&mut client, "sb.moving")
+        .iter()
+        .all(|s| s.name.starts_with("sb.")));
+    assert_eq!(on_workers(&mut client, "sb.moving"), 100);
+    assert_eq!(on_workers(&mut client, "sb.lookup"), 20);
+    client
+        .batch_execute(
+            "ALTER SCHEMA sb RENAME TO sc;
+             INSERT INTO sc.moving VALUES (101, 1);
+             ALTER TABLE sc.moving ADD COLUMN w int DEFAULT 7;",
+        )
+        .unwrap();
+    assert!(shards(&mut client, "sc.moving")
+        .iter()
+        .all(|s| s.name.starts_with("sc.")));
+    assert_eq!(on_workers(&mut client, "sc.moving"), 101);
+    assert_eq!(
+        one_i64(
+            &mut client,
+            "SELECT count(*) FROM sc.moving m JOIN sc.lookup l ON l.k = m.v WHERE m.w = 7"
+        ),
+        11
+    );
+    client.batch_execute("DROP SCHEMA sa, sc CASCADE").unwrap();
 }

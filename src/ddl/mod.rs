@@ -18,9 +18,9 @@
 //! has built the index on the shell, each shard's index is built concurrently over a
 //! connection of its own (nodes in parallel); if one fails the shell's index is marked INVALID,
 //! as PostgreSQL leaves a failed concurrent build. Refused: CREATE TRIGGER (it would not fire
-//! on the shards), local tables inheriting from distributed or reference tables, SET SCHEMA,
-//! renaming a schema that holds distributed tables. DROP INDEX CONCURRENTLY drops the shards'
-//! indexes concurrently too.
+//! on the shards), local tables inheriting from distributed or reference tables. ALTER TABLE …
+//! SET SCHEMA moves the shards to the new schema, ALTER SCHEMA … RENAME renames it on every
+//! worker. DROP INDEX CONCURRENTLY drops the shards' indexes concurrently too.
 
 pub mod diff;
 mod vacuum;
@@ -79,6 +79,13 @@ enum Propagation {
         definitions: Vec<TableDefinition>,
         cascade: bool,
     },
+    /// ALTER TABLE … SET SCHEMA: the shards move to the new schema too.
+    SetSchema {
+        table: DistTable,
+        before: TableDefinition,
+    },
+    /// ALTER SCHEMA … RENAME of a schema with distributed tables: renamed on every worker.
+    RenameSchema { old: String, new: String },
     /// VACUUM / ANALYZE of distributed tables: the same on every shard.
     Vacuum(vacuum::ShardVacuum),
     /// SET CONSTRAINTS ALL DEFERRED / IMMEDIATE: the nodes' deferrable constraints (foreign
@@ -365,32 +372,34 @@ unsafe fn plan(
                         table.map(change).transpose().map(Option::flatten)
                     }
                     pg_sys::ObjectType::OBJECT_SCHEMA => {
-                        let name = CStr::from_ptr((*stmt).subname).to_string_lossy();
                         let schema = pg_sys::get_namespace_oid((*stmt).subname, true);
-                        if schema != pg_sys::InvalidOid
-                            && !tables::tables_in_schemas(&[schema])?.is_empty()
+                        if schema == pg_sys::InvalidOid
+                            || tables::tables_in_schemas(&[schema])?.is_empty()
                         {
-                            return Err(unsupported(
-                                &format!(
-                                    "renaming schema \"{name}\", which holds distributed tables,"
-                                ),
-                                "Keep the schema name, or undistribute its tables first.",
-                            ));
+                            return Ok(None);
                         }
-                        Ok(None)
+                        Ok(Some(Propagation::RenameSchema {
+                            old: CStr::from_ptr((*stmt).subname)
+                                .to_string_lossy()
+                                .into_owned(),
+                            new: CStr::from_ptr((*stmt).newname)
+                                .to_string_lossy()
+                                .into_owned(),
+                        }))
                     }
                     _ => Ok(None),
                 }
             }
             pg_sys::NodeTag::T_AlterObjectSchemaStmt => {
                 let stmt = node.cast::<pg_sys::AlterObjectSchemaStmt>();
-                if !(*stmt).relation.is_null() && distributed((*stmt).relation)?.is_some() {
-                    return Err(unsupported(
-                        "ALTER TABLE … SET SCHEMA",
-                        "Undistribute the table, move it, and distribute it again.",
-                    ));
+                if (*stmt).relation.is_null() {
+                    return Ok(None);
                 }
-                Ok(None)
+                let Some(table) = distributed((*stmt).relation)? else {
+                    return Ok(None);
+                };
+                let before = shell::read_definition(table.oid)?;
+                Ok(Some(Propagation::SetSchema { table, before }))
             }
             pg_sys::NodeTag::T_CreateTrigStmt => {
                 let stmt = node.cast::<pg_sys::CreateTrigStmt>();
@@ -752,6 +761,37 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
             Ok(())
         }
         Propagation::Vacuum(work) => vacuum::run(work),
+        Propagation::SetSchema { table, before } => {
+            let (schema, _) = crate::executor::schema_and_name(table.oid);
+            let schema = quote_identifier(&schema);
+            run_on_placements(&tables::placements(table.oid)?, |placement| {
+                vec![
+                    format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
+                    format!(
+                        "ALTER TABLE {} SET SCHEMA {schema}",
+                        before.shard_relation(placement.shard_id)
+                    ),
+                ]
+            })
+        }
+        Propagation::RenameSchema { old, new } => {
+            // Only workers with shards have the schema.
+            let sql = format!(
+                "DO $pgdist$ BEGIN IF pg_catalog.to_regnamespace({}) IS NOT NULL THEN \
+                 ALTER SCHEMA {} RENAME TO {}; END IF; END $pgdist$",
+                quote_literal(&quote_identifier(&old)),
+                quote_identifier(&old),
+                quote_identifier(&new)
+            );
+            let work = crate::metadata::nodes::primary_nodes()?
+                .into_iter()
+                .map(|node| Ok((target_for(node.address)?, sql.clone())))
+                .collect::<Result<Vec<_>, DistributionError>>()?;
+            if !work.is_empty() {
+                remote_xact::run_batches(&work);
+            }
+            Ok(())
+        }
         Propagation::ConstraintMode { deferred } => {
             // SAFETY: a plain read of the transaction state.
             if unsafe { pg_sys::IsTransactionBlock() } {
