@@ -1131,7 +1131,7 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
             // UPDATE and DELETE reading a WITH query's rows: they travel with every shard's
             // statement.
             "INSERT INTO orders_archive SELECT id + 5000, customer, amount, status FROM orders \
-             WHERE customer IN (2, 4)",
+             WHERE customer IN (2, 4, 7)",
             "WITH d AS (DELETE FROM orders WHERE customer = 4 RETURNING id, status) \
              UPDATE orders_archive SET status = 'gone ' || d.status FROM d \
              WHERE orders_archive.id = d.id + 5000 RETURNING orders_archive.*, d.id",
@@ -1140,6 +1140,12 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
              RETURNING a.id, u.amount",
             "WITH d AS (DELETE FROM orders WHERE id = -1 RETURNING id) \
              DELETE FROM orders_archive WHERE id NOT IN (SELECT id FROM d) AND customer = 5",
+            // Writes inside WITH reading the rows of other ones.
+            "WITH d AS (DELETE FROM orders WHERE customer = 7 RETURNING id, amount), \
+                  u AS (UPDATE orders_archive SET amount = d.amount FROM d \
+                        WHERE orders_archive.id = d.id + 5000 RETURNING orders_archive.id), \
+                  e AS (INSERT INTO order_events SELECT id, 'synced' FROM u RETURNING *) \
+             SELECT count(*) FROM e",
             // A WITH query of a subquery with the same name is that query, not the write.
             "WITH d AS (DELETE FROM orders WHERE id = -2 RETURNING id) DELETE FROM orders_archive \
              WHERE id IN (WITH d AS MATERIALIZED (SELECT 5015 AS id) SELECT id FROM d) RETURNING id",

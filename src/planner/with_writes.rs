@@ -308,9 +308,6 @@ unsafe fn standalone_copy(
                 why.into(),
             ))
         };
-        if named.iter().any(|i| ctes[*i].writes()) {
-            return not_pushable("it reads the rows of another data-modifying WITH query");
-        }
         if !(*copy).cteList.is_null() {
             return not_pushable("it has a WITH clause of its own and reads the statement's");
         }
