@@ -1565,6 +1565,34 @@ fn shards_move_to_a_new_worker_and_off_it_again(cluster: &Cluster) {
         let err = client.batch_execute(&sql).unwrap_err();
         assert_eq!(sqlstate(&err), "22023", "{sql}: {err:?}");
     }
+    // A target that is down: a clear error, and nothing moved.
+    let placements_before = query_text(
+        &mut client,
+        "SELECT shard_id, node_id FROM pgdist.shards ORDER BY 1, 2",
+    )
+    .unwrap();
+    let back: i64 = client
+        .query_one(
+            "SELECT shard_id FROM pgdist.shards WHERE table_name = 'mv_accounts'::regclass AND port <> $1 LIMIT 1",
+            &[&(port as i32)],
+        )
+        .unwrap()
+        .get(0);
+    extra.stop();
+    let err = client
+        .batch_execute(&format!("SELECT pgdist.move_shard({back}, {node_id})"))
+        .unwrap_err();
+    assert!(sqlstate(&err).starts_with("08"), "{err:?}");
+    extra.start();
+    assert_eq!(
+        query_text(
+            &mut client,
+            "SELECT shard_id, node_id FROM pgdist.shards ORDER BY 1, 2"
+        )
+        .unwrap(),
+        placements_before
+    );
+    assert_eq!(answers(&mut client), before);
     // Off the new worker again, and it can leave.
     let moved_off: i32 = client
         .query_one("SELECT pgdist.drain_node($1)", &[&node_id])
