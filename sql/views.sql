@@ -56,6 +56,15 @@ LEFT JOIN pg_catalog.pg_stat_activity a
 ORDER BY a.xact_start, coordinator_pid, p.node_id, p.remote_pid;
 COMMENT ON VIEW pgdist.distributed_transactions IS 'One row per node taking part in an open coordinator transaction (its backend there, or its prepared transaction waiting for COMMIT PREPARED).';
 
+CREATE FUNCTION pgdist.rebalance(strategy text DEFAULT 'by_shard_count', threshold float8 DEFAULT 0.1,
+                                 dry_run bool DEFAULT false, relation regclass DEFAULT NULL)
+RETURNS TABLE (shard_id bigint, table_name regclass, source_node int, target_node int, bytes bigint)
+LANGUAGE sql VOLATILE AS $$
+    SELECT m.shard_id, m.table_oid::regclass, m.source_node, m.target_node, m.bytes
+    FROM pgdist.rebalance_moves(strategy, threshold, dry_run, relation) m
+$$;
+COMMENT ON FUNCTION pgdist.rebalance(text, float8, bool, regclass) IS 'Moves shards so that every primary worker holds about as many of each co-location group (only relation''s group when given); returns the moves (planned only with dry_run).';
+
 -- Every role may use pgdist's functions (partial aggregates appear in distributed plans); the
 -- catalog tables and views stay readable by their owner, and the administration functions
 -- check for a superuser or the table's owner themselves (docs/security.md).

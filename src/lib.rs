@@ -13,6 +13,7 @@ pub mod executor;
 pub mod gucs;
 pub mod maintenance;
 pub mod metadata;
+pub mod placement;
 pub mod planner;
 pub mod remote;
 pub mod transaction;

@@ -1499,14 +1499,18 @@ fn shards_move_to_a_new_worker_and_off_it_again(cluster: &Cluster) {
     let mover = std::thread::spawn(move || {
         let mut client = postgres::Client::connect(&connect, postgres::NoTls).unwrap();
         client
-            .query_one("SELECT pgdist.rebalance('mv_events')", &[])
+            .query_one(
+                "SELECT count(*) FROM pgdist.rebalance(relation => 'mv_events')",
+                &[],
+            )
             .unwrap()
-            .get::<_, i32>(0)
+            .get::<_, i64>(0)
     });
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(!mover.is_finished(), "the move did not wait for the writer");
     writer.batch_execute("COMMIT").unwrap();
-    assert_eq!(mover.join().unwrap(), 2);
+    // Two shard indexes, each of both co-located tables.
+    assert_eq!(mover.join().unwrap(), 4);
     assert_eq!(
         shards_per_port(&mut client, "mv_accounts").len(),
         3,
@@ -1557,14 +1561,35 @@ fn shards_move_to_a_new_worker_and_off_it_again(cluster: &Cluster) {
         )
         .unwrap()
         .get(0);
-    for sql in [
-        format!("SELECT pgdist.move_shard({shard}, {node_id})"),
-        "SELECT pgdist.rebalance('mv_codes')".to_string(),
-        "SELECT pgdist.move_shard(-1, 1)".to_string(),
+    for (sql, state) in [
+        (
+            format!("SELECT pgdist.move_shard({shard}, {node_id}, 'blocking')"),
+            "22023",
+        ),
+        (
+            "SELECT pgdist.rebalance(relation => 'mv_codes')".to_string(),
+            "22023",
+        ),
+        (
+            "SELECT pgdist.move_shard(-1, 1, 'blocking')".to_string(),
+            "22023",
+        ),
+        (format!("SELECT pgdist.move_shard({shard}, 1)"), "0A000"),
+        (
+            "SELECT pgdist.rebalance('by_disk_size')".to_string(),
+            "0A000",
+        ),
     ] {
         let err = client.batch_execute(&sql).unwrap_err();
-        assert_eq!(sqlstate(&err), "22023", "{sql}: {err:?}");
+        assert_eq!(sqlstate(&err), state, "{sql}: {err:?}");
+        assert!(err.as_db_error().and_then(|d| d.hint()).is_some(), "{sql}");
     }
+    // A dry run lists the moves without making them.
+    let planned = one_i64(
+        &mut client,
+        "SELECT count(*) FROM pgdist.rebalance(dry_run => true, threshold => 0, relation => 'mv_events')",
+    );
+    assert_eq!(planned, 0, "already balanced");
     // A target that is down: a clear error, and nothing moved.
     let placements_before = query_text(
         &mut client,
@@ -1580,7 +1605,9 @@ fn shards_move_to_a_new_worker_and_off_it_again(cluster: &Cluster) {
         .get(0);
     extra.stop();
     let err = client
-        .batch_execute(&format!("SELECT pgdist.move_shard({back}, {node_id})"))
+        .batch_execute(&format!(
+            "SELECT pgdist.move_shard({back}, {node_id}, 'blocking')"
+        ))
         .unwrap_err();
     assert!(sqlstate(&err).starts_with("08"), "{err:?}");
     extra.start();
@@ -1594,11 +1621,11 @@ fn shards_move_to_a_new_worker_and_off_it_again(cluster: &Cluster) {
     );
     assert_eq!(answers(&mut client), before);
     // Off the new worker again, and it can leave.
-    let moved_off: i32 = client
+    let moved_off: i64 = client
         .query_one("SELECT pgdist.drain_node($1)", &[&node_id])
         .unwrap()
         .get(0);
-    assert_eq!(moved_off, 2);
+    assert_eq!(moved_off, 4);
     client
         .execute("SELECT pgdist.remove_node($1)", &[&node_id])
         .unwrap();
@@ -1673,7 +1700,7 @@ fn moves_under_concurrent_transfers_lose_nothing(cluster: &Cluster) {
     for _ in 0..2 {
         std::thread::sleep(std::time::Duration::from_millis(300));
         client
-            .query_one("SELECT pgdist.rebalance('mt_accounts')", &[])
+            .batch_execute("SELECT pgdist.rebalance(relation => 'mt_accounts')")
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(300));
         client

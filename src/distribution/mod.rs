@@ -5,7 +5,6 @@ pub mod create;
 pub mod data_move;
 pub mod foreign_keys;
 pub mod hashing;
-pub mod rebalance;
 pub mod shell;
 pub mod statistics;
 pub mod undistribute;

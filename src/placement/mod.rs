@@ -1,4 +1,5 @@
-//! Moving shards between workers: `pgdist.move_shard`, `pgdist.rebalance`, `pgdist.drain_node`.
+//! Shard placement: moving shards between workers (`pgdist.move_shard`, `pgdist.rebalance`,
+//! `pgdist.drain_node`).
 //!
 //! A move takes one shard index of a co-location group — that shard of every co-located table,
 //! so co-located joins and foreign keys keep working — from one node to another, inside the
@@ -15,9 +16,10 @@
 //!    placements at the targets, add the foreign keys there, ANALYZE the new shards and drop the
 //!    old ones.
 //!
-//! `rebalance` plans moves so that, in every hash co-location group (or the one of a table),
-//! each primary node holds as many shard indexes as the others, give or take one;
-//! `drain_node` moves every shard off a node, to the least loaded others.
+//! `rebalance` plans moves so that, in every hash or range co-location group (or the one of a
+//! table), no primary holds more shard indexes than `threshold` above the average, or two more
+//! than another (`dry_run` only lists them); `drain_node` moves every shard off a node, to the
+//! least loaded others. Moves block writes (`mode => 'blocking'`); online moves are not built.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -232,7 +234,10 @@ fn balancing_moves(
     mut holders: BTreeMap<i32, Vec<NodeAddress>>,
     nodes: &[NodeAddress],
     drained: Option<&NodeAddress>,
+    threshold: f64,
 ) -> Result<Vec<Move>, DistributionError> {
+    let placements: usize = holders.values().map(Vec::len).sum();
+    let average = placements as f64 / nodes.len().max(1) as f64;
     let count = |holders: &BTreeMap<i32, Vec<NodeAddress>>, node: &NodeAddress| {
         holders.values().filter(|h| h.contains(node)).count()
     };
@@ -270,7 +275,10 @@ fn balancing_moves(
             }
             break;
         };
-        if drained.is_none() && count(&holders, &from) <= count(&holders, &to) + 1 {
+        if drained.is_none()
+            && (count(&holders, &from) <= count(&holders, &to) + 1
+                || (count(&holders, &from) as f64) <= average * (1.0 + threshold))
+        {
             break;
         }
         if let Some(h) = holders.get_mut(&index) {
@@ -308,25 +316,83 @@ fn groups(table: Option<pg_sys::Oid>) -> Result<Vec<i32>, DistributionError> {
     })
 }
 
-/// Plans and runs the moves of `groups` (balanced, or off `drained`); returns how many.
-fn balance(groups: Vec<i32>, drained: Option<&NodeAddress>) -> Result<i32, DistributionError> {
+/// One row of `rebalance`'s answer: a shard that moves (or would, with `dry_run`).
+type MoveRow = (i64, pg_sys::Oid, i32, i32, Option<i64>);
+
+/// Plans the moves of `groups` (balanced within `threshold`, or off `drained`), runs them
+/// unless `dry_run`, and returns a row per shard moved.
+fn balance(
+    groups: Vec<i32>,
+    drained: Option<&NodeAddress>,
+    threshold: f64,
+    dry_run: bool,
+) -> Result<Vec<MoveRow>, DistributionError> {
     nodes::lock_membership()?;
     let nodes = primary_addresses()?;
     let mut moves = Vec::new();
+    let mut rows = Vec::new();
     for group in groups {
-        let holders = Group::load(group)?.holders();
-        moves.extend(balancing_moves(group, holders, &nodes, drained)?);
+        let loaded = Group::load(group)?;
+        let planned = balancing_moves(group, loaded.holders(), &nodes, drained, threshold)?;
+        for step in &planned {
+            for (definition, placement) in loaded.shards_at(step.index, &step.source) {
+                rows.push((
+                    placement.shard_id,
+                    definition.oid,
+                    step.source.node_id,
+                    step.target.node_id,
+                    shard_bytes(definition, placement),
+                ));
+            }
+        }
+        moves.extend(planned);
     }
-    run_moves(&moves)?;
-    Ok(moves.len() as i32)
+    if !dry_run {
+        run_moves(&moves)?;
+    }
+    Ok(rows)
 }
 
-/// Moves shard `shard_id` — with the co-located shards of its index — to node `target_node`
-/// (from `source_node`, needed only when the shard has several placements).
+/// The size of a shard placement, asked from its node (None when it does not answer).
+fn shard_bytes(definition: &TableDefinition, placement: &Placement) -> Option<i64> {
+    let target = target_for(placement.node.clone()).ok()?;
+    let sql = format!(
+        "SELECT pg_catalog.pg_total_relation_size({})",
+        crate::remote::quote::quote_literal(&definition.shard_relation(placement.shard_id))
+    );
+    let rows = crate::remote::run_on_each(std::slice::from_ref(&target), &sql)
+        .pop()?
+        .ok()?;
+    crate::remote::rows_as_text(&rows)
+        .first()?
+        .first()?
+        .as_deref()?
+        .parse()
+        .ok()
+}
+
+/// Moves shard `shard_id` — with the co-located shards of its index — to node
+/// `target_node_id` (from `source_node_id`, needed only when the shard has several
+/// placements). `mode => 'blocking'` is the one supported: writes to the tables wait while
+/// the rows are copied.
 #[pg_extern]
-fn move_shard(shard_id: i64, target_node: i32, source_node: default!(Option<i32>, "NULL")) {
+fn move_shard(
+    shard_id: i64,
+    target_node_id: i32,
+    mode: default!(&str, "'online'"),
+    source_node_id: default!(Option<i32>, "NULL"),
+) {
     crate::cluster::require_superuser("move shards");
-    move_shard_impl(shard_id, target_node, source_node).or_raise()
+    if mode != "blocking" {
+        crate::error::raise(DistributionError::UnsupportedStatement {
+            what: format!("pgdist.move_shard with mode => '{mode}'"),
+            hint: "Online moves (writes flowing during the copy) are not built yet: use \
+                   mode => 'blocking', where writes to the moved tables wait while the rows are \
+                   copied and reads go on."
+                .into(),
+        });
+    }
+    move_shard_impl(shard_id, target_node_id, source_node_id).or_raise()
 }
 
 fn move_shard_impl(
@@ -349,7 +415,7 @@ fn move_shard_impl(
         (None, [only]) => only.node.clone(),
         (None, _) => {
             return Err(DistributionError::Move(format!(
-                "shard {shard_id} has {} placements: say which one with source_node",
+                "shard {shard_id} has {} placements: say which one with source_node_id",
                 placements.len()
             )))
         }
@@ -375,19 +441,43 @@ fn move_shard_impl(
     }])
 }
 
-/// Spreads the shards of every hash and range co-location group (or of `table_name`'s) evenly
-/// over the primary workers; returns how many shard indexes moved.
+/// Spreads the shard indexes of every hash and range co-location group (or of `relation`'s)
+/// over the primary workers: a node holding more than `threshold` above the average gives
+/// shard indexes to the least loaded nodes, as long as that narrows the gap. Returns the moves,
+/// made unless `dry_run`. (`pgdist.rebalance` in `sql/views.sql` calls it and shows the tables
+/// as regclass.)
 #[pg_extern]
-fn rebalance(table_name: default!(Option<pgrx::PgRelation>, "NULL")) -> i32 {
+fn rebalance_moves(
+    strategy: &str,
+    threshold: f64,
+    dry_run: bool,
+    relation: Option<pgrx::PgRelation>,
+) -> TableIterator<
+    'static,
+    (
+        name!(shard_id, i64),
+        name!(table_oid, pg_sys::Oid),
+        name!(source_node, i32),
+        name!(target_node, i32),
+        name!(bytes, Option<i64>),
+    ),
+> {
     crate::cluster::require_superuser("move shards");
-    let table = table_name.map(|t| t.oid());
-    balance(groups(table).or_raise(), None).or_raise()
+    if strategy != "by_shard_count" {
+        crate::error::raise(DistributionError::UnsupportedStatement {
+            what: format!("pgdist.rebalance with strategy => '{strategy}'"),
+            hint: "Use strategy => 'by_shard_count' (the default).".into(),
+        });
+    }
+    let table = relation.map(|t| t.oid());
+    let rows = balance(groups(table).or_raise(), None, threshold, dry_run).or_raise();
+    TableIterator::new(rows)
 }
 
 /// Moves every shard of distributed tables off node `node_id` (before `remove_node`); returns
-/// how many shard indexes moved.
+/// how many shards moved.
 #[pg_extern]
-fn drain_node(node_id: i32) -> i32 {
+fn drain_node(node_id: i32) -> i64 {
     crate::cluster::require_superuser("move shards");
     let drained = nodes::node_by_id(node_id)
         .or_raise()
@@ -397,7 +487,9 @@ fn drain_node(node_id: i32) -> i32 {
                 "there is no node {node_id}"
             )))
         });
-    balance(groups(None).or_raise(), Some(&drained)).or_raise()
+    balance(groups(None).or_raise(), Some(&drained), 0.0, false)
+        .or_raise()
+        .len() as i64
 }
 
 #[cfg(test)]
@@ -417,10 +509,14 @@ mod unit {
         let holders: BTreeMap<i32, Vec<NodeAddress>> =
             (0..6).map(|i| (i, vec![node(1 + i % 2)])).collect();
         let nodes = [node(1), node(2), node(3)];
-        let moves = balancing_moves(7, holders.clone(), &nodes, None).unwrap();
+        let moves = balancing_moves(7, holders.clone(), &nodes, None, 0.1).unwrap();
         assert_eq!(moves.len(), 2);
         assert!(moves.iter().all(|m| m.target == node(3)));
-        let drained = balancing_moves(7, holders, &nodes, Some(&node(1))).unwrap();
+        // Within the threshold of the average (2 each): nothing to do.
+        assert!(balancing_moves(7, holders.clone(), &nodes, None, 0.6)
+            .unwrap()
+            .is_empty());
+        let drained = balancing_moves(7, holders, &nodes, Some(&node(1)), 0.0).unwrap();
         assert_eq!(drained.len(), 3);
         assert!(drained
             .iter()
