@@ -257,9 +257,11 @@ fn balancing_moves(
                 None => break,
             },
         };
+        // An index moves once per plan: the moves copy from where it is now.
+        let moved: Vec<i32> = moves.iter().map(|m: &Move| m.index).collect();
         let candidate = holders
             .iter()
-            .filter(|(_, h)| h.contains(&from))
+            .filter(|(index, h)| h.contains(&from) && !moved.contains(index))
             .flat_map(|(index, h)| {
                 targets
                     .iter()
