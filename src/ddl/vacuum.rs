@@ -78,7 +78,13 @@ pub unsafe fn plan(stmt: *mut pg_sys::VacuumStmt) -> Option<ShardVacuum> {
                 true => name,
                 false => {
                     let value = CStr::from_ptr(pg_sys::defGetString(option)).to_string_lossy();
-                    format!("{name} {}", crate::remote::quote::quote_literal(&value))
+                    // Numbers stay numbers (PARALLEL takes only an integer), words are quoted.
+                    match (*(*option).arg).type_ {
+                        pg_sys::NodeTag::T_Integer | pg_sys::NodeTag::T_Float => {
+                            format!("{name} {value}")
+                        }
+                        _ => format!("{name} {}", crate::remote::quote::quote_literal(&value)),
+                    }
                 }
             });
         }

@@ -199,8 +199,12 @@ impl Targets {
     ) -> Option<String> {
         let key = constraint.foreign_key.as_ref()?;
         let shards = self.0.get(&key.table)?;
-        // A reference table has one shard, which every node holds.
-        let referenced = shards.get(shard_index as usize).or(shards.first())?;
+        // A reference table has one shard, which every node holds; a co-located table has the
+        // same number of shards, the one of the same index on the same nodes.
+        let referenced = match shards.len() {
+            1 => shards.first(),
+            _ => shards.get(usize::try_from(shard_index).ok()?),
+        }?;
         Some(format!(
             "ALTER TABLE {} ADD CONSTRAINT {} {}",
             table.shard_relation(shard_id),
