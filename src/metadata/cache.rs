@@ -113,6 +113,11 @@ pub fn with_tables<R>(f: impl FnOnce(&HashMap<pg_sys::Oid, DistTable>) -> R) -> 
 /// old metadata until the next invalidation, as PostgreSQL's own caches avoid with catalog
 /// snapshots.
 fn read_latest<T>(f: impl FnOnce() -> T) -> T {
+    // A parallel worker may not take a new snapshot (and has no lock of its own to wait for).
+    // SAFETY: a plain read of backend state.
+    if unsafe { pg_sys::IsInParallelMode() } {
+        return crate::metadata::as_catalog_owner(f);
+    }
     // SAFETY: inside a transaction (the callers check); the snapshot pushed here is popped
     // below, or by the abort's cleanup of the snapshot stack when `f` fails.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
