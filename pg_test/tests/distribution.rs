@@ -37,6 +37,7 @@ fn main() {
             moves_under_concurrent_transfers_lose_nothing,
             rows_inserted_while_a_table_is_distributed_all_reach_its_shards,
             tables_and_their_shards_change_schema_together,
+            table_owners_run_ddl_on_their_distributed_tables,
         ],
     )
 }
@@ -1834,4 +1835,64 @@ fn tables_and_their_shards_change_schema_together(cluster: &Cluster) {
         11
     );
     client.batch_execute("DROP SCHEMA sa, sc CASCADE").unwrap();
+}
+
+/// A table's owner who is not a superuser changes it as on one server: the DDL reaches the
+/// shards (pgdist's catalog is read as its owner, the rights are checked on the table); a role
+/// that does not own it gets PostgreSQL's error.
+fn table_owners_run_ddl_on_their_distributed_tables(cluster: &Cluster) {
+    let mut client = cluster.coordinator_client();
+    client
+        .batch_execute(
+            "CREATE ROLE ddl_owner; CREATE ROLE ddl_stranger;
+             CREATE TABLE owned_parent (id int PRIMARY KEY);
+             CREATE TABLE owned (id int PRIMARY KEY, v int);
+             SELECT pgdist.create_distributed_table('owned_parent', 'id', shard_count => 4, colocate_with => 'none');
+             SELECT pgdist.create_distributed_table('owned', 'id', colocate_with => 'owned_parent');
+             ALTER TABLE owned OWNER TO ddl_owner; ALTER TABLE owned_parent OWNER TO ddl_owner;
+             GRANT SELECT ON owned TO ddl_stranger; GRANT CREATE ON SCHEMA public TO ddl_owner;",
+        )
+        .unwrap();
+    let run = |client: &mut Client, statements: &[&str]| {
+        for sql in statements {
+            client
+                .batch_execute(sql)
+                .unwrap_or_else(|err| panic!("{sql}: {err:?}"));
+        }
+    };
+    run(
+        &mut client,
+        &[
+            "SET ROLE ddl_owner",
+            "INSERT INTO owned_parent SELECT generate_series(1, 20)",
+            "INSERT INTO owned SELECT i, i FROM generate_series(1, 20) i",
+            "ALTER TABLE owned ADD COLUMN w int DEFAULT 3",
+            "CREATE INDEX owned_v ON owned (v)",
+            "RESET ROLE",
+        ],
+    );
+    assert_shards_match_shell(cluster, &mut client, "owned");
+    run(
+        &mut client,
+        &[
+            "SET ROLE ddl_owner",
+            "ALTER TABLE owned ADD FOREIGN KEY (id) REFERENCES owned_parent (id)",
+            "ANALYZE owned",
+            "VACUUM owned",
+            "TRUNCATE owned",
+            "RESET ROLE",
+        ],
+    );
+    assert_eq!(shard_foreign_keys(cluster, &mut client, "owned").len(), 4);
+    assert_eq!(one_i64(&mut client, "SELECT count(*) FROM owned"), 0);
+    let err = client
+        .batch_execute("SET ROLE ddl_stranger; ALTER TABLE owned ADD COLUMN x int")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "42501", "{err:?}");
+    client
+        .batch_execute(
+            "RESET ROLE; DROP TABLE owned, owned_parent; REVOKE CREATE ON SCHEMA public FROM ddl_owner;
+             DROP ROLE ddl_owner; DROP ROLE ddl_stranger",
+        )
+        .unwrap();
 }

@@ -141,9 +141,13 @@ unsafe extern "C-unwind" fn process_utility(
     }
     // SAFETY: pstmt and query_string are valid for the duration of the call (PostgreSQL's
     // contract for this hook); everything we read from them is copied before the statement runs.
+    // PostgreSQL checks the user's rights on the shell; pgdist's catalog is read and written
+    // as its owner (`metadata::as_catalog_owner`), whoever runs the statement.
+    // SAFETY: a plain getter of the current user.
+    let user = unsafe { pg_sys::GetUserId() };
     let propagation = unsafe {
         if pgdist_is_active() {
-            plan(pstmt, query_string).or_raise()
+            crate::metadata::as_catalog_owner(|| plan(pstmt, query_string, user)).or_raise()
         } else {
             None
         }
@@ -178,7 +182,7 @@ unsafe extern "C-unwind" fn process_utility(
         }
     }
     if let Some(propagation) = propagation {
-        propagate(propagation).or_raise();
+        crate::metadata::as_catalog_owner(|| propagate(propagation)).or_raise();
     }
 }
 
@@ -298,6 +302,7 @@ impl Subcommand {
 unsafe fn plan(
     pstmt: *mut pg_sys::PlannedStmt,
     query_string: *const std::ffi::c_char,
+    user: pg_sys::Oid,
 ) -> Result<Option<Propagation>, DistributionError> {
     // SAFETY: see process_utility; node types are checked before each cast.
     unsafe {
@@ -414,7 +419,9 @@ unsafe fn plan(
                 Ok(None)
             }
             pg_sys::NodeTag::T_DropStmt => plan_drop(node.cast::<pg_sys::DropStmt>()),
-            pg_sys::NodeTag::T_VacuumStmt => Ok(vacuum::plan(node.cast()).map(Propagation::Vacuum)),
+            pg_sys::NodeTag::T_VacuumStmt => {
+                Ok(vacuum::plan(node.cast(), user).map(Propagation::Vacuum))
+            }
             pg_sys::NodeTag::T_ConstraintsSetStmt => {
                 let stmt = node.cast::<pg_sys::ConstraintsSetStmt>();
                 let names: Vec<String> = PgList::<pg_sys::RangeVar>::from_pg((*stmt).constraints)
@@ -426,12 +433,14 @@ unsafe fn plan(
                         deferred: (*stmt).deferred,
                     }));
                 }
-                let distributed = pgrx::Spi::get_one_with_args::<bool>(
-                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
-                       JOIN pgdist.dist_table d ON d.table_oid = c.conrelid
-                      WHERE c.conname = ANY ($1) AND c.condeferrable)",
-                    &[names.into()],
-                )?;
+                let distributed = crate::metadata::as_catalog_owner(|| {
+                    pgrx::Spi::get_one_with_args::<bool>(
+                        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
+                           JOIN pgdist.dist_table d ON d.table_oid = c.conrelid
+                          WHERE c.conname = ANY ($1) AND c.condeferrable)",
+                        &[names.into()],
+                    )
+                })?;
                 if distributed == Some(true) {
                     return Err(unsupported(
                         "SET CONSTRAINTS with the names of constraints of distributed tables",

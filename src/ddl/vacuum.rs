@@ -34,11 +34,12 @@ pub struct ShardVacuum {
     analyze: bool,
 }
 
-/// The shard work of VACUUM / ANALYZE statement `stmt`, when it names distributed tables.
+/// The shard work of VACUUM / ANALYZE statement `stmt` run by `user`, when it names
+/// distributed tables.
 ///
 /// # Safety
 /// `stmt` must be the VacuumStmt being run.
-pub unsafe fn plan(stmt: *mut pg_sys::VacuumStmt) -> Option<ShardVacuum> {
+pub unsafe fn plan(stmt: *mut pg_sys::VacuumStmt, user: pg_sys::Oid) -> Option<ShardVacuum> {
     // SAFETY: the statement's parse tree; casts follow node tags, defGetString copies values.
     unsafe {
         let mut tables = Vec::new();
@@ -49,7 +50,7 @@ pub unsafe fn plan(stmt: *mut pg_sys::VacuumStmt) -> Option<ShardVacuum> {
             let Ok(Some(table)) = super::distributed((*relation).relation) else {
                 continue;
             };
-            if !may_vacuum(table.oid) {
+            if !may_vacuum(table.oid, user) {
                 continue;
             }
             let columns: Vec<String> = PgList::<pg_sys::String>::from_pg((*relation).va_cols)
@@ -74,16 +75,20 @@ pub unsafe fn plan(stmt: *mut pg_sys::VacuumStmt) -> Option<ShardVacuum> {
             if name == "analyze" {
                 analyze = (*option).arg.is_null() || pg_sys::defGetBoolean(option);
             }
+            let option_name = quote_identifier(&name);
             options.push(match (*option).arg.is_null() {
-                true => name,
+                true => option_name,
                 false => {
                     let value = CStr::from_ptr(pg_sys::defGetString(option)).to_string_lossy();
                     // Numbers stay numbers (PARALLEL takes only an integer), words are quoted.
                     match (*(*option).arg).type_ {
                         pg_sys::NodeTag::T_Integer | pg_sys::NodeTag::T_Float => {
-                            format!("{name} {value}")
+                            format!("{option_name} {value}")
                         }
-                        _ => format!("{name} {}", crate::remote::quote::quote_literal(&value)),
+                        _ => format!(
+                            "{option_name} {}",
+                            crate::remote::quote::quote_literal(&value)
+                        ),
                     }
                 }
             });
@@ -106,12 +111,11 @@ pub unsafe fn plan(stmt: *mut pg_sys::VacuumStmt) -> Option<ShardVacuum> {
     }
 }
 
-/// The current user may vacuum table `oid`: its owner, the database's owner or a superuser.
-fn may_vacuum(oid: pg_sys::Oid) -> bool {
-    // SAFETY: plain catalog checks of the current user's rights.
+/// `user` may vacuum table `oid`: its owner, the database's owner or a superuser.
+fn may_vacuum(oid: pg_sys::Oid, user: pg_sys::Oid) -> bool {
+    // SAFETY: plain catalog checks of a role's rights.
     unsafe {
-        let user = pg_sys::GetUserId();
-        pg_sys::superuser()
+        pg_sys::superuser_arg(user)
             || pg_sys::pg_class_ownercheck(oid, user)
             || pg_sys::pg_database_ownercheck(pg_sys::MyDatabaseId, user)
     }
@@ -160,7 +164,7 @@ pub fn run(work: ShardVacuum) -> Result<(), DistributionError> {
     // The new counts are visible to the nodes' other sessions once committed: now, unless the
     // ANALYZE ran in a transaction block (then the maintenance daemon's next round).
     if work.analyze && (work.vacuum || !in_block) {
-        crate::metadata::as_catalog_owner(crate::distribution::statistics::refresh_row_estimates)?;
+        crate::distribution::statistics::refresh_row_estimates()?;
     }
     Ok(())
 }
