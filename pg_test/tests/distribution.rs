@@ -1837,9 +1837,9 @@ fn tables_and_their_shards_change_schema_together(cluster: &Cluster) {
     client.batch_execute("DROP SCHEMA sa, sc CASCADE").unwrap();
 }
 
-/// A table's owner who is not a superuser changes it as on one server: the DDL reaches the
-/// shards (pgdist's catalog is read as its owner, the rights are checked on the table); a role
-/// that does not own it gets PostgreSQL's error.
+/// A table's owner who is not a superuser distributes it and changes it as on one server: the
+/// DDL reaches the shards (pgdist's catalog is read as its owner, the rights are checked on the
+/// table); a role that does not own it gets PostgreSQL's error.
 fn table_owners_run_ddl_on_their_distributed_tables(cluster: &Cluster) {
     let mut client = cluster.coordinator_client();
     client
@@ -1880,9 +1880,15 @@ fn table_owners_run_ddl_on_their_distributed_tables(cluster: &Cluster) {
             "ANALYZE owned",
             "VACUUM owned",
             "TRUNCATE owned",
+            // Its own tables it distributes and undistributes too.
+            "CREATE TABLE own_new (id int, v int); INSERT INTO own_new VALUES (1, 1), (2, 2)",
+            "SELECT pgdist.create_distributed_table('own_new', 'id', shard_count => 2)",
+            "INSERT INTO own_new VALUES (3, 3)",
+            "SELECT pgdist.undistribute_table('own_new')",
             "RESET ROLE",
         ],
     );
+    assert_eq!(one_i64(&mut client, "SELECT count(*) FROM ONLY own_new"), 3);
     assert_eq!(shard_foreign_keys(cluster, &mut client, "owned").len(), 4);
     assert_eq!(one_i64(&mut client, "SELECT count(*) FROM owned"), 0);
     let err = client
@@ -1891,7 +1897,7 @@ fn table_owners_run_ddl_on_their_distributed_tables(cluster: &Cluster) {
     assert_eq!(sqlstate(&err), "42501", "{err:?}");
     client
         .batch_execute(
-            "RESET ROLE; DROP TABLE owned, owned_parent; REVOKE CREATE ON SCHEMA public FROM ddl_owner;
+            "RESET ROLE; DROP TABLE owned, owned_parent, own_new; REVOKE CREATE ON SCHEMA public FROM ddl_owner;
              DROP ROLE ddl_owner; DROP ROLE ddl_stranger",
         )
         .unwrap();

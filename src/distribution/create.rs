@@ -712,7 +712,8 @@ fn create_distributed_table(
     let oid = table_name.oid();
     crate::cluster::require_owner(oid);
     drop(table_name); // close it: TRUNCATE refuses a relation this statement still holds open
-    distribute(oid, spec).or_raise()
+                      // The owner may distribute the table; pgdist's catalog is written as its owner.
+    crate::metadata::as_catalog_owner(|| distribute(oid, spec)).or_raise()
 }
 
 /// Makes a table a reference table: one full copy on every worker.
@@ -729,7 +730,8 @@ fn create_reference_table(table_name: pgrx::PgRelation) {
     let oid = table_name.oid();
     crate::cluster::require_owner(oid);
     drop(table_name);
-    distribute(oid, spec).or_raise()
+    // The owner may distribute the table; pgdist's catalog is written as its owner.
+    crate::metadata::as_catalog_owner(|| distribute(oid, spec)).or_raise()
 }
 
 /// Gives a node that joins the cluster its copy of reference table `oid`.

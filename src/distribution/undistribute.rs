@@ -113,5 +113,5 @@ fn undistribute_table(table_name: pgrx::PgRelation) {
     let oid = table_name.oid();
     crate::cluster::require_owner(oid);
     drop(table_name);
-    undistribute(oid).or_raise()
+    crate::metadata::as_catalog_owner(|| undistribute(oid)).or_raise()
 }
