@@ -859,30 +859,19 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
             // One TRUNCATE per node naming every shard, so that shards referencing each other
             // go together; CASCADE also empties the shards that reference them, as PostgreSQL
             // emptied the shells.
-            let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
+            let mut shards = Vec::new();
             for definition in &definitions {
                 for placement in tables::placements(definition.oid)? {
-                    per_node
-                        .entry(placement.node.node_id)
-                        .or_insert_with(|| (placement.node.clone(), Vec::new()))
-                        .1
-                        .push(definition.shard_relation(placement.shard_id));
+                    shards.push((
+                        placement.node,
+                        definition.shard_relation(placement.shard_id),
+                    ));
                 }
             }
             let behaviour = if cascade { " CASCADE" } else { "" };
-            let work = per_node
-                .into_values()
-                .map(|(node, shards)| {
-                    Ok((
-                        target_for(node)?,
-                        format!("TRUNCATE {}{behaviour}", shards.join(", ")),
-                    ))
-                })
-                .collect::<Result<Vec<_>, DistributionError>>()?;
-            if !work.is_empty() {
-                remote_xact::run_batches(&work);
-            }
-            Ok(())
+            crate::distribution::run_naming_shards(shards, |list| {
+                format!("TRUNCATE {list}{behaviour}")
+            })
         }
     }
 }

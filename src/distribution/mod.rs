@@ -185,3 +185,28 @@ pub fn run_on_placements(
     }
     Ok(())
 }
+
+/// Runs one statement per node naming all of that node's `shards` (node, qualified shard
+/// relation): `statement("a_1, b_1")` — nodes in parallel, in the coordinator's transaction.
+/// For the statements whose shards must go together (foreign keys between them).
+pub fn run_naming_shards(
+    shards: impl IntoIterator<Item = (NodeAddress, String)>,
+    statement: impl Fn(&str) -> String,
+) -> Result<(), DistributionError> {
+    let mut per_node: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
+    for (node, relation) in shards {
+        per_node
+            .entry(node.node_id)
+            .or_insert_with(|| (node.clone(), Vec::new()))
+            .1
+            .push(relation);
+    }
+    let work = per_node
+        .into_values()
+        .map(|(node, relations)| Ok((target_for(node)?, statement(&relations.join(", ")))))
+        .collect::<Result<Vec<_>, DistributionError>>()?;
+    if !work.is_empty() {
+        remote_xact::run_batches(&work);
+    }
+    Ok(())
+}

@@ -1,10 +1,7 @@
 //! `pgdist.undistribute_table`: every row back into the local table, shards dropped.
 
-use std::collections::BTreeMap;
-
 use pgrx::prelude::*;
 
-use crate::cluster::target_for;
 use crate::distribution::create::{checkout_nodes, distinct_nodes, relation_name};
 use crate::distribution::data_move;
 use crate::distribution::foreign_keys;
@@ -12,8 +9,6 @@ use crate::distribution::shell;
 use crate::distribution::DistributionError;
 use crate::error::OrRaise;
 use crate::metadata::tables;
-use crate::remote::NodeAddress;
-use crate::transaction::remote_xact;
 
 fn undistribute(oid: pg_sys::Oid) -> Result<(), DistributionError> {
     let name = relation_name(oid);
@@ -49,24 +44,10 @@ fn undistribute(oid: pg_sys::Oid) -> Result<(), DistributionError> {
     }
     checkout.finish();
 
-    let mut drops: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
-    for placement in &placements {
-        drops
-            .entry(placement.node.node_id)
-            .or_insert_with(|| (placement.node.clone(), Vec::new()))
-            .1
-            .push(definition.shard_relation(placement.shard_id));
-    }
-    let work = drops
-        .into_values()
-        .map(|(node, shards)| {
-            Ok((
-                target_for(node)?,
-                format!("DROP TABLE IF EXISTS {}", shards.join(", ")),
-            ))
-        })
-        .collect::<Result<Vec<_>, DistributionError>>()?;
-    remote_xact::run_batches(&work);
+    let shards = placements
+        .iter()
+        .map(|p| (p.node.clone(), definition.shard_relation(p.shard_id)));
+    crate::distribution::run_naming_shards(shards, |list| format!("DROP TABLE IF EXISTS {list}"))?;
     pgrx::notice!("pgdist: {name} is a local table again; {copied} rows copied back");
     Ok(())
 }

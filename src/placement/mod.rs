@@ -132,17 +132,17 @@ fn run_moves(moves: &[Move]) -> Result<(), DistributionError> {
     for group in groups.values() {
         group.lock("ACCESS EXCLUSIVE")?;
     }
-    let mut drops: BTreeMap<i32, (NodeAddress, Vec<String>)> = BTreeMap::new();
+    let mut drops = Vec::new();
     for step in moves {
         let group = &groups[&step.group];
         let shards = group.shards_at(step.index, &step.source);
         let ids: Vec<i64> = shards.iter().map(|(_, p)| p.shard_id).collect();
         tables::move_placements(&ids, step.source.node_id, step.target.node_id)?;
-        drops
-            .entry(step.source.node_id)
-            .or_insert_with(|| (step.source.clone(), Vec::new()))
-            .1
-            .extend(shards.iter().map(|(d, p)| d.shard_relation(p.shard_id)));
+        drops.extend(
+            shards
+                .iter()
+                .map(|(d, p)| (step.source.clone(), d.shard_relation(p.shard_id))),
+        );
     }
     for step in moves {
         let group = &groups[&step.group];
@@ -157,17 +157,7 @@ fn run_moves(moves: &[Move]) -> Result<(), DistributionError> {
             })?;
         }
     }
-    let work = drops
-        .into_values()
-        .map(|(node, shards)| {
-            Ok((
-                target_for(node)?,
-                format!("DROP TABLE IF EXISTS {}", shards.join(", ")),
-            ))
-        })
-        .collect::<Result<Vec<_>, DistributionError>>()?;
-    remote_xact::run_batches(&work);
-    Ok(())
+    crate::distribution::run_naming_shards(drops, |list| format!("DROP TABLE IF EXISTS {list}"))
 }
 
 /// Creates `shards` on `target` and copies their rows from `source`.
