@@ -17,8 +17,9 @@
 //! CONCURRENTLY runs outside any transaction, so it is not propagated in one: once PostgreSQL
 //! has built the index on the shell, each shard's index is built concurrently over a
 //! connection of its own (nodes in parallel); if one fails the shell's index is marked INVALID,
-//! as PostgreSQL leaves a failed concurrent build. Refused: CREATE TRIGGER (it would not fire
-//! on the shards), local tables inheriting from distributed or reference tables. ALTER TABLE …
+//! as PostgreSQL leaves a failed concurrent build. CREATE TRIGGER and ENABLE / DISABLE TRIGGER
+//! change only the shell: triggers fire on the coordinator (`executor/triggers.rs`). Refused:
+//! constraint triggers, local tables inheriting from distributed or reference tables. ALTER TABLE …
 //! SET SCHEMA moves the shards to the new schema, ALTER SCHEMA … RENAME renames it on every
 //! worker. DROP INDEX CONCURRENTLY drops the shards' indexes concurrently too.
 
@@ -407,13 +408,14 @@ unsafe fn plan(
                 Ok(Some(Propagation::SetSchema { table, before }))
             }
             pg_sys::NodeTag::T_CreateTrigStmt => {
+                // Triggers stay on the shell and fire on the coordinator; deferred ones would
+                // fire after the statement's rows are gone from its memory.
                 let stmt = node.cast::<pg_sys::CreateTrigStmt>();
-                if distributed((*stmt).relation)?.is_some() {
+                if (*stmt).isconstraint && distributed((*stmt).relation)?.is_some() {
                     return Err(unsupported(
-                        "CREATE TRIGGER",
-                        "A trigger on the coordinator's table would not fire where the rows are \
-                         written, on the shards: do its work in the statements themselves, or \
-                         keep the table local.",
+                        "CREATE CONSTRAINT TRIGGER",
+                        "Use a plain AFTER trigger (it fires at the end of the statement), or \
+                         a deferrable foreign key.",
                     ));
                 }
                 Ok(None)
@@ -556,6 +558,15 @@ unsafe fn check_alter_command(
             // (it checks every statement); the shards belong to the service login.
             AT_ChangeOwner | AT_EnableRowSecurity | AT_DisableRowSecurity | AT_ForceRowSecurity
             | AT_NoForceRowSecurity => Ok(()),
+            // Triggers fire on the coordinator (`executor/triggers.rs`); foreign keys are
+            // enforced by the shards, which ALL would not reach.
+            AT_EnableTrigAll | AT_DisableTrigAll => Err(unsupported(
+                "ENABLE / DISABLE TRIGGER ALL",
+                "Use ENABLE / DISABLE TRIGGER USER or name the trigger: the shards enforce the \
+                 table's foreign keys.",
+            )),
+            AT_EnableTrig | AT_EnableAlwaysTrig | AT_EnableReplicaTrig | AT_DisableTrig
+            | AT_EnableTrigUser | AT_DisableTrigUser => Ok(()),
             AT_SetRelOptions | AT_ResetRelOptions => {
                 let options: Vec<String> = PgList::<pg_sys::DefElem>::from_pg((*cmd).def.cast())
                     .iter_ptr()
@@ -598,7 +609,7 @@ unsafe fn check_alter_command(
                 "Supported on distributed tables: ADD / DROP COLUMN, ALTER COLUMN TYPE, SET / DROP DEFAULT, \
                  SET / DROP NOT NULL, ADD / DROP / VALIDATE CONSTRAINT, RENAME, OWNER TO, SET / RESET (storage \
                  parameters), ALTER COLUMN SET STATISTICS, REPLICA IDENTITY, ENABLE / DISABLE ROW \
-                 LEVEL SECURITY.",
+                 LEVEL SECURITY, ENABLE / DISABLE TRIGGER.",
             )),
         }
     }

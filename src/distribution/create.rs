@@ -76,7 +76,8 @@ fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError>
         let rows = client.select(
             "SELECT CASE c.relpersistence WHEN 't' THEN 'temporary' ELSE c.relkind::text END,
                     c.relhassubclass OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid),
-                    EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal)
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                            WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgconstraint <> 0)
              FROM pg_catalog.pg_class c WHERE c.oid = $1",
             None,
             &[oid.into()],
@@ -91,7 +92,7 @@ fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError>
         }
         Ok(found)
     })?;
-    let Some((relkind, inherits, triggers)) = row else {
+    let Some((relkind, inherits, constraint_triggers)) = row else {
         return Err(DistributionError::NotATable(name.into()));
     };
     match relkind.as_str() {
@@ -120,11 +121,12 @@ fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError>
             "Distribute a table without parents or children.",
         ));
     }
-    if triggers {
+    if constraint_triggers {
         return Err(unsupported(
             name,
-            "triggers",
-            "Drop the table's triggers before distributing it; they would not fire on the shards.",
+            "constraint triggers",
+            "Drop the table's constraint triggers before distributing it (plain triggers are \
+             kept and fire on the coordinator).",
         ));
     }
     Ok(())
@@ -550,7 +552,8 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
     }
     create_shards(&table, &shards)?;
     let moved = move_rows(&table, &shards, &index_sql)?;
-    Spi::run(&format!("TRUNCATE ONLY {}", emptied.join(", ")))?;
+    let truncate = format!("TRUNCATE ONLY {}", emptied.join(", "));
+    crate::distribution::without_user_triggers(|| Spi::run(&truncate))?;
 
     let colocation_id = match group {
         Some(id) => id,

@@ -11,7 +11,7 @@ pub mod undistribute;
 
 use std::collections::BTreeMap;
 
-use pgrx::PgSqlErrorCode;
+use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::cluster::target_for;
 use crate::error::PgError;
@@ -209,4 +209,28 @@ pub fn run_naming_shards(
         remote_xact::run_batches(&work);
     }
     Ok(())
+}
+
+/// Runs `f` with the user triggers of every table switched off (`session_replication_role =
+/// replica`, as a restore does): rows that only change place — into the shards when a table is
+/// distributed, back when it is undistributed — are not new writes for its triggers.
+pub fn without_user_triggers<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: the setting is saved in a GUC nest level of its own and restored when it is
+    // popped, or by the transaction's abort when f raises an error.
+    unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"session_replication_role".as_ptr(),
+            c"replica".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        let result = f();
+        pg_sys::AtEOXact_GUC(true, level);
+        result
+    }
 }

@@ -36,11 +36,13 @@ fn undistribute(oid: pg_sys::Oid) -> Result<(), DistributionError> {
         else {
             continue;
         };
-        copied += data_move::copy_shard_rows_to_local(
-            &definition,
-            conn,
-            &definition.shard_relation(placement.shard_id),
-        )?;
+        copied += crate::distribution::without_user_triggers(|| {
+            data_move::copy_shard_rows_to_local(
+                &definition,
+                conn,
+                &definition.shard_relation(placement.shard_id),
+            )
+        })?;
     }
     checkout.finish();
 

@@ -9,10 +9,12 @@ pub mod copy_stream;
 pub mod fragments;
 pub mod merge;
 pub mod modify;
+pub mod row_by_row;
 pub mod scan;
 pub mod session;
 pub mod shard_writer;
 pub mod spill;
+pub mod triggers;
 
 pub fn init() {
     scan::init();

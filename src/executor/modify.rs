@@ -23,9 +23,13 @@ use crate::executor::scan::{
     broadcast_value, evaluate_values, prune_by_param, typed_literal, value_text, values_in,
     BroadcastRows, ShardNames,
 };
+use crate::executor::row_by_row;
 use crate::executor::shard_writer::{run_statements, RowInput, ShardWriter, WriteKind};
+use crate::executor::triggers::{self, Event, Triggers};
 use crate::metadata::cache;
-use crate::planner::modify_plan::{self, ModifyKind, ModifyPlan, MODIFY_NAME};
+use crate::planner::modify_plan::{
+    self, has_generated_columns, is_conflict_update, ModifyKind, ModifyPlan, MODIFY_NAME,
+};
 use crate::planner::shippable::{BROADCAST_BASE, RELATION_BASE};
 use crate::remote::quote::{quote_identifier, quote_qualified, replace_dollar_refs};
 use crate::remote::NodeAddress;
@@ -66,8 +70,8 @@ struct ModifyState {
     runtime: *mut ModifyRuntime,
 }
 
-struct ModifyRuntime {
-    plan: ModifyPlan,
+pub(crate) struct ModifyRuntime {
+    pub(crate) plan: ModifyPlan,
     /// The expressions behind `$<COORDINATOR_VALUE_BASE + i>`, ready to evaluate.
     coordinator_values: Vec<*mut pg_sys::ExprState>,
     done: bool,
@@ -75,8 +79,10 @@ struct ModifyRuntime {
     input: Option<RowInput>,
     /// The rows of the tables the statement broadcasts (`ModifyPlan::broadcasts`), once read.
     broadcast: Option<BroadcastRows>,
-    /// The result relation with the check options every new row must pass (null: none).
-    checks: *mut pg_sys::ResultRelInfo,
+    /// The result relation, with the check options every new row must pass.
+    pub(crate) result: *mut pg_sys::ResultRelInfo,
+    /// The table's triggers for this write (None: it has none).
+    pub(crate) triggers: Option<Triggers>,
 }
 
 #[pg_guard]
@@ -96,7 +102,8 @@ unsafe extern "C-unwind" fn create_state(cscan: *mut pg_sys::CustomScan) -> *mut
             returned: Vec::new().into_iter(),
             input: None,
             broadcast: None,
-            checks: std::ptr::null_mut(),
+            result: std::ptr::null_mut(),
+            triggers: None,
         });
         state.cast()
     }
@@ -137,8 +144,16 @@ unsafe extern "C-unwind" fn begin(
                 runtime.coordinator_values.push(state);
             }
         }
-        if !checks.is_empty() {
-            runtime.checks = check_options(node, estate, checks.into_pg());
+        runtime.result = result_relation(node, estate, checks.into_pg());
+        let event = match runtime.plan.kind {
+            ModifyKind::Insert => Some(Event::Insert),
+            ModifyKind::Update => Some(Event::Update),
+            ModifyKind::Delete => Some(Event::Delete),
+            ModifyKind::Merge => None,
+        };
+        if let Some(event) = event.filter(|e| triggers::find(runtime.plan.relid, *e).any()) {
+            let also_update = is_conflict_update(&runtime.plan.on_conflict);
+            runtime.triggers = Some(Triggers::new(estate, runtime.result, event, also_update));
         }
         if !runtime.plan.can_set_tag {
             // A write inside WITH runs to completion at the end of the statement even when
@@ -172,12 +187,21 @@ unsafe extern "C-unwind" fn next_row(scan: *mut pg_sys::ScanState) -> *mut pg_sy
         let runtime = runtime_of(node);
         if !runtime.done {
             runtime.done = true;
+            if let Some(triggers) = &runtime.triggers {
+                triggers.before_statement();
+            }
             let (count, rows) = match runtime.plan.kind {
                 ModifyKind::Insert => insert(node, runtime),
+                ModifyKind::Update | ModifyKind::Delete if !runtime.plan.row_source.is_empty() => {
+                    row_by_row::update_or_delete(node, runtime)
+                }
                 ModifyKind::Update | ModifyKind::Delete | ModifyKind::Merge => {
                     update_or_delete(node, runtime)
                 }
             };
+            if let Some(triggers) = &runtime.triggers {
+                triggers.after_statement();
+            }
             if runtime.plan.can_set_tag {
                 (*(*scan).ps.state).es_processed += count;
             }
@@ -218,7 +242,22 @@ unsafe fn insert(
             child_kind,
             pg_sys::NodeTag::T_ValuesScan | pg_sys::NodeTag::T_Result
         );
-        let kind = if plan.on_conflict.is_empty() && !plan.returning && !from_values {
+        // Row triggers: with ON CONFLICT, AFTER ROW triggers get the rows the shards inserted,
+        // in the order the shards return them; a trigger function's queries run between
+        // flushes, so the rows go as INSERT statements (COPY would keep connections busy
+        // across rows). Generated columns are computed here too, for the triggers and checks
+        // to see them (the shards compute them again).
+        let row_triggers = runtime.triggers.as_ref().filter(|_| {
+            triggers::find(plan.relid, Event::Insert).rows
+        });
+        let after_rows_returned = row_triggers.is_some() && !plan.on_conflict.is_empty();
+        let generated = (row_triggers.is_some() || has_checks(runtime.result))
+            && has_generated_columns(plan.relid);
+        let kind = if plan.on_conflict.is_empty()
+            && !plan.returning
+            && !from_values
+            && row_triggers.is_none()
+        {
             WriteKind::Copy
         } else {
             WriteKind::Insert {
@@ -229,7 +268,7 @@ unsafe fn insert(
                     values_in(&plan.on_conflict, value, false).0
                 },
                 conflict_constraint: plan.conflict_constraint.clone(),
-                returning: plan.returning,
+                returning: plan.returning || after_rows_returned,
             }
         };
         let mut writer = ShardWriter::new(plan.relid, kind);
@@ -241,22 +280,103 @@ unsafe fn insert(
             if slot.is_null() || ((*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16) != 0 {
                 break;
             }
+            if let Some(triggers) = row_triggers {
+                if !triggers.before_row(std::ptr::null_mut(), slot) {
+                    continue;
+                }
+                // A row a trigger returned lives in memory the checks below reset.
+                if let Some(materialize) = (*(*slot).tts_ops).materialize {
+                    materialize(slot);
+                }
+            }
+            if generated {
+                compute_generated_columns(
+                    runtime.result,
+                    (*node).ss.ps.state,
+                    slot,
+                    pg_sys::CmdType::CMD_INSERT,
+                );
+            }
             let natts = (*(*slot).tts_tupleDescriptor).natts;
             if i32::from((*slot).tts_nvalid) < natts {
                 pg_sys::slot_getsomeattrs_int(slot, natts);
             }
             check_new_row(
                 node,
-                runtime.checks,
+                runtime.result,
                 slot,
                 pg_sys::WCOKind::WCO_RLS_INSERT_CHECK,
             );
             let values = std::slice::from_raw_parts((*slot).tts_values, natts as usize);
             let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts as usize);
             writer.add(values, nulls);
+            if let (Some(triggers), false) = (row_triggers, after_rows_returned) {
+                triggers.after_row(std::ptr::null_mut(), slot);
+            }
         }
         writer.finish();
-        (writer.processed, std::mem::take(&mut writer.returned))
+        let mut returned = std::mem::take(&mut writer.returned);
+        if let (Some(triggers), true) = (row_triggers, after_rows_returned) {
+            each_row_stored(node, &returned, |slot| {
+                triggers.after_row(std::ptr::null_mut(), slot)
+            });
+            if !plan.returning {
+                returned.clear();
+            }
+        }
+        (writer.processed, returned)
+    }
+}
+
+/// Computes the stored generated columns of the new row in `slot`, as PostgreSQL's INSERT or
+/// UPDATE (`command`) does.
+pub(crate) unsafe fn compute_generated_columns(
+    result: *mut pg_sys::ResultRelInfo,
+    estate: *mut pg_sys::EState,
+    slot: *mut pg_sys::TupleTableSlot,
+    command: pg_sys::CmdType::Type,
+) {
+    extern "C-unwind" {
+        fn ExecComputeStoredGenerated(
+            info: *mut pg_sys::ResultRelInfo,
+            estate: *mut pg_sys::EState,
+            slot: *mut pg_sys::TupleTableSlot,
+            command: pg_sys::CmdType::Type,
+        );
+    }
+    // SAFETY: result is the statement's result relation, slot holds a row of it; errors in a
+    // generation expression cross into Rust as pgrx errors.
+    unsafe {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            ExecComputeStoredGenerated(result, estate, slot, command)
+        });
+    }
+}
+
+/// Runs `f` on each of `rows` (whole rows of the result relation) stored in a slot of the
+/// relation's layout.
+unsafe fn each_row_stored(
+    node: *mut pg_sys::CustomScanState,
+    rows: &[TextRow],
+    mut f: impl FnMut(*mut pg_sys::TupleTableSlot),
+) {
+    // SAFETY: the slot has the relation's own layout; each row's values live in the per-tuple
+    // memory until the next row.
+    unsafe {
+        let relation = (*node).ss.ss_currentRelation;
+        let estate = (*node).ss.ps.state;
+        let slot =
+            pg_sys::ExecInitExtraTupleSlot(estate, (*relation).rd_att, &pg_sys::TTSOpsVirtual);
+        let mut input = RowInput::new((*relation).rd_att);
+        let econtext = (*node).ss.ps.ps_ExprContext;
+        for row in rows {
+            let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+            input.store(row, slot);
+            pg_sys::MemoryContextSwitchTo(old);
+            f(slot);
+            pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
+        }
+        pg_sys::ExecClearTuple(slot);
     }
 }
 
@@ -282,7 +402,7 @@ unsafe fn distributed_scan_state(
 /// One statement per placement of every shard left after pruning. Values known only now go as
 /// parameters of a statement prepared on the worker connection, unless tables are broadcast
 /// into it (their arrays are written in per shard).
-unsafe fn statements(
+pub(crate) unsafe fn statements(
     node: *mut pg_sys::CustomScanState,
     runtime: &ModifyRuntime,
 ) -> Vec<(NodeAddress, Vec<(FragmentSql, bool)>)> {
@@ -300,11 +420,14 @@ unsafe fn statements(
         );
         let (schema, name) = crate::executor::schema_and_name(relid);
         // An UPDATE under check options needs its new rows, to test them.
-        let returning = (plan.returning || !runtime.checks.is_null())
-            .then(|| returning_columns(relid, &plan.target_alias));
+        let returning = (plan.returning || has_checks(runtime.result))
+            .then(|| returning_columns(relid, &plan.target_alias))
+            .filter(|_| plan.row_source.is_empty());
         // Every shard's statement, `$<RELATION_BASE + k>` standing for the shards of the
         // relations (the target alone, k = 0, in a plain UPDATE or DELETE).
-        let template = if plan.statement.is_empty() {
+        let template = if !plan.row_source.is_empty() {
+            plan.row_source.clone()
+        } else if plan.statement.is_empty() {
             let mut sql = match plan.kind {
                 ModifyKind::Update => format!("UPDATE ${RELATION_BASE} SET {}", plan.set_sql),
                 _ => format!("DELETE FROM ${RELATION_BASE}"),
@@ -358,12 +481,20 @@ unsafe fn statements(
             });
             let shard_placements = placements.iter().filter(|p| p.shard_id == shard_id);
             for (i, placement) in shard_placements.enumerate() {
-                let primary = i == 0;
+                let mut primary = i == 0;
                 let mut statement = FragmentSql {
                     sql: body.clone(),
                     params: params.clone(),
                     result_types: String::new(),
                 };
+                if !plan.row_source.is_empty() {
+                    // Every placement locks and returns its rows, tagged with where they are.
+                    statement.sql = format!(
+                        "SELECT '{}' AS pgdist_at, {body}",
+                        row_by_row::tag(shard_id, placement.node.node_id, primary)
+                    );
+                    primary = true;
+                }
                 if let (Some((columns, types)), true) = (&returning, primary) {
                     statement.sql.push_str(&format!(" RETURNING {columns}"));
                     statement.result_types = types.clone();
@@ -393,7 +524,7 @@ unsafe fn statements(
 
 /// The target's columns as a RETURNING list (qualified by `alias` when there is one), and
 /// their types (part of a prepared statement's identity).
-unsafe fn returning_columns(relid: pg_sys::Oid, alias: &str) -> (String, String) {
+pub(crate) unsafe fn returning_columns(relid: pg_sys::Oid, alias: &str) -> (String, String) {
     // SAFETY: the result relation is open and locked for the statement.
     unsafe {
         let relation = pg_sys::RelationIdGetRelation(relid);
@@ -432,31 +563,20 @@ unsafe fn update_or_delete(
         statements(node, runtime)
     };
     let (count, rows) = run_statements(work);
-    if runtime.checks.is_null() {
+    if !has_checks(runtime.result) {
         return (count, rows);
     }
     // SAFETY: each row starts with the result relation's columns (other tables' columns that
-    // RETURNING reads may follow), stored in a slot of the relation's own layout for the test.
+    // RETURNING reads may follow).
     unsafe {
-        let relation = (*node).ss.ss_currentRelation;
-        let estate = (*node).ss.ps.state;
-        let slot =
-            pg_sys::ExecInitExtraTupleSlot(estate, (*relation).rd_att, &pg_sys::TTSOpsVirtual);
-        let mut input = RowInput::new((*relation).rd_att);
-        let econtext = (*node).ss.ps.ps_ExprContext;
-        for row in &rows {
-            let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
-            input.store(row, slot);
-            pg_sys::MemoryContextSwitchTo(old);
+        each_row_stored(node, &rows, |slot| {
             check_new_row(
                 node,
-                runtime.checks,
+                runtime.result,
                 slot,
                 pg_sys::WCOKind::WCO_RLS_UPDATE_CHECK,
-            );
-            pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
-        }
-        pg_sys::ExecClearTuple(slot);
+            )
+        });
     }
     let rows = if runtime.plan.returning {
         rows
@@ -496,8 +616,15 @@ fn policy_check(
     );
 }
 
-/// The result relation of `node` set up with `checks`, ready for [`check_new_row`].
-unsafe fn check_options(
+/// True when `result` has check options for [`check_new_row`] to test.
+pub(crate) fn has_checks(result: *mut pg_sys::ResultRelInfo) -> bool {
+    // SAFETY: result was set up by result_relation.
+    !result.is_null() && unsafe { !(*result).ri_WithCheckOptions.is_null() }
+}
+
+/// The result relation of `node` set up with `checks` (the list may be empty), ready for
+/// [`check_new_row`] and for firing triggers.
+unsafe fn result_relation(
     node: *mut pg_sys::CustomScanState,
     estate: *mut pg_sys::EState,
     checks: *mut pg_sys::List,
@@ -529,17 +656,17 @@ unsafe fn check_options(
 }
 
 /// Raises PostgreSQL's own error when the new row in `slot` fails a policy check of
-/// `policy_kind` or a view's check option (`checks`: see [`check_options`]; null: none).
-unsafe fn check_new_row(
+/// `policy_kind` or a view's check option (`checks`: see [`result_relation`]).
+pub(crate) unsafe fn check_new_row(
     node: *mut pg_sys::CustomScanState,
     checks: *mut pg_sys::ResultRelInfo,
     slot: *mut pg_sys::TupleTableSlot,
     policy_kind: pg_sys::WCOKind::Type,
 ) {
-    if checks.is_null() {
+    if !has_checks(checks) {
         return;
     }
-    // SAFETY: checks was prepared by check_options for this node's estate; slot holds a row
+    // SAFETY: checks was prepared by result_relation for this node's estate; slot holds a row
     // of the result relation.
     unsafe {
         let estate = (*node).ss.ps.state;

@@ -57,6 +57,8 @@ pub enum PlannerError {
     ShellRead(String),
     #[error("this TABLESAMPLE on distributed table {0} is not supported yet")]
     TableSample(String),
+    #[error("{1} on distributed table {0}, which has row triggers, is not supported yet")]
+    Triggers(String, String),
     #[error("this write could break the foreign key of local table {1} that references distributed table {0}, which the shards cannot check")]
     LocalReference(String, String),
 }
@@ -121,6 +123,13 @@ impl crate::error::PgError for PlannerError {
                  then enforce its key. Until then rows can be inserted and columns outside the \
                  referenced key updated; or drop the foreign key."
             ),
+            PlannerError::Triggers(..) => {
+                "pgdist fires row triggers of INSERT (also with ON CONFLICT DO NOTHING) and of \
+                 UPDATE and DELETE statements whose conditions and new values use the table \
+                 alone; write the statement that way, split it, or drop the row triggers \
+                 (statement triggers work in every write)."
+                    .into()
+            }
             PlannerError::TableSample(_) => {
                 "Queries may sample distributed tables with TABLESAMPLE BERNOULLI or SYSTEM \
                  and arguments the workers can compute (constants, parameters); elsewhere, \

@@ -22,6 +22,7 @@ use std::ffi::CStr;
 use pgrx::pg_sys;
 use pgrx::PgList;
 
+use crate::executor::triggers::{self, Event};
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
 use crate::planner::modify_pushdown::ExtraColumn;
@@ -29,7 +30,9 @@ use crate::planner::scan_path::{
     decode_broadcasts, encode_broadcasts, from_list, to_list, ScanPlan,
 };
 use crate::planner::security_quals;
-use crate::planner::shippable::{as_mutator, deparse, shippable, with_coordinator_values};
+use crate::planner::shippable::{
+    as_mutator, deparse, shippable, with_coordinator_values, RELATION_BASE,
+};
 use crate::planner::{each_plan_node, PlannerError};
 use crate::remote::quote::quote_identifier;
 
@@ -84,6 +87,13 @@ pub struct ModifyPlan {
     /// there too (see [`returning_over_extra_columns`]).
     pub returning_extra: Vec<ExtraColumn>,
     pub returning_extra_sql: String,
+    /// UPDATE / DELETE of a table with row triggers (empty: none), run row by row
+    /// (`executor/row_by_row.rs`): what follows `SELECT <tag>, ` in each shard's statement
+    /// that locks and reads the rows, `ctid, <every column>, <the new value of each SET
+    /// column> FROM $<RELATION_BASE> WHERE … FOR [NO KEY] UPDATE`.
+    pub row_source: String,
+    /// The columns the SET values of `row_source` are for.
+    pub set_attnos: Vec<i16>,
     /// Tables `statement` reads that are not co-located with the target: read first, their
     /// columns stand in it as arrays (`$<BROADCAST_BASE + i>`, as in a scan).
     pub broadcasts: Vec<ScanPlan>,
@@ -138,6 +148,12 @@ impl ModifyPlan {
                 .collect::<Vec<_>>()
                 .join(","),
             self.returning_extra_sql.clone(),
+            self.row_source.clone(),
+            self.set_attnos
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
         parts
@@ -185,7 +201,9 @@ impl ModifyPlan {
                 })
                 .collect(),
             returning_extra_sql: part(16),
-            broadcasts: decode_broadcasts(parts.get(17..).unwrap_or_default()),
+            row_source: part(17),
+            set_attnos: part(18).split(',').filter_map(|s| s.parse().ok()).collect(),
+            broadcasts: decode_broadcasts(parts.get(19..).unwrap_or_default()),
         }
     }
 }
@@ -275,7 +293,13 @@ pub unsafe fn modify_node(
         };
         if modify.kind == ModifyKind::Insert {
             let child = (*mt).plan.lefttree;
-            if modify.on_conflict.is_empty() && !modify.returning && checks.is_null() {
+            // SAFETY: the table is locked by the statement being planned.
+            let row_triggers = triggers::find(table.oid, Event::Insert).rows;
+            if modify.on_conflict.is_empty()
+                && !modify.returning
+                && checks.is_null()
+                && !row_triggers
+            {
                 modify.insert_select = pushed_down_insert(stmt, child, table).unwrap_or_default();
             }
             (*scan).custom_plans = pg_sys::lappend(std::ptr::null_mut(), child.cast());
@@ -742,6 +766,8 @@ pub unsafe fn analyse(
             target_alias: String::new(),
             returning_extra: Vec::new(),
             returning_extra_sql: String::new(),
+            row_source: String::new(),
+            set_attnos: Vec::new(),
             broadcasts: Vec::new(),
         };
         match (*parse).commandType {
@@ -772,6 +798,7 @@ pub unsafe fn analyse(
             }
             _ => return Err(PlannerError::Writes(table_name(table))),
         }
+        refuse_unsupported_triggers(table, &modify)?;
         let mut values = PgList::new();
         for value in coordinator_values {
             values.push(value);
@@ -787,6 +814,43 @@ pub unsafe fn analyse(
             result_rti: (*parse).resultRelation,
         })
     }
+}
+
+/// Refuses writes whose triggers the coordinator cannot fire as PostgreSQL would
+/// (`executor/triggers.rs`): row triggers of a MERGE, of an `INSERT … ON CONFLICT DO UPDATE`
+/// and of an UPDATE or DELETE that reads other tables.
+fn refuse_unsupported_triggers(table: &DistTable, modify: &ModifyPlan) -> Result<(), PlannerError> {
+    // SAFETY: the table is locked by the statement being planned.
+    let found = |event| unsafe { triggers::find(table.oid, event) };
+    let refused = match modify.kind {
+        ModifyKind::Merge => [Event::Insert, Event::Update, Event::Delete]
+            .into_iter()
+            .any(|event| found(event).any())
+            .then_some("MERGE"),
+        ModifyKind::Insert if is_conflict_update(&modify.on_conflict) => {
+            (found(Event::Insert).rows || found(Event::Update).rows)
+                .then_some("INSERT … ON CONFLICT DO UPDATE")
+        }
+        ModifyKind::Update | ModifyKind::Delete if !modify.statement.is_empty() => {
+            let event = match modify.kind {
+                ModifyKind::Update => Event::Update,
+                _ => Event::Delete,
+            };
+            found(event)
+                .rows
+                .then_some("an UPDATE or DELETE that reads other tables or has subqueries")
+        }
+        _ => None,
+    };
+    match refused {
+        Some(what) => Err(PlannerError::Triggers(table_name(table), what.into())),
+        None => Ok(()),
+    }
+}
+
+/// True when `on_conflict` (`ModifyPlan::on_conflict`) is `ON CONFLICT … DO UPDATE …`.
+pub fn is_conflict_update(on_conflict: &str) -> bool {
+    !on_conflict.is_empty() && !on_conflict.ends_with(" DO NOTHING")
 }
 
 /// A local table whose foreign key to `relid` the write `parse` could break (it deletes rows or
@@ -858,6 +922,7 @@ unsafe fn update_or_delete(
         {
             return whole_statement(parse, table, modify, values);
         }
+        let mut set_values = Vec::new();
         if modify.kind == ModifyKind::Update {
             let mut assignments = Vec::new();
             for entry in PgList::<pg_sys::TargetEntry>::from_pg((*parse).targetList).iter_ptr() {
@@ -887,6 +952,8 @@ unsafe fn update_or_delete(
                     ));
                 }
                 assignments.push(format!("{} = {text}", column_name(table.oid, attno)));
+                set_values.push(text);
+                modify.set_attnos.push(attno);
             }
             modify.set_sql = assignments.join(", ");
         }
@@ -918,6 +985,26 @@ unsafe fn update_or_delete(
             parts.push(format!("({text})"));
         }
         modify.where_sql = parts.join(" AND ");
+        let event = match modify.kind {
+            ModifyKind::Update => Event::Update,
+            _ => Event::Delete,
+        };
+        if triggers::find(table.oid, event).rows {
+            let (columns, _) = crate::executor::modify::returning_columns(table.oid, "");
+            let mut source = format!("ctid, {columns}");
+            for value in &set_values {
+                source.push_str(&format!(", {value}"));
+            }
+            source.push_str(&format!(" FROM ${RELATION_BASE}"));
+            if !modify.where_sql.is_empty() {
+                source.push_str(&format!(" WHERE {}", modify.where_sql));
+            }
+            source.push_str(match modify.kind {
+                ModifyKind::Update => " FOR NO KEY UPDATE",
+                _ => " FOR UPDATE",
+            });
+            modify.row_source = source;
+        }
         let shards = cache::shards(table.oid);
         let all = || shards.iter().map(|(id, _)| *id).collect::<Vec<_>>();
         (modify.shard_ids, modify.prune_param) = match table.method {

@@ -1,0 +1,330 @@
+//! UPDATE and DELETE of a table with row triggers, one row at a time.
+//!
+//! A trigger may change the new row or skip it before it is written, and needs the old row
+//! afterwards; a shard's `UPDATE … WHERE …` gives the coordinator no say in between. So the
+//! write runs in two round trips. First every placement of each shard left after pruning locks
+//! and returns its rows — `SELECT <tag>, ctid, <columns>, <new values> FROM <shard> WHERE …
+//! FOR [NO KEY] UPDATE`, the rows the UPDATE would change, rechecked against concurrent writes
+//! as UPDATE rechecks them. Then the coordinator fires the BEFORE ROW triggers on the rows of
+//! the first placement, tests the check options, and sends each row's change by ctid to every
+//! placement (the copies of a shard hold the same rows, paired by content, so a placement's
+//! ctid names its copy of the row). The shards return the rows as stored (generated columns
+//! computed), which go to the AFTER ROW triggers and RETURNING.
+
+use std::collections::BTreeMap;
+
+use pgrx::pg_sys;
+
+use crate::distribution::shell::with_suffix;
+use crate::executor::fragments::{FragmentSql, TextRow};
+use crate::executor::modify::{
+    check_new_row, compute_generated_columns, has_checks, ModifyRuntime,
+};
+use crate::executor::shard_writer::{run_statements, RowInput};
+use crate::metadata::cache;
+use crate::planner::modify_plan::{has_generated_columns, ModifyKind};
+use crate::planner::PlannerError;
+use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified};
+use crate::remote::NodeAddress;
+
+/// What the first column of a locked row says: its shard, its node and whether that node
+/// holds the shard's first placement.
+pub fn tag(shard_id: i64, node_id: i32, primary: bool) -> String {
+    format!("{shard_id} {node_id} {}", u8::from(primary))
+}
+
+fn parse_tag(tag: &str) -> Option<(i64, i32, bool)> {
+    let mut parts = tag.split(' ');
+    Some((
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()? == "1",
+    ))
+}
+
+/// One placement's copy of a row, locked.
+struct Locked {
+    ctid: String,
+    /// The row's columns (every column that is not dropped).
+    old: TextRow,
+    /// The values of the SET columns (UPDATE).
+    set: TextRow,
+}
+
+/// A row as the triggers let it through, with the change for each of its copies.
+struct Change {
+    old: TextRow,
+    /// UPDATE: the new row before the shards store it.
+    new: TextRow,
+    /// (node, ctid) of each copy, the first placement's first.
+    copies: Vec<(i32, String)>,
+    shard_id: i64,
+}
+
+/// Runs the UPDATE or DELETE of `node` row by row; the rows written and RETURNING's rows.
+pub(crate) unsafe fn update_or_delete(
+    node: *mut pg_sys::CustomScanState,
+    runtime: &mut ModifyRuntime,
+) -> (u64, Vec<TextRow>) {
+    // SAFETY: slots have the result relation's layout; rows are converted with its types.
+    unsafe {
+        let work = crate::executor::modify::statements(node, runtime);
+        let addresses: BTreeMap<i32, NodeAddress> = work
+            .iter()
+            .map(|(address, _)| (address.node_id, address.clone()))
+            .collect();
+        let relation = (*node).ss.ss_currentRelation;
+        let tupdesc = (*relation).rd_att;
+        let columns = live_columns(tupdesc);
+        let (_, locked) = run_statements(work);
+        let shards = group_by_shard(locked, columns.len());
+        let plan = &runtime.plan;
+        let estate = (*node).ss.ps.state;
+        let old_slot = pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
+        let new_slot = pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
+        let mut input = RowInput::new(tupdesc);
+        let econtext = (*node).ss.ps.ps_ExprContext;
+        let triggers = runtime.triggers.as_ref();
+        let distribution = cache::lookup(plan.relid)
+            .and_then(|t| t.distribution_attno())
+            .and_then(|attno| columns.iter().position(|c| c.attno == attno));
+        let generated = has_checks(runtime.result) && has_generated_columns(plan.relid);
+        let mut changes = Vec::new();
+        for (shard_id, copies) in shards {
+            let Some((primary, others)) = copies.split_first() else {
+                continue;
+            };
+            for (i, row) in primary.1.iter().enumerate() {
+                let old_context = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+                input.store(&row.old, old_slot);
+                let old_tuple = pg_sys::ExecCopySlotHeapTuple(old_slot);
+                let mut new = row.old.clone();
+                for (attno, value) in plan.set_attnos.iter().zip(&row.set) {
+                    if let Some(index) = columns.iter().position(|c| c.attno == *attno) {
+                        new[index] = value.clone();
+                    }
+                }
+                let keep = if plan.kind == ModifyKind::Update {
+                    input.store(&new, new_slot);
+                    let keep = triggers.is_none_or(|t| t.before_row(old_tuple, new_slot));
+                    if keep {
+                        new = slot_text(new_slot, &columns);
+                        if generated {
+                            compute_generated_columns(
+                                runtime.result,
+                                estate,
+                                new_slot,
+                                pg_sys::CmdType::CMD_UPDATE,
+                            );
+                        }
+                        check_new_row(
+                            node,
+                            runtime.result,
+                            new_slot,
+                            pg_sys::WCOKind::WCO_RLS_UPDATE_CHECK,
+                        );
+                    }
+                    keep
+                } else {
+                    triggers.is_none_or(|t| t.before_row(old_tuple, std::ptr::null_mut()))
+                };
+                pg_sys::MemoryContextSwitchTo(old_context);
+                pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
+                if !keep {
+                    continue;
+                }
+                if let Some(index) = distribution.filter(|i| new[*i] != row.old[*i]) {
+                    let table = crate::distribution::create::relation_name(plan.relid);
+                    let column = columns[index].name.clone();
+                    crate::error::raise(PlannerError::DistributionColumnUpdate(table, column));
+                }
+                let mut copies = vec![(primary.0, row.ctid.clone())];
+                copies.extend(others.iter().map(|(node_id, rows)| (*node_id, rows[i].ctid.clone())));
+                changes.push(Change {
+                    old: row.old.clone(),
+                    new,
+                    copies,
+                    shard_id,
+                });
+            }
+        }
+        let (count, stored) = run_statements(writes(plan.relid, plan, &changes, &columns, &addresses));
+        // The rows as the shards stored them, by change.
+        let mut new_rows: Vec<Option<TextRow>> = vec![None; changes.len()];
+        for mut row in stored {
+            if let Some(index) = row.first().cloned().flatten().and_then(|t| t.parse::<usize>().ok()) {
+                row.remove(0);
+                if let Some(slot) = new_rows.get_mut(index) {
+                    *slot = Some(row);
+                }
+            }
+        }
+        let mut returned = Vec::new();
+        for (change, new) in changes.iter().zip(new_rows) {
+            let row = match plan.kind {
+                ModifyKind::Update => new.unwrap_or_else(|| change.new.clone()),
+                _ => change.old.clone(),
+            };
+            if let Some(triggers) = triggers {
+                let old_context = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+                input.store(&change.old, old_slot);
+                let old_tuple = pg_sys::ExecCopySlotHeapTuple(old_slot);
+                let new_slot = match plan.kind {
+                    ModifyKind::Update => input.store(&row, new_slot),
+                    _ => std::ptr::null_mut(),
+                };
+                triggers.after_row(old_tuple, new_slot);
+                pg_sys::MemoryContextSwitchTo(old_context);
+                pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
+            }
+            if plan.returning {
+                returned.push(row);
+            }
+        }
+        pg_sys::ExecClearTuple(old_slot);
+        pg_sys::ExecClearTuple(new_slot);
+        (count, returned)
+    }
+}
+
+/// Each shard's locked rows per placement, the first placement's first, every placement's
+/// rows in the same order (by content: the copies hold the same rows).
+fn group_by_shard(rows: Vec<TextRow>, columns: usize) -> BTreeMap<i64, Vec<(i32, Vec<Locked>)>> {
+    let mut shards: BTreeMap<i64, BTreeMap<(bool, i32), Vec<Locked>>> = BTreeMap::new();
+    for mut row in rows {
+        let Some((shard_id, node_id, primary)) =
+            row.first().cloned().flatten().as_deref().and_then(parse_tag)
+        else {
+            continue;
+        };
+        let set = row.split_off((2 + columns).min(row.len()));
+        let old = row.split_off(2.min(row.len()));
+        let ctid = row.pop().flatten().unwrap_or_default();
+        shards
+            .entry(shard_id)
+            .or_default()
+            .entry((!primary, node_id))
+            .or_default()
+            .push(Locked { ctid, old, set });
+    }
+    shards
+        .into_iter()
+        .map(|(shard_id, placements)| {
+            let copies = placements
+                .into_iter()
+                .map(|((_, node_id), mut rows)| {
+                    rows.sort_by(|a, b| a.old.cmp(&b.old));
+                    (node_id, rows)
+                })
+                .collect::<Vec<_>>();
+            let count = copies.first().map_or(0, |(_, rows)| rows.len());
+            if copies.iter().any(|(_, rows)| rows.len() != count) {
+                pgrx::error!("pgdist: the placements of shard {shard_id} hold different rows");
+            }
+            (shard_id, copies)
+        })
+        .collect()
+}
+
+/// The statements that write `changes`: for each copy of each row an UPDATE or DELETE by
+/// ctid; the first placement's returns the row as stored, tagged with its change's index.
+fn writes(
+    relid: pg_sys::Oid,
+    plan: &crate::planner::modify_plan::ModifyPlan,
+    changes: &[Change],
+    columns: &[Column],
+    addresses: &BTreeMap<i32, NodeAddress>,
+) -> Vec<(NodeAddress, Vec<(FragmentSql, bool)>)> {
+    let (schema, name) = crate::executor::schema_and_name(relid);
+    let returning = columns
+        .iter()
+        .map(|c| quote_identifier(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut per_node: BTreeMap<i32, Vec<(FragmentSql, bool)>> = BTreeMap::new();
+    for (index, change) in changes.iter().enumerate() {
+        let shard = quote_qualified(&schema, &with_suffix(&name, &change.shard_id.to_string()));
+        let assignments = match plan.kind {
+            ModifyKind::Update => columns
+                .iter()
+                .enumerate()
+                .filter(|(i, c)| {
+                    !c.generated
+                        && (plan.set_attnos.contains(&c.attno) || change.new[*i] != change.old[*i])
+                })
+                .map(|(i, c)| {
+                    let value = change.new[i].as_deref().map_or("NULL".into(), quote_literal);
+                    format!("{} = {value}", quote_identifier(&c.name))
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            _ => String::new(),
+        };
+        for (copy, (node_id, ctid)) in change.copies.iter().enumerate() {
+            let primary = copy == 0;
+            let mut sql = match plan.kind {
+                ModifyKind::Update => format!("UPDATE {shard} SET {assignments}"),
+                _ => format!("DELETE FROM {shard}"),
+            };
+            sql.push_str(&format!(" WHERE ctid = {}", quote_literal(ctid)));
+            if primary && plan.kind == ModifyKind::Update {
+                sql.push_str(&format!(" RETURNING '{index}', {returning}"));
+            }
+            per_node
+                .entry(*node_id)
+                .or_default()
+                .push((FragmentSql::plain(sql), primary));
+        }
+    }
+    per_node
+        .into_iter()
+        .filter_map(|(node_id, jobs)| Some((addresses.get(&node_id)?.clone(), jobs)))
+        .collect()
+}
+
+/// A column of the result relation that is not dropped.
+struct Column {
+    attno: i16,
+    name: String,
+    generated: bool,
+}
+
+unsafe fn live_columns(tupdesc: pg_sys::TupleDesc) -> Vec<Column> {
+    // SAFETY: tupdesc is the open result relation's descriptor.
+    unsafe {
+        (0..(*tupdesc).natts as usize)
+            .map(|i| &*(*tupdesc).attrs.as_ptr().add(i))
+            .filter(|a| !a.attisdropped)
+            .map(|a| Column {
+                attno: a.attnum,
+                name: std::ffi::CStr::from_ptr(a.attname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned(),
+                generated: a.attgenerated != 0,
+            })
+            .collect()
+    }
+}
+
+/// The text of the live columns of the row in `slot`.
+unsafe fn slot_text(slot: *mut pg_sys::TupleTableSlot, columns: &[Column]) -> TextRow {
+    // SAFETY: slot holds a row of the relation the columns describe.
+    unsafe {
+        pg_sys::slot_getallattrs(slot);
+        let tupdesc = (*slot).tts_tupleDescriptor;
+        columns
+            .iter()
+            .map(|c| {
+                let i = (c.attno - 1) as usize;
+                if *(*slot).tts_isnull.add(i) {
+                    return None;
+                }
+                let attribute = (*tupdesc).attrs.as_ptr().add(i);
+                let (mut output, mut varlena) = (pg_sys::InvalidOid, false);
+                pg_sys::getTypeOutputInfo((*attribute).atttypid, &mut output, &mut varlena);
+                let text = pg_sys::OidOutputFunctionCall(output, *(*slot).tts_values.add(i));
+                Some(std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned())
+            })
+            .collect()
+    }
+}

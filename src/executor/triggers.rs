@@ -1,0 +1,356 @@
+//! Fires the triggers of a distributed or reference table on the coordinator, with PostgreSQL's
+//! own trigger code, around the writes the shards make.
+//!
+//! Triggers are defined on the coordinator's shell table, as on any table; the shards have none.
+//! A write fires them where PostgreSQL's ModifyTable would — statement triggers before the first
+//! and after the last row, BEFORE ROW triggers on each row before it is sent (they may change it
+//! or skip it), AFTER ROW triggers and transition tables queued for the end of the statement —
+//! as the user who writes, so a trigger function never runs on a worker. Foreign-key triggers
+//! stay out: the shards check their own keys.
+//!
+//! AFTER ROW events need care: PostgreSQL queues them by the row's ctid and fetches the row
+//! from the table when it fires them at the end of the statement, which the empty shell cannot
+//! serve. For foreign tables it keeps the rows themselves in the query's tuplestore instead. So
+//! the result relation the triggers see is a private copy of the shell's relation entry that
+//! says it is a foreign table (the shared entry is left alone, so the trigger functions' own
+//! queries see the table as it is); PostgreSQL finds that result relation again when it fires
+//! the events.
+
+use pgrx::pg_sys;
+
+/// A write's event, as PostgreSQL's trigger code names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Event {
+    fn type_bit(self) -> u32 {
+        match self {
+            Event::Insert => pg_sys::TRIGGER_TYPE_INSERT,
+            Event::Update => pg_sys::TRIGGER_TYPE_UPDATE,
+            Event::Delete => pg_sys::TRIGGER_TYPE_DELETE,
+        }
+    }
+}
+
+/// The user triggers of a table for one event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Found {
+    pub statement: bool,
+    /// BEFORE or AFTER ROW triggers, or statement triggers with transition tables: they need
+    /// the rows themselves.
+    pub rows: bool,
+}
+
+impl Found {
+    pub fn any(self) -> bool {
+        self.statement || self.rows
+    }
+}
+
+/// The user triggers (not foreign-key triggers) of `relid` for `event`.
+pub unsafe fn find(relid: pg_sys::Oid, event: Event) -> Found {
+    // SAFETY: the relation is locked by the statement being planned or run; its trigger
+    // descriptor is read while we hold our reference.
+    unsafe {
+        let relation = pg_sys::RelationIdGetRelation(relid);
+        let mut found = Found::default();
+        for trigger in user_triggers((*relation).trigdesc) {
+            let tgtype = trigger.tgtype as u32;
+            if tgtype & event.type_bit() == 0 {
+                continue;
+            }
+            let row = tgtype & pg_sys::TRIGGER_TYPE_ROW != 0;
+            let transition = !trigger.tgoldtable.is_null() || !trigger.tgnewtable.is_null();
+            found.rows |= row || transition;
+            found.statement |= !row;
+        }
+        pg_sys::RelationClose(relation);
+        found
+    }
+}
+
+/// The triggers of `trigdesc` that PostgreSQL did not create for a constraint itself.
+unsafe fn user_triggers<'a>(
+    trigdesc: *const pg_sys::TriggerDesc,
+) -> impl Iterator<Item = &'a pg_sys::Trigger> {
+    // SAFETY: trigdesc (or null) is a valid descriptor that outlives the iteration.
+    unsafe {
+        let triggers: &[pg_sys::Trigger] = match trigdesc.is_null() {
+            true => &[],
+            false => std::slice::from_raw_parts(
+                (*trigdesc).triggers,
+                (*trigdesc).numtriggers as usize,
+            ),
+        };
+        triggers.iter().filter(|t| !t.tgisinternal)
+    }
+}
+
+/// A result relation set up to fire the user triggers of one write.
+pub struct Triggers {
+    estate: *mut pg_sys::EState,
+    info: *mut pg_sys::ResultRelInfo,
+    event: Event,
+    /// The transition tables' capture (null: none).
+    capture: *mut pg_sys::TransitionCaptureState,
+    /// `INSERT … ON CONFLICT DO UPDATE`: UPDATE's statement triggers fire too.
+    also_update: bool,
+}
+
+impl Triggers {
+    /// Keeps only the user triggers of `info`'s descriptor (a copy InitResultRelInfo made).
+    pub unsafe fn new(
+        estate: *mut pg_sys::EState,
+        info: *mut pg_sys::ResultRelInfo,
+        event: Event,
+        also_update: bool,
+    ) -> Triggers {
+        // SAFETY: info was set up by InitResultRelInfo for this estate; its descriptor is its
+        // own copy, changed here before anything reads it. The relation copy lives in the
+        // query's memory, as long as the events queued with it; its pointers are the open
+        // relation's, which the statement keeps open and locked.
+        unsafe {
+            let memory = (*estate).es_query_cxt;
+            let relation = pg_sys::MemoryContextAlloc(
+                memory,
+                std::mem::size_of::<pg_sys::RelationData>(),
+            )
+            .cast::<pg_sys::RelationData>();
+            *relation = *(*info).ri_RelationDesc;
+            let form = pg_sys::MemoryContextAlloc(
+                memory,
+                std::mem::size_of::<pg_sys::FormData_pg_class>(),
+            )
+            .cast::<pg_sys::FormData_pg_class>();
+            *form = *(*relation).rd_rel;
+            (*form).relkind = pg_sys::RELKIND_FOREIGN_TABLE as std::ffi::c_char;
+            (*relation).rd_rel = form;
+            (*info).ri_RelationDesc = relation;
+            (*estate).es_opened_result_relations =
+                pg_sys::lappend((*estate).es_opened_result_relations, info.cast());
+            let trigdesc = (*info).ri_TrigDesc;
+            if !trigdesc.is_null() {
+                keep_user_triggers(trigdesc);
+            }
+            let relid = (*(*info).ri_RelationDesc).rd_id;
+            let command = match event {
+                Event::Insert => pg_sys::CmdType::CMD_INSERT,
+                Event::Update => pg_sys::CmdType::CMD_UPDATE,
+                Event::Delete => pg_sys::CmdType::CMD_DELETE,
+            };
+            let capture = match trigdesc.is_null() {
+                true => std::ptr::null_mut(),
+                false => pg_sys::MakeTransitionCaptureState(trigdesc, relid, command),
+            };
+            Triggers {
+                estate,
+                info,
+                event,
+                capture,
+                also_update,
+            }
+        }
+    }
+
+    /// BEFORE STATEMENT triggers.
+    pub fn before_statement(&self) {
+        // SAFETY: info and estate belong to the running statement.
+        unsafe {
+            match self.event {
+                Event::Insert => {
+                    pg_sys::ExecBSInsertTriggers(self.estate, self.info);
+                    if self.also_update {
+                        pg_sys::ExecBSUpdateTriggers(self.estate, self.info);
+                    }
+                }
+                Event::Update => pg_sys::ExecBSUpdateTriggers(self.estate, self.info),
+                Event::Delete => pg_sys::ExecBSDeleteTriggers(self.estate, self.info),
+            }
+        }
+    }
+
+    /// AFTER STATEMENT triggers (queued for the end of the statement, with the transition
+    /// tables).
+    pub fn after_statement(&self) {
+        // SAFETY: as before_statement.
+        unsafe {
+            match self.event {
+                Event::Insert => {
+                    if self.also_update {
+                        pg_sys::ExecASUpdateTriggers(self.estate, self.info, std::ptr::null_mut());
+                    }
+                    pg_sys::ExecASInsertTriggers(self.estate, self.info, self.capture);
+                }
+                Event::Update => pg_sys::ExecASUpdateTriggers(self.estate, self.info, self.capture),
+                Event::Delete => pg_sys::ExecASDeleteTriggers(self.estate, self.info, self.capture),
+            }
+        }
+    }
+
+    /// BEFORE ROW triggers of a row to write: false when one of them skips it. `old` is the
+    /// row an UPDATE changes or a DELETE removes; `new` the row an INSERT or UPDATE writes,
+    /// which the triggers may change in place.
+    pub unsafe fn before_row(
+        &self,
+        old: pg_sys::HeapTuple,
+        new: *mut pg_sys::TupleTableSlot,
+    ) -> bool {
+        // SAFETY: the slots hold rows of the result relation; without a ctid, the trigger code
+        // takes the old row as given (as for a foreign table) instead of reading the table.
+        unsafe {
+            let trigdesc = (*self.info).ri_TrigDesc;
+            if trigdesc.is_null() {
+                return true;
+            }
+            match self.event {
+                Event::Insert if (*trigdesc).trig_insert_before_row => {
+                    pg_sys::ExecBRInsertTriggers(self.estate, self.info, new)
+                }
+                Event::Update if (*trigdesc).trig_update_before_row => pg_sys::ExecBRUpdateTriggers(
+                    self.estate,
+                    std::ptr::null_mut(),
+                    self.info,
+                    std::ptr::null_mut(),
+                    old,
+                    new,
+                    std::ptr::null_mut(),
+                ),
+                Event::Delete if (*trigdesc).trig_delete_before_row => pg_sys::ExecBRDeleteTriggers(
+                    self.estate,
+                    std::ptr::null_mut(),
+                    self.info,
+                    std::ptr::null_mut(),
+                    old,
+                    std::ptr::null_mut(),
+                ),
+                _ => true,
+            }
+        }
+    }
+
+    /// Queues the AFTER ROW triggers and transition-table rows of a row written (`old` and
+    /// `new` as for [`Triggers::before_row`]).
+    pub unsafe fn after_row(&self, old: pg_sys::HeapTuple, new: *mut pg_sys::TupleTableSlot) {
+        // SAFETY: as before_row; the trigger code copies the rows into the query's tuplestore.
+        unsafe {
+            match self.event {
+                Event::Insert => pg_sys::ExecARInsertTriggers(
+                    self.estate,
+                    self.info,
+                    new,
+                    std::ptr::null_mut(),
+                    self.capture,
+                ),
+                Event::Update => pg_sys::ExecARUpdateTriggers(
+                    self.estate,
+                    self.info,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    old,
+                    new,
+                    std::ptr::null_mut(),
+                    self.capture,
+                    false,
+                ),
+                Event::Delete => pg_sys::ExecARDeleteTriggers(
+                    self.estate,
+                    self.info,
+                    std::ptr::null_mut(),
+                    old,
+                    self.capture,
+                    false,
+                ),
+            }
+        }
+    }
+}
+
+/// Drops the foreign-key triggers from `trigdesc` and recomputes its summary flags.
+unsafe fn keep_user_triggers(trigdesc: *mut pg_sys::TriggerDesc) {
+    // SAFETY: trigdesc is a private copy; its array is shortened in place.
+    unsafe {
+        let all = std::slice::from_raw_parts_mut(
+            (*trigdesc).triggers,
+            (*trigdesc).numtriggers as usize,
+        );
+        let mut kept = 0;
+        for i in 0..all.len() {
+            if !all[i].tgisinternal {
+                all.swap(kept, i);
+                kept += 1;
+            }
+        }
+        let desc = &mut *trigdesc;
+        desc.numtriggers = kept as i32;
+        let flags = [
+            &mut desc.trig_insert_before_row,
+            &mut desc.trig_insert_after_row,
+            &mut desc.trig_insert_instead_row,
+            &mut desc.trig_insert_before_statement,
+            &mut desc.trig_insert_after_statement,
+            &mut desc.trig_update_before_row,
+            &mut desc.trig_update_after_row,
+            &mut desc.trig_update_instead_row,
+            &mut desc.trig_update_before_statement,
+            &mut desc.trig_update_after_statement,
+            &mut desc.trig_delete_before_row,
+            &mut desc.trig_delete_after_row,
+            &mut desc.trig_delete_instead_row,
+            &mut desc.trig_delete_before_statement,
+            &mut desc.trig_delete_after_statement,
+            &mut desc.trig_truncate_before_statement,
+            &mut desc.trig_truncate_after_statement,
+            &mut desc.trig_insert_new_table,
+            &mut desc.trig_update_old_table,
+            &mut desc.trig_update_new_table,
+            &mut desc.trig_delete_old_table,
+        ];
+        for flag in flags {
+            *flag = false;
+        }
+        for trigger in &all[..kept] {
+            let t = trigger.tgtype as u32;
+            let row = t & pg_sys::TRIGGER_TYPE_ROW != 0;
+            let timing = t & pg_sys::TRIGGER_TYPE_TIMING_MASK;
+            let before = timing == pg_sys::TRIGGER_TYPE_BEFORE;
+            let after = timing == pg_sys::TRIGGER_TYPE_AFTER;
+            let instead = timing == pg_sys::TRIGGER_TYPE_INSTEAD;
+            let old_table = !trigger.tgoldtable.is_null();
+            let new_table = !trigger.tgnewtable.is_null();
+            if t & pg_sys::TRIGGER_TYPE_INSERT != 0 {
+                desc.trig_insert_before_row |= row && before;
+                desc.trig_insert_after_row |= row && after;
+                desc.trig_insert_instead_row |= row && instead;
+                desc.trig_insert_before_statement |= !row && before;
+                desc.trig_insert_after_statement |= !row && after;
+                desc.trig_insert_new_table |= new_table;
+            }
+            if t & pg_sys::TRIGGER_TYPE_UPDATE != 0 {
+                desc.trig_update_before_row |= row && before;
+                desc.trig_update_after_row |= row && after;
+                desc.trig_update_instead_row |= row && instead;
+                desc.trig_update_before_statement |= !row && before;
+                desc.trig_update_after_statement |= !row && after;
+                desc.trig_update_old_table |= old_table;
+                desc.trig_update_new_table |= new_table;
+            }
+            if t & pg_sys::TRIGGER_TYPE_DELETE != 0 {
+                desc.trig_delete_before_row |= row && before;
+                desc.trig_delete_after_row |= row && after;
+                desc.trig_delete_instead_row |= row && instead;
+                desc.trig_delete_before_statement |= !row && before;
+                desc.trig_delete_after_statement |= !row && after;
+                desc.trig_delete_old_table |= old_table;
+            }
+            if t & pg_sys::TRIGGER_TYPE_TRUNCATE != 0 {
+                desc.trig_truncate_before_statement |= !row && before;
+                desc.trig_truncate_after_statement |= !row && after;
+            }
+        }
+    }
+}
