@@ -52,6 +52,7 @@ fn main() {
             row_locks_in_joins_lock_the_rows_postgres_locks,
             row_level_security_applies_to_writes,
             foreign_keys_are_enforced_as_plain_postgres_enforces_them,
+            triggers_fire_on_the_coordinator_as_plain_postgres_fires_them,
             bank_transfers_stay_exact_while_a_worker_keeps_crashing,
         ],
     )
@@ -2480,5 +2481,174 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
                  DROP ROLE clerk",
             )
             .unwrap();
+    }
+}
+
+const TRIGGER_SCHEMA: &str = "
+CREATE TABLE tr_items (id int PRIMARY KEY, name text, qty int, note text,
+                       total int GENERATED ALWAYS AS (qty * 2) STORED);
+CREATE TABLE tr_codes (code text PRIMARY KEY, label text);
+CREATE TABLE tr_audit (seq bigserial, op text, old_row text, new_row text);
+CREATE TABLE tr_sums (what text, n bigint, s bigint);
+CREATE FUNCTION tr_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.qty < 0 THEN RETURN NULL; END IF;
+  IF NEW.qty = 666 THEN RAISE EXCEPTION 'qty 666 for %', NEW.id USING ERRCODE = 'check_violation'; END IF;
+  NEW.note := TG_OP || ':' || coalesce(NEW.name, '?');
+  NEW.name := upper(NEW.name);
+  RETURN NEW;
+END $$;
+CREATE FUNCTION tr_log() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO tr_audit (op, old_row, new_row) VALUES (
+    TG_TABLE_NAME || ' ' || TG_NAME || ' ' || TG_OP || ' ' || TG_WHEN || ' ' || TG_LEVEL,
+    CASE WHEN TG_LEVEL = 'ROW' AND TG_OP <> 'INSERT' THEN OLD::text END,
+    CASE WHEN TG_LEVEL = 'ROW' AND TG_OP <> 'DELETE' THEN NEW::text END);
+  IF TG_OP = 'DELETE' AND TG_LEVEL = 'ROW' AND TG_WHEN = 'BEFORE' THEN
+    IF OLD::text LIKE '%13%' THEN RETURN NULL; END IF;
+    RETURN OLD;
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE FUNCTION tr_count() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP <> 'INSERT' THEN
+    INSERT INTO tr_sums SELECT TG_OP || ' old', count(*), sum(qty) FROM old_rows;
+  END IF;
+  IF TG_OP <> 'DELETE' THEN
+    INSERT INTO tr_sums SELECT TG_OP || ' new', count(*), sum(total) FROM new_rows;
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER a_stamp BEFORE INSERT OR UPDATE ON tr_items FOR EACH ROW EXECUTE FUNCTION tr_stamp();
+CREATE TRIGGER b_after AFTER INSERT OR UPDATE OR DELETE ON tr_items FOR EACH ROW EXECUTE FUNCTION tr_log();
+CREATE TRIGGER c_before_delete BEFORE DELETE ON tr_items FOR EACH ROW EXECUTE FUNCTION tr_log();
+CREATE TRIGGER d_statement BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON tr_items
+  FOR EACH STATEMENT EXECUTE FUNCTION tr_log();
+CREATE TRIGGER e_statement AFTER INSERT OR UPDATE OR DELETE ON tr_items FOR EACH STATEMENT EXECUTE FUNCTION tr_log();
+CREATE TRIGGER f_qty AFTER UPDATE OF qty ON tr_items FOR EACH ROW
+  WHEN (OLD.qty IS DISTINCT FROM NEW.qty) EXECUTE FUNCTION tr_log();
+CREATE TRIGGER g_inserted AFTER INSERT ON tr_items REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION tr_count();
+CREATE TRIGGER g_updated AFTER UPDATE ON tr_items REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION tr_count();
+CREATE TRIGGER g_deleted AFTER DELETE ON tr_items REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION tr_count();
+CREATE TRIGGER codes_log AFTER INSERT OR UPDATE OR DELETE ON tr_codes FOR EACH ROW EXECUTE FUNCTION tr_log();
+INSERT INTO tr_items (id, name, qty) VALUES (1000, 'before distribution', 1);
+";
+
+fn triggers_fire_on_the_coordinator_as_plain_postgres_fires_them(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    run_on_both(&mut coordinator, &mut reference, TRIGGER_SCHEMA);
+    run_on_both(&mut coordinator, &mut reference, "TRUNCATE tr_audit, tr_sums");
+    // Rows that move into the shards are not new writes: no trigger fires.
+    coordinator
+        .batch_execute(
+            "SELECT pgdist.create_distributed_table('tr_items', 'id', shard_count => 4);
+             SELECT pgdist.create_reference_table('tr_codes');
+             SELECT pgdist.create_distributed_table('tr_audit', 'seq', shard_count => 2);
+             SELECT pgdist.create_distributed_table('tr_sums', 'what', shard_count => 2);",
+        )
+        .unwrap();
+    assert_eq!(count(&mut coordinator, "SELECT count(*) FROM tr_audit"), 0);
+    let tables = [
+        "SELECT * FROM tr_items",
+        "SELECT * FROM tr_codes",
+        "SELECT op, old_row, new_row FROM tr_audit",
+        "SELECT * FROM tr_sums",
+    ];
+    same_writes_to(
+        cluster,
+        &tables,
+        &[
+            // BEFORE ROW triggers change rows or skip them; AFTER ROW triggers see them as
+            // stored (generated column included); statement triggers and transition tables.
+            "INSERT INTO tr_items (id, name, qty) VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', -1), (4, 'd', 13)",
+            "INSERT INTO tr_items (id, name, qty) SELECT i, 'n' || i, i FROM generate_series(10, 30) i",
+            "INSERT INTO tr_items (id, name, qty) VALUES (5, 'e', 5), (6, NULL, -6) RETURNING *",
+            "INSERT INTO tr_items (id, name, qty) VALUES (1, 'dup', 1), (7, 'g', 7) ON CONFLICT DO NOTHING",
+            "INSERT INTO tr_items (id, name, qty) VALUES (8, 'h', 666)",
+            "INSERT INTO tr_items (id, name, qty) SELECT id + 100, name, qty FROM tr_items WHERE id < 20",
+            "UPDATE tr_items SET qty = qty + 1 WHERE id = 1",
+            "UPDATE tr_items SET name = 'zz' WHERE id > 20 AND id < 110",
+            "UPDATE tr_items SET qty = -5 WHERE id = 2",
+            "UPDATE tr_items SET qty = 666 WHERE id >= 10",
+            "UPDATE tr_items SET qty = qty * 2, name = name || '!' WHERE id % 3 = 0 RETURNING id, name, qty, total",
+            "UPDATE tr_items SET note = 'same' WHERE id = 5",
+            "DELETE FROM tr_items WHERE id IN (4, 12, 14)",
+            "DELETE FROM tr_items WHERE qty > 25 RETURNING id, total",
+            "DELETE FROM tr_items WHERE id = 1000",
+            // Transactions and savepoints take back what the triggers did too.
+            "BEGIN",
+            "UPDATE tr_items SET qty = 50 WHERE id = 5",
+            "SAVEPOINT s",
+            "DELETE FROM tr_items WHERE id < 10",
+            "ROLLBACK TO SAVEPOINT s",
+            "INSERT INTO tr_items (id, name, qty) VALUES (9, 'i', 9)",
+            "COMMIT",
+            "BEGIN",
+            "DELETE FROM tr_items WHERE id = 9",
+            "ROLLBACK",
+            // Writes inside WITH fire their triggers.
+            "WITH gone AS (DELETE FROM tr_items WHERE id = 5 RETURNING id, name) \
+               INSERT INTO tr_codes SELECT 'c' || id, name FROM gone",
+            // A reference table's triggers fire once, not once per node.
+            "INSERT INTO tr_codes VALUES ('a', 'x'), ('b', 'y')",
+            "UPDATE tr_codes SET label = 'z' WHERE code = 'b'",
+            "DELETE FROM tr_codes WHERE code = 'a'",
+            // Switching triggers off and on, dropping them.
+            "ALTER TABLE tr_items DISABLE TRIGGER USER",
+            "UPDATE tr_items SET qty = 3 WHERE id = 3",
+            "ALTER TABLE tr_items ENABLE TRIGGER USER",
+            "ALTER TABLE tr_items DISABLE TRIGGER a_stamp",
+            "UPDATE tr_items SET qty = -3 WHERE id = 7",
+            "ALTER TABLE tr_items ENABLE TRIGGER a_stamp",
+            "ALTER TRIGGER f_qty ON tr_items RENAME TO f_quantity",
+            "DROP TRIGGER c_before_delete ON tr_items",
+            "DELETE FROM tr_items WHERE id = 113",
+            "TRUNCATE tr_items",
+        ],
+    );
+    // COPY fires the same triggers as INSERT.
+    run_on_both(&mut coordinator, &mut reference, "TRUNCATE tr_audit, tr_sums");
+    for (sql, data) in [
+        ("COPY tr_items (id, name, qty) FROM STDIN", &b"60\tcopy\t1\n61\tskipped\t-3\n62\t\\N\t7\n"[..]),
+        ("COPY tr_items (id, name, qty) FROM STDIN (FORMAT csv)", &b"70,c70,4\n71,c71,666\n"[..]),
+    ] {
+        assert_eq!(copy_into(&mut coordinator, sql, data), copy_into(&mut reference, sql, data), "{sql}");
+    }
+    for table in tables {
+        compare(&mut coordinator, &mut reference, table);
+    }
+    // Only what the coordinator cannot fire as PostgreSQL does is refused, changing nothing.
+    for sql in [
+        "INSERT INTO tr_items (id, name, qty) VALUES (60, 'x', 1) ON CONFLICT (id) DO UPDATE SET qty = 2",
+        "UPDATE tr_items t SET qty = 1 FROM tr_codes c WHERE t.name = c.label",
+        "DELETE FROM tr_items WHERE id IN (SELECT id FROM tr_items WHERE qty > 1)",
+        "MERGE INTO tr_items t USING (SELECT 61 AS id) s ON t.id = s.id WHEN MATCHED THEN DELETE",
+        "CREATE CONSTRAINT TRIGGER h_deferred AFTER INSERT ON tr_items DEFERRABLE INITIALLY DEFERRED \
+           FOR EACH ROW EXECUTE FUNCTION tr_log()",
+        "ALTER TABLE tr_items DISABLE TRIGGER ALL",
+    ] {
+        let err = coordinator.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+    }
+    for table in tables {
+        compare(&mut coordinator, &mut reference, table);
+    }
+    // Undistributing moves rows without firing anything; the triggers stay on the table.
+    coordinator
+        .batch_execute("SELECT pgdist.undistribute_table('tr_items')")
+        .unwrap();
+    compare(&mut coordinator, &mut reference, "SELECT op, old_row, new_row FROM tr_audit");
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "UPDATE tr_items SET qty = 8 WHERE id = 62",
+    );
+    for table in tables {
+        compare(&mut coordinator, &mut reference, table);
     }
 }

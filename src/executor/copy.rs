@@ -14,6 +14,7 @@ use pgrx::pg_sys;
 use pgrx::PgList;
 
 use crate::executor::shard_writer::{ShardWriter, WriteKind};
+use crate::executor::triggers::{self, CopyTriggers, Event};
 use crate::remote::quote::{quote_identifier, quote_qualified};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,15 +69,33 @@ pub unsafe fn copy_from(
             (*stmt).options,
         );
         let econtext = pg_sys::CreateStandaloneExprContext();
-        let mut writer = ShardWriter::new(relid, WriteKind::Copy);
-        match text_field_order(stmt, relation) {
+        // Triggers fire on the coordinator (`triggers.rs`); row triggers need every row parsed
+        // here, and a trigger function's queries run between the writer's flushes (INSERT
+        // statements: a COPY would keep the connections busy across rows).
+        let found = triggers::find(relid, Event::Insert);
+        let fired = found.any().then(|| CopyTriggers::begin(relation));
+        let row_triggers = fired.as_ref().filter(|_| found.rows);
+        let kind = match row_triggers {
+            Some(_) => WriteKind::Insert {
+                alias: String::new(),
+                on_conflict: String::new(),
+                conflict_constraint: String::new(),
+                returning: false,
+            },
+            None => WriteKind::Copy,
+        };
+        let mut writer = ShardWriter::new(relid, kind);
+        match text_field_order(stmt, relation).filter(|_| row_triggers.is_none()) {
             Some(attnums) => {
                 writer.expect_fields(&attnums);
                 read_fields(cstate, econtext, relation, &attnums, &mut writer);
             }
-            None => read_rows(cstate, econtext, relation, &mut writer),
+            None => read_rows(cstate, econtext, relation, &mut writer, row_triggers),
         }
         writer.finish();
+        if let Some(fired) = fired {
+            fired.end();
+        }
         pg_sys::EndCopyFrom(cstate);
         pg_sys::FreeExprContext(econtext, true);
         pg_sys::table_close(relation, pg_sys::NoLock as i32);
@@ -191,26 +210,57 @@ unsafe fn check_field_count(found: usize, relation: pg_sys::Relation, attnums: &
 }
 
 /// Reads every row through PostgreSQL's full COPY parsing (defaults, binary input, FORCE
-/// options) and hands its values to `writer`.
+/// options) and hands its values to `writer`, through the table's row triggers if any.
 unsafe fn read_rows(
     cstate: pg_sys::CopyFromState,
     econtext: *mut pg_sys::ExprContext,
     relation: pg_sys::Relation,
     writer: &mut ShardWriter,
+    row_triggers: Option<&CopyTriggers>,
 ) {
-    // SAFETY: NextCopyFrom fills arrays sized for the relation's descriptor.
+    // SAFETY: NextCopyFrom fills arrays sized for the relation's descriptor; with triggers,
+    // they are the values of the trigger slot, materialized after the BEFORE triggers.
     unsafe {
         let natts = (*(*relation).rd_att).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0usize); natts];
         let mut nulls = vec![false; natts];
+        let generated = row_triggers.is_some()
+            && crate::planner::modify_plan::has_generated_columns((*relation).rd_id);
         each_row(econtext, || {
             let more = writer.reading_next_row(|| {
                 pg_sys::NextCopyFrom(cstate, econtext, values.as_mut_ptr(), nulls.as_mut_ptr())
             });
-            if more {
-                writer.add(&values, &nulls);
+            if !more {
+                return false;
             }
-            more
+            let Some(fired) = row_triggers else {
+                writer.add(&values, &nulls);
+                return true;
+            };
+            fired.next_row();
+            let slot = fired.slot;
+            pg_sys::ExecClearTuple(slot);
+            std::ptr::copy_nonoverlapping(values.as_ptr(), (*slot).tts_values, natts);
+            std::ptr::copy_nonoverlapping(nulls.as_ptr(), (*slot).tts_isnull, natts);
+            pg_sys::ExecStoreVirtualTuple(slot);
+            if !fired.triggers.before_row(std::ptr::null_mut(), slot) {
+                return true;
+            }
+            if generated {
+                crate::executor::modify::compute_generated_columns(
+                    fired.triggers.info,
+                    fired.triggers.estate,
+                    slot,
+                    pg_sys::CmdType::CMD_INSERT,
+                );
+            }
+            pg_sys::slot_getallattrs(slot);
+            writer.add(
+                std::slice::from_raw_parts((*slot).tts_values, natts),
+                std::slice::from_raw_parts((*slot).tts_isnull, natts),
+            );
+            fired.triggers.after_row(std::ptr::null_mut(), slot);
+            true
         })
     }
 }

@@ -745,6 +745,13 @@ unsafe extern "C-unwind" fn explain(
                     c"Fragments",
                     &format!("{count} on {} node(s)", counted.len()),
                 );
+                if !runtime.plan.row_source.is_empty() {
+                    text(
+                        c"Row Triggers",
+                        "each fragment locks and returns its rows; the triggers fire on the \
+                         coordinator, then each row is written by its ctid",
+                    );
+                }
                 for read in &runtime.plan.broadcasts {
                     let name = match read.relid == pg_sys::InvalidOid {
                         _ if !read.with_query.is_empty() => {

@@ -92,8 +92,8 @@ unsafe fn user_triggers<'a>(
 
 /// A result relation set up to fire the user triggers of one write.
 pub struct Triggers {
-    estate: *mut pg_sys::EState,
-    info: *mut pg_sys::ResultRelInfo,
+    pub(crate) estate: *mut pg_sys::EState,
+    pub(crate) info: *mut pg_sys::ResultRelInfo,
     event: Event,
     /// The transition tables' capture (null: none).
     capture: *mut pg_sys::TransitionCaptureState,
@@ -351,6 +351,70 @@ unsafe fn keep_user_triggers(trigdesc: *mut pg_sys::TriggerDesc) {
                 desc.trig_truncate_before_statement |= !row && before;
                 desc.trig_truncate_after_statement |= !row && after;
             }
+        }
+    }
+}
+
+/// The triggers of a COPY FROM into a distributed or reference table, which runs outside the
+/// executor: an executor state of its own, as PostgreSQL's COPY sets up for its triggers.
+pub struct CopyTriggers {
+    pub triggers: Triggers,
+    /// A slot of the table's layout for the rows the row triggers see.
+    pub slot: *mut pg_sys::TupleTableSlot,
+}
+
+impl CopyTriggers {
+    /// Fires the BEFORE STATEMENT triggers of a COPY into `relation` (open, locked for writing).
+    pub unsafe fn begin(relation: pg_sys::Relation) -> CopyTriggers {
+        // SAFETY: a fresh executor state with the table as its only range-table entry and
+        // result relation, freed by end(); the after-trigger queue gets a query level of its
+        // own, as for any statement.
+        unsafe {
+            let estate = pg_sys::CreateExecutorState();
+            let rte = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>())
+                .cast::<pg_sys::RangeTblEntry>();
+            (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
+            (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+            (*rte).relid = (*relation).rd_id;
+            (*rte).relkind = (*(*relation).rd_rel).relkind;
+            (*rte).rellockmode = pg_sys::RowExclusiveLock as i32;
+            (*rte).requiredPerms = pg_sys::ACL_INSERT as pg_sys::AclMode;
+            pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(std::ptr::null_mut(), rte.cast()));
+            let info = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+                .cast::<pg_sys::ResultRelInfo>();
+            pg_sys::InitResultRelInfo(info, relation, 1, std::ptr::null_mut(), 0);
+            pg_sys::AfterTriggerBeginQuery();
+            let triggers = Triggers::new(estate, info, Event::Insert, false);
+            triggers.before_statement();
+            let slot = pg_sys::ExecInitExtraTupleSlot(
+                estate,
+                (*relation).rd_att,
+                &pg_sys::TTSOpsVirtual,
+            );
+            CopyTriggers { triggers, slot }
+        }
+    }
+
+    /// Frees the memory a row's triggers used.
+    pub fn next_row(&self) {
+        // SAFETY: the estate's per-tuple memory holds nothing that outlives a row.
+        unsafe {
+            let per_tuple = (*self.triggers.estate).es_per_tuple_exprcontext;
+            if !per_tuple.is_null() {
+                pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
+            }
+        }
+    }
+
+    /// Fires the AFTER STATEMENT triggers and every queued AFTER event, then frees the state.
+    pub fn end(self) {
+        // SAFETY: the state begin() made, used by nothing after this.
+        unsafe {
+            self.triggers.after_statement();
+            let estate = self.triggers.estate;
+            pg_sys::AfterTriggerEndQuery(estate);
+            pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+            pg_sys::FreeExecutorState(estate);
         }
     }
 }

@@ -57,7 +57,7 @@ pub enum PlannerError {
     ShellRead(String),
     #[error("this TABLESAMPLE on distributed table {0} is not supported yet")]
     TableSample(String),
-    #[error("{1} on distributed table {0}, which has row triggers, is not supported yet")]
+    #[error("{1} on distributed table {0}, which has triggers, is not supported yet")]
     Triggers(String, String),
     #[error("this write could break the foreign key of local table {1} that references distributed table {0}, which the shards cannot check")]
     LocalReference(String, String),
