@@ -31,7 +31,8 @@ use crate::planner::modify_plan::{
     self, has_generated_columns, is_conflict_update, ModifyKind, ModifyPlan, MODIFY_NAME,
 };
 use crate::planner::shippable::{BROADCAST_BASE, RELATION_BASE};
-use crate::remote::quote::{quote_identifier, quote_qualified, replace_dollar_refs};
+use crate::planner::modify_pushdown::ROW_TAG_SQL;
+use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified, replace_dollar_refs};
 use crate::remote::NodeAddress;
 
 static mut SCAN_METHODS: pg_sys::CustomScanMethods = pg_sys::CustomScanMethods {
@@ -78,7 +79,7 @@ pub(crate) struct ModifyRuntime {
     returned: std::vec::IntoIter<TextRow>,
     input: Option<RowInput>,
     /// The rows of the tables the statement broadcasts (`ModifyPlan::broadcasts`), once read.
-    broadcast: Option<BroadcastRows>,
+    pub(crate) broadcast: Option<BroadcastRows>,
     /// The result relation, with the check options every new row must pass.
     pub(crate) result: *mut pg_sys::ResultRelInfo,
     /// The table's triggers for this write (None: it has none).
@@ -489,10 +490,8 @@ pub(crate) unsafe fn statements(
                 };
                 if !plan.row_source.is_empty() {
                     // Every placement locks and returns its rows, tagged with where they are.
-                    statement.sql = format!(
-                        "SELECT '{}' AS pgdist_at, {body}",
-                        row_by_row::tag(shard_id, placement.node.node_id, primary)
-                    );
+                    let tag = row_by_row::tag(shard_id, placement.node.node_id, primary);
+                    statement.sql = body.replacen(ROW_TAG_SQL, &quote_literal(&tag), 1);
                     primary = true;
                 }
                 if let (Some((columns, types)), true) = (&returning, primary) {

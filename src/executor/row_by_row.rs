@@ -3,9 +3,10 @@
 //! A trigger may change the new row or skip it before it is written, and needs the old row
 //! afterwards; a shard's `UPDATE … WHERE …` gives the coordinator no say in between. So the
 //! write runs in two round trips. First every placement of each shard left after pruning locks
-//! and returns its rows — `SELECT <tag>, ctid, <columns>, <new values> FROM <shard> WHERE …
-//! FOR [NO KEY] UPDATE`, the rows the UPDATE would change, rechecked against concurrent writes
-//! as UPDATE rechecks them. Then the coordinator fires the BEFORE ROW triggers on the rows of
+//! and returns its rows — `SELECT <tag>, ctid, <columns>, <new values> FROM <shard> [, <the
+//! statement's other tables>] WHERE … FOR [NO KEY] UPDATE OF <shard>`, the rows the UPDATE
+//! would change, rechecked against concurrent writes as UPDATE rechecks them (a row a join
+//! returns twice is changed once, as UPDATE … FROM changes it). Then the coordinator fires the BEFORE ROW triggers on the rows of
 //! the first placement, tests the check options, and sends each row's change by ctid to every
 //! placement (the copies of a shard hold the same rows, paired by content, so a placement's
 //! ctid names its copy of the row). The shards return the rows as stored (generated columns
@@ -20,6 +21,7 @@ use crate::executor::fragments::{FragmentSql, TextRow};
 use crate::executor::modify::{
     check_new_row, compute_generated_columns, has_checks, ModifyRuntime,
 };
+use crate::executor::scan::BroadcastRows;
 use crate::executor::shard_writer::{run_statements, RowInput};
 use crate::metadata::cache;
 use crate::planner::modify_plan::{has_generated_columns, ModifyKind};
@@ -68,6 +70,9 @@ pub(crate) unsafe fn update_or_delete(
 ) -> (u64, Vec<TextRow>) {
     // SAFETY: slots have the result relation's layout; rows are converted with its types.
     unsafe {
+        if !runtime.plan.broadcasts.is_empty() {
+            runtime.broadcast = Some(BroadcastRows::read(&runtime.plan.broadcasts, node));
+        }
         let work = crate::executor::modify::statements(node, runtime);
         let addresses: BTreeMap<i32, NodeAddress> = work
             .iter()
@@ -191,6 +196,7 @@ pub(crate) unsafe fn update_or_delete(
 /// rows in the same order (by content: the copies hold the same rows).
 fn group_by_shard(rows: Vec<TextRow>, columns: usize) -> BTreeMap<i64, Vec<(i32, Vec<Locked>)>> {
     let mut shards: BTreeMap<i64, BTreeMap<(bool, i32), Vec<Locked>>> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
     for mut row in rows {
         let Some((shard_id, node_id, primary)) =
             row.first().cloned().flatten().as_deref().and_then(parse_tag)
@@ -200,12 +206,12 @@ fn group_by_shard(rows: Vec<TextRow>, columns: usize) -> BTreeMap<i64, Vec<(i32,
         let set = row.split_off((2 + columns).min(row.len()));
         let old = row.split_off(2.min(row.len()));
         let ctid = row.pop().flatten().unwrap_or_default();
-        shards
-            .entry(shard_id)
-            .or_default()
-            .entry((!primary, node_id))
-            .or_default()
-            .push(Locked { ctid, old, set });
+        // A join may return a row more than once; it is changed once, with the first values.
+        if !seen.insert((shard_id, node_id, ctid.clone())) {
+            continue;
+        }
+        let rows = shards.entry(shard_id).or_default().entry((!primary, node_id)).or_default();
+        rows.push(Locked { ctid, old, set });
     }
     shards
         .into_iter()

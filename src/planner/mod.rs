@@ -124,10 +124,10 @@ impl crate::error::PgError for PlannerError {
                  referenced key updated; or drop the foreign key."
             ),
             PlannerError::Triggers(..) => {
-                "pgdist fires row triggers of INSERT (also with ON CONFLICT DO NOTHING) and of \
-                 UPDATE and DELETE statements whose conditions and new values use the table \
-                 alone; write the statement that way, split it, or drop the row triggers \
-                 (statement triggers work in every write)."
+                "pgdist fires row triggers of INSERT (also with ON CONFLICT DO NOTHING), \
+                 UPDATE and DELETE, and statement triggers of every write but MERGE; write the \
+                 statement that way (ON CONFLICT DO UPDATE as INSERT … ON CONFLICT DO NOTHING \
+                 and UPDATE, RETURNING with the written table's columns), or drop the triggers."
                     .into()
             }
             PlannerError::TableSample(_) => {

@@ -25,7 +25,7 @@ use pgrx::PgList;
 use crate::executor::triggers::{self, Event};
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
-use crate::planner::modify_pushdown::ExtraColumn;
+use crate::planner::modify_pushdown::{ExtraColumn, ROW_TAG_SQL};
 use crate::planner::scan_path::{
     decode_broadcasts, encode_broadcasts, from_list, to_list, ScanPlan,
 };
@@ -88,9 +88,10 @@ pub struct ModifyPlan {
     pub returning_extra: Vec<ExtraColumn>,
     pub returning_extra_sql: String,
     /// UPDATE / DELETE of a table with row triggers (empty: none), run row by row
-    /// (`executor/row_by_row.rs`): what follows `SELECT <tag>, ` in each shard's statement
-    /// that locks and reads the rows, `ctid, <every column>, <the new value of each SET
-    /// column> FROM $<RELATION_BASE> WHERE … FOR [NO KEY] UPDATE`.
+    /// (`executor/row_by_row.rs`): each shard's statement that locks and reads the rows,
+    /// `SELECT <ROW_TAG_SQL>, ctid, <every column>, <the new value of each SET column> FROM
+    /// $<RELATION_BASE> … WHERE … FOR [NO KEY] UPDATE`, with the relations of `statement` when
+    /// there is one.
     pub row_source: String,
     /// The columns the SET values of `row_source` are for.
     pub set_attnos: Vec<i16>,
@@ -817,8 +818,8 @@ pub unsafe fn analyse(
 }
 
 /// Refuses writes whose triggers the coordinator cannot fire as PostgreSQL would
-/// (`executor/triggers.rs`): row triggers of a MERGE, of an `INSERT … ON CONFLICT DO UPDATE`
-/// and of an UPDATE or DELETE that reads other tables.
+/// (`executor/triggers.rs`): any trigger of a MERGE, row triggers of an `INSERT … ON CONFLICT
+/// DO UPDATE`.
 fn refuse_unsupported_triggers(table: &DistTable, modify: &ModifyPlan) -> Result<(), PlannerError> {
     // SAFETY: the table is locked by the statement being planned.
     let found = |event| unsafe { triggers::find(table.oid, event) };
@@ -830,15 +831,6 @@ fn refuse_unsupported_triggers(table: &DistTable, modify: &ModifyPlan) -> Result
         ModifyKind::Insert if is_conflict_update(&modify.on_conflict) => {
             (found(Event::Insert).rows || found(Event::Update).rows)
                 .then_some("INSERT … ON CONFLICT DO UPDATE")
-        }
-        ModifyKind::Update | ModifyKind::Delete if !modify.statement.is_empty() => {
-            let event = match modify.kind {
-                ModifyKind::Update => Event::Update,
-                _ => Event::Delete,
-            };
-            found(event)
-                .rows
-                .then_some("an UPDATE or DELETE that reads other tables or has subqueries")
         }
         _ => None,
     };
@@ -991,7 +983,7 @@ unsafe fn update_or_delete(
         };
         if triggers::find(table.oid, event).rows {
             let (columns, _) = crate::executor::modify::returning_columns(table.oid, "");
-            let mut source = format!("ctid, {columns}");
+            let mut source = format!("SELECT {ROW_TAG_SQL}, ctid, {columns}");
             for value in &set_values {
                 source.push_str(&format!(", {value}"));
             }
@@ -1051,6 +1043,8 @@ unsafe fn whole_statement(
     modify.broadcasts = pushdown.broadcasts;
     modify.returning_extra = pushdown.returning_extra;
     modify.returning_extra_sql = pushdown.returning_extra_sql;
+    modify.row_source = pushdown.row_source;
+    modify.set_attnos = pushdown.set_attnos;
     let shards = cache::shards(table.oid);
     // SAFETY: `own` are conditions on the target's columns only.
     (modify.shard_ids, modify.prune_param) = match table.method {
@@ -1140,7 +1134,12 @@ unsafe fn statement_for_shards(
                         && pg_sys::bms_is_member(result_rti, varnos)
                 })
                 .collect();
-        let pushdown = crate::planner::modify_pushdown::plan(copy, table)?;
+        let event = match (*copy).commandType {
+            pg_sys::CmdType::CMD_UPDATE => Event::Update,
+            _ => Event::Delete,
+        };
+        let lock_rows = triggers::find(table.oid, event).rows;
+        let pushdown = crate::planner::modify_pushdown::plan(copy, table, lock_rows)?;
         Ok((pushdown, own, values))
     }
 }

@@ -49,6 +49,10 @@ pub struct Pushdown {
     pub returning_extra: Vec<ExtraColumn>,
     /// Those columns as SQL in the shards' statement, `pgdist_t2.name, …` (empty: none).
     pub returning_extra_sql: String,
+    /// With `lock_rows`: the statement as a SELECT that locks and returns the target's rows
+    /// (`ModifyPlan::row_source`), and the columns its SET values are for.
+    pub row_source: String,
+    pub set_attnos: Vec<i16>,
 }
 
 /// A column of another table that RETURNING uses: the shards return it after the target's
@@ -130,7 +134,11 @@ struct Walk {
 
 /// The statement `parse` (an UPDATE or DELETE of `table` reading other relations) as SQL for
 /// every shard, or why it cannot run on the workers.
-pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushdown, PlannerError> {
+pub unsafe fn plan(
+    parse: *mut pg_sys::Query,
+    table: &DistTable,
+    lock_rows: bool,
+) -> Result<Pushdown, PlannerError> {
     let refuse = |reason: String| PlannerError::ModifyNotPushable(relation_name(table.oid), reason);
     if !matches!(table.method, Method::Hash | Method::Reference) {
         return Err(refuse("it is range-distributed".into()));
@@ -187,6 +195,19 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
             })?;
             returning_extra_sql = statement.split_off(at)[" RETURNING ".len()..].to_string();
         }
+        let (mut row_source, mut set_attnos) = (String::new(), Vec::new());
+        if lock_rows {
+            if !returning_extra.is_empty() {
+                return Err(PlannerError::Triggers(
+                    relation_name(table.oid),
+                    "an UPDATE or DELETE whose RETURNING reads other tables".into(),
+                ));
+            }
+            set_attnos = into_locking_select(parse, table.oid).map_err(|what| {
+                PlannerError::Triggers(relation_name(table.oid), what.into())
+            })?;
+            row_source = deparse(parse, &walk.relations, &walk.broadcasts).map_err(refuse)?;
+        }
         let broadcasts = walk
             .broadcasts
             .iter()
@@ -199,9 +220,88 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &DistTable) -> Result<Pushd
             broadcasts,
             returning_extra,
             returning_extra_sql,
+            row_source,
+            set_attnos,
         })
     }
 }
+
+/// Turns UPDATE or DELETE `parse` of `relid` into the SELECT that locks and returns the rows it
+/// would change, for the row-by-row write (`executor/row_by_row.rs`): `SELECT <row tag>,
+/// target.ctid, <target's columns>, <SET values> FROM <target and the statement's other
+/// tables> WHERE … FOR [NO KEY] UPDATE OF target`. Returns the columns of the SET values.
+unsafe fn into_locking_select(
+    parse: *mut pg_sys::Query,
+    relid: pg_sys::Oid,
+) -> Result<Vec<i16>, &'static str> {
+    // SAFETY: parse is our private copy; the new nodes are made in the planner's memory.
+    unsafe {
+        let rti = (*parse).resultRelation;
+        let update = (*parse).commandType == pg_sys::CmdType::CMD_UPDATE;
+        let mut targets = PgList::<pg_sys::TargetEntry>::new();
+        let mut add = |expr: *mut pg_sys::Expr| {
+            let resno = targets.len() as i16 + 1;
+            let name = CString::new(format!("c{resno}")).unwrap_or_default();
+            let entry = pg_sys::makeTargetEntry(expr, resno, pg_sys::pstrdup(name.as_ptr()), false);
+            targets.push(entry);
+        };
+        let tag = pg_sys::makeConst(
+            pg_sys::TEXTOID,
+            -1,
+            pg_sys::DEFAULT_COLLATION_OID,
+            -1,
+            pg_sys::Datum::from(pg_sys::cstring_to_text(ROW_TAG_VALUE.as_ptr())),
+            false,
+            false,
+        );
+        add(tag.cast());
+        let ctid = pg_sys::SelfItemPointerAttributeNumber as i16;
+        add(pg_sys::makeVar(rti, ctid, pg_sys::TIDOID, -1, pg_sys::InvalidOid, 0).cast());
+        let relation = pg_sys::RelationIdGetRelation(relid);
+        let tupdesc = (*relation).rd_att;
+        for i in 0..(*tupdesc).natts as usize {
+            let a = &*(*tupdesc).attrs.as_ptr().add(i);
+            if !a.attisdropped {
+                add(pg_sys::makeVar(rti, a.attnum, a.atttypid, a.atttypmod, a.attcollation, 0).cast());
+            }
+        }
+        pg_sys::RelationClose(relation);
+        let mut set_attnos = Vec::new();
+        if update {
+            for entry in PgList::<pg_sys::TargetEntry>::from_pg((*parse).targetList).iter_ptr() {
+                if (*entry).resjunk {
+                    return Err("an UPDATE that sets several columns from one subquery");
+                }
+                set_attnos.push((*entry).resno);
+                add((*entry).expr);
+            }
+        }
+        let lock = pg_sys::palloc0(std::mem::size_of::<pg_sys::RowMarkClause>())
+            .cast::<pg_sys::RowMarkClause>();
+        (*lock).type_ = pg_sys::NodeTag::T_RowMarkClause;
+        (*lock).rti = rti as u32;
+        (*lock).strength = match update {
+            true => pg_sys::LockClauseStrength::LCS_FORNOKEYUPDATE,
+            false => pg_sys::LockClauseStrength::LCS_FORUPDATE,
+        };
+        (*lock).waitPolicy = pg_sys::LockWaitPolicy::LockWaitBlock;
+        let target = pg_sys::list_nth((*parse).rtable, rti - 1).cast::<pg_sys::RangeTblEntry>();
+        (*target).inFromCl = true;
+        (*parse).commandType = pg_sys::CmdType::CMD_SELECT;
+        (*parse).resultRelation = 0;
+        (*parse).targetList = targets.into_pg();
+        (*parse).returningList = std::ptr::null_mut();
+        (*parse).rowMarks = pg_sys::lappend(std::ptr::null_mut(), lock.cast());
+        (*parse).hasForUpdate = true;
+        Ok(set_attnos)
+    }
+}
+
+/// The value of the first column of a row-by-row write's locking SELECT, which the executor
+/// replaces by where each placement's rows are (`executor/row_by_row.rs`), and how it reads in
+/// the deparsed SELECT.
+pub const ROW_TAG_VALUE: &CStr = c"pgdist row tag";
+pub const ROW_TAG_SQL: &str = "'pgdist row tag'::text";
 
 /// The scan that reads `columns` of table `relid` first and computes, on the workers, the index
 /// of the `target` shard each row belongs to by its column `partition_by` (MERGE's source).
