@@ -653,11 +653,12 @@ fn ddl_reaches_every_shard(cluster: &Cluster) {
         .batch_execute("ALTER TABLE renamed ADD CONSTRAINT u UNIQUE (v)")
         .unwrap_err();
     assert_eq!(sqlstate(&err), "0A000", "{err:?}");
-    // A trigger would not fire on the shards, and a child's rows would not be read with the
-    // parent's: refused rather than silently skipped.
+    // A deferred constraint trigger would fire after the statement's rows are gone, and a
+    // child's rows would not be read with the parent's: refused rather than silently skipped.
     for sql in [
         "CREATE FUNCTION zero_v() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.v := 0; RETURN NEW; END $$;
-         CREATE TRIGGER zero BEFORE INSERT ON renamed FOR EACH ROW EXECUTE FUNCTION zero_v()",
+         CREATE CONSTRAINT TRIGGER zero AFTER INSERT ON renamed DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION zero_v()",
         "CREATE TABLE child (extra int) INHERITS (renamed)",
         "CREATE TABLE child (key int, v int); ALTER TABLE child INHERIT renamed",
     ] {
