@@ -23,7 +23,7 @@ use crate::executor::scan::{
     broadcast_value, evaluate_values, prune_by_param, typed_literal, value_text, values_in,
     BroadcastRows, ShardNames,
 };
-use crate::executor::row_by_row;
+use crate::executor::{row_by_row, write_locks};
 use crate::executor::shard_writer::{run_statements, RowInput, ShardWriter, WriteKind};
 use crate::executor::triggers::{self, Event, Triggers};
 use crate::metadata::cache;
@@ -400,13 +400,13 @@ unsafe fn distributed_scan_state(
     }
 }
 
-/// One statement per placement of every shard left after pruning. Values known only now go as
-/// parameters of a statement prepared on the worker connection, unless tables are broadcast
-/// into it (their arrays are written in per shard).
+/// One statement per placement of every shard left after pruning, and those shards. Values
+/// known only now go as parameters of a statement prepared on the worker connection, unless
+/// tables are broadcast into it (their arrays are written in per shard).
 pub(crate) unsafe fn statements(
     node: *mut pg_sys::CustomScanState,
     runtime: &ModifyRuntime,
-) -> Vec<(NodeAddress, Vec<(FragmentSql, bool)>)> {
+) -> (Vec<(NodeAddress, Vec<(FragmentSql, bool)>)>, Vec<i64>) {
     // SAFETY: catalog lookups for the result relation; parameters as in the scan.
     unsafe {
         let plan = &runtime.plan;
@@ -451,6 +451,7 @@ pub(crate) unsafe fn statements(
         let shards = cache::shards(relid);
         let placements = cache::placements(relid);
         let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(FragmentSql, bool)>)> = BTreeMap::new();
+        let mut written = Vec::new();
         for shard_id in shard_ids {
             let Some(index) = shards.iter().find(|(id, _)| *id == shard_id).map(|s| s.1) else {
                 continue;
@@ -480,9 +481,10 @@ pub(crate) unsafe fn statements(
                 let k = u32::try_from(id - RELATION_BASE).ok()?;
                 relations.iter().find(|(r, _)| *r == k)?.1.at(index)
             });
+            written.push(shard_id);
             let shard_placements = placements.iter().filter(|p| p.shard_id == shard_id);
             for (i, placement) in shard_placements.enumerate() {
-                let mut primary = i == 0;
+                let primary = i == 0;
                 let mut statement = FragmentSql {
                     sql: body.clone(),
                     params: params.clone(),
@@ -492,7 +494,6 @@ pub(crate) unsafe fn statements(
                     // Every placement locks and returns its rows, tagged with where they are.
                     let tag = row_by_row::tag(shard_id, placement.node.node_id, primary);
                     statement.sql = body.replacen(ROW_TAG_SQL, &quote_literal(&tag), 1);
-                    primary = true;
                 }
                 if let (Some((columns, types)), true) = (&returning, primary) {
                     statement.sql.push_str(&format!(" RETURNING {columns}"));
@@ -517,7 +518,7 @@ pub(crate) unsafe fn statements(
                     .push((statement, primary));
             }
         }
-        per_node.into_values().collect()
+        (per_node.into_values().collect(), written)
     }
 }
 
@@ -561,6 +562,8 @@ unsafe fn update_or_delete(
         }
         statements(node, runtime)
     };
+    let (work, shards) = work;
+    write_locks::lock_for_multi_node_write(shards, work.len());
     let (count, rows) = run_statements(work);
     if !has_checks(runtime.result) {
         return (count, rows);
@@ -730,14 +733,14 @@ unsafe extern "C-unwind" fn explain(
             _ => {
                 // Broadcast rows would drown the statement's text: it shows empty arrays.
                 let broadcast = runtime.broadcast.take();
-                let work = statements(node, runtime);
+                let (work, _) = statements(node, runtime);
                 runtime.broadcast = broadcast;
                 // Under ANALYZE, the fragments that ran (a MERGE skips shards without
                 // source rows).
                 let ran = runtime
                     .broadcast
                     .is_some()
-                    .then(|| statements(node, runtime));
+                    .then(|| statements(node, runtime).0);
                 let counted = ran.as_ref().unwrap_or(&work);
                 let count: usize = counted.iter().map(|(_, jobs)| jobs.len()).sum();
                 text(

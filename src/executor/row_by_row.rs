@@ -22,7 +22,8 @@ use crate::executor::modify::{
     check_new_row, compute_generated_columns, has_checks, ModifyRuntime,
 };
 use crate::executor::scan::BroadcastRows;
-use crate::executor::shard_writer::{run_statements, RowInput};
+use crate::executor::shard_writer::{run_statements, run_statements_all_rows, RowInput};
+use crate::executor::write_locks;
 use crate::metadata::cache;
 use crate::planner::modify_plan::{has_generated_columns, ModifyKind};
 use crate::planner::PlannerError;
@@ -73,7 +74,8 @@ pub(crate) unsafe fn update_or_delete(
         if !runtime.plan.broadcasts.is_empty() {
             runtime.broadcast = Some(BroadcastRows::read(&runtime.plan.broadcasts, node));
         }
-        let work = crate::executor::modify::statements(node, runtime);
+        let (work, shards) = crate::executor::modify::statements(node, runtime);
+        write_locks::lock_for_multi_node_write(shards, work.len());
         let addresses: BTreeMap<i32, NodeAddress> = work
             .iter()
             .map(|(address, _)| (address.node_id, address.clone()))
@@ -81,7 +83,7 @@ pub(crate) unsafe fn update_or_delete(
         let relation = (*node).ss.ss_currentRelation;
         let tupdesc = (*relation).rd_att;
         let columns = live_columns(tupdesc);
-        let (_, locked) = run_statements(work);
+        let locked = run_statements_all_rows(work);
         let shards = group_by_shard(locked, columns.len());
         let plan = &runtime.plan;
         let estate = (*node).ss.ps.state;

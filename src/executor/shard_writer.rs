@@ -556,6 +556,7 @@ impl ShardWriter {
             format!(" AS {alias}")
         };
         let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(FragmentSql, bool)>)> = BTreeMap::new();
+        let flushed: Vec<i64> = buffers.keys().copied().collect();
         for (shard_id, (data, _)) in buffers {
             let mut sql = format!(
                 "INSERT INTO {}{alias} ({}) OVERRIDING SYSTEM VALUE VALUES {}",
@@ -584,6 +585,9 @@ impl ShardWriter {
                     .push((FragmentSql::plain(statement), primary));
             }
         }
+        if crate::planner::modify_plan::is_conflict_update(on_conflict) {
+            crate::executor::write_locks::lock_for_multi_node_write(flushed, per_node.len());
+        }
         let (count, rows) = run_statements(per_node.into_values().collect());
         self.processed += count;
         self.returned.extend(rows);
@@ -593,8 +597,48 @@ impl ShardWriter {
 /// Runs each node's statements on its participant connection (nodes in parallel; statements of
 /// a node in one round trip, those with parameters as prepared statements) and returns the row
 /// count and RETURNING rows of the statements marked primary (the first placement of their
-/// shard).
+/// shard). The statements for other placements run once those are done: the first placement's
+/// row locks order concurrent writes on every copy (`write_locks.rs`).
 pub fn run_statements(work: Vec<(NodeAddress, Vec<(FragmentSql, bool)>)>) -> (u64, Vec<TextRow>) {
+    let (first, copies) = by_placement(work);
+    let result = run_round(first, false);
+    if !copies.is_empty() {
+        run_round(copies, false);
+    }
+    result
+}
+
+/// As [`run_statements`], returning the rows of every statement (the first placements' first).
+pub fn run_statements_all_rows(work: Vec<(NodeAddress, Vec<(FragmentSql, bool)>)>) -> Vec<TextRow> {
+    let (first, copies) = by_placement(work);
+    let mut rows = run_round(first, true).1;
+    if !copies.is_empty() {
+        rows.extend(run_round(copies, true).1);
+    }
+    rows
+}
+
+type NodeWork = Vec<(NodeAddress, Vec<(FragmentSql, bool)>)>;
+
+/// `work` split into the statements marked primary and the others.
+fn by_placement(work: NodeWork) -> (NodeWork, NodeWork) {
+    let mut first = Vec::with_capacity(work.len());
+    let mut copies = Vec::new();
+    for (node, jobs) in work {
+        let (primary, other): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(_, p)| *p);
+        if !primary.is_empty() {
+            first.push((node.clone(), primary));
+        }
+        if !other.is_empty() {
+            copies.push((node, other));
+        }
+    }
+    (first, copies)
+}
+
+/// One round trip per node, all nodes at once: the row count and rows of the statements marked
+/// primary (of all statements with `all_rows`).
+fn run_round(work: NodeWork, all_rows: bool) -> (u64, Vec<TextRow>) {
     let targets = work
         .iter()
         .map(|(node, _)| target_for(node.clone()))
@@ -661,7 +705,7 @@ pub fn run_statements(work: Vec<(NodeAddress, Vec<(FragmentSql, bool)>)>) -> (u6
                         .and_then(|i| primaries.get(i).copied())
                         .unwrap_or(false);
                     match message {
-                        SimpleQueryMessage::Row(row) if primary => rows.push(
+                        SimpleQueryMessage::Row(row) if primary || all_rows => rows.push(
                             (0..row.len())
                                 .map(|i| row.get(i).map(str::to_string))
                                 .collect::<TextRow>(),
