@@ -45,14 +45,25 @@ pub fn lock_for_multi_node_write(mut shards: Vec<i64>, nodes: usize) {
             locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
             locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
         };
-        // SAFETY: a transaction-level lock, released by PostgreSQL at commit or abort.
-        unsafe {
-            pg_sys::LockAcquire(
-                &tag,
-                pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
-                false,
-                false,
-            );
-        }
+        // A wait the distributed deadlock detector cancels ends with its error, not a plain
+        // cancel.
+        pgrx::PgTryBuilder::new(|| {
+            // SAFETY: a transaction-level lock, released by PostgreSQL at commit or abort.
+            unsafe {
+                pg_sys::LockAcquire(
+                    &tag,
+                    pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
+                    false,
+                    false,
+                );
+            }
+        })
+        .catch_when(pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED, |cancel| {
+            if crate::transaction::deadlock::take_victim_mark() {
+                crate::error::raise(crate::transaction::deadlock::DeadlockError::Victim);
+            }
+            cancel.rethrow()
+        })
+        .execute();
     }
 }
