@@ -556,13 +556,12 @@ unsafe fn update_or_delete(
     runtime: &mut ModifyRuntime,
 ) -> (u64, Vec<TextRow>) {
     // SAFETY: see statements(); the broadcast tables are read with this node's parameters.
-    let work = unsafe {
+    let (work, shards) = unsafe {
         if !runtime.plan.broadcasts.is_empty() {
             runtime.broadcast = Some(BroadcastRows::read(&runtime.plan.broadcasts, node));
         }
         statements(node, runtime)
     };
-    let (work, shards) = work;
     write_locks::lock_for_multi_node_write(shards, work.len());
     let (count, rows) = run_statements(work);
     if !has_checks(runtime.result) {
