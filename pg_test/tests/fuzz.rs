@@ -608,6 +608,31 @@ INSERT INTO w2 SELECT i % 90, i % 5, i % 60 FROM generate_series(1, 150) i;
 INSERT INTO w3 SELECT i, i % 9, (i * 7) % 40 FROM generate_series(1, 100) i;
 INSERT INTO wr SELECT g, 'g' || g FROM generate_series(0, 6) g;
 INSERT INTO wl SELECT i, 'n' || i FROM generate_series(1, 30) i;
+CREATE TABLE wlog (t text, op text, old_row text, new_row text);
+";
+
+/// Triggers created once the tables are distributed: w3's change rows or skip them and log
+/// every row written, wr's log the rows deleted (into a distributed table, within the same write).
+const WRITE_TRIGGERS: &str = "
+CREATE FUNCTION w_before() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'DELETE' THEN
+    IF OLD.v % 11 = 5 THEN RETURN NULL; END IF;
+    RETURN OLD;
+  END IF;
+  IF NEW.v % 13 = 0 THEN RETURN NULL; END IF;
+  IF NEW.v > 35 THEN NEW.v := 35; END IF;
+  RETURN NEW;
+END $$;
+CREATE FUNCTION w_log() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO wlog VALUES (TG_TABLE_NAME, TG_OP,
+    CASE WHEN TG_OP <> 'INSERT' THEN OLD::text END, CASE WHEN TG_OP <> 'DELETE' THEN NEW::text END);
+  RETURN NULL;
+END $$;
+CREATE TRIGGER w3_before BEFORE UPDATE OR DELETE ON w3 FOR EACH ROW EXECUTE FUNCTION w_before();
+CREATE TRIGGER w3_log AFTER INSERT OR UPDATE OR DELETE ON w3 FOR EACH ROW EXECUTE FUNCTION w_log();
+CREATE TRIGGER wr_log AFTER DELETE ON wr FOR EACH ROW EXECUTE FUNCTION w_log();
 ";
 
 /// Foreign keys added once the tables are distributed (the shards check the rows).
@@ -616,13 +641,14 @@ ALTER TABLE wc ADD FOREIGN KEY (id) REFERENCES w1 (id) ON DELETE CASCADE;
 ALTER TABLE w1 ADD FOREIGN KEY (grp) REFERENCES wr (grp) ON DELETE CASCADE;
 ";
 
-const WRITE_TABLES: [&str; 6] = [
+const WRITE_TABLES: [&str; 7] = [
     "SELECT * FROM w1 ORDER BY 1, 2, 3",
     "SELECT * FROM wc ORDER BY 1, 2, 3",
     "SELECT * FROM w2 ORDER BY 1, 2, 3",
     "SELECT * FROM w3 ORDER BY 1, 2, 3",
     "SELECT * FROM wr ORDER BY 1, 2",
     "SELECT * FROM wl ORDER BY 1, 2",
+    "SELECT * FROM wlog ORDER BY 1, 2, 3, 4",
 ];
 
 impl Generator {
@@ -804,10 +830,12 @@ fn random_writes_match_plain_postgres(cluster: &Cluster) {
              SELECT pgdist.create_distributed_table('w2', 'id', colocate_with => 'w1');
              SELECT pgdist.create_distributed_table('w3', 'grp', shard_count => 3, colocate_with => 'none');
              SELECT pgdist.create_reference_table('wr');
-             SELECT pgdist.create_distributed_table('wc', 'id', colocate_with => 'w1');",
+             SELECT pgdist.create_distributed_table('wc', 'id', colocate_with => 'w1');
+             SELECT pgdist.create_distributed_table('wlog', 'op', shard_count => 2, colocate_with => 'none');",
         )
         .unwrap();
     run_on_both(&mut coordinator, &mut reference, WRITE_KEYS);
+    run_on_both(&mut coordinator, &mut reference, WRITE_TRIGGERS);
     let seed = setting("PGDIST_FUZZ_SEED", 7);
     let statements = setting("PGDIST_FUZZ_QUERIES", 300) / 2;
     let mut generator = Generator {
@@ -847,6 +875,6 @@ fn random_writes_match_plain_postgres(cluster: &Cluster) {
     run_on_both(
         &mut coordinator,
         &mut reference,
-        "DROP TABLE wc, w1, w2, w3, wr, wl",
+        "DROP TABLE wc, w1, w2, w3, wr, wl, wlog; DROP FUNCTION w_before, w_log",
     );
 }
