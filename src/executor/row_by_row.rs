@@ -52,6 +52,8 @@ struct Locked {
     old: TextRow,
     /// The values of the SET columns (UPDATE).
     set: TextRow,
+    /// The other tables' columns that RETURNING reads.
+    extra: TextRow,
 }
 
 /// A row as the triggers let it through, with the change for each of its copies.
@@ -62,6 +64,8 @@ struct Change {
     /// (node, ctid) of each copy, the first placement's first.
     copies: Vec<(i32, String)>,
     shard_id: i64,
+    /// The other tables' columns that RETURNING reads.
+    extra: TextRow,
 }
 
 /// Runs the UPDATE or DELETE of `node` row by row; the rows written and RETURNING's rows.
@@ -84,8 +88,8 @@ pub(crate) unsafe fn update_or_delete(
         let tupdesc = (*relation).rd_att;
         let columns = live_columns(tupdesc);
         let locked = run_statements_all_rows(work);
-        let shards = group_by_shard(locked, columns.len());
         let plan = &runtime.plan;
+        let shards = group_by_shard(locked, columns.len(), plan.set_attnos.len());
         let estate = (*node).ss.ps.state;
         let old_slot = pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
         let new_slot = pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
@@ -152,6 +156,7 @@ pub(crate) unsafe fn update_or_delete(
                     new,
                     copies,
                     shard_id,
+                    extra: row.extra.clone(),
                 });
             }
         }
@@ -185,7 +190,7 @@ pub(crate) unsafe fn update_or_delete(
                 pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
             }
             if plan.returning {
-                returned.push(row);
+                returned.push([row, change.extra.clone()].concat());
             }
         }
         pg_sys::ExecClearTuple(old_slot);
@@ -196,7 +201,11 @@ pub(crate) unsafe fn update_or_delete(
 
 /// Each shard's locked rows per placement, the first placement's first, every placement's
 /// rows in the same order (by content: the copies hold the same rows).
-fn group_by_shard(rows: Vec<TextRow>, columns: usize) -> BTreeMap<i64, Vec<(i32, Vec<Locked>)>> {
+fn group_by_shard(
+    rows: Vec<TextRow>,
+    columns: usize,
+    set_values: usize,
+) -> BTreeMap<i64, Vec<(i32, Vec<Locked>)>> {
     let mut shards: BTreeMap<i64, BTreeMap<(bool, i32), Vec<Locked>>> = BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
     for mut row in rows {
@@ -205,6 +214,7 @@ fn group_by_shard(rows: Vec<TextRow>, columns: usize) -> BTreeMap<i64, Vec<(i32,
         else {
             continue;
         };
+        let extra = row.split_off((2 + columns + set_values).min(row.len()));
         let set = row.split_off((2 + columns).min(row.len()));
         let old = row.split_off(2.min(row.len()));
         let ctid = row.pop().flatten().unwrap_or_default();
@@ -213,7 +223,12 @@ fn group_by_shard(rows: Vec<TextRow>, columns: usize) -> BTreeMap<i64, Vec<(i32,
             continue;
         }
         let rows = shards.entry(shard_id).or_default().entry((!primary, node_id)).or_default();
-        rows.push(Locked { ctid, old, set });
+        rows.push(Locked {
+            ctid,
+            old,
+            set,
+            extra,
+        });
     }
     shards
         .into_iter()

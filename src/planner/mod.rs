@@ -127,7 +127,8 @@ impl crate::error::PgError for PlannerError {
                 "pgdist fires row triggers of INSERT (also with ON CONFLICT DO NOTHING), \
                  UPDATE and DELETE, and statement triggers of every write but MERGE; write the \
                  statement that way (ON CONFLICT DO UPDATE as INSERT … ON CONFLICT DO NOTHING \
-                 and UPDATE, RETURNING with the written table's columns), or drop the triggers."
+                 and UPDATE, SET (a, b) = (SELECT …) as one subquery per column), or drop the \
+                 triggers."
                     .into()
             }
             PlannerError::TableSample(_) => {

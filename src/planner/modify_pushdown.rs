@@ -197,13 +197,7 @@ pub unsafe fn plan(
         }
         let (mut row_source, mut set_attnos) = (String::new(), Vec::new());
         if lock_rows {
-            if !returning_extra.is_empty() {
-                return Err(PlannerError::Triggers(
-                    relation_name(table.oid),
-                    "an UPDATE or DELETE whose RETURNING reads other tables".into(),
-                ));
-            }
-            set_attnos = into_locking_select(parse, table.oid).map_err(|what| {
+            set_attnos = into_locking_select(parse, table.oid, &returning_extra).map_err(|what| {
                 PlannerError::Triggers(relation_name(table.oid), what.into())
             })?;
             row_source = deparse(parse, &walk.relations, &walk.broadcasts).map_err(refuse)?;
@@ -229,10 +223,12 @@ pub unsafe fn plan(
 /// Turns UPDATE or DELETE `parse` of `relid` into the SELECT that locks and returns the rows it
 /// would change, for the row-by-row write (`executor/row_by_row.rs`): `SELECT <row tag>,
 /// target.ctid, <target's columns>, <SET values> FROM <target and the statement's other
-/// tables> WHERE … FOR [NO KEY] UPDATE OF target`. Returns the columns of the SET values.
+/// tables> WHERE … FOR [NO KEY] UPDATE OF target`, followed by the other tables' columns
+/// that RETURNING reads (`extra`). Returns the columns of the SET values.
 unsafe fn into_locking_select(
     parse: *mut pg_sys::Query,
     relid: pg_sys::Oid,
+    extra: &[ExtraColumn],
 ) -> Result<Vec<i16>, &'static str> {
     // SAFETY: parse is our private copy; the new nodes are made in the planner's memory.
     unsafe {
@@ -275,6 +271,18 @@ unsafe fn into_locking_select(
                 set_attnos.push((*entry).resno);
                 add((*entry).expr);
             }
+        }
+        for column in extra {
+            let collation = pg_sys::get_typcollation(column.type_oid);
+            add(pg_sys::makeVar(
+                column.rti,
+                column.attno,
+                column.type_oid,
+                column.typmod,
+                collation,
+                0,
+            )
+            .cast());
         }
         let lock = pg_sys::palloc0(std::mem::size_of::<pg_sys::RowMarkClause>())
             .cast::<pg_sys::RowMarkClause>();
