@@ -2644,6 +2644,29 @@ fn triggers_fire_on_the_coordinator_as_plain_postgres_fires_them(cluster: &Clust
     for table in tables {
         compare(&mut coordinator, &mut reference, table);
     }
+    // A foreign key's action runs on the shards, where the referencing table's row triggers
+    // would not fire: writes that would set it off are refused; others go on.
+    coordinator
+        .batch_execute(
+            "CREATE TABLE tr_parents (id int PRIMARY KEY, label text);
+             SELECT pgdist.create_distributed_table('tr_parents', 'id', colocate_with => 'tr_items');
+             INSERT INTO tr_parents SELECT id, 'p' FROM tr_items;
+             ALTER TABLE tr_items ADD FOREIGN KEY (id) REFERENCES tr_parents (id) ON DELETE CASCADE;",
+        )
+        .unwrap();
+    for sql in [
+        "DELETE FROM tr_parents WHERE id = 60",
+        "WITH gone AS (DELETE FROM tr_parents RETURNING id) SELECT count(*) FROM gone",
+    ] {
+        let err = coordinator.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+    }
+    coordinator
+        .batch_execute("UPDATE tr_parents SET label = 'q'")
+        .unwrap();
+    coordinator
+        .batch_execute("ALTER TABLE tr_items DROP CONSTRAINT tr_items_id_fkey; DROP TABLE tr_parents")
+        .unwrap();
     // Undistributing moves rows without firing anything; the triggers stay on the table.
     coordinator
         .batch_execute("SELECT pgdist.undistribute_table('tr_items')")

@@ -391,3 +391,85 @@ mod unit {
         assert_eq!(retarget("CHECK ((a > 0))", "x"), None);
     }
 }
+
+/// A table whose row triggers would miss what a write to `relid` changes through foreign-key
+/// actions (ON DELETE / ON UPDATE CASCADE, SET NULL, SET DEFAULT), which the shards run where
+/// no trigger fires (`executor/triggers.rs`): `deletes` when the write deletes rows, `sets` the
+/// columns it updates; followed from table to table.
+pub fn cascade_into_row_triggers(relid: pg_sys::Oid, deletes: bool, sets: &[i16]) -> Option<String> {
+    use crate::executor::triggers::{self, Event};
+    let mut pending = vec![(relid, deletes, sets.to_vec())];
+    let mut seen = std::collections::HashSet::new();
+    while let Some((table, deletes, sets)) = pending.pop() {
+        // SAFETY: a look at the table's trigger descriptor in the relation cache.
+        if !seen.insert((table, deletes, sets.clone())) || unsafe { !is_referenced(table) } {
+            continue;
+        }
+        let keys = Spi::connect(|client| -> Result<Vec<_>, pgrx::spi::Error> {
+            client
+                .select(
+                    "SELECT conrelid, confdeltype::text, confupdtype::text, confkey, conkey
+                       FROM pg_catalog.pg_constraint WHERE confrelid = $1 AND contype = 'f'",
+                    None,
+                    &[table.into()],
+                )?
+                .map(|row| {
+                    Ok((
+                        row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                        row.get::<String>(2)?.unwrap_or_default(),
+                        row.get::<String>(3)?.unwrap_or_default(),
+                        row.get::<Vec<i16>>(4)?.unwrap_or_default(),
+                        row.get::<Vec<i16>>(5)?.unwrap_or_default(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+        for (child, on_delete, on_update, referenced, referencing) in keys {
+            let mut child_deletes = false;
+            let mut child_sets = Vec::new();
+            if deletes {
+                match on_delete.as_str() {
+                    "c" => child_deletes = true,
+                    "n" | "d" => child_sets.extend(&referencing),
+                    _ => {}
+                }
+            }
+            let key_changes = referenced.iter().any(|c| sets.contains(c));
+            if key_changes && matches!(on_update.as_str(), "c" | "n" | "d") {
+                child_sets.extend(&referencing);
+            }
+            // SAFETY: a look at the child's trigger descriptor in the relation cache.
+            let fires = |event| unsafe { triggers::find(child, event) }.rows;
+            if (child_deletes && fires(Event::Delete)) || (!child_sets.is_empty() && fires(Event::Update))
+            {
+                return Some(crate::distribution::create::relation_name(child));
+            }
+            if child_deletes || !child_sets.is_empty() {
+                pending.push((child, child_deletes, child_sets));
+            }
+        }
+    }
+    None
+}
+
+/// True when a foreign key references `relid` (its shell has the key's action triggers): cheap,
+/// from the relation cache.
+unsafe fn is_referenced(relid: pg_sys::Oid) -> bool {
+    // SAFETY: the descriptor is read while we hold our reference to the relation.
+    unsafe {
+        let rel = pg_sys::RelationIdGetRelation(relid);
+        if rel.is_null() {
+            return false;
+        }
+        let triggers = (*rel).trigdesc;
+        let referenced = !triggers.is_null()
+            && (0..(*triggers).numtriggers as usize).any(|i| {
+                let trigger = &*(*triggers).triggers.add(i);
+                trigger.tgisinternal
+                    && pg_sys::RI_FKey_trigger_type(trigger.tgfoid) == pg_sys::RI_TRIGGER_PK as i32
+            });
+        pg_sys::RelationClose(rel);
+        referenced
+    }
+}

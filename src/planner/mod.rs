@@ -59,6 +59,8 @@ pub enum PlannerError {
     TableSample(String),
     #[error("{1} on distributed table {0}, which has triggers, is not supported yet")]
     Triggers(String, String),
+    #[error("this write to distributed table {0} changes rows of table {1} through a foreign key's action, which would skip the row triggers of {1}")]
+    CascadeSkipsTriggers(String, String),
     #[error("this write could break the foreign key of local table {1} that references distributed table {0}, which the shards cannot check")]
     LocalReference(String, String),
 }
@@ -131,6 +133,11 @@ impl crate::error::PgError for PlannerError {
                  triggers."
                     .into()
             }
+            PlannerError::CascadeSkipsTriggers(_, child) => format!(
+                "The shards run ON DELETE / ON UPDATE actions, and triggers fire on the \
+                 coordinator: change the rows of {child} with a statement of their own first, \
+                 or drop its row triggers."
+            ),
             PlannerError::TableSample(_) => {
                 "Queries may sample distributed tables with TABLESAMPLE BERNOULLI or SYSTEM \
                  and arguments the workers can compute (constants, parameters); elsewhere, \

@@ -22,6 +22,7 @@ use std::ffi::CStr;
 use pgrx::pg_sys;
 use pgrx::PgList;
 
+use crate::distribution::foreign_keys;
 use crate::executor::triggers::{self, Event};
 use crate::metadata::cache;
 use crate::metadata::tables::{DistTable, Method};
@@ -738,8 +739,15 @@ pub unsafe fn analyse(
 ) -> Result<AnalysedWrite, PlannerError> {
     // SAFETY: parse is a valid analysed statement; everything read belongs to it.
     unsafe {
-        if let Some(referencing) = local_reference_blocking(parse, table.oid) {
-            return Err(PlannerError::LocalReference(table_name(table), referencing));
+        let (deletes, sets) = changed_rows(parse);
+        if deletes || !sets.is_empty() {
+            let assigned = (!deletes).then_some(sets.as_slice());
+            if let Some(referencing) = foreign_keys::local_reference_blocking(table.oid, assigned) {
+                return Err(PlannerError::LocalReference(table_name(table), referencing));
+            }
+            if let Some(child) = foreign_keys::cascade_into_row_triggers(table.oid, deletes, &sets) {
+                return Err(PlannerError::CascadeSkipsTriggers(table_name(table), child));
+            }
         }
         let returning_list = (*parse).returningList;
         if pg_sys::checkExprHasSubLink(returning_list.cast()) {
@@ -845,12 +853,9 @@ pub fn is_conflict_update(on_conflict: &str) -> bool {
     !on_conflict.is_empty() && !on_conflict.ends_with(" DO NOTHING")
 }
 
-/// A local table whose foreign key to `relid` the write `parse` could break (it deletes rows or
-/// sets referenced columns): see `foreign_keys::local_reference_blocking`.
-unsafe fn local_reference_blocking(
-    parse: *mut pg_sys::Query,
-    relid: pg_sys::Oid,
-) -> Option<String> {
+/// Whether the write `parse` deletes rows, and the columns it updates (ON CONFLICT DO UPDATE
+/// and MERGE actions included).
+unsafe fn changed_rows(parse: *mut pg_sys::Query) -> (bool, Vec<i16>) {
     // SAFETY: parse is a valid analysed statement writing relid, which it has locked.
     unsafe {
         let assigned = |targets: *mut pg_sys::List| -> Vec<i16> {
@@ -881,13 +886,7 @@ unsafe fn local_reference_blocking(
             }
             _ => {}
         }
-        if !deletes && sets.is_empty() {
-            return None;
-        }
-        crate::distribution::foreign_keys::local_reference_blocking(
-            relid,
-            (!deletes).then_some(sets.as_slice()),
-        )
+        (deletes, sets)
     }
 }
 
