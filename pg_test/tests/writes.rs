@@ -2571,6 +2571,17 @@ fn triggers_fire_on_the_coordinator_as_plain_postgres_fires_them(cluster: &Clust
             "INSERT INTO tr_items (id, name, qty) VALUES (5, 'e', 5), (6, NULL, -6) RETURNING *",
             "INSERT INTO tr_items (id, name, qty) VALUES (1, 'dup', 1), (7, 'g', 7) ON CONFLICT DO NOTHING",
             "INSERT INTO tr_items (id, name, qty) VALUES (8, 'h', 666)",
+            // Upserts: BEFORE INSERT on every proposed row, then BEFORE / AFTER UPDATE on the
+            // conflicting rows or AFTER INSERT on the new ones; a row changed twice fails.
+            "INSERT INTO tr_items (id, name, qty) VALUES (1, 'up', 3), (200, 'new', 4), (201, 'skip', -2) \
+               ON CONFLICT (id) DO UPDATE SET qty = excluded.qty + tr_items.qty, name = excluded.name",
+            "INSERT INTO tr_items (id, name, qty) VALUES (2, 'x', 5) ON CONFLICT (id) DO UPDATE SET qty = excluded.qty \
+               WHERE tr_items.qty > 100",
+            "INSERT INTO tr_items (id, name, qty) VALUES (1, 'neg', 1) ON CONFLICT (id) DO UPDATE SET qty = -1 RETURNING *",
+            "INSERT INTO tr_items (id, name, qty) VALUES (202, 'a', 1), (202, 'b', 2) ON CONFLICT (id) DO UPDATE SET qty = excluded.qty",
+            "INSERT INTO tr_items (id, name, qty) VALUES (200, 'a', 1), (200, 'b', 2) ON CONFLICT (id) DO UPDATE SET qty = excluded.qty",
+            "INSERT INTO tr_items AS t (id, name, qty) SELECT id, 'sel', 7 FROM tr_items WHERE id < 20 \
+               ON CONFLICT ON CONSTRAINT tr_items_pkey DO UPDATE SET note = t.note || '+' RETURNING t.id, t.note, t.total",
             "INSERT INTO tr_items (id, name, qty) SELECT id + 100, name, qty FROM tr_items WHERE id < 20",
             "UPDATE tr_items SET qty = qty + 1 WHERE id = 1",
             "UPDATE tr_items SET name = 'zz' WHERE id > 20 AND id < 110",
@@ -2632,7 +2643,7 @@ fn triggers_fire_on_the_coordinator_as_plain_postgres_fires_them(cluster: &Clust
     }
     // Only what the coordinator cannot fire as PostgreSQL does is refused, changing nothing.
     for sql in [
-        "INSERT INTO tr_items (id, name, qty) VALUES (60, 'x', 1) ON CONFLICT (id) DO UPDATE SET qty = 2",
+        "INSERT INTO tr_codes VALUES ('zz', 'x') ON CONFLICT (code) DO UPDATE SET label = excluded.label",
         "MERGE INTO tr_items t USING (SELECT 61 AS id) s ON t.id = s.id WHEN MATCHED THEN DELETE",
         "CREATE CONSTRAINT TRIGGER h_deferred AFTER INSERT ON tr_items DEFERRABLE INITIALLY DEFERRED \
            FOR EACH ROW EXECUTE FUNCTION tr_log()",
@@ -2756,5 +2767,12 @@ fn concurrent_writes_of_the_same_rows_wait_instead_of_deadlocking(cluster: &Clus
     assert_eq!(
         sums(&mut client),
         (total * (8 + 5) + total * 4, total * 4, total * 2)
+    );
+    // Upserts of the same keys, row by row with the trigger.
+    run(&["INSERT INTO hot (id, n) VALUES (1, 0), (2, 0), (3, 0), (9, 1) \
+           ON CONFLICT (id) DO UPDATE SET n = hot.n + 1"]);
+    assert_eq!(
+        sums(&mut client),
+        (total * (8 + 5 + 4 + 4), total * (4 + 3) + (total - 1), total * 2)
     );
 }

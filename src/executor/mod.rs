@@ -15,6 +15,7 @@ pub mod session;
 pub mod shard_writer;
 pub mod spill;
 pub mod triggers;
+pub mod upsert;
 pub mod write_locks;
 
 pub fn init() {

@@ -23,7 +23,7 @@ use crate::executor::scan::{
     broadcast_value, evaluate_values, prune_by_param, typed_literal, value_text, values_in,
     BroadcastRows, ShardNames,
 };
-use crate::executor::{row_by_row, write_locks};
+use crate::executor::{row_by_row, upsert, write_locks};
 use crate::executor::shard_writer::{run_statements, RowInput, ShardWriter, WriteKind};
 use crate::executor::triggers::{self, Event, Triggers};
 use crate::metadata::cache;
@@ -152,8 +152,10 @@ unsafe extern "C-unwind" fn begin(
             ModifyKind::Delete => Some(Event::Delete),
             ModifyKind::Merge => None,
         };
-        if let Some(event) = event.filter(|e| triggers::find(runtime.plan.relid, *e).any()) {
-            let also_update = is_conflict_update(&runtime.plan.on_conflict);
+        // An upsert fires UPDATE's triggers too.
+        let also_update = is_conflict_update(&runtime.plan.on_conflict);
+        let fires = |event| triggers::find(runtime.plan.relid, event).any();
+        if let Some(event) = event.filter(|e| fires(*e) || (also_update && fires(Event::Update))) {
             runtime.triggers = Some(Triggers::new(estate, runtime.result, event, also_update));
         }
         if !runtime.plan.can_set_tag {
@@ -252,7 +254,9 @@ unsafe fn insert(
             triggers::find(plan.relid, Event::Insert).rows
         });
         let after_rows_returned = row_triggers.is_some() && !plan.on_conflict.is_empty();
-        let generated = (row_triggers.is_some() || has_checks(runtime.result))
+        let generated = (row_triggers.is_some()
+            || has_checks(runtime.result)
+            || !plan.upsert_source.is_empty())
             && has_generated_columns(plan.relid);
         let kind = if plan.on_conflict.is_empty()
             && !plan.returning
@@ -273,6 +277,12 @@ unsafe fn insert(
             }
         };
         let mut writer = ShardWriter::new(plan.relid, kind);
+        // An upsert with row triggers collects the rows and writes them row by row.
+        let mut proposed = Vec::new();
+        let columns = match plan.upsert_source.is_empty() {
+            true => Vec::new(),
+            false => row_by_row::live_columns((*(*node).ss.ss_currentRelation).rd_att),
+        };
         loop {
             let Some(exec_proc) = (*child).ExecProcNode else {
                 break;
@@ -310,10 +320,24 @@ unsafe fn insert(
             );
             let values = std::slice::from_raw_parts((*slot).tts_values, natts as usize);
             let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts as usize);
+            if !plan.upsert_source.is_empty() {
+                proposed.push(upsert::Proposed {
+                    shard_id: writer.shard_for(values, nulls),
+                    row: row_by_row::slot_text(slot, &columns),
+                });
+                continue;
+            }
             writer.add(values, nulls);
             if let (Some(triggers), false) = (row_triggers, after_rows_returned) {
                 triggers.after_row(std::ptr::null_mut(), slot);
             }
+        }
+        if !plan.upsert_source.is_empty() {
+            let values = evaluate_values(node, &runtime.coordinator_values);
+            let value = |id| value_text(node, &[], &values, id);
+            let source = values_in(&plan.upsert_source, value, false).0;
+            let target = values_in(&plan.conflict_target, value, false).0;
+            return upsert::upsert(node, runtime, proposed, &source, &target);
         }
         writer.finish();
         let mut returned = std::mem::take(&mut writer.returned);

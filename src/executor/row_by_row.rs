@@ -306,13 +306,13 @@ fn writes(
 }
 
 /// A column of the result relation that is not dropped.
-struct Column {
-    attno: i16,
-    name: String,
-    generated: bool,
+pub(crate) struct Column {
+    pub(crate) attno: i16,
+    pub(crate) name: String,
+    pub(crate) generated: bool,
 }
 
-unsafe fn live_columns(tupdesc: pg_sys::TupleDesc) -> Vec<Column> {
+pub(crate) unsafe fn live_columns(tupdesc: pg_sys::TupleDesc) -> Vec<Column> {
     // SAFETY: tupdesc is the open result relation's descriptor.
     unsafe {
         (0..(*tupdesc).natts as usize)
@@ -330,7 +330,7 @@ unsafe fn live_columns(tupdesc: pg_sys::TupleDesc) -> Vec<Column> {
 }
 
 /// The text of the live columns of the row in `slot`.
-unsafe fn slot_text(slot: *mut pg_sys::TupleTableSlot, columns: &[Column]) -> TextRow {
+pub(crate) unsafe fn slot_text(slot: *mut pg_sys::TupleTableSlot, columns: &[Column]) -> TextRow {
     // SAFETY: slot holds a row of the relation the columns describe.
     unsafe {
         pg_sys::slot_getallattrs(slot);

@@ -291,6 +291,15 @@ impl ShardWriter {
         in_row(|| format!("COPY {}, row {row}", self.table_name), f)
     }
 
+    /// The shard of one row (the table's attribute layout).
+    pub unsafe fn shard_for(&mut self, values: &[pg_sys::Datum], nulls: &[bool]) -> i64 {
+        // SAFETY: as in add.
+        unsafe {
+            let distribution = self.distribution.as_ref().map(|(i, _)| *i);
+            self.shard_of(distribution.and_then(|i| (!nulls[i]).then(|| values[i])))
+        }
+    }
+
     /// Buffers one row (the table's attribute layout); flushes when the buffers are full.
     pub unsafe fn add(&mut self, values: &[pg_sys::Datum], nulls: &[bool]) {
         // SAFETY: values/nulls describe one row of the table; see text_of.

@@ -97,6 +97,8 @@ pub struct Triggers {
     event: Event,
     /// The transition tables' capture (null: none).
     capture: *mut pg_sys::TransitionCaptureState,
+    /// `ON CONFLICT DO UPDATE`: the capture of the rows updated (null: none).
+    update_capture: *mut pg_sys::TransitionCaptureState,
     /// `INSERT … ON CONFLICT DO UPDATE`: UPDATE's statement triggers fire too.
     also_update: bool,
 }
@@ -142,7 +144,7 @@ impl Triggers {
                 Event::Update => pg_sys::CmdType::CMD_UPDATE,
                 Event::Delete => pg_sys::CmdType::CMD_DELETE,
             };
-            let capture = match trigdesc.is_null() {
+            let capture_of = |command| match trigdesc.is_null() {
                 true => std::ptr::null_mut(),
                 false => pg_sys::MakeTransitionCaptureState(trigdesc, relid, command),
             };
@@ -150,7 +152,11 @@ impl Triggers {
                 estate,
                 info,
                 event,
-                capture,
+                capture: capture_of(command),
+                update_capture: match also_update {
+                    true => capture_of(pg_sys::CmdType::CMD_UPDATE),
+                    false => std::ptr::null_mut(),
+                },
                 also_update,
             }
         }
@@ -181,7 +187,7 @@ impl Triggers {
             match self.event {
                 Event::Insert => {
                     if self.also_update {
-                        pg_sys::ExecASUpdateTriggers(self.estate, self.info, std::ptr::null_mut());
+                        pg_sys::ExecASUpdateTriggers(self.estate, self.info, self.update_capture);
                     }
                     pg_sys::ExecASInsertTriggers(self.estate, self.info, self.capture);
                 }
@@ -199,6 +205,17 @@ impl Triggers {
         old: pg_sys::HeapTuple,
         new: *mut pg_sys::TupleTableSlot,
     ) -> bool {
+        // SAFETY: as before_row_of.
+        unsafe { self.before_row_of(self.event, old, new) }
+    }
+
+    /// [`Triggers::before_row`] of `event` (an `ON CONFLICT DO UPDATE` fires UPDATE's too).
+    pub unsafe fn before_row_of(
+        &self,
+        event: Event,
+        old: pg_sys::HeapTuple,
+        new: *mut pg_sys::TupleTableSlot,
+    ) -> bool {
         // SAFETY: the slots hold rows of the result relation; without a ctid, the trigger code
         // takes the old row as given (as for a foreign table) instead of reading the table.
         unsafe {
@@ -206,7 +223,7 @@ impl Triggers {
             if trigdesc.is_null() {
                 return true;
             }
-            match self.event {
+            match event {
                 Event::Insert if (*trigdesc).trig_insert_before_row => {
                     pg_sys::ExecBRInsertTriggers(self.estate, self.info, new)
                 }
@@ -235,15 +252,30 @@ impl Triggers {
     /// Queues the AFTER ROW triggers and transition-table rows of a row written (`old` and
     /// `new` as for [`Triggers::before_row`]).
     pub unsafe fn after_row(&self, old: pg_sys::HeapTuple, new: *mut pg_sys::TupleTableSlot) {
+        // SAFETY: as after_row_of.
+        unsafe { self.after_row_of(self.event, old, new) }
+    }
+
+    /// [`Triggers::after_row`] of `event`.
+    pub unsafe fn after_row_of(
+        &self,
+        event: Event,
+        old: pg_sys::HeapTuple,
+        new: *mut pg_sys::TupleTableSlot,
+    ) {
         // SAFETY: as before_row; the trigger code copies the rows into the query's tuplestore.
         unsafe {
-            match self.event {
+            let capture = match (event, self.event) {
+                (Event::Update, Event::Insert) => self.update_capture,
+                _ => self.capture,
+            };
+            match event {
                 Event::Insert => pg_sys::ExecARInsertTriggers(
                     self.estate,
                     self.info,
                     new,
                     std::ptr::null_mut(),
-                    self.capture,
+                    capture,
                 ),
                 Event::Update => pg_sys::ExecARUpdateTriggers(
                     self.estate,
@@ -254,7 +286,7 @@ impl Triggers {
                     old,
                     new,
                     std::ptr::null_mut(),
-                    self.capture,
+                    capture,
                     false,
                 ),
                 Event::Delete => pg_sys::ExecARDeleteTriggers(
@@ -262,7 +294,7 @@ impl Triggers {
                     self.info,
                     std::ptr::null_mut(),
                     old,
-                    self.capture,
+                    capture,
                     false,
                 ),
             }

@@ -126,11 +126,11 @@ impl crate::error::PgError for PlannerError {
                  referenced key updated; or drop the foreign key."
             ),
             PlannerError::Triggers(..) => {
-                "pgdist fires row triggers of INSERT (also with ON CONFLICT DO NOTHING), \
-                 UPDATE and DELETE, and statement triggers of every write but MERGE; write the \
-                 statement that way (ON CONFLICT DO UPDATE as INSERT … ON CONFLICT DO NOTHING \
-                 and UPDATE, SET (a, b) = (SELECT …) as one subquery per column), or drop the \
-                 triggers."
+                "pgdist fires row triggers of INSERT (ON CONFLICT too), UPDATE and DELETE, and \
+                 statement triggers of every write but MERGE; write the statement that way \
+                 (SET (a, b) = (SELECT …) as one subquery per column, an upsert into a reference \
+                 table or under row-level security as UPDATE, then INSERT … ON CONFLICT DO \
+                 NOTHING), or drop the triggers."
                     .into()
             }
             PlannerError::CascadeSkipsTriggers(_, child) => format!(

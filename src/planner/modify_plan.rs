@@ -94,8 +94,17 @@ pub struct ModifyPlan {
     /// $<RELATION_BASE> … WHERE … FOR [NO KEY] UPDATE`, with the relations of `statement` when
     /// there is one.
     pub row_source: String,
-    /// The columns the SET values of `row_source` are for.
+    /// The columns the SET values of `row_source` are for (`upsert_source`'s too).
     pub set_attnos: Vec<i16>,
+    /// `INSERT … ON CONFLICT DO UPDATE` of a table with row triggers (empty: none), run row by
+    /// row (`executor/upsert.rs`): the statement that locks and returns the existing rows the
+    /// proposed rows conflict with, `SELECT <ROW_TAG_SQL>, <alias>.ctid, <alias's columns>,
+    /// excluded.pgdist_n, <SET values>, <DO UPDATE WHERE> FROM $<RELATION_BASE> AS <alias>
+    /// JOIN (VALUES {rows}) AS excluded (pgdist_n, <columns>) ON <arbiter columns equal> FOR
+    /// UPDATE OF <alias>`.
+    pub upsert_source: String,
+    /// With `upsert_source`: the conflict target, as `ON CONFLICT <target> DO NOTHING` takes it.
+    pub conflict_target: String,
     /// Tables `statement` reads that are not co-located with the target: read first, their
     /// columns stand in it as arrays (`$<BROADCAST_BASE + i>`, as in a scan).
     pub broadcasts: Vec<ScanPlan>,
@@ -156,6 +165,8 @@ impl ModifyPlan {
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(","),
+            self.upsert_source.clone(),
+            self.conflict_target.clone(),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
         parts
@@ -205,7 +216,9 @@ impl ModifyPlan {
             returning_extra_sql: part(16),
             row_source: part(17),
             set_attnos: part(18).split(',').filter_map(|s| s.parse().ok()).collect(),
-            broadcasts: decode_broadcasts(parts.get(19..).unwrap_or_default()),
+            upsert_source: part(19),
+            conflict_target: part(20),
+            broadcasts: decode_broadcasts(parts.get(21..).unwrap_or_default()),
         }
     }
 }
@@ -777,6 +790,8 @@ pub unsafe fn analyse(
             returning_extra_sql: String::new(),
             row_source: String::new(),
             set_attnos: Vec::new(),
+            upsert_source: String::new(),
+            conflict_target: String::new(),
             broadcasts: Vec::new(),
         };
         match (*parse).commandType {
@@ -836,10 +851,6 @@ fn refuse_unsupported_triggers(table: &DistTable, modify: &ModifyPlan) -> Result
             .into_iter()
             .any(|event| found(event).any())
             .then_some("MERGE"),
-        ModifyKind::Insert if is_conflict_update(&modify.on_conflict) => {
-            (found(Event::Insert).rows || found(Event::Update).rows)
-                .then_some("INSERT … ON CONFLICT DO UPDATE")
-        }
         _ => None,
     };
     match refused {
@@ -1204,12 +1215,17 @@ unsafe fn on_conflict(
         let context = Deparser::new(parse, result_rti, (*conflict).exclRelIndex);
         modify.alias = context.name_of(result_rti);
         let mut sql = String::from("ON CONFLICT");
+        let mut arbiter: Vec<String> = Vec::new();
         if (*conflict).constraint != pg_sys::InvalidOid {
             modify.conflict_constraint =
                 CStr::from_ptr(pg_sys::get_constraint_name((*conflict).constraint))
                     .to_string_lossy()
                     .into_owned();
             sql.push_str(" ON CONSTRAINT {constraint}");
+            arbiter = constraint_columns((*conflict).constraint)
+                .into_iter()
+                .map(|attno| column_name(table.oid, attno))
+                .collect();
         } else if !(*conflict).arbiterElems.is_null() {
             let mut columns = Vec::new();
             for elem in
@@ -1242,12 +1258,15 @@ unsafe fn on_conflict(
                     )?
                 ));
             }
+            arbiter = columns;
         }
+        let target = sql["ON CONFLICT".len()..].trim_start().to_string();
         if (*conflict).action == pg_sys::OnConflictAction::ONCONFLICT_NOTHING {
             sql.push_str(" DO NOTHING");
         } else {
             let dist_attno = table.distribution_attno();
             let mut assignments = Vec::new();
+            let mut set_values = Vec::new();
             for entry in
                 PgList::<pg_sys::TargetEntry>::from_pg((*conflict).onConflictSet).iter_ptr()
             {
@@ -1264,11 +1283,10 @@ unsafe fn on_conflict(
                         table.distribution_column.clone().unwrap_or_default(),
                     ));
                 }
-                assignments.push(format!(
-                    "{} = {}",
-                    column_name(table.oid, attno),
-                    context.shipped(table, expr, "an ON CONFLICT DO UPDATE value", values)?
-                ));
+                let value =
+                    context.shipped(table, expr, "an ON CONFLICT DO UPDATE value", values)?;
+                assignments.push(format!("{} = {value}", column_name(table.oid, attno)));
+                set_values.push((attno, value));
             }
             sql.push_str(&format!(" DO UPDATE SET {}", assignments.join(", ")));
             let condition = match (*conflict).onConflictWhere.is_null() {
@@ -1285,6 +1303,27 @@ unsafe fn on_conflict(
             use pg_sys::WCOKind::{WCO_RLS_CONFLICT_CHECK, WCO_RLS_UPDATE_CHECK};
             let existing = policy_checks(parse, table, &context, values, WCO_RLS_CONFLICT_CHECK)?;
             let new = policy_checks(parse, table, &context, values, WCO_RLS_UPDATE_CHECK)?;
+            let row_triggers = triggers::find(table.oid, Event::Insert).rows
+                || triggers::find(table.oid, Event::Update).rows;
+            if row_triggers {
+                if existing.is_some() || new.is_some() || arbiter.is_empty() {
+                    return Err(PlannerError::Triggers(
+                        table_name(table),
+                        "INSERT … ON CONFLICT DO UPDATE under row-level security or on an \
+                         expression"
+                            .into(),
+                    ));
+                }
+                modify.upsert_source = upsert_source(
+                    table,
+                    &modify.alias,
+                    &arbiter,
+                    &set_values,
+                    condition.as_deref(),
+                );
+                modify.set_attnos = set_values.iter().map(|(attno, _)| *attno).collect();
+                modify.conflict_target = target.clone();
+            }
             let only_if = |first: Option<String>, then: Option<String>| match (first, then) {
                 (Some(first), Some(then)) => {
                     Some(format!("CASE WHEN {first} THEN {then} ELSE false END"))
@@ -1298,6 +1337,44 @@ unsafe fn on_conflict(
         modify.on_conflict = sql;
         Ok(())
     }
+}
+
+/// The locking SELECT of an upsert run row by row (`ModifyPlan::upsert_source`).
+unsafe fn upsert_source(
+    table: &DistTable,
+    alias: &str,
+    arbiter: &[String],
+    set_values: &[(i16, String)],
+    condition: Option<&str>,
+) -> String {
+    // SAFETY: the table is locked by the statement being planned.
+    let (qualified, _) = unsafe { crate::executor::modify::returning_columns(table.oid, alias) };
+    let (names, _) = unsafe { crate::executor::modify::returning_columns(table.oid, "") };
+    let mut select = format!("SELECT {ROW_TAG_SQL}, {alias}.ctid, {qualified}, excluded.pgdist_n");
+    for (_, value) in set_values {
+        select.push_str(&format!(", {value}"));
+    }
+    select.push_str(&format!(", ({})", condition.unwrap_or("true")));
+    let matches: Vec<String> = arbiter
+        .iter()
+        .map(|column| format!("{alias}.{column} = excluded.{column}"))
+        .collect();
+    format!(
+        "{select} FROM ${RELATION_BASE} AS {alias} JOIN (VALUES {{rows}}) AS excluded (pgdist_n, \
+         {names}) ON {} FOR UPDATE OF {alias}",
+        matches.join(" AND ")
+    )
+}
+
+/// The columns of constraint `oid`.
+unsafe fn constraint_columns(oid: pg_sys::Oid) -> Vec<i16> {
+    pgrx::Spi::get_one_with_args::<Vec<i16>>(
+        "SELECT conkey FROM pg_catalog.pg_constraint WHERE oid = $1",
+        &[oid.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default()
 }
 
 /// The row-level security checks of `kind` that the shards make on a conflicting row of an
