@@ -2543,7 +2543,11 @@ fn triggers_fire_on_the_coordinator_as_plain_postgres_fires_them(cluster: &Clust
     let mut coordinator = cluster.coordinator_client();
     let mut reference = cluster.reference.connect();
     run_on_both(&mut coordinator, &mut reference, TRIGGER_SCHEMA);
-    run_on_both(&mut coordinator, &mut reference, "TRUNCATE tr_audit, tr_sums");
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "TRUNCATE tr_audit, tr_sums",
+    );
     // Rows that move into the shards are not new writes: no trigger fires.
     coordinator
         .batch_execute(
@@ -2631,12 +2635,26 @@ fn triggers_fire_on_the_coordinator_as_plain_postgres_fires_them(cluster: &Clust
         ],
     );
     // COPY fires the same triggers as INSERT.
-    run_on_both(&mut coordinator, &mut reference, "TRUNCATE tr_audit, tr_sums");
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "TRUNCATE tr_audit, tr_sums",
+    );
     for (sql, data) in [
-        ("COPY tr_items (id, name, qty) FROM STDIN", &b"60\tcopy\t1\n61\tskipped\t-3\n62\t\\N\t7\n"[..]),
-        ("COPY tr_items (id, name, qty) FROM STDIN (FORMAT csv)", &b"70,c70,4\n71,c71,666\n"[..]),
+        (
+            "COPY tr_items (id, name, qty) FROM STDIN",
+            &b"60\tcopy\t1\n61\tskipped\t-3\n62\t\\N\t7\n"[..],
+        ),
+        (
+            "COPY tr_items (id, name, qty) FROM STDIN (FORMAT csv)",
+            &b"70,c70,4\n71,c71,666\n"[..],
+        ),
     ] {
-        assert_eq!(copy_into(&mut coordinator, sql, data), copy_into(&mut reference, sql, data), "{sql}");
+        assert_eq!(
+            copy_into(&mut coordinator, sql, data),
+            copy_into(&mut reference, sql, data),
+            "{sql}"
+        );
     }
     for table in tables {
         compare(&mut coordinator, &mut reference, table);
@@ -2676,13 +2694,19 @@ fn triggers_fire_on_the_coordinator_as_plain_postgres_fires_them(cluster: &Clust
         .batch_execute("UPDATE tr_parents SET label = 'q'")
         .unwrap();
     coordinator
-        .batch_execute("ALTER TABLE tr_items DROP CONSTRAINT tr_items_id_fkey; DROP TABLE tr_parents")
+        .batch_execute(
+            "ALTER TABLE tr_items DROP CONSTRAINT tr_items_id_fkey; DROP TABLE tr_parents",
+        )
         .unwrap();
     // Undistributing moves rows without firing anything; the triggers stay on the table.
     coordinator
         .batch_execute("SELECT pgdist.undistribute_table('tr_items')")
         .unwrap();
-    compare(&mut coordinator, &mut reference, "SELECT op, old_row, new_row FROM tr_audit");
+    compare(
+        &mut coordinator,
+        &mut reference,
+        "SELECT op, old_row, new_row FROM tr_audit",
+    );
     run_on_both(
         &mut coordinator,
         &mut reference,
@@ -2769,10 +2793,16 @@ fn concurrent_writes_of_the_same_rows_wait_instead_of_deadlocking(cluster: &Clus
         (total * (8 + 5) + total * 4, total * 4, total * 2)
     );
     // Upserts of the same keys, row by row with the trigger.
-    run(&["INSERT INTO hot (id, n) VALUES (1, 0), (2, 0), (3, 0), (9, 1) \
-           ON CONFLICT (id) DO UPDATE SET n = hot.n + 1"]);
+    run(&[
+        "INSERT INTO hot (id, n) VALUES (1, 0), (2, 0), (3, 0), (9, 1) \
+           ON CONFLICT (id) DO UPDATE SET n = hot.n + 1",
+    ]);
     assert_eq!(
         sums(&mut client),
-        (total * (8 + 5 + 4 + 4), total * (4 + 3) + (total - 1), total * 2)
+        (
+            total * (8 + 5 + 4 + 4),
+            total * (4 + 3) + (total - 1),
+            total * 2
+        )
     );
 }

@@ -396,7 +396,11 @@ mod unit {
 /// actions (ON DELETE / ON UPDATE CASCADE, SET NULL, SET DEFAULT), which the shards run where
 /// no trigger fires (`executor/triggers.rs`): `deletes` when the write deletes rows, `sets` the
 /// columns it updates; followed from table to table.
-pub fn cascade_into_row_triggers(relid: pg_sys::Oid, deletes: bool, sets: &[i16]) -> Option<String> {
+pub fn cascade_into_row_triggers(
+    relid: pg_sys::Oid,
+    deletes: bool,
+    sets: &[i16],
+) -> Option<String> {
     use crate::executor::triggers::{self, Event};
     let mut pending = vec![(relid, deletes, sets.to_vec())];
     let mut seen = std::collections::HashSet::new();
@@ -441,7 +445,8 @@ pub fn cascade_into_row_triggers(relid: pg_sys::Oid, deletes: bool, sets: &[i16]
             }
             // SAFETY: a look at the child's trigger descriptor in the relation cache.
             let fires = |event| unsafe { triggers::find(child, event) }.rows;
-            if (child_deletes && fires(Event::Delete)) || (!child_sets.is_empty() && fires(Event::Update))
+            if (child_deletes && fires(Event::Delete))
+                || (!child_sets.is_empty() && fires(Event::Update))
             {
                 return Some(crate::distribution::create::relation_name(child));
             }

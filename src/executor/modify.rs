@@ -23,15 +23,15 @@ use crate::executor::scan::{
     broadcast_value, evaluate_values, prune_by_param, typed_literal, value_text, values_in,
     BroadcastRows, ShardNames,
 };
-use crate::executor::{row_by_row, upsert, write_locks};
 use crate::executor::shard_writer::{run_statements, RowInput, ShardWriter, WriteKind};
 use crate::executor::triggers::{self, Event, Triggers};
+use crate::executor::{row_by_row, upsert, write_locks};
 use crate::metadata::cache;
 use crate::planner::modify_plan::{
     self, has_generated_columns, is_conflict_update, ModifyKind, ModifyPlan, MODIFY_NAME,
 };
-use crate::planner::shippable::{BROADCAST_BASE, RELATION_BASE};
 use crate::planner::modify_pushdown::ROW_TAG_SQL;
+use crate::planner::shippable::{BROADCAST_BASE, RELATION_BASE};
 use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified, replace_dollar_refs};
 use crate::remote::NodeAddress;
 
@@ -250,9 +250,10 @@ unsafe fn insert(
         // flushes, so the rows go as INSERT statements (COPY would keep connections busy
         // across rows). Generated columns are computed here too, for the triggers and checks
         // to see them (the shards compute them again).
-        let row_triggers = runtime.triggers.as_ref().filter(|_| {
-            triggers::find(plan.relid, Event::Insert).rows
-        });
+        let row_triggers = runtime
+            .triggers
+            .as_ref()
+            .filter(|_| triggers::find(plan.relid, Event::Insert).rows);
         let after_rows_returned = row_triggers.is_some() && !plan.on_conflict.is_empty();
         let generated = (row_triggers.is_some()
             || has_checks(runtime.result)

@@ -150,7 +150,11 @@ pub(crate) unsafe fn update_or_delete(
                     crate::error::raise(PlannerError::DistributionColumnUpdate(table, column));
                 }
                 let mut copies = vec![(primary.0, row.ctid.clone())];
-                copies.extend(others.iter().map(|(node_id, rows)| (*node_id, rows[i].ctid.clone())));
+                copies.extend(
+                    others
+                        .iter()
+                        .map(|(node_id, rows)| (*node_id, rows[i].ctid.clone())),
+                );
                 changes.push(Change {
                     old: row.old.clone(),
                     new,
@@ -160,11 +164,17 @@ pub(crate) unsafe fn update_or_delete(
                 });
             }
         }
-        let (count, stored) = run_statements(writes(plan.relid, plan, &changes, &columns, &addresses));
+        let (count, stored) =
+            run_statements(writes(plan.relid, plan, &changes, &columns, &addresses));
         // The rows as the shards stored them, by change.
         let mut new_rows: Vec<Option<TextRow>> = vec![None; changes.len()];
         for mut row in stored {
-            if let Some(index) = row.first().cloned().flatten().and_then(|t| t.parse::<usize>().ok()) {
+            if let Some(index) = row
+                .first()
+                .cloned()
+                .flatten()
+                .and_then(|t| t.parse::<usize>().ok())
+            {
                 row.remove(0);
                 if let Some(slot) = new_rows.get_mut(index) {
                     *slot = Some(row);
@@ -209,8 +219,12 @@ fn group_by_shard(
     let mut shards: BTreeMap<i64, BTreeMap<(bool, i32), Vec<Locked>>> = BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
     for mut row in rows {
-        let Some((shard_id, node_id, primary)) =
-            row.first().cloned().flatten().as_deref().and_then(parse_tag)
+        let Some((shard_id, node_id, primary)) = row
+            .first()
+            .cloned()
+            .flatten()
+            .as_deref()
+            .and_then(parse_tag)
         else {
             continue;
         };
@@ -222,7 +236,11 @@ fn group_by_shard(
         if !seen.insert((shard_id, node_id, ctid.clone())) {
             continue;
         }
-        let rows = shards.entry(shard_id).or_default().entry((!primary, node_id)).or_default();
+        let rows = shards
+            .entry(shard_id)
+            .or_default()
+            .entry((!primary, node_id))
+            .or_default();
         rows.push(Locked {
             ctid,
             old,
@@ -276,7 +294,9 @@ fn writes(
                         && (plan.set_attnos.contains(&c.attno) || change.new[*i] != change.old[*i])
                 })
                 .map(|(i, c)| {
-                    let value = change.new[i].as_deref().map_or("NULL".into(), quote_literal);
+                    let value = change.new[i]
+                        .as_deref()
+                        .map_or("NULL".into(), quote_literal);
                     format!("{} = {value}", quote_identifier(&c.name))
                 })
                 .collect::<Vec<_>>()
@@ -346,7 +366,11 @@ pub(crate) unsafe fn slot_text(slot: *mut pg_sys::TupleTableSlot, columns: &[Col
                 let (mut output, mut varlena) = (pg_sys::InvalidOid, false);
                 pg_sys::getTypeOutputInfo((*attribute).atttypid, &mut output, &mut varlena);
                 let text = pg_sys::OidOutputFunctionCall(output, *(*slot).tts_values.add(i));
-                Some(std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned())
+                Some(
+                    std::ffi::CStr::from_ptr(text)
+                        .to_string_lossy()
+                        .into_owned(),
+                )
             })
             .collect()
     }

@@ -81,10 +81,9 @@ unsafe fn user_triggers<'a>(
     unsafe {
         let triggers: &[pg_sys::Trigger] = match trigdesc.is_null() {
             true => &[],
-            false => std::slice::from_raw_parts(
-                (*trigdesc).triggers,
-                (*trigdesc).numtriggers as usize,
-            ),
+            false => {
+                std::slice::from_raw_parts((*trigdesc).triggers, (*trigdesc).numtriggers as usize)
+            }
         };
         triggers.iter().filter(|t| !t.tgisinternal)
     }
@@ -117,11 +116,9 @@ impl Triggers {
         // relation's, which the statement keeps open and locked.
         unsafe {
             let memory = (*estate).es_query_cxt;
-            let relation = pg_sys::MemoryContextAlloc(
-                memory,
-                std::mem::size_of::<pg_sys::RelationData>(),
-            )
-            .cast::<pg_sys::RelationData>();
+            let relation =
+                pg_sys::MemoryContextAlloc(memory, std::mem::size_of::<pg_sys::RelationData>())
+                    .cast::<pg_sys::RelationData>();
             *relation = *(*info).ri_RelationDesc;
             let form = pg_sys::MemoryContextAlloc(
                 memory,
@@ -227,23 +224,27 @@ impl Triggers {
                 Event::Insert if (*trigdesc).trig_insert_before_row => {
                     pg_sys::ExecBRInsertTriggers(self.estate, self.info, new)
                 }
-                Event::Update if (*trigdesc).trig_update_before_row => pg_sys::ExecBRUpdateTriggers(
-                    self.estate,
-                    std::ptr::null_mut(),
-                    self.info,
-                    std::ptr::null_mut(),
-                    old,
-                    new,
-                    std::ptr::null_mut(),
-                ),
-                Event::Delete if (*trigdesc).trig_delete_before_row => pg_sys::ExecBRDeleteTriggers(
-                    self.estate,
-                    std::ptr::null_mut(),
-                    self.info,
-                    std::ptr::null_mut(),
-                    old,
-                    std::ptr::null_mut(),
-                ),
+                Event::Update if (*trigdesc).trig_update_before_row => {
+                    pg_sys::ExecBRUpdateTriggers(
+                        self.estate,
+                        std::ptr::null_mut(),
+                        self.info,
+                        std::ptr::null_mut(),
+                        old,
+                        new,
+                        std::ptr::null_mut(),
+                    )
+                }
+                Event::Delete if (*trigdesc).trig_delete_before_row => {
+                    pg_sys::ExecBRDeleteTriggers(
+                        self.estate,
+                        std::ptr::null_mut(),
+                        self.info,
+                        std::ptr::null_mut(),
+                        old,
+                        std::ptr::null_mut(),
+                    )
+                }
                 _ => true,
             }
         }
@@ -306,10 +307,8 @@ impl Triggers {
 unsafe fn keep_user_triggers(trigdesc: *mut pg_sys::TriggerDesc) {
     // SAFETY: trigdesc is a private copy; its array is shortened in place.
     unsafe {
-        let all = std::slice::from_raw_parts_mut(
-            (*trigdesc).triggers,
-            (*trigdesc).numtriggers as usize,
-        );
+        let all =
+            std::slice::from_raw_parts_mut((*trigdesc).triggers, (*trigdesc).numtriggers as usize);
         let mut kept = 0;
         for i in 0..all.len() {
             if !all[i].tgisinternal {
@@ -418,11 +417,8 @@ impl CopyTriggers {
             pg_sys::AfterTriggerBeginQuery();
             let triggers = Triggers::new(estate, info, Event::Insert, false);
             triggers.before_statement();
-            let slot = pg_sys::ExecInitExtraTupleSlot(
-                estate,
-                (*relation).rd_att,
-                &pg_sys::TTSOpsVirtual,
-            );
+            let slot =
+                pg_sys::ExecInitExtraTupleSlot(estate, (*relation).rd_att, &pg_sys::TTSOpsVirtual);
             CopyTriggers { triggers, slot }
         }
     }

@@ -73,7 +73,10 @@ pub(crate) unsafe fn upsert(
         let placements = cache::placements(plan.relid);
         let mut nodes: HashMap<i64, NodeAddress> = HashMap::new();
         for placement in placements.iter() {
-            if nodes.insert(placement.shard_id, placement.node.clone()).is_some() {
+            if nodes
+                .insert(placement.shard_id, placement.node.clone())
+                .is_some()
+            {
                 crate::error::raise(PlannerError::Triggers(
                     table,
                     "INSERT … ON CONFLICT DO UPDATE into a table with copies of its shards".into(),
@@ -81,22 +84,25 @@ pub(crate) unsafe fn upsert(
             }
         }
         let (schema, name) = crate::executor::schema_and_name(plan.relid);
-        let shard_name = |shard_id: i64| {
-            quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()))
-        };
+        let shard_name =
+            |shard_id: i64| quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
         let casts: Vec<String> = columns
             .iter()
             .map(|c| {
                 let a = (*tupdesc).attrs.as_ptr().add(c.attno as usize - 1);
                 let text = pg_sys::format_type_with_typemod((*a).atttypid, (*a).atttypmod);
-                std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned()
+                std::ffi::CStr::from_ptr(text)
+                    .to_string_lossy()
+                    .into_owned()
             })
             .collect();
         let literal = |value: &Option<String>, cast: &str| match value {
             Some(text) => format!("{}::{cast}", quote_literal(text)),
             None => format!("NULL::{cast}"),
         };
-        let stored: Vec<usize> = (0..columns.len()).filter(|i| !columns[*i].generated).collect();
+        let stored: Vec<usize> = (0..columns.len())
+            .filter(|i| !columns[*i].generated)
+            .collect();
         let stored_names = stored
             .iter()
             .map(|i| quote_identifier(&columns[*i].name))
@@ -123,8 +129,11 @@ pub(crate) unsafe fn upsert(
         let econtext = (*node).ss.ps.ps_ExprContext;
 
         let shards: Vec<i64> = proposed.iter().map(|p| p.shard_id).collect();
-        let written_nodes: HashSet<i32> =
-            shards.iter().filter_map(|s| nodes.get(s)).map(|n| n.node_id).collect();
+        let written_nodes: HashSet<i32> = shards
+            .iter()
+            .filter_map(|s| nodes.get(s))
+            .map(|n| n.node_id)
+            .collect();
         crate::executor::write_locks::lock_for_multi_node_write(shards, written_nodes.len());
         let mut pending: Vec<usize> = (0..proposed.len()).collect();
         let mut attempts = vec![0u32; proposed.len()];
@@ -136,8 +145,12 @@ pub(crate) unsafe fn upsert(
             let mut per_shard: BTreeMap<i64, Vec<String>> = BTreeMap::new();
             for &n in &pending {
                 let row = &proposed[n];
-                let values: Vec<String> =
-                    row.row.iter().zip(&casts).map(|(v, cast)| literal(v, cast)).collect();
+                let values: Vec<String> = row
+                    .row
+                    .iter()
+                    .zip(&casts)
+                    .map(|(v, cast)| literal(v, cast))
+                    .collect();
                 per_shard
                     .entry(row.shard_id)
                     .or_default()
@@ -172,7 +185,11 @@ pub(crate) unsafe fn upsert(
                 }
                 let update = row.pop().flatten().as_deref() == Some("t");
                 let set = row.split_off(2 + width + 1);
-                let n: usize = row.pop().flatten().and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+                let n: usize = row
+                    .pop()
+                    .flatten()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(usize::MAX);
                 let old = row.split_off(2);
                 let ctid = row.pop().flatten().unwrap_or_default();
                 let shard_id = proposed.get(n).map_or(0, |p| p.shard_id);
@@ -180,7 +197,15 @@ pub(crate) unsafe fn upsert(
                 if touched.contains(&key) || !seen.insert(key) {
                     affect_twice();
                 }
-                conflicts.insert(n, Conflict { ctid, old, set, update });
+                conflicts.insert(
+                    n,
+                    Conflict {
+                        ctid,
+                        old,
+                        set,
+                        update,
+                    },
+                );
             }
             // (2) Update the rows with a conflict, insert the others.
             let mut statements: BTreeMap<i32, (NodeAddress, Vec<(FragmentSql, bool)>)> =
@@ -224,7 +249,8 @@ pub(crate) unsafe fn upsert(
                                 columns[i].name.clone(),
                             ));
                         }
-                        let assignments = assignments(&columns, &plan.set_attnos, &conflict.old, &new);
+                        let assignments =
+                            assignments(&columns, &plan.set_attnos, &conflict.old, &new);
                         updates.insert(n, conflict.old.clone());
                         format!(
                             "UPDATE {shard} SET {assignments} WHERE ctid = {} RETURNING '{n}', ctid, {all_names}",
@@ -262,7 +288,12 @@ pub(crate) unsafe fn upsert(
             count += done;
             let mut stored_rows: HashMap<usize, TextRow> = HashMap::new();
             for mut row in rows {
-                let n: usize = row.first().cloned().flatten().and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+                let n: usize = row
+                    .first()
+                    .cloned()
+                    .flatten()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(usize::MAX);
                 let Some(proposal) = proposed.get(n) else {
                     continue;
                 };

@@ -758,7 +758,8 @@ pub unsafe fn analyse(
             if let Some(referencing) = foreign_keys::local_reference_blocking(table.oid, assigned) {
                 return Err(PlannerError::LocalReference(table_name(table), referencing));
             }
-            if let Some(child) = foreign_keys::cascade_into_row_triggers(table.oid, deletes, &sets) {
+            if let Some(child) = foreign_keys::cascade_into_row_triggers(table.oid, deletes, &sets)
+            {
                 return Err(PlannerError::CascadeSkipsTriggers(table_name(table), child));
             }
         }

@@ -197,9 +197,8 @@ pub unsafe fn plan(
         }
         let (mut row_source, mut set_attnos) = (String::new(), Vec::new());
         if lock_rows {
-            set_attnos = into_locking_select(parse, table.oid, &returning_extra).map_err(|what| {
-                PlannerError::Triggers(relation_name(table.oid), what.into())
-            })?;
+            set_attnos = into_locking_select(parse, table.oid, &returning_extra)
+                .map_err(|what| PlannerError::Triggers(relation_name(table.oid), what.into()))?;
             row_source = deparse(parse, &walk.relations, &walk.broadcasts).map_err(refuse)?;
         }
         let broadcasts = walk
@@ -258,7 +257,10 @@ unsafe fn into_locking_select(
         for i in 0..(*tupdesc).natts as usize {
             let a = &*(*tupdesc).attrs.as_ptr().add(i);
             if !a.attisdropped {
-                add(pg_sys::makeVar(rti, a.attnum, a.atttypid, a.atttypmod, a.attcollation, 0).cast());
+                add(
+                    pg_sys::makeVar(rti, a.attnum, a.atttypid, a.atttypmod, a.attcollation, 0)
+                        .cast(),
+                );
             }
         }
         pg_sys::RelationClose(relation);
