@@ -109,12 +109,7 @@ pub(crate) unsafe fn update_or_delete(
                 let old_context = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
                 input.store(&row.old, old_slot);
                 let old_tuple = pg_sys::ExecCopySlotHeapTuple(old_slot);
-                let mut new = row.old.clone();
-                for (attno, value) in plan.set_attnos.iter().zip(&row.set) {
-                    if let Some(index) = columns.iter().position(|c| c.attno == *attno) {
-                        new[index] = value.clone();
-                    }
-                }
+                let mut new = with_set_values(&row.old, &columns, &plan.set_attnos, &row.set);
                 let keep = if plan.kind == ModifyKind::Update {
                     input.store(&new, new_slot);
                     let keep = triggers.is_none_or(|t| t.before_row(old_tuple, new_slot));
@@ -144,11 +139,7 @@ pub(crate) unsafe fn update_or_delete(
                 if !keep {
                     continue;
                 }
-                if let Some(index) = distribution.filter(|i| new[*i] != row.old[*i]) {
-                    let table = crate::distribution::create::relation_name(plan.relid);
-                    let column = columns[index].name.clone();
-                    crate::error::raise(PlannerError::DistributionColumnUpdate(table, column));
-                }
+                refuse_moved_row(plan.relid, &columns, distribution, &row.old, &new);
                 let mut copies = vec![(primary.0, row.ctid.clone())];
                 copies.extend(
                     others
@@ -286,21 +277,7 @@ fn writes(
     for (index, change) in changes.iter().enumerate() {
         let shard = quote_qualified(&schema, &with_suffix(&name, &change.shard_id.to_string()));
         let assignments = match plan.kind {
-            ModifyKind::Update => columns
-                .iter()
-                .enumerate()
-                .filter(|(i, c)| {
-                    !c.generated
-                        && (plan.set_attnos.contains(&c.attno) || change.new[*i] != change.old[*i])
-                })
-                .map(|(i, c)| {
-                    let value = change.new[i]
-                        .as_deref()
-                        .map_or("NULL".into(), quote_literal);
-                    format!("{} = {value}", quote_identifier(&c.name))
-                })
-                .collect::<Vec<_>>()
-                .join(", "),
+            ModifyKind::Update => assignments(columns, &plan.set_attnos, &change.old, &change.new),
             _ => String::new(),
         };
         for (copy, (node_id, ctid)) in change.copies.iter().enumerate() {
@@ -323,6 +300,58 @@ fn writes(
         .into_iter()
         .filter_map(|(node_id, jobs)| Some((addresses.get(&node_id)?.clone(), jobs)))
         .collect()
+}
+
+/// `old` with the SET values `set` (of columns `set_attnos`) in place.
+pub(crate) fn with_set_values(
+    old: &TextRow,
+    columns: &[Column],
+    set_attnos: &[i16],
+    set: &TextRow,
+) -> TextRow {
+    let mut new = old.clone();
+    for (attno, value) in set_attnos.iter().zip(set) {
+        if let Some(index) = columns.iter().position(|c| c.attno == *attno) {
+            new[index] = value.clone();
+        }
+    }
+    new
+}
+
+/// Raises 0A000 when the new row of an UPDATE (a trigger's doing) has another value in the
+/// distribution column (at `distribution` among `columns`): the row would belong elsewhere.
+pub(crate) fn refuse_moved_row(
+    relid: pg_sys::Oid,
+    columns: &[Column],
+    distribution: Option<usize>,
+    old: &TextRow,
+    new: &TextRow,
+) {
+    if let Some(index) = distribution.filter(|i| new[*i] != old[*i]) {
+        let table = crate::distribution::create::relation_name(relid);
+        let column = columns[index].name.clone();
+        crate::error::raise(PlannerError::DistributionColumnUpdate(table, column));
+    }
+}
+
+/// `column = value, …` of an UPDATE by ctid: the SET columns and the columns a trigger changed
+/// (generated columns are the shard's to compute).
+pub(crate) fn assignments(
+    columns: &[Column],
+    set_attnos: &[i16],
+    old: &TextRow,
+    new: &TextRow,
+) -> String {
+    columns
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| !c.generated && (set_attnos.contains(&c.attno) || new[*i] != old[*i]))
+        .map(|(i, c)| {
+            let value = new[i].as_deref().map_or("NULL".into(), quote_literal);
+            format!("{} = {value}", quote_identifier(&c.name))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A column of the result relation that is not dropped.

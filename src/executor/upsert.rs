@@ -21,7 +21,9 @@ use pgrx::prelude::*;
 use crate::distribution::shell::with_suffix;
 use crate::executor::fragments::{FragmentSql, TextRow};
 use crate::executor::modify::ModifyRuntime;
-use crate::executor::row_by_row::{live_columns, slot_text, Column};
+use crate::executor::row_by_row::{
+    assignments, live_columns, refuse_moved_row, slot_text, with_set_values,
+};
 use crate::executor::shard_writer::{run_statements, run_statements_all_rows, RowInput};
 use crate::executor::triggers::Event;
 use crate::metadata::cache;
@@ -221,12 +223,12 @@ pub(crate) unsafe fn upsert(
                 let sql = match conflicts.get(&n) {
                     Some(conflict) if !conflict.update => continue,
                     Some(conflict) => {
-                        let mut new = conflict.old.clone();
-                        for (attno, value) in plan.set_attnos.iter().zip(&conflict.set) {
-                            if let Some(i) = columns.iter().position(|c| c.attno == *attno) {
-                                new[i] = value.clone();
-                            }
-                        }
+                        let mut new = with_set_values(
+                            &conflict.old,
+                            &columns,
+                            &plan.set_attnos,
+                            &conflict.set,
+                        );
                         if let Some(triggers) = triggers {
                             let old_context =
                                 pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
@@ -243,12 +245,7 @@ pub(crate) unsafe fn upsert(
                                 continue;
                             }
                         }
-                        if let Some(i) = distribution.filter(|i| new[*i] != conflict.old[*i]) {
-                            crate::error::raise(PlannerError::DistributionColumnUpdate(
-                                table.clone(),
-                                columns[i].name.clone(),
-                            ));
-                        }
+                        refuse_moved_row(plan.relid, &columns, distribution, &conflict.old, &new);
                         let assignments =
                             assignments(&columns, &plan.set_attnos, &conflict.old, &new);
                         updates.insert(n, conflict.old.clone());
@@ -352,20 +349,6 @@ pub(crate) unsafe fn upsert(
         pg_sys::ExecClearTuple(new_slot);
         (count, returned)
     }
-}
-
-/// `column = value, …` for the SET columns and the columns a trigger changed (not generated).
-fn assignments(columns: &[Column], set_attnos: &[i16], old: &TextRow, new: &TextRow) -> String {
-    columns
-        .iter()
-        .enumerate()
-        .filter(|(i, c)| !c.generated && (set_attnos.contains(&c.attno) || new[*i] != old[*i]))
-        .map(|(i, c)| {
-            let value = new[i].as_deref().map_or("NULL".into(), quote_literal);
-            format!("{} = {value}", quote_identifier(&c.name))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// PostgreSQL's error for a row changed twice by one `ON CONFLICT DO UPDATE`.
