@@ -775,7 +775,7 @@ unsafe extern "C-unwind" fn explain(
                     text(
                         c"Row Triggers",
                         "each fragment locks and returns its rows; the triggers fire on the \
-                         coordinator, then each row is written by its ctid",
+                         coordinator, then the rows are written by their ctid",
                     );
                 }
                 for read in &runtime.plan.broadcasts {

@@ -1,4 +1,4 @@
-//! UPDATE and DELETE of a table with row triggers, one row at a time.
+//! UPDATE and DELETE of a table with row triggers, row by row.
 //!
 //! A trigger may change the new row or skip it before it is written, and needs the old row
 //! afterwards; a shard's `UPDATE … WHERE …` gives the coordinator no say in between. So the
@@ -6,11 +6,12 @@
 //! and returns its rows — `SELECT <tag>, ctid, <columns>, <new values> FROM <shard> [, <the
 //! statement's other tables>] WHERE … FOR [NO KEY] UPDATE OF <shard>`, the rows the UPDATE
 //! would change, rechecked against concurrent writes as UPDATE rechecks them (a row a join
-//! returns twice is changed once, as UPDATE … FROM changes it). Then the coordinator fires the BEFORE ROW triggers on the rows of
-//! the first placement, tests the check options, and sends each row's change by ctid to every
-//! placement (the copies of a shard hold the same rows, paired by content, so a placement's
-//! ctid names its copy of the row). The shards return the rows as stored (generated columns
-//! computed), which go to the AFTER ROW triggers and RETURNING.
+//! returns twice is changed once, as UPDATE … FROM changes it). Then the coordinator fires the
+//! BEFORE ROW triggers on the rows of the first placement, tests the check options, and sends
+//! every placement one statement that changes its rows by ctid (the copies of a shard hold the
+//! same rows, paired by content, so a placement's ctid names its copy of the row). The shards
+//! return the rows as stored (generated columns computed), which go to the AFTER ROW triggers
+//! and RETURNING.
 
 use std::collections::BTreeMap;
 
@@ -258,8 +259,9 @@ fn group_by_shard(
         .collect()
 }
 
-/// The statements that write `changes`: for each copy of each row an UPDATE or DELETE by
-/// ctid; the first placement's returns the row as stored, tagged with its change's index.
+/// The statements that write `changes`: per placement of each shard, one UPDATE joining the new
+/// values on ctid (or one DELETE of the ctids); the first placement's UPDATE returns the rows as
+/// stored, tagged with their change's index.
 fn writes(
     relid: pg_sys::Oid,
     plan: &crate::planner::modify_plan::ModifyPlan,
@@ -270,28 +272,82 @@ fn writes(
     let (schema, name) = crate::executor::schema_and_name(relid);
     let returning = columns
         .iter()
-        .map(|c| quote_identifier(&c.name))
+        .map(|c| format!("pgdist_t.{}", quote_identifier(&c.name)))
         .collect::<Vec<_>>()
         .join(", ");
-    let mut per_node: BTreeMap<i32, Vec<(FragmentSql, bool)>> = BTreeMap::new();
+    let mut by_shard: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
     for (index, change) in changes.iter().enumerate() {
-        let shard = quote_qualified(&schema, &with_suffix(&name, &change.shard_id.to_string()));
-        let assignments = match plan.kind {
-            ModifyKind::Update => assignments(columns, &plan.set_attnos, &change.old, &change.new),
-            _ => String::new(),
-        };
-        for (copy, (node_id, ctid)) in change.copies.iter().enumerate() {
+        by_shard.entry(change.shard_id).or_default().push(index);
+    }
+    let mut per_node: BTreeMap<i32, Vec<(FragmentSql, bool)>> = BTreeMap::new();
+    for (shard_id, indexes) in by_shard {
+        let shard = quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
+        // The SET columns and every column a trigger changed in one of the shard's rows.
+        let assigned: Vec<usize> = (0..columns.len())
+            .filter(|i| {
+                let c = &columns[*i];
+                !c.generated
+                    && (plan.set_attnos.contains(&c.attno)
+                        || indexes
+                            .iter()
+                            .any(|n| changes[*n].new[*i] != changes[*n].old[*i]))
+            })
+            .collect();
+        let copies = changes[indexes[0]].copies.len();
+        for copy in 0..copies {
             let primary = copy == 0;
-            let mut sql = match plan.kind {
-                ModifyKind::Update => format!("UPDATE {shard} SET {assignments}"),
-                _ => format!("DELETE FROM {shard}"),
+            let Some(node_id) = changes[indexes[0]].copies.get(copy).map(|c| c.0) else {
+                continue;
             };
-            sql.push_str(&format!(" WHERE ctid = {}", quote_literal(ctid)));
-            if primary && plan.kind == ModifyKind::Update {
-                sql.push_str(&format!(" RETURNING '{index}', {returning}"));
-            }
+            let ctid = |n: usize| changes[n].copies.get(copy).map_or("", |c| c.1.as_str());
+            let sql = match plan.kind {
+                ModifyKind::Update => {
+                    let rows: Vec<String> = indexes
+                        .iter()
+                        .map(|n| {
+                            let mut values =
+                                vec![n.to_string(), format!("{}::tid", quote_literal(ctid(*n)))];
+                            values.extend(assigned.iter().map(|i| {
+                                let text = changes[*n].new[*i].as_deref();
+                                let value = text.map_or("NULL".into(), quote_literal);
+                                format!("{value}::{}", columns[*i].type_name)
+                            }));
+                            format!("({})", values.join(", "))
+                        })
+                        .collect();
+                    let names: Vec<String> = assigned
+                        .iter()
+                        .map(|i| quote_identifier(&columns[*i].name))
+                        .collect();
+                    let sets: Vec<String> = names
+                        .iter()
+                        .map(|c| format!("{c} = pgdist_v.{c}"))
+                        .collect();
+                    let mut sql = format!(
+                        "UPDATE {shard} AS pgdist_t SET {} FROM (VALUES {}) AS pgdist_v \
+                         (pgdist_n, pgdist_ctid, {}) WHERE pgdist_t.ctid = pgdist_v.pgdist_ctid",
+                        sets.join(", "),
+                        rows.join(", "),
+                        names.join(", ")
+                    );
+                    if primary {
+                        sql.push_str(&format!(" RETURNING pgdist_v.pgdist_n, {returning}"));
+                    }
+                    sql
+                }
+                _ => {
+                    let ctids: Vec<String> = indexes
+                        .iter()
+                        .map(|n| format!("\"{}\"", ctid(*n)))
+                        .collect();
+                    format!(
+                        "DELETE FROM {shard} WHERE ctid = ANY ({}::tid[])",
+                        quote_literal(&format!("{{{}}}", ctids.join(",")))
+                    )
+                }
+            };
             per_node
-                .entry(*node_id)
+                .entry(node_id)
                 .or_default()
                 .push((FragmentSql::plain(sql), primary));
         }
@@ -359,6 +415,8 @@ pub(crate) struct Column {
     pub(crate) attno: i16,
     pub(crate) name: String,
     pub(crate) generated: bool,
+    /// The type as SQL (`numeric(10,2)`), for casts.
+    pub(crate) type_name: String,
 }
 
 pub(crate) unsafe fn live_columns(tupdesc: pg_sys::TupleDesc) -> Vec<Column> {
@@ -373,6 +431,12 @@ pub(crate) unsafe fn live_columns(tupdesc: pg_sys::TupleDesc) -> Vec<Column> {
                     .to_string_lossy()
                     .into_owned(),
                 generated: a.attgenerated != 0,
+                type_name: std::ffi::CStr::from_ptr(pg_sys::format_type_with_typemod(
+                    a.atttypid,
+                    a.atttypmod,
+                ))
+                .to_string_lossy()
+                .into_owned(),
             })
             .collect()
     }

@@ -88,16 +88,7 @@ pub(crate) unsafe fn upsert(
         let (schema, name) = crate::executor::schema_and_name(plan.relid);
         let shard_name =
             |shard_id: i64| quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
-        let casts: Vec<String> = columns
-            .iter()
-            .map(|c| {
-                let a = (*tupdesc).attrs.as_ptr().add(c.attno as usize - 1);
-                let text = pg_sys::format_type_with_typemod((*a).atttypid, (*a).atttypmod);
-                std::ffi::CStr::from_ptr(text)
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
+        let casts: Vec<&str> = columns.iter().map(|c| c.type_name.as_str()).collect();
         let literal = |value: &Option<String>, cast: &str| match value {
             Some(text) => format!("{}::{cast}", quote_literal(text)),
             None => format!("NULL::{cast}"),
