@@ -1,11 +1,14 @@
 //! The maintenance daemon: one background worker per database with pgdist that resolves
 //! in-doubt two-phase commits and breaks distributed deadlocks.
 //!
-//! Nothing needs configuring. The first transaction of a backend that loads pgdist's catalog
-//! ([`ensure_running`]) checks at its commit ([`at_commit`]; earlier, a `CREATE EXTENSION` in
-//! progress would not be visible to the daemon yet) whether the database's daemon runs — the
-//! daemon holds a session-level advisory lock for its database, so "runs" means "the lock is
-//! taken" — and registers it if not. The daemon connects as the bootstrap superuser, which therefore
+//! Nothing needs configuring. When the server starts, the launcher ([`pgdist_launcher_main`], a
+//! background worker registered by `_PG_init`) starts a daemon in every database that accepts
+//! connections; a daemon whose database has no pgdist exits at once. Later, the first
+//! transaction of a backend that loads pgdist's catalog ([`ensure_running`]) checks at its
+//! commit ([`at_transaction_end`]; earlier, a `CREATE EXTENSION` in progress would not be
+//! visible to the daemon yet) whether the database's daemon runs — the daemon holds a
+//! session-level advisory lock for its database, so "runs" means "the lock is taken" — and
+//! registers it if not. The daemon connects as the bootstrap superuser, which therefore
 //! needs to be able to connect to every node like the users do. It exits when pgdist is dropped
 //! from its database, and `DROP DATABASE` stops it first ([`stop_for_database`]). An ERROR in a
 //! round ends the process; PostgreSQL starts it again after [`RESTART_AFTER`].
@@ -37,6 +40,13 @@ thread_local! {
 
 pub fn init() {
     deadlock::init_shared_memory();
+    BackgroundWorkerBuilder::new("pgdist maintenance launcher")
+        .set_type("pgdist maintenance launcher")
+        .set_library("pgdist")
+        .set_function("pgdist_launcher_main")
+        .enable_spi_access()
+        .set_restart_time(None)
+        .load();
 }
 
 fn daemon_lock() -> pg_sys::LOCKTAG {
@@ -91,22 +101,94 @@ fn start_unless_running(database: &str) {
     let tag = daemon_lock();
     // SAFETY: releases the session lock taken just above.
     unsafe { pg_sys::LockRelease(&tag, pg_sys::ExclusiveLock as i32, true) };
-    let started = BackgroundWorkerBuilder::new(&format!("pgdist maintenance daemon ({database})"))
-        .set_type(BACKEND_TYPE)
-        .set_library("pgdist")
-        .set_function("pgdist_maintenance_main")
-        .enable_spi_access()
-        // SAFETY: MyDatabaseId is set once the backend is connected to a database.
-        .set_argument(Some(pg_sys::Datum::from(
-            unsafe { pg_sys::MyDatabaseId }.to_u32(),
-        )))
-        .set_restart_time(Some(RESTART_AFTER))
-        .load_dynamic();
+    // SAFETY: MyDatabaseId is set once the backend is connected to a database.
+    let started = daemon(unsafe { pg_sys::MyDatabaseId }).load_dynamic();
     if started.is_err() {
         pgrx::log!(
             "pgdist: could not start the maintenance daemon for database {database}; \
              raise max_worker_processes"
         );
+    }
+}
+
+/// The daemon of one database, ready to be registered.
+fn daemon(database: pg_sys::Oid) -> BackgroundWorkerBuilder {
+    BackgroundWorkerBuilder::new(&format!(
+        "pgdist maintenance daemon (database {})",
+        database.to_u32()
+    ))
+    .set_type(BACKEND_TYPE)
+    .set_library("pgdist")
+    .set_function("pgdist_maintenance_main")
+    .enable_spi_access()
+    .set_argument(Some(pg_sys::Datum::from(database.to_u32())))
+    .set_restart_time(Some(RESTART_AFTER))
+}
+
+/// The databases a daemon can connect to: not templates, accepting connections, not left
+/// half-dropped. Read from the shared catalog, since the launcher has no database.
+fn connectable_databases() -> Vec<pg_sys::Oid> {
+    let mut databases = Vec::new();
+    // SAFETY: a catalog heap scan inside the caller's transaction, as autovacuum's launcher
+    // does; each tuple is read while the scan holds its buffer.
+    unsafe {
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let relation = pg_sys::table_open(pg_sys::DatabaseRelationId, lock);
+        let scan = pg_sys::table_beginscan_catalog(relation, 0, std::ptr::null_mut());
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let database = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+            // -2 marks a database whose DROP was interrupted.
+            if database.datallowconn && !database.datistemplate && database.datconnlimit != -2 {
+                databases.push(database.oid);
+            }
+        }
+        pg_sys::heap_endscan(scan);
+        pg_sys::table_close(relation, lock);
+    }
+    databases
+}
+
+/// The launcher's entry point: once the server accepts connections, start the daemon of every
+/// database (one at a time, so that a server with many databases does not run out of worker
+/// slots), so that in-doubt transactions are resolved after a restart before anyone asks.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pgdist_launcher_main(_argument: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let databases = BackgroundWorker::transaction(connectable_databases);
+    // SAFETY: a plain read of this process's pid.
+    let launcher = unsafe { pg_sys::MyProcPid };
+    for database in databases {
+        let mut attempts = 0;
+        loop {
+            match daemon(database).set_notify_pid(launcher).load_dynamic() {
+                Ok(started) => {
+                    let _ = started.wait_for_startup();
+                    break;
+                }
+                Err(_) if attempts < 60 => {
+                    attempts += 1;
+                    if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1)))
+                        || BackgroundWorker::sigterm_received()
+                    {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    pgrx::log!(
+                        "pgdist: could not start the maintenance daemon for database {}; \
+                         raise max_worker_processes",
+                        database.to_u32()
+                    );
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -160,6 +242,7 @@ pub extern "C-unwind" fn pgdist_maintenance_main(argument: pg_sys::Datum) {
         return;
     }
     let start = Instant::now();
+    let mut rounds = 0u64;
     let mut tasks = [
         Periodic {
             interval: crate::gucs::recovery_interval,
@@ -206,9 +289,13 @@ pub extern "C-unwind" fn pgdist_maintenance_main(argument: pg_sys::Datum) {
             task.next = Instant::now() + (task.interval)().unwrap_or_default();
         }
         if !keep_going {
-            pgrx::log!("pgdist: extension dropped, maintenance daemon exits");
+            // The launcher starts a daemon in every database; most have no pgdist.
+            if rounds > 0 {
+                pgrx::log!("pgdist: extension dropped, maintenance daemon exits");
+            }
             return;
         }
+        rounds += 1;
         let sleep = tasks
             .iter()
             .filter(|t| (t.interval)().is_some())
