@@ -97,6 +97,22 @@ enum Propagation {
         table: DistTable,
         before: TableDefinition,
     },
+    /// CREATE TABLE … PARTITION OF a distributed table: distribute the new partition with it.
+    NewPartition {
+        parent: DistTable,
+        relation: *mut pg_sys::RangeVar,
+    },
+    /// ALTER TABLE … ATTACH PARTITION: distribute the partition with its parent, or attach the
+    /// shards of a co-located one.
+    AttachPartition {
+        parent: DistTable,
+        partition: pg_sys::Oid,
+    },
+    /// ALTER TABLE … DETACH PARTITION: detach the shards too; the partition stays distributed.
+    DetachPartition {
+        parent: DistTable,
+        partition: DistTable,
+    },
 }
 
 #[pg_guard]
@@ -326,9 +342,18 @@ unsafe fn plan(
             }
             pg_sys::NodeTag::T_CreateStmt => {
                 let stmt = node.cast::<pg_sys::CreateStmt>();
-                refuse_children_of_distributed(
-                    PgList::<pg_sys::RangeVar>::from_pg((*stmt).inhRelations).iter_ptr(),
-                )?;
+                let parents = PgList::<pg_sys::RangeVar>::from_pg((*stmt).inhRelations);
+                if !(*stmt).partbound.is_null() {
+                    if let Some(parent) = parents.get_ptr(0) {
+                        if let Some(parent) = distributed(parent)? {
+                            return Ok(Some(Propagation::NewPartition {
+                                parent,
+                                relation: (*stmt).relation,
+                            }));
+                        }
+                    }
+                }
+                refuse_children_of_distributed(parents.iter_ptr())?;
                 Ok(None)
             }
             pg_sys::NodeTag::T_AlterTableStmt => {
@@ -336,15 +361,19 @@ unsafe fn plan(
                 if (*stmt).objtype != pg_sys::ObjectType::OBJECT_TABLE {
                     return Ok(None);
                 }
+                let cmds = PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds);
                 let Some(table) = distributed((*stmt).relation)? else {
-                    let cmds = PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds);
                     refuse_children_of_distributed(
                         cmds.iter_ptr()
                             .filter(|cmd| (**cmd).subtype == pg_sys::AlterTableType::AT_AddInherit)
                             .map(|cmd| (*cmd).def.cast()),
                     )?;
+                    refuse_distributed_partitions_of_local(&cmds)?;
                     return Ok(None);
                 };
+                if let Some(cmd) = cmds.get_ptr(0).filter(|cmd| partition_command(*cmd)) {
+                    return plan_partition_command(&table, cmd);
+                }
                 let text = CStr::from_ptr(query_string).to_string_lossy().into_owned();
                 let mut using = HashMap::new();
                 let mut settings = Vec::new();
@@ -411,11 +440,24 @@ unsafe fn plan(
                 // Triggers stay on the shell and fire on the coordinator; deferred ones would
                 // fire after the statement's rows are gone from its memory.
                 let stmt = node.cast::<pg_sys::CreateTrigStmt>();
-                if (*stmt).isconstraint && distributed((*stmt).relation)?.is_some() {
+                let Some(table) = distributed((*stmt).relation)? else {
+                    return Ok(None);
+                };
+                if (*stmt).isconstraint {
                     return Err(unsupported(
                         "CREATE CONSTRAINT TRIGGER",
                         "Use a plain AFTER trigger (it fires at the end of the statement), or \
                          a deferrable foreign key.",
+                    ));
+                }
+                // Rows written through the parent reach a partition only on the workers.
+                if pg_sys::get_rel_relkind(table.oid)
+                    == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char
+                    || pg_sys::get_rel_relispartition(table.oid)
+                {
+                    return Err(unsupported(
+                        "CREATE TRIGGER on partitioned tables and their partitions",
+                        "Fire the trigger from another table, or undistribute the table.",
                     ));
                 }
                 Ok(None)
@@ -485,6 +527,98 @@ unsafe fn refuse_children_of_distributed(
         }
     }
     Ok(())
+}
+
+/// Refuses attaching a distributed table as a partition of a local one: reading the parent
+/// would read the partition's empty shell.
+unsafe fn refuse_distributed_partitions_of_local(
+    cmds: &PgList<pg_sys::AlterTableCmd>,
+) -> Result<(), DistributionError> {
+    for cmd in cmds.iter_ptr() {
+        // SAFETY: the statement's subcommands; ATTACH PARTITION's definition is a PartitionCmd.
+        unsafe {
+            if (*cmd).subtype == pg_sys::AlterTableType::AT_AttachPartition
+                && distributed((*(*cmd).def.cast::<pg_sys::PartitionCmd>()).name)?.is_some()
+            {
+                return Err(unsupported(
+                    "attaching a distributed table as a partition of a local table",
+                    "Distribute the partitioned table instead (its partitions follow), or \
+                     undistribute the partition first.",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// True for ATTACH / DETACH PARTITION (PostgreSQL allows no other subcommand with them).
+unsafe fn partition_command(cmd: *mut pg_sys::AlterTableCmd) -> bool {
+    use pg_sys::AlterTableType::{
+        AT_AttachPartition, AT_DetachPartition, AT_DetachPartitionFinalize,
+    };
+    // SAFETY: a subcommand of the statement.
+    let subtype = unsafe { (*cmd).subtype };
+    subtype == AT_AttachPartition
+        || subtype == AT_DetachPartition
+        || subtype == AT_DetachPartitionFinalize
+}
+
+/// ATTACH / DETACH PARTITION `cmd` of distributed partitioned table `table`.
+unsafe fn plan_partition_command(
+    table: &DistTable,
+    cmd: *mut pg_sys::AlterTableCmd,
+) -> Result<Option<Propagation>, DistributionError> {
+    // SAFETY: a partition subcommand of the statement, which carries a PartitionCmd.
+    unsafe {
+        let subtype = (*cmd).subtype;
+        let command = (*cmd).def.cast::<pg_sys::PartitionCmd>();
+        let partition = relation_oid((*command).name);
+        if partition == pg_sys::InvalidOid {
+            return Ok(None); // PostgreSQL reports the missing table
+        }
+        if subtype == pg_sys::AlterTableType::AT_AttachPartition {
+            return Ok(Some(Propagation::AttachPartition {
+                parent: table.clone(),
+                partition,
+            }));
+        }
+        if (*command).concurrent || subtype == pg_sys::AlterTableType::AT_DetachPartitionFinalize {
+            return Err(unsupported(
+                "DETACH PARTITION CONCURRENTLY on a distributed table",
+                "Detach without CONCURRENTLY (it runs in the coordinator's transaction on \
+                 every node).",
+            ));
+        }
+        Ok(crate::metadata::cache::lookup(partition).map(|partition| {
+            Propagation::DetachPartition {
+                parent: table.clone(),
+                partition,
+            }
+        }))
+    }
+}
+
+/// Runs `statement(parent shard, partition shard)` for each shard index, where both live.
+fn on_partition_shards(
+    parent: &DistTable,
+    partition: &DistTable,
+    statement: impl Fn(&str, &str) -> String,
+) -> Result<(), DistributionError> {
+    let parent_definition = shell::read_definition(parent.oid)?;
+    let definition = shell::read_definition(partition.oid)?;
+    let partition_placements = tables::placements(partition.oid)?;
+    run_on_placements(&tables::placements(parent.oid)?, |placement| {
+        partition_placements
+            .iter()
+            .filter(|p| p.shard_index == placement.shard_index && p.node == placement.node)
+            .map(|p| {
+                statement(
+                    &parent_definition.shard_relation(placement.shard_id),
+                    &definition.shard_relation(p.shard_id),
+                )
+            })
+            .collect()
+    })
 }
 
 /// The text of one expression starting at byte `start` of `text`: up to the first comma or
@@ -642,7 +776,12 @@ unsafe fn plan_drop(stmt: *mut pg_sys::DropStmt) -> Result<Option<Propagation>, 
                 let mut drops = Vec::new();
                 for names in PgList::<pg_sys::List>::from_pg((*stmt).objects).iter_ptr() {
                     if let Some(table) = distributed(pg_sys::makeRangeVarFromNameList(names))? {
+                        // Dropping a partitioned table drops its partitions.
+                        let partitions = tables::distributed_partitions(table.oid)?;
                         drops.push(table);
+                        for partition in partitions {
+                            drops.extend(tables::dist_table(partition)?);
+                        }
                     }
                 }
                 plan_table_drops(drops, cascade)
@@ -821,6 +960,38 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
         }
         Propagation::IndexConcurrently { table, before } => {
             build_index_concurrently(&table, &before)
+        }
+        Propagation::NewPartition { parent, relation } => {
+            // SAFETY: the statement's RangeVar; PostgreSQL has just created the table.
+            let partition = unsafe { relation_oid(relation) };
+            crate::distribution::create::distribute_partition(partition, &parent)
+        }
+        Propagation::AttachPartition { parent, partition } => {
+            match tables::dist_table(partition)? {
+                None => crate::distribution::create::distribute_partition(partition, &parent),
+                Some(child)
+                    if child.colocation_id == parent.colocation_id
+                        && child.distribution_column == parent.distribution_column =>
+                {
+                    let bound = shell::read_definition(partition)?
+                        .partition_of
+                        .map(|p| p.bound)
+                        .unwrap_or_default();
+                    on_partition_shards(&parent, &child, |parent_shard, shard| {
+                        format!("ALTER TABLE {parent_shard} ATTACH PARTITION {shard} {bound}")
+                    })
+                }
+                Some(_) => Err(unsupported(
+                    "attaching a distributed table that is not co-located with the partitioned \
+                     table, or distributed by another column",
+                    "Undistribute the table first: attached, it is distributed with its parent.",
+                )),
+            }
+        }
+        Propagation::DetachPartition { parent, partition } => {
+            on_partition_shards(&parent, &partition, |parent_shard, shard| {
+                format!("ALTER TABLE {parent_shard} DETACH PARTITION {shard}")
+            })
         }
         Propagation::DropIndexes {
             indexes,

@@ -18,7 +18,7 @@ use crate::distribution::DistributionError;
 use crate::error::OrRaise;
 use crate::metadata::nodes::{self, Node};
 use crate::metadata::tables::{self, ColocationGroup, DistTable, Method, Placement};
-use crate::remote::quote::{quote_identifier, quote_literal};
+use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified};
 use crate::remote::NodeAddress;
 use crate::transaction::remote_xact;
 
@@ -68,16 +68,26 @@ fn unsupported(table: &str, what: &str, hint: &str) -> DistributionError {
 }
 
 /// Refuses tables pgdist cannot distribute (yet).
-fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError> {
+fn validate_table(oid: pg_sys::Oid, name: &str, method: Method) -> Result<(), DistributionError> {
     if tables::dist_table(oid)?.is_some() {
         return Err(DistributionError::AlreadyDistributed(name.into()));
     }
     let row = Spi::connect(|client| -> Result<_, DistributionError> {
         let rows = client.select(
             "SELECT CASE c.relpersistence WHEN 't' THEN 'temporary' ELSE c.relkind::text END,
-                    c.relhassubclass OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid),
+                    (c.relhassubclass AND c.relkind <> 'p')
+                      OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid
+                                 AND NOT EXISTS (SELECT 1 FROM pgdist.dist_table d WHERE d.table_oid = i.inhparent)),
                     EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                            WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgconstraint <> 0)
+                            WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgconstraint <> 0),
+                    (c.relkind = 'p' OR c.relispartition) AND EXISTS (
+                      SELECT 1 FROM pg_catalog.pg_trigger t
+                      WHERE t.tgrelid IN (SELECT c.oid UNION ALL SELECT relid FROM pg_catalog.pg_partition_tree(c.oid))
+                        AND NOT t.tgisinternal),
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_partition_tree(c.oid) t
+                            JOIN pg_catalog.pg_class p ON p.oid = t.relid
+                            WHERE p.relkind NOT IN ('r', 'p')
+                               OR EXISTS (SELECT 1 FROM pgdist.dist_table d WHERE d.table_oid = p.oid))
              FROM pg_catalog.pg_class c WHERE c.oid = $1",
             None,
             &[oid.into()],
@@ -88,22 +98,35 @@ fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError>
                 row.get::<String>(1)?.unwrap_or_default(),
                 row.get::<bool>(2)?.unwrap_or_default(),
                 row.get::<bool>(3)?.unwrap_or_default(),
+                row.get::<bool>(4)?.unwrap_or_default(),
+                row.get::<bool>(5)?.unwrap_or_default(),
             ));
         }
         Ok(found)
     })?;
-    let Some((relkind, inherits, constraint_triggers)) = row else {
+    let Some((relkind, inherits, constraint_triggers, partition_triggers, odd_partitions)) = row
+    else {
         return Err(DistributionError::NotATable(name.into()));
     };
     match relkind.as_str() {
         "r" => {}
-        "p" => {
+        "p" if method != Method::Hash => {
             return Err(unsupported(
                 name,
-                "partitioned tables",
-                "Distribute an ordinary table.",
+                "partitioned reference and range-distributed tables",
+                "Distribute a partitioned table by hash: create_distributed_table(table, \
+                 column).",
             ))
         }
+        "p" if odd_partitions => {
+            return Err(unsupported(
+                name,
+                "partitioned tables with foreign or distributed partitions",
+                "Every partition must be an ordinary local table: undistribute_table() the \
+                 distributed ones, detach the foreign ones.",
+            ))
+        }
+        "p" => {}
         "temporary" => {
             return Err(unsupported(
                 name,
@@ -117,8 +140,9 @@ fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError>
     if inherits {
         return Err(unsupported(
             name,
-            "tables with inheritance",
-            "Distribute a table without parents or children.",
+            "tables with inheritance, or partitions of a table that is not distributed",
+            "Distribute a table without parents or children; for a partition, distribute its \
+             partitioned table (the partitions follow).",
         ));
     }
     if constraint_triggers {
@@ -129,7 +153,48 @@ fn validate_table(oid: pg_sys::Oid, name: &str) -> Result<(), DistributionError>
              kept and fire on the coordinator).",
         ));
     }
+    if partition_triggers {
+        return Err(unsupported(
+            name,
+            "triggers on partitioned tables and their partitions",
+            "Drop the triggers before distributing the table, or fire them from another \
+             table.",
+        ));
+    }
     Ok(())
+}
+
+/// The partitions of partitioned table `oid` (direct ones only), in creation order.
+fn partitions(oid: pg_sys::Oid) -> Result<Vec<pg_sys::Oid>, DistributionError> {
+    Ok(Spi::connect(|client| {
+        client
+            .select(
+                "SELECT inhrelid FROM pg_catalog.pg_inherits WHERE inhparent = $1 ORDER BY inhrelid",
+                None,
+                &[oid.into()],
+            )?
+            .map(|row| row.get::<pg_sys::Oid>(1))
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })?
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// Distributes partition `oid` of distributed table `parent` like its parent: by the same
+/// column, co-located, each shard a partition of the parent's shard of the same index.
+pub fn distribute_partition(oid: pg_sys::Oid, parent: &DistTable) -> Result<(), DistributionError> {
+    distribute(
+        oid,
+        DistributionSpec {
+            method: Method::Hash,
+            column: parent.distribution_column.clone(),
+            shard_count: None,
+            colocate_with: relation_name(parent.oid),
+            replication_factor: None,
+            split_points: None,
+        },
+    )
 }
 
 /// The local tables whose foreign keys reference table `oid`, directly or through each other,
@@ -388,7 +453,7 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
     let name = relation_name(oid);
     nodes::lock_membership()?;
     Spi::run(&format!("LOCK TABLE {name} IN EXCLUSIVE MODE"))?;
-    validate_table(oid, &name)?;
+    validate_table(oid, &name, spec.method)?;
     let table = shell::read_definition(oid)?;
     let column = match &spec.column {
         Some(column) => {
@@ -551,9 +616,16 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
         });
     }
     create_shards(&table, &shards)?;
-    let moved = move_rows(&table, &shards, &index_sql)?;
-    let truncate = format!("TRUNCATE ONLY {}", emptied.join(", "));
-    crate::distribution::without_user_triggers(|| Spi::run(&truncate))?;
+    // A partitioned table has no rows of its own: its partitions move theirs.
+    let partitioned = table.partition_key.is_some();
+    let moved = if partitioned {
+        0
+    } else {
+        let moved = move_rows(&table, &shards, &index_sql)?;
+        let truncate = format!("TRUNCATE ONLY {}", emptied.join(", "));
+        crate::distribution::without_user_triggers(|| Spi::run(&truncate))?;
+        moved
+    };
 
     let colocation_id = match group {
         Some(id) => id,
@@ -603,21 +675,45 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
         if node_count == 1 { "" } else { "s" },
         if moved == 1 { "" } else { "s" }
     );
+    if partitioned {
+        let parent = tables::dist_table(oid)?.ok_or_else(|| DistributionError::NotATable(name))?;
+        for partition in partitions(oid)? {
+            distribute_partition(partition, &parent)?;
+        }
+    }
     Ok(())
 }
 
-/// The statements that create `shard_ids` of `table` (and what they need) on one node.
+/// The statements that create `shards` (id, index) of `table` (and what they need) on one
+/// node. A partition's shards become partitions of its parent's shards of the same index.
 pub fn shard_creation_batch(
     table: &TableDefinition,
-    shard_ids: &[i64],
+    shards: &[(i64, i32)],
 ) -> Result<String, DistributionError> {
     let mut statements = vec![format!(
         "CREATE SCHEMA IF NOT EXISTS {}",
         quote_identifier(&table.schema)
     )];
     statements.extend(type_statements(table.oid)?);
-    for shard_id in shard_ids {
-        statements.extend(shell::create_shard_sql(table, *shard_id));
+    let parent = match &table.partition_of {
+        Some(partition) if tables::dist_table(partition.parent)?.is_some() => Some((
+            crate::executor::schema_and_name(partition.parent),
+            tables::placements(partition.parent)?,
+        )),
+        _ => None,
+    };
+    for (shard_id, index) in shards {
+        let parent_shard = parent.as_ref().and_then(|((schema, name), placements)| {
+            placements
+                .iter()
+                .find(|p| p.shard_index == *index)
+                .map(|p| quote_qualified(schema, &shell::shard_name(name, p.shard_id)))
+        });
+        statements.extend(shell::create_shard_sql(
+            table,
+            *shard_id,
+            parent_shard.as_deref(),
+        ));
     }
     Ok(statements.join(";\n"))
 }
@@ -627,14 +723,14 @@ fn create_shards(
     table: &TableDefinition,
     shards: &[PlannedShard],
 ) -> Result<(), DistributionError> {
-    let mut per_node: BTreeMap<i32, (NodeAddress, Vec<i64>)> = BTreeMap::new();
+    let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(i64, i32)>)> = BTreeMap::new();
     for shard in shards {
         for node in &shard.nodes {
             per_node
                 .entry(node.node_id)
                 .or_insert_with(|| (node.clone(), Vec::new()))
                 .1
-                .push(shard.shard_id);
+                .push((shard.shard_id, shard.index));
         }
     }
     let mut work = Vec::new();
@@ -755,7 +851,7 @@ pub fn replicate_reference_table(
     let target = target_for(node.clone())?;
     remote_xact::run_batches(&[(
         target.clone(),
-        shard_creation_batch(&table, &[source.shard_id])?,
+        shard_creation_batch(&table, &[(source.shard_id, source.shard_index)])?,
     )]);
     let checkout = remote_xact::checkout_begun(&[target_for(source.node.clone())?, target])?;
     // Waits for writes still prepared on the source, so that the copy has every committed row.

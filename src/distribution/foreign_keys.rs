@@ -245,10 +245,12 @@ pub fn add_to_shards(
     table: &TableDefinition,
     placements: &[Placement],
 ) -> Result<(), DistributionError> {
+    // A partition's copies of its parent's keys come with `PARTITION OF`, as do the clones
+    // PostgreSQL keeps for each partition of a referenced partitioned table.
     let keys: Vec<&Constraint> = table
         .constraints
         .iter()
-        .filter(|c| c.foreign_key.is_some())
+        .filter(|c| c.foreign_key.is_some() && !c.inherited)
         .collect();
     if keys.is_empty() {
         return Ok(());

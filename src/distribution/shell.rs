@@ -33,6 +33,8 @@ pub struct Constraint {
     pub columns: Vec<i16>,
     /// What a foreign key (`kind` `f`) references.
     pub foreign_key: Option<ForeignKey>,
+    /// A partition's copy of its parent's constraint (`CREATE TABLE … PARTITION OF` makes it).
+    pub inherited: bool,
 }
 
 /// The referenced side of a foreign key.
@@ -54,6 +56,16 @@ pub struct Index {
     pub unique: bool,
     /// Key and INCLUDE columns; 0 stands for an expression.
     pub columns: Vec<i16>,
+    /// A partition's index of its parent's partitioned index.
+    pub inherited: bool,
+}
+
+/// Where a partition hangs in its parent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartitionOf {
+    pub parent: pg_sys::Oid,
+    /// `FOR VALUES …` or `DEFAULT`.
+    pub bound: String,
 }
 
 #[derive(Clone, Debug)]
@@ -65,6 +77,10 @@ pub struct TableDefinition {
     pub constraints: Vec<Constraint>,
     /// Indexes that do not belong to a constraint.
     pub indexes: Vec<Index>,
+    /// A partitioned table's key (`RANGE (day)`).
+    pub partition_key: Option<String>,
+    /// A partition's parent and bound.
+    pub partition_of: Option<PartitionOf>,
 }
 
 impl TableDefinition {
@@ -111,6 +127,17 @@ pub fn read_definition(oid: pg_sys::Oid) -> Result<TableDefinition, MetadataErro
              WHERE c.oid = $1",
             &[oid.into()],
         )?;
+        let (partition_key, parent, bound) =
+            Spi::get_three_with_args::<String, pg_sys::Oid, String>(
+                "SELECT CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END,
+                        i.inhparent, CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END
+                 FROM pg_class c LEFT JOIN pg_inherits i ON i.inhrelid = c.oid AND c.relispartition
+                 WHERE c.oid = $1",
+                &[oid.into()],
+            )?;
+        let partition_of = parent
+            .zip(bound)
+            .map(|(parent, bound)| PartitionOf { parent, bound });
         Spi::connect(|client| {
             let columns = client
                 .select(
@@ -143,7 +170,8 @@ pub fn read_definition(oid: pg_sys::Oid) -> Result<TableDefinition, MetadataErro
             let constraints = client
                 .select(
                     "SELECT oid, conname::text, contype::text, pg_get_constraintdef(oid), coalesce(conkey, '{}'),
-                            confrelid, confkey, confupdtype::text, confdeltype::text
+                            confrelid, confkey, confupdtype::text, confdeltype::text,
+                            conparentid <> 0 OR coninhcount > 0
                      FROM pg_constraint WHERE conrelid = $1 ORDER BY oid",
                     None,
                     &[oid.into()],
@@ -164,12 +192,14 @@ pub fn read_definition(oid: pg_sys::Oid) -> Result<TableDefinition, MetadataErro
                             }),
                             _ => None,
                         },
+                        inherited: row.get(10)?.unwrap_or_default(),
                     })
                 })
                 .collect::<Result<Vec<_>, MetadataError>>()?;
             let indexes = client
                 .select(
-                    "SELECT i.indexrelid, c.relname::text, pg_get_indexdef(i.indexrelid), i.indisunique, i.indkey::int2[]
+                    "SELECT i.indexrelid, c.relname::text, pg_get_indexdef(i.indexrelid), i.indisunique, i.indkey::int2[],
+                            EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)
                      FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
                      WHERE i.indrelid = $1
                        AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid AND k.conrelid = i.indrelid)
@@ -184,6 +214,7 @@ pub fn read_definition(oid: pg_sys::Oid) -> Result<TableDefinition, MetadataErro
                         definition: row.get(3)?.unwrap_or_default(),
                         unique: row.get(4)?.unwrap_or_default(),
                         columns: row.get(5)?.unwrap_or_default(),
+                        inherited: row.get(6)?.unwrap_or_default(),
                     })
                 })
                 .collect::<Result<Vec<_>, MetadataError>>()?;
@@ -194,6 +225,8 @@ pub fn read_definition(oid: pg_sys::Oid) -> Result<TableDefinition, MetadataErro
                 columns,
                 constraints,
                 indexes,
+                partition_key,
+                partition_of,
             })
         })
     })
@@ -271,21 +304,55 @@ pub fn constraint_sql(
     })
 }
 
-/// Every statement that creates shard `shard_id` of `table` on a worker.
-pub fn create_shard_sql(table: &TableDefinition, shard_id: i64) -> Vec<String> {
-    let columns: Vec<String> = table.columns.iter().map(column_sql).collect();
-    let mut statements = vec![format!(
-        "CREATE TABLE {} ({})",
-        table.shard_relation(shard_id),
-        columns.join(", ")
-    )];
+/// Every statement that creates shard `shard_id` of `table` on a worker. A partition's shard
+/// becomes a partition of `parent_shard` (its parent's shard of the same index), which gives it
+/// the parent's columns, constraints and indexes; only its own are added.
+pub fn create_shard_sql(
+    table: &TableDefinition,
+    shard_id: i64,
+    parent_shard: Option<&str>,
+) -> Vec<String> {
+    let shard = table.shard_relation(shard_id);
+    let partition_by = table
+        .partition_key
+        .as_ref()
+        .map(|key| format!(" PARTITION BY {key}"))
+        .unwrap_or_default();
+    let mut statements = Vec::new();
+    let partition = table.partition_of.as_ref().zip(parent_shard);
+    if let Some((partition, parent_shard)) = partition {
+        statements.push(format!(
+            "CREATE TABLE {shard} PARTITION OF {parent_shard} {}{partition_by}",
+            partition.bound
+        ));
+        statements.extend(table.columns.iter().filter(|c| c.not_null).map(|c| {
+            format!(
+                "ALTER TABLE {shard} ALTER COLUMN {} SET NOT NULL",
+                quote_identifier(&c.name)
+            )
+        }));
+    } else {
+        let columns: Vec<String> = table.columns.iter().map(column_sql).collect();
+        statements.push(format!(
+            "CREATE TABLE {shard} ({}){partition_by}",
+            columns.join(", ")
+        ));
+    }
+    let own = |inherited: bool| partition.is_none() || !inherited;
     statements.extend(
         table
             .constraints
             .iter()
+            .filter(|c| own(c.inherited))
             .filter_map(|c| constraint_sql(table, c, shard_id)),
     );
-    statements.extend(table.indexes.iter().map(|i| index_sql(table, i, shard_id)));
+    statements.extend(
+        table
+            .indexes
+            .iter()
+            .filter(|i| own(i.inherited))
+            .map(|i| index_sql(table, i, shard_id)),
+    );
     statements
 }
 

@@ -70,11 +70,14 @@ fn statistics() -> Result<Vec<StatisticsRow>, MetadataError> {
             .map(|(id, name)| format!("({id}, {})", quote_literal(name)))
             .collect();
         let query = format!(
-            "SELECT v.id, CASE WHEN c.reltuples >= 0 THEN c.reltuples::int8 ELSE s.n_live_tup END,
-                    pg_catalog.pg_total_relation_size(c.oid)
+            "SELECT v.id, sum(CASE WHEN c.reltuples >= 0 THEN c.reltuples::int8 ELSE s.n_live_tup END),
+                    sum(pg_catalog.pg_total_relation_size(c.oid))::int8
              FROM (VALUES {}) v(id, name)
-             LEFT JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(v.name)
-             LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = c.oid",
+             LEFT JOIN pg_catalog.pg_class t ON t.oid = pg_catalog.to_regclass(v.name)
+             LEFT JOIN pg_catalog.pg_class c ON c.oid = t.oid AND t.relkind <> 'p'
+                  OR t.relkind = 'p' AND c.oid IN (SELECT relid FROM pg_catalog.pg_partition_tree(t.oid) WHERE isleaf)
+             LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = c.oid
+             GROUP BY v.id",
             values.join(", ")
         );
         work.push((target_for(node.clone()).or_raise(), query));

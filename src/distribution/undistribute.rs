@@ -16,42 +16,84 @@ fn undistribute(oid: pg_sys::Oid) -> Result<(), DistributionError> {
     let table =
         tables::dist_table(oid)?.ok_or_else(|| DistributionError::NotDistributed(name.clone()))?;
     let definition = shell::read_definition(oid)?;
+    if let Some(parent) = &definition.partition_of {
+        if tables::dist_table(parent.parent)?.is_some() {
+            return Err(DistributionError::Unsupported {
+                table: name,
+                what: "undistributing one partition of distributed partitioned tables".into(),
+                hint: format!(
+                    "Undistribute {} (its partitions follow), or detach the partition first.",
+                    relation_name(parent.parent)
+                ),
+            });
+        }
+    }
     refuse_foreign_keys(&definition, &name)?;
+    // A partitioned table's rows are its partitions': they come back first.
+    let mut copied = 0;
+    if definition.partition_key.is_some() {
+        for partition in partitions_deepest_first(oid)? {
+            copied += undistribute_partition(partition)?;
+        }
+    }
     let placements = tables::placements(oid)?;
     // From here on the table is local again for everything this transaction does.
     tables::delete_table(oid, table.colocation_id)?;
+    copied += copy_back(&definition, &placements)?;
+    pgrx::notice!("pgdist: {name} is a local table again; {copied} rows copied back");
+    Ok(())
+}
 
-    let nodes = distinct_nodes(placements.iter().map(|p| &p.node));
-    let checkout = checkout_nodes(&nodes)?;
+/// Copies the rows of `placements` (one per shard) into the local table, then drops them all.
+/// A partitioned table's shards have no rows of their own.
+fn copy_back(
+    definition: &shell::TableDefinition,
+    placements: &[tables::Placement],
+) -> Result<u64, DistributionError> {
     let mut copied = 0;
-    let mut done = std::collections::BTreeSet::new();
-    for placement in &placements {
-        if !done.insert(placement.shard_index) {
-            continue; // one placement per shard is enough
+    if definition.partition_key.is_none() {
+        let nodes = distinct_nodes(placements.iter().map(|p| &p.node));
+        let checkout = checkout_nodes(&nodes)?;
+        let mut done = std::collections::BTreeSet::new();
+        for placement in placements {
+            let Some(conn) = nodes.iter().position(|n| *n == placement.node) else {
+                continue;
+            };
+            if done.insert(placement.shard_index) {
+                copied += crate::distribution::without_user_triggers(|| {
+                    data_move::copy_shard_rows_to_local(
+                        definition,
+                        &checkout.conns[conn],
+                        &definition.shard_relation(placement.shard_id),
+                    )
+                })?;
+            }
         }
-        let Some(conn) = nodes
-            .iter()
-            .position(|n| *n == placement.node)
-            .map(|i| &checkout.conns[i])
-        else {
-            continue;
-        };
-        copied += crate::distribution::without_user_triggers(|| {
-            data_move::copy_shard_rows_to_local(
-                &definition,
-                conn,
-                &definition.shard_relation(placement.shard_id),
-            )
-        })?;
+        checkout.finish();
     }
-    checkout.finish();
-
     let shards = placements
         .iter()
         .map(|p| (p.node.clone(), definition.shard_relation(p.shard_id)));
     crate::distribution::run_naming_shards(shards, |list| format!("DROP TABLE IF EXISTS {list}"))?;
-    pgrx::notice!("pgdist: {name} is a local table again; {copied} rows copied back");
-    Ok(())
+    Ok(copied)
+}
+
+/// The distributed partitions of `oid`, at every level, the deepest first.
+fn partitions_deepest_first(oid: pg_sys::Oid) -> Result<Vec<pg_sys::Oid>, DistributionError> {
+    let mut partitions = tables::distributed_partitions(oid)?;
+    partitions.reverse();
+    Ok(partitions)
+}
+
+/// Undistributes a partition of a partitioned table being undistributed.
+fn undistribute_partition(oid: pg_sys::Oid) -> Result<u64, DistributionError> {
+    let Some(table) = tables::dist_table(oid)? else {
+        return Ok(0);
+    };
+    let definition = shell::read_definition(oid)?;
+    let placements = tables::placements(oid)?;
+    tables::delete_table(oid, table.colocation_id)?;
+    copy_back(&definition, &placements)
 }
 
 /// Refuses a table with foreign keys to or from distributed or reference tables (itself

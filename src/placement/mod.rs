@@ -62,7 +62,16 @@ impl Group {
             members.push((table, definition, placements));
         }
         members.sort_by_key(|(table, ..)| u32::from(table.oid));
-        Ok(Group { members })
+        // Partitioned tables before their partitions, whose shards are created in theirs.
+        let depths = members
+            .iter()
+            .map(|(table, ..)| partition_depth(table.oid))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ordered: Vec<_> = depths.into_iter().zip(members).collect();
+        ordered.sort_by_key(|(depth, _)| *depth);
+        Ok(Group {
+            members: ordered.into_iter().map(|(_, member)| member).collect(),
+        })
     }
 
     /// Node ids holding each shard index (from the group's first table: members share them).
@@ -160,6 +169,15 @@ fn run_moves(moves: &[Move]) -> Result<(), DistributionError> {
     crate::distribution::run_naming_shards(drops, |list| format!("DROP TABLE IF EXISTS {list}"))
 }
 
+/// How many partitioned tables table `oid` is a partition of (0 for any other table).
+fn partition_depth(oid: pg_sys::Oid) -> Result<i64, DistributionError> {
+    Ok(Spi::get_one_with_args::<i64>(
+        "SELECT count(*) FROM pg_catalog.pg_partition_ancestors($1) WHERE relid <> $1",
+        &[oid.into()],
+    )?
+    .unwrap_or_default())
+}
+
 /// Creates `shards` on `target` and copies their rows from `source`.
 fn copy_shards(
     shards: &[(&TableDefinition, &Placement)],
@@ -168,7 +186,10 @@ fn copy_shards(
 ) -> Result<(), DistributionError> {
     let mut creation = Vec::new();
     for (definition, placement) in shards {
-        creation.push(shard_creation_batch(definition, &[placement.shard_id])?);
+        creation.push(shard_creation_batch(
+            definition,
+            &[(placement.shard_id, placement.shard_index)],
+        )?);
     }
     let target_node = target_for(target.clone())?;
     remote_xact::run_batches(&[(target_node.clone(), creation.join(";\n"))]);
@@ -184,6 +205,9 @@ fn copy_shards(
     )?;
     let mut rows = 0;
     for ((definition, placement), relation) in shards.iter().zip(&relations) {
+        if definition.partition_key.is_some() {
+            continue; // its rows are its partitions'
+        }
         let sink = ShardSink::new(definition, placement.shard_id, vec![1]);
         rows += data_move::copy_between_nodes(
             &checkout.conns[0],

@@ -18,6 +18,7 @@ pub mod merge_plan;
 pub mod merge_source;
 pub mod modify_plan;
 pub mod modify_pushdown;
+pub mod partitioned;
 pub mod range_pruning;
 pub mod row_locks;
 pub mod scan_path;
@@ -53,6 +54,8 @@ pub enum PlannerError {
     RowSecurity(String),
     #[error("system column {1} of distributed table {0} is not supported")]
     SystemColumn(String, String),
+    #[error("UPDATE or DELETE of ONLY the partitioned table {0}, which has no rows of its own, is not supported")]
+    OnlyPartitioned(String),
     #[error("this query would read the coordinator's empty copy of distributed table {0}")]
     ShellRead(String),
     #[error("this TABLESAMPLE on distributed table {0} is not supported yet")]
@@ -144,6 +147,9 @@ impl crate::error::PgError for PlannerError {
                  sample with a condition such as WHERE random() < 0.1 (each row with \
                  probability 0.1, as TABLESAMPLE BERNOULLI (10))."
                     .into()
+            }
+            PlannerError::OnlyPartitioned(_) => {
+                "Leave out ONLY to change the rows of its partitions.".into()
             }
             PlannerError::ShellRead(_) => {
                 "pgdist does not plan this query shape correctly yet; please report it. \
@@ -262,6 +268,10 @@ unsafe extern "C-unwind" fn plan(
     let any_distributed = cache::with_tables(|tables| !tables.is_empty());
     if !any_distributed || shells_only() {
         return plan_rest();
+    }
+    // SAFETY: parse is the query being planned, valid for this call.
+    if let Err(err) = unsafe { partitioned::read_parents_whole(parse) } {
+        crate::error::raise(err);
     }
     // SAFETY: parse is the query being planned, valid for this call.
     if let Some(stmt) = unsafe { fast_path::plan(parse, cursor_options) } {

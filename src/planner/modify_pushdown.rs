@@ -1387,7 +1387,9 @@ pub unsafe fn qualified_sql(query: *mut pg_sys::Query) -> String {
             0,
             false,
         );
-        let text = pg_sys::pg_get_querydef(query, false);
+        let text = crate::planner::partitioned::with_parents_read_whole(query, || {
+            pg_sys::pg_get_querydef(query, false)
+        });
         pg_sys::AtEOXact_GUC(true, level);
         one_line(&CStr::from_ptr(text).to_string_lossy())
     }
