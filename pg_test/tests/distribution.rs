@@ -38,6 +38,7 @@ fn main() {
             rows_inserted_while_a_table_is_distributed_all_reach_its_shards,
             tables_and_their_shards_change_schema_together,
             table_owners_run_ddl_on_their_distributed_tables,
+            partitioned_tables_are_distributed_with_their_partitions,
         ],
     )
 }
@@ -1902,4 +1903,186 @@ fn table_owners_run_ddl_on_their_distributed_tables(cluster: &Cluster) {
              DROP ROLE ddl_owner; DROP ROLE ddl_stranger",
         )
         .unwrap();
+}
+
+const PARTITIONED_SCHEMA: &str = "
+CREATE TABLE pev (id bigint NOT NULL, tenant int NOT NULL, day date NOT NULL,
+                  amount numeric CHECK (amount >= 0), note text, PRIMARY KEY (tenant, id, day))
+  PARTITION BY RANGE (day);
+CREATE TABLE pev_2024 PARTITION OF pev FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE pev_2025 PARTITION OF pev FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')
+  PARTITION BY HASH (id);
+CREATE TABLE pev_2025_a PARTITION OF pev_2025 FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+CREATE TABLE pev_2025_b PARTITION OF pev_2025 FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+CREATE TABLE pev_other PARTITION OF pev DEFAULT;
+CREATE INDEX ON pev (day);
+INSERT INTO pev SELECT g, g % 17, date '2023-10-01' + (g % 800), (g * 7) % 1000, 'n' || g
+  FROM generate_series(1, 3000) g;
+CREATE TABLE pcust (tenant int PRIMARY KEY, name text);
+INSERT INTO pcust SELECT g, 'c' || (g % 5) FROM generate_series(0, 16) g;
+";
+
+/// What the cluster and plain PostgreSQL must answer alike about the partitioned table.
+const PARTITIONED_READS: &[&str] = &[
+    "SELECT count(*), sum(amount), sum(day - date '2020-01-01') FROM pev",
+    "SELECT tenant, count(*), max(day) FROM pev GROUP BY tenant",
+    "SELECT * FROM pev WHERE tenant = 3 AND day < '2023-11-01' ORDER BY id",
+    "SELECT * FROM pev WHERE day BETWEEN '2024-06-01' AND '2024-06-10' ORDER BY id",
+    "SELECT count(*) FROM pev_2025",
+    "SELECT count(*) FROM pev_2025_a",
+    "SELECT count(*) FROM pev_other",
+    "SELECT count(*) FROM ONLY pev",
+    "SELECT c.name, count(*), sum(e.amount) FROM pev e JOIN pcust c USING (tenant) GROUP BY c.name",
+    "SELECT date_trunc('month', day)::date, count(*) FROM pev GROUP BY 1 ORDER BY 1 LIMIT 5",
+    "SELECT id, day FROM pev ORDER BY amount DESC, id LIMIT 5",
+];
+
+fn compare_partitioned(coordinator: &mut Client, reference: &mut Client) {
+    for sql in PARTITIONED_READS {
+        assert!(matches!(
+            pgdist_pg_test::compare::compare(coordinator, reference, sql),
+            pgdist_pg_test::compare::Comparison::Same
+        ));
+    }
+}
+
+fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
+    use pgdist_pg_test::compare::{compare, run_on_both, Comparison};
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    run_on_both(&mut coordinator, &mut reference, PARTITIONED_SCHEMA);
+    coordinator
+        .batch_execute(
+            "SELECT pgdist.create_distributed_table('pev', 'tenant');
+             SELECT pgdist.create_distributed_table('pcust', 'tenant', colocate_with => 'pev');",
+        )
+        .unwrap();
+    // Every partition, at every level, is a distributed table of the parent's group.
+    let groups = query_text(
+        &mut coordinator,
+        "SELECT count(*), count(DISTINCT colocation_id) FROM pgdist.tables WHERE table_name::text LIKE 'pev%'",
+    )
+    .unwrap();
+    assert_eq!(groups, vec![vec![Some("6".into()), Some("1".into())]]);
+    // On a worker, a shard of the parent is a partitioned table over the partitions' shards.
+    let shard = shards(&mut coordinator, "pev").remove(0);
+    let mut worker = cluster.worker_on(shard.port).connect();
+    assert_eq!(
+        one_i64(
+            &mut worker,
+            &format!("SELECT count(*) FROM pg_partition_tree('{}')", shard.name)
+        ),
+        6
+    );
+    assert_eq!(
+        one_i64(&mut coordinator, "SELECT pg_relation_size('pev_2024')"),
+        0,
+        "the rows left the coordinator"
+    );
+    compare_partitioned(&mut coordinator, &mut reference);
+
+    // Writes: rows are routed to their shard, and there to their partition.
+    for sql in [
+        "INSERT INTO pev VALUES (5001, 1, '2024-05-05', 5, 'x'), (5002, 2, '2025-05-05', 6, 'y'),
+                                (5003, 3, '2022-01-01', 7, 'z') RETURNING *",
+        "INSERT INTO pev VALUES (5001, 1, '2024-05-05', 50, 'x')
+           ON CONFLICT (tenant, id, day) DO UPDATE SET amount = excluded.amount RETURNING amount",
+        "UPDATE pev SET amount = amount + 1 WHERE day < '2024-03-01' RETURNING id, amount",
+        "UPDATE pev SET day = day + 365 WHERE id % 10 = 0 RETURNING id, day",
+        "DELETE FROM pev WHERE amount > 900 RETURNING id",
+        "INSERT INTO pev VALUES (5004, 4, '2024-07-07', -1, 'negative')",
+        "INSERT INTO pev SELECT id + 10000, tenant, day, amount, note FROM pev WHERE tenant = 5",
+    ] {
+        assert!(matches!(
+            compare(&mut coordinator, &mut reference, sql),
+            Comparison::Same
+        ));
+    }
+    for client in [&mut coordinator, &mut reference] {
+        let mut copy = client
+            .copy_in("COPY pev (id, tenant, day, amount) FROM STDIN")
+            .unwrap();
+        std::io::Write::write_all(
+            &mut copy,
+            b"7001\t1\t2025-02-02\t3\n7002\t2\t2024-02-02\t3\n",
+        )
+        .unwrap();
+        copy.finish().unwrap();
+    }
+    compare_partitioned(&mut coordinator, &mut reference);
+
+    // DDL: partitions created, attached, detached and dropped reach the shards.
+    for sql in [
+        "ALTER TABLE pev ADD COLUMN extra int DEFAULT 7",
+        "CREATE TABLE pev_2027 (LIKE pev INCLUDING CONSTRAINTS)",
+        "INSERT INTO pev_2027 SELECT g, g % 17, date '2027-01-01' + g, 1, 'late', 7 FROM generate_series(1, 50) g",
+        "ALTER TABLE pev ATTACH PARTITION pev_2027 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')",
+        "CREATE TABLE pev_2028 PARTITION OF pev FOR VALUES FROM ('2028-01-01') TO ('2029-01-01')",
+        "INSERT INTO pev VALUES (6000, 4, '2028-02-02', 1, 'n', 1)",
+        "ALTER TABLE pev DETACH PARTITION pev_2024",
+        "DROP TABLE pev_2028",
+    ] {
+        run_on_both(&mut coordinator, &mut reference, sql);
+    }
+    for sql in [
+        "SELECT extra, count(*) FROM pev GROUP BY 1",
+        "SELECT count(*) FROM pev WHERE day >= '2027-01-01'",
+        "SELECT count(*), sum(amount) FROM pev_2024",
+        "SELECT count(*) FROM pev_2027",
+    ] {
+        assert!(matches!(
+            compare(&mut coordinator, &mut reference, sql),
+            Comparison::Same
+        ));
+    }
+    compare_partitioned(&mut coordinator, &mut reference);
+    // A move takes the parent's and every partition's shard of one index together.
+    let row = coordinator
+        .query_one(
+            "SELECT s.shard_id, (SELECT n.node_id FROM pgdist.nodes n
+                                 WHERE n.node_id <> s.node_id AND n.role = 'primary' LIMIT 1)
+             FROM pgdist.shards s WHERE s.table_name = 'pev'::regclass ORDER BY s.shard_id LIMIT 1",
+            &[],
+        )
+        .unwrap();
+    let (shard_id, target): (i64, i32) = (row.get(0), row.get(1));
+    coordinator
+        .batch_execute(&format!(
+            "SELECT pgdist.move_shard({shard_id}, {target}, mode => 'blocking')"
+        ))
+        .unwrap();
+    compare_partitioned(&mut coordinator, &mut reference);
+    // Refused with a hint, changing nothing.
+    for sql in [
+        "UPDATE ONLY pev SET amount = 0",
+        "CREATE TRIGGER t BEFORE INSERT ON pev FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()",
+        "ALTER TABLE pev DETACH PARTITION pev_2027 CONCURRENTLY",
+    ] {
+        let err = coordinator.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+    }
+    compare_partitioned(&mut coordinator, &mut reference);
+
+    // Undistributed, every row is local again; the detached partition stays distributed.
+    coordinator
+        .batch_execute("SELECT pgdist.undistribute_table('pev')")
+        .unwrap();
+    assert_eq!(
+        one_i64(
+            &mut coordinator,
+            "SELECT count(*) FROM pgdist.tables WHERE table_name::text LIKE 'pev%'"
+        ),
+        1
+    );
+    compare_partitioned(&mut coordinator, &mut reference);
+    for sql in ["DROP TABLE pev, pev_2024, pcust"] {
+        run_on_both(&mut coordinator, &mut reference, sql);
+    }
+    assert_eq!(
+        one_i64(
+            &mut coordinator,
+            "SELECT count(*) FROM pgdist.tables WHERE table_name::text LIKE 'p%'"
+        ),
+        0
+    );
 }
