@@ -177,6 +177,8 @@ mod unit {
             columns,
             constraints,
             indexes: vec![],
+            partition_key: None,
+            partition_of: None,
         }
     }
 
@@ -212,6 +214,7 @@ mod unit {
             definition: "CHECK ((a > 0))".into(),
             columns: vec![1],
             foreign_key: None,
+            inherited: false,
         };
         let before = table(vec![column(1, "a", "integer")], vec![]);
         let after = table(vec![column(1, "a", "integer")], vec![check.clone()]);
