@@ -1,13 +1,14 @@
 //! Randomized differential testing of query shapes: SELECTs built at random from distributed
-//! tables (co-located, of other co-location groups, range-distributed), a reference table and a
-//! local table — joins of every kind, UNION / INTERSECT / EXCEPT, subqueries in FROM and WHERE,
+//! tables (co-located, of other co-location groups, range-distributed, partitioned), a reference
+//! table and a local table — joins of every kind, UNION / INTERSECT / EXCEPT, subqueries in FROM and WHERE,
 //! grouping, aggregates, windows, DISTINCT, LIMIT, VALUES, constant-false conditions — each run
 //! on the cluster and on the plain reference server, whose answers must match. A second run
 //! does the same with expressions, conditions and aggregates over every kind of type, under
 //! random session settings (time zone, DateStyle, float digits) and as prepared statements.
 //! A third runs random writes — UPDATE and DELETE with subqueries, `FROM` and `USING`,
 //! INSERT … SELECT, upserts, MERGE from tables, subqueries and VALUES, data-modifying WITH —
-//! and compares what each returns and every table afterwards.
+//! and compares what each returns and every table afterwards (one of them partitioned, so rows
+//! move between partitions).
 //!
 //! The default run is a fixed seed and a few hundred queries (the same every time). For a
 //! longer hunt: `PGDIST_FUZZ_SEED=<n> PGDIST_FUZZ_QUERIES=<n> cargo test -p pgdist-pg-test
@@ -35,6 +36,12 @@ CREATE TABLE gr (id int PRIMARY KEY, v int, w text);
 CREATE TABLE gx (id int, v int, w text);
 CREATE TABLE gl (id int, v int, w text);
 CREATE TABLE gd (id int NOT NULL, v int, w text);
+CREATE TABLE gp (id int, v int, w text) PARTITION BY RANGE (v);
+CREATE TABLE gp_low PARTITION OF gp FOR VALUES FROM (MINVALUE) TO (4);
+CREATE TABLE gp_high PARTITION OF gp FOR VALUES FROM (4) TO (MAXVALUE) PARTITION BY LIST (w);
+CREATE TABLE gp_high_p1 PARTITION OF gp_high FOR VALUES IN ('p1', 'p2', 'p3');
+CREATE TABLE gp_high_rest PARTITION OF gp_high DEFAULT;
+CREATE TABLE gp_null PARTITION OF gp DEFAULT;
 INSERT INTO gt SELECT i, i % 13, 't' || (i % 20), i * 1.5 FROM generate_series(1, 80) i;
 INSERT INTO gs SELECT i % 120, i % 11, CASE WHEN i % 5 = 0 THEN NULL ELSE 's' || (i % 15) END
   FROM generate_series(40, 150) i;
@@ -43,6 +50,8 @@ INSERT INTO gx SELECT i % 110, CASE WHEN i % 10 = 0 THEN NULL ELSE i % 9 END, 'x
   FROM generate_series(50, 160) i;
 INSERT INTO gl SELECT i, i % 5, 'l' || i FROM generate_series(1, 30) i;
 INSERT INTO gd SELECT i, i % 6, 'd' || (i % 9) FROM generate_series(1, 140, 2) i;
+INSERT INTO gp SELECT i % 100, CASE WHEN i % 8 = 0 THEN NULL ELSE i % 10 END,
+  CASE WHEN i % 6 = 0 THEN NULL ELSE 'p' || (i % 5) END FROM generate_series(10, 130) i;
 ";
 
 const DISTRIBUTE: &str = "
@@ -51,9 +60,10 @@ SELECT pgdist.create_distributed_table('gs', 'id', colocate_with => 'gt');
 SELECT pgdist.create_reference_table('gr');
 SELECT pgdist.create_distributed_table('gx', 'id', shard_count => 3, colocate_with => 'none');
 SELECT pgdist.create_distributed_table('gd', 'id', 'range', split_points => ARRAY['30', '70', '100']);
+SELECT pgdist.create_distributed_table('gp', 'id', colocate_with => 'gt');
 ";
 
-const TABLES: [&str; 6] = ["gt", "gs", "gr", "gx", "gl", "gd"];
+const TABLES: [&str; 7] = ["gt", "gs", "gr", "gx", "gl", "gd", "gp"];
 
 /// A small deterministic random source (xorshift64*): the same seed, the same queries.
 struct Random(u64);
@@ -321,7 +331,7 @@ fn random_queries_match_plain_postgres(cluster: &Cluster) {
     run_on_both(
         &mut coordinator,
         &mut reference,
-        "DROP TABLE gt, gs, gr, gx, gl, gd",
+        "DROP TABLE gt, gs, gr, gx, gl, gd, gp",
     );
 }
 
@@ -597,7 +607,9 @@ fn top_level_find(sql: &str, needle: &str) -> Option<usize> {
 
 const WRITE_SETUP: &str = "
 CREATE TABLE w1 (id int PRIMARY KEY, grp int, v int);
-CREATE TABLE w2 (id int, grp int, v int);
+CREATE TABLE w2 (id int, grp int, v int) PARTITION BY LIST (grp);
+CREATE TABLE w2_low PARTITION OF w2 FOR VALUES IN (0, 1, 2);
+CREATE TABLE w2_rest PARTITION OF w2 DEFAULT;
 CREATE TABLE w3 (id int, grp int, v int);
 CREATE TABLE wr (grp int PRIMARY KEY, name text);
 CREATE TABLE wl (id int, note text);
