@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgdist_pg_test::compare::{compare, is_ordered, run_on_both, Comparison};
+use pgdist_pg_test::compare::{compare, is_ordered, query_text, run_on_both, Comparison};
 use pgdist_pg_test::errors::sqlstate;
 use pgdist_pg_test::{harness, tests, Cluster};
 use postgres::{Client, SimpleQueryMessage};
@@ -25,6 +25,7 @@ fn main() {
         },
         tests![
             inserts_match_plain_postgres,
+            multi_row_inserts_return_rows_in_the_order_given,
             updates_and_deletes_match_plain_postgres,
             updates_and_deletes_reading_other_tables_match_plain_postgres,
             updates_and_deletes_broadcast_tables_that_are_not_co_located,
@@ -208,6 +209,40 @@ fn inserts_match_plain_postgres(cluster: &Cluster) {
     let want = reference.batch_execute(duplicate).unwrap_err();
     let text = |err: &postgres::Error| err.as_db_error().map(|e| e.message().to_string());
     assert_eq!(text(&got), text(&want));
+}
+
+/// A multi-row INSERT … RETURNING returns its rows in the order of its VALUES (or of its
+/// SELECT), as PostgreSQL does: applications pair the keys a sequence generated with their rows
+/// by position (Django's `bulk_create`, for one), although the rows go to many shards.
+fn multi_row_inserts_return_rows_in_the_order_given(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE TABLE tickets (id bigserial PRIMARY KEY, label text, made timestamptz DEFAULT '2024-01-01')",
+    );
+    coordinator
+        .batch_execute("SELECT pgdist.create_distributed_table('tickets', 'id', shard_count => 8)")
+        .unwrap();
+    let labels: Vec<String> = (1..=40).map(|i| format!("('t{i}')")).collect();
+    let values = format!(
+        "INSERT INTO tickets (label) VALUES {} RETURNING id, label",
+        labels.join(", ")
+    );
+    for sql in [
+        values.as_str(),
+        "INSERT INTO tickets (label) SELECT 'g' || g FROM generate_series(1, 3000) g RETURNING *",
+        "INSERT INTO tickets (id, label) VALUES (9001, 'z'), (7, 'up'), (9000, 'y'), (3, 'up') \
+         ON CONFLICT (id) DO UPDATE SET label = excluded.label || tickets.id RETURNING id, label",
+        "WITH made AS (INSERT INTO tickets (label) VALUES ('w1'), ('w2'), ('w3'), ('w4'), ('w5') RETURNING id) \
+         SELECT id FROM made",
+    ] {
+        let got = query_text(&mut coordinator, sql).unwrap();
+        let want = query_text(&mut reference, sql).unwrap();
+        assert!(got == want, "rows in another order for\n  {sql}\ncluster:   {got:?}\nreference: {want:?}");
+    }
+    run_on_both(&mut coordinator, &mut reference, "DROP TABLE tickets");
 }
 
 fn updates_and_deletes_match_plain_postgres(cluster: &Cluster) {

@@ -565,8 +565,12 @@ impl ShardWriter {
             format!(" AS {alias}")
         };
         let mut per_node: BTreeMap<i32, (NodeAddress, Vec<(FragmentSql, bool)>)> = BTreeMap::new();
+        // Per node, the shards of its statements that return rows, in the order sent.
+        let mut returning_shards: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+        let mut input_rows: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
         let flushed: Vec<i64> = buffers.keys().copied().collect();
-        for (shard_id, (data, _)) in buffers {
+        for (shard_id, (data, rows)) in buffers {
+            input_rows.insert(shard_id, rows);
             let mut sql = format!(
                 "INSERT INTO {}{alias} ({}) OVERRIDING SYSTEM VALUE VALUES {}",
                 self.shard_relation(shard_id),
@@ -583,6 +587,10 @@ impl ShardWriter {
             for (i, node) in nodes.into_iter().enumerate() {
                 let primary = i == 0;
                 let statement = if *returning && primary {
+                    returning_shards
+                        .entry(node.node_id)
+                        .or_default()
+                        .push(shard_id);
                     format!("{sql} RETURNING {}", self.all_columns)
                 } else {
                     sql.clone()
@@ -597,10 +605,39 @@ impl ShardWriter {
         if crate::planner::modify_plan::is_conflict_update(on_conflict) {
             crate::executor::write_locks::lock_for_multi_node_write(flushed, per_node.len());
         }
-        let (count, rows) = run_statements(per_node.into_values().collect());
+        let (count, rows) = run_statements_by_statement(per_node.into_values().collect());
         self.processed += count;
-        self.returned.extend(rows);
+        let rows_by_shard = returning_shards.into_values().flatten().zip(rows);
+        self.returned
+            .extend(in_input_order(rows_by_shard, &input_rows));
     }
+}
+
+/// RETURNING rows in the order their rows came in, as PostgreSQL returns them (applications
+/// pair a multi-row INSERT's generated keys with their rows by position). Each shard's
+/// statement returns its rows in the order of its VALUES, one per row sent; where it returned
+/// fewer (`ON CONFLICT DO NOTHING`, `DO UPDATE … WHERE`) which rows are missing is unknown, and
+/// its rows stay together, at the place of the shard's first row.
+fn in_input_order(
+    rows_by_shard: impl Iterator<Item = (i64, Vec<TextRow>)>,
+    input_rows: &BTreeMap<i64, Vec<u64>>,
+) -> Vec<TextRow> {
+    let mut numbered = Vec::new();
+    for (shard_id, rows) in rows_by_shard {
+        let numbers = input_rows.get(&shard_id).map_or(&[][..], Vec::as_slice);
+        let first = numbers.first().copied().unwrap_or(0);
+        let every_row_returned = rows.len() == numbers.len();
+        for (i, row) in rows.into_iter().enumerate() {
+            let number = if every_row_returned {
+                numbers[i]
+            } else {
+                first
+            };
+            numbered.push((number, row));
+        }
+    }
+    numbered.sort_by_key(|(number, _)| *number);
+    numbered.into_iter().map(|(_, row)| row).collect()
 }
 
 /// Runs each node's statements on its participant connection (nodes in parallel; statements of
@@ -609,6 +646,13 @@ impl ShardWriter {
 /// shard). The statements for other placements run once those are done: the first placement's
 /// row locks order concurrent writes on every copy (`write_locks.rs`).
 pub fn run_statements(work: Vec<(NodeAddress, Vec<(FragmentSql, bool)>)>) -> (u64, Vec<TextRow>) {
+    let (count, rows) = run_statements_by_statement(work);
+    (count, rows.into_iter().flatten().collect())
+}
+
+/// As [`run_statements`], with the rows of each statement marked primary apart, in the order of
+/// the nodes and of each node's statements.
+fn run_statements_by_statement(work: NodeWork) -> (u64, Vec<Vec<TextRow>>) {
     let (first, copies) = by_placement(work);
     let result = run_round(first, false);
     if !copies.is_empty() {
@@ -624,7 +668,7 @@ pub fn run_statements_all_rows(work: Vec<(NodeAddress, Vec<(FragmentSql, bool)>)
     if !copies.is_empty() {
         rows.extend(run_round(copies, true).1);
     }
-    rows
+    rows.into_iter().flatten().collect()
 }
 
 type NodeWork = Vec<(NodeAddress, Vec<(FragmentSql, bool)>)>;
@@ -646,8 +690,8 @@ fn by_placement(work: NodeWork) -> (NodeWork, NodeWork) {
 }
 
 /// One round trip per node, all nodes at once: the row count and rows of the statements marked
-/// primary (of all statements with `all_rows`).
-fn run_round(work: NodeWork, all_rows: bool) -> (u64, Vec<TextRow>) {
+/// primary (of all statements with `all_rows`), one list per statement.
+fn run_round(work: NodeWork, all_rows: bool) -> (u64, Vec<Vec<TextRow>>) {
     let targets = work
         .iter()
         .map(|(node, _)| target_for(node.clone()))
@@ -691,7 +735,6 @@ fn run_round(work: NodeWork, all_rows: bool) -> (u64, Vec<TextRow>) {
         .zip(plans)
         .map(|(conn, (prefix, jobs))| async move {
             let mut count = 0u64;
-            let mut rows = Vec::new();
             let mut statements = prefix;
             let mut primaries = Vec::new();
             for (sql, primary) in jobs {
@@ -699,6 +742,7 @@ fn run_round(work: NodeWork, all_rows: bool) -> (u64, Vec<TextRow>) {
                 statements.push(';');
                 primaries.push(primary);
             }
+            let mut rows: Vec<Vec<TextRow>> = vec![Vec::new(); primaries.len()];
             if !statements.is_empty() {
                 let messages = conn.simple_query(&statements).await?;
                 // Rows and counts come statement by statement; the prefix's statements
@@ -709,16 +753,20 @@ fn run_round(work: NodeWork, all_rows: bool) -> (u64, Vec<TextRow>) {
                     .count();
                 let mut statement = primaries.len() as isize - completes as isize;
                 for message in messages {
-                    let primary = usize::try_from(statement)
-                        .ok()
+                    let index = usize::try_from(statement).ok();
+                    let primary = index
                         .and_then(|i| primaries.get(i).copied())
                         .unwrap_or(false);
                     match message {
-                        SimpleQueryMessage::Row(row) if primary || all_rows => rows.push(
-                            (0..row.len())
-                                .map(|i| row.get(i).map(str::to_string))
-                                .collect::<TextRow>(),
-                        ),
+                        SimpleQueryMessage::Row(row) if primary || all_rows => {
+                            if let Some(rows) = index.and_then(|i| rows.get_mut(i)) {
+                                rows.push(
+                                    (0..row.len())
+                                        .map(|i| row.get(i).map(str::to_string))
+                                        .collect::<TextRow>(),
+                                );
+                            }
+                        }
                         SimpleQueryMessage::CommandComplete(n) => {
                             if primary {
                                 count += n;
