@@ -758,6 +758,15 @@ fn unsupported_writes_fail_with_0a000_and_change_nothing(cluster: &Cluster) {
             "{sql}: no hint"
         );
     }
+    // A cursor's current row lives on a worker.
+    let err = coordinator
+        .batch_execute(
+            "BEGIN; DECLARE c CURSOR FOR SELECT * FROM items WHERE id > 3 FOR UPDATE; FETCH c; \
+             UPDATE items SET qty = 0 WHERE CURRENT OF c",
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    coordinator.batch_execute("ROLLBACK").unwrap();
     let err = coordinator
         .batch_execute("INSERT INTO items (id, grp) VALUES (NULL, 1)")
         .unwrap_err();

@@ -52,6 +52,8 @@ pub enum PlannerError {
     DistributionColumnUpdate(String, String),
     #[error("row-level security policies or check options of distributed table {0} are not supported in this write yet")]
     RowSecurity(String),
+    #[error("WHERE CURRENT OF a cursor is not supported for distributed table {0}")]
+    CurrentOf(String),
     #[error("system column {1} of distributed table {0} is not supported")]
     SystemColumn(String, String),
     #[error("UPDATE or DELETE of ONLY the partitioned table {0}, which has no rows of its own, is not supported")]
@@ -116,6 +118,11 @@ impl crate::error::PgError for PlannerError {
             }
             PlannerError::DistributionColumnUpdate(..) => {
                 "Delete the row and insert it again with the new value.".into()
+            }
+            PlannerError::CurrentOf(_) => {
+                "The cursor's rows come from the shards on the workers; fetch the row's key \
+                 with the cursor (its primary key) and write WHERE <key> = <value> instead."
+                    .into()
             }
             PlannerError::SystemColumn(..) => {
                 "The rows live in the shards, each with system columns of its own shard, which \

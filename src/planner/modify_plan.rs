@@ -30,11 +30,11 @@ use crate::planner::modify_pushdown::{ExtraColumn, ROW_TAG_SQL};
 use crate::planner::scan_path::{
     decode_broadcasts, encode_broadcasts, from_list, to_list, ScanPlan,
 };
-use crate::planner::security_quals;
 use crate::planner::shippable::{
     as_mutator, deparse, shippable, with_coordinator_values, RELATION_BASE,
 };
 use crate::planner::{each_plan_node, PlannerError};
+use crate::planner::{security_quals, shippable};
 use crate::remote::quote::quote_identifier;
 
 pub const MODIFY_NAME: &CStr = c"pgdist Distributed Modify";
@@ -762,6 +762,10 @@ pub unsafe fn analyse(
             {
                 return Err(PlannerError::CascadeSkipsTriggers(table_name(table), child));
             }
+        }
+        let quals = (*(*parse).jointree).quals;
+        if shippable::has_node(quals, &[pg_sys::NodeTag::T_CurrentOfExpr]) {
+            return Err(PlannerError::CurrentOf(table_name(table)));
         }
         let returning_list = (*parse).returningList;
         if pg_sys::checkExprHasSubLink(returning_list.cast()) {

@@ -488,7 +488,7 @@ struct NodeSearch<'a> {
 }
 
 /// True when `node` contains a node with one of `tags`.
-unsafe fn has_node(node: *mut pg_sys::Node, tags: &[pg_sys::NodeTag]) -> bool {
+pub(crate) unsafe fn has_node(node: *mut pg_sys::Node, tags: &[pg_sys::NodeTag]) -> bool {
     let mut search = NodeSearch { tags };
     // SAFETY: the walker only reads the tree; the context is `search`.
     unsafe { find_tag(node, (&raw mut search).cast()) }
