@@ -2052,6 +2052,43 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
         ))
         .unwrap();
     compare_partitioned(&mut coordinator, &mut reference);
+    // A partition's shard has its indexes under the partition's names (PostgreSQL names the
+    // ones it makes for the parent's indexes after the shard), so DDL on them reaches the
+    // shards: here an index added to the parent, and the keys, checks and indexes of the
+    // detached partition, which are its own now.
+    for sql in [
+        "CREATE INDEX pev_note ON pev (note)",
+        "ALTER INDEX pev_2025_a_note_idx RENAME TO pev_2025_a_by_note",
+        "ALTER TABLE pev_2024 DROP CONSTRAINT pev_amount_check",
+        "ALTER TABLE pev_2024 DROP CONSTRAINT pev_2024_pkey",
+        "DROP INDEX pev_2024_day_idx",
+        "INSERT INTO pev_2024 SELECT * FROM pev_2024 WHERE id < 300",
+        "INSERT INTO pev_2024 (id, tenant, day, amount) VALUES (9, 1, '2024-02-02', -5)",
+    ] {
+        run_on_both(&mut coordinator, &mut reference, sql);
+    }
+    for worker in &cluster.workers {
+        let misnamed = one_i64(
+            &mut worker.connect(),
+            "SELECT count(*) FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid
+             JOIN pg_class i ON i.oid = x.indexrelid
+             WHERE t.relname LIKE 'pev%' AND i.relname NOT LIKE '%' || substring(t.relname FROM '_[0-9]+$')",
+        );
+        assert_eq!(
+            misnamed, 0,
+            "shard indexes not named after the shard's table's"
+        );
+    }
+    for sql in [
+        "SELECT count(*), count(DISTINCT (tenant, id, day)), min(amount) FROM pev_2024",
+        "SELECT count(*) FROM pev WHERE note = 'n17'",
+    ] {
+        assert!(matches!(
+            compare(&mut coordinator, &mut reference, sql),
+            Comparison::Same
+        ));
+    }
+    compare_partitioned(&mut coordinator, &mut reference);
     // Refused with a hint, changing nothing.
     for sql in [
         "UPDATE ONLY pev SET amount = 0",

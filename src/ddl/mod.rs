@@ -35,7 +35,7 @@ use pgrx::PgList;
 use crate::cluster::target_for;
 use crate::distribution::create::relation_name;
 use crate::distribution::shell::{self, with_suffix, TableDefinition};
-use crate::distribution::{foreign_keys, run_on_placements, DistributionError};
+use crate::distribution::{foreign_keys, partition_names, run_on_placements, DistributionError};
 use crate::error::OrRaise;
 use crate::metadata::tables::{self, DistTable, Method, Placement};
 use crate::remote::connection::NodeConnection;
@@ -621,6 +621,17 @@ fn on_partition_shards(
     })
 }
 
+/// The oids of a table's indexes and of its constraints that have one.
+fn keys_and_indexes(definition: &TableDefinition) -> Vec<pg_sys::Oid> {
+    let keys = definition
+        .constraints
+        .iter()
+        .filter(|c| matches!(c.kind.as_str(), "p" | "u" | "x"))
+        .map(|c| c.oid);
+    keys.chain(definition.indexes.iter().map(|i| i.oid))
+        .collect()
+}
+
 /// The text of one expression starting at byte `start` of `text`: up to the first comma or
 /// semicolon outside parentheses and quotes.
 fn expression_at(text: &str, start: usize) -> String {
@@ -902,7 +913,15 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
                         .map(|s| format!("ALTER TABLE {shard} {}", s.sql(shard_id))),
                 );
                 statements
-            })
+            })?;
+            // An index or key added to a partitioned table reached the partitions' shards
+            // under names PostgreSQL chose there.
+            if after.partition_key.is_some()
+                && keys_and_indexes(&after) != keys_and_indexes(&before)
+            {
+                partition_names::align_index_names(table.oid)?;
+            }
+            Ok(())
         }
         Propagation::Drop { drops, cascade } => {
             // CASCADE drops the shards' foreign keys that reference these shards, as PostgreSQL
@@ -979,7 +998,8 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
                         .unwrap_or_default();
                     on_partition_shards(&parent, &child, |parent_shard, shard| {
                         format!("ALTER TABLE {parent_shard} ATTACH PARTITION {shard} {bound}")
-                    })
+                    })?;
+                    partition_names::align_index_names(child.oid)
                 }
                 Some(_) => Err(unsupported(
                     "attaching a distributed table that is not co-located with the partitioned \
@@ -991,7 +1011,8 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
         Propagation::DetachPartition { parent, partition } => {
             on_partition_shards(&parent, &partition, |parent_shard, shard| {
                 format!("ALTER TABLE {parent_shard} DETACH PARTITION {shard}")
-            })
+            })?;
+            partition_names::rename_detached_constraints(&parent, &partition)
         }
         Propagation::DropIndexes {
             indexes,

@@ -12,9 +12,9 @@ use pgrx::prelude::*;
 use crate::cluster::target_for;
 use crate::distribution::data_move::{self, ShardSink};
 use crate::distribution::foreign_keys;
-use crate::distribution::hashing;
 use crate::distribution::shell::{self, TableDefinition};
 use crate::distribution::DistributionError;
+use crate::distribution::{hashing, partition_names};
 use crate::error::OrRaise;
 use crate::metadata::nodes::{self, Node};
 use crate::metadata::tables::{self, ColocationGroup, DistTable, Method, Placement};
@@ -702,18 +702,39 @@ pub fn shard_creation_batch(
         )),
         _ => None,
     };
+    let inherited_indexes = match parent {
+        Some(_) => partition_names::inherited_indexes(table.oid)?,
+        None => Vec::new(),
+    };
     for (shard_id, index) in shards {
         let parent_shard = parent.as_ref().and_then(|((schema, name), placements)| {
             placements
                 .iter()
                 .find(|p| p.shard_index == *index)
-                .map(|p| quote_qualified(schema, &shell::shard_name(name, p.shard_id)))
+                .map(|p| {
+                    (
+                        schema,
+                        quote_qualified(schema, &shell::shard_name(name, p.shard_id)),
+                        p.shard_id,
+                    )
+                })
         });
         statements.extend(shell::create_shard_sql(
             table,
             *shard_id,
-            parent_shard.as_deref(),
+            parent_shard
+                .as_ref()
+                .map(|(_, relation, _)| relation.as_str()),
         ));
+        if let Some((schema, _, parent_shard_id)) = parent_shard {
+            statements.extend(partition_names::rename_inherited_indexes(
+                &table.shard_relation(*shard_id),
+                *shard_id,
+                schema,
+                parent_shard_id,
+                &inherited_indexes,
+            ));
+        }
     }
     Ok(statements.join(";\n"))
 }

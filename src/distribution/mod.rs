@@ -5,6 +5,7 @@ pub mod create;
 pub mod data_move;
 pub mod foreign_keys;
 pub mod hashing;
+pub mod partition_names;
 pub mod shell;
 pub mod statistics;
 pub mod undistribute;
