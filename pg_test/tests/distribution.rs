@@ -452,6 +452,11 @@ fn table_settings_and_ownership_changes_reach_every_shard(cluster: &Cluster) {
         "ALTER TABLE stores OWNER TO store_owner",
         "ALTER TABLE stores ENABLE ROW LEVEL SECURITY",
         "ALTER TABLE stores DISABLE ROW LEVEL SECURITY",
+        "CREATE INDEX stores_city ON stores (lower(city))",
+        "ALTER INDEX stores_city SET (fillfactor = 60)",
+        "ALTER INDEX stores_city ALTER COLUMN 1 SET STATISTICS 300",
+        "ALTER INDEX stores_pkey SET (fillfactor = 80, deduplicate_items = off)",
+        "ALTER INDEX stores_pkey RESET (deduplicate_items)",
     ] {
         client
             .batch_execute(step)
@@ -472,6 +477,40 @@ fn table_settings_and_ownership_changes_reach_every_shard(cluster: &Cluster) {
             shard.name
         );
     }
+    // The indexes' settings too.
+    let index_settings = |client: &mut Client, table: &str| {
+        query_text(
+            client,
+            &format!(
+                "SELECT coalesce(array_to_string(i.reloptions, ','), ''),
+                        (SELECT string_agg(a.attstattarget::text, ',') FROM pg_attribute a WHERE a.attrelid = i.oid)
+                 FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                 WHERE x.indrelid = '{table}'::regclass ORDER BY x.indisprimary"
+            ),
+        )
+        .unwrap()
+    };
+    let expected = index_settings(&mut client, "stores");
+    assert_eq!(
+        expected,
+        vec![
+            vec![Some("fillfactor=60".into()), Some("300".into())],
+            vec![Some("fillfactor=80".into()), Some("-1".into())]
+        ]
+    );
+    for shard in shards(&mut client, "stores") {
+        let mut worker = cluster.worker_on(shard.port).connect();
+        assert_eq!(
+            index_settings(&mut worker, &shard.name),
+            expected,
+            "{}",
+            shard.name
+        );
+    }
+    let err = client
+        .batch_execute("ALTER INDEX stores_city SET TABLESPACE pg_default")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
     let owner = query_text(
         &mut client,
         "SELECT tableowner FROM pg_tables WHERE tablename = 'stores'",

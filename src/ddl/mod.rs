@@ -113,6 +113,13 @@ enum Propagation {
         parent: DistTable,
         partition: DistTable,
     },
+    /// ALTER INDEX … SET / RESET (storage parameters), ALTER COLUMN n SET STATISTICS: the same
+    /// on each shard's copy of index `index` (schema, name).
+    IndexSettings {
+        table: DistTable,
+        index: (String, String),
+        subcommands: Vec<String>,
+    },
 }
 
 #[pg_guard]
@@ -358,6 +365,9 @@ unsafe fn plan(
             }
             pg_sys::NodeTag::T_AlterTableStmt => {
                 let stmt = node.cast::<pg_sys::AlterTableStmt>();
+                if (*stmt).objtype == pg_sys::ObjectType::OBJECT_INDEX {
+                    return plan_alter_index(stmt);
+                }
                 if (*stmt).objtype != pg_sys::ObjectType::OBJECT_TABLE {
                     return Ok(None);
                 }
@@ -760,6 +770,60 @@ unsafe fn check_alter_command(
     }
 }
 
+/// ALTER INDEX of an index of a distributed table: its settings reach the shards' copies.
+#[allow(non_upper_case_globals)]
+unsafe fn plan_alter_index(
+    stmt: *mut pg_sys::AlterTableStmt,
+) -> Result<Option<Propagation>, DistributionError> {
+    use pg_sys::AlterTableType::*;
+    // SAFETY: an ALTER INDEX statement of the parse tree; its subcommands are AlterTableCmds.
+    unsafe {
+        let index = relation_oid((*stmt).relation);
+        if index == pg_sys::InvalidOid {
+            return Ok(None);
+        }
+        let Some(table) = tables::dist_table(pg_sys::IndexGetRelation(index, true))? else {
+            return Ok(None);
+        };
+        let mut subcommands = Vec::new();
+        for cmd in PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds).iter_ptr() {
+            let subtype = (*cmd).subtype;
+            match subtype {
+                AT_SetRelOptions | AT_ResetRelOptions => {
+                    let set = subtype == AT_SetRelOptions;
+                    let options: Vec<String> =
+                        PgList::<pg_sys::DefElem>::from_pg((*cmd).def.cast())
+                            .iter_ptr()
+                            .map(|option| storage_option(option, set))
+                            .collect();
+                    let verb = if set { "SET" } else { "RESET" };
+                    subcommands.push(format!("{verb} ({})", options.join(", ")));
+                }
+                AT_SetStatistics if (*cmd).num > 0 && !(*cmd).def.is_null() => {
+                    let target = (*(*cmd).def.cast::<pg_sys::Integer>()).ival;
+                    subcommands.push(format!(
+                        "ALTER COLUMN {} SET STATISTICS {target}",
+                        (*cmd).num
+                    ));
+                }
+                _ => {
+                    return Err(unsupported(
+                        "this ALTER INDEX subcommand on an index of a distributed table",
+                        "Supported: SET / RESET (storage parameters), ALTER COLUMN n SET \
+                         STATISTICS, RENAME.",
+                    ))
+                }
+            }
+        }
+        let (schema, name) = crate::executor::schema_and_name(index);
+        Ok(Some(Propagation::IndexSettings {
+            table,
+            index: (schema, name),
+            subcommands,
+        }))
+    }
+}
+
 /// One storage parameter of `SET (…)` / `RESET (…)` as SQL: `fillfactor = '70'`,
 /// `toast.autovacuum_enabled = 'false'`, or just the name to reset.
 unsafe fn storage_option(option: *mut pg_sys::DefElem, with_value: bool) -> String {
@@ -1014,6 +1078,20 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
             })?;
             partition_names::rename_detached_constraints(&parent, &partition)
         }
+        Propagation::IndexSettings {
+            table,
+            index: (schema, name),
+            subcommands,
+        } => run_on_placements(&tables::placements(table.oid)?, |placement| {
+            let shard_index = quote_qualified(
+                &schema,
+                &with_suffix(&name, &placement.shard_id.to_string()),
+            );
+            vec![format!(
+                "ALTER INDEX {shard_index} {}",
+                subcommands.join(", ")
+            )]
+        }),
         Propagation::DropIndexes {
             indexes,
             concurrently,
