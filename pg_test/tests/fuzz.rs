@@ -1,7 +1,8 @@
 //! Randomized differential testing of query shapes: SELECTs built at random from distributed
 //! tables (co-located, of other co-location groups, range-distributed, partitioned), a reference
-//! table and a local table — joins of every kind, UNION / INTERSECT / EXCEPT, subqueries in FROM and WHERE,
-//! grouping, aggregates, windows, DISTINCT, LIMIT, VALUES, constant-false conditions — each run
+//! table and a local table — joins of every kind, LATERAL, WITH, UNION / INTERSECT / EXCEPT,
+//! subqueries in FROM, WHERE and the select list, grouping (ROLLUP, GROUPING SETS), aggregates,
+//! window functions, DISTINCT (ON), LIMIT / OFFSET, VALUES, constant-false conditions — each run
 //! on the cluster and on the plain reference server, whose answers must match. A second run
 //! does the same with expressions, conditions and aggregates over every kind of type, under
 //! random session settings (time zone, DateStyle, float digits) and as prepared statements.
@@ -218,15 +219,37 @@ impl Generator {
 
     fn query(&mut self) -> String {
         self.aliases = 0;
-        let (first, a1) = self.from_item(0);
+        // Sometimes the first FROM item is a WITH query.
+        let mut with = String::new();
+        let (first, a1) = if self.random.chance(12) {
+            let (inner, b) = self.from_item(1);
+            let condition = self.condition(&b, 1);
+            let materialized = self
+                .random
+                .pick(&["", "MATERIALIZED ", "NOT MATERIALIZED "]);
+            with = format!(
+                "WITH c AS {materialized}(SELECT {b}.id, {b}.v, {b}.w FROM {inner} WHERE {condition}) "
+            );
+            let a = self.alias();
+            (format!("c {a}"), a)
+        } else {
+            self.from_item(0)
+        };
         let mut from = first;
         let mut aliases = vec![a1.clone()];
         for _ in 0..self.random.below(3) {
+            let last = aliases[aliases.len() - 1].clone();
+            if self.random.chance(15) {
+                let (lateral, a2) = self.lateral(&a1, &last);
+                let join = self.random.pick(&["JOIN", "LEFT JOIN"]);
+                from = format!("{from} {join} {lateral} ON true");
+                aliases.push(a2);
+                continue;
+            }
             let (item, a2) = self.from_item(1);
             let join = self
                 .random
                 .pick(&["JOIN", "LEFT JOIN", "JOIN", "FULL JOIN"]);
-            let last = aliases[aliases.len() - 1].clone();
             let on = [
                 format!("{a1}.id = {a2}.id"),
                 format!("{last}.v = {a2}.v"),
@@ -247,39 +270,115 @@ impl Generator {
             false => format!(" WHERE {}", conditions.join(" AND ")),
         };
         let a = aliases[self.random.below(aliases.len())].clone();
-        match self.random.below(100) {
-            0..=34 => {
+        let body = match self.random.below(100) {
+            0..=29 => {
                 let distinct = if self.random.chance(20) {
                     "DISTINCT "
                 } else {
                     ""
                 };
-                let mut sql = format!("SELECT {distinct}{a}.id, {a}.v, {a}.w FROM {from}{filter}");
+                let w = match self.random.chance(15) {
+                    true => {
+                        let table = self.random.pick(&TABLES);
+                        format!("(SELECT max(x.w) FROM {table} x WHERE x.id = {a}.id)")
+                    }
+                    false => format!("{a}.w"),
+                };
+                let mut sql = format!("SELECT {distinct}{a}.id, {a}.v, {w} FROM {from}{filter}");
                 if self.random.chance(30) {
                     sql.push_str(&format!(
                         " ORDER BY 1, 2, 3 LIMIT {}",
                         self.random.between(1, 20)
                     ));
+                    if self.random.chance(30) {
+                        sql.push_str(&format!(" OFFSET {}", self.random.between(1, 10)));
+                    }
                 }
                 sql
             }
-            35..=74 => {
+            30..=39 => {
+                let window = self.window(&a);
+                format!("SELECT {a}.id, {a}.v, {a}.w, {window} FROM {from}{filter}")
+            }
+            40..=44 => {
+                let key = self.random.pick(&["v", "w", "id"]);
+                format!(
+                    "SELECT DISTINCT ON ({a}.{key}) {a}.{key}, {a}.id, {a}.v, {a}.w FROM {from}{filter} \
+                     ORDER BY {a}.{key}, {a}.id, {a}.v, {a}.w"
+                )
+            }
+            45..=79 => {
                 let group = [
                     format!("{a}.v"),
                     format!("{a}.id"),
                     format!("{a}.w"),
                     format!("{a}.v % 3"),
                 ];
-                let group = &group[self.random.below(group.len())];
+                let group = group[self.random.below(group.len())].clone();
                 let aggregates = self.aggregates(&a);
                 let having = match self.random.chance(30) {
                     true => format!(" HAVING count(*) > {}", self.random.between(0, 3)),
                     false => String::new(),
                 };
-                format!("SELECT {group}, {aggregates} FROM {from}{filter} GROUP BY 1{having}")
+                let grouping = match self.random.below(10) {
+                    0 => format!("ROLLUP ({group})"),
+                    1 => format!("GROUPING SETS (({group}), ({a}.v > 3), ())"),
+                    _ => "1".to_string(),
+                };
+                format!(
+                    "SELECT {group}, {aggregates} FROM {from}{filter} GROUP BY {grouping}{having}"
+                )
             }
             _ => format!("SELECT {} FROM {from}{filter}", self.aggregates(&a)),
-        }
+        };
+        format!("{with}{body}")
+    }
+
+    /// A LATERAL subquery reading a table for each row of `first` or `last`, and its alias.
+    fn lateral(&mut self, first: &str, last: &str) -> (String, String) {
+        let a = self.alias();
+        let b = self.alias();
+        let table = self.random.pick(&TABLES);
+        let sql = match self.random.chance(50) {
+            true => format!(
+                "LATERAL (SELECT {last}.id AS id, count(*)::int AS v, max({b}.w) AS w \
+                 FROM {table} {b} WHERE {b}.v = {last}.v) {a}"
+            ),
+            false => format!(
+                "LATERAL (SELECT {b}.id, {b}.v, {b}.w FROM {table} {b} WHERE {b}.id = {first}.id \
+                 ORDER BY {b}.v, {b}.w LIMIT 2) {a}"
+            ),
+        };
+        (sql, a)
+    }
+
+    /// A window function over the rows of `a`, ordered by all of its columns (rows that tie
+    /// are alike), partitioned by one of them or not at all.
+    fn window(&mut self, a: &str) -> String {
+        let function = self.random.pick(&[
+            "row_number()",
+            "rank()",
+            "dense_rank()",
+            "count(*)",
+            "sum({a}.v)",
+            "lag({a}.v)",
+            "lead({a}.w, 2)",
+            "first_value({a}.w)",
+            "avg({a}.v)",
+        ]);
+        let function = function.replace("{a}", a);
+        let partition = self.random.pick(&["", "id", "v", "w"]);
+        let partition = match partition {
+            "" => String::new(),
+            column => format!("PARTITION BY {a}.{column} "),
+        };
+        let frame = self.random.pick(&[
+            "",
+            "",
+            " ROWS BETWEEN 1 PRECEDING AND 1 FOLLOWING",
+            " RANGE BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING",
+        ]);
+        format!("{function} OVER ({partition}ORDER BY {a}.id, {a}.v, {a}.w{frame})")
     }
 
     fn aggregates(&mut self, a: &str) -> String {
@@ -321,8 +420,12 @@ fn random_queries_match_plain_postgres(cluster: &Cluster) {
         aliases: 0,
     };
     let mut refused = 0;
+    let verbose = std::env::var_os("PGDIST_FUZZ_VERBOSE").is_some();
     for _ in 0..queries {
         let sql = generator.query();
+        if verbose {
+            eprintln!("query: {sql}");
+        }
         if compare(&mut coordinator, &mut reference, &sql) != Comparison::Same {
             refused += 1;
         }
