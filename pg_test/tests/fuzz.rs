@@ -8,7 +8,8 @@
 //! random session settings (time zone, DateStyle, float digits) and as prepared statements.
 //! A third runs random writes — UPDATE and DELETE with subqueries, `FROM` and `USING`,
 //! INSERT … SELECT, upserts, MERGE from tables, subqueries and VALUES, data-modifying WITH —
-//! and compares what each returns and every table afterwards (one of them partitioned, so rows
+//! in transactions of a few statements with reads of what they wrote, savepoints rolled back
+//! and now and then a ROLLBACK, and compares what each returns and every table afterwards (one of them partitioned, so rows
 //! move between partitions).
 //!
 //! The default run is a fixed seed and a few hundred queries (the same every time). For a
@@ -957,32 +958,76 @@ fn random_writes_match_plain_postgres(cluster: &Cluster) {
         random: Random(seed.wrapping_mul(0x94D0_49BB_1331_11EB) | 1),
         aliases: 0,
     };
+    let verbose = std::env::var_os("PGDIST_FUZZ_VERBOSE").is_some();
     let mut refused = 0;
-    for _ in 0..statements {
-        let sql = generator.write_statement();
+    let mut written = 0;
+    while written < statements {
+        // A transaction of one to three statements, some of them reads of a table it wrote,
+        // some behind a savepoint that is rolled back; then COMMIT, or now and then ROLLBACK.
         run_on_both(&mut coordinator, &mut reference, "BEGIN");
-        let got = write_outcome(&mut coordinator, &sql);
-        let want = write_outcome(&mut reference, &sql);
-        match (&got, &want) {
-            // Refused by the cluster: the reference's change is undone too.
-            (Err(state), Ok(_)) if state == "0A000" => {
-                refused += 1;
-                if std::env::var_os("PGDIST_FUZZ_VERBOSE").is_some() {
-                    eprintln!("refused: {sql}");
-                }
+        let mut history = Vec::new();
+        let mut savepoint = false;
+        let mut failed = false;
+        for _ in 0..1 + generator.random.below(3) {
+            if !savepoint && generator.random.chance(25) {
+                run_on_both(&mut coordinator, &mut reference, "SAVEPOINT s");
+                history.push("SAVEPOINT s".to_string());
+                savepoint = true;
             }
-            // Both failed: which error comes first may differ (evaluation order).
-            (Err(_), Err(_)) => {}
-            _ => assert_eq!(got, want, "different outcomes for\n  {sql}"),
+            let sql = match generator.random.chance(25) {
+                true => WRITE_TABLES[generator.random.below(WRITE_TABLES.len())].to_string(),
+                false => {
+                    written += 1;
+                    generator.write_statement()
+                }
+            };
+            history.push(sql.clone());
+            let got = write_outcome(&mut coordinator, &sql);
+            let want = write_outcome(&mut reference, &sql);
+            match (&got, &want) {
+                (Ok(_), Ok(_)) => assert_eq!(
+                    got,
+                    want,
+                    "different outcomes in the transaction\n  {}",
+                    history.join(";\n  ")
+                ),
+                // Refused by the cluster: the reference's change is undone too.
+                (Err(state), Ok(_)) if state == "0A000" => {
+                    refused += 1;
+                    if verbose {
+                        eprintln!("refused: {sql}");
+                    }
+                }
+                // Both failed: which error comes first may differ (evaluation order).
+                (Err(_), Err(_)) => {}
+                _ => panic!(
+                    "different outcomes in the transaction\n  {}\ncluster:   {got:?}\nreference: {want:?}",
+                    history.join(";\n  ")
+                ),
+            }
+            if got.is_err() || (savepoint && generator.random.chance(30)) {
+                if !savepoint {
+                    failed = true;
+                    break;
+                }
+                run_on_both(&mut coordinator, &mut reference, "ROLLBACK TO SAVEPOINT s");
+                history.push("ROLLBACK TO SAVEPOINT s".to_string());
+                savepoint = false;
+            }
         }
-        let end = if got.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        let end = match failed || generator.random.chance(10) {
+            true => "ROLLBACK",
+            false => "COMMIT",
+        };
+        history.push(end.to_string());
         run_on_both(&mut coordinator, &mut reference, end);
         for table in WRITE_TABLES {
             let cluster_rows = query_text(&mut coordinator, table).unwrap();
             let reference_rows = query_text(&mut reference, table).unwrap();
             assert!(
                 cluster_rows == reference_rows,
-                "after\n  {sql}\n{table} differs:\ncluster:   {cluster_rows:?}\nreference: {reference_rows:?}"
+                "after\n  {}\n{table} differs:\ncluster:   {cluster_rows:?}\nreference: {reference_rows:?}",
+                history.join(";\n  ")
             );
         }
     }
