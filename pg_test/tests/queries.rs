@@ -1001,6 +1001,111 @@ fn every_type_and_null_round_trips(cluster: &Cluster) {
         "SELECT NULL::int AS nothing, amount FROM orders WHERE amount IS NULL",
         "SELECT payload, encode(payload, 'base64') FROM orders WHERE order_id < 40",
     ]);
+    // Special values and more types, with user-defined types that the workers get when the
+    // table is distributed: an enum, domains (one over another), a composite type.
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE TYPE grade AS ENUM ('low', 'mid', 'high');
+         CREATE DOMAIN positive AS numeric(10,2) CHECK (VALUE > 0);
+         CREATE DOMAIN small_positive AS positive NOT NULL CONSTRAINT below_100 CHECK (VALUE < 100);
+         CREATE DOMAIN code AS text COLLATE \"C\" CHECK (VALUE ~ '^[A-Z]+$');
+         CREATE TYPE price_tag AS (amount positive, label code, grades grade[]);
+         CREATE TABLE odd_values (id int PRIMARY KEY, f4 real, f8 float8, n numeric, t time,
+             tz timetz, ts timestamp, r int4range, tr tstzrange, ip inet, net cidr, mac macaddr,
+             b bytea, bits bit(4), vb varbit, ch char(3), x xml, mo money, js json, pt point,
+             ia int[], ta text[], nr numrange, iv interval, o oid, g grade, p small_positive,
+             c code, tag price_tag);
+         INSERT INTO odd_values VALUES
+          (1, 'NaN', '-0', 'NaN', '24:00', '23:59:59.999999+14', 'infinity', '[1,5)',
+           '[2024-01-01 00:00+02, 2024-02-01)', '10.0.0.1/8', '10.0.0.0/8', '08:00:2b:01:02:03',
+           '\\x00ff', B'1010', B'101', 'ab', '<a>1</a>', 12.34, '{\"a\": [1, 2.50]}', '(1.5,2)',
+           '{{1,2},{3,4}}', '{\"a,b\",\"c\\\"d\",NULL,\"NULL\"}', '(,3.5]', '1 mon -2 days 03:00:00.5', 42,
+           'high', 5.5, 'AB', ROW(1.25, 'X', '{low,high}')),
+          (2, 'Infinity', '1e-310', '-Infinity', '00:00', '12:00-03:30', '-infinity', 'empty', '(,)',
+           '::1', '2001:db8::/32', 'ff:ff:ff:ff:ff:ff', '', B'0000', B'', 'x', '<b/>', -0.01, 'null',
+           '(0,0)', '{}', '{}', 'empty', '-178000000 years', 0, 'low', 99.99, 'Z', ROW(NULL, NULL, '{}')),
+          (3, '-Infinity', '1.7976931348623157e308', '1e-1000', '12:34:56.789', '00:00:00+00',
+           '2000-02-29 12:00', '[3,3]', '[2024-06-01,)', '192.168.1.5', '192.168.1.0/24',
+           '00:00:00:00:00:00', '\\x5c27', B'1111', B'1', '   ', 'text only', 0, '[]', '(-1e10,1e-10)',
+           '{{NULL}}', '{\" lead\", \"trail \"}', '[1.5,1.5]', '0', 4294967295, 'mid', 0.01, 'QQ', NULL),
+          (4, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 1, NULL, NULL);",
+    );
+    coordinator
+        .batch_execute(
+            "SELECT pgdist.create_distributed_table('odd_values', 'id', shard_count => 3)",
+        )
+        .unwrap();
+    check_all(cluster, &[
+        "SELECT * FROM odd_values",
+        "SELECT id, f8 / 2, n + 1, tz + interval '1 hour', r * '[2,10)', tr && '[2024-01-15,2024-01-16)',
+                ip << '10.0.0.0/8', host(ip), b || '\\x01', bits & B'0110', g > 'mid', p + 1, ch || '|',
+                mo * 2, js::text, ta[1], iv / 2, justify_interval(iv), (tag).label, (tag).grades[2],
+                c || '!' FROM odd_values",
+        "SELECT count(*), min(g), max(g), sum(mo), avg(f4), sum(f8), max(ts), min(tz), max(t), range_agg(r),
+                string_agg(ta::text, ';' ORDER BY id), bit_or(bits), max(ip), min(mac), sum(p), max(c),
+                xmlagg(x ORDER BY id)::text, array_agg(tag ORDER BY id) FROM odd_values",
+        "SELECT g, count(*), sum(p) FROM odd_values GROUP BY g",
+        "SELECT id FROM odd_values WHERE tag = ROW(1.25, 'X', '{low,high}')::price_tag",
+        "SELECT id FROM odd_values WHERE f8 = '-0' OR n = 'NaN' OR f4 = 'Infinity'",
+    ]);
+    // The domains' checks hold on the cluster as on one server.
+    for sql in [
+        "INSERT INTO odd_values (id, p) VALUES (10, 150)",
+        "INSERT INTO odd_values (id, p) VALUES (11, NULL)",
+        "INSERT INTO odd_values (id, p, c) VALUES (12, 5, 'lower')",
+        "UPDATE odd_values SET p = p * 50 WHERE id = 2",
+    ] {
+        compare(&mut coordinator, &mut reference, sql);
+    }
+    check_all(cluster, &["SELECT id, p, c FROM odd_values"]);
+    // A column added later with a new type: the workers get the type with the column.
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE DOMAIN percent AS int CHECK (VALUE BETWEEN 0 AND 100);
+         ALTER TABLE odd_values ADD COLUMN share percent DEFAULT 50;
+         UPDATE odd_values SET share = id * 10 WHERE id < 3",
+    );
+    compare(
+        &mut coordinator,
+        &mut reference,
+        "INSERT INTO odd_values (id, p, share) VALUES (20, 1, 101)",
+    );
+    check_all(cluster, &["SELECT id, share FROM odd_values"]);
+    // Changes to the types reach the workers' copies.
+    for sql in [
+        "ALTER TYPE grade ADD VALUE 'top' AFTER 'high'",
+        "INSERT INTO odd_values (id, p, g) VALUES (21, 2, 'top')",
+        "ALTER TYPE grade RENAME VALUE 'low' TO 'bottom'",
+        "UPDATE odd_values SET g = 'bottom' WHERE id = 3",
+        "ALTER TYPE price_tag ADD ATTRIBUTE note text",
+        "INSERT INTO odd_values (id, p, tag) VALUES (22, 3, ROW(2, 'Y', '{top}', 'new'))",
+        "ALTER DOMAIN percent ADD CONSTRAINT even CHECK (VALUE % 2 = 0)",
+        "UPDATE odd_values SET share = share + 1 WHERE id = 1",
+        "ALTER DOMAIN percent RENAME CONSTRAINT even TO is_even",
+        "ALTER DOMAIN percent DROP CONSTRAINT is_even",
+        "UPDATE odd_values SET share = share + 1 WHERE id = 1",
+        "ALTER TYPE grade RENAME TO level",
+    ] {
+        compare(&mut coordinator, &mut reference, sql);
+    }
+    check_all(
+        cluster,
+        &[
+            "SELECT id, g, tag, share FROM odd_values",
+            "SELECT id FROM odd_values WHERE g > 'high'::level",
+        ],
+    );
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DROP TABLE odd_values; DROP TYPE price_tag; DROP DOMAIN code, small_positive, positive, percent;
+         DROP TYPE level",
+    );
 }
 
 fn session_settings_travel_with_fragments(cluster: &Cluster) {

@@ -24,6 +24,7 @@
 //! worker. DROP INDEX CONCURRENTLY drops the shards' indexes concurrently too.
 
 pub mod diff;
+mod types;
 mod vacuum;
 
 use std::collections::{BTreeMap, HashMap};
@@ -113,6 +114,8 @@ enum Propagation {
         parent: DistTable,
         partition: DistTable,
     },
+    /// ALTER TYPE / ALTER DOMAIN and renames of user-defined types: the same on the workers.
+    Type(types::TypeChange),
     /// ALTER INDEX … SET / RESET (storage parameters), ALTER COLUMN n SET STATISTICS: the same
     /// on each shard's copy of index `index` (schema, name).
     IndexSettings {
@@ -333,6 +336,9 @@ unsafe fn plan(
         let node = (*pstmt).utilityStmt;
         if node.is_null() {
             return Ok(None);
+        }
+        if let Some(change) = types::plan(pstmt, query_string) {
+            return Ok(Some(Propagation::Type(change)));
         }
         match (*node).type_ {
             pg_sys::NodeTag::T_IndexStmt => {
@@ -963,6 +969,13 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
             }
             let placements = tables::placements(table.oid)?;
             let targets = foreign_keys::Targets::of(&after)?;
+            // A column added or changed to a user-defined type: the workers get the type first.
+            let column_types =
+                |d: &TableDefinition| d.columns.iter().map(|c| c.type_oid).collect::<Vec<_>>();
+            let types = match column_types(&after) == column_types(&before) {
+                true => Vec::new(),
+                false => crate::distribution::create::type_statements(table.oid)?,
+            };
             run_on_placements(&placements, |placement| {
                 let shard_id = placement.shard_id;
                 let foreign_key = |constraint: &shell::Constraint| {
@@ -970,6 +983,9 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
                 };
                 let mut statements =
                     diff::shard_statements(&before, &after, shard_id, &using, foreign_key);
+                if !statements.is_empty() {
+                    statements.splice(0..0, types.iter().cloned());
+                }
                 let shard = after.shard_relation(shard_id);
                 statements.extend(
                     settings
@@ -1078,6 +1094,7 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
             })?;
             partition_names::rename_detached_constraints(&parent, &partition)
         }
+        Propagation::Type(change) => types::propagate(change),
         Propagation::IndexSettings {
             table,
             index: (schema, name),

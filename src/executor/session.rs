@@ -54,6 +54,19 @@ thread_local! {
 ///
 /// # Safety
 /// Reads GUC values of this backend; runs type input and output functions.
+/// The session's `search_path`, as SQL for `SET` or `set_config`.
+pub fn search_path() -> String {
+    // SAFETY: GetConfigOption returns a pointer to the current value (NULL if unknown), copied
+    // at once.
+    unsafe {
+        let value = pg_sys::GetConfigOption(c"search_path".as_ptr(), true, false);
+        if value.is_null() {
+            return String::new();
+        }
+        CStr::from_ptr(value).to_string_lossy().into_owned()
+    }
+}
+
 pub unsafe fn settings() -> String {
     let setting = |name: &CStr| {
         // SAFETY: GetConfigOption returns a pointer to the current value (NULL if unknown).

@@ -124,6 +124,12 @@ pub unsafe fn shippable(node: *mut pg_sys::Node) -> bool {
             pg_sys::NodeTag::T_TargetEntry => {
                 shippable((*node.cast::<pg_sys::TargetEntry>()).expr.cast())
             }
+            pg_sys::NodeTag::T_CoerceToDomain => {
+                let coerce = node.cast::<pg_sys::CoerceToDomain>();
+                domain_on_workers((*coerce).resulttype) && shippable((*coerce).arg.cast())
+            }
+            // VALUE in a domain's CHECK constraint (see domain_on_workers).
+            pg_sys::NodeTag::T_CoerceToDomainValue => true,
             pg_sys::NodeTag::T_CoerceViaIO => {
                 // A cast through text: the same on a worker when both I/O functions are
                 // immutable (int to text is; timestamptz to text depends on settings).
@@ -141,6 +147,63 @@ pub unsafe fn shippable(node: *mut pg_sys::Node) -> bool {
             _ => false,
         }
     }
+}
+
+/// True for a domain the workers have — the type of a column of a distributed or reference
+/// table, created on the workers with it — whose CHECK constraints, and its base domains', can
+/// run there: a value coerced to it is checked on the worker as on the coordinator.
+unsafe fn domain_on_workers(domain: pg_sys::Oid) -> bool {
+    use pgrx::spi::Spi;
+    let tables: Vec<pg_sys::Oid> = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT DISTINCT attrelid FROM pg_catalog.pg_attribute
+                 WHERE atttypid = $1 AND attnum > 0 AND NOT attisdropped",
+                None,
+                &[domain.into()],
+            )?
+            .map(|row| row.get::<pg_sys::Oid>(1))
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })
+    .unwrap_or_default()
+    .into_iter()
+    .flatten()
+    .collect();
+    if !tables
+        .into_iter()
+        .any(|table| crate::metadata::cache::lookup(table).is_some())
+    {
+        return false;
+    }
+    let checks: Option<Vec<String>> = Spi::connect(|client| {
+        client
+            .select(
+                "WITH RECURSIVE chain(t) AS (
+                   SELECT $1::oid
+                   UNION ALL
+                   SELECT ty.typbasetype FROM pg_catalog.pg_type ty JOIN chain ON ty.oid = chain.t
+                   WHERE ty.typtype = 'd')
+                 SELECT c.conbin::text FROM pg_catalog.pg_constraint c JOIN chain ON c.contypid = chain.t
+                 WHERE c.contype = 'c'",
+                None,
+                &[domain.into()],
+            )?
+            .map(|row| row.get::<String>(1))
+            .collect::<Result<Option<Vec<_>>, pgrx::spi::Error>>()
+    })
+    .ok()
+    .flatten();
+    let Some(checks) = checks else {
+        return false;
+    };
+    checks.iter().all(|check| {
+        let Ok(text) = std::ffi::CString::new(check.as_str()) else {
+            return false;
+        };
+        // SAFETY: the text is a node tree PostgreSQL stored (pg_constraint.conbin); the node is
+        // allocated in the current memory context and only read.
+        unsafe { shippable(pg_sys::stringToNode(text.as_ptr()).cast()) }
+    })
 }
 
 /// Writes expressions over a Distributed Scan's input as worker SQL: a single table's columns
