@@ -1106,6 +1106,25 @@ fn every_type_and_null_round_trips(cluster: &Cluster) {
         "DROP TABLE odd_values; DROP TYPE price_tag; DROP DOMAIN code, small_positive, positive, percent;
          DROP TYPE level",
     );
+    // Dropped on the workers too: a type made again under the same name is the new one there.
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE TYPE level AS ENUM ('x', 'y'); CREATE TABLE relevel (id int, l level)",
+    );
+    coordinator
+        .batch_execute("SELECT pgdist.create_distributed_table('relevel', 'id')")
+        .unwrap();
+    compare(
+        &mut coordinator,
+        &mut reference,
+        "INSERT INTO relevel VALUES (1, 'x'), (2, 'y') RETURNING *",
+    );
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DROP TABLE relevel; DROP TYPE level",
+    );
 }
 
 fn session_settings_travel_with_fragments(cluster: &Cluster) {

@@ -916,6 +916,9 @@ unsafe fn plan_drop(stmt: *mut pg_sys::DropStmt) -> Result<Option<Propagation>, 
                 }
                 Ok(None)
             }
+            pg_sys::ObjectType::OBJECT_TYPE | pg_sys::ObjectType::OBJECT_DOMAIN => {
+                Ok(types::plan_drop(stmt)?.map(Propagation::Type))
+            }
             _ => Ok(None),
         }
     }

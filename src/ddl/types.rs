@@ -1,6 +1,7 @@
 //! DDL on user-defined types reaches the workers: `ALTER TYPE` of an enum (`ADD VALUE`,
 //! `RENAME VALUE`) or a composite type (attributes), `ALTER DOMAIN` (constraints, NOT NULL),
-//! renaming a type, a domain or a domain constraint, moving either to another schema.
+//! renaming a type, a domain or a domain constraint, moving either to another schema, dropping
+//! them (a type created again under the same name must not find the old one on a worker).
 //!
 //! The workers have these types because distributing a table created them there
 //! (`distribution::create::type_statements`); a type the coordinator changes alone would make the
@@ -10,7 +11,8 @@
 
 use std::ffi::CStr;
 
-use pgrx::{pg_sys, PgList};
+use pgrx::prelude::*;
+use pgrx::PgList;
 
 use crate::cluster::target_for;
 use crate::distribution::DistributionError;
@@ -19,8 +21,9 @@ use crate::transaction::remote_xact;
 
 /// A statement that changes a user-defined type the workers may have.
 pub struct TypeChange {
-    /// The type's qualified name before the statement (how a worker finds its copy).
-    type_name: String,
+    /// The type's qualified name before the statement (how a worker finds its copy); None: run
+    /// the statement everywhere.
+    type_name: Option<String>,
     statement: String,
     search_path: String,
 }
@@ -71,32 +74,100 @@ pub unsafe fn plan(
             }
             _ => return None,
         };
-        let type_name = pg_sys::makeTypeNameFromNameList(names);
-        let type_oid = pg_sys::LookupTypeNameOid(std::ptr::null_mut(), type_name, true);
-        if u32::from(type_oid) < pg_sys::FirstNormalObjectId {
-            return None; // missing (PostgreSQL says so) or built in
-        }
-        let qualified = CStr::from_ptr(pg_sys::format_type_be_qualified(type_oid))
-            .to_string_lossy()
-            .into_owned();
         Some(TypeChange {
-            type_name: qualified,
+            type_name: Some(user_type(pg_sys::makeTypeNameFromNameList(names))?.1),
             statement: statement_text(pstmt, query_string),
             search_path: crate::executor::session::search_path(),
         })
     }
 }
 
+/// `DROP TYPE` / `DROP DOMAIN` of user-defined types: dropped on the workers too (`IF EXISTS`:
+/// a worker has only the types of the tables it was given).
+pub unsafe fn plan_drop(
+    stmt: *mut pg_sys::DropStmt,
+) -> Result<Option<TypeChange>, DistributionError> {
+    // SAFETY: a DROP TYPE / DROP DOMAIN statement, whose objects are TypeNames.
+    unsafe {
+        let types: Vec<(pg_sys::Oid, String)> =
+            PgList::<pg_sys::TypeName>::from_pg((*stmt).objects)
+                .iter_ptr()
+                .filter_map(|name| user_type(name))
+                .collect();
+        if types.is_empty() {
+            return Ok(None);
+        }
+        if (*stmt).behavior == pg_sys::DropBehavior::DROP_CASCADE {
+            let oids: Vec<pg_sys::Oid> = types.iter().map(|(oid, _)| *oid).collect();
+            if let Some(table) = distribution_column_of_type(oids)? {
+                return Err(super::unsupported(
+                    &format!("DROP … CASCADE of the type of the distribution column of {table}"),
+                    "Undistribute the table first.",
+                ));
+            }
+        }
+        let names: Vec<String> = types.into_iter().map(|(_, name)| name).collect();
+        let kind = match (*stmt).removeType {
+            pg_sys::ObjectType::OBJECT_DOMAIN => "DOMAIN",
+            _ => "TYPE",
+        };
+        let cascade = match (*stmt).behavior {
+            pg_sys::DropBehavior::DROP_CASCADE => " CASCADE",
+            _ => "",
+        };
+        Ok(Some(TypeChange {
+            type_name: None,
+            statement: format!("DROP {kind} IF EXISTS {}{cascade}", names.join(", ")),
+            search_path: crate::executor::session::search_path(),
+        }))
+    }
+}
+
+/// A distributed table whose distribution column has one of `types` (or an array of one, or a
+/// domain over one), which dropping them with CASCADE would drop.
+fn distribution_column_of_type(
+    types: Vec<pg_sys::Oid>,
+) -> Result<Option<String>, DistributionError> {
+    Ok(Spi::get_one_with_args::<String>(
+        "WITH RECURSIVE dependent(t) AS (
+           SELECT unnest($1::oid[])
+           UNION
+           SELECT ty.oid FROM pg_catalog.pg_type ty JOIN dependent ON ty.typbasetype = dependent.t OR ty.typelem = dependent.t)
+         SELECT (SELECT d.table_oid::regclass::text FROM pgdist.dist_table d
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = d.table_oid AND a.attname = d.distribution_column
+                 JOIN dependent ON a.atttypid = dependent.t LIMIT 1)",
+        &[types.into()],
+    )?)
+}
+
+/// The oid and qualified name of user-defined type `name`; None for a built-in or missing one.
+unsafe fn user_type(name: *mut pg_sys::TypeName) -> Option<(pg_sys::Oid, String)> {
+    // SAFETY: a TypeName of the statement; the lookup does not raise for a missing type.
+    unsafe {
+        let type_oid = pg_sys::LookupTypeNameOid(std::ptr::null_mut(), name, true);
+        if u32::from(type_oid) < pg_sys::FirstNormalObjectId {
+            return None; // missing (PostgreSQL says so) or built in
+        }
+        let qualified = CStr::from_ptr(pg_sys::format_type_be_qualified(type_oid))
+            .to_string_lossy()
+            .into_owned();
+        Some((type_oid, qualified))
+    }
+}
+
 /// Sends the change to every worker that has the type.
 pub fn propagate(change: TypeChange) -> Result<(), DistributionError> {
+    let guard = match &change.type_name {
+        Some(name) => format!("pg_catalog.to_regtype({}) IS NOT NULL", quote_literal(name)),
+        None => "true".to_string(),
+    };
     let sql = format!(
         "DO $pgdist$ DECLARE saved text := pg_catalog.current_setting('search_path'); BEGIN
-         IF pg_catalog.to_regtype({}) IS NOT NULL THEN
+         IF {guard} THEN
            PERFORM pg_catalog.set_config('search_path', {}, true);
            EXECUTE {};
            PERFORM pg_catalog.set_config('search_path', saved, true);
          END IF; END $pgdist$",
-        quote_literal(&change.type_name),
         quote_literal(&change.search_path),
         quote_literal(&change.statement)
     );
