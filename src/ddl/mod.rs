@@ -977,7 +977,7 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
                 |d: &TableDefinition| d.columns.iter().map(|c| c.type_oid).collect::<Vec<_>>();
             let types = match column_types(&after) == column_types(&before) {
                 true => Vec::new(),
-                false => crate::distribution::create::type_statements(table.oid)?,
+                false => crate::distribution::user_types::type_statements(table.oid)?,
             };
             run_on_placements(&placements, |placement| {
                 let shard_id = placement.shard_id;

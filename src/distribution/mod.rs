@@ -9,6 +9,7 @@ pub mod partition_names;
 pub mod shell;
 pub mod statistics;
 pub mod undistribute;
+pub mod user_types;
 
 use std::collections::BTreeMap;
 

@@ -49,17 +49,12 @@ thread_local! {
     static CHECKED: RefCell<Option<(String, Option<SessionError>)>> = const { RefCell::new(None) };
 }
 
-/// The commands that give a node's connection this session's settings; raises
-/// `SessionError` when timestamps would not survive the trip as text.
-///
-/// # Safety
-/// Reads GUC values of this backend; runs type input and output functions.
-/// The session's `search_path`, as SQL for `SET` or `set_config`.
-pub fn search_path() -> String {
-    // SAFETY: GetConfigOption returns a pointer to the current value (NULL if unknown), copied
-    // at once.
+/// The current value of setting `name` (empty when unknown).
+fn setting(name: &CStr) -> String {
+    // SAFETY: GetConfigOption returns a pointer to the current value (NULL if unknown), a C
+    // string owned by the GUC machinery, copied at once.
     unsafe {
-        let value = pg_sys::GetConfigOption(c"search_path".as_ptr(), true, false);
+        let value = pg_sys::GetConfigOption(name.as_ptr(), true, false);
         if value.is_null() {
             return String::new();
         }
@@ -67,19 +62,17 @@ pub fn search_path() -> String {
     }
 }
 
+/// The session's `search_path`, as SQL for `SET` or `set_config`.
+pub fn search_path() -> String {
+    setting(c"search_path")
+}
+
+/// The commands that give a node's connection this session's settings; raises
+/// `SessionError` when timestamps would not survive the trip as text.
+///
+/// # Safety
+/// Reads GUC values of this backend; runs type input and output functions.
 pub unsafe fn settings() -> String {
-    let setting = |name: &CStr| {
-        // SAFETY: GetConfigOption returns a pointer to the current value (NULL if unknown).
-        let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
-        if value.is_null() {
-            String::new()
-        } else {
-            // SAFETY: a valid C string owned by the GUC machinery; copied at once.
-            unsafe { CStr::from_ptr(value) }
-                .to_string_lossy()
-                .into_owned()
-        }
-    };
     let zone = setting(c"TimeZone");
     let style = setting(c"DateStyle");
     let abbreviations = setting(c"timezone_abbreviations");
@@ -104,7 +97,7 @@ pub unsafe fn settings() -> String {
         quote_literal(&setting(c"IntervalStyle")),
         quote_literal(&abbreviations),
         // search_path is a list: its text is already valid SQL for SET.
-        setting(c"search_path"),
+        search_path(),
     )
 }
 
