@@ -2037,6 +2037,47 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
             Comparison::Same
         ));
     }
+    // Statement triggers fire on the coordinator (an INSERT's with its rows in a transition
+    // table); row triggers, and the transition tables of UPDATE and DELETE, are refused.
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE TABLE pev_log (op text, n bigint, total numeric);
+         CREATE FUNCTION pev_count() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF TG_OP = 'INSERT' THEN INSERT INTO pev_log SELECT TG_OP, count(*), sum(amount) FROM new_rows;
+           ELSE INSERT INTO pev_log SELECT TG_OP, count(*), sum(amount) FROM pev WHERE note = 't'; END IF;
+           RETURN NULL;
+         END $$;
+         CREATE TRIGGER pev_inserted AFTER INSERT ON pev REFERENCING NEW TABLE AS new_rows
+           FOR EACH STATEMENT EXECUTE FUNCTION pev_count();
+         CREATE TRIGGER pev_changed AFTER UPDATE OR DELETE ON pev
+           FOR EACH STATEMENT EXECUTE FUNCTION pev_count();",
+    );
+    for sql in [
+        "INSERT INTO pev VALUES (8001, 1, '2024-03-03', 5, 't'), (8002, 2, '2025-03-03', 6, 't')",
+        "UPDATE pev SET amount = amount + 1 WHERE note = 't'",
+        "DELETE FROM pev WHERE note = 't'",
+        "SELECT * FROM pev_log ORDER BY op",
+    ] {
+        assert!(matches!(
+            compare(&mut coordinator, &mut reference, sql),
+            Comparison::Same
+        ));
+    }
+    let err = coordinator
+        .batch_execute(
+            "CREATE TRIGGER pev_updated AFTER UPDATE ON pev REFERENCING NEW TABLE AS new_rows
+               FOR EACH STATEMENT EXECUTE FUNCTION pev_count()",
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DROP TRIGGER pev_inserted ON pev; DROP TRIGGER pev_changed ON pev;
+         DROP FUNCTION pev_count(); DROP TABLE pev_log",
+    );
     for client in [&mut coordinator, &mut reference] {
         let mut copy = client
             .copy_in("COPY pev (id, tenant, day, amount) FROM STDIN")
@@ -2103,9 +2144,33 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
         "DROP INDEX pev_2024_day_idx",
         "INSERT INTO pev_2024 SELECT * FROM pev_2024 WHERE id < 300",
         "INSERT INTO pev_2024 (id, tenant, day, amount) VALUES (9, 1, '2024-02-02', -5)",
+        // An index built partition by partition, then attached to the parent's.
+        "CREATE INDEX pev_amount ON ONLY pev (amount)",
+        "CREATE INDEX pev_other_amount ON pev_other (amount)",
+        "ALTER INDEX pev_amount ATTACH PARTITION pev_other_amount",
     ] {
         run_on_both(&mut coordinator, &mut reference, sql);
     }
+    let attached: i64 = cluster
+        .workers
+        .iter()
+        .map(|worker| {
+            one_i64(
+                &mut worker.connect(),
+                "SELECT count(*) FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid
+                 JOIN pg_class p ON p.oid = h.inhparent
+                 WHERE c.relname LIKE 'pev_other_amount%' AND p.relname LIKE 'pev_amount%'",
+            )
+        })
+        .sum();
+    assert_eq!(
+        attached,
+        one_i64(
+            &mut coordinator,
+            "SELECT count(*) FROM pgdist.shards WHERE table_name = 'pev_other'::regclass"
+        ),
+        "every shard's index attached to its parent shard's"
+    );
     for worker in &cluster.workers {
         let misnamed = one_i64(
             &mut worker.connect(),

@@ -114,6 +114,15 @@ enum Propagation {
         parent: DistTable,
         partition: DistTable,
     },
+    /// ALTER INDEX … ATTACH PARTITION: each partition shard's index attached to the parent
+    /// shard's.
+    AttachIndex {
+        parent: DistTable,
+        partition: DistTable,
+        /// (schema, name) of the parent's index and of the partition's.
+        parent_index: (String, String),
+        index: (String, String),
+    },
     /// ALTER TYPE / ALTER DOMAIN and renames of user-defined types: the same on the workers.
     Type(types::TypeChange),
     /// ALTER INDEX … SET / RESET (storage parameters), ALTER COLUMN n SET STATISTICS: the same
@@ -466,14 +475,24 @@ unsafe fn plan(
                          a deferrable foreign key.",
                     ));
                 }
-                // Rows written through the parent reach a partition only on the workers.
-                if pg_sys::get_rel_relkind(table.oid)
-                    == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char
-                    || pg_sys::get_rel_relispartition(table.oid)
+                // Rows written through the parent reach a partition only on the workers, where
+                // its row triggers would fire; statement triggers fire on the coordinator, but
+                // the transition tables of an UPDATE or DELETE need the rows changed one by one
+                // by ctid, which does not name one row of a partitioned shard.
+                let changes_rows = (*stmt).events
+                    & (pg_sys::TRIGGER_TYPE_UPDATE | pg_sys::TRIGGER_TYPE_DELETE) as i16
+                    != 0;
+                let transition_rows = changes_rows && !(*stmt).transitionRels.is_null();
+                if ((*stmt).row || transition_rows)
+                    && (pg_sys::get_rel_relkind(table.oid)
+                        == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char
+                        || pg_sys::get_rel_relispartition(table.oid))
                 {
                     return Err(unsupported(
-                        "CREATE TRIGGER on partitioned tables and their partitions",
-                        "Fire the trigger from another table, or undistribute the table.",
+                        "row triggers, and UPDATE or DELETE triggers with transition tables, on \
+                         partitioned tables and their partitions",
+                        "Use a FOR EACH STATEMENT trigger (INSERT triggers may have a NEW \
+                         TABLE), fire the trigger from another table, or undistribute the table.",
                     ));
                 }
                 Ok(None)
@@ -614,11 +633,17 @@ unsafe fn plan_partition_command(
     }
 }
 
+/// A shard on one node: its qualified relation and its id.
+struct ShardOf<'a> {
+    relation: &'a str,
+    id: i64,
+}
+
 /// Runs `statement(parent shard, partition shard)` for each shard index, where both live.
 fn on_partition_shards(
     parent: &DistTable,
     partition: &DistTable,
-    statement: impl Fn(&str, &str) -> String,
+    statement: impl Fn(ShardOf, ShardOf) -> String,
 ) -> Result<(), DistributionError> {
     let parent_definition = shell::read_definition(parent.oid)?;
     let definition = shell::read_definition(partition.oid)?;
@@ -629,8 +654,14 @@ fn on_partition_shards(
             .filter(|p| p.shard_index == placement.shard_index && p.node == placement.node)
             .map(|p| {
                 statement(
-                    &parent_definition.shard_relation(placement.shard_id),
-                    &definition.shard_relation(p.shard_id),
+                    ShardOf {
+                        relation: &parent_definition.shard_relation(placement.shard_id),
+                        id: placement.shard_id,
+                    },
+                    ShardOf {
+                        relation: &definition.shard_relation(p.shard_id),
+                        id: p.shard_id,
+                    },
                 )
             })
             .collect()
@@ -791,10 +822,29 @@ unsafe fn plan_alter_index(
         let Some(table) = tables::dist_table(pg_sys::IndexGetRelation(index, true))? else {
             return Ok(None);
         };
+        let (schema, name) = crate::executor::schema_and_name(index);
         let mut subcommands = Vec::new();
         for cmd in PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds).iter_ptr() {
             let subtype = (*cmd).subtype;
             match subtype {
+                AT_AttachPartition => {
+                    let command = (*cmd).def.cast::<pg_sys::PartitionCmd>();
+                    let child = relation_oid((*command).name);
+                    if child == pg_sys::InvalidOid {
+                        return Ok(None); // PostgreSQL reports the missing index
+                    }
+                    let Some(partition) =
+                        tables::dist_table(pg_sys::IndexGetRelation(child, true))?
+                    else {
+                        return Ok(None); // PostgreSQL refuses: not an index of a partition
+                    };
+                    return Ok(Some(Propagation::AttachIndex {
+                        parent: table,
+                        partition,
+                        parent_index: (schema, name),
+                        index: crate::executor::schema_and_name(child),
+                    }));
+                }
                 AT_SetRelOptions | AT_ResetRelOptions => {
                     let set = subtype == AT_SetRelOptions;
                     let options: Vec<String> =
@@ -816,12 +866,11 @@ unsafe fn plan_alter_index(
                     return Err(unsupported(
                         "this ALTER INDEX subcommand on an index of a distributed table",
                         "Supported: SET / RESET (storage parameters), ALTER COLUMN n SET \
-                         STATISTICS, RENAME.",
+                         STATISTICS, ATTACH PARTITION, RENAME.",
                     ))
                 }
             }
         }
-        let (schema, name) = crate::executor::schema_and_name(index);
         Ok(Some(Propagation::IndexSettings {
             table,
             index: (schema, name),
@@ -1080,7 +1129,10 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
                         .map(|p| p.bound)
                         .unwrap_or_default();
                     on_partition_shards(&parent, &child, |parent_shard, shard| {
-                        format!("ALTER TABLE {parent_shard} ATTACH PARTITION {shard} {bound}")
+                        format!(
+                            "ALTER TABLE {} ATTACH PARTITION {} {bound}",
+                            parent_shard.relation, shard.relation
+                        )
                     })?;
                     partition_names::align_index_names(child.oid)
                 }
@@ -1093,11 +1145,29 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
         }
         Propagation::DetachPartition { parent, partition } => {
             on_partition_shards(&parent, &partition, |parent_shard, shard| {
-                format!("ALTER TABLE {parent_shard} DETACH PARTITION {shard}")
+                format!(
+                    "ALTER TABLE {} DETACH PARTITION {}",
+                    parent_shard.relation, shard.relation
+                )
             })?;
             partition_names::rename_detached_constraints(&parent, &partition)
         }
         Propagation::Type(change) => types::propagate(change),
+        Propagation::AttachIndex {
+            parent,
+            partition,
+            parent_index: (parent_schema, parent_name),
+            index: (schema, name),
+        } => on_partition_shards(&parent, &partition, |parent_shard, shard| {
+            format!(
+                "ALTER INDEX {} ATTACH PARTITION {}",
+                quote_qualified(
+                    &parent_schema,
+                    &with_suffix(&parent_name, &parent_shard.id.to_string())
+                ),
+                quote_qualified(&schema, &with_suffix(&name, &shard.id.to_string()))
+            )
+        }),
         Propagation::IndexSettings {
             table,
             index: (schema, name),

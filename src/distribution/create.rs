@@ -83,7 +83,9 @@ fn validate_table(oid: pg_sys::Oid, name: &str, method: Method) -> Result<(), Di
                     (c.relkind = 'p' OR c.relispartition) AND EXISTS (
                       SELECT 1 FROM pg_catalog.pg_trigger t
                       WHERE t.tgrelid IN (SELECT c.oid UNION ALL SELECT relid FROM pg_catalog.pg_partition_tree(c.oid))
-                        AND NOT t.tgisinternal),
+                        AND NOT t.tgisinternal
+                        AND ((t.tgtype & 1) = 1
+                             OR ((t.tgoldtable IS NOT NULL OR t.tgnewtable IS NOT NULL) AND (t.tgtype & 24) <> 0))),
                     EXISTS (SELECT 1 FROM pg_catalog.pg_partition_tree(c.oid) t
                             JOIN pg_catalog.pg_class p ON p.oid = t.relid
                             WHERE p.relkind NOT IN ('r', 'p')
@@ -156,9 +158,10 @@ fn validate_table(oid: pg_sys::Oid, name: &str, method: Method) -> Result<(), Di
     if partition_triggers {
         return Err(unsupported(
             name,
-            "triggers on partitioned tables and their partitions",
-            "Drop the triggers before distributing the table, or fire them from another \
-             table.",
+            "row triggers, and UPDATE or DELETE triggers with transition tables, on \
+             partitioned tables and their partitions",
+            "Drop those triggers before distributing the table (other statement triggers are \
+             kept), or fire them from another table.",
         ));
     }
     Ok(())
@@ -166,19 +169,10 @@ fn validate_table(oid: pg_sys::Oid, name: &str, method: Method) -> Result<(), Di
 
 /// The partitions of partitioned table `oid` (direct ones only), in creation order.
 fn partitions(oid: pg_sys::Oid) -> Result<Vec<pg_sys::Oid>, DistributionError> {
-    Ok(Spi::connect(|client| {
-        client
-            .select(
-                "SELECT inhrelid FROM pg_catalog.pg_inherits WHERE inhparent = $1 ORDER BY inhrelid",
-                None,
-                &[oid.into()],
-            )?
-            .map(|row| row.get::<pg_sys::Oid>(1))
-            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
-    })?
-    .into_iter()
-    .flatten()
-    .collect())
+    Ok(crate::metadata::oids(
+        "SELECT inhrelid FROM pg_catalog.pg_inherits WHERE inhparent = $1 ORDER BY inhrelid",
+        oid,
+    )?)
 }
 
 /// Distributes partition `oid` of distributed table `parent` like its parent: by the same

@@ -58,6 +58,9 @@ pub struct Index {
     pub columns: Vec<i16>,
     /// A partition's index of its parent's partitioned index.
     pub inherited: bool,
+    /// An index made `ON ONLY` a partitioned table that not every partition has attached an
+    /// index to yet (invalid until then): the shards' copies are made the same way.
+    pub on_only: bool,
 }
 
 /// Where a partition hangs in its parent.
@@ -199,7 +202,8 @@ pub fn read_definition(oid: pg_sys::Oid) -> Result<TableDefinition, MetadataErro
             let indexes = client
                 .select(
                     "SELECT i.indexrelid, c.relname::text, pg_get_indexdef(i.indexrelid), i.indisunique, i.indkey::int2[],
-                            EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)
+                            EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid),
+                            c.relkind = 'I' AND NOT i.indisvalid
                      FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
                      WHERE i.indrelid = $1
                        AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid AND k.conrelid = i.indrelid)
@@ -215,6 +219,7 @@ pub fn read_definition(oid: pg_sys::Oid) -> Result<TableDefinition, MetadataErro
                         unique: row.get(4)?.unwrap_or_default(),
                         columns: row.get(5)?.unwrap_or_default(),
                         inherited: row.get(6)?.unwrap_or_default(),
+                        on_only: row.get(7)?.unwrap_or_default(),
                     })
                 })
                 .collect::<Result<Vec<_>, MetadataError>>()?;
@@ -281,9 +286,10 @@ pub fn index_sql(table: &TableDefinition, index: &Index, shard_id: i64) -> Strin
         .map(|at| &index.definition[at..])
         .unwrap_or_default();
     format!(
-        "CREATE {}INDEX {} ON {}{suffix}",
+        "CREATE {}INDEX {} ON {}{}{suffix}",
         if index.unique { "UNIQUE " } else { "" },
         quote_identifier(&with_suffix(&index.name, &shard_id.to_string())),
+        if index.on_only { "ONLY " } else { "" },
         table.shard_relation(shard_id)
     )
 }

@@ -11,20 +11,11 @@ use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified};
 /// composite types, each after the types it is made of. Other user types (ranges, base types,
 /// a table's row type) must be created by hand; the worker then says so.
 pub fn type_statements(oid: pg_sys::Oid) -> Result<Vec<String>, DistributionError> {
-    let column_types: Vec<pg_sys::Oid> = Spi::connect(|client| {
-        client
-            .select(
-                "SELECT DISTINCT a.atttypid FROM pg_catalog.pg_attribute a
-                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
-                None,
-                &[oid.into()],
-            )?
-            .map(|row| row.get::<pg_sys::Oid>(1))
-            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
-    })?
-    .into_iter()
-    .flatten()
-    .collect();
+    let column_types = crate::metadata::oids(
+        "SELECT DISTINCT a.atttypid FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+        oid,
+    )?;
     let mut statements = Vec::new();
     let mut seen = Vec::new();
     for type_oid in column_types {

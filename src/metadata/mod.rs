@@ -20,6 +20,19 @@ impl PgError for MetadataError {
     }
 }
 
+/// The oids a catalog query with one oid parameter (`$1`) returns in its first column.
+pub fn oids(sql: &str, oid: pg_sys::Oid) -> Result<Vec<pg_sys::Oid>, MetadataError> {
+    Ok(pgrx::spi::Spi::connect(|client| {
+        client
+            .select(sql, None, &[oid.into()])?
+            .map(|row| row.get::<pg_sys::Oid>(1))
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })?
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
 /// Runs `f` — reads or writes of pgdist's own catalog — as the bootstrap superuser.
 ///
 /// The catalog is pgdist's bookkeeping, not user data: every role's queries are planned and

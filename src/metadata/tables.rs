@@ -77,21 +77,12 @@ pub fn dist_table(oid: pg_sys::Oid) -> Result<Option<DistTable>, MetadataError> 
 
 /// The distributed partitions of partitioned table `oid`, at every level.
 pub fn distributed_partitions(oid: pg_sys::Oid) -> Result<Vec<pg_sys::Oid>, MetadataError> {
-    Ok(Spi::connect(|client| {
-        client
-            .select(
-                "SELECT t.relid FROM pg_catalog.pg_partition_tree($1) t
-                 JOIN pgdist.dist_table d ON d.table_oid = t.relid
-                 WHERE t.relid <> $1 ORDER BY t.level, t.relid",
-                None,
-                &[oid.into()],
-            )?
-            .map(|row| row.get::<pg_sys::Oid>(1))
-            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
-    })?
-    .into_iter()
-    .flatten()
-    .collect())
+    super::oids(
+        "SELECT t.relid FROM pg_catalog.pg_partition_tree($1) t
+         JOIN pgdist.dist_table d ON d.table_oid = t.relid
+         WHERE t.relid <> $1 ORDER BY t.level, t.relid",
+        oid,
+    )
 }
 
 /// Every distributed and reference table (what the planner's cache holds).

@@ -154,21 +154,12 @@ pub unsafe fn shippable(node: *mut pg_sys::Node) -> bool {
 /// run there: a value coerced to it is checked on the worker as on the coordinator.
 unsafe fn domain_on_workers(domain: pg_sys::Oid) -> bool {
     use pgrx::spi::Spi;
-    let tables: Vec<pg_sys::Oid> = Spi::connect(|client| {
-        client
-            .select(
-                "SELECT DISTINCT attrelid FROM pg_catalog.pg_attribute
-                 WHERE atttypid = $1 AND attnum > 0 AND NOT attisdropped",
-                None,
-                &[domain.into()],
-            )?
-            .map(|row| row.get::<pg_sys::Oid>(1))
-            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
-    })
-    .unwrap_or_default()
-    .into_iter()
-    .flatten()
-    .collect();
+    let tables = crate::metadata::oids(
+        "SELECT DISTINCT attrelid FROM pg_catalog.pg_attribute
+         WHERE atttypid = $1 AND attnum > 0 AND NOT attisdropped",
+        domain,
+    )
+    .unwrap_or_default();
     if !tables
         .into_iter()
         .any(|table| crate::metadata::cache::lookup(table).is_some())
