@@ -1093,14 +1093,7 @@ fn propagate(propagation: Propagation) -> Result<(), DistributionError> {
                 quote_identifier(&old),
                 quote_identifier(&new)
             );
-            let work = crate::metadata::nodes::primary_nodes()?
-                .into_iter()
-                .map(|node| Ok((target_for(node.address)?, sql.clone())))
-                .collect::<Result<Vec<_>, DistributionError>>()?;
-            if !work.is_empty() {
-                remote_xact::run_batches(&work);
-            }
-            Ok(())
+            crate::distribution::run_on_every_worker(&sql)
         }
         Propagation::ConstraintMode { deferred } => {
             // SAFETY: a plain read of the transaction state.

@@ -14,10 +14,8 @@ use std::ffi::CStr;
 use pgrx::prelude::*;
 use pgrx::PgList;
 
-use crate::cluster::target_for;
 use crate::distribution::DistributionError;
 use crate::remote::quote::quote_literal;
-use crate::transaction::remote_xact;
 
 /// A statement that changes a user-defined type the workers may have.
 pub struct TypeChange {
@@ -171,14 +169,7 @@ pub fn propagate(change: TypeChange) -> Result<(), DistributionError> {
         quote_literal(&change.search_path),
         quote_literal(&change.statement)
     );
-    let work = crate::metadata::nodes::primary_nodes()?
-        .into_iter()
-        .map(|node| Ok((target_for(node.address)?, sql.clone())))
-        .collect::<Result<Vec<_>, DistributionError>>()?;
-    if !work.is_empty() {
-        remote_xact::run_batches(&work);
-    }
-    Ok(())
+    crate::distribution::run_on_every_worker(&sql)
 }
 
 /// The text of `pstmt` alone within `query_string` (which may hold several statements).

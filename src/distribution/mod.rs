@@ -188,6 +188,18 @@ pub fn run_on_placements(
     Ok(())
 }
 
+/// Runs `sql` on every primary worker, all at once, in the coordinator's transaction.
+pub fn run_on_every_worker(sql: &str) -> Result<(), DistributionError> {
+    let work = crate::metadata::nodes::primary_nodes()?
+        .into_iter()
+        .map(|node| Ok((target_for(node.address)?, sql.to_string())))
+        .collect::<Result<Vec<_>, DistributionError>>()?;
+    if !work.is_empty() {
+        remote_xact::run_batches(&work);
+    }
+    Ok(())
+}
+
 /// Runs one statement per node naming all of that node's `shards` (node, qualified shard
 /// relation): `statement("a_1, b_1")` — nodes in parallel, in the coordinator's transaction.
 /// For the statements whose shards must go together (foreign keys between them).
