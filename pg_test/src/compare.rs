@@ -92,6 +92,14 @@ pub fn compare(cluster: &mut Client, reference: &mut Client, sql: &str) -> Compa
     }
 }
 
+/// Runs each statement on both servers and requires the same answer (an 0A000 refusal fails).
+pub fn assert_same(cluster: &mut Client, reference: &mut Client, statements: &[&str]) {
+    for sql in statements {
+        let comparison = compare(cluster, reference, sql);
+        assert_eq!(comparison, Comparison::Same, "{sql}");
+    }
+}
+
 /// Runs setup SQL (DDL, data) on both servers.
 pub fn run_on_both(cluster: &mut Client, reference: &mut Client, sql: &str) {
     cluster

@@ -1977,16 +1977,11 @@ const PARTITIONED_READS: &[&str] = &[
 ];
 
 fn compare_partitioned(coordinator: &mut Client, reference: &mut Client) {
-    for sql in PARTITIONED_READS {
-        assert!(matches!(
-            pgdist_pg_test::compare::compare(coordinator, reference, sql),
-            pgdist_pg_test::compare::Comparison::Same
-        ));
-    }
+    pgdist_pg_test::compare::assert_same(coordinator, reference, PARTITIONED_READS);
 }
 
 fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
-    use pgdist_pg_test::compare::{compare, run_on_both, Comparison};
+    use pgdist_pg_test::compare::{assert_same, run_on_both};
     let mut coordinator = cluster.coordinator_client();
     let mut reference = cluster.reference.connect();
     run_on_both(&mut coordinator, &mut reference, PARTITIONED_SCHEMA);
@@ -2021,7 +2016,10 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
     compare_partitioned(&mut coordinator, &mut reference);
 
     // Writes: rows are routed to their shard, and there to their partition.
-    for sql in [
+    assert_same(
+        &mut coordinator,
+        &mut reference,
+        &[
         "INSERT INTO pev VALUES (5001, 1, '2024-05-05', 5, 'x'), (5002, 2, '2025-05-05', 6, 'y'),
                                 (5003, 3, '2022-01-01', 7, 'z') RETURNING *",
         "INSERT INTO pev VALUES (5001, 1, '2024-05-05', 50, 'x')
@@ -2031,12 +2029,8 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
         "DELETE FROM pev WHERE amount > 900 RETURNING id",
         "INSERT INTO pev VALUES (5004, 4, '2024-07-07', -1, 'negative')",
         "INSERT INTO pev SELECT id + 10000, tenant, day, amount, note FROM pev WHERE tenant = 5",
-    ] {
-        assert!(matches!(
-            compare(&mut coordinator, &mut reference, sql),
-            Comparison::Same
-        ));
-    }
+        ],
+    );
     // Statement triggers fire on the coordinator (an INSERT's with its rows in a transition
     // table); row triggers, and the transition tables of UPDATE and DELETE, are refused.
     run_on_both(
@@ -2054,17 +2048,16 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
          CREATE TRIGGER pev_changed AFTER UPDATE OR DELETE ON pev
            FOR EACH STATEMENT EXECUTE FUNCTION pev_count();",
     );
-    for sql in [
+    assert_same(
+        &mut coordinator,
+        &mut reference,
+        &[
         "INSERT INTO pev VALUES (8001, 1, '2024-03-03', 5, 't'), (8002, 2, '2025-03-03', 6, 't')",
         "UPDATE pev SET amount = amount + 1 WHERE note = 't'",
         "DELETE FROM pev WHERE note = 't'",
         "SELECT * FROM pev_log ORDER BY op",
-    ] {
-        assert!(matches!(
-            compare(&mut coordinator, &mut reference, sql),
-            Comparison::Same
-        ));
-    }
+        ],
+    );
     let err = coordinator
         .batch_execute(
             "CREATE TRIGGER pev_updated AFTER UPDATE ON pev REFERENCING NEW TABLE AS new_rows
@@ -2104,17 +2097,16 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
     ] {
         run_on_both(&mut coordinator, &mut reference, sql);
     }
-    for sql in [
-        "SELECT extra, count(*) FROM pev GROUP BY 1",
-        "SELECT count(*) FROM pev WHERE day >= '2027-01-01'",
-        "SELECT count(*), sum(amount) FROM pev_2024",
-        "SELECT count(*) FROM pev_2027",
-    ] {
-        assert!(matches!(
-            compare(&mut coordinator, &mut reference, sql),
-            Comparison::Same
-        ));
-    }
+    assert_same(
+        &mut coordinator,
+        &mut reference,
+        &[
+            "SELECT extra, count(*) FROM pev GROUP BY 1",
+            "SELECT count(*) FROM pev WHERE day >= '2027-01-01'",
+            "SELECT count(*), sum(amount) FROM pev_2024",
+            "SELECT count(*) FROM pev_2027",
+        ],
+    );
     compare_partitioned(&mut coordinator, &mut reference);
     // A move takes the parent's and every partition's shard of one index together.
     let row = coordinator
@@ -2183,15 +2175,14 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
             "shard indexes not named after the shard's table's"
         );
     }
-    for sql in [
-        "SELECT count(*), count(DISTINCT (tenant, id, day)), min(amount) FROM pev_2024",
-        "SELECT count(*) FROM pev WHERE note = 'n17'",
-    ] {
-        assert!(matches!(
-            compare(&mut coordinator, &mut reference, sql),
-            Comparison::Same
-        ));
-    }
+    assert_same(
+        &mut coordinator,
+        &mut reference,
+        &[
+            "SELECT count(*), count(DISTINCT (tenant, id, day)), min(amount) FROM pev_2024",
+            "SELECT count(*) FROM pev WHERE note = 'n17'",
+        ],
+    );
     compare_partitioned(&mut coordinator, &mut reference);
     // Refused with a hint, changing nothing.
     for sql in [
