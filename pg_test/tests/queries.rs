@@ -438,6 +438,13 @@ fn co_located_joins_run_on_the_workers(cluster: &Cluster) {
         "SELECT c.customer_id, o.order_id FROM customers c JOIN orders o USING (customer_id) ORDER BY o.order_id DESC LIMIT 7",
         "SELECT count(*) FROM customers c JOIN orders o ON o.customer_id = c.customer_id AND o.price > c.customer_id",
         "SELECT c.customer_id, o.ordered_at, o.waited, o.payload, o.ref FROM customers c JOIN orders o USING (customer_id) WHERE c.tags IS NOT NULL AND o.qty = 0",
+        // A key on the side an outer join null-extends prunes only that side's shards.
+        "SELECT c.customer_id, o.order_id FROM customers c LEFT JOIN orders o ON o.customer_id = c.customer_id AND o.customer_id = 77",
+        "SELECT c.customer_id, o.order_id FROM (SELECT * FROM orders WHERE customer_id = 77) o RIGHT JOIN customers c USING (customer_id)",
+        "SELECT c.customer_id, o.order_id FROM customers c FULL JOIN (SELECT * FROM orders WHERE customer_id = 77) o USING (customer_id)",
+        "SELECT c.customer_id, o.order_id FROM (SELECT * FROM customers WHERE customer_id = 3) c FULL JOIN (SELECT * FROM orders WHERE customer_id = 77) o USING (customer_id)",
+        "SELECT c.customer_id FROM customers c WHERE NOT EXISTS (SELECT FROM orders o WHERE o.customer_id = c.customer_id AND o.customer_id = 77)",
+        "SELECT c.customer_id, o.order_id FROM (SELECT * FROM customers WHERE customer_id = 77) c LEFT JOIN orders o USING (customer_id)",
     ];
     let local = [
         "SELECT k.code, c.customer_id FROM countries k LEFT JOIN customers c ON c.country = k.code",
@@ -488,6 +495,20 @@ fn co_located_joins_run_on_the_workers(cluster: &Cluster) {
         "{:?}",
         simple_rows(&plan)
     );
+    // A parameter on the side a LEFT JOIN null-extends prunes nothing.
+    coordinator
+        .batch_execute(
+            "PREPARE with_orders_of(int) AS SELECT count(*), count(o.order_id) FROM customers c LEFT JOIN orders o ON o.customer_id = c.customer_id AND o.customer_id = $1",
+        )
+        .unwrap();
+    for id in [3, 77] {
+        let sql = format!("SELECT count(*), count(o.order_id) FROM customers c LEFT JOIN orders o ON o.customer_id = c.customer_id AND o.customer_id = {id}");
+        let expected = reference.simple_query(&sql).unwrap();
+        let got = coordinator
+            .simple_query(&format!("EXECUTE with_orders_of({id})"))
+            .unwrap();
+        assert_eq!(simple_rows(&got), simple_rows(&expected), "customer {id}");
+    }
     coordinator.batch_execute("RESET plan_cache_mode").unwrap();
     // Aggregates over a pushed-down join are computed partially on the workers too.
     let aggregates = [

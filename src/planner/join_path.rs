@@ -398,15 +398,10 @@ unsafe fn plan_join(
             }
         }
         let (spread, shard_indexes) = match (outer.spread, inner.spread) {
-            (Spread::Sharded(a), Spread::Sharded(_)) => {
-                let both = outer
-                    .shard_indexes
-                    .iter()
-                    .copied()
-                    .filter(|i| inner.shard_indexes.contains(i))
-                    .collect();
-                (Spread::Sharded(a), both)
-            }
+            (Spread::Sharded(a), Spread::Sharded(_)) => (
+                Spread::Sharded(a),
+                joined_shards(jointype, &outer.shard_indexes, &inner.shard_indexes),
+            ),
             (Spread::Sharded(a), Spread::Replicated)
                 if matches!(jointype, JOIN_INNER | JOIN_LEFT | JOIN_SEMI | JOIN_ANTI) =>
             {
@@ -446,9 +441,14 @@ unsafe fn plan_join(
                     .map(|(id, _)| *id)
             })
             .collect();
-        // Co-located tables hash a value to the same shard index: either input's parameter
-        // prunes both (a reference table never has one).
-        let prune_param = outer.plan.prune_param.max(inner.plan.prune_param);
+        // Co-located tables hash a value to the same shard index: a parameter that prunes
+        // a side whose rows the join keeps prunes the join (a reference table never has one).
+        let prune_param = match jointype {
+            JOIN_LEFT | JOIN_ANTI => outer.plan.prune_param,
+            JOIN_RIGHT => inner.plan.prune_param,
+            JOIN_FULL if outer.plan.prune_param != inner.plan.prune_param => 0,
+            _ => outer.plan.prune_param.max(inner.plan.prune_param),
+        };
 
         let mut exec_params: Vec<(i32, pg_sys::Oid)> = outer
             .plan
@@ -686,4 +686,26 @@ fn replicas_beside_shards(relations: &[(u32, pg_sys::Oid)], anchor: pg_sys::Oid)
                 .all(|node| copies.iter().any(|p| p.node.node_id == *node))
         }
     })
+}
+
+/// The shards a join of two co-located inputs must read, given the shards each input's own
+/// conditions leave: rows come only from both (inner and semi joins), from the side whose rows
+/// an outer join keeps (its other side's conditions only null-extend), or from either (full).
+fn joined_shards(jointype: pg_sys::JoinType::Type, outer: &[i32], inner: &[i32]) -> Vec<i32> {
+    use pg_sys::JoinType::*;
+    match jointype {
+        JOIN_LEFT | JOIN_ANTI => outer.to_vec(),
+        JOIN_RIGHT => inner.to_vec(),
+        JOIN_FULL => {
+            let mut either: Vec<i32> = outer.iter().chain(inner).copied().collect();
+            either.sort_unstable();
+            either.dedup();
+            either
+        }
+        _ => outer
+            .iter()
+            .copied()
+            .filter(|i| inner.contains(i))
+            .collect(),
+    }
 }
