@@ -39,6 +39,7 @@ fn main() {
             tables_and_their_shards_change_schema_together,
             table_owners_run_ddl_on_their_distributed_tables,
             partitioned_tables_are_distributed_with_their_partitions,
+            row_triggers_fire_on_the_partition_that_holds_the_row,
         ],
     )
 }
@@ -2031,8 +2032,8 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
         "INSERT INTO pev SELECT id + 10000, tenant, day, amount, note FROM pev WHERE tenant = 5",
         ],
     );
-    // Statement triggers fire on the coordinator (an INSERT's with its rows in a transition
-    // table); row triggers, and the transition tables of UPDATE and DELETE, are refused.
+    // Statement triggers fire on the coordinator, with their transition tables (rows that
+    // move between partitions included).
     run_on_both(
         &mut coordinator,
         &mut reference,
@@ -2040,12 +2041,15 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
          CREATE FUNCTION pev_count() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
            IF TG_OP = 'INSERT' THEN INSERT INTO pev_log SELECT TG_OP, count(*), sum(amount) FROM new_rows;
-           ELSE INSERT INTO pev_log SELECT TG_OP, count(*), sum(amount) FROM pev WHERE note = 't'; END IF;
+           ELSIF TG_OP = 'UPDATE' THEN INSERT INTO pev_log SELECT TG_OP, count(*), sum(amount) FROM new_rows;
+           ELSE INSERT INTO pev_log SELECT TG_OP, count(*), sum(amount) FROM old_rows; END IF;
            RETURN NULL;
          END $$;
          CREATE TRIGGER pev_inserted AFTER INSERT ON pev REFERENCING NEW TABLE AS new_rows
            FOR EACH STATEMENT EXECUTE FUNCTION pev_count();
-         CREATE TRIGGER pev_changed AFTER UPDATE OR DELETE ON pev
+         CREATE TRIGGER pev_updated AFTER UPDATE ON pev REFERENCING NEW TABLE AS new_rows
+           FOR EACH STATEMENT EXECUTE FUNCTION pev_count();
+         CREATE TRIGGER pev_deleted AFTER DELETE ON pev REFERENCING OLD TABLE AS old_rows
            FOR EACH STATEMENT EXECUTE FUNCTION pev_count();",
     );
     assert_same(
@@ -2054,21 +2058,15 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
         &[
         "INSERT INTO pev VALUES (8001, 1, '2024-03-03', 5, 't'), (8002, 2, '2025-03-03', 6, 't')",
         "UPDATE pev SET amount = amount + 1 WHERE note = 't'",
+        "UPDATE pev SET day = day + 365 WHERE note = 't' AND tenant = 1",
         "DELETE FROM pev WHERE note = 't'",
         "SELECT * FROM pev_log ORDER BY op",
         ],
     );
-    let err = coordinator
-        .batch_execute(
-            "CREATE TRIGGER pev_updated AFTER UPDATE ON pev REFERENCING NEW TABLE AS new_rows
-               FOR EACH STATEMENT EXECUTE FUNCTION pev_count()",
-        )
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
     run_on_both(
         &mut coordinator,
         &mut reference,
-        "DROP TRIGGER pev_inserted ON pev; DROP TRIGGER pev_changed ON pev;
+        "DROP TRIGGER pev_inserted ON pev; DROP TRIGGER pev_updated ON pev; DROP TRIGGER pev_deleted ON pev;
          DROP FUNCTION pev_count(); DROP TABLE pev_log",
     );
     for client in [&mut coordinator, &mut reference] {
@@ -2187,7 +2185,6 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
     // Refused with a hint, changing nothing.
     for sql in [
         "UPDATE ONLY pev SET amount = 0",
-        "CREATE TRIGGER t BEFORE INSERT ON pev FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()",
         "ALTER TABLE pev DETACH PARTITION pev_2027 CONCURRENTLY",
     ] {
         let err = coordinator.batch_execute(sql).unwrap_err();
@@ -2216,5 +2213,143 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
             "SELECT count(*) FROM pgdist.tables WHERE table_name::text LIKE 'p%'"
         ),
         0
+    );
+}
+
+/// A partitioned table with row triggers on the parent (cloned to every partition) and on
+/// single partitions, one of whose columns are in another order than the parent's.
+const PARTITION_TRIGGERS_SCHEMA: &str = "
+CREATE TABLE ptr_log (tg text, op text, tbl text, old_row text, new_row text);
+CREATE TABLE ptr (tenant int NOT NULL, day date NOT NULL, amount numeric, note text, stamp text,
+                  PRIMARY KEY (tenant, day)) PARTITION BY RANGE (day);
+CREATE TABLE ptr_2024 PARTITION OF ptr FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE ptr_2025 (note text, amount numeric, stamp text, day date NOT NULL, tenant int NOT NULL);
+ALTER TABLE ptr ATTACH PARTITION ptr_2025 FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE ptr_rest PARTITION OF ptr DEFAULT;
+CREATE FUNCTION ptr_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  NEW.stamp := TG_TABLE_NAME || ':' || TG_OP;
+  IF NEW.note = 'skip' THEN RETURN NULL; END IF;
+  IF NEW.note = 'double' THEN NEW.amount := NEW.amount * 2; END IF;
+  IF NEW.note = 'move' THEN NEW.day := NEW.day + 400; END IF;
+  RETURN NEW;
+END $$;
+CREATE FUNCTION ptr_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO ptr_log VALUES (TG_NAME, TG_OP, TG_TABLE_NAME,
+     CASE WHEN TG_OP <> 'INSERT' THEN (OLD.tenant, OLD.day, OLD.amount, OLD.note)::text END,
+     CASE WHEN TG_OP <> 'DELETE' THEN (NEW.tenant, NEW.day, NEW.amount, NEW.note, NEW.stamp)::text END);
+  IF TG_OP = 'DELETE' AND OLD.note = 'keep' THEN RETURN NULL; END IF;
+  RETURN COALESCE(NEW, OLD);
+END $$;
+CREATE FUNCTION ptr_count() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO ptr_log (tg, op, tbl, new_row) SELECT TG_NAME, TG_OP, TG_TABLE_NAME, count(*) FROM changed;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER a_stamp BEFORE INSERT OR UPDATE ON ptr FOR EACH ROW EXECUTE FUNCTION ptr_stamp();
+CREATE TRIGGER b_keep BEFORE DELETE ON ptr_2024 FOR EACH ROW EXECUTE FUNCTION ptr_audit();
+CREATE TRIGGER c_audit AFTER INSERT OR UPDATE OR DELETE ON ptr FOR EACH ROW EXECUTE FUNCTION ptr_audit();
+CREATE TRIGGER d_2025 AFTER UPDATE ON ptr_2025 FOR EACH ROW EXECUTE FUNCTION ptr_audit();
+CREATE TRIGGER e_updated AFTER UPDATE ON ptr REFERENCING NEW TABLE AS changed
+  FOR EACH STATEMENT EXECUTE FUNCTION ptr_count();
+CREATE TRIGGER f_deleted AFTER DELETE ON ptr REFERENCING OLD TABLE AS changed
+  FOR EACH STATEMENT EXECUTE FUNCTION ptr_count();
+";
+
+fn row_triggers_fire_on_the_partition_that_holds_the_row(cluster: &Cluster) {
+    use pgdist_pg_test::compare::{assert_same, run_on_both};
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    run_on_both(&mut coordinator, &mut reference, PARTITION_TRIGGERS_SCHEMA);
+    coordinator
+        .batch_execute(
+            "SELECT pgdist.create_distributed_table('ptr', 'tenant', shard_count => 4);
+             SELECT pgdist.create_reference_table('ptr_log');",
+        )
+        .unwrap();
+    // Each row meets the triggers of the partition it is in (the parent's clones and the
+    // partition's own), with the partition as TG_TABLE_NAME; BEFORE triggers change or skip
+    // it; transition tables hold the statement's rows. Compared with plain PostgreSQL: the
+    // tables, and everything the triggers wrote.
+    assert_same(
+        &mut coordinator,
+        &mut reference,
+        &[
+            "INSERT INTO ptr VALUES (1, '2024-03-01', 10, 'a'), (2, '2025-03-01', 20, 'b'), (3, '2027-01-01', 30, 'c'),
+               (4, '2024-05-05', 40, 'skip'), (5, '2025-06-06', 50, 'double') RETURNING *",
+            "INSERT INTO ptr (tenant, day, amount, note) SELECT g, date '2024-01-01' + g * 5, g,
+               CASE WHEN g % 7 = 0 THEN 'keep' END FROM generate_series(10, 200) g",
+            "UPDATE ptr SET amount = amount + 1 WHERE tenant < 20 RETURNING tenant, amount, stamp",
+            "UPDATE ptr SET note = 'double' WHERE tenant = 2",
+            "DELETE FROM ptr WHERE tenant BETWEEN 30 AND 60 RETURNING tenant, note",
+            "UPDATE ptr SET amount = -amount WHERE day >= '2025-01-01'",
+            "INSERT INTO ptr VALUES (7, '2024-03-01', 1, 'new'), (1, '2024-03-01', 1, 'dup')
+               ON CONFLICT (tenant, day) DO NOTHING RETURNING *",
+            "INSERT INTO ptr_2025 (tenant, day, amount, note) VALUES (8, '2025-08-08', 8, 'direct')",
+            "UPDATE ptr_2025 SET amount = 0 WHERE tenant = 8",
+            "SELECT * FROM ptr",
+            "SELECT * FROM ptr_log",
+        ],
+    );
+    for client in [&mut coordinator, &mut reference] {
+        let mut copy = client
+            .copy_in("COPY ptr (tenant, day, amount, note) FROM STDIN")
+            .unwrap();
+        std::io::Write::write_all(
+            &mut copy,
+            b"300\t2025-02-02\t3\tcopied\n301\t2024-02-02\t4\tskip\n302\t2030-01-01\t5\tdouble\n",
+        )
+        .unwrap();
+        copy.finish().unwrap();
+    }
+    assert_same(
+        &mut coordinator,
+        &mut reference,
+        &["SELECT * FROM ptr", "SELECT * FROM ptr_log"],
+    );
+    // A trigger may not move an inserted row (PostgreSQL's own error); an UPDATE that moves
+    // a row between partitions with row triggers is refused (PostgreSQL fires the partitions'
+    // DELETE and INSERT triggers), as is an upsert with row triggers: nothing changes.
+    for sql in [
+        "INSERT INTO ptr VALUES (500, '2024-06-01', 1, 'move')",
+        "UPDATE ptr SET note = 'move' WHERE tenant = 1",
+        "UPDATE ptr SET day = '2025-05-05' WHERE tenant = 1",
+        "INSERT INTO ptr VALUES (1, '2024-03-01', 5, 'x') ON CONFLICT (tenant, day) DO UPDATE SET amount = 5",
+    ] {
+        let err = coordinator.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+    }
+    assert_same(
+        &mut coordinator,
+        &mut reference,
+        &["SELECT * FROM ptr", "SELECT * FROM ptr_log"],
+    );
+    // Without row triggers on the partitions, rows move as in PostgreSQL, transition tables
+    // and all.
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DROP TRIGGER a_stamp ON ptr; DROP TRIGGER b_keep ON ptr_2024; DROP TRIGGER c_audit ON ptr;
+         DROP TRIGGER d_2025 ON ptr_2025",
+    );
+    assert_same(
+        &mut coordinator,
+        &mut reference,
+        &[
+            "UPDATE ptr SET day = day + 365 WHERE tenant < 30",
+            "SELECT * FROM ptr",
+            "SELECT * FROM ptr_log",
+        ],
+    );
+    coordinator
+        .batch_execute(
+            "SELECT pgdist.undistribute_table('ptr'); SELECT pgdist.undistribute_table('ptr_log')",
+        )
+        .unwrap();
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DROP TABLE ptr, ptr_log; DROP FUNCTION ptr_stamp(), ptr_audit(), ptr_count()",
     );
 }

@@ -465,34 +465,14 @@ unsafe fn plan(
                 // Triggers stay on the shell and fire on the coordinator; deferred ones would
                 // fire after the statement's rows are gone from its memory.
                 let stmt = node.cast::<pg_sys::CreateTrigStmt>();
-                let Some(table) = distributed((*stmt).relation)? else {
+                if distributed((*stmt).relation)?.is_none() {
                     return Ok(None);
-                };
+                }
                 if (*stmt).isconstraint {
                     return Err(unsupported(
                         "CREATE CONSTRAINT TRIGGER",
                         "Use a plain AFTER trigger (it fires at the end of the statement), or \
                          a deferrable foreign key.",
-                    ));
-                }
-                // Rows written through the parent reach a partition only on the workers, where
-                // its row triggers would fire; statement triggers fire on the coordinator, but
-                // the transition tables of an UPDATE or DELETE need the rows changed one by one
-                // by ctid, which does not name one row of a partitioned shard.
-                let changes_rows = (*stmt).events
-                    & (pg_sys::TRIGGER_TYPE_UPDATE | pg_sys::TRIGGER_TYPE_DELETE) as i16
-                    != 0;
-                let transition_rows = changes_rows && !(*stmt).transitionRels.is_null();
-                if ((*stmt).row || transition_rows)
-                    && (pg_sys::get_rel_relkind(table.oid)
-                        == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char
-                        || pg_sys::get_rel_relispartition(table.oid))
-                {
-                    return Err(unsupported(
-                        "row triggers, and UPDATE or DELETE triggers with transition tables, on \
-                         partitioned tables and their partitions",
-                        "Use a FOR EACH STATEMENT trigger (INSERT triggers may have a NEW \
-                         TABLE), fire the trigger from another table, or undistribute the table.",
                     ));
                 }
                 Ok(None)

@@ -80,12 +80,6 @@ fn validate_table(oid: pg_sys::Oid, name: &str, method: Method) -> Result<(), Di
                                  AND NOT EXISTS (SELECT 1 FROM pgdist.dist_table d WHERE d.table_oid = i.inhparent)),
                     EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
                             WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgconstraint <> 0),
-                    (c.relkind = 'p' OR c.relispartition) AND EXISTS (
-                      SELECT 1 FROM pg_catalog.pg_trigger t
-                      WHERE t.tgrelid IN (SELECT c.oid UNION ALL SELECT relid FROM pg_catalog.pg_partition_tree(c.oid))
-                        AND NOT t.tgisinternal
-                        AND ((t.tgtype & 1) = 1
-                             OR ((t.tgoldtable IS NOT NULL OR t.tgnewtable IS NOT NULL) AND (t.tgtype & 24) <> 0))),
                     EXISTS (SELECT 1 FROM pg_catalog.pg_partition_tree(c.oid) t
                             JOIN pg_catalog.pg_class p ON p.oid = t.relid
                             WHERE p.relkind NOT IN ('r', 'p')
@@ -101,13 +95,11 @@ fn validate_table(oid: pg_sys::Oid, name: &str, method: Method) -> Result<(), Di
                 row.get::<bool>(2)?.unwrap_or_default(),
                 row.get::<bool>(3)?.unwrap_or_default(),
                 row.get::<bool>(4)?.unwrap_or_default(),
-                row.get::<bool>(5)?.unwrap_or_default(),
             ));
         }
         Ok(found)
     })?;
-    let Some((relkind, inherits, constraint_triggers, partition_triggers, odd_partitions)) = row
-    else {
+    let Some((relkind, inherits, constraint_triggers, odd_partitions)) = row else {
         return Err(DistributionError::NotATable(name.into()));
     };
     match relkind.as_str() {
@@ -153,15 +145,6 @@ fn validate_table(oid: pg_sys::Oid, name: &str, method: Method) -> Result<(), Di
             "constraint triggers",
             "Drop the table's constraint triggers before distributing it (plain triggers are \
              kept and fire on the coordinator).",
-        ));
-    }
-    if partition_triggers {
-        return Err(unsupported(
-            name,
-            "row triggers, and UPDATE or DELETE triggers with transition tables, on \
-             partitioned tables and their partitions",
-            "Drop those triggers before distributing the table (other statement triggers are \
-             kept), or fire them from another table.",
         ));
     }
     Ok(())

@@ -708,8 +708,11 @@ pub(crate) unsafe fn check_new_row(
 
 #[pg_guard]
 unsafe extern "C-unwind" fn end(node: *mut pg_sys::CustomScanState) {
-    // SAFETY: ends the child plans we initialised in begin().
+    // SAFETY: ends the child plans we initialised in begin(); the AFTER events have fired.
     unsafe {
+        if let Some(triggers) = runtime_of(node).triggers.as_mut() {
+            triggers.close();
+        }
         for child in pgrx::PgList::<pg_sys::PlanState>::from_pg((*node).custom_ps).iter_ptr() {
             pg_sys::ExecEndNode(child);
         }

@@ -3,13 +3,14 @@
 //! A trigger may change the new row or skip it before it is written, and needs the old row
 //! afterwards; a shard's `UPDATE … WHERE …` gives the coordinator no say in between. So the
 //! write runs in two round trips. First every placement of each shard left after pruning locks
-//! and returns its rows — `SELECT <tag>, ctid, <columns>, <new values> FROM <shard> [, <the
+//! and returns its rows — `SELECT <tag>, ctid, tableoid, <columns>, <new values> FROM <shard> [, <the
 //! statement's other tables>] WHERE … FOR [NO KEY] UPDATE OF <shard>`, the rows the UPDATE
 //! would change, rechecked against concurrent writes as UPDATE rechecks them (a row a join
 //! returns twice is changed once, as UPDATE … FROM changes it). Then the coordinator fires the
 //! BEFORE ROW triggers on the rows of the first placement, tests the check options, and sends
-//! every placement one statement that changes its rows by ctid (the copies of a shard hold the
-//! same rows, paired by content, so a placement's ctid names its copy of the row). The shards
+//! every placement one statement that changes its rows by ctid and tableoid (the copies of a
+//! shard hold the same rows, paired by content, so a placement's ctid names its copy of the row;
+//! the tableoid tells the partitions of a partitioned shard apart). The shards
 //! return the rows as stored (generated columns computed), which go to the AFTER ROW triggers
 //! and RETURNING.
 
@@ -46,9 +47,17 @@ fn parse_tag(tag: &str) -> Option<(i64, i32, bool)> {
     ))
 }
 
+/// Where a placement keeps its copy of a row: the ctid, in the table (or, in a partitioned
+/// shard, the partition) `tableoid` — a ctid alone names a row in every partition.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct RowId {
+    ctid: String,
+    tableoid: String,
+}
+
 /// One placement's copy of a row, locked.
 struct Locked {
-    ctid: String,
+    id: RowId,
     /// The row's columns (every column that is not dropped).
     old: TextRow,
     /// The values of the SET columns (UPDATE).
@@ -62,8 +71,8 @@ struct Change {
     old: TextRow,
     /// UPDATE: the new row before the shards store it.
     new: TextRow,
-    /// (node, ctid) of each copy, the first placement's first.
-    copies: Vec<(i32, String)>,
+    /// (node, row) of each copy, the first placement's first.
+    copies: Vec<(i32, RowId)>,
     shard_id: i64,
     /// The other tables' columns that RETURNING reads.
     extra: TextRow,
@@ -141,11 +150,11 @@ pub(crate) unsafe fn update_or_delete(
                     continue;
                 }
                 refuse_moved_row(plan.relid, &columns, distribution, &row.old, &new);
-                let mut copies = vec![(primary.0, row.ctid.clone())];
+                let mut copies = vec![(primary.0, row.id.clone())];
                 copies.extend(
                     others
                         .iter()
-                        .map(|(node_id, rows)| (*node_id, rows[i].ctid.clone())),
+                        .map(|(node_id, rows)| (*node_id, rows[i].id.clone())),
                 );
                 changes.push(Change {
                     old: row.old.clone(),
@@ -220,12 +229,14 @@ fn group_by_shard(
         else {
             continue;
         };
-        let extra = row.split_off((2 + columns + set_values).min(row.len()));
-        let set = row.split_off((2 + columns).min(row.len()));
-        let old = row.split_off(2.min(row.len()));
+        let extra = row.split_off((3 + columns + set_values).min(row.len()));
+        let set = row.split_off((3 + columns).min(row.len()));
+        let old = row.split_off(3.min(row.len()));
+        let tableoid = row.pop().flatten().unwrap_or_default();
         let ctid = row.pop().flatten().unwrap_or_default();
+        let id = RowId { ctid, tableoid };
         // A join may return a row more than once; it is changed once, with the first values.
-        if !seen.insert((shard_id, node_id, ctid.clone())) {
+        if !seen.insert((shard_id, node_id, id.clone())) {
             continue;
         }
         let rows = shards
@@ -234,7 +245,7 @@ fn group_by_shard(
             .entry((!primary, node_id))
             .or_default();
         rows.push(Locked {
-            ctid,
+            id,
             old,
             set,
             extra,
@@ -260,8 +271,8 @@ fn group_by_shard(
 }
 
 /// The statements that write `changes`: per placement of each shard, one UPDATE joining the new
-/// values on ctid (or one DELETE of the ctids); the first placement's UPDATE returns the rows as
-/// stored, tagged with their change's index.
+/// values on the rows' ctid and tableoid (or one DELETE joining those); the first placement's
+/// UPDATE returns the rows as stored, tagged with their change's index.
 fn writes(
     relid: pg_sys::Oid,
     plan: &crate::planner::modify_plan::ModifyPlan,
@@ -299,14 +310,24 @@ fn writes(
             let Some(node_id) = changes[indexes[0]].copies.get(copy).map(|c| c.0) else {
                 continue;
             };
-            let ctid = |n: usize| changes[n].copies.get(copy).map_or("", |c| c.1.as_str());
+            let row_id = |n: usize| {
+                let id = changes[n].copies.get(copy).map(|c| &c.1);
+                let ctid = id.map_or("", |id| id.ctid.as_str());
+                let tableoid = id.map_or("", |id| id.tableoid.as_str());
+                format!(
+                    "{}::tid, {}::oid",
+                    quote_literal(ctid),
+                    quote_literal(tableoid)
+                )
+            };
+            let same_row = "pgdist_t.ctid = pgdist_v.pgdist_ctid \
+                            AND pgdist_t.tableoid = pgdist_v.pgdist_tableoid";
             let sql = match plan.kind {
                 ModifyKind::Update => {
                     let rows: Vec<String> = indexes
                         .iter()
                         .map(|n| {
-                            let mut values =
-                                vec![n.to_string(), format!("{}::tid", quote_literal(ctid(*n)))];
+                            let mut values = vec![n.to_string(), row_id(*n)];
                             values.extend(assigned.iter().map(|i| {
                                 let text = changes[*n].new[*i].as_deref();
                                 let value = text.map_or("NULL".into(), quote_literal);
@@ -325,7 +346,7 @@ fn writes(
                         .collect();
                     let mut sql = format!(
                         "UPDATE {shard} AS pgdist_t SET {} FROM (VALUES {}) AS pgdist_v \
-                         (pgdist_n, pgdist_ctid, {}) WHERE pgdist_t.ctid = pgdist_v.pgdist_ctid",
+                         (pgdist_n, pgdist_ctid, pgdist_tableoid, {}) WHERE {same_row}",
                         sets.join(", "),
                         rows.join(", "),
                         names.join(", ")
@@ -336,13 +357,14 @@ fn writes(
                     sql
                 }
                 _ => {
-                    let ctids: Vec<String> = indexes
+                    let rows: Vec<String> = indexes
                         .iter()
-                        .map(|n| format!("\"{}\"", ctid(*n)))
+                        .map(|n| format!("({})", row_id(*n)))
                         .collect();
                     format!(
-                        "DELETE FROM {shard} WHERE ctid = ANY ({}::tid[])",
-                        quote_literal(&format!("{{{}}}", ctids.join(",")))
+                        "DELETE FROM {shard} AS pgdist_t USING (VALUES {}) AS pgdist_v \
+                         (pgdist_ctid, pgdist_tableoid) WHERE {same_row}",
+                        rows.join(", ")
                     )
                 }
             };

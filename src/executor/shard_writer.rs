@@ -50,6 +50,10 @@ pub enum WriteError {
         column: String,
         value: String,
     },
+    #[error(
+        "moving a row of \"{0}\" to another partition is not supported when its partitions have row triggers"
+    )]
+    PartitionChange(String),
 }
 
 impl PgError for WriteError {
@@ -57,6 +61,7 @@ impl PgError for WriteError {
         match self {
             WriteError::NullDistributionValue { .. } => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
             WriteError::NoShard { .. } => PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
+            WriteError::PartitionChange(_) => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
         }
     }
     fn hint(&self) -> Option<String> {
@@ -67,6 +72,11 @@ impl PgError for WriteError {
             WriteError::NoShard { .. } => {
                 Some("The table's range shards do not cover this value.".into())
             }
+            WriteError::PartitionChange(_) => Some(
+                "Delete the row and insert it with its new values in one transaction (the \
+                 partitions' DELETE and INSERT triggers fire), or drop the row triggers."
+                    .into(),
+            ),
         }
     }
 }

@@ -18,6 +18,8 @@
 
 use pgrx::pg_sys;
 
+use crate::executor::shard_writer::WriteError;
+
 /// A write's event, as PostgreSQL's trigger code names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -51,13 +53,38 @@ impl Found {
     }
 }
 
-/// The user triggers (not foreign-key triggers) of `relid` for `event`.
+/// The user triggers (not foreign-key triggers) that a write of `event` to `relid` fires: its
+/// own, and for a partitioned table the row triggers of its leaf partitions (which fire for the
+/// rows routed to them).
 pub unsafe fn find(relid: pg_sys::Oid, event: Event) -> Found {
+    // SAFETY: as triggers_of.
+    unsafe {
+        let mut found = triggers_of(relid, event);
+        for leaf in leaf_partitions(relid) {
+            found.rows |= triggers_of(leaf, event).row;
+        }
+        Found {
+            statement: found.statement,
+            rows: found.rows,
+        }
+    }
+}
+
+/// What user triggers of one table an event has.
+#[derive(Default)]
+struct Kinds {
+    statement: bool,
+    row: bool,
+    /// Row triggers or statement triggers with transition tables.
+    rows: bool,
+}
+
+unsafe fn triggers_of(relid: pg_sys::Oid, event: Event) -> Kinds {
     // SAFETY: the relation is locked by the statement being planned or run; its trigger
     // descriptor is read while we hold our reference.
     unsafe {
         let relation = pg_sys::RelationIdGetRelation(relid);
-        let mut found = Found::default();
+        let mut found = Kinds::default();
         for trigger in user_triggers((*relation).trigdesc) {
             let tgtype = trigger.tgtype as u32;
             if tgtype & event.type_bit() == 0 {
@@ -65,12 +92,28 @@ pub unsafe fn find(relid: pg_sys::Oid, event: Event) -> Found {
             }
             let row = tgtype & pg_sys::TRIGGER_TYPE_ROW != 0;
             let transition = !trigger.tgoldtable.is_null() || !trigger.tgnewtable.is_null();
+            found.row |= row;
             found.rows |= row || transition;
             found.statement |= !row;
         }
         pg_sys::RelationClose(relation);
         found
     }
+}
+
+/// The leaf partitions of `relid` when it is a partitioned table (none otherwise).
+fn leaf_partitions(relid: pg_sys::Oid) -> Vec<pg_sys::Oid> {
+    // SAFETY: a catalog lookup of a table the statement has locked.
+    let partitioned = unsafe { pg_sys::get_rel_relkind(relid) }
+        == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
+    if !partitioned {
+        return Vec::new();
+    }
+    crate::metadata::oids(
+        "SELECT relid FROM pg_catalog.pg_partition_tree($1) WHERE isleaf ORDER BY relid",
+        relid,
+    )
+    .unwrap_or_else(|err| crate::error::raise(err))
 }
 
 /// The triggers of `trigdesc` that PostgreSQL did not create for a constraint itself.
@@ -100,6 +143,31 @@ pub struct Triggers {
     update_capture: *mut pg_sys::TransitionCaptureState,
     /// `INSERT … ON CONFLICT DO UPDATE`: UPDATE's statement triggers fire too.
     also_update: bool,
+    /// A partitioned table's leaf partitions, whose row triggers fire for its rows (empty for
+    /// other tables, whose own row triggers fire).
+    partitions: Vec<Partition>,
+    /// Whether a partition has row triggers of any event.
+    partition_row_triggers: bool,
+    /// The partition the last row went to, tried first for the next one.
+    last_partition: std::cell::Cell<usize>,
+    /// Slots of the table's layout: an old row being routed, a new row being converted back.
+    table_old: *mut pg_sys::TupleTableSlot,
+    table_new: *mut pg_sys::TupleTableSlot,
+}
+
+/// A leaf partition of the partitioned table a write names: PostgreSQL fires the row triggers
+/// of the partition a row is routed to (its own and its clones of its ancestors'), with the row
+/// in the partition's layout.
+struct Partition {
+    info: *mut pg_sys::ResultRelInfo,
+    /// The relation as opened (`info` holds a private copy), closed by [`Triggers::close`].
+    opened: pg_sys::Relation,
+    /// Slots of the partition's layout for a row's old and new version.
+    old: *mut pg_sys::TupleTableSlot,
+    new: *mut pg_sys::TupleTableSlot,
+    /// From the named table's layout to the partition's, and back (null: the same layout).
+    to_partition: *mut pg_sys::TupleConversionMap,
+    to_table: *mut pg_sys::TupleConversionMap,
 }
 
 impl Triggers {
@@ -110,32 +178,12 @@ impl Triggers {
         event: Event,
         also_update: bool,
     ) -> Triggers {
-        // SAFETY: info was set up by InitResultRelInfo for this estate; its descriptor is its
-        // own copy, changed here before anything reads it. The relation copy lives in the
-        // query's memory, as long as the events queued with it; its pointers are the open
-        // relation's, which the statement keeps open and locked.
+        // SAFETY: info was set up by InitResultRelInfo for this estate.
         unsafe {
-            let memory = (*estate).es_query_cxt;
-            let relation =
-                pg_sys::MemoryContextAlloc(memory, std::mem::size_of::<pg_sys::RelationData>())
-                    .cast::<pg_sys::RelationData>();
-            *relation = *(*info).ri_RelationDesc;
-            let form = pg_sys::MemoryContextAlloc(
-                memory,
-                std::mem::size_of::<pg_sys::FormData_pg_class>(),
-            )
-            .cast::<pg_sys::FormData_pg_class>();
-            *form = *(*relation).rd_rel;
-            (*form).relkind = pg_sys::RELKIND_FOREIGN_TABLE as std::ffi::c_char;
-            (*relation).rd_rel = form;
-            (*info).ri_RelationDesc = relation;
-            (*estate).es_opened_result_relations =
-                pg_sys::lappend((*estate).es_opened_result_relations, info.cast());
-            let trigdesc = (*info).ri_TrigDesc;
-            if !trigdesc.is_null() {
-                keep_user_triggers(trigdesc);
-            }
+            let tupdesc = (*(*info).ri_RelationDesc).rd_att;
             let relid = (*(*info).ri_RelationDesc).rd_id;
+            keep_event_rows(estate, info);
+            let trigdesc = (*info).ri_TrigDesc;
             let command = match event {
                 Event::Insert => pg_sys::CmdType::CMD_INSERT,
                 Event::Update => pg_sys::CmdType::CMD_UPDATE,
@@ -145,6 +193,8 @@ impl Triggers {
                 true => std::ptr::null_mut(),
                 false => pg_sys::MakeTransitionCaptureState(trigdesc, relid, command),
             };
+            let slot = || pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
+            let leaves = leaf_partitions(relid);
             Triggers {
                 estate,
                 info,
@@ -155,7 +205,28 @@ impl Triggers {
                     false => std::ptr::null_mut(),
                 },
                 also_update,
+                partitions: leaves
+                    .iter()
+                    .map(|oid| Partition::open(*oid, estate, info))
+                    .collect(),
+                partition_row_triggers: leaves.iter().any(|oid| {
+                    [Event::Insert, Event::Update, Event::Delete]
+                        .into_iter()
+                        .any(|event| triggers_of(*oid, event).row)
+                }),
+                last_partition: std::cell::Cell::new(0),
+                table_old: slot(),
+                table_new: slot(),
             }
+        }
+    }
+
+    /// Closes the partitions opened for their triggers, once the statement's AFTER events
+    /// have fired.
+    pub fn close(&mut self) {
+        for partition in self.partitions.drain(..) {
+            // SAFETY: opened by Partition::open; the lock stays until the transaction ends.
+            unsafe { pg_sys::table_close(partition.opened, pg_sys::NoLock as i32) };
         }
     }
 
@@ -196,7 +267,7 @@ impl Triggers {
 
     /// BEFORE ROW triggers of a row to write: false when one of them skips it. `old` is the
     /// row an UPDATE changes or a DELETE removes; `new` the row an INSERT or UPDATE writes,
-    /// which the triggers may change in place.
+    /// which the triggers may change in place (both in the layout of the table written).
     pub unsafe fn before_row(
         &self,
         old: pg_sys::HeapTuple,
@@ -213,40 +284,41 @@ impl Triggers {
         old: pg_sys::HeapTuple,
         new: *mut pg_sys::TupleTableSlot,
     ) -> bool {
-        // SAFETY: the slots hold rows of the result relation; without a ctid, the trigger code
-        // takes the old row as given (as for a foreign table) instead of reading the table.
+        // SAFETY: the slots hold rows of the result relation; a partition's rows are converted
+        // to its layout and the new row back.
         unsafe {
-            let trigdesc = (*self.info).ri_TrigDesc;
-            if trigdesc.is_null() {
+            if self.partitions.is_empty() {
+                return fire_before(self.estate, self.info, event, old, new);
+            }
+            // A row no partition takes goes on: its shard refuses it as PostgreSQL would.
+            let Some((partition, old, partition_new)) = self.in_partition(event, old, new) else {
                 return true;
+            };
+            let keep = fire_before(self.estate, partition.info, event, old, partition_new);
+            if keep && !new.is_null() {
+                // An UPDATE that moves a row to another partition fires that partition's
+                // INSERT triggers and the first one's DELETE triggers in PostgreSQL: refused
+                // when there are such triggers (a trigger may not move an inserted row).
+                let moved =
+                    !pg_sys::ExecPartitionCheck(partition.info, partition_new, self.estate, false);
+                if moved && (event == Event::Insert || self.partition_row_triggers) {
+                    if event == Event::Insert {
+                        pg_sys::ExecPartitionCheck(
+                            partition.info,
+                            partition_new,
+                            self.estate,
+                            true,
+                        );
+                    }
+                    let table = crate::distribution::create::relation_name(
+                        (*(*self.info).ri_RelationDesc).rd_id,
+                    );
+                    crate::error::raise(WriteError::PartitionChange(table));
+                }
+                let back = convert(partition.to_table, partition_new, self.table_new);
+                pg_sys::ExecCopySlot(new, back);
             }
-            match event {
-                Event::Insert if (*trigdesc).trig_insert_before_row => {
-                    pg_sys::ExecBRInsertTriggers(self.estate, self.info, new)
-                }
-                Event::Update if (*trigdesc).trig_update_before_row => {
-                    pg_sys::ExecBRUpdateTriggers(
-                        self.estate,
-                        std::ptr::null_mut(),
-                        self.info,
-                        std::ptr::null_mut(),
-                        old,
-                        new,
-                        std::ptr::null_mut(),
-                    )
-                }
-                Event::Delete if (*trigdesc).trig_delete_before_row => {
-                    pg_sys::ExecBRDeleteTriggers(
-                        self.estate,
-                        std::ptr::null_mut(),
-                        self.info,
-                        std::ptr::null_mut(),
-                        old,
-                        std::ptr::null_mut(),
-                    )
-                }
-                _ => true,
-            }
+            keep
         }
     }
 
@@ -264,41 +336,235 @@ impl Triggers {
         old: pg_sys::HeapTuple,
         new: *mut pg_sys::TupleTableSlot,
     ) {
-        // SAFETY: as before_row; the trigger code copies the rows into the query's tuplestore.
+        // SAFETY: as before_row_of; the trigger code copies the rows into the query's
+        // tuplestore (a partition's transition rows in the table's layout).
         unsafe {
             let capture = match (event, self.event) {
                 (Event::Update, Event::Insert) => self.update_capture,
                 _ => self.capture,
             };
-            match event {
-                Event::Insert => pg_sys::ExecARInsertTriggers(
-                    self.estate,
-                    self.info,
-                    new,
-                    std::ptr::null_mut(),
-                    capture,
-                ),
-                Event::Update => pg_sys::ExecARUpdateTriggers(
-                    self.estate,
-                    self.info,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    old,
-                    new,
-                    std::ptr::null_mut(),
-                    capture,
-                    false,
-                ),
-                Event::Delete => pg_sys::ExecARDeleteTriggers(
-                    self.estate,
-                    self.info,
-                    std::ptr::null_mut(),
-                    old,
-                    capture,
-                    false,
-                ),
+            if self.partitions.is_empty() {
+                return fire_after(self.estate, self.info, capture, event, old, new);
             }
+            if let Some((partition, old, new)) = self.in_partition(event, old, new) {
+                fire_after(self.estate, partition.info, capture, event, old, new);
+            }
+        }
+    }
+
+    /// The partition a row belongs in — an INSERT's new row, the old row of an UPDATE or
+    /// DELETE —, with the old and new row in its layout.
+    unsafe fn in_partition(
+        &self,
+        event: Event,
+        old: pg_sys::HeapTuple,
+        new: *mut pg_sys::TupleTableSlot,
+    ) -> Option<(&Partition, pg_sys::HeapTuple, *mut pg_sys::TupleTableSlot)> {
+        // SAFETY: the rows are in the table's layout; the copies are made in the current
+        // (per-row) memory.
+        unsafe {
+            let routed = match event {
+                Event::Insert => new,
+                _ => {
+                    pg_sys::ExecForceStoreHeapTuple(old, self.table_old, false);
+                    self.table_old
+                }
+            };
+            let count = self.partitions.len();
+            let first = self.last_partition.get();
+            let index = (0..count).map(|k| (first + k) % count).find(|i| {
+                let partition = &self.partitions[*i];
+                let slot = match event {
+                    Event::Insert => partition.new,
+                    _ => partition.old,
+                };
+                let slot = convert(partition.to_partition, routed, slot);
+                pg_sys::ExecPartitionCheck(partition.info, slot, self.estate, false)
+            })?;
+            self.last_partition.set(index);
+            let partition = &self.partitions[index];
+            let old = match old.is_null() {
+                true => std::ptr::null_mut(),
+                false => pg_sys::ExecCopySlotHeapTuple(partition.old),
+            };
+            let new = match (new.is_null(), event) {
+                (true, _) => std::ptr::null_mut(),
+                (false, Event::Insert) => partition.new,
+                (false, _) => convert(partition.to_partition, new, partition.new),
+            };
+            Some((partition, old, new))
+        }
+    }
+}
+
+impl Partition {
+    /// Opens leaf partition `oid` of the table written (`table_info`) for its triggers.
+    unsafe fn open(
+        oid: pg_sys::Oid,
+        estate: *mut pg_sys::EState,
+        table_info: *mut pg_sys::ResultRelInfo,
+    ) -> Partition {
+        // SAFETY: locked as PostgreSQL locks a partition it routes rows to; the result
+        // relation lives in the query's memory.
+        unsafe {
+            let opened = pg_sys::table_open(oid, pg_sys::RowExclusiveLock as i32);
+            let info = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+                .cast::<pg_sys::ResultRelInfo>();
+            // No root result relation: PostgreSQL finds the result relation of an AFTER event
+            // again only if its root is null, as it asks; the map from the partition's layout
+            // to the table's, for the transition tables, is set here instead.
+            pg_sys::InitResultRelInfo(info, opened, 0, std::ptr::null_mut(), 0);
+            let tupdesc = (*opened).rd_att;
+            let table_tupdesc = (*(*table_info).ri_RelationDesc).rd_att;
+            let to_table = pg_sys::convert_tuples_by_name(tupdesc, table_tupdesc);
+            (*info).ri_ChildToRootMap = to_table;
+            (*info).ri_ChildToRootMapValid = true;
+            let slot = || pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
+            let (old, new) = (slot(), slot());
+            // The partition constraint is built (and cached in the relation cache's entry)
+            // before the private copy below, which would keep it where nothing frees it.
+            pg_sys::ExecStoreAllNullTuple(new);
+            pg_sys::ExecPartitionCheck(info, new, estate, false);
+            pg_sys::ExecClearTuple(new);
+            keep_event_rows(estate, info);
+            Partition {
+                info,
+                opened,
+                old,
+                new,
+                to_partition: pg_sys::convert_tuples_by_name(table_tupdesc, tupdesc),
+                to_table,
+            }
+        }
+    }
+}
+
+/// `from`'s row in `to` through `map` (null: the same layout); returns `to`.
+unsafe fn convert(
+    map: *mut pg_sys::TupleConversionMap,
+    from: *mut pg_sys::TupleTableSlot,
+    to: *mut pg_sys::TupleTableSlot,
+) -> *mut pg_sys::TupleTableSlot {
+    // SAFETY: the slots have the map's layouts (or one layout when it is null).
+    unsafe {
+        match map.is_null() {
+            true => pg_sys::ExecCopySlot(to, from),
+            false => {
+                pg_sys::execute_attr_map_slot((*map).attrMap, from, to);
+                pg_sys::ExecMaterializeSlot(to);
+                to
+            }
+        }
+    }
+}
+
+/// Makes result relation `info` keep the rows of its AFTER ROW events and fire only user
+/// triggers: it gets a private copy of its relation entry that says it is a foreign table (see
+/// the module comment), and is registered where PostgreSQL finds it when it fires the events.
+unsafe fn keep_event_rows(estate: *mut pg_sys::EState, info: *mut pg_sys::ResultRelInfo) {
+    // SAFETY: info was set up by InitResultRelInfo for this estate; its descriptor is its
+    // own copy, changed here before anything reads it. The relation copy lives in the
+    // query's memory, as long as the events queued with it; its pointers are the open
+    // relation's, which the statement keeps open and locked.
+    unsafe {
+        let memory = (*estate).es_query_cxt;
+        let relation =
+            pg_sys::MemoryContextAlloc(memory, std::mem::size_of::<pg_sys::RelationData>())
+                .cast::<pg_sys::RelationData>();
+        *relation = *(*info).ri_RelationDesc;
+        let form =
+            pg_sys::MemoryContextAlloc(memory, std::mem::size_of::<pg_sys::FormData_pg_class>())
+                .cast::<pg_sys::FormData_pg_class>();
+        *form = *(*relation).rd_rel;
+        (*form).relkind = pg_sys::RELKIND_FOREIGN_TABLE as std::ffi::c_char;
+        (*relation).rd_rel = form;
+        (*info).ri_RelationDesc = relation;
+        (*estate).es_opened_result_relations =
+            pg_sys::lappend((*estate).es_opened_result_relations, info.cast());
+        let trigdesc = (*info).ri_TrigDesc;
+        if !trigdesc.is_null() {
+            keep_user_triggers(trigdesc);
+        }
+    }
+}
+
+/// Fires the BEFORE ROW triggers of `event` of result relation `info` (rows in its layout).
+unsafe fn fire_before(
+    estate: *mut pg_sys::EState,
+    info: *mut pg_sys::ResultRelInfo,
+    event: Event,
+    old: pg_sys::HeapTuple,
+    new: *mut pg_sys::TupleTableSlot,
+) -> bool {
+    // SAFETY: without a ctid, the trigger code takes the old row as given (as for a foreign
+    // table) instead of reading the table.
+    unsafe {
+        let trigdesc = (*info).ri_TrigDesc;
+        if trigdesc.is_null() {
+            return true;
+        }
+        match event {
+            Event::Insert if (*trigdesc).trig_insert_before_row => {
+                pg_sys::ExecBRInsertTriggers(estate, info, new)
+            }
+            Event::Update if (*trigdesc).trig_update_before_row => pg_sys::ExecBRUpdateTriggers(
+                estate,
+                std::ptr::null_mut(),
+                info,
+                std::ptr::null_mut(),
+                old,
+                new,
+                std::ptr::null_mut(),
+            ),
+            Event::Delete if (*trigdesc).trig_delete_before_row => pg_sys::ExecBRDeleteTriggers(
+                estate,
+                std::ptr::null_mut(),
+                info,
+                std::ptr::null_mut(),
+                old,
+                std::ptr::null_mut(),
+            ),
+            _ => true,
+        }
+    }
+}
+
+/// Queues the AFTER ROW triggers of `event` of result relation `info` and the transition rows
+/// of `capture`.
+unsafe fn fire_after(
+    estate: *mut pg_sys::EState,
+    info: *mut pg_sys::ResultRelInfo,
+    capture: *mut pg_sys::TransitionCaptureState,
+    event: Event,
+    old: pg_sys::HeapTuple,
+    new: *mut pg_sys::TupleTableSlot,
+) {
+    // SAFETY: as fire_before.
+    unsafe {
+        match event {
+            Event::Insert => {
+                pg_sys::ExecARInsertTriggers(estate, info, new, std::ptr::null_mut(), capture)
+            }
+            Event::Update => pg_sys::ExecARUpdateTriggers(
+                estate,
+                info,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                old,
+                new,
+                std::ptr::null_mut(),
+                capture,
+                false,
+            ),
+            Event::Delete => pg_sys::ExecARDeleteTriggers(
+                estate,
+                info,
+                std::ptr::null_mut(),
+                old,
+                capture,
+                false,
+            ),
         }
     }
 }
@@ -435,12 +701,13 @@ impl CopyTriggers {
     }
 
     /// Fires the AFTER STATEMENT triggers and every queued AFTER event, then frees the state.
-    pub fn end(self) {
+    pub fn end(mut self) {
         // SAFETY: the state begin() made, used by nothing after this.
         unsafe {
             self.triggers.after_statement();
             let estate = self.triggers.estate;
             pg_sys::AfterTriggerEndQuery(estate);
+            self.triggers.close();
             pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
             pg_sys::FreeExecutorState(estate);
         }

@@ -90,7 +90,7 @@ pub struct ModifyPlan {
     pub returning_extra_sql: String,
     /// UPDATE / DELETE of a table with row triggers (empty: none), run row by row
     /// (`executor/row_by_row.rs`): each shard's statement that locks and reads the rows,
-    /// `SELECT <ROW_TAG_SQL>, ctid, <every column>, <the new value of each SET column> FROM
+    /// `SELECT <ROW_TAG_SQL>, ctid, tableoid, <every column>, <the new value of each SET column> FROM
     /// $<RELATION_BASE> … WHERE … FOR [NO KEY] UPDATE`, with the relations of `statement` when
     /// there is one.
     pub row_source: String,
@@ -998,7 +998,7 @@ unsafe fn update_or_delete(
         };
         if triggers::find(table.oid, event).rows {
             let (columns, _) = crate::executor::modify::returning_columns(table.oid, "");
-            let mut source = format!("SELECT {ROW_TAG_SQL}, ctid, {columns}");
+            let mut source = format!("SELECT {ROW_TAG_SQL}, ctid, tableoid, {columns}");
             for value in &set_values {
                 source.push_str(&format!(", {value}"));
             }
@@ -1311,11 +1311,13 @@ unsafe fn on_conflict(
             let row_triggers = triggers::find(table.oid, Event::Insert).rows
                 || triggers::find(table.oid, Event::Update).rows;
             if row_triggers {
-                if existing.is_some() || new.is_some() || arbiter.is_empty() {
+                let partitioned = pg_sys::get_rel_relkind(table.oid)
+                    == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
+                if existing.is_some() || new.is_some() || arbiter.is_empty() || partitioned {
                     return Err(PlannerError::Triggers(
                         table_name(table),
-                        "INSERT … ON CONFLICT DO UPDATE under row-level security or on an \
-                         expression"
+                        "INSERT … ON CONFLICT DO UPDATE under row-level security, on an \
+                         expression or into a partitioned table"
                             .into(),
                     ));
                 }

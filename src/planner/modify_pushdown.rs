@@ -221,7 +221,7 @@ pub unsafe fn plan(
 
 /// Turns UPDATE or DELETE `parse` of `relid` into the SELECT that locks and returns the rows it
 /// would change, for the row-by-row write (`executor/row_by_row.rs`): `SELECT <row tag>,
-/// target.ctid, <target's columns>, <SET values> FROM <target and the statement's other
+/// target.ctid, target.tableoid, <target's columns>, <SET values> FROM <target and the statement's other
 /// tables> WHERE … FOR [NO KEY] UPDATE OF target`, followed by the other tables' columns
 /// that RETURNING reads (`extra`). Returns the columns of the SET values.
 unsafe fn into_locking_select(
@@ -252,6 +252,8 @@ unsafe fn into_locking_select(
         add(tag.cast());
         let ctid = pg_sys::SelfItemPointerAttributeNumber as i16;
         add(pg_sys::makeVar(rti, ctid, pg_sys::TIDOID, -1, pg_sys::InvalidOid, 0).cast());
+        let tableoid = pg_sys::TableOidAttributeNumber as i16;
+        add(pg_sys::makeVar(rti, tableoid, pg_sys::OIDOID, -1, pg_sys::InvalidOid, 0).cast());
         let relation = pg_sys::RelationIdGetRelation(relid);
         let tupdesc = (*relation).rd_att;
         for i in 0..(*tupdesc).natts as usize {
