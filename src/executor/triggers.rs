@@ -15,6 +15,10 @@
 //! says it is a foreign table (the shared entry is left alone, so the trigger functions' own
 //! queries see the table as it is); PostgreSQL finds that result relation again when it fires
 //! the events.
+//!
+//! A partitioned table's row triggers are its leaf partitions' (PostgreSQL clones the parent's
+//! onto each): the coordinator finds each row's partition and fires that partition's triggers
+//! on the row in the partition's layout (`docs/triggers.md` "Partitioned tables").
 
 use pgrx::pg_sys;
 
