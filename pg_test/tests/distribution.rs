@@ -2283,15 +2283,23 @@ fn row_triggers_fire_on_the_partition_that_holds_the_row(cluster: &Cluster) {
             "UPDATE ptr SET amount = amount + 1 WHERE tenant < 20 RETURNING tenant, amount, stamp",
             "UPDATE ptr SET note = 'double' WHERE tenant = 2",
             "DELETE FROM ptr WHERE tenant BETWEEN 30 AND 60 RETURNING tenant, note",
+            "DELETE FROM ptr USING ptr x WHERE x.tenant = ptr.tenant AND x.day = ptr.day AND x.amount > 195",
             "UPDATE ptr SET amount = -amount WHERE day >= '2025-01-01'",
             "INSERT INTO ptr VALUES (7, '2024-03-01', 1, 'new'), (1, '2024-03-01', 1, 'dup')
                ON CONFLICT (tenant, day) DO NOTHING RETURNING *",
+            "INSERT INTO ptr VALUES (1, '2024-03-01', 5, 'x'), (600, '2025-01-05', 6, 'y'), (5, '2025-06-06', 1, 'z')
+               ON CONFLICT (tenant, day) DO UPDATE SET amount = ptr.amount + excluded.amount, note = excluded.note
+               RETURNING *",
             "INSERT INTO ptr_2025 (tenant, day, amount, note) VALUES (8, '2025-08-08', 8, 'direct')",
             "UPDATE ptr_2025 SET amount = 0 WHERE tenant = 8",
             "SELECT * FROM ptr",
             "SELECT * FROM ptr_log",
         ],
     );
+    // EXPLAIN fires nothing.
+    coordinator
+        .batch_execute("EXPLAIN UPDATE ptr SET amount = 0; EXPLAIN DELETE FROM ptr")
+        .unwrap();
     for client in [&mut coordinator, &mut reference] {
         let mut copy = client
             .copy_in("COPY ptr (tenant, day, amount, note) FROM STDIN")
@@ -2308,14 +2316,14 @@ fn row_triggers_fire_on_the_partition_that_holds_the_row(cluster: &Cluster) {
         &mut reference,
         &["SELECT * FROM ptr", "SELECT * FROM ptr_log"],
     );
-    // A trigger may not move an inserted row (PostgreSQL's own error); an UPDATE that moves
-    // a row between partitions with row triggers is refused (PostgreSQL fires the partitions'
-    // DELETE and INSERT triggers), as is an upsert with row triggers: nothing changes.
+    // A trigger may not move an inserted row (PostgreSQL's own error), nor an upsert's
+    // updated row; an UPDATE that moves a row between partitions with row triggers is refused
+    // (PostgreSQL fires the partitions' DELETE and INSERT triggers): nothing changes.
     for sql in [
         "INSERT INTO ptr VALUES (500, '2024-06-01', 1, 'move')",
         "UPDATE ptr SET note = 'move' WHERE tenant = 1",
         "UPDATE ptr SET day = '2025-05-05' WHERE tenant = 1",
-        "INSERT INTO ptr VALUES (1, '2024-03-01', 5, 'x') ON CONFLICT (tenant, day) DO UPDATE SET amount = 5",
+        "INSERT INTO ptr VALUES (1, '2024-03-01', 5, 'x') ON CONFLICT (tenant, day) DO UPDATE SET note = 'move'",
     ] {
         let err = coordinator.batch_execute(sql).unwrap_err();
         assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");

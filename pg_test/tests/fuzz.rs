@@ -728,7 +728,8 @@ CREATE TABLE wlog (t text, op text, old_row text, new_row text);
 ";
 
 /// Triggers created once the tables are distributed: w3's change rows or skip them and log
-/// every row written, wr's log the rows deleted (into a distributed table, within the same write).
+/// every row written, wr's log the rows deleted (into a distributed table, within the same write),
+/// w2's log the rows each UPDATE and DELETE of the partitioned table changed (transition tables).
 const WRITE_TRIGGERS: &str = "
 CREATE FUNCTION w_before() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -749,6 +750,15 @@ END $$;
 CREATE TRIGGER w3_before BEFORE UPDATE OR DELETE ON w3 FOR EACH ROW EXECUTE FUNCTION w_before();
 CREATE TRIGGER w3_log AFTER INSERT OR UPDATE OR DELETE ON w3 FOR EACH ROW EXECUTE FUNCTION w_log();
 CREATE TRIGGER wr_log AFTER DELETE ON wr FOR EACH ROW EXECUTE FUNCTION w_log();
+CREATE FUNCTION w_count() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO wlog SELECT TG_TABLE_NAME, TG_OP, count(*)::text, sum(v)::text FROM changed;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER w2_updated AFTER UPDATE ON w2 REFERENCING NEW TABLE AS changed
+  FOR EACH STATEMENT EXECUTE FUNCTION w_count();
+CREATE TRIGGER w2_deleted AFTER DELETE ON w2 REFERENCING OLD TABLE AS changed
+  FOR EACH STATEMENT EXECUTE FUNCTION w_count();
 ";
 
 /// Foreign keys added once the tables are distributed (the shards check the rows).
@@ -1035,6 +1045,6 @@ fn random_writes_match_plain_postgres(cluster: &Cluster) {
     run_on_both(
         &mut coordinator,
         &mut reference,
-        "DROP TABLE wc, w1, w2, w3, wr, wl, wlog; DROP FUNCTION w_before, w_log",
+        "DROP TABLE wc, w1, w2, w3, wr, wl, wlog; DROP FUNCTION w_before, w_log, w_count",
     );
 }

@@ -155,7 +155,10 @@ unsafe extern "C-unwind" fn begin(
         // An upsert fires UPDATE's triggers too.
         let also_update = is_conflict_update(&runtime.plan.on_conflict);
         let fires = |event| triggers::find(runtime.plan.relid, event).any();
-        if let Some(event) = event.filter(|e| fires(*e) || (also_update && fires(Event::Update))) {
+        // EXPLAIN without ANALYZE fires nothing (PostgreSQL sets no transition capture up then).
+        let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
+        let fired = event.filter(|e| fires(*e) || (also_update && fires(Event::Update)));
+        if let Some(event) = fired.filter(|_| !explain_only) {
             runtime.triggers = Some(Triggers::new(estate, runtime.result, event, also_update));
         }
         if !runtime.plan.can_set_tag {

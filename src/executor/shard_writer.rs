@@ -54,6 +54,9 @@ pub enum WriteError {
         "moving a row of \"{0}\" to another partition is not supported when its partitions have row triggers"
     )]
     PartitionChange(String),
+    /// PostgreSQL's own error for an upsert whose new row belongs in another partition.
+    #[error("invalid ON UPDATE specification")]
+    UpsertChangesPartition,
 }
 
 impl PgError for WriteError {
@@ -61,7 +64,18 @@ impl PgError for WriteError {
         match self {
             WriteError::NullDistributionValue { .. } => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
             WriteError::NoShard { .. } => PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
-            WriteError::PartitionChange(_) => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            WriteError::PartitionChange(_) | WriteError::UpsertChangesPartition => {
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
+            }
+        }
+    }
+    fn detail(&self) -> Option<String> {
+        match self {
+            WriteError::UpsertChangesPartition => Some(
+                "The result tuple would appear in a different partition than the original tuple."
+                    .into(),
+            ),
+            _ => None,
         }
     }
     fn hint(&self) -> Option<String> {
@@ -75,6 +89,11 @@ impl PgError for WriteError {
             WriteError::PartitionChange(_) => Some(
                 "Delete the row and insert it with its new values in one transaction (the \
                  partitions' DELETE and INSERT triggers fire), or drop the row triggers."
+                    .into(),
+            ),
+            WriteError::UpsertChangesPartition => Some(
+                "An upsert may not move a row to another partition; change the partition key \
+                 with an UPDATE."
                     .into(),
             ),
         }

@@ -147,8 +147,10 @@ pub struct Triggers {
     update_capture: *mut pg_sys::TransitionCaptureState,
     /// `INSERT … ON CONFLICT DO UPDATE`: UPDATE's statement triggers fire too.
     also_update: bool,
-    /// A partitioned table's leaf partitions, whose row triggers fire for its rows (empty for
-    /// other tables, whose own row triggers fire).
+    /// The table is partitioned: its leaf partitions' row triggers fire for its rows, not its
+    /// own.
+    partitioned: bool,
+    /// Those partitions (none when nothing fires for rows).
     partitions: Vec<Partition>,
     /// Whether a partition has row triggers of any event.
     partition_row_triggers: bool,
@@ -198,26 +200,38 @@ impl Triggers {
                 false => pg_sys::MakeTransitionCaptureState(trigdesc, relid, command),
             };
             let slot = || pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
+            let capture = capture_of(command);
+            let update_capture = match also_update {
+                true => capture_of(pg_sys::CmdType::CMD_UPDATE),
+                false => std::ptr::null_mut(),
+            };
+            // The partitions' row triggers of any event (an UPDATE that moves a row would fire
+            // DELETE and INSERT triggers).
             let leaves = leaf_partitions(relid);
+            let partition_row_triggers = leaves.iter().any(|oid| {
+                [Event::Insert, Event::Update, Event::Delete]
+                    .into_iter()
+                    .any(|event| triggers_of(*oid, event).row)
+            });
+            // Rows are routed to their partitions only when something fires for them.
+            let routed = partition_row_triggers || !capture.is_null() || !update_capture.is_null();
             Triggers {
                 estate,
                 info,
                 event,
-                capture: capture_of(command),
-                update_capture: match also_update {
-                    true => capture_of(pg_sys::CmdType::CMD_UPDATE),
-                    false => std::ptr::null_mut(),
-                },
+                capture,
+                update_capture,
                 also_update,
-                partitions: leaves
-                    .iter()
-                    .map(|oid| Partition::open(*oid, estate, info))
-                    .collect(),
-                partition_row_triggers: leaves.iter().any(|oid| {
-                    [Event::Insert, Event::Update, Event::Delete]
-                        .into_iter()
-                        .any(|event| triggers_of(*oid, event).row)
-                }),
+                partitioned: pg_sys::get_rel_relkind(relid)
+                    == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char,
+                partitions: match routed {
+                    true => leaves
+                        .iter()
+                        .map(|oid| Partition::open(*oid, estate, info))
+                        .collect(),
+                    false => Vec::new(),
+                },
+                partition_row_triggers,
                 last_partition: std::cell::Cell::new(0),
                 table_old: slot(),
                 table_new: slot(),
@@ -291,7 +305,7 @@ impl Triggers {
         // SAFETY: the slots hold rows of the result relation; a partition's rows are converted
         // to its layout and the new row back.
         unsafe {
-            if self.partitions.is_empty() {
+            if !self.partitioned {
                 return fire_before(self.estate, self.info, event, old, new);
             }
             // A row no partition takes goes on: its shard refuses it as PostgreSQL would.
@@ -302,9 +316,13 @@ impl Triggers {
             if keep && !new.is_null() {
                 // An UPDATE that moves a row to another partition fires that partition's
                 // INSERT triggers and the first one's DELETE triggers in PostgreSQL: refused
-                // when there are such triggers (a trigger may not move an inserted row).
+                // when there are such triggers (a trigger may not move an inserted row, and an
+                // upsert no row at all, as in PostgreSQL).
                 let moved =
                     !pg_sys::ExecPartitionCheck(partition.info, partition_new, self.estate, false);
+                if moved && self.also_update {
+                    crate::error::raise(WriteError::UpsertChangesPartition);
+                }
                 if moved && (event == Event::Insert || self.partition_row_triggers) {
                     if event == Event::Insert {
                         pg_sys::ExecPartitionCheck(
@@ -347,7 +365,7 @@ impl Triggers {
                 (Event::Update, Event::Insert) => self.update_capture,
                 _ => self.capture,
             };
-            if self.partitions.is_empty() {
+            if !self.partitioned {
                 return fire_after(self.estate, self.info, capture, event, old, new);
             }
             if let Some((partition, old, new)) = self.in_partition(event, old, new) {

@@ -6,7 +6,7 @@
 //! the existing rows its proposed rows conflict with — `SELECT … FROM <shard> JOIN (VALUES
 //! <proposed rows>) AS excluded ON <conflict columns equal> FOR UPDATE` (`ModifyPlan::
 //! upsert_source`), with the SET values and the DO UPDATE WHERE computed there; (2) a row with
-//! a conflicting row is updated by ctid after the BEFORE UPDATE triggers (unless the WHERE
+//! a conflicting row is updated by ctid (and tableoid) after the BEFORE UPDATE triggers (unless the WHERE
 //! says no), a row without is inserted with `ON CONFLICT DO NOTHING`; (3) a row whose insert
 //! met a conflict after all (a concurrent insert, or a row this statement wrote) goes back to
 //! (1). A row that would change a row this statement already inserted or updated fails with
@@ -44,7 +44,9 @@ pub(crate) struct Proposed {
 
 /// An existing row a proposed row conflicts with, locked.
 struct Conflict {
+    /// Its ctid in table (or partition) `tableoid` of the shard.
     ctid: String,
+    tableoid: String,
     old: TextRow,
     set: TextRow,
     /// The DO UPDATE WHERE held.
@@ -130,7 +132,8 @@ pub(crate) unsafe fn upsert(
         crate::executor::write_locks::lock_for_multi_node_write(shards, written_nodes.len());
         let mut pending: Vec<usize> = (0..proposed.len()).collect();
         let mut attempts = vec![0u32; proposed.len()];
-        let mut touched: HashSet<(i64, String)> = HashSet::new();
+        // (shard, ctid, tableoid) of the rows written.
+        let mut touched: HashSet<(i64, String, String)> = HashSet::new();
         let mut written: Vec<Written> = Vec::new();
         let mut count = 0;
         while !pending.is_empty() {
@@ -170,23 +173,24 @@ pub(crate) unsafe fn upsert(
             let width = columns.len();
             let sets = plan.set_attnos.len();
             let mut conflicts: HashMap<usize, Conflict> = HashMap::new();
-            let mut seen: HashSet<(i64, String)> = HashSet::new();
+            let mut seen: HashSet<(i64, String, String)> = HashSet::new();
             for mut row in locked {
-                // tag, ctid, columns, pgdist_n, SET values, WHERE
-                if row.len() != 2 + width + 1 + sets + 1 {
+                // tag, ctid, tableoid, columns, pgdist_n, SET values, WHERE
+                if row.len() != 3 + width + 1 + sets + 1 {
                     continue;
                 }
                 let update = row.pop().flatten().as_deref() == Some("t");
-                let set = row.split_off(2 + width + 1);
+                let set = row.split_off(3 + width + 1);
                 let n: usize = row
                     .pop()
                     .flatten()
                     .and_then(|n| n.parse().ok())
                     .unwrap_or(usize::MAX);
-                let old = row.split_off(2);
+                let old = row.split_off(3);
+                let tableoid = row.pop().flatten().unwrap_or_default();
                 let ctid = row.pop().flatten().unwrap_or_default();
                 let shard_id = proposed.get(n).map_or(0, |p| p.shard_id);
-                let key = (shard_id, ctid.clone());
+                let key = (shard_id, ctid.clone(), tableoid.clone());
                 if touched.contains(&key) || !seen.insert(key) {
                     affect_twice();
                 }
@@ -194,6 +198,7 @@ pub(crate) unsafe fn upsert(
                     n,
                     Conflict {
                         ctid,
+                        tableoid,
                         old,
                         set,
                         update,
@@ -241,8 +246,10 @@ pub(crate) unsafe fn upsert(
                             assignments(&columns, &plan.set_attnos, &conflict.old, &new);
                         updates.insert(n, conflict.old.clone());
                         format!(
-                            "UPDATE {shard} SET {assignments} WHERE ctid = {} RETURNING '{n}', ctid, {all_names}",
-                            quote_literal(&conflict.ctid)
+                            "UPDATE {shard} SET {assignments} WHERE ctid = {} AND tableoid = {} \
+                             RETURNING '{n}', ctid, tableoid, {all_names}",
+                            quote_literal(&conflict.ctid),
+                            quote_literal(&conflict.tableoid)
                         )
                     }
                     None => {
@@ -261,7 +268,7 @@ pub(crate) unsafe fn upsert(
                         format!(
                             "INSERT INTO {shard}{alias} ({stored_names}) OVERRIDING SYSTEM VALUE \
                              VALUES ({}) ON CONFLICT {target} DO NOTHING RETURNING '{n}', ctid, \
-                             {all_names}",
+                             tableoid, {all_names}",
                             values.join(", ")
                         )
                     }
@@ -285,9 +292,10 @@ pub(crate) unsafe fn upsert(
                 let Some(proposal) = proposed.get(n) else {
                     continue;
                 };
-                let stored = row.split_off(2.min(row.len()));
+                let stored = row.split_off(3.min(row.len()));
+                let tableoid = row.pop().flatten().unwrap_or_default();
                 let ctid = row.pop().flatten().unwrap_or_default();
-                touched.insert((proposal.shard_id, ctid));
+                touched.insert((proposal.shard_id, ctid, tableoid));
                 stored_rows.insert(n, stored);
             }
             // (3) Rows whose insert met a conflict try again.

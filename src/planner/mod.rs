@@ -139,8 +139,8 @@ impl crate::error::PgError for PlannerError {
                 "pgdist fires row triggers of INSERT (ON CONFLICT too), UPDATE and DELETE, and \
                  statement triggers of every write but MERGE; write the statement that way \
                  (SET (a, b) = (SELECT …) as one subquery per column, an upsert into a reference \
-                 or partitioned table or under row-level security as UPDATE, then INSERT … ON \
-                 CONFLICT DO NOTHING), or drop the triggers."
+                 table or under row-level security as UPDATE, then INSERT … ON CONFLICT DO \
+                 NOTHING), or drop the triggers."
                     .into()
             }
             PlannerError::CascadeSkipsTriggers(_, child) => format!(

@@ -1311,13 +1311,11 @@ unsafe fn on_conflict(
             let row_triggers = triggers::find(table.oid, Event::Insert).rows
                 || triggers::find(table.oid, Event::Update).rows;
             if row_triggers {
-                let partitioned = pg_sys::get_rel_relkind(table.oid)
-                    == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
-                if existing.is_some() || new.is_some() || arbiter.is_empty() || partitioned {
+                if existing.is_some() || new.is_some() || arbiter.is_empty() {
                     return Err(PlannerError::Triggers(
                         table_name(table),
-                        "INSERT … ON CONFLICT DO UPDATE under row-level security, on an \
-                         expression or into a partitioned table"
+                        "INSERT … ON CONFLICT DO UPDATE under row-level security or on an \
+                         expression"
                             .into(),
                     ));
                 }
@@ -1357,7 +1355,9 @@ unsafe fn upsert_source(
     // SAFETY: the table is locked by the statement being planned.
     let (qualified, _) = unsafe { crate::executor::modify::returning_columns(table.oid, alias) };
     let (names, _) = unsafe { crate::executor::modify::returning_columns(table.oid, "") };
-    let mut select = format!("SELECT {ROW_TAG_SQL}, {alias}.ctid, {qualified}, excluded.pgdist_n");
+    let mut select = format!(
+        "SELECT {ROW_TAG_SQL}, {alias}.ctid, {alias}.tableoid, {qualified}, excluded.pgdist_n"
+    );
     for (_, value) in set_values {
         select.push_str(&format!(", {value}"));
     }

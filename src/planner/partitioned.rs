@@ -80,8 +80,13 @@ pub unsafe fn with_parents_read_whole<T>(
     }
     let result = deparse();
     for rte in marked {
-        // SAFETY: the entries found above, still part of the query.
-        unsafe { (*rte).inh = false };
+        // SAFETY: the entries found above, still part of the query. The deparser's
+        // AcquireRewriteLocks set their relkind back to the table's own: marked again, so
+        // that the next deparse of the query finds them.
+        unsafe {
+            (*rte).inh = false;
+            (*rte).relkind = pg_sys::RELKIND_RELATION as std::ffi::c_char;
+        }
     }
     result
 }
