@@ -3,9 +3,9 @@
 //! A trigger may change the new row or skip it before it is written, and needs the old row
 //! afterwards; a shard's `UPDATE … WHERE …` gives the coordinator no say in between. So the
 //! write runs in two round trips. First every placement of each shard left after pruning locks
-//! and returns its rows — `SELECT <tag>, ctid, tableoid, <columns>, <new values> FROM <shard> [, <the
-//! statement's other tables>] WHERE … FOR [NO KEY] UPDATE OF <shard>`, the rows the UPDATE
-//! would change, rechecked against concurrent writes as UPDATE rechecks them (a row a join
+//! and returns its rows — `SELECT <tag>, ctid, tableoid, <columns>, <new values> FROM <shard>
+//! [, <the statement's other tables>] WHERE … FOR [NO KEY] UPDATE OF <shard>`, the rows the
+//! UPDATE would change, rechecked against concurrent writes as UPDATE rechecks them (a row a join
 //! returns twice is changed once, as UPDATE … FROM changes it). Then the coordinator fires the
 //! BEFORE ROW triggers on the rows of the first placement, tests the check options, and sends
 //! every placement one statement that changes its rows by ctid and tableoid (the copies of a

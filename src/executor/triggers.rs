@@ -320,7 +320,7 @@ impl Triggers {
                 // upsert no row at all, as in PostgreSQL).
                 let moved =
                     !pg_sys::ExecPartitionCheck(partition.info, partition_new, self.estate, false);
-                if moved && self.also_update {
+                if moved && self.also_update && event == Event::Update {
                     crate::error::raise(WriteError::UpsertChangesPartition);
                 }
                 if moved && (event == Event::Insert || self.partition_row_triggers) {

@@ -6,10 +6,10 @@
 //! the existing rows its proposed rows conflict with — `SELECT … FROM <shard> JOIN (VALUES
 //! <proposed rows>) AS excluded ON <conflict columns equal> FOR UPDATE` (`ModifyPlan::
 //! upsert_source`), with the SET values and the DO UPDATE WHERE computed there; (2) a row with
-//! a conflicting row is updated by ctid (and tableoid) after the BEFORE UPDATE triggers (unless the WHERE
-//! says no), a row without is inserted with `ON CONFLICT DO NOTHING`; (3) a row whose insert
-//! met a conflict after all (a concurrent insert, or a row this statement wrote) goes back to
-//! (1). A row that would change a row this statement already inserted or updated fails with
+//! a conflicting row is updated by ctid and tableoid after the BEFORE UPDATE triggers (unless
+//! the WHERE says no), a row without is inserted with `ON CONFLICT DO NOTHING`; (3) a row whose
+//! insert met a conflict after all (a concurrent insert, or a row this statement wrote) goes back
+//! to (1). A row that would change a row this statement already inserted or updated fails with
 //! PostgreSQL's error (21000). The BEFORE INSERT triggers ran when the row was proposed; the
 //! AFTER INSERT / UPDATE triggers are queued in the order the rows were written.
 
