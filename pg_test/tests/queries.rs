@@ -1141,10 +1141,44 @@ fn every_type_and_null_round_trips(cluster: &Cluster) {
         &mut reference,
         "INSERT INTO relevel VALUES (1, 'x'), (2, 'y') RETURNING *",
     );
+    // Range types (with their multiranges) reach the workers too, when the table is
+    // distributed or when a column of one is added: over a base type with a difference
+    // function, over an enum, in another schema with a collation.
     run_on_both(
         &mut coordinator,
         &mut reference,
-        "DROP TABLE relevel; DROP TYPE level",
+        "CREATE TYPE floatrange AS RANGE (subtype = float8, subtype_diff = float8mi);
+         CREATE TYPE levelrange AS RANGE (subtype = level);
+         CREATE SCHEMA spans;
+         CREATE TYPE spans.textspan AS RANGE (subtype = text, collation = \"C\");
+         CREATE TABLE spanned (id int, fr floatrange, frs floatmultirange, lr levelrange);
+         INSERT INTO spanned SELECT g, floatrange(g, g * 2.5), floatmultirange(floatrange(0, g),
+           floatrange(g + 10, NULL)), levelrange('x', 'y', '[]') FROM generate_series(1, 5) g;",
+    );
+    coordinator
+        .batch_execute("SELECT pgdist.create_distributed_table('spanned', 'id')")
+        .unwrap();
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "ALTER TABLE spanned ADD COLUMN ts spans.textspan;
+         UPDATE spanned SET ts = spans.textspan('B', 'a') WHERE id < 3",
+    );
+    check_all(
+        cluster,
+        &[
+            "SELECT * FROM spanned",
+            "SELECT id, fr @> 3.5::float8, upper(fr) - lower(fr), frs @> 12.5::float8, lr @> 'y'::level,
+                    ts @> 'Z'::text FROM spanned",
+            "SELECT range_agg(fr), range_intersect_agg(lr) FROM spanned",
+            "SELECT id FROM spanned WHERE fr && floatrange(4, 6)",
+        ],
+    );
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DROP TABLE relevel, spanned; DROP TYPE levelrange, level, floatrange, spans.textspan;
+         DROP SCHEMA spans",
     );
 }
 

@@ -1,5 +1,5 @@
 //! The user-defined types of a distributed table's columns, created on the workers with its
-//! shards: enums, domains and composite types, each after the types it is made of.
+//! shards: enums, domains, composite and range types, each after the types it is made of.
 
 use pgrx::prelude::*;
 
@@ -7,9 +7,10 @@ use crate::distribution::DistributionError;
 use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified};
 
 /// Statements that create, on a worker that lacks them, the user-defined types the columns of
-/// table `oid` use: enums, domains (their base type, NOT NULL and CHECK constraints) and
-/// composite types, each after the types it is made of. Other user types (ranges, base types,
-/// a table's row type) must be created by hand; the worker then says so.
+/// table `oid` use: enums, domains (their base type, NOT NULL and CHECK constraints), composite
+/// types and range types (with their multirange), each after the types it is made of. Other
+/// user types (base types, a table's row type, a range with a canonical function or a
+/// difference function of the user's) must be created by hand; the worker then says so.
 pub fn type_statements(oid: pg_sys::Oid) -> Result<Vec<String>, DistributionError> {
     let column_types = crate::metadata::oids(
         "SELECT DISTINCT a.atttypid FROM pg_catalog.pg_attribute a
@@ -77,6 +78,17 @@ fn user_type_statements(
     if let Some(element) = row.element {
         return user_type_statements(element, seen, statements);
     }
+    if row.kind == "m" {
+        // A multirange comes with its range type.
+        let range = crate::metadata::oids(
+            "SELECT rngtypid FROM pg_catalog.pg_range WHERE rngmultitypid = $1",
+            type_oid,
+        )?;
+        for range in range {
+            user_type_statements(range, seen, statements)?;
+        }
+        return Ok(());
+    }
     let name = quote_qualified(&row.schema, &row.name);
     let create = match row.kind.as_str() {
         "e" => format!(
@@ -111,11 +123,14 @@ fn user_type_statements(
             }
             format!("CREATE TYPE {name} AS ({})", columns.join(", "))
         }
-        _ => format!(
-            "RAISE EXCEPTION 'type % does not exist on this node', {} USING ERRCODE = 'feature_not_supported', \
-             HINT = 'Create the type on every worker first, for example with pgdist.run_on_workers().'",
-            quote_literal(&name)
-        ),
+        "r" => match range_definition(type_oid)? {
+            Some(range) => {
+                user_type_statements(range.subtype, seen, statements)?;
+                format!("CREATE TYPE {name} AS RANGE ({})", range.options)
+            }
+            None => cannot_create(&name),
+        },
+        _ => cannot_create(&name),
     };
     statements.push(format!(
         "CREATE SCHEMA IF NOT EXISTS {}",
@@ -174,4 +189,62 @@ fn composite_attributes(
             })
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()
     })?)
+}
+
+/// The statement a worker runs for a type pgdist cannot create: an error saying what to do.
+fn cannot_create(name: &str) -> String {
+    format!(
+        "RAISE EXCEPTION 'type % does not exist on this node', {} USING ERRCODE = \
+         'feature_not_supported', HINT = 'Create the type on every worker first, for example \
+         with pgdist.run_on_workers().'",
+        quote_literal(name)
+    )
+}
+
+/// A range type as `CREATE TYPE … AS RANGE` options.
+struct RangeDefinition {
+    subtype: pg_sys::Oid,
+    options: String,
+}
+
+/// The definition of range type `type_oid`, or None when it has a canonical function (written
+/// in C) or a difference function outside `pg_catalog`, which the workers may lack.
+fn range_definition(type_oid: pg_sys::Oid) -> Result<Option<RangeDefinition>, DistributionError> {
+    let row = Spi::connect(|client| {
+        let mut rows = client.select(
+            "SELECT r.rngsubtype, 'SUBTYPE = ' || pg_catalog.format_type(r.rngsubtype, NULL)
+                    || CASE WHEN NOT oc.opcdefault THEN ', SUBTYPE_OPCLASS = ' || pg_catalog.quote_ident(ocn.nspname)
+                            || '.' || pg_catalog.quote_ident(oc.opcname) ELSE '' END
+                    || CASE WHEN r.rngcollation <> 0 AND r.rngcollation <> st.typcollation THEN ', COLLATION = '
+                            || (SELECT pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(c.collname)
+                                FROM pg_catalog.pg_collation c JOIN pg_catalog.pg_namespace cn ON cn.oid = c.collnamespace
+                                WHERE c.oid = r.rngcollation) ELSE '' END
+                    || CASE WHEN r.rngsubdiff <> 0 THEN ', SUBTYPE_DIFF = pg_catalog.'
+                            || pg_catalog.quote_ident(d.proname) ELSE '' END
+                    || ', MULTIRANGE_TYPE_NAME = ' || pg_catalog.quote_ident(mn.nspname) || '.'
+                    || pg_catalog.quote_ident(m.typname),
+                    r.rngcanonical = 0 AND (r.rngsubdiff = 0 OR d.pronamespace = 'pg_catalog'::regnamespace)
+             FROM pg_catalog.pg_range r
+             JOIN pg_catalog.pg_type st ON st.oid = r.rngsubtype
+             JOIN pg_catalog.pg_opclass oc ON oc.oid = r.rngsubopc
+             JOIN pg_catalog.pg_namespace ocn ON ocn.oid = oc.opcnamespace
+             JOIN pg_catalog.pg_type m ON m.oid = r.rngmultitypid
+             JOIN pg_catalog.pg_namespace mn ON mn.oid = m.typnamespace
+             LEFT JOIN pg_catalog.pg_proc d ON d.oid = r.rngsubdiff
+             WHERE r.rngtypid = $1",
+            None,
+            &[type_oid.into()],
+        )?;
+        Ok::<_, pgrx::spi::Error>(rows.next().map(|row| {
+            (
+                row.get::<pg_sys::Oid>(1).ok().flatten(),
+                row.get::<String>(2).ok().flatten(),
+                row.get::<bool>(3).ok().flatten().unwrap_or(false),
+            )
+        }))
+    })?;
+    Ok(match row {
+        Some((Some(subtype), Some(options), true)) => Some(RangeDefinition { subtype, options }),
+        _ => None,
+    })
 }
