@@ -32,6 +32,7 @@ fn main() {
             grouping_by_the_distribution_column_runs_whole_on_the_workers,
             limits_run_on_the_workers,
             sorted_streams_merge_on_the_coordinator,
+            rescanned_scans_send_their_fragments_once,
             distinct_aggregates_read_distinct_rows,
             subqueries_ctes_and_set_operations,
             window_functions,
@@ -871,6 +872,52 @@ fn sorted_streams_merge_on_the_coordinator(cluster: &Cluster) {
     for client in [&mut coordinator, &mut reference] {
         client.batch_execute("ROLLBACK").unwrap();
     }
+}
+
+/// A Distributed Scan that a nested loop rescans for every outer row keeps its rows (its
+/// fragments read the same rows each time): every fragment runs once, however many loops.
+fn rescanned_scans_send_their_fragments_once(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    let nested_loops = "SET enable_hashjoin = off; SET enable_mergejoin = off; \
+                        SET enable_material = off; SET enable_hashagg = off";
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        &format!(
+            "CREATE TABLE visits (customer_id int, n int);
+             INSERT INTO visits SELECT g % 300, g FROM generate_series(1, 2000) g;
+             ANALYZE visits; {nested_loops}"
+        ),
+    );
+    let queries = [
+        "SELECT count(*), sum(v.n) FROM visits v WHERE v.n < 60 AND EXISTS (SELECT 1 FROM customers c WHERE c.customer_id = v.customer_id AND c.vip)",
+        "SELECT count(*) FROM visits v WHERE v.n < 40 AND NOT EXISTS (SELECT 1 FROM customers c WHERE c.customer_id = v.customer_id + 1000)",
+        "SELECT v.n, c.name FROM visits v LEFT JOIN LATERAL (SELECT name FROM customers c WHERE c.customer_id = v.customer_id ORDER BY 1 LIMIT 1) c ON true WHERE v.n < 25",
+        "SELECT v.n, (SELECT count(*) FROM customers c WHERE c.customer_id < v.customer_id) FROM visits v WHERE v.n < 20",
+    ];
+    for sql in queries {
+        compare(&mut coordinator, &mut reference, sql);
+    }
+    let plan = explain(
+        &mut coordinator,
+        &format!("(ANALYZE, COSTS OFF, TIMING OFF) {}", queries[0]),
+    );
+    assert!(
+        plan.iter().any(|l| l.contains("Distributed Scan") && l.contains("loops=59")),
+        "{plan:#?}"
+    );
+    let fragments: usize = plan
+        .iter()
+        .filter_map(|l| l.split("Fragment Timings: node ").nth(1))
+        .filter_map(|l| l.split(": ").nth(1)?.split(' ').next()?.parse::<usize>().ok())
+        .sum();
+    assert_eq!(fragments, 8, "one fragment per shard of customers: {plan:#?}");
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "RESET ALL; DROP TABLE visits",
+    );
 }
 
 fn distinct_aggregates_read_distinct_rows(cluster: &Cluster) {

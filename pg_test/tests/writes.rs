@@ -1456,10 +1456,47 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
         assert_eq!(got, want, "({item}, {qty})");
     }
     same_writes_to(cluster, &tables, &["SELECT 1"]);
+    // Statement triggers fire for the events of the MERGE's actions (BEFORE: INSERT, UPDATE,
+    // DELETE; AFTER the other way round); row triggers are refused.
     run_on_both(
         &mut coordinator,
         &mut reference,
-        "DROP TABLE stock_levels, deliveries, price_list, shelf, elsewhere",
+        "CREATE TABLE merge_log (n serial, what text);
+         CREATE FUNCTION log_statement() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO merge_log (what) VALUES (TG_WHEN || ' ' || TG_OP); RETURN NULL; END $$;
+         CREATE TRIGGER stock_before BEFORE INSERT OR UPDATE OR DELETE ON stock_levels
+           FOR EACH STATEMENT EXECUTE FUNCTION log_statement();
+         CREATE TRIGGER stock_after AFTER INSERT OR UPDATE OR DELETE ON stock_levels
+           FOR EACH STATEMENT EXECUTE FUNCTION log_statement();",
+    );
+    same_writes_to(
+        cluster,
+        &["SELECT * FROM stock_levels", "SELECT * FROM merge_log ORDER BY n"],
+        &[
+            "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item \
+               WHEN MATCHED AND d.kind = 'recall' THEN DELETE WHEN MATCHED THEN UPDATE SET qty = d.qty \
+               WHEN NOT MATCHED THEN INSERT VALUES (d.item, d.qty, 'merged')",
+            "MERGE INTO stock_levels s USING (VALUES (9999, 1)) AS v(item, qty) ON s.item = v.item \
+               WHEN MATCHED THEN UPDATE SET qty = v.qty",
+            "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item WHEN MATCHED THEN DO NOTHING",
+        ],
+    );
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE TRIGGER stock_row AFTER UPDATE ON stock_levels FOR EACH ROW EXECUTE FUNCTION log_statement()",
+    );
+    let err = coordinator
+        .batch_execute(
+            "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item WHEN MATCHED THEN UPDATE SET qty = 0",
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DROP TABLE stock_levels, deliveries, price_list, shelf, elsewhere, merge_log;
+         DROP FUNCTION log_statement()",
     );
 }
 

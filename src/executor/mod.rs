@@ -9,6 +9,7 @@ pub mod copy_stream;
 pub mod fragments;
 pub mod merge;
 pub mod modify;
+pub mod rescan_cache;
 pub mod row_by_row;
 pub mod scan;
 pub mod session;

@@ -146,20 +146,27 @@ unsafe extern "C-unwind" fn begin(
             }
         }
         runtime.result = result_relation(node, estate, checks.into_pg());
+        // A MERGE fires the statement triggers of its actions' events (no row triggers).
         let event = match runtime.plan.kind {
             ModifyKind::Insert => Some(Event::Insert),
             ModifyKind::Update => Some(Event::Update),
             ModifyKind::Delete => Some(Event::Delete),
-            ModifyKind::Merge => None,
+            ModifyKind::Merge => runtime.plan.merge_events.first().copied(),
         };
         // An upsert fires UPDATE's triggers too.
         let also_update = is_conflict_update(&runtime.plan.on_conflict);
         let fires = |event| triggers::find(runtime.plan.relid, event).any();
         // EXPLAIN without ANALYZE fires nothing (PostgreSQL sets no transition capture up then).
         let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
-        let fired = event.filter(|e| fires(*e) || (also_update && fires(Event::Update)));
+        let merge_events = &runtime.plan.merge_events;
+        let fired = event.filter(|e| {
+            fires(*e)
+                || (also_update && fires(Event::Update))
+                || merge_events.iter().any(|m| fires(*m))
+        });
         if let Some(event) = fired.filter(|_| !explain_only) {
-            runtime.triggers = Some(Triggers::new(estate, runtime.result, event, also_update));
+            let triggers = Triggers::new(estate, runtime.result, event, also_update, merge_events);
+            runtime.triggers = Some(triggers);
         }
         if !runtime.plan.can_set_tag {
             // A write inside WITH runs to completion at the end of the statement even when

@@ -19,6 +19,7 @@ use crate::distribution::shell::with_suffix;
 use crate::error::raise;
 use crate::executor::fragments::{FragmentSql, FragmentStream, TextRow};
 use crate::executor::merge::SortedMerge;
+use crate::executor::rescan_cache::RescanCache;
 use crate::metadata::cache;
 use crate::planner::modify_plan::INSERT_TARGET_RTI;
 use crate::planner::scan_path::{from_list, ScanPlan, SCAN_NAME};
@@ -84,6 +85,10 @@ struct ScanRuntime {
     merge: Option<SortedMerge>,
     /// The rows of the tables the scan broadcasts (`ScanPlan::broadcasts`), once read.
     broadcast: Option<BroadcastRows>,
+    /// The fragments read the same rows each time the scan is rescanned: its rows are kept.
+    rows_stay: bool,
+    /// Those rows (`rescan_cache.rs`).
+    cache: Option<RescanCache>,
 }
 
 impl ScanRuntime {
@@ -96,6 +101,8 @@ impl ScanRuntime {
             stream: None,
             merge: None,
             broadcast: None,
+            rows_stay: false,
+            cache: None,
         }
     }
 }
@@ -137,14 +144,20 @@ unsafe extern "C-unwind" fn begin(
         } else {
             (*relation).rd_id
         };
+        let mut volatile = false;
         if !runtime.plan.coordinator_values.is_empty() {
             let text = CString::new(runtime.plan.coordinator_values.as_str()).unwrap_or_default();
             let values = pg_sys::stringToNode(text.as_ptr()).cast::<pg_sys::List>();
+            volatile = pg_sys::contain_volatile_functions(values.cast());
             runtime.coordinator_values = pgrx::PgList::<pg_sys::Expr>::from_pg(values)
                 .iter_ptr()
                 .map(|expr| pg_sys::ExecInitExpr(expr, &mut (*node).ss.ps))
                 .collect();
         }
+        let plan = &runtime.plan;
+        runtime.rows_stay = !volatile
+            && plan.exec_params.is_empty()
+            && plan.broadcasts.iter().all(|b| b.exec_params.is_empty());
         // The scan tuple: the table's columns, or the pushed-down aggregate's output.
         let tupdesc = (*(*node).ss.ss_ScanTupleSlot).tts_tupleDescriptor;
         runtime.inputs = runtime
@@ -186,6 +199,34 @@ unsafe extern "C-unwind" fn next_tuple(
     scan: *mut pg_sys::ScanState,
 ) -> *mut pg_sys::TupleTableSlot {
     // SAFETY: scan is our CustomScanState (ss is its first member); the slot belongs to it.
+    unsafe {
+        let node = scan.cast::<pg_sys::CustomScanState>();
+        let runtime = runtime_of(node);
+        let slot = (*scan).ss_ScanTupleSlot;
+        if let Some(cache) = runtime.cache.as_mut().filter(|c| c.replaying()) {
+            if let Some(row) = cache.next(slot) {
+                return row;
+            }
+            if cache.complete() {
+                return pg_sys::ExecClearTuple(slot);
+            }
+            // Past the kept rows of an unfinished first pass: the fragments go on.
+        }
+        if runtime.rows_stay && runtime.stream.is_none() {
+            let tupdesc = (*slot).tts_tupleDescriptor;
+            runtime.cache = Some(RescanCache::new((*scan).ps.state, tupdesc));
+        }
+        let slot = fetch(scan);
+        if let Some(cache) = runtime.cache.as_mut() {
+            cache.keep(slot);
+        }
+        slot
+    }
+}
+
+/// The next row of the fragments.
+unsafe fn fetch(scan: *mut pg_sys::ScanState) -> *mut pg_sys::TupleTableSlot {
+    // SAFETY: as next_tuple.
     unsafe {
         let node = scan.cast::<pg_sys::CustomScanState>();
         let runtime = runtime_of(node);
@@ -281,14 +322,29 @@ unsafe extern "C-unwind" fn end(node: *mut pg_sys::CustomScanState) {
         let runtime = runtime_of(node);
         runtime.stream = None;
         runtime.merge = None;
+        if let Some(cache) = runtime.cache.take() {
+            cache.end();
+        }
     }
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn rescan(node: *mut pg_sys::CustomScanState) {
-    // SAFETY: the next fetch starts the fragments again (parameters may have changed).
+    // SAFETY: the next fetch replays the kept rows or starts the fragments again (parameters
+    // may have changed).
     unsafe {
         let runtime = runtime_of(node);
+        // Kept rows are replayed; an unfinished first pass goes on after them.
+        if let Some(cache) = runtime.cache.as_mut() {
+            if cache.complete() || runtime.stream.is_some() {
+                cache.rewind();
+                pg_sys::ExecScanReScan(&mut (*node).ss);
+                return;
+            }
+        }
+        if let Some(cache) = runtime.cache.take() {
+            cache.end();
+        }
         runtime.stream = None;
         if runtime
             .plan

@@ -147,6 +147,8 @@ pub struct Triggers {
     update_capture: *mut pg_sys::TransitionCaptureState,
     /// `INSERT … ON CONFLICT DO UPDATE`: UPDATE's statement triggers fire too.
     also_update: bool,
+    /// The events whose statement triggers fire, in the order of the BEFORE ones.
+    statement_events: Vec<Event>,
     /// The table is partitioned: its leaf partitions' row triggers fire for its rows, not its
     /// own.
     partitioned: bool,
@@ -177,15 +179,24 @@ struct Partition {
 }
 
 impl Triggers {
-    /// Keeps only the user triggers of `info`'s descriptor (a copy InitResultRelInfo made).
+    /// The triggers of a write of `event` to result relation `info` (keeping only the user
+    /// triggers of its descriptor, a copy InitResultRelInfo made); `also_update` for an
+    /// `INSERT … ON CONFLICT DO UPDATE`, `merge_events` the events of a MERGE's actions (whose
+    /// statement triggers fire; `event` is the first).
     pub unsafe fn new(
         estate: *mut pg_sys::EState,
         info: *mut pg_sys::ResultRelInfo,
         event: Event,
         also_update: bool,
+        merge_events: &[Event],
     ) -> Triggers {
         // SAFETY: info was set up by InitResultRelInfo for this estate.
         unsafe {
+            let statement_events = match (merge_events.is_empty(), also_update) {
+                (false, _) => merge_events.to_vec(),
+                (true, true) => vec![event, Event::Update],
+                (true, false) => vec![event],
+            };
             let tupdesc = (*(*info).ri_RelationDesc).rd_att;
             let relid = (*(*info).ri_RelationDesc).rd_id;
             keep_event_rows(estate, info);
@@ -222,6 +233,7 @@ impl Triggers {
                 capture,
                 update_capture,
                 also_update,
+                statement_events,
                 partitioned: pg_sys::get_rel_relkind(relid)
                     == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char,
                 partitions: match routed {
@@ -252,34 +264,38 @@ impl Triggers {
     pub fn before_statement(&self) {
         // SAFETY: info and estate belong to the running statement.
         unsafe {
-            match self.event {
-                Event::Insert => {
-                    pg_sys::ExecBSInsertTriggers(self.estate, self.info);
-                    if self.also_update {
-                        pg_sys::ExecBSUpdateTriggers(self.estate, self.info);
-                    }
+            for event in &self.statement_events {
+                match event {
+                    Event::Insert => pg_sys::ExecBSInsertTriggers(self.estate, self.info),
+                    Event::Update => pg_sys::ExecBSUpdateTriggers(self.estate, self.info),
+                    Event::Delete => pg_sys::ExecBSDeleteTriggers(self.estate, self.info),
                 }
-                Event::Update => pg_sys::ExecBSUpdateTriggers(self.estate, self.info),
-                Event::Delete => pg_sys::ExecBSDeleteTriggers(self.estate, self.info),
             }
         }
     }
 
     /// AFTER STATEMENT triggers (queued for the end of the statement, with the transition
-    /// tables).
+    /// tables), in the reverse order of the BEFORE ones, as PostgreSQL fires them.
     pub fn after_statement(&self) {
         // SAFETY: as before_statement.
         unsafe {
-            match self.event {
-                Event::Insert => {
-                    if self.also_update {
-                        pg_sys::ExecASUpdateTriggers(self.estate, self.info, self.update_capture);
-                    }
-                    pg_sys::ExecASInsertTriggers(self.estate, self.info, self.capture);
+            for event in self.statement_events.iter().rev() {
+                let capture = self.capture_of(*event);
+                match event {
+                    Event::Insert => pg_sys::ExecASInsertTriggers(self.estate, self.info, capture),
+                    Event::Update => pg_sys::ExecASUpdateTriggers(self.estate, self.info, capture),
+                    Event::Delete => pg_sys::ExecASDeleteTriggers(self.estate, self.info, capture),
                 }
-                Event::Update => pg_sys::ExecASUpdateTriggers(self.estate, self.info, self.capture),
-                Event::Delete => pg_sys::ExecASDeleteTriggers(self.estate, self.info, self.capture),
             }
+        }
+    }
+
+    /// The transition capture of `event`'s rows (null: none).
+    fn capture_of(&self, event: Event) -> *mut pg_sys::TransitionCaptureState {
+        match event {
+            _ if event == self.event => self.capture,
+            Event::Update if self.also_update => self.update_capture,
+            _ => std::ptr::null_mut(),
         }
     }
 
@@ -361,10 +377,7 @@ impl Triggers {
         // SAFETY: as before_row_of; the trigger code copies the rows into the query's
         // tuplestore (a partition's transition rows in the table's layout).
         unsafe {
-            let capture = match (event, self.event) {
-                (Event::Update, Event::Insert) => self.update_capture,
-                _ => self.capture,
-            };
+            let capture = self.capture_of(event);
             if !self.partitioned {
                 return fire_after(self.estate, self.info, capture, event, old, new);
             }
@@ -703,7 +716,7 @@ impl CopyTriggers {
                 .cast::<pg_sys::ResultRelInfo>();
             pg_sys::InitResultRelInfo(info, relation, 1, std::ptr::null_mut(), 0);
             pg_sys::AfterTriggerBeginQuery();
-            let triggers = Triggers::new(estate, info, Event::Insert, false);
+            let triggers = Triggers::new(estate, info, Event::Insert, false, &[]);
             triggers.before_statement();
             let slot =
                 pg_sys::ExecInitExtraTupleSlot(estate, (*relation).rd_att, &pg_sys::TTSOpsVirtual);

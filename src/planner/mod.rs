@@ -137,7 +137,7 @@ impl crate::error::PgError for PlannerError {
             ),
             PlannerError::Triggers(..) => {
                 "pgdist fires row triggers of INSERT (ON CONFLICT too), UPDATE and DELETE, and \
-                 statement triggers of every write but MERGE; write the statement that way \
+                 statement triggers of every write (MERGE's too); write the statement that way \
                  (SET (a, b) = (SELECT …) as one subquery per column, an upsert into a reference \
                  table or under row-level security as UPDATE, then INSERT … ON CONFLICT DO \
                  NOTHING), or drop the triggers."

@@ -105,6 +105,8 @@ pub struct ModifyPlan {
     pub upsert_source: String,
     /// With `upsert_source`: the conflict target, as `ON CONFLICT <target> DO NOTHING` takes it.
     pub conflict_target: String,
+    /// MERGE: the events of its actions (INSERT, UPDATE, DELETE), whose statement triggers fire.
+    pub merge_events: Vec<Event>,
     /// Tables `statement` reads that are not co-located with the target: read first, their
     /// columns stand in it as arrays (`$<BROADCAST_BASE + i>`, as in a scan).
     pub broadcasts: Vec<ScanPlan>,
@@ -167,6 +169,14 @@ impl ModifyPlan {
                 .join(","),
             self.upsert_source.clone(),
             self.conflict_target.clone(),
+            self.merge_events
+                .iter()
+                .map(|event| match event {
+                    Event::Insert => 'i',
+                    Event::Update => 'u',
+                    Event::Delete => 'd',
+                })
+                .collect(),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
         parts
@@ -218,7 +228,16 @@ impl ModifyPlan {
             set_attnos: part(18).split(',').filter_map(|s| s.parse().ok()).collect(),
             upsert_source: part(19),
             conflict_target: part(20),
-            broadcasts: decode_broadcasts(parts.get(21..).unwrap_or_default()),
+            merge_events: part(21)
+                .chars()
+                .filter_map(|c| match c {
+                    'i' => Some(Event::Insert),
+                    'u' => Some(Event::Update),
+                    'd' => Some(Event::Delete),
+                    _ => None,
+                })
+                .collect(),
+            broadcasts: decode_broadcasts(parts.get(22..).unwrap_or_default()),
         }
     }
 }
@@ -797,6 +816,7 @@ pub unsafe fn analyse(
             set_attnos: Vec::new(),
             upsert_source: String::new(),
             conflict_target: String::new(),
+            merge_events: Vec::new(),
             broadcasts: Vec::new(),
         };
         match (*parse).commandType {
@@ -824,6 +844,7 @@ pub unsafe fn analyse(
                 modify.target_alias = merge.target_alias;
                 modify.broadcasts = merge.broadcasts;
                 modify.shard_ids = cache::shards(table.oid).iter().map(|(id, _)| *id).collect();
+                modify.merge_events = merge_events(parse);
             }
             _ => return Err(PlannerError::Writes(table_name(table))),
         }
@@ -846,22 +867,38 @@ pub unsafe fn analyse(
 }
 
 /// Refuses writes whose triggers the coordinator cannot fire as PostgreSQL would
-/// (`executor/triggers.rs`): any trigger of a MERGE, row triggers of an `INSERT … ON CONFLICT
-/// DO UPDATE`.
+/// (`executor/triggers.rs`): row triggers and transition tables of a MERGE (its statement
+/// triggers fire).
 fn refuse_unsupported_triggers(table: &DistTable, modify: &ModifyPlan) -> Result<(), PlannerError> {
     // SAFETY: the table is locked by the statement being planned.
-    let found = |event| unsafe { triggers::find(table.oid, event) };
-    let refused = match modify.kind {
-        ModifyKind::Merge => [Event::Insert, Event::Update, Event::Delete]
-            .into_iter()
-            .any(|event| found(event).any())
-            .then_some("MERGE"),
-        _ => None,
-    };
-    match refused {
-        Some(what) => Err(PlannerError::Triggers(table_name(table), what.into())),
-        None => Ok(()),
+    let rows = |event| unsafe { triggers::find(table.oid, event) }.rows;
+    match modify.kind == ModifyKind::Merge && modify.merge_events.iter().any(|e| rows(*e)) {
+        true => Err(PlannerError::Triggers(
+            table_name(table),
+            "MERGE with row triggers or transition tables".into(),
+        )),
+        false => Ok(()),
     }
+}
+
+/// The events of MERGE `parse`'s actions, in PostgreSQL's order for BEFORE STATEMENT triggers.
+unsafe fn merge_events(parse: *mut pg_sys::Query) -> Vec<Event> {
+    // SAFETY: parse is a valid analysed MERGE.
+    let actions: Vec<pg_sys::CmdType::Type> = unsafe {
+        PgList::<pg_sys::MergeAction>::from_pg((*parse).mergeActionList)
+            .iter_ptr()
+            .map(|action| (*action).commandType)
+            .collect()
+    };
+    [
+        (pg_sys::CmdType::CMD_INSERT, Event::Insert),
+        (pg_sys::CmdType::CMD_UPDATE, Event::Update),
+        (pg_sys::CmdType::CMD_DELETE, Event::Delete),
+    ]
+    .into_iter()
+    .filter(|(command, _)| actions.contains(command))
+    .map(|(_, event)| event)
+    .collect()
 }
 
 /// True when `on_conflict` (`ModifyPlan::on_conflict`) is `ON CONFLICT … DO UPDATE …`.
