@@ -904,15 +904,26 @@ fn rescanned_scans_send_their_fragments_once(cluster: &Cluster) {
         &format!("(ANALYZE, COSTS OFF, TIMING OFF) {}", queries[0]),
     );
     assert!(
-        plan.iter().any(|l| l.contains("Distributed Scan") && l.contains("loops=59")),
+        plan.iter()
+            .any(|l| l.contains("Distributed Scan") && l.contains("loops=59")),
         "{plan:#?}"
     );
     let fragments: usize = plan
         .iter()
         .filter_map(|l| l.split("Fragment Timings: node ").nth(1))
-        .filter_map(|l| l.split(": ").nth(1)?.split(' ').next()?.parse::<usize>().ok())
+        .filter_map(|l| {
+            l.split(": ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .sum();
-    assert_eq!(fragments, 8, "one fragment per shard of customers: {plan:#?}");
+    assert_eq!(
+        fragments, 8,
+        "one fragment per shard of customers: {plan:#?}"
+    );
     run_on_both(
         &mut coordinator,
         &mut reference,

@@ -33,6 +33,21 @@ pub enum Event {
 }
 
 impl Event {
+    /// The event as one letter, for plans kept as text.
+    pub fn letter(self) -> char {
+        match self {
+            Event::Insert => 'i',
+            Event::Update => 'u',
+            Event::Delete => 'd',
+        }
+    }
+
+    pub fn from_letter(letter: char) -> Option<Event> {
+        [Event::Insert, Event::Update, Event::Delete]
+            .into_iter()
+            .find(|event| event.letter() == letter)
+    }
+
     fn type_bit(self) -> u32 {
         match self {
             Event::Insert => pg_sys::TRIGGER_TYPE_INSERT,

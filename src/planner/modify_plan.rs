@@ -90,9 +90,9 @@ pub struct ModifyPlan {
     pub returning_extra_sql: String,
     /// UPDATE / DELETE of a table with row triggers (empty: none), run row by row
     /// (`executor/row_by_row.rs`): each shard's statement that locks and reads the rows,
-    /// `SELECT <ROW_TAG_SQL>, ctid, tableoid, <every column>, <the new value of each SET column> FROM
-    /// $<RELATION_BASE> … WHERE … FOR [NO KEY] UPDATE`, with the relations of `statement` when
-    /// there is one.
+    /// `SELECT <ROW_TAG_SQL>, ctid, tableoid, <every column>, <the new value of each SET
+    /// column> FROM $<RELATION_BASE> … WHERE … FOR [NO KEY] UPDATE`, with the relations of
+    /// `statement` when there is one.
     pub row_source: String,
     /// The columns the SET values of `row_source` are for (`upsert_source`'s too).
     pub set_attnos: Vec<i16>,
@@ -171,11 +171,7 @@ impl ModifyPlan {
             self.conflict_target.clone(),
             self.merge_events
                 .iter()
-                .map(|event| match event {
-                    Event::Insert => 'i',
-                    Event::Update => 'u',
-                    Event::Delete => 'd',
-                })
+                .map(|event| event.letter())
                 .collect(),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
@@ -228,15 +224,7 @@ impl ModifyPlan {
             set_attnos: part(18).split(',').filter_map(|s| s.parse().ok()).collect(),
             upsert_source: part(19),
             conflict_target: part(20),
-            merge_events: part(21)
-                .chars()
-                .filter_map(|c| match c {
-                    'i' => Some(Event::Insert),
-                    'u' => Some(Event::Update),
-                    'd' => Some(Event::Delete),
-                    _ => None,
-                })
-                .collect(),
+            merge_events: part(21).chars().filter_map(Event::from_letter).collect(),
             broadcasts: decode_broadcasts(parts.get(22..).unwrap_or_default()),
         }
     }
