@@ -3,7 +3,8 @@
 //! table and a local table — joins of every kind, LATERAL, WITH, UNION / INTERSECT / EXCEPT,
 //! subqueries in FROM, WHERE and the select list, grouping (ROLLUP, GROUPING SETS), aggregates,
 //! window functions, DISTINCT (ON), LIMIT / OFFSET, VALUES, constant-false conditions — each run
-//! on the cluster and on the plain reference server, whose answers must match. A second run
+//! on the cluster and on the plain reference server, whose answers must match; every fifth under
+//! nested loops without Material nodes, so that scans are rescanned. A second run
 //! does the same with expressions, conditions and aggregates over every kind of type, under
 //! random session settings (time zone, DateStyle, float digits) and as prepared statements.
 //! A third runs random writes — UPDATE and DELETE with subqueries, `FROM` and `USING`,
@@ -422,13 +423,26 @@ fn random_queries_match_plain_postgres(cluster: &Cluster) {
     };
     let mut refused = 0;
     let verbose = std::env::var_os("PGDIST_FUZZ_VERBOSE").is_some();
-    for _ in 0..queries {
+    for i in 0..queries {
         let sql = generator.query();
         if verbose {
             eprintln!("query: {sql}");
         }
+        // Every fifth query joins by nested loops without Material nodes: the scans on their
+        // inner side are rescanned for every outer row.
+        let nested = i % 5 == 4;
+        if nested {
+            run_on_both(&mut coordinator, &mut reference, NESTED_LOOPS);
+        }
         if compare(&mut coordinator, &mut reference, &sql) != Comparison::Same {
             refused += 1;
+        }
+        if nested {
+            run_on_both(
+                &mut coordinator,
+                &mut reference,
+                "RESET enable_hashjoin; RESET enable_mergejoin; RESET enable_material",
+            );
         }
     }
     eprintln!("fuzz: seed {seed}, {queries} queries, {refused} refused with 0A000");
@@ -438,6 +452,9 @@ fn random_queries_match_plain_postgres(cluster: &Cluster) {
         "DROP TABLE gt, gs, gr, gx, gl, gd, gp",
     );
 }
+
+const NESTED_LOOPS: &str =
+    "SET enable_hashjoin = off; SET enable_mergejoin = off; SET enable_material = off";
 
 const TYPED_SETUP: &str = "
 CREATE TABLE et (id int, k int, n numeric(12,3), f float8, ts timestamptz, d date, iv interval,
