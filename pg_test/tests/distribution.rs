@@ -2216,8 +2216,9 @@ fn partitioned_tables_are_distributed_with_their_partitions(cluster: &Cluster) {
     );
 }
 
-/// A partitioned table with row triggers on the parent (cloned to every partition) and on
-/// single partitions, one of whose columns are in another order than the parent's.
+/// A partitioned table with row triggers on the parent (cloned to every partition; one only for
+/// UPDATE OF a column) and on single partitions, one of whose columns are in another order than
+/// the parent's.
 const PARTITION_TRIGGERS_SCHEMA: &str = "
 CREATE TABLE ptr_log (tg text, op text, tbl text, old_row text, new_row text);
 CREATE TABLE ptr (tenant int NOT NULL, day date NOT NULL, amount numeric, note text, stamp text,
@@ -2251,6 +2252,7 @@ CREATE TRIGGER a_stamp BEFORE INSERT OR UPDATE ON ptr FOR EACH ROW EXECUTE FUNCT
 CREATE TRIGGER b_keep BEFORE DELETE ON ptr_2024 FOR EACH ROW EXECUTE FUNCTION ptr_audit();
 CREATE TRIGGER c_audit AFTER INSERT OR UPDATE OR DELETE ON ptr FOR EACH ROW EXECUTE FUNCTION ptr_audit();
 CREATE TRIGGER d_2025 AFTER UPDATE ON ptr_2025 FOR EACH ROW EXECUTE FUNCTION ptr_audit();
+CREATE TRIGGER g_amount AFTER UPDATE OF amount ON ptr FOR EACH ROW EXECUTE FUNCTION ptr_audit();
 CREATE TRIGGER e_updated AFTER UPDATE ON ptr REFERENCING NEW TABLE AS changed
   FOR EACH STATEMENT EXECUTE FUNCTION ptr_count();
 CREATE TRIGGER f_deleted AFTER DELETE ON ptr REFERENCING OLD TABLE AS changed
@@ -2339,7 +2341,7 @@ fn row_triggers_fire_on_the_partition_that_holds_the_row(cluster: &Cluster) {
         &mut coordinator,
         &mut reference,
         "DROP TRIGGER a_stamp ON ptr; DROP TRIGGER b_keep ON ptr_2024; DROP TRIGGER c_audit ON ptr;
-         DROP TRIGGER d_2025 ON ptr_2025",
+         DROP TRIGGER d_2025 ON ptr_2025; DROP TRIGGER g_amount ON ptr",
     );
     assert_same(
         &mut coordinator,

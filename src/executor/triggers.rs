@@ -290,10 +290,15 @@ impl Triggers {
     }
 
     /// AFTER STATEMENT triggers (queued for the end of the statement, with the transition
-    /// tables), in the reverse order of the BEFORE ones, as PostgreSQL fires them.
+    /// tables), in the reverse order of the BEFORE ones, as PostgreSQL fires them. Nothing is
+    /// queued after them: the partitions leave their root, as PostgreSQL looks up the result
+    /// relation of each AFTER event at the end of the statement by a null root.
     pub fn after_statement(&self) {
         // SAFETY: as before_statement.
         unsafe {
+            for partition in &self.partitions {
+                (*partition.info).ri_RootResultRelInfo = std::ptr::null_mut();
+            }
             for event in self.statement_events.iter().rev() {
                 let capture = self.capture_of(*event);
                 match event {
@@ -460,13 +465,15 @@ impl Partition {
             let opened = pg_sys::table_open(oid, pg_sys::RowExclusiveLock as i32);
             let info = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
                 .cast::<pg_sys::ResultRelInfo>();
-            // No root result relation: PostgreSQL finds the result relation of an AFTER event
-            // again only if its root is null, as it asks; the map from the partition's layout
-            // to the table's, for the transition tables, is set here instead.
-            pg_sys::InitResultRelInfo(info, opened, 0, std::ptr::null_mut(), 0);
+            // The table's result relation is the partition's root, as for a row PostgreSQL
+            // routes: the columns an UPDATE sets (for `UPDATE OF` triggers) and the transition
+            // tables' rows go through the maps between their layouts.
+            pg_sys::InitResultRelInfo(info, opened, 0, table_info, 0);
             let tupdesc = (*opened).rd_att;
             let table_tupdesc = (*(*table_info).ri_RelationDesc).rd_att;
+            let to_partition = pg_sys::convert_tuples_by_name(table_tupdesc, tupdesc);
             let to_table = pg_sys::convert_tuples_by_name(tupdesc, table_tupdesc);
+            (*info).ri_RootToPartitionMap = to_partition;
             (*info).ri_ChildToRootMap = to_table;
             (*info).ri_ChildToRootMapValid = true;
             let slot = || pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
@@ -482,7 +489,7 @@ impl Partition {
                 opened,
                 old,
                 new,
-                to_partition: pg_sys::convert_tuples_by_name(table_tupdesc, tupdesc),
+                to_partition,
                 to_table,
             }
         }
