@@ -2,13 +2,15 @@
 //!
 //! A nested loop rescans its inner side for every outer row, and PostgreSQL's planner puts a
 //! Material node above it only when its estimates say so; a rescanned Distributed Scan would
-//! send its fragments to every node again each time (a round trip per outer row). A scan whose
-//! fragments read the same rows every time — no correlated values, no volatile values computed
-//! on the coordinator — keeps the rows of its first pass in a tuplestore (in memory up to
-//! `work_mem`, then in a temporary file) and replays them on a rescan. After a rescan before the
-//! first pass ended (a semi join that stopped at its first match), the kept rows come first and
-//! the fragments then go on, each new row kept too, as a Material node reads its input. Replayed rows are also what PostgreSQL would return: within one
-//! statement a rescan sees the rows of the same snapshot.
+//! send its fragments to every node again each time (a round trip per outer row). Where the
+//! executor says it will rescan (`EXEC_FLAG_REWIND`: a nested loop's inner side that takes no
+//! parameters from the outer one, a subplan run again) a scan whose fragments read the same rows
+//! every time — no correlated values, no volatile values computed on the coordinator — keeps
+//! the rows of its first pass in a tuplestore (in memory up to `work_mem`, then in a temporary
+//! file) and replays them on a rescan. After a rescan before the first pass ended (a semi join
+//! that stopped at its first match), the kept rows come first and the fragments then go on,
+//! each new row kept too, as a Material node reads its input. Replayed rows are also what
+//! PostgreSQL would return: within one statement a rescan sees the rows of the same snapshot.
 
 use pgrx::pg_sys;
 

@@ -85,7 +85,8 @@ struct ScanRuntime {
     merge: Option<SortedMerge>,
     /// The rows of the tables the scan broadcasts (`ScanPlan::broadcasts`), once read.
     broadcast: Option<BroadcastRows>,
-    /// The fragments read the same rows each time the scan is rescanned: its rows are kept.
+    /// The executor expects rescans and the fragments read the same rows each time: the rows
+    /// are kept.
     rows_stay: bool,
     /// Those rows (`rescan_cache.rs`).
     cache: Option<RescanCache>,
@@ -133,7 +134,7 @@ unsafe fn runtime_of<'a>(node: *mut pg_sys::CustomScanState) -> &'a mut ScanRunt
 unsafe extern "C-unwind" fn begin(
     node: *mut pg_sys::CustomScanState,
     _estate: *mut pg_sys::EState,
-    _eflags: i32,
+    eflags: i32,
 ) {
     // SAFETY: the scan relation is open (scanrelid > 0); we read its descriptor.
     unsafe {
@@ -154,8 +155,11 @@ unsafe extern "C-unwind" fn begin(
                 .map(|expr| pg_sys::ExecInitExpr(expr, &mut (*node).ss.ps))
                 .collect();
         }
+        // Kept only where the executor expects rescans (a nested loop's inner side without
+        // parameters from the outer one, a subplan run again), as a Material node keeps them.
         let plan = &runtime.plan;
-        runtime.rows_stay = !volatile
+        runtime.rows_stay = eflags & pg_sys::EXEC_FLAG_REWIND as i32 != 0
+            && !volatile
             && plan.exec_params.is_empty()
             && plan.broadcasts.iter().all(|b| b.exec_params.is_empty());
         // The scan tuple: the table's columns, or the pushed-down aggregate's output.
