@@ -38,22 +38,23 @@ fn user_type_statements(
     seen.push(type_oid);
     let Some(row) = Spi::connect(|client| {
         let mut rows = client.select(
-            "SELECT n.nspname::text, t.typname::text, t.typtype::text,
-                    CASE WHEN t.typelem <> 0 AND t.typlen = -1 THEN t.typelem END,
-                    t.typbasetype, pg_catalog.format_type(t.typbasetype, t.typtypmod), t.typnotnull,
-                    CASE WHEN t.typcollation <> 0 AND t.typcollation <> b.typcollation THEN
-                         (SELECT pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(c.collname)
-                          FROM pg_catalog.pg_collation c JOIN pg_catalog.pg_namespace cn ON cn.oid = c.collnamespace
-                          WHERE c.oid = t.typcollation) END,
-                    (SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder) FROM pg_catalog.pg_enum e WHERE e.enumtypid = t.oid),
-                    (SELECT array_agg(pg_catalog.quote_ident(k.conname) || ' ' || pg_catalog.pg_get_constraintdef(k.oid) ORDER BY k.oid)
-                     FROM pg_catalog.pg_constraint k WHERE k.contypid = t.oid),
-                    (SELECT r.relkind = 'c' FROM pg_catalog.pg_class r WHERE r.oid = t.typrelid),
-                    t.typrelid
-             FROM pg_catalog.pg_type t
-             JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
-             LEFT JOIN pg_catalog.pg_type b ON b.oid = t.typbasetype
-             WHERE t.oid = $1",
+            &format!(
+                "SELECT n.nspname::text, t.typname::text, t.typtype::text,
+                        CASE WHEN t.typelem <> 0 AND t.typlen = -1 THEN t.typelem END,
+                        t.typbasetype, pg_catalog.format_type(t.typbasetype, t.typtypmod), t.typnotnull,
+                        CASE WHEN t.typcollation <> 0 AND t.typcollation <> b.typcollation THEN
+                             {} END,
+                        (SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder) FROM pg_catalog.pg_enum e WHERE e.enumtypid = t.oid),
+                        (SELECT array_agg(pg_catalog.quote_ident(k.conname) || ' ' || pg_catalog.pg_get_constraintdef(k.oid) ORDER BY k.oid)
+                         FROM pg_catalog.pg_constraint k WHERE k.contypid = t.oid),
+                        (SELECT r.relkind = 'c' FROM pg_catalog.pg_class r WHERE r.oid = t.typrelid),
+                        t.typrelid
+                 FROM pg_catalog.pg_type t
+                 JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+                 LEFT JOIN pg_catalog.pg_type b ON b.oid = t.typbasetype
+                 WHERE t.oid = $1",
+                qualified_collation("t.typcollation")
+            ),
             None,
             &[type_oid.into()],
         )?;
@@ -168,15 +169,15 @@ fn composite_attributes(
     Ok(Spi::connect(|client| {
         client
             .select(
-                "SELECT a.attname::text, a.atttypid,
-                        pg_catalog.format_type(a.atttypid, a.atttypmod) ||
-                        CASE WHEN a.attcollation <> 0 AND a.attcollation <> t.typcollation THEN
-                             ' COLLATE ' || (SELECT pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(c.collname)
-                                             FROM pg_catalog.pg_collation c JOIN pg_catalog.pg_namespace cn ON cn.oid = c.collnamespace
-                                             WHERE c.oid = a.attcollation)
-                             ELSE '' END
-                 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                &format!(
+                    "SELECT a.attname::text, a.atttypid,
+                            pg_catalog.format_type(a.atttypid, a.atttypmod) ||
+                            CASE WHEN a.attcollation <> 0 AND a.attcollation <> t.typcollation THEN
+                                 ' COLLATE ' || {} ELSE '' END
+                     FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+                     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                    qualified_collation("a.attcollation")
+                ),
                 None,
                 &[relation.into()],
             )?
@@ -212,26 +213,27 @@ struct RangeDefinition {
 fn range_definition(type_oid: pg_sys::Oid) -> Result<Option<RangeDefinition>, DistributionError> {
     let row = Spi::connect(|client| {
         let mut rows = client.select(
-            "SELECT r.rngsubtype, 'SUBTYPE = ' || pg_catalog.format_type(r.rngsubtype, NULL)
-                    || CASE WHEN NOT oc.opcdefault THEN ', SUBTYPE_OPCLASS = ' || pg_catalog.quote_ident(ocn.nspname)
-                            || '.' || pg_catalog.quote_ident(oc.opcname) ELSE '' END
-                    || CASE WHEN r.rngcollation <> 0 AND r.rngcollation <> st.typcollation THEN ', COLLATION = '
-                            || (SELECT pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(c.collname)
-                                FROM pg_catalog.pg_collation c JOIN pg_catalog.pg_namespace cn ON cn.oid = c.collnamespace
-                                WHERE c.oid = r.rngcollation) ELSE '' END
-                    || CASE WHEN r.rngsubdiff <> 0 THEN ', SUBTYPE_DIFF = pg_catalog.'
-                            || pg_catalog.quote_ident(d.proname) ELSE '' END
-                    || ', MULTIRANGE_TYPE_NAME = ' || pg_catalog.quote_ident(mn.nspname) || '.'
-                    || pg_catalog.quote_ident(m.typname),
-                    r.rngcanonical = 0 AND (r.rngsubdiff = 0 OR d.pronamespace = 'pg_catalog'::regnamespace)
-             FROM pg_catalog.pg_range r
-             JOIN pg_catalog.pg_type st ON st.oid = r.rngsubtype
-             JOIN pg_catalog.pg_opclass oc ON oc.oid = r.rngsubopc
-             JOIN pg_catalog.pg_namespace ocn ON ocn.oid = oc.opcnamespace
-             JOIN pg_catalog.pg_type m ON m.oid = r.rngmultitypid
-             JOIN pg_catalog.pg_namespace mn ON mn.oid = m.typnamespace
-             LEFT JOIN pg_catalog.pg_proc d ON d.oid = r.rngsubdiff
-             WHERE r.rngtypid = $1",
+            &format!(
+                "SELECT r.rngsubtype, 'SUBTYPE = ' || pg_catalog.format_type(r.rngsubtype, NULL)
+                        || CASE WHEN NOT oc.opcdefault THEN ', SUBTYPE_OPCLASS = ' || pg_catalog.quote_ident(ocn.nspname)
+                                || '.' || pg_catalog.quote_ident(oc.opcname) ELSE '' END
+                        || CASE WHEN r.rngcollation <> 0 AND r.rngcollation <> st.typcollation THEN ', COLLATION = '
+                                || {} ELSE '' END
+                        || CASE WHEN r.rngsubdiff <> 0 THEN ', SUBTYPE_DIFF = pg_catalog.'
+                                || pg_catalog.quote_ident(d.proname) ELSE '' END
+                        || ', MULTIRANGE_TYPE_NAME = ' || pg_catalog.quote_ident(mn.nspname) || '.'
+                        || pg_catalog.quote_ident(m.typname),
+                        r.rngcanonical = 0 AND (r.rngsubdiff = 0 OR d.pronamespace = 'pg_catalog'::regnamespace)
+                 FROM pg_catalog.pg_range r
+                 JOIN pg_catalog.pg_type st ON st.oid = r.rngsubtype
+                 JOIN pg_catalog.pg_opclass oc ON oc.oid = r.rngsubopc
+                 JOIN pg_catalog.pg_namespace ocn ON ocn.oid = oc.opcnamespace
+                 JOIN pg_catalog.pg_type m ON m.oid = r.rngmultitypid
+                 JOIN pg_catalog.pg_namespace mn ON mn.oid = m.typnamespace
+                 LEFT JOIN pg_catalog.pg_proc d ON d.oid = r.rngsubdiff
+                 WHERE r.rngtypid = $1",
+                qualified_collation("r.rngcollation")
+            ),
             None,
             &[type_oid.into()],
         )?;
@@ -247,4 +249,13 @@ fn range_definition(type_oid: pg_sys::Oid) -> Result<Option<RangeDefinition>, Di
         Some((Some(subtype), Some(options), true)) => Some(RangeDefinition { subtype, options }),
         _ => None,
     })
+}
+
+/// SQL for the schema-qualified name of the collation whose oid is `column`.
+fn qualified_collation(column: &str) -> String {
+    format!(
+        "(SELECT pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(c.collname)
+          FROM pg_catalog.pg_collation c JOIN pg_catalog.pg_namespace cn ON cn.oid = c.collnamespace
+          WHERE c.oid = {column})"
+    )
 }
