@@ -2233,6 +2233,7 @@ BEGIN
   IF NEW.note = 'skip' THEN RETURN NULL; END IF;
   IF NEW.note = 'double' THEN NEW.amount := NEW.amount * 2; END IF;
   IF NEW.note = 'move' THEN NEW.day := NEW.day + 400; END IF;
+  IF NEW.note = 'gone' AND TG_OP = 'INSERT' THEN RETURN NULL; END IF;
   RETURN NEW;
 END $$;
 CREATE FUNCTION ptr_audit() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -2318,14 +2319,36 @@ fn row_triggers_fire_on_the_partition_that_holds_the_row(cluster: &Cluster) {
         &mut reference,
         &["SELECT * FROM ptr", "SELECT * FROM ptr_log"],
     );
-    // A trigger may not move an inserted row (PostgreSQL's own error), nor an upsert's
-    // updated row; an UPDATE that moves a row between partitions with row triggers is refused
-    // (PostgreSQL fires the partitions' DELETE and INSERT triggers): nothing changes.
+    // An UPDATE that moves a row to another partition deletes it from the one and inserts it
+    // into the other, as in PostgreSQL: the first partition's DELETE triggers fire (b_keep
+    // keeps the row where it is), then the other's INSERT triggers (a_stamp drops a row noted
+    // 'gone': it is only deleted, and not counted), and the transition tables get the row.
+    assert_same(
+        &mut coordinator,
+        &mut reference,
+        &[
+            "UPDATE ptr SET day = day + 365 WHERE tenant BETWEEN 60 AND 130 RETURNING *",
+            "UPDATE ptr SET day = '2025-05-05' WHERE tenant = 1",
+            "UPDATE ptr SET note = 'gone', day = day + 365 WHERE tenant BETWEEN 131 AND 145
+               RETURNING tenant, day, stamp",
+            "BEGIN; UPDATE ptr SET day = day - 365 WHERE tenant = 7; ROLLBACK",
+        ],
+    );
+    let gone = "UPDATE ptr SET note = 'gone', day = day - 365 WHERE tenant BETWEEN 146 AND 170";
+    let counts =
+        [&mut coordinator, &mut reference].map(|client| client.execute(gone, &[]).unwrap());
+    assert_eq!(counts[0], counts[1], "{gone}");
+    assert_same(
+        &mut coordinator,
+        &mut reference,
+        &["SELECT * FROM ptr", "SELECT * FROM ptr_log"],
+    );
+    // A trigger may not move an inserted row (PostgreSQL's own error, also for the INSERT
+    // half of a moving UPDATE), nor an upsert's updated row: nothing changes.
     for sql in [
         "INSERT INTO ptr VALUES (500, '2024-06-01', 1, 'move')",
-        "UPDATE ptr SET note = 'move' WHERE tenant = 1",
-        "UPDATE ptr SET day = '2025-05-05' WHERE tenant = 1",
-        "INSERT INTO ptr VALUES (1, '2024-03-01', 5, 'x') ON CONFLICT (tenant, day) DO UPDATE SET note = 'move'",
+        "UPDATE ptr SET note = 'move' WHERE tenant = 7",
+        "INSERT INTO ptr VALUES (7, '2024-03-01', 5, 'x') ON CONFLICT (tenant, day) DO UPDATE SET note = 'move'",
     ] {
         let err = coordinator.batch_execute(sql).unwrap_err();
         assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");

@@ -25,6 +25,7 @@ use crate::executor::modify::{
 };
 use crate::executor::scan::BroadcastRows;
 use crate::executor::shard_writer::{run_statements, run_statements_all_rows, RowInput};
+use crate::executor::triggers::UpdateOutcome;
 use crate::executor::write_locks;
 use crate::metadata::cache;
 use crate::planner::modify_plan::{has_generated_columns, ModifyKind};
@@ -71,6 +72,9 @@ struct Change {
     old: TextRow,
     /// UPDATE: the new row before the shards store it.
     new: TextRow,
+    /// The row is deleted: a DELETE, or an UPDATE moving it to a partition whose INSERT
+    /// triggers skipped it.
+    deleted: bool,
     /// (node, row) of each copy, the first placement's first.
     copies: Vec<(i32, RowId)>,
     shard_id: i64,
@@ -120,10 +124,12 @@ pub(crate) unsafe fn update_or_delete(
                 input.store(&row.old, old_slot);
                 let old_tuple = pg_sys::ExecCopySlotHeapTuple(old_slot);
                 let mut new = with_set_values(&row.old, &columns, &plan.set_attnos, &row.set);
-                let keep = if plan.kind == ModifyKind::Update {
+                let outcome = if plan.kind == ModifyKind::Update {
                     input.store(&new, new_slot);
-                    let keep = triggers.is_none_or(|t| t.before_row(old_tuple, new_slot));
-                    if keep {
+                    let outcome = triggers.map_or(UpdateOutcome::Write, |t| {
+                        t.before_update(old_tuple, new_slot)
+                    });
+                    if outcome == UpdateOutcome::Write {
                         new = slot_text(new_slot, &columns);
                         if generated {
                             compute_generated_columns(
@@ -140,16 +146,24 @@ pub(crate) unsafe fn update_or_delete(
                             pg_sys::WCOKind::WCO_RLS_UPDATE_CHECK,
                         );
                     }
-                    keep
+                    outcome
                 } else {
-                    triggers.is_none_or(|t| t.before_row(old_tuple, std::ptr::null_mut()))
+                    let kept =
+                        triggers.is_none_or(|t| t.before_row(old_tuple, std::ptr::null_mut()));
+                    match kept {
+                        true => UpdateOutcome::Delete,
+                        false => UpdateOutcome::Skip,
+                    }
                 };
                 pg_sys::MemoryContextSwitchTo(old_context);
                 pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
-                if !keep {
+                if outcome == UpdateOutcome::Skip {
                     continue;
                 }
-                refuse_moved_row(plan.relid, &columns, distribution, &row.old, &new);
+                let deleted = outcome == UpdateOutcome::Delete;
+                if !deleted {
+                    refuse_moved_row(plan.relid, &columns, distribution, &row.old, &new);
+                }
                 let mut copies = vec![(primary.0, row.id.clone())];
                 copies.extend(
                     others
@@ -159,6 +173,7 @@ pub(crate) unsafe fn update_or_delete(
                 changes.push(Change {
                     old: row.old.clone(),
                     new,
+                    deleted,
                     copies,
                     shard_id,
                     extra: row.extra.clone(),
@@ -182,31 +197,35 @@ pub(crate) unsafe fn update_or_delete(
                 }
             }
         }
+        // An UPDATE does not count the rows it only deleted, as PostgreSQL counts a moved row
+        // by its INSERT.
+        let update = plan.kind == ModifyKind::Update;
+        let only_deleted = changes.iter().filter(|c| update && c.deleted).count() as u64;
         let mut returned = Vec::new();
         for (change, new) in changes.iter().zip(new_rows) {
-            let row = match plan.kind {
-                ModifyKind::Update => new.unwrap_or_else(|| change.new.clone()),
-                _ => change.old.clone(),
+            let row = match change.deleted {
+                false => new.unwrap_or_else(|| change.new.clone()),
+                true => change.old.clone(),
             };
             if let Some(triggers) = triggers {
                 let old_context = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
                 input.store(&change.old, old_slot);
                 let old_tuple = pg_sys::ExecCopySlotHeapTuple(old_slot);
-                let new_slot = match plan.kind {
-                    ModifyKind::Update => input.store(&row, new_slot),
-                    _ => std::ptr::null_mut(),
-                };
-                triggers.after_row(old_tuple, new_slot);
+                match (update, change.deleted) {
+                    (true, false) => triggers.after_update(old_tuple, input.store(&row, new_slot)),
+                    (true, true) => triggers.after_update(old_tuple, std::ptr::null_mut()),
+                    (false, _) => triggers.after_row(old_tuple, std::ptr::null_mut()),
+                }
                 pg_sys::MemoryContextSwitchTo(old_context);
                 pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
             }
-            if plan.returning {
+            if plan.returning && !(update && change.deleted) {
                 returned.push([row, change.extra.clone()].concat());
             }
         }
         pg_sys::ExecClearTuple(old_slot);
         pg_sys::ExecClearTuple(new_slot);
-        (count, returned)
+        (count - only_deleted, returned)
     }
 }
 
@@ -293,13 +312,15 @@ fn writes(
     let mut per_node: BTreeMap<i32, Vec<(FragmentSql, bool)>> = BTreeMap::new();
     for (shard_id, indexes) in by_shard {
         let shard = quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
+        let (deleted, updated): (Vec<usize>, Vec<usize>) =
+            indexes.iter().partition(|n| changes[**n].deleted);
         // The SET columns and every column a trigger changed in one of the shard's rows.
         let assigned: Vec<usize> = (0..columns.len())
             .filter(|i| {
                 let c = &columns[*i];
                 !c.generated
                     && (plan.set_attnos.contains(&c.attno)
-                        || indexes
+                        || updated
                             .iter()
                             .any(|n| changes[*n].new[*i] != changes[*n].old[*i]))
             })
@@ -322,56 +343,52 @@ fn writes(
             };
             let same_row = "pgdist_t.ctid = pgdist_v.pgdist_ctid \
                             AND pgdist_t.tableoid = pgdist_v.pgdist_tableoid";
-            let sql = match plan.kind {
-                ModifyKind::Update => {
-                    let rows: Vec<String> = indexes
-                        .iter()
-                        .map(|n| {
-                            let mut values = vec![n.to_string(), row_id(*n)];
-                            values.extend(assigned.iter().map(|i| {
-                                let text = changes[*n].new[*i].as_deref();
-                                let value = text.map_or("NULL".into(), quote_literal);
-                                format!("{value}::{}", columns[*i].type_name)
-                            }));
-                            format!("({})", values.join(", "))
-                        })
-                        .collect();
-                    let names: Vec<String> = assigned
-                        .iter()
-                        .map(|i| quote_identifier(&columns[*i].name))
-                        .collect();
-                    let sets: Vec<String> = names
-                        .iter()
-                        .map(|c| format!("{c} = pgdist_v.{c}"))
-                        .collect();
-                    let mut sql = format!(
-                        "UPDATE {shard} AS pgdist_t SET {} FROM (VALUES {}) AS pgdist_v \
-                         (pgdist_n, pgdist_ctid, pgdist_tableoid, {}) WHERE {same_row}",
-                        sets.join(", "),
-                        rows.join(", "),
-                        names.join(", ")
-                    );
-                    if primary {
-                        sql.push_str(&format!(" RETURNING pgdist_v.pgdist_n, {returning}"));
-                    }
-                    sql
+            let jobs = per_node.entry(node_id).or_default();
+            if !updated.is_empty() {
+                let rows: Vec<String> = updated
+                    .iter()
+                    .map(|n| {
+                        let mut values = vec![n.to_string(), row_id(*n)];
+                        values.extend(assigned.iter().map(|i| {
+                            let text = changes[*n].new[*i].as_deref();
+                            let value = text.map_or("NULL".into(), quote_literal);
+                            format!("{value}::{}", columns[*i].type_name)
+                        }));
+                        format!("({})", values.join(", "))
+                    })
+                    .collect();
+                let names: Vec<String> = assigned
+                    .iter()
+                    .map(|i| quote_identifier(&columns[*i].name))
+                    .collect();
+                let sets: Vec<String> = names
+                    .iter()
+                    .map(|c| format!("{c} = pgdist_v.{c}"))
+                    .collect();
+                let mut sql = format!(
+                    "UPDATE {shard} AS pgdist_t SET {} FROM (VALUES {}) AS pgdist_v \
+                     (pgdist_n, pgdist_ctid, pgdist_tableoid, {}) WHERE {same_row}",
+                    sets.join(", "),
+                    rows.join(", "),
+                    names.join(", ")
+                );
+                if primary {
+                    sql.push_str(&format!(" RETURNING pgdist_v.pgdist_n, {returning}"));
                 }
-                _ => {
-                    let rows: Vec<String> = indexes
-                        .iter()
-                        .map(|n| format!("({})", row_id(*n)))
-                        .collect();
-                    format!(
-                        "DELETE FROM {shard} AS pgdist_t USING (VALUES {}) AS pgdist_v \
-                         (pgdist_ctid, pgdist_tableoid) WHERE {same_row}",
-                        rows.join(", ")
-                    )
-                }
-            };
-            per_node
-                .entry(node_id)
-                .or_default()
-                .push((FragmentSql::plain(sql), primary));
+                jobs.push((FragmentSql::plain(sql), primary));
+            }
+            if !deleted.is_empty() {
+                let rows: Vec<String> = deleted
+                    .iter()
+                    .map(|n| format!("({})", row_id(*n)))
+                    .collect();
+                let sql = format!(
+                    "DELETE FROM {shard} AS pgdist_t USING (VALUES {}) AS pgdist_v \
+                     (pgdist_ctid, pgdist_tableoid) WHERE {same_row}",
+                    rows.join(", ")
+                );
+                jobs.push((FragmentSql::plain(sql), primary));
+            }
         }
     }
     per_node

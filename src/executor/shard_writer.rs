@@ -50,10 +50,6 @@ pub enum WriteError {
         column: String,
         value: String,
     },
-    #[error(
-        "moving a row of \"{0}\" to another partition is not supported when its partitions have row triggers"
-    )]
-    PartitionChange(String),
     /// PostgreSQL's own error for an upsert whose new row belongs in another partition.
     #[error("invalid ON UPDATE specification")]
     UpsertChangesPartition,
@@ -64,9 +60,7 @@ impl PgError for WriteError {
         match self {
             WriteError::NullDistributionValue { .. } => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
             WriteError::NoShard { .. } => PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
-            WriteError::PartitionChange(_) | WriteError::UpsertChangesPartition => {
-                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
-            }
+            WriteError::UpsertChangesPartition => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
         }
     }
     fn detail(&self) -> Option<String> {
@@ -86,11 +80,6 @@ impl PgError for WriteError {
             WriteError::NoShard { .. } => {
                 Some("The table's range shards do not cover this value.".into())
             }
-            WriteError::PartitionChange(_) => Some(
-                "Delete the row and insert it with its new values in one transaction (the \
-                 partitions' DELETE and INSERT triggers fire), or drop the row triggers."
-                    .into(),
-            ),
             WriteError::UpsertChangesPartition => Some(
                 "An upsert may not move a row to another partition; change the partition key \
                  with an UPDATE."

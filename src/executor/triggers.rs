@@ -151,6 +151,26 @@ unsafe fn user_triggers<'a>(
     }
 }
 
+/// What the BEFORE ROW triggers of an UPDATE make of a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    /// Write the (possibly changed) new row.
+    Write,
+    /// Leave the row alone.
+    Skip,
+    /// The row moves to another partition whose BEFORE INSERT triggers skipped it: delete it.
+    Delete,
+}
+
+impl UpdateOutcome {
+    fn from_kept(kept: bool) -> UpdateOutcome {
+        match kept {
+            true => UpdateOutcome::Write,
+            false => UpdateOutcome::Skip,
+        }
+    }
+}
+
 /// A result relation set up to fire the user triggers of one write.
 pub struct Triggers {
     pub(crate) estate: *mut pg_sys::EState,
@@ -350,33 +370,159 @@ impl Triggers {
             };
             let keep = fire_before(self.estate, partition.info, event, old, partition_new);
             if keep && !new.is_null() {
-                // An UPDATE that moves a row to another partition fires that partition's
-                // INSERT triggers and the first one's DELETE triggers in PostgreSQL: refused
-                // when there are such triggers (a trigger may not move an inserted row, and an
-                // upsert no row at all, as in PostgreSQL).
+                // A trigger may not move an inserted row to another partition, and an upsert
+                // no row at all, as in PostgreSQL (an UPDATE goes through before_update).
                 let moved =
                     !pg_sys::ExecPartitionCheck(partition.info, partition_new, self.estate, false);
                 if moved && self.also_update && event == Event::Update {
                     crate::error::raise(WriteError::UpsertChangesPartition);
                 }
-                if moved && (event == Event::Insert || self.partition_row_triggers) {
-                    if event == Event::Insert {
-                        pg_sys::ExecPartitionCheck(
-                            partition.info,
-                            partition_new,
-                            self.estate,
-                            true,
-                        );
-                    }
-                    let table = crate::distribution::create::relation_name(
-                        (*(*self.info).ri_RelationDesc).rd_id,
-                    );
-                    crate::error::raise(WriteError::PartitionChange(table));
+                if moved && event == Event::Insert {
+                    pg_sys::ExecPartitionCheck(partition.info, partition_new, self.estate, true);
                 }
                 let back = convert(partition.to_table, partition_new, self.table_new);
                 pg_sys::ExecCopySlot(new, back);
             }
             keep
+        }
+    }
+
+    /// BEFORE ROW triggers of a row an UPDATE changes from `old` to `new` (which they may
+    /// change in place). A row of a partitioned table that the new values move to another
+    /// partition becomes, as in PostgreSQL, a DELETE from its partition and an INSERT into the
+    /// other when the partitions have row triggers: the first one's BEFORE DELETE and the other
+    /// one's BEFORE INSERT triggers fire too, and when the INSERT ones skip the row it is only
+    /// deleted.
+    pub unsafe fn before_update(
+        &self,
+        old: pg_sys::HeapTuple,
+        new: *mut pg_sys::TupleTableSlot,
+    ) -> UpdateOutcome {
+        // SAFETY: as before_row_of.
+        unsafe {
+            if !self.partitioned {
+                return UpdateOutcome::from_kept(fire_before(
+                    self.estate,
+                    self.info,
+                    Event::Update,
+                    old,
+                    new,
+                ));
+            }
+            // A row no partition takes goes on: its shard refuses it as PostgreSQL would.
+            let Some((source, old, source_new)) = self.in_partition(Event::Update, old, new) else {
+                return UpdateOutcome::Write;
+            };
+            if !fire_before(self.estate, source.info, Event::Update, old, source_new) {
+                return UpdateOutcome::Skip;
+            }
+            let table_new = convert(source.to_table, source_new, self.table_new);
+            let moved = !pg_sys::ExecPartitionCheck(source.info, source_new, self.estate, false);
+            let target = match moved && self.partition_row_triggers {
+                true => self.partition_of(table_new, |p| p.new, Some(source)),
+                false => None,
+            };
+            let Some(target) = target else {
+                pg_sys::ExecCopySlot(new, table_new);
+                return UpdateOutcome::Write;
+            };
+            if !fire_before(
+                self.estate,
+                source.info,
+                Event::Delete,
+                old,
+                std::ptr::null_mut(),
+            ) {
+                return UpdateOutcome::Skip;
+            }
+            let target_new = convert(target.to_partition, table_new, target.new);
+            if !fire_before(
+                self.estate,
+                target.info,
+                Event::Insert,
+                std::ptr::null_mut(),
+                target_new,
+            ) {
+                return UpdateOutcome::Delete;
+            }
+            // A trigger of the partition's own may not move the row on (a cloned one has
+            // raised PostgreSQL's error already).
+            pg_sys::ExecPartitionCheck(target.info, target_new, self.estate, true);
+            let back = convert(target.to_table, target_new, self.table_new);
+            pg_sys::ExecCopySlot(new, back);
+            UpdateOutcome::Write
+        }
+    }
+
+    /// Queues the AFTER ROW triggers and transition-table rows of a row an UPDATE changed from
+    /// `old` to `new` (null: [`UpdateOutcome::Delete`]). A row moved to another partition fires
+    /// its first partition's AFTER DELETE and the other one's AFTER INSERT triggers, and goes to
+    /// the UPDATE's transition tables, as in PostgreSQL.
+    pub unsafe fn after_update(&self, old: pg_sys::HeapTuple, new: *mut pg_sys::TupleTableSlot) {
+        // SAFETY: as after_row_of.
+        unsafe {
+            if !self.partitioned {
+                return fire_after(
+                    self.estate,
+                    self.info,
+                    self.capture,
+                    Event::Update,
+                    old,
+                    new,
+                );
+            }
+            let Some((source, old, source_new)) = self.in_partition(Event::Update, old, new) else {
+                return;
+            };
+            let moved = new.is_null()
+                || (self.partition_row_triggers
+                    && !pg_sys::ExecPartitionCheck(source.info, source_new, self.estate, false));
+            if !moved {
+                return fire_after(
+                    self.estate,
+                    source.info,
+                    self.capture,
+                    Event::Update,
+                    old,
+                    source_new,
+                );
+            }
+            let capture = self.capture;
+            if !capture.is_null() && (*capture).tcs_update_old_table {
+                capture_update_row(self.estate, source.info, capture, old, std::ptr::null_mut());
+            }
+            fire_after(
+                self.estate,
+                source.info,
+                std::ptr::null_mut(),
+                Event::Delete,
+                old,
+                std::ptr::null_mut(),
+            );
+            if new.is_null() {
+                return;
+            }
+            let Some(target) = self.partition_of(new, |p| p.new, Some(source)) else {
+                return;
+            };
+            let target_new = convert(target.to_partition, new, target.new);
+            if !capture.is_null() && (*capture).tcs_update_new_table {
+                capture_update_row(
+                    self.estate,
+                    target.info,
+                    capture,
+                    std::ptr::null_mut(),
+                    target_new,
+                );
+            }
+            fire_after(
+                self.estate,
+                target.info,
+                std::ptr::null_mut(),
+                Event::Insert,
+                std::ptr::null_mut(),
+                target_new,
+            );
         }
     }
 
@@ -425,19 +571,11 @@ impl Triggers {
                     self.table_old
                 }
             };
-            let count = self.partitions.len();
-            let first = self.last_partition.get();
-            let index = (0..count).map(|k| (first + k) % count).find(|i| {
-                let partition = &self.partitions[*i];
-                let slot = match event {
-                    Event::Insert => partition.new,
-                    _ => partition.old,
-                };
-                let slot = convert(partition.to_partition, routed, slot);
-                pg_sys::ExecPartitionCheck(partition.info, slot, self.estate, false)
-            })?;
-            self.last_partition.set(index);
-            let partition = &self.partitions[index];
+            let slot_of = |partition: &Partition| match event {
+                Event::Insert => partition.new,
+                _ => partition.old,
+            };
+            let partition = self.partition_of(routed, slot_of, None)?;
             let old = match old.is_null() {
                 true => std::ptr::null_mut(),
                 false => pg_sys::ExecCopySlotHeapTuple(partition.old),
@@ -448,6 +586,32 @@ impl Triggers {
                 (false, _) => convert(partition.to_partition, new, partition.new),
             };
             Some((partition, old, new))
+        }
+    }
+
+    /// The partition whose constraint the row in `row` (the table's layout) meets, other than
+    /// `except`, trying the last one found first; the row is converted into the partition's
+    /// `slot_of` to be checked.
+    unsafe fn partition_of(
+        &self,
+        row: *mut pg_sys::TupleTableSlot,
+        slot_of: impl Fn(&Partition) -> *mut pg_sys::TupleTableSlot,
+        except: Option<&Partition>,
+    ) -> Option<&Partition> {
+        // SAFETY: as in_partition.
+        unsafe {
+            let count = self.partitions.len();
+            let first = self.last_partition.get();
+            let index = (0..count).map(|k| (first + k) % count).find(|i| {
+                let partition = &self.partitions[*i];
+                if except.is_some_and(|e| std::ptr::eq(e, partition)) {
+                    return false;
+                }
+                let slot = convert(partition.to_partition, row, slot_of(partition));
+                pg_sys::ExecPartitionCheck(partition.info, slot, self.estate, false)
+            })?;
+            self.last_partition.set(index);
+            Some(&self.partitions[index])
         }
     }
 }
@@ -623,6 +787,34 @@ unsafe fn fire_after(
                 false,
             ),
         }
+    }
+}
+
+/// Puts the old or the new row of an UPDATE that moved a row to another partition (the other
+/// one null) into the UPDATE's transition tables, as PostgreSQL does for its DELETE and INSERT
+/// halves.
+unsafe fn capture_update_row(
+    estate: *mut pg_sys::EState,
+    info: *mut pg_sys::ResultRelInfo,
+    capture: *mut pg_sys::TransitionCaptureState,
+    old: pg_sys::HeapTuple,
+    new: *mut pg_sys::TupleTableSlot,
+) {
+    // SAFETY: as fire_after; with one row missing and a capture, the trigger code only
+    // captures the other.
+    unsafe {
+        pg_sys::ExecARUpdateTriggers(
+            estate,
+            info,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            old,
+            new,
+            std::ptr::null_mut(),
+            capture,
+            false,
+        )
     }
 }
 
