@@ -769,8 +769,9 @@ CREATE TRIGGER wr_log AFTER DELETE ON wr FOR EACH ROW EXECUTE FUNCTION w_log();
 ";
 
 /// Triggers of the partitioned table w2, created halfway (MERGE, refused on tables with
-/// triggers, runs into it before): one partition's change or skip rows, every partition's log
-/// the rows written, and the statement's transition tables are logged.
+/// triggers, runs into it before): one partition's change or skip the rows updated, deleted or
+/// inserted (also by an UPDATE moving them there), every partition's log the rows written, and
+/// the statement's transition tables are logged.
 const PARTITION_TRIGGERS: &str = "
 CREATE FUNCTION w_count() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -782,6 +783,7 @@ CREATE TRIGGER w2_updated AFTER UPDATE ON w2 REFERENCING NEW TABLE AS changed
 CREATE TRIGGER w2_deleted AFTER DELETE ON w2 REFERENCING OLD TABLE AS changed
   FOR EACH STATEMENT EXECUTE FUNCTION w_count();
 CREATE TRIGGER w2_before BEFORE UPDATE OR DELETE ON w2_low FOR EACH ROW EXECUTE FUNCTION w_before();
+CREATE TRIGGER w2_rest_before BEFORE INSERT ON w2_rest FOR EACH ROW EXECUTE FUNCTION w_before();
 CREATE TRIGGER w2_log AFTER INSERT OR UPDATE OR DELETE ON w2 FOR EACH ROW EXECUTE FUNCTION w_log();
 ";
 
@@ -881,6 +883,8 @@ impl Generator {
                     format!("v = (SELECT max(x.v) FROM w2 x WHERE x.id = {t}.id)"),
                     format!("v = (SELECT count(*) FROM w3 x WHERE x.grp = {t}.grp)"),
                     "v = (SELECT min(v) FROM w1)".into(),
+                    // Moves rows between w2's partitions.
+                    format!("grp = (grp + {}) % 6", 1 + k % 4),
                 ];
                 let set = &set[self.random.below(set.len())];
                 format!("UPDATE {t} SET {set} WHERE {condition}{returning}")

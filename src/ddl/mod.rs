@@ -693,7 +693,6 @@ unsafe fn check_alter_command(
     using: &mut HashMap<String, String>,
     settings: &mut Vec<Subcommand>,
 ) -> Result<(), DistributionError> {
-    #[allow(non_upper_case_globals)]
     use pg_sys::AlterTableType::*;
     // SAFETY: cmd comes from the statement's parse tree; name may be NULL.
     unsafe {

@@ -146,7 +146,7 @@ unsafe extern "C-unwind" fn begin(
             }
         }
         runtime.result = result_relation(node, estate, checks.into_pg());
-        // A MERGE fires the statement triggers of its actions' events (no row triggers).
+        // A MERGE fires the triggers of its actions' events.
         let event = match runtime.plan.kind {
             ModifyKind::Insert => Some(Event::Insert),
             ModifyKind::Update => Some(Event::Update),
@@ -205,7 +205,9 @@ unsafe extern "C-unwind" fn next_row(scan: *mut pg_sys::ScanState) -> *mut pg_sy
             }
             let (count, rows) = match runtime.plan.kind {
                 ModifyKind::Insert => insert(node, runtime),
-                ModifyKind::Update | ModifyKind::Delete if !runtime.plan.row_source.is_empty() => {
+                ModifyKind::Update | ModifyKind::Delete | ModifyKind::Merge
+                    if !runtime.plan.row_source.is_empty() =>
+                {
                     row_by_row::update_or_delete(node, runtime)
                 }
                 ModifyKind::Update | ModifyKind::Delete | ModifyKind::Merge => {
@@ -528,7 +530,7 @@ pub(crate) unsafe fn statements(
                 if !plan.row_source.is_empty() {
                     // Every placement locks and returns its rows, tagged with where they are.
                     let tag = row_by_row::tag(shard_id, placement.node.node_id, primary);
-                    statement.sql = body.replacen(ROW_TAG_SQL, &quote_literal(&tag), 1);
+                    statement.sql = body.replace(ROW_TAG_SQL, &quote_literal(&tag));
                 }
                 if let (Some((columns, types)), true) = (&returning, primary) {
                     statement.sql.push_str(&format!(" RETURNING {columns}"));

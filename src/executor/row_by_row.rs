@@ -24,8 +24,9 @@ use crate::executor::modify::{
     check_new_row, compute_generated_columns, has_checks, ModifyRuntime,
 };
 use crate::executor::scan::BroadcastRows;
+use crate::executor::shard_writer::WriteError;
 use crate::executor::shard_writer::{run_statements, run_statements_all_rows, RowInput};
-use crate::executor::triggers::UpdateOutcome;
+use crate::executor::triggers::{Event, UpdateOutcome};
 use crate::executor::write_locks;
 use crate::metadata::cache;
 use crate::planner::modify_plan::{has_generated_columns, ModifyKind};
@@ -67,14 +68,37 @@ struct Locked {
     extra: TextRow,
 }
 
+/// What a row's change writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Write {
+    Update,
+    Delete,
+    /// An UPDATE moved the row to a partition whose INSERT triggers skipped it: it is deleted,
+    /// and not counted.
+    MovedAway,
+    /// A MERGE inserts the row (`Change::old` holds it as proposed).
+    Insert,
+}
+
+/// What MERGE action `extra` (the action index `row_source` returned) names in `actions`
+/// (`ModifyPlan::merge_actions`); None: nothing.
+fn merge_action(actions: &str, extra: &TextRow) -> Option<Write> {
+    let index: usize = extra.first()?.as_deref()?.parse().ok()?;
+    match actions.chars().nth(index)? {
+        'u' => Some(Write::Update),
+        'd' => Some(Write::Delete),
+        'i' => Some(Write::Insert),
+        _ => None,
+    }
+}
+
 /// A row as the triggers let it through, with the change for each of its copies.
 struct Change {
     old: TextRow,
     /// UPDATE: the new row before the shards store it.
     new: TextRow,
-    /// The row is deleted: a DELETE, or an UPDATE moving it to a partition whose INSERT
-    /// triggers skipped it.
-    deleted: bool,
+    /// What is written.
+    write: Write,
     /// (node, row) of each copy, the first placement's first.
     copies: Vec<(i32, RowId)>,
     shard_id: i64,
@@ -103,7 +127,8 @@ pub(crate) unsafe fn update_or_delete(
         let columns = live_columns(tupdesc);
         let locked = run_statements_all_rows(work);
         let plan = &runtime.plan;
-        let shards = group_by_shard(locked, columns.len(), plan.set_attnos.len());
+        let merge = plan.kind == ModifyKind::Merge;
+        let shards = group_by_shard(locked, columns.len(), plan.set_attnos.len(), merge);
         let estate = (*node).ss.ps.state;
         let old_slot = pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
         let new_slot = pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
@@ -114,6 +139,8 @@ pub(crate) unsafe fn update_or_delete(
             .and_then(|t| t.distribution_attno())
             .and_then(|attno| columns.iter().position(|c| c.attno == attno));
         let generated = has_checks(runtime.result) && has_generated_columns(plan.relid);
+        // MERGE: the rows an action already changed (a second one fails, as in PostgreSQL).
+        let mut acted = std::collections::HashSet::new();
         let mut changes = Vec::new();
         for (shard_id, copies) in shards {
             let Some((primary, others)) = copies.split_first() else {
@@ -121,48 +148,78 @@ pub(crate) unsafe fn update_or_delete(
             };
             for (i, row) in primary.1.iter().enumerate() {
                 let old_context = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
-                input.store(&row.old, old_slot);
-                let old_tuple = pg_sys::ExecCopySlotHeapTuple(old_slot);
-                let mut new = with_set_values(&row.old, &columns, &plan.set_attnos, &row.set);
-                let outcome = if plan.kind == ModifyKind::Update {
-                    input.store(&new, new_slot);
-                    let outcome = triggers.map_or(UpdateOutcome::Write, |t| {
-                        t.before_update(old_tuple, new_slot)
-                    });
-                    if outcome == UpdateOutcome::Write {
-                        new = slot_text(new_slot, &columns);
-                        if generated {
-                            compute_generated_columns(
+                let what = match plan.kind {
+                    ModifyKind::Merge => merge_action(&plan.merge_actions, &row.extra),
+                    ModifyKind::Update => Some(Write::Update),
+                    _ => Some(Write::Delete),
+                };
+                let mut new = match what {
+                    Some(Write::Insert) => row.old.clone(),
+                    _ => with_set_values(&row.old, &columns, &plan.set_attnos, &row.set),
+                };
+                let old_tuple = match what {
+                    Some(Write::Insert) | None => std::ptr::null_mut(),
+                    _ => {
+                        input.store(&row.old, old_slot);
+                        pg_sys::ExecCopySlotHeapTuple(old_slot)
+                    }
+                };
+                let written = match what {
+                    Some(Write::Update) => {
+                        input.store(&new, new_slot);
+                        let outcome = triggers.map_or(UpdateOutcome::Write, |t| {
+                            t.before_update(old_tuple, new_slot)
+                        });
+                        if outcome == UpdateOutcome::Write {
+                            new = slot_text(new_slot, &columns);
+                            if generated {
+                                compute_generated_columns(
+                                    runtime.result,
+                                    estate,
+                                    new_slot,
+                                    pg_sys::CmdType::CMD_UPDATE,
+                                );
+                            }
+                            check_new_row(
+                                node,
                                 runtime.result,
-                                estate,
                                 new_slot,
-                                pg_sys::CmdType::CMD_UPDATE,
+                                pg_sys::WCOKind::WCO_RLS_UPDATE_CHECK,
                             );
                         }
-                        check_new_row(
-                            node,
-                            runtime.result,
-                            new_slot,
-                            pg_sys::WCOKind::WCO_RLS_UPDATE_CHECK,
-                        );
+                        match outcome {
+                            UpdateOutcome::Write => Some(Write::Update),
+                            UpdateOutcome::Delete => Some(Write::MovedAway),
+                            UpdateOutcome::Skip => None,
+                        }
                     }
-                    outcome
-                } else {
-                    let kept =
-                        triggers.is_none_or(|t| t.before_row(old_tuple, std::ptr::null_mut()));
-                    match kept {
-                        true => UpdateOutcome::Delete,
-                        false => UpdateOutcome::Skip,
+                    Some(Write::Insert) => {
+                        input.store(&new, new_slot);
+                        let kept = triggers.is_none_or(|t| {
+                            t.before_row_of(Event::Insert, std::ptr::null_mut(), new_slot)
+                        });
+                        kept.then(|| {
+                            new = slot_text(new_slot, &columns);
+                            Write::Insert
+                        })
                     }
+                    Some(_) => triggers
+                        .is_none_or(|t| {
+                            t.before_row_of(Event::Delete, old_tuple, std::ptr::null_mut())
+                        })
+                        .then_some(Write::Delete),
+                    None => None,
                 };
                 pg_sys::MemoryContextSwitchTo(old_context);
                 pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
-                if outcome == UpdateOutcome::Skip {
+                let Some(write) = written else {
                     continue;
-                }
-                let deleted = outcome == UpdateOutcome::Delete;
-                if !deleted {
+                };
+                if write != Write::Delete && write != Write::MovedAway {
                     refuse_moved_row(plan.relid, &columns, distribution, &row.old, &new);
+                }
+                if merge && write != Write::Insert && !acted.insert((shard_id, row.id.clone())) {
+                    crate::error::raise(WriteError::MergeRowTwice);
                 }
                 let mut copies = vec![(primary.0, row.id.clone())];
                 copies.extend(
@@ -173,7 +230,7 @@ pub(crate) unsafe fn update_or_delete(
                 changes.push(Change {
                     old: row.old.clone(),
                     new,
-                    deleted,
+                    write,
                     copies,
                     shard_id,
                     extra: row.extra.clone(),
@@ -199,33 +256,47 @@ pub(crate) unsafe fn update_or_delete(
         }
         // An UPDATE does not count the rows it only deleted, as PostgreSQL counts a moved row
         // by its INSERT.
-        let update = plan.kind == ModifyKind::Update;
-        let only_deleted = changes.iter().filter(|c| update && c.deleted).count() as u64;
+        let moved_away = changes
+            .iter()
+            .filter(|c| c.write == Write::MovedAway)
+            .count() as u64;
         let mut returned = Vec::new();
         for (change, new) in changes.iter().zip(new_rows) {
-            let row = match change.deleted {
-                false => new.unwrap_or_else(|| change.new.clone()),
-                true => change.old.clone(),
+            let row = match change.write {
+                Write::Update | Write::Insert => new.unwrap_or_else(|| change.new.clone()),
+                Write::Delete | Write::MovedAway => change.old.clone(),
             };
             if let Some(triggers) = triggers {
                 let old_context = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
-                input.store(&change.old, old_slot);
-                let old_tuple = pg_sys::ExecCopySlotHeapTuple(old_slot);
-                match (update, change.deleted) {
-                    (true, false) => triggers.after_update(old_tuple, input.store(&row, new_slot)),
-                    (true, true) => triggers.after_update(old_tuple, std::ptr::null_mut()),
-                    (false, _) => triggers.after_row(old_tuple, std::ptr::null_mut()),
+                let old_tuple = match change.write {
+                    Write::Insert => std::ptr::null_mut(),
+                    _ => {
+                        input.store(&change.old, old_slot);
+                        pg_sys::ExecCopySlotHeapTuple(old_slot)
+                    }
+                };
+                match change.write {
+                    Write::Update => triggers.after_update(old_tuple, input.store(&row, new_slot)),
+                    Write::MovedAway => triggers.after_update(old_tuple, std::ptr::null_mut()),
+                    Write::Delete => {
+                        triggers.after_row_of(Event::Delete, old_tuple, std::ptr::null_mut())
+                    }
+                    Write::Insert => triggers.after_row_of(
+                        Event::Insert,
+                        std::ptr::null_mut(),
+                        input.store(&row, new_slot),
+                    ),
                 }
                 pg_sys::MemoryContextSwitchTo(old_context);
                 pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
             }
-            if plan.returning && !(update && change.deleted) {
+            if plan.returning && change.write != Write::MovedAway {
                 returned.push([row, change.extra.clone()].concat());
             }
         }
         pg_sys::ExecClearTuple(old_slot);
         pg_sys::ExecClearTuple(new_slot);
-        (count - only_deleted, returned)
+        (count - moved_away, returned)
     }
 }
 
@@ -235,6 +306,7 @@ fn group_by_shard(
     rows: Vec<TextRow>,
     columns: usize,
     set_values: usize,
+    keep_repeats: bool,
 ) -> BTreeMap<i64, Vec<(i32, Vec<Locked>)>> {
     let mut shards: BTreeMap<i64, BTreeMap<(bool, i32), Vec<Locked>>> = BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
@@ -254,8 +326,9 @@ fn group_by_shard(
         let tableoid = row.pop().flatten().unwrap_or_default();
         let ctid = row.pop().flatten().unwrap_or_default();
         let id = RowId { ctid, tableoid };
-        // A join may return a row more than once; it is changed once, with the first values.
-        if !seen.insert((shard_id, node_id, id.clone())) {
+        // A join may return a row more than once; it is changed once, with the first values
+        // (a MERGE's rows are all kept: an action on a row already changed fails).
+        if !keep_repeats && !seen.insert((shard_id, node_id, id.clone())) {
             continue;
         }
         let rows = shards
@@ -312,8 +385,16 @@ fn writes(
     let mut per_node: BTreeMap<i32, Vec<(FragmentSql, bool)>> = BTreeMap::new();
     for (shard_id, indexes) in by_shard {
         let shard = quote_qualified(&schema, &with_suffix(&name, &shard_id.to_string()));
-        let (deleted, updated): (Vec<usize>, Vec<usize>) =
-            indexes.iter().partition(|n| changes[**n].deleted);
+        let of = |writes: &[Write]| -> Vec<usize> {
+            indexes
+                .iter()
+                .copied()
+                .filter(|n| writes.contains(&changes[*n].write))
+                .collect()
+        };
+        let updated = of(&[Write::Update]);
+        let deleted = of(&[Write::Delete, Write::MovedAway]);
+        let inserted = of(&[Write::Insert]);
         // The SET columns and every column a trigger changed in one of the shard's rows.
         let assigned: Vec<usize> = (0..columns.len())
             .filter(|i| {
@@ -387,6 +468,32 @@ fn writes(
                      (pgdist_ctid, pgdist_tableoid) WHERE {same_row}",
                     rows.join(", ")
                 );
+                jobs.push((FragmentSql::plain(sql), primary));
+            }
+            // One INSERT per row, returning it as stored with its change's index.
+            let names: Vec<String> = columns
+                .iter()
+                .filter(|c| !c.generated)
+                .map(|c| quote_identifier(&c.name))
+                .collect();
+            for n in &inserted {
+                let values: Vec<String> = columns
+                    .iter()
+                    .zip(&changes[*n].new)
+                    .filter(|(c, _)| !c.generated)
+                    .map(|(c, value)| {
+                        let value = value.as_deref().map_or("NULL".into(), quote_literal);
+                        format!("{value}::{}", c.type_name)
+                    })
+                    .collect();
+                let mut sql = format!(
+                    "INSERT INTO {shard} AS pgdist_t ({}) VALUES ({})",
+                    names.join(", "),
+                    values.join(", ")
+                );
+                if primary {
+                    sql.push_str(&format!(" RETURNING {n}, {returning}"));
+                }
                 jobs.push((FragmentSql::plain(sql), primary));
             }
         }

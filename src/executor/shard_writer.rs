@@ -50,6 +50,9 @@ pub enum WriteError {
         column: String,
         value: String,
     },
+    /// PostgreSQL's own error for a MERGE whose actions change a target row twice.
+    #[error("MERGE command cannot affect row a second time")]
+    MergeRowTwice,
     /// PostgreSQL's own error for an upsert whose new row belongs in another partition.
     #[error("invalid ON UPDATE specification")]
     UpsertChangesPartition,
@@ -61,6 +64,7 @@ impl PgError for WriteError {
             WriteError::NullDistributionValue { .. } => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
             WriteError::NoShard { .. } => PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
             WriteError::UpsertChangesPartition => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            WriteError::MergeRowTwice => PgSqlErrorCode::ERRCODE_CARDINALITY_VIOLATION,
         }
     }
     fn detail(&self) -> Option<String> {
@@ -85,6 +89,9 @@ impl PgError for WriteError {
                  with an UPDATE."
                     .into(),
             ),
+            WriteError::MergeRowTwice => {
+                Some("Ensure that not more than one source row matches any one target row.".into())
+            }
         }
     }
 }

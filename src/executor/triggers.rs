@@ -191,6 +191,8 @@ pub struct Triggers {
     partitions: Vec<Partition>,
     /// Whether a partition has row triggers of any event.
     partition_row_triggers: bool,
+    /// A MERGE: `capture` holds the rows of every event.
+    merge: bool,
     /// The partition the last row went to, tried first for the next one.
     last_partition: std::cell::Cell<usize>,
     /// Slots of the table's layout: an old row being routed, a new row being converted back.
@@ -246,7 +248,12 @@ impl Triggers {
                 false => pg_sys::MakeTransitionCaptureState(trigdesc, relid, command),
             };
             let slot = || pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
-            let capture = capture_of(command);
+            // A MERGE captures the rows of all its actions in one state, as PostgreSQL does.
+            let merge = !merge_events.is_empty();
+            let capture = capture_of(match merge {
+                true => pg_sys::CmdType::CMD_MERGE,
+                false => command,
+            });
             let update_capture = match also_update {
                 true => capture_of(pg_sys::CmdType::CMD_UPDATE),
                 false => std::ptr::null_mut(),
@@ -279,6 +286,7 @@ impl Triggers {
                     false => Vec::new(),
                 },
                 partition_row_triggers,
+                merge,
                 last_partition: std::cell::Cell::new(0),
                 table_old: slot(),
                 table_new: slot(),
@@ -333,7 +341,7 @@ impl Triggers {
     /// The transition capture of `event`'s rows (null: none).
     fn capture_of(&self, event: Event) -> *mut pg_sys::TransitionCaptureState {
         match event {
-            _ if event == self.event => self.capture,
+            _ if event == self.event || self.merge => self.capture,
             Event::Update if self.also_update => self.update_capture,
             _ => std::ptr::null_mut(),
         }
@@ -487,14 +495,20 @@ impl Triggers {
                     source_new,
                 );
             }
+            // An UPDATE puts the moved row into its transition tables; PostgreSQL 15's MERGE
+            // into its DELETE and INSERT ones.
             let capture = self.capture;
-            if !capture.is_null() && (*capture).tcs_update_old_table {
+            let halves = match self.merge {
+                true => capture,
+                false => std::ptr::null_mut(),
+            };
+            if !capture.is_null() && !self.merge && (*capture).tcs_update_old_table {
                 capture_update_row(self.estate, source.info, capture, old, std::ptr::null_mut());
             }
             fire_after(
                 self.estate,
                 source.info,
-                std::ptr::null_mut(),
+                halves,
                 Event::Delete,
                 old,
                 std::ptr::null_mut(),
@@ -506,7 +520,7 @@ impl Triggers {
                 return;
             };
             let target_new = convert(target.to_partition, new, target.new);
-            if !capture.is_null() && (*capture).tcs_update_new_table {
+            if !capture.is_null() && !self.merge && (*capture).tcs_update_new_table {
                 capture_update_row(
                     self.estate,
                     target.info,
@@ -518,7 +532,7 @@ impl Triggers {
             fire_after(
                 self.estate,
                 target.info,
-                std::ptr::null_mut(),
+                halves,
                 Event::Insert,
                 std::ptr::null_mut(),
                 target_new,

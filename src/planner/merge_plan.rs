@@ -48,14 +48,46 @@ pub struct MergeForShards {
     pub target_alias: String,
     /// The repartitioned source's read (`ModifyPlan::broadcasts`), if any.
     pub broadcasts: Vec<crate::planner::scan_path::ScanPlan>,
+    /// With row triggers: the statement that locks the rows the MERGE changes and returns the
+    /// rows it inserts ([`row_source`]), the columns of its SET values and the kind of each
+    /// action (empty without row triggers).
+    pub row_source: String,
+    pub set_attnos: Vec<i16>,
+    pub actions: String,
+}
+
+/// One action of a MERGE, with its parts' indexes among the deparsed expressions.
+struct Action {
+    matched: bool,
+    command: pg_sys::CmdType::Type,
+    overriding: pg_sys::OverridingKind::Type,
+    qual: Option<usize>,
+    /// (column, expression) of UPDATE SET or INSERT.
+    columns: Vec<(i16, usize)>,
+    /// Row-level security checks: (expression, option).
+    checks: Vec<(usize, *mut pg_sys::WithCheckOption)>,
+}
+
+impl Action {
+    /// The action's kind as one letter (`ModifyPlan::merge_actions`).
+    fn letter(&self) -> char {
+        match self.command {
+            pg_sys::CmdType::CMD_UPDATE => 'u',
+            pg_sys::CmdType::CMD_DELETE => 'd',
+            pg_sys::CmdType::CMD_INSERT => 'i',
+            _ => 'n',
+        }
+    }
 }
 
 /// The MERGE `parse` into `table` as a statement for every shard, its coordinator values
 /// appended to `values`; or why it cannot run that way.
+/// With `row_triggers`, also the row-by-row form ([`row_source`]).
 pub unsafe fn plan(
     parse: *mut pg_sys::Query,
     table: &DistTable,
     values: &mut Vec<*mut pg_sys::Node>,
+    row_triggers: bool,
 ) -> Result<MergeForShards, PlannerError> {
     let refuse = |why: &str| {
         Err(PlannerError::MergeNotPushable(
@@ -199,14 +231,14 @@ pub unsafe fn plan(
                 exprs.push(condition);
                 checks.push((exprs.len() - 1, option));
             }
-            shapes.push((
-                (*action).matched,
-                (*action).commandType,
-                (*action).override_,
-                qual_index,
+            shapes.push(Action {
+                matched: (*action).matched,
+                command: (*action).commandType,
+                overriding: (*action).override_,
+                qual: qual_index,
                 columns,
                 checks,
-            ));
+            });
         }
         for expr in exprs.iter_mut() {
             let folded = pg_sys::eval_const_expressions(
@@ -253,18 +285,19 @@ pub unsafe fn plan(
             RELATION_BASE + TARGET_K as i32,
             texts[0]
         );
-        for (matched, command, overriding, qual_index, columns, checks) in shapes {
-            sql.push_str(if matched {
+        for action in &shapes {
+            sql.push_str(if action.matched {
                 " WHEN MATCHED"
             } else {
                 " WHEN NOT MATCHED"
             });
             // As in PostgreSQL: the action's checks once its condition chose it.
-            let checks: Vec<String> = checks
+            let checks: Vec<String> = action
+                .checks
                 .iter()
                 .map(|(i, option)| crate::planner::security_quals::check_call(&texts[*i], *option))
                 .collect();
-            match (qual_index, checks.is_empty()) {
+            match (action.qual, checks.is_empty()) {
                 (Some(i), true) => sql.push_str(&format!(" AND {}", texts[i])),
                 (Some(i), false) => sql.push_str(&format!(
                     " AND CASE WHEN {} THEN {} ELSE false END",
@@ -275,17 +308,17 @@ pub unsafe fn plan(
                 (None, true) => {}
             }
             sql.push_str(" THEN ");
-            let names: Vec<String> = columns
+            let names: Vec<String> = action
+                .columns
                 .iter()
-                .map(|(attno, _)| {
-                    quote_identifier(
-                        &CStr::from_ptr(pg_sys::get_attname(table.oid, *attno, false))
-                            .to_string_lossy(),
-                    )
-                })
+                .map(|(attno, _)| column_name(table.oid, *attno))
                 .collect();
-            let exprs: Vec<&str> = columns.iter().map(|(_, i)| texts[*i].as_str()).collect();
-            match command {
+            let exprs: Vec<&str> = action
+                .columns
+                .iter()
+                .map(|(_, i)| texts[*i].as_str())
+                .collect();
+            match action.command {
                 pg_sys::CmdType::CMD_UPDATE => {
                     let sets: Vec<String> = names
                         .iter()
@@ -296,7 +329,7 @@ pub unsafe fn plan(
                 }
                 pg_sys::CmdType::CMD_DELETE => sql.push_str("DELETE"),
                 pg_sys::CmdType::CMD_INSERT => {
-                    let overriding = match overriding {
+                    let overriding = match action.overriding {
                         pg_sys::OverridingKind::OVERRIDING_SYSTEM_VALUE => {
                             " OVERRIDING SYSTEM VALUE"
                         }
@@ -312,13 +345,191 @@ pub unsafe fn plan(
                 _ => sql.push_str("DO NOTHING"),
             }
         }
+        let (row_source, set_attnos) = match row_triggers {
+            false => (String::new(), Vec::new()),
+            true => {
+                if table.method == Method::Reference {
+                    return refuse("row triggers on a reference table");
+                }
+                let policies = !(*target_rte).securityQuals.is_null()
+                    || shapes.iter().any(|a| !a.checks.is_empty());
+                if policies {
+                    return refuse("row triggers on a table with row-level security");
+                }
+                row_source(table.oid, &shapes, &texts, &using)
+            }
+        };
+        let actions = match row_triggers {
+            true => shapes.iter().map(Action::letter).collect(),
+            false => String::new(),
+        };
         Ok(MergeForShards {
             statement: sql,
             relations,
             target_alias: format!("pgdist_t{TARGET_K}"),
             broadcasts,
+            row_source,
+            set_attnos,
+            actions,
         })
     }
+}
+
+/// The name of column `attno` of `relid`, quoted.
+unsafe fn column_name(relid: pg_sys::Oid, attno: i16) -> String {
+    // SAFETY: a catalog lookup of a column of a table the statement has locked.
+    unsafe {
+        quote_identifier(
+            &CStr::from_ptr(pg_sys::get_attname(relid, attno, false)).to_string_lossy(),
+        )
+    }
+}
+
+/// The MERGE as the statement of a row-by-row write (`executor/row_by_row.rs`), for a table
+/// with row triggers, and the columns of its SET values: every row it would update or delete,
+/// locked, with the index of the action it takes and the new values of the columns any UPDATE
+/// action sets, then every row it would insert, with its values in the target's columns and
+/// no ctid —
+///
+/// ```text
+/// WITH pgdist_matched AS MATERIALIZED (SELECT <tag>, t.ctid, t.tableoid, t.<columns>,
+///     <SET values>, a.pgdist_action FROM <target> t JOIN <source> ON <on>
+///     CROSS JOIN LATERAL (SELECT CASE WHEN <condition> THEN <action> … END) a (pgdist_action)
+///     WHERE a.pgdist_action IN (<UPDATE and DELETE actions>) FOR [NO KEY] UPDATE OF t)
+/// SELECT * FROM pgdist_matched UNION ALL SELECT <tag>, NULL, NULL, <INSERT values>, NULL …,
+///     a.pgdist_action FROM <source> CROSS JOIN LATERAL (…) a (pgdist_action)
+///     WHERE a.pgdist_action IN (<INSERT actions>) AND NOT EXISTS (SELECT FROM <target> t WHERE <on>)
+/// ```
+///
+/// — in one statement, so that both parts read the same snapshot.
+unsafe fn row_source(
+    relid: pg_sys::Oid,
+    actions: &[Action],
+    texts: &[String],
+    using: &str,
+) -> (String, Vec<i16>) {
+    use crate::executor::row_by_row::live_columns;
+    use crate::planner::modify_pushdown::ROW_TAG_SQL;
+    // SAFETY: the relation is locked by the statement being planned.
+    let columns = unsafe {
+        let relation = pg_sys::RelationIdGetRelation(relid);
+        let columns = live_columns((*relation).rd_att);
+        pg_sys::RelationClose(relation);
+        columns
+    };
+    let target = format!("${} pgdist_t{TARGET_K}", RELATION_BASE + TARGET_K as i32);
+    let on = &texts[0];
+    let mut set_attnos: Vec<i16> = actions
+        .iter()
+        .filter(|a| a.command == pg_sys::CmdType::CMD_UPDATE)
+        .flat_map(|a| a.columns.iter().map(|(attno, _)| *attno))
+        .collect();
+    set_attnos.sort_unstable();
+    set_attnos.dedup();
+    // The first action whose condition holds, of the matched or the not matched ones.
+    let chosen = |matched: bool| {
+        let branches: Vec<String> = actions
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.matched == matched)
+            .map(|(i, a)| {
+                let condition = a.qual.map_or("true", |q| texts[q].as_str());
+                format!("WHEN {condition} THEN {i}")
+            })
+            .collect();
+        let case = match branches.is_empty() {
+            true => "NULL::int".to_string(),
+            false => format!("CASE {} END", branches.join(" ")),
+        };
+        format!("CROSS JOIN LATERAL (SELECT {case}) AS pgdist_a (pgdist_action)")
+    };
+    let taken = |commands: &[pg_sys::CmdType::Type]| {
+        let indexes: Vec<String> = actions
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| commands.contains(&a.command))
+            .map(|(i, _)| i.to_string())
+            .collect();
+        match indexes.is_empty() {
+            true => "false".to_string(),
+            false => format!("pgdist_a.pgdist_action IN ({})", indexes.join(", ")),
+        }
+    };
+    // A column's value under each action that sets it, else `otherwise`.
+    let value = |attno: i16, command, otherwise: &str| {
+        let branches: Vec<String> = actions
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.command == command)
+            .filter_map(|(i, a)| {
+                let (_, expr) = a.columns.iter().find(|(c, _)| *c == attno)?;
+                Some(format!("WHEN {i} THEN {}", texts[*expr]))
+            })
+            .collect();
+        match branches.is_empty() {
+            true => otherwise.to_string(),
+            false => format!(
+                "CASE pgdist_a.pgdist_action {} ELSE {otherwise} END",
+                branches.join(" ")
+            ),
+        }
+    };
+    let null_of = |attno: i16| {
+        let column = columns.iter().find(|c| c.attno == attno);
+        format!("NULL::{}", column.map_or("text", |c| c.type_name.as_str()))
+    };
+    let old_columns: Vec<String> = columns
+        .iter()
+        .map(|c| format!("pgdist_t{TARGET_K}.{}", quote_identifier(&c.name)))
+        .collect();
+    let set_values: Vec<String> = set_attnos
+        .iter()
+        .map(|attno| {
+            let column = columns.iter().find(|c| c.attno == *attno);
+            let old = column.map_or("NULL".into(), |c| {
+                format!("pgdist_t{TARGET_K}.{}", quote_identifier(&c.name))
+            });
+            value(*attno, pg_sys::CmdType::CMD_UPDATE, &old)
+        })
+        .collect();
+    let deletes = actions
+        .iter()
+        .any(|a| a.command == pg_sys::CmdType::CMD_DELETE);
+    let lock = if deletes { "UPDATE" } else { "NO KEY UPDATE" };
+    let mut sql = format!(
+        "WITH pgdist_matched AS MATERIALIZED (SELECT {ROW_TAG_SQL}, pgdist_t{TARGET_K}.ctid, \
+         pgdist_t{TARGET_K}.tableoid, {}{}, pgdist_a.pgdist_action FROM {target} JOIN {using} \
+         ON {on} {} WHERE {} FOR {lock} OF pgdist_t{TARGET_K}) SELECT * FROM pgdist_matched",
+        old_columns.join(", "),
+        set_values
+            .iter()
+            .map(|v| format!(", {v}"))
+            .collect::<String>(),
+        chosen(true),
+        taken(&[pg_sys::CmdType::CMD_UPDATE, pg_sys::CmdType::CMD_DELETE]),
+    );
+    if actions
+        .iter()
+        .any(|a| a.command == pg_sys::CmdType::CMD_INSERT)
+    {
+        let inserted: Vec<String> = columns
+            .iter()
+            .map(|c| value(c.attno, pg_sys::CmdType::CMD_INSERT, &null_of(c.attno)))
+            .collect();
+        let no_sets: Vec<String> = set_attnos
+            .iter()
+            .map(|a| format!(", {}", null_of(*a)))
+            .collect();
+        sql.push_str(&format!(
+            " UNION ALL SELECT {ROW_TAG_SQL}, NULL::tid, NULL::oid, {}{}, pgdist_a.pgdist_action \
+             FROM {using} {} WHERE {} AND NOT EXISTS (SELECT FROM {target} WHERE {on})",
+            inserted.join(", "),
+            no_sets.concat(),
+            chosen(false),
+            taken(&[pg_sys::CmdType::CMD_INSERT]),
+        ));
+    }
+    (sql, set_attnos)
 }
 
 /// The ON condition `on` with the target's row-level security conditions (`securityQuals`)

@@ -107,6 +107,10 @@ pub struct ModifyPlan {
     pub conflict_target: String,
     /// MERGE: the events of its actions (INSERT, UPDATE, DELETE), whose statement triggers fire.
     pub merge_events: Vec<Event>,
+    /// MERGE into a table with row triggers (`row_source` set): what each action does, as a
+    /// letter (`u`pdate, `d`elete, `i`nsert, `n`othing), by the action index `row_source`
+    /// returns.
+    pub merge_actions: String,
     /// Tables `statement` reads that are not co-located with the target: read first, their
     /// columns stand in it as arrays (`$<BROADCAST_BASE + i>`, as in a scan).
     pub broadcasts: Vec<ScanPlan>,
@@ -173,6 +177,7 @@ impl ModifyPlan {
                 .iter()
                 .map(|event| event.letter())
                 .collect(),
+            self.merge_actions.clone(),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
         parts
@@ -225,7 +230,8 @@ impl ModifyPlan {
             upsert_source: part(19),
             conflict_target: part(20),
             merge_events: part(21).chars().filter_map(Event::from_letter).collect(),
-            broadcasts: decode_broadcasts(parts.get(22..).unwrap_or_default()),
+            merge_actions: part(22),
+            broadcasts: decode_broadcasts(parts.get(23..).unwrap_or_default()),
         }
     }
 }
@@ -805,6 +811,7 @@ pub unsafe fn analyse(
             upsert_source: String::new(),
             conflict_target: String::new(),
             merge_events: Vec::new(),
+            merge_actions: String::new(),
             broadcasts: Vec::new(),
         };
         match (*parse).commandType {
@@ -825,18 +832,28 @@ pub unsafe fn analyse(
             }
             pg_sys::CmdType::CMD_MERGE => {
                 modify.kind = ModifyKind::Merge;
-                let merge =
-                    crate::planner::merge_plan::plan(parse, table, &mut coordinator_values)?;
+                modify.merge_events = merge_events(parse);
+                let row_triggers = modify
+                    .merge_events
+                    .iter()
+                    .any(|event| triggers::find(table.oid, *event).rows);
+                let merge = crate::planner::merge_plan::plan(
+                    parse,
+                    table,
+                    &mut coordinator_values,
+                    row_triggers,
+                )?;
                 modify.statement = merge.statement;
                 modify.relations = merge.relations;
                 modify.target_alias = merge.target_alias;
                 modify.broadcasts = merge.broadcasts;
+                modify.row_source = merge.row_source;
+                modify.set_attnos = merge.set_attnos;
+                modify.merge_actions = merge.actions;
                 modify.shard_ids = cache::shards(table.oid).iter().map(|(id, _)| *id).collect();
-                modify.merge_events = merge_events(parse);
             }
             _ => return Err(PlannerError::Writes(table_name(table))),
         }
-        refuse_unsupported_triggers(table, &modify)?;
         let mut values = PgList::new();
         for value in coordinator_values {
             values.push(value);
@@ -851,21 +868,6 @@ pub unsafe fn analyse(
             returning,
             result_rti: (*parse).resultRelation,
         })
-    }
-}
-
-/// Refuses writes whose triggers the coordinator cannot fire as PostgreSQL would
-/// (`executor/triggers.rs`): row triggers and transition tables of a MERGE (its statement
-/// triggers fire).
-fn refuse_unsupported_triggers(table: &DistTable, modify: &ModifyPlan) -> Result<(), PlannerError> {
-    // SAFETY: the table is locked by the statement being planned.
-    let rows = |event| unsafe { triggers::find(table.oid, event) }.rows;
-    match modify.kind == ModifyKind::Merge && modify.merge_events.iter().any(|e| rows(*e)) {
-        true => Err(PlannerError::Triggers(
-            table_name(table),
-            "MERGE with row triggers or transition tables".into(),
-        )),
-        false => Ok(()),
     }
 }
 
