@@ -768,8 +768,8 @@ CREATE TRIGGER w3_log AFTER INSERT OR UPDATE OR DELETE ON w3 FOR EACH ROW EXECUT
 CREATE TRIGGER wr_log AFTER DELETE ON wr FOR EACH ROW EXECUTE FUNCTION w_log();
 ";
 
-/// Triggers of the partitioned table w2, created halfway (MERGE, refused on tables with
-/// triggers, runs into it before): one partition's change or skip the rows updated, deleted or
+/// Triggers of the partitioned table w2, created halfway (MERGE runs into it per shard
+/// before, row by row after): one partition's change or skip the rows updated, deleted or
 /// inserted (also by an UPDATE moving them there), every partition's log the rows written, and
 /// the statement's transition tables are logged.
 const PARTITION_TRIGGERS: &str = "

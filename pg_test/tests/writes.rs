@@ -1457,7 +1457,7 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
     }
     same_writes_to(cluster, &tables, &["SELECT 1"]);
     // Statement triggers fire for the events of the MERGE's actions (BEFORE: INSERT, UPDATE,
-    // DELETE; AFTER the other way round); row triggers are refused.
+    // DELETE; AFTER the other way round).
     run_on_both(
         &mut coordinator,
         &mut reference,
@@ -1481,22 +1481,111 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
             "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item WHEN MATCHED THEN DO NOTHING",
         ],
     );
+    // Row triggers fire for each row an action takes, on the coordinator: BEFORE ones change
+    // or skip the row (an UPDATE, a DELETE, an INSERT), AFTER ones see it as stored, and the
+    // transition tables hold the rows of every action, whatever the source.
     run_on_both(
         &mut coordinator,
         &mut reference,
-        "CREATE TRIGGER stock_row AFTER UPDATE ON stock_levels FOR EACH ROW EXECUTE FUNCTION log_statement()",
+        "CREATE TABLE merge_rows (what text);
+         CREATE FUNCTION stock_row() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF TG_WHEN = 'AFTER' THEN
+             INSERT INTO merge_rows VALUES (TG_OP || ' ' || coalesce(OLD::text, '') || ' ' || coalesce(NEW::text, ''));
+             RETURN NULL;
+           END IF;
+           IF TG_OP = 'DELETE' THEN
+             RETURN CASE WHEN OLD.qty % 3 = 0 THEN NULL ELSE OLD END;
+           END IF;
+           IF NEW.qty % 7 = 0 THEN RETURN NULL; END IF;
+           NEW.note := coalesce(NEW.note, '') || ' ' || lower(TG_OP);
+           RETURN NEW;
+         END $$;
+         CREATE FUNCTION stock_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO merge_rows SELECT TG_OP || ' changed ' || count(*) || ' ' || coalesce(sum(qty), 0) FROM changed;
+           RETURN NULL;
+         END $$;
+         CREATE TRIGGER stock_row_before BEFORE INSERT OR UPDATE OR DELETE ON stock_levels
+           FOR EACH ROW EXECUTE FUNCTION stock_row();
+         CREATE TRIGGER stock_row_after AFTER INSERT OR UPDATE OR DELETE ON stock_levels
+           FOR EACH ROW EXECUTE FUNCTION stock_row();
+         CREATE TRIGGER stock_updated AFTER UPDATE ON stock_levels REFERENCING NEW TABLE AS changed
+           FOR EACH STATEMENT EXECUTE FUNCTION stock_changed();
+         CREATE TRIGGER stock_deleted AFTER DELETE ON stock_levels REFERENCING OLD TABLE AS changed
+           FOR EACH STATEMENT EXECUTE FUNCTION stock_changed();",
     );
-    let err = coordinator
-        .batch_execute(
-            "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item WHEN MATCHED THEN UPDATE SET qty = 0",
+    coordinator
+        .batch_execute("SELECT pgdist.create_reference_table('merge_rows')")
+        .unwrap();
+    same_writes_to(
+        cluster,
+        &[
+            "SELECT * FROM stock_levels",
+            "SELECT * FROM merge_log ORDER BY n",
+            "SELECT * FROM merge_rows",
+        ],
+        &[
+            // A co-located source, read in place.
+            "MERGE INTO stock_levels s USING deliveries d ON s.item = d.item \
+               WHEN MATCHED AND d.kind = 'recall' THEN DELETE \
+               WHEN MATCHED AND d.kind = 'add' THEN UPDATE SET qty = s.qty + d.qty \
+               WHEN MATCHED THEN DO NOTHING \
+               WHEN NOT MATCHED AND d.qty > 3 THEN INSERT (item, qty) VALUES (d.item, d.qty * 2)",
+            // A reference table matched on the key; a repartitioned subquery; VALUES.
+            "MERGE INTO stock_levels USING price_list p ON stock_levels.item = p.item AND p.price > 80 \
+               WHEN MATCHED THEN UPDATE SET note = 'pricey ' || p.price",
+            "MERGE INTO stock_levels s USING (SELECT item + 1 AS item, sum(qty) AS qty FROM elsewhere GROUP BY 1) e \
+               ON s.item = e.item WHEN MATCHED AND e.qty > 40 THEN DELETE \
+               WHEN MATCHED THEN UPDATE SET qty = s.qty - e.qty \
+               WHEN NOT MATCHED THEN INSERT VALUES (e.item, e.qty)",
+            "MERGE INTO stock_levels s USING (VALUES (200, 5), (201, 14), (2, 1)) AS v(item, qty) \
+               ON s.item = v.item WHEN MATCHED THEN UPDATE SET qty = v.qty \
+               WHEN NOT MATCHED THEN INSERT (item, qty) VALUES (v.item, v.qty)",
+            // Two source rows for one target row: PostgreSQL's error, nothing changes.
+            "MERGE INTO stock_levels s USING (VALUES (3, 1), (3, 2)) AS v(item, qty) \
+               ON s.item = v.item WHEN MATCHED THEN UPDATE SET qty = v.qty",
+            "BEGIN",
+            "MERGE INTO stock_levels s USING stock_levels t ON s.item = t.item \
+               WHEN MATCHED AND s.item % 4 = 0 THEN UPDATE SET qty = t.qty + 1",
+            "ROLLBACK",
+        ],
+    );
+    let fired: i64 = coordinator
+        .query_one(
+            "SELECT count(DISTINCT split_part(what, ' ', 1)) FROM merge_rows \
+             WHERE what ~ '^(INSERT|UPDATE|DELETE) +[(]' OR what ~ '^(UPDATE|DELETE) changed [1-9]'",
+            &[],
         )
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+        .unwrap()
+        .get(0);
+    let log: Vec<String> = coordinator
+        .query("SELECT what FROM merge_rows ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        fired, 3,
+        "every row trigger and transition table fired: {log:#?}"
+    );
+    let statement = client.prepare(upsert).unwrap();
+    let plain_statement = plain.prepare(upsert).unwrap();
+    for (item, qty) in [(5, 3), (800, 2), (800, 4), (801, 7)] {
+        let got = client.execute(&statement, &[&item, &qty]).unwrap();
+        let want = plain.execute(&plain_statement, &[&item, &qty]).unwrap();
+        assert_eq!(got, want, "({item}, {qty})");
+    }
+    same_writes_to(
+        cluster,
+        &["SELECT * FROM stock_levels", "SELECT * FROM merge_rows"],
+        &["SELECT 1"],
+    );
     run_on_both(
         &mut coordinator,
         &mut reference,
-        "DROP TABLE stock_levels, deliveries, price_list, shelf, elsewhere, merge_log;
-         DROP FUNCTION log_statement()",
+        "DROP TABLE stock_levels, deliveries, price_list, shelf, elsewhere, merge_log, merge_rows;
+         DROP FUNCTION log_statement(), stock_row(), stock_changed()",
     );
 }
 
