@@ -1,4 +1,4 @@
-//! UPDATE and DELETE of a table with row triggers, row by row.
+//! UPDATE, DELETE and MERGE of a table with row triggers, row by row.
 //!
 //! A trigger may change the new row or skip it before it is written, and needs the old row
 //! afterwards; a shard's `UPDATE … WHERE …` gives the coordinator no say in between. So the
@@ -12,7 +12,8 @@
 //! shard hold the same rows, paired by content, so a placement's ctid names its copy of the row;
 //! the tableoid tells the partitions of a partitioned shard apart). The shards
 //! return the rows as stored (generated columns computed), which go to the AFTER ROW triggers
-//! and RETURNING.
+//! and RETURNING. A MERGE's statement returns, with each row, the action it takes, and the rows
+//! it inserts without a ctid (`merge_plan::row_source`); those are inserted one by one.
 
 use std::collections::BTreeMap;
 
