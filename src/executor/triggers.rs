@@ -483,8 +483,7 @@ impl Triggers {
                 return;
             };
             let moved = new.is_null()
-                || (self.partition_row_triggers
-                    && !pg_sys::ExecPartitionCheck(source.info, source_new, self.estate, false));
+                || !pg_sys::ExecPartitionCheck(source.info, source_new, self.estate, false);
             if !moved {
                 return fire_after(
                     self.estate,
