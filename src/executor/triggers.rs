@@ -501,8 +501,11 @@ impl Triggers {
                 true => capture,
                 false => std::ptr::null_mut(),
             };
+            // With one row missing and a capture, the UPDATE's trigger code only captures the
+            // other, as PostgreSQL does for the DELETE and INSERT halves of a move.
             if !capture.is_null() && !self.merge && (*capture).tcs_update_old_table {
-                capture_update_row(self.estate, source.info, capture, old, std::ptr::null_mut());
+                let (estate, info, none) = (self.estate, source.info, std::ptr::null_mut());
+                fire_after(estate, info, capture, Event::Update, old, none);
             }
             fire_after(
                 self.estate,
@@ -520,13 +523,8 @@ impl Triggers {
             };
             let target_new = convert(target.to_partition, new, target.new);
             if !capture.is_null() && !self.merge && (*capture).tcs_update_new_table {
-                capture_update_row(
-                    self.estate,
-                    target.info,
-                    capture,
-                    std::ptr::null_mut(),
-                    target_new,
-                );
+                let (estate, info, none) = (self.estate, target.info, std::ptr::null_mut());
+                fire_after(estate, info, capture, Event::Update, none, target_new);
             }
             fire_after(
                 self.estate,
@@ -800,34 +798,6 @@ unsafe fn fire_after(
                 false,
             ),
         }
-    }
-}
-
-/// Puts the old or the new row of an UPDATE that moved a row to another partition (the other
-/// one null) into the UPDATE's transition tables, as PostgreSQL does for its DELETE and INSERT
-/// halves.
-unsafe fn capture_update_row(
-    estate: *mut pg_sys::EState,
-    info: *mut pg_sys::ResultRelInfo,
-    capture: *mut pg_sys::TransitionCaptureState,
-    old: pg_sys::HeapTuple,
-    new: *mut pg_sys::TupleTableSlot,
-) {
-    // SAFETY: as fire_after; with one row missing and a capture, the trigger code only
-    // captures the other.
-    unsafe {
-        pg_sys::ExecARUpdateTriggers(
-            estate,
-            info,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            old,
-            new,
-            std::ptr::null_mut(),
-            capture,
-            false,
-        )
     }
 }
 
