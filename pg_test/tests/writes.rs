@@ -1551,6 +1551,50 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
             "ROLLBACK",
         ],
     );
+    // Into a reference table: the triggers fire once per row, every copy gets the writes.
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE FUNCTION shelf_row() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF TG_WHEN = 'AFTER' THEN
+             INSERT INTO merge_rows VALUES ('shelf ' || TG_OP || ' ' || coalesce(OLD::text, '') || ' ' || coalesce(NEW::text, ''));
+             RETURN NULL;
+           END IF;
+           IF TG_OP = 'INSERT' AND NEW.qty = 0 THEN RETURN NULL; END IF;
+           IF TG_OP = 'UPDATE' THEN NEW.qty := NEW.qty * 10; END IF;
+           RETURN COALESCE(NEW, OLD);
+         END $$;
+         CREATE TRIGGER shelf_before BEFORE INSERT OR UPDATE OR DELETE ON shelf
+           FOR EACH ROW EXECUTE FUNCTION shelf_row();
+         CREATE TRIGGER shelf_after AFTER INSERT OR UPDATE OR DELETE ON shelf
+           FOR EACH ROW EXECUTE FUNCTION shelf_row();",
+    );
+    same_writes_to(
+        cluster,
+        &["SELECT * FROM shelf", "SELECT * FROM merge_rows"],
+        &[
+            "MERGE INTO shelf USING price_list p ON shelf.item = p.item \
+             WHEN MATCHED AND p.price < 6 THEN DELETE \
+             WHEN MATCHED THEN UPDATE SET qty = shelf.qty + 1 \
+             WHEN NOT MATCHED AND p.item <= 40 THEN INSERT VALUES (p.item, p.item % 3)",
+        ],
+    );
+    let copies: Vec<String> = coordinator
+        .query(
+            "SELECT r.result FROM pgdist.shards s, LATERAL pgdist.run_on_workers(format(
+               'SELECT string_agg(item || '':'' || qty, '','' ORDER BY item) FROM %s', s.shard_name)) r
+             WHERE s.table_name::text = 'shelf' AND r.node_id = s.node_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        copies.len() == 2 && copies[0] == copies[1],
+        "every copy of shelf holds the same rows: {copies:?}"
+    );
     let fired: i64 = coordinator
         .query_one(
             "SELECT count(DISTINCT split_part(what, ' ', 1)) FROM merge_rows \
@@ -1585,7 +1629,7 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
         &mut coordinator,
         &mut reference,
         "DROP TABLE stock_levels, deliveries, price_list, shelf, elsewhere, merge_log, merge_rows;
-         DROP FUNCTION log_statement(), stock_row(), stock_changed()",
+         DROP FUNCTION log_statement(), stock_row(), stock_changed(), shelf_row()",
     );
 }
 

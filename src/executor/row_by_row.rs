@@ -350,7 +350,10 @@ fn group_by_shard(
             let copies = placements
                 .into_iter()
                 .map(|((_, node_id), mut rows)| {
-                    rows.sort_by(|a, b| a.old.cmp(&b.old));
+                    // A MERGE's row to insert may equal a row it updates: the action tells them apart.
+                    rows.sort_by(|a, b| {
+                        (&a.old, &a.extra, &a.set).cmp(&(&b.old, &b.extra, &b.set))
+                    });
                     (node_id, rows)
                 })
                 .collect::<Vec<_>>();

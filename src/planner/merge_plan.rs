@@ -348,9 +348,6 @@ pub unsafe fn plan(
         let (row_source, set_attnos) = match row_triggers {
             false => (String::new(), Vec::new()),
             true => {
-                if table.method == Method::Reference {
-                    return refuse("row triggers on a reference table");
-                }
                 let policies = !(*target_rte).securityQuals.is_null()
                     || shapes.iter().any(|a| !a.checks.is_empty());
                 if policies {
