@@ -107,7 +107,8 @@ struct Change {
     extra: TextRow,
 }
 
-/// Runs the UPDATE or DELETE of `node` row by row; the rows written and RETURNING's rows.
+/// Runs the UPDATE, DELETE or MERGE of `node` row by row; the rows written and RETURNING's
+/// rows.
 pub(crate) unsafe fn update_or_delete(
     node: *mut pg_sys::CustomScanState,
     runtime: &mut ModifyRuntime,
@@ -123,23 +124,15 @@ pub(crate) unsafe fn update_or_delete(
             .iter()
             .map(|(address, _)| (address.node_id, address.clone()))
             .collect();
-        let relation = (*node).ss.ss_currentRelation;
-        let tupdesc = (*relation).rd_att;
-        let columns = live_columns(tupdesc);
         let locked = run_statements_all_rows(work);
         let plan = &runtime.plan;
         let merge = plan.kind == ModifyKind::Merge;
+        let mut rows = RowTriggers::new(node, runtime);
+        let columns = &rows.columns;
         let shards = group_by_shard(locked, columns.len(), plan.set_attnos.len(), merge);
-        let estate = (*node).ss.ps.state;
-        let old_slot = pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
-        let new_slot = pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
-        let mut input = RowInput::new(tupdesc);
-        let econtext = (*node).ss.ps.ps_ExprContext;
-        let triggers = runtime.triggers.as_ref();
         let distribution = cache::lookup(plan.relid)
             .and_then(|t| t.distribution_attno())
             .and_then(|attno| columns.iter().position(|c| c.attno == attno));
-        let generated = has_checks(runtime.result) && has_generated_columns(plan.relid);
         // MERGE: the rows an action already changed (a second one fails, as in PostgreSQL).
         let mut acted = std::collections::HashSet::new();
         let mut changes = Vec::new();
@@ -148,76 +141,16 @@ pub(crate) unsafe fn update_or_delete(
                 continue;
             };
             for (i, row) in primary.1.iter().enumerate() {
-                let old_context = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
                 let what = match plan.kind {
                     ModifyKind::Merge => merge_action(&plan.merge_actions, &row.extra),
                     ModifyKind::Update => Some(Write::Update),
                     _ => Some(Write::Delete),
                 };
-                let mut new = match what {
-                    Some(Write::Insert) => row.old.clone(),
-                    _ => with_set_values(&row.old, &columns, &plan.set_attnos, &row.set),
-                };
-                let old_tuple = match what {
-                    Some(Write::Insert) | None => std::ptr::null_mut(),
-                    _ => {
-                        input.store(&row.old, old_slot);
-                        pg_sys::ExecCopySlotHeapTuple(old_slot)
-                    }
-                };
-                let written = match what {
-                    Some(Write::Update) => {
-                        input.store(&new, new_slot);
-                        let outcome = triggers.map_or(UpdateOutcome::Write, |t| {
-                            t.before_update(old_tuple, new_slot)
-                        });
-                        if outcome == UpdateOutcome::Write {
-                            new = slot_text(new_slot, &columns);
-                            if generated {
-                                compute_generated_columns(
-                                    runtime.result,
-                                    estate,
-                                    new_slot,
-                                    pg_sys::CmdType::CMD_UPDATE,
-                                );
-                            }
-                            check_new_row(
-                                node,
-                                runtime.result,
-                                new_slot,
-                                pg_sys::WCOKind::WCO_RLS_UPDATE_CHECK,
-                            );
-                        }
-                        match outcome {
-                            UpdateOutcome::Write => Some(Write::Update),
-                            UpdateOutcome::Delete => Some(Write::MovedAway),
-                            UpdateOutcome::Skip => None,
-                        }
-                    }
-                    Some(Write::Insert) => {
-                        input.store(&new, new_slot);
-                        let kept = triggers.is_none_or(|t| {
-                            t.before_row_of(Event::Insert, std::ptr::null_mut(), new_slot)
-                        });
-                        kept.then(|| {
-                            new = slot_text(new_slot, &columns);
-                            Write::Insert
-                        })
-                    }
-                    Some(_) => triggers
-                        .is_none_or(|t| {
-                            t.before_row_of(Event::Delete, old_tuple, std::ptr::null_mut())
-                        })
-                        .then_some(Write::Delete),
-                    None => None,
-                };
-                pg_sys::MemoryContextSwitchTo(old_context);
-                pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
-                let Some(write) = written else {
+                let Some((write, new)) = what.and_then(|what| rows.before(what, row)) else {
                     continue;
                 };
                 if write != Write::Delete && write != Write::MovedAway {
-                    refuse_moved_row(plan.relid, &columns, distribution, &row.old, &new);
+                    refuse_moved_row(plan.relid, &rows.columns, distribution, &row.old, &new);
                 }
                 if merge && write != Write::Insert && !acted.insert((shard_id, row.id.clone())) {
                     crate::error::raise(WriteError::MergeRowTwice);
@@ -238,8 +171,13 @@ pub(crate) unsafe fn update_or_delete(
                 });
             }
         }
-        let (count, stored) =
-            run_statements(writes(plan.relid, plan, &changes, &columns, &addresses));
+        let (count, stored) = run_statements(writes(
+            plan.relid,
+            plan,
+            &changes,
+            &rows.columns,
+            &addresses,
+        ));
         // The rows as the shards stored them, by change.
         let mut new_rows: Vec<Option<TextRow>> = vec![None; changes.len()];
         for mut row in stored {
@@ -267,37 +205,165 @@ pub(crate) unsafe fn update_or_delete(
                 Write::Update | Write::Insert => new.unwrap_or_else(|| change.new.clone()),
                 Write::Delete | Write::MovedAway => change.old.clone(),
             };
-            if let Some(triggers) = triggers {
-                let old_context = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
-                let old_tuple = match change.write {
-                    Write::Insert => std::ptr::null_mut(),
-                    _ => {
-                        input.store(&change.old, old_slot);
-                        pg_sys::ExecCopySlotHeapTuple(old_slot)
-                    }
-                };
-                match change.write {
-                    Write::Update => triggers.after_update(old_tuple, input.store(&row, new_slot)),
-                    Write::MovedAway => triggers.after_update(old_tuple, std::ptr::null_mut()),
-                    Write::Delete => {
-                        triggers.after_row_of(Event::Delete, old_tuple, std::ptr::null_mut())
-                    }
-                    Write::Insert => triggers.after_row_of(
-                        Event::Insert,
-                        std::ptr::null_mut(),
-                        input.store(&row, new_slot),
-                    ),
-                }
-                pg_sys::MemoryContextSwitchTo(old_context);
-                pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
-            }
+            rows.after(change, &row);
             if plan.returning && change.write != Write::MovedAway {
                 returned.push([row, change.extra.clone()].concat());
             }
         }
-        pg_sys::ExecClearTuple(old_slot);
-        pg_sys::ExecClearTuple(new_slot);
+        rows.clear();
         (count - moved_away, returned)
+    }
+}
+
+/// Fires the row triggers of a row-by-row write and tests its new rows, one row at a time in
+/// the node's per-row memory.
+struct RowTriggers<'a> {
+    node: *mut pg_sys::CustomScanState,
+    runtime: &'a ModifyRuntime,
+    /// The result relation's columns.
+    columns: Vec<Column>,
+    input: RowInput,
+    old_slot: *mut pg_sys::TupleTableSlot,
+    new_slot: *mut pg_sys::TupleTableSlot,
+    /// New rows need their generated columns computed to be tested.
+    generated: bool,
+}
+
+impl<'a> RowTriggers<'a> {
+    unsafe fn new(node: *mut pg_sys::CustomScanState, runtime: &'a ModifyRuntime) -> Self {
+        // SAFETY: the node's result relation is open; the slots live in its executor state.
+        unsafe {
+            let tupdesc = (*(*node).ss.ss_currentRelation).rd_att;
+            let estate = (*node).ss.ps.state;
+            let slot = || pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &pg_sys::TTSOpsVirtual);
+            RowTriggers {
+                node,
+                runtime,
+                columns: live_columns(tupdesc),
+                input: RowInput::new(tupdesc),
+                old_slot: slot(),
+                new_slot: slot(),
+                generated: has_checks(runtime.result) && has_generated_columns(runtime.plan.relid),
+            }
+        }
+    }
+
+    /// Runs `step` in the node's per-row memory, reset afterwards.
+    unsafe fn per_row<T>(&mut self, step: impl FnOnce(&mut Self) -> T) -> T {
+        // SAFETY: the expression context belongs to the node.
+        unsafe {
+            let memory = (*(*self.node).ss.ps.ps_ExprContext).ecxt_per_tuple_memory;
+            let old_context = pg_sys::MemoryContextSwitchTo(memory);
+            let result = step(self);
+            pg_sys::MemoryContextSwitchTo(old_context);
+            pg_sys::MemoryContextReset(memory);
+            result
+        }
+    }
+
+    /// `row` (its old version) as a heap tuple for the triggers.
+    unsafe fn old_tuple(&mut self, old: &TextRow) -> pg_sys::HeapTuple {
+        // SAFETY: the slot has the relation's layout.
+        unsafe {
+            self.input.store(old, self.old_slot);
+            pg_sys::ExecCopySlotHeapTuple(self.old_slot)
+        }
+    }
+
+    /// The BEFORE ROW triggers of locked row `row` that `what` writes, and the check options
+    /// of its new row: what is written and the new row (None: a trigger skipped it).
+    unsafe fn before(&mut self, what: Write, row: &Locked) -> Option<(Write, TextRow)> {
+        // SAFETY: rows are stored into slots of the relation's layout.
+        unsafe {
+            self.per_row(|this| {
+                let triggers = this.runtime.triggers.as_ref();
+                let plan = &this.runtime.plan;
+                match what {
+                    Write::Update | Write::MovedAway => {
+                        let new =
+                            with_set_values(&row.old, &this.columns, &plan.set_attnos, &row.set);
+                        let old = this.old_tuple(&row.old);
+                        this.input.store(&new, this.new_slot);
+                        let outcome = triggers.map_or(UpdateOutcome::Write, |t| {
+                            t.before_update(old, this.new_slot)
+                        });
+                        match outcome {
+                            UpdateOutcome::Write => Some((Write::Update, this.checked_update())),
+                            UpdateOutcome::Delete => Some((Write::MovedAway, new)),
+                            UpdateOutcome::Skip => None,
+                        }
+                    }
+                    Write::Insert => {
+                        this.input.store(&row.old, this.new_slot);
+                        let kept = triggers.is_none_or(|t| {
+                            t.before_row_of(Event::Insert, std::ptr::null_mut(), this.new_slot)
+                        });
+                        kept.then(|| (Write::Insert, slot_text(this.new_slot, &this.columns)))
+                    }
+                    Write::Delete => {
+                        let old = this.old_tuple(&row.old);
+                        let kept = triggers.is_none_or(|t| {
+                            t.before_row_of(Event::Delete, old, std::ptr::null_mut())
+                        });
+                        kept.then(|| (Write::Delete, row.old.clone()))
+                    }
+                }
+            })
+        }
+    }
+
+    /// The new row of an UPDATE as the BEFORE triggers left it in the new slot, tested
+    /// against the check options.
+    unsafe fn checked_update(&mut self) -> TextRow {
+        // SAFETY: the new slot holds a row of the relation.
+        unsafe {
+            let new = slot_text(self.new_slot, &self.columns);
+            let result = self.runtime.result;
+            if self.generated {
+                let estate = (*self.node).ss.ps.state;
+                let update = pg_sys::CmdType::CMD_UPDATE;
+                compute_generated_columns(result, estate, self.new_slot, update);
+            }
+            let check = pg_sys::WCOKind::WCO_RLS_UPDATE_CHECK;
+            check_new_row(self.node, result, self.new_slot, check);
+            new
+        }
+    }
+
+    /// Queues the AFTER ROW triggers of `change`, whose row as stored is `row`.
+    unsafe fn after(&mut self, change: &Change, row: &TextRow) {
+        let Some(triggers) = self.runtime.triggers.as_ref() else {
+            return;
+        };
+        // SAFETY: as before.
+        unsafe {
+            self.per_row(|this| match change.write {
+                Write::Update => {
+                    let old = this.old_tuple(&change.old);
+                    triggers.after_update(old, this.input.store(row, this.new_slot))
+                }
+                Write::MovedAway => {
+                    let old = this.old_tuple(&change.old);
+                    triggers.after_update(old, std::ptr::null_mut())
+                }
+                Write::Delete => {
+                    let old = this.old_tuple(&change.old);
+                    triggers.after_row_of(Event::Delete, old, std::ptr::null_mut())
+                }
+                Write::Insert => {
+                    let new = this.input.store(row, this.new_slot);
+                    triggers.after_row_of(Event::Insert, std::ptr::null_mut(), new)
+                }
+            })
+        }
+    }
+
+    fn clear(&self) {
+        // SAFETY: the slots belong to the node's executor state.
+        unsafe {
+            pg_sys::ExecClearTuple(self.old_slot);
+            pg_sys::ExecClearTuple(self.new_slot);
+        }
     }
 }
 
