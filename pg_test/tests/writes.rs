@@ -2697,11 +2697,68 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
     }
     let (mut coordinator, mut reference) =
         (cluster.coordinator_client(), cluster.reference.connect());
+    // A MERGE into the table with row triggers runs row by row: each action's USING checks on
+    // the target row in the shards' statement, the WITH CHECK ones on the coordinator on the
+    // row the BEFORE triggers leave (a trigger that raises `secret` fails them).
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE TABLE ledger_log (what text);
+         GRANT INSERT, SELECT ON ledger_log TO clerk;
+         CREATE FUNCTION ledger_row() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF TG_WHEN = 'AFTER' THEN
+             INSERT INTO ledger_log VALUES (TG_OP || ' ' || coalesce(OLD::text, '') || ' ' || coalesce(NEW::text, ''));
+             RETURN NULL;
+           END IF;
+           IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+           IF NEW.note = 'skip' THEN RETURN NULL; END IF;
+           IF NEW.note = 'bump' THEN NEW.secret := NEW.secret + 550; END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER ledger_before BEFORE INSERT OR UPDATE OR DELETE ON ledger
+           FOR EACH ROW EXECUTE FUNCTION ledger_row();
+         CREATE TRIGGER ledger_after AFTER INSERT OR UPDATE OR DELETE ON ledger
+           FOR EACH ROW EXECUTE FUNCTION ledger_row();
+         UPDATE ledger_stage SET note = CASE WHEN id % 3 = 0 THEN 'skip' WHEN id % 4 = 1 THEN 'bump' ELSE note END;",
+    );
+    coordinator
+        .batch_execute("SELECT pgdist.create_reference_table('ledger_log')")
+        .unwrap();
+    let statements: Vec<String> = [
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND s.secret > 100 THEN UPDATE SET secret = l.secret + 1 WHEN NOT MATCHED AND s.tenant = 1 AND s.note <> 'bump' THEN INSERT VALUES (s.tenant, s.id, s.secret, s.note)"),
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND s.id <> 1002 AND s.note <> 'bump' THEN UPDATE SET note = s.note"),
+        // The trigger raises the secret of 'bump' rows: within UPDATE's policy from 7, past
+        // it from 60 (which the policy allows before the trigger), past INSERT's for new rows.
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND s.id = 97 THEN UPDATE SET note = s.note"),
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND s.id = 101 THEN UPDATE SET note = s.note, secret = 60"),
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id + 8000 WHEN NOT MATCHED AND s.tenant = 1 AND s.note <> 'bump' THEN INSERT VALUES (s.tenant, s.id + 8000, s.secret, s.note)"),
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id + 9000 WHEN NOT MATCHED AND s.tenant = 1 THEN INSERT VALUES (s.tenant, s.id + 9000, s.secret, s.note)"),
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN NOT MATCHED AND s.tenant = 2 THEN INSERT VALUES (s.tenant, s.id, s.secret, 'other')"),
+        // USING checks on the target row: the frozen row, DELETE's policy.
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND s.id = 1002 THEN UPDATE SET note = 'thaw'"),
+        (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND l.secret < 10 AND s.id <> 1002 THEN DELETE WHEN MATCHED AND s.id <> 1002 THEN UPDATE SET note = 'kept'"),
+        (2, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED THEN DELETE"),
+        (2, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND l.secret < 10 THEN DELETE"),
+    ]
+    .iter()
+    .map(|(tenant, sql)| as_clerk(*tenant, sql))
+    .collect();
+    let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
+    same_writes_to(
+        cluster,
+        &[
+            "RESET ROLE; SELECT * FROM ledger ORDER BY tenant, id",
+            "RESET ROLE; SELECT * FROM ledger_log ORDER BY 1",
+        ],
+        &statements,
+    );
     for client in [&mut coordinator, &mut reference] {
         client
             .batch_execute(
-                "DROP VIEW small_ledger; DROP TABLE ledger, clerks, limits, ledger_stage CASCADE;
-                 DROP ROLE clerk",
+                "DROP VIEW small_ledger;
+                 DROP TABLE ledger, clerks, limits, ledger_stage, ledger_log CASCADE;
+                 DROP FUNCTION ledger_row(); DROP ROLE clerk",
             )
             .unwrap();
     }

@@ -288,7 +288,9 @@ impl<'a> RowTriggers<'a> {
                             t.before_update(old, this.new_slot)
                         });
                         match outcome {
-                            UpdateOutcome::Write => Some((Write::Update, this.checked_update())),
+                            UpdateOutcome::Write => {
+                                Some((Write::Update, this.checked(Write::Update)))
+                            }
                             UpdateOutcome::Delete => Some((Write::MovedAway, new)),
                             UpdateOutcome::Skip => None,
                         }
@@ -298,7 +300,7 @@ impl<'a> RowTriggers<'a> {
                         let kept = triggers.is_none_or(|t| {
                             t.before_row_of(Event::Insert, std::ptr::null_mut(), this.new_slot)
                         });
-                        kept.then(|| (Write::Insert, slot_text(this.new_slot, &this.columns)))
+                        kept.then(|| (Write::Insert, this.checked(Write::Insert)))
                     }
                     Write::Delete => {
                         let old = this.old_tuple(&row.old);
@@ -312,19 +314,22 @@ impl<'a> RowTriggers<'a> {
         }
     }
 
-    /// The new row of an UPDATE as the BEFORE triggers left it in the new slot, tested
-    /// against the check options.
-    unsafe fn checked_update(&mut self) -> TextRow {
+    /// The new row of an UPDATE or a MERGE's INSERT (`write`) as the BEFORE triggers left it
+    /// in the new slot, tested against the check options.
+    unsafe fn checked(&mut self, write: Write) -> TextRow {
+        use pg_sys::WCOKind::{WCO_RLS_INSERT_CHECK, WCO_RLS_UPDATE_CHECK};
         // SAFETY: the new slot holds a row of the relation.
         unsafe {
             let new = slot_text(self.new_slot, &self.columns);
+            let (command, check) = match write {
+                Write::Insert => (pg_sys::CmdType::CMD_INSERT, WCO_RLS_INSERT_CHECK),
+                _ => (pg_sys::CmdType::CMD_UPDATE, WCO_RLS_UPDATE_CHECK),
+            };
             let result = self.runtime.result;
             if self.generated {
                 let estate = (*self.node).ss.ps.state;
-                let update = pg_sys::CmdType::CMD_UPDATE;
-                compute_generated_columns(result, estate, self.new_slot, update);
+                compute_generated_columns(result, estate, self.new_slot, command);
             }
-            let check = pg_sys::WCOKind::WCO_RLS_UPDATE_CHECK;
             check_new_row(self.node, result, self.new_slot, check);
             new
         }

@@ -347,14 +347,7 @@ pub unsafe fn plan(
         }
         let (row_source, set_attnos) = match row_triggers {
             false => (String::new(), Vec::new()),
-            true => {
-                let policies = !(*target_rte).securityQuals.is_null()
-                    || shapes.iter().any(|a| !a.checks.is_empty());
-                if policies {
-                    return refuse("row triggers on a table with row-level security");
-                }
-                row_source(table.oid, &shapes, &texts, &using)
-            }
+            true => row_source(table.oid, &shapes, &texts, &using),
         };
         let actions = match row_triggers {
             true => shapes.iter().map(Action::letter).collect(),
@@ -423,7 +416,9 @@ unsafe fn row_source(
         .collect();
     set_attnos.sort_unstable();
     set_attnos.dedup();
-    // The first action whose condition holds, of the matched or the not matched ones.
+    // The first action whose condition holds, of the matched or the not matched ones; once
+    // chosen, its policies' USING checks on the target row (the WITH CHECK ones are tested on
+    // the coordinator, on the row the BEFORE triggers leave).
     let chosen = |matched: bool| {
         let branches: Vec<String> = actions
             .iter()
@@ -431,7 +426,22 @@ unsafe fn row_source(
             .filter(|(_, a)| a.matched == matched)
             .map(|(i, a)| {
                 let condition = a.qual.map_or("true", |q| texts[q].as_str());
-                format!("WHEN {condition} THEN {i}")
+                let checks: Vec<String> = a
+                    .checks
+                    .iter()
+                    .filter(|(_, option)| on_target_row(*option))
+                    // SAFETY: the options are the statement's.
+                    .map(|(e, option)| unsafe {
+                        crate::planner::security_quals::check_call(&texts[*e], *option)
+                    })
+                    .collect();
+                match checks.is_empty() {
+                    true => format!("WHEN {condition} THEN {i}"),
+                    false => format!(
+                        "WHEN CASE WHEN {condition} THEN {} ELSE false END THEN {i}",
+                        checks.join(" AND ")
+                    ),
+                }
             })
             .collect();
         let case = match branches.is_empty() {
@@ -527,6 +537,15 @@ unsafe fn row_source(
         ));
     }
     (sql, set_attnos)
+}
+
+/// Whether check option `option` tests the target row as it is (a MERGE action's USING), not
+/// the new row.
+fn on_target_row(option: *mut pg_sys::WithCheckOption) -> bool {
+    use pg_sys::WCOKind::{WCO_RLS_MERGE_DELETE_CHECK, WCO_RLS_MERGE_UPDATE_CHECK};
+    // SAFETY: option is one of the statement's check options.
+    let kind = unsafe { (*option).kind };
+    kind == WCO_RLS_MERGE_UPDATE_CHECK || kind == WCO_RLS_MERGE_DELETE_CHECK
 }
 
 /// The ON condition `on` with the target's row-level security conditions (`securityQuals`)

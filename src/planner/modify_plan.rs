@@ -313,9 +313,11 @@ pub unsafe fn modify_node(
         }
         // Check options (policies' WITH CHECK, views' CHECK OPTION) are tested on the
         // coordinator, on every new row: they travel after the values the coordinator computes.
-        // (A MERGE's shards test its policies themselves: `merge_plan.rs`.)
+        // (A MERGE's shards test its policies themselves, unless it runs row by row:
+        // `merge_plan.rs`.)
         let merge = (*mt).operation == pg_sys::CmdType::CMD_MERGE;
-        let checks = match (*mt).withCheckOptionLists.is_null() || merge {
+        let on_shards = merge && modify.row_source.is_empty();
+        let checks = match (*mt).withCheckOptionLists.is_null() || on_shards {
             true => std::ptr::null_mut(),
             false => pg_sys::list_nth((*mt).withCheckOptionLists, 0).cast::<pg_sys::List>(),
         };
