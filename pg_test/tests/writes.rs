@@ -2547,7 +2547,16 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
         .unwrap();
     let as_clerk =
         |tenant: i32, sql: &str| format!("SET ROLE clerk; SET app.tenant = '{tenant}'; {sql}");
-    let statements: Vec<String> = [
+    // Each statement run as the clerk of a tenant, compared with plain PostgreSQL.
+    let same_as_clerk = |tables: &[&str], statements: &[(i32, &str)]| {
+        let statements: Vec<String> = statements
+            .iter()
+            .map(|(tenant, sql)| as_clerk(*tenant, sql))
+            .collect();
+        let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
+        same_writes_to(cluster, tables, &statements);
+    };
+    same_as_clerk(&["RESET ROLE; SELECT * FROM ledger ORDER BY tenant, id"], &[
         (1, "INSERT INTO ledger VALUES (1, 2000, 5, 'new')"),
         (1, "INSERT INTO ledger VALUES (1, 2001, 5, 'a'), (1, 2002, 7, 'b') RETURNING id, secret"),
         (1, "INSERT INTO ledger VALUES (2, 2003, 5, 'other tenant')"),
@@ -2603,16 +2612,7 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
         (1, "UPDATE small_ledger SET secret = 50 WHERE id = 3002 RETURNING id, secret"),
         (1, "INSERT INTO small_ledger VALUES (1, 4000, 200, 'v')"),
         (1, "INSERT INTO small_ledger VALUES (1, 4001, 20, 'v')"),
-    ]
-    .iter()
-    .map(|(tenant, sql)| as_clerk(*tenant, sql))
-    .collect();
-    let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
-    same_writes(
-        cluster,
-        "RESET ROLE; SELECT * FROM ledger ORDER BY tenant, id",
-        &statements,
-    );
+    ]);
     // PostgreSQL's own messages.
     for (sql, message) in [
         (
@@ -2725,7 +2725,11 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
     coordinator
         .batch_execute("SELECT pgdist.create_reference_table('ledger_log')")
         .unwrap();
-    let statements: Vec<String> = [
+    let tables = [
+        "RESET ROLE; SELECT * FROM ledger ORDER BY tenant, id",
+        "RESET ROLE; SELECT * FROM ledger_log ORDER BY 1",
+    ];
+    same_as_clerk(&tables, &[
         (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND s.secret > 100 THEN UPDATE SET secret = l.secret + 1 WHEN NOT MATCHED AND s.tenant = 1 AND s.note <> 'bump' THEN INSERT VALUES (s.tenant, s.id, s.secret, s.note)"),
         (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND s.id <> 1002 AND s.note <> 'bump' THEN UPDATE SET note = s.note"),
         // The trigger raises the secret of 'bump' rows: within UPDATE's policy from 7, past
@@ -2740,19 +2744,7 @@ fn row_level_security_applies_to_writes(cluster: &Cluster) {
         (1, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND l.secret < 10 AND s.id <> 1002 THEN DELETE WHEN MATCHED AND s.id <> 1002 THEN UPDATE SET note = 'kept'"),
         (2, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED THEN DELETE"),
         (2, "MERGE INTO ledger l USING ledger_stage s ON l.tenant = s.tenant AND l.id = s.id WHEN MATCHED AND l.secret < 10 THEN DELETE"),
-    ]
-    .iter()
-    .map(|(tenant, sql)| as_clerk(*tenant, sql))
-    .collect();
-    let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
-    same_writes_to(
-        cluster,
-        &[
-            "RESET ROLE; SELECT * FROM ledger ORDER BY tenant, id",
-            "RESET ROLE; SELECT * FROM ledger_log ORDER BY 1",
-        ],
-        &statements,
-    );
+    ]);
     for client in [&mut coordinator, &mut reference] {
         client
             .batch_execute(
