@@ -1045,8 +1045,12 @@ fn random_writes_match_plain_postgres(cluster: &Cluster) {
                     "different outcomes in the transaction\n  {}",
                     history.join(";\n  ")
                 ),
-                // Refused by the cluster: the reference's change is undone too.
-                (Err(state), Ok(_)) if state == "0A000" => {
+                // Refused by the cluster: the reference's change is undone too. A MERGE whose
+                // two source rows take one target row fails on the cluster even when a BEFORE
+                // trigger skipped one of them; PostgreSQL then fails or not by its join order.
+                (Err(state), Ok(_))
+                    if state == "0A000" || (state == "21000" && sql.starts_with("MERGE")) =>
+                {
                     refused += 1;
                     if verbose {
                         eprintln!("refused: {sql}");

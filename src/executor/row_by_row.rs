@@ -133,7 +133,9 @@ pub(crate) unsafe fn update_or_delete(
         let distribution = cache::lookup(plan.relid)
             .and_then(|t| t.distribution_attno())
             .and_then(|attno| columns.iter().position(|c| c.attno == attno));
-        // MERGE: the rows an action already changed (a second one fails, as in PostgreSQL).
+        // MERGE: the rows an UPDATE or DELETE action already took. A second one fails, as the
+        // SQL standard says, even when a BEFORE trigger skipped one of them (PostgreSQL then
+        // fails or not by the order its join returns the two source rows in).
         let mut acted = std::collections::HashSet::new();
         let mut changes = Vec::new();
         for (shard_id, copies) in shards {
@@ -146,14 +148,15 @@ pub(crate) unsafe fn update_or_delete(
                     ModifyKind::Update => Some(Write::Update),
                     _ => Some(Write::Delete),
                 };
+                let takes_row = matches!(what, Some(Write::Update | Write::Delete));
+                if merge && takes_row && !acted.insert((shard_id, row.id.clone())) {
+                    crate::error::raise(WriteError::MergeRowTwice);
+                }
                 let Some((write, new)) = what.and_then(|what| rows.before(what, row)) else {
                     continue;
                 };
                 if write != Write::Delete && write != Write::MovedAway {
                     refuse_moved_row(plan.relid, &rows.columns, distribution, &row.old, &new);
-                }
-                if merge && write != Write::Insert && !acted.insert((shard_id, row.id.clone())) {
-                    crate::error::raise(WriteError::MergeRowTwice);
                 }
                 let mut copies = vec![(primary.0, row.id.clone())];
                 copies.extend(
