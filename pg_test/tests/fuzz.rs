@@ -943,12 +943,15 @@ impl Generator {
                     true => format!("DELETE FROM {t} WHERE {condition} RETURNING *"),
                     false => format!("UPDATE {t} SET v = v - 1 WHERE {condition} RETURNING *"),
                 };
+                // Rows written back into their own table (with new keys): a blind insert.
+                let back = format!("INSERT INTO {t} SELECT id + 500, (grp + 1) % 6, v FROM d");
                 let outer = self.random.pick(&[
                     "SELECT count(*), sum(v) FROM d",
                     "SELECT d.id, x.name FROM d JOIN wr x USING (grp) ORDER BY d.id, x.name",
                     "INSERT INTO wl SELECT id, 'moved' FROM d",
                     "DELETE FROM w3 WHERE id IN (SELECT id FROM d)",
                     "UPDATE w2 SET v = coalesce(v, 0) + 1 WHERE id IN (SELECT id FROM d) RETURNING id, v",
+                    &back,
                 ]);
                 format!("WITH d AS ({inner}) {outer}")
             }

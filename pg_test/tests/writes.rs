@@ -1199,6 +1199,27 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
              UPDATE orders SET status = coalesce(e.what, 'null') FROM e WHERE orders.id = e.order_id",
             "WITH e AS (INSERT INTO order_events VALUES (8, 'y') RETURNING order_id) \
              UPDATE orders SET status = 'noted' WHERE id IN (SELECT order_id FROM e)",
+            // A blind insert (no ON CONFLICT, reading nothing of its table) shares its table
+            // with a part that is over before it writes: a row gets a new distribution column
+            // value, rows are copied within a table, a failing re-insert changes nothing.
+            "WITH old AS (DELETE FROM orders WHERE id = 5 RETURNING *) \
+             INSERT INTO orders SELECT 5005, customer, amount, status FROM old RETURNING id, customer",
+            "WITH old AS (DELETE FROM orders WHERE id = 6 RETURNING *) \
+             INSERT INTO orders SELECT id, customer + 1, amount, 'rekeyed' FROM old",
+            "WITH old AS (DELETE FROM orders WHERE id = 9 RETURNING *) \
+             INSERT INTO orders SELECT 1, customer, amount, status FROM old",
+            "WITH u AS (UPDATE orders SET amount = amount + 100 WHERE customer = 8 RETURNING *) \
+             INSERT INTO orders SELECT id + 6000, customer, amount, 'copy' FROM u RETURNING id, amount",
+            "WITH d AS (DELETE FROM orders_archive WHERE customer = 2 RETURNING *), \
+                  again AS (INSERT INTO orders_archive SELECT id, customer + 20, amount, status FROM d RETURNING id) \
+             SELECT count(*) FROM again",
+            "WITH i AS (INSERT INTO orders VALUES (7001, 3, 1, 'new') RETURNING id) \
+             SELECT count(*), sum(amount) FROM orders",
+            "WITH i AS (INSERT INTO orders VALUES (7002, 3, 1, 'new')), \
+                  j AS (INSERT INTO orders VALUES (7003, 4, 2, 'new') RETURNING id) \
+             SELECT count(*) FROM j",
+            "WITH i AS (INSERT INTO orders VALUES (7004, 3, 1, 'new')) \
+             UPDATE orders SET amount = -1 WHERE customer = 3 RETURNING id",
         ],
     );
     // Parameters pick the shard at execution, generic plans included.
@@ -1228,9 +1249,19 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
         "WITH d AS (DELETE FROM orders WHERE id < 100 RETURNING *) SELECT count(*) FROM orders",
         "WITH a AS (UPDATE orders SET amount = 0 WHERE id = 1 RETURNING *), \
               b AS (DELETE FROM orders WHERE id = 2 RETURNING *) SELECT * FROM a, b",
-        "WITH d AS (DELETE FROM orders_archive RETURNING *) INSERT INTO orders_archive SELECT * FROM d",
         "WITH e AS (INSERT INTO order_events VALUES (1, 'x') RETURNING *) \
          SELECT count(*) FROM order_events JOIN orders ON orders.id = order_events.order_id",
+        // An insert that reads its own table, one nobody waits for, one with ON CONFLICT, one
+        // whose rows the part reading its table needs first.
+        "WITH d AS (DELETE FROM orders_archive WHERE id < 100 RETURNING id) \
+         INSERT INTO orders_archive SELECT * FROM orders_archive WHERE id IN (SELECT id FROM d)",
+        "WITH d AS (DELETE FROM orders WHERE id < 5) INSERT INTO orders VALUES (8001, 1, 1, 'x')",
+        "WITH i AS (INSERT INTO orders VALUES (8002, 1, 1, 'x') ON CONFLICT DO NOTHING) \
+         SELECT count(*) FROM orders",
+        "WITH i AS (INSERT INTO orders VALUES (8003, 1, 1, 'x') RETURNING id) \
+         SELECT count(*) FROM orders, i",
+        "WITH i AS (INSERT INTO orders VALUES (8004, 1, 1, 'x') RETURNING id) \
+         UPDATE orders SET amount = 0 WHERE id IN (SELECT id FROM i)",
         "WITH d AS (DELETE FROM orders WHERE id = 3 RETURNING id) \
          UPDATE orders SET status = 'x' FROM d WHERE orders.id = d.id + 1",
     ] {

@@ -192,36 +192,70 @@ unsafe extern "C-unwind" fn recheck(
     true
 }
 
+/// Does the node's writing, the first time it is asked to.
+unsafe fn write_once(node: *mut pg_sys::CustomScanState) {
+    // SAFETY: node is a Distributed Modify node being executed.
+    unsafe {
+        let runtime = runtime_of(node);
+        if runtime.done {
+            return;
+        }
+        runtime.done = true;
+        if runtime.plan.kind == ModifyKind::Insert {
+            run_writes_first(node, runtime.plan.relid);
+        }
+        if let Some(triggers) = &runtime.triggers {
+            triggers.before_statement();
+        }
+        let (count, rows) = match runtime.plan.kind {
+            ModifyKind::Insert => insert(node, runtime),
+            ModifyKind::Update | ModifyKind::Delete | ModifyKind::Merge
+                if !runtime.plan.row_source.is_empty() =>
+            {
+                row_by_row::update_or_delete(node, runtime)
+            }
+            ModifyKind::Update | ModifyKind::Delete | ModifyKind::Merge => {
+                update_or_delete(node, runtime)
+            }
+        };
+        if let Some(triggers) = &runtime.triggers {
+            triggers.after_statement();
+        }
+        if runtime.plan.can_set_tag {
+            (*(*node).ss.ps.state).es_processed += count;
+        }
+        runtime.returned = rows.into_iter();
+    }
+}
+
+/// Runs, before a blind insert into `relid` writes, the statement's writes inside WITH that
+/// must be over by then (`ModifyPlan::runs_before_writes_to`) and have not run yet.
+unsafe fn run_writes_first(node: *mut pg_sys::CustomScanState, relid: pg_sys::Oid) {
+    // SAFETY: the executor state's auxiliary ModifyTable list holds plan states; ours are
+    // recognised by their methods before being used as Distributed Modify nodes.
+    unsafe {
+        let writes = (*(*node).ss.ps.state).es_auxmodifytables;
+        for other in pgrx::PgList::<pg_sys::PlanState>::from_pg(writes).iter_ptr() {
+            if other == node.cast() || (*other).type_ != pg_sys::NodeTag::T_CustomScanState {
+                continue;
+            }
+            let other = other.cast::<pg_sys::CustomScanState>();
+            if (*other).methods == &raw const EXEC_METHODS
+                && runtime_of(other).plan.runs_before_writes_to.contains(&relid)
+            {
+                write_once(other);
+            }
+        }
+    }
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn next_row(scan: *mut pg_sys::ScanState) -> *mut pg_sys::TupleTableSlot {
     // SAFETY: scan is our CustomScanState; the slot belongs to it.
     unsafe {
         let node = scan.cast::<pg_sys::CustomScanState>();
+        write_once(node);
         let runtime = runtime_of(node);
-        if !runtime.done {
-            runtime.done = true;
-            if let Some(triggers) = &runtime.triggers {
-                triggers.before_statement();
-            }
-            let (count, rows) = match runtime.plan.kind {
-                ModifyKind::Insert => insert(node, runtime),
-                ModifyKind::Update | ModifyKind::Delete | ModifyKind::Merge
-                    if !runtime.plan.row_source.is_empty() =>
-                {
-                    row_by_row::update_or_delete(node, runtime)
-                }
-                ModifyKind::Update | ModifyKind::Delete | ModifyKind::Merge => {
-                    update_or_delete(node, runtime)
-                }
-            };
-            if let Some(triggers) = &runtime.triggers {
-                triggers.after_statement();
-            }
-            if runtime.plan.can_set_tag {
-                (*(*scan).ps.state).es_processed += count;
-            }
-            runtime.returned = rows.into_iter();
-        }
         let slot = (*scan).ss_ScanTupleSlot;
         match (runtime.returned.next(), runtime.input.as_mut()) {
             (Some(row), Some(input)) => {

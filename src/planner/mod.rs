@@ -83,8 +83,9 @@ impl crate::error::PgError for PlannerError {
             PlannerError::WrittenAndRead(_) => {
                 "pgdist runs the parts of a statement with data-modifying WITH queries one \
                  after the other, so one part would see another's changes, which PostgreSQL \
-                 never shows. Pass rows between the parts with RETURNING, or run the parts as \
-                 separate statements in one transaction."
+                 never shows. Pass rows between the parts with RETURNING (an INSERT without ON \
+                 CONFLICT may read the rows a WITH query returns even when both write the same \
+                 table), or run the parts as separate statements in one transaction."
                     .into()
             }
             PlannerError::MergeNotPushable(..) => {
@@ -116,9 +117,11 @@ impl crate::error::PgError for PlannerError {
                  constants or parameters."
                     .into()
             }
-            PlannerError::DistributionColumnUpdate(..) => {
-                "Delete the row and insert it again with the new value.".into()
-            }
+            PlannerError::DistributionColumnUpdate(table, column) => format!(
+                "Delete the row and insert it again with the new value, in one statement if you \
+                 like: WITH old AS (DELETE FROM {table} WHERE … RETURNING *) INSERT INTO {table} \
+                 SELECT <new {column}>, … FROM old."
+            ),
             PlannerError::CurrentOf(_) => {
                 "The cursor's rows come from the shards on the workers; fetch the row's key \
                  with the cursor (its primary key) and write WHERE <key> = <value> instead."

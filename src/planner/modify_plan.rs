@@ -114,6 +114,10 @@ pub struct ModifyPlan {
     /// Tables `statement` reads that are not co-located with the target: read first, their
     /// columns stand in it as arrays (`$<BROADCAST_BASE + i>`, as in a scan).
     pub broadcasts: Vec<ScanPlan>,
+    /// A write inside WITH: the tables into which another part of the statement inserts
+    /// blindly after reading this write's rows; that insert runs this write first
+    /// (`with_writes.rs`).
+    pub runs_before_writes_to: Vec<pg_sys::Oid>,
 }
 
 /// The range-table index that stands for the INSERT's table in a pushed-down INSERT … SELECT.
@@ -178,6 +182,11 @@ impl ModifyPlan {
                 .map(|event| event.letter())
                 .collect(),
             self.merge_actions.clone(),
+            self.runs_before_writes_to
+                .iter()
+                .map(|oid| u32::from(*oid).to_string())
+                .collect::<Vec<_>>()
+                .join(","),
         ];
         parts.extend(encode_broadcasts(&self.broadcasts));
         parts
@@ -231,7 +240,11 @@ impl ModifyPlan {
             conflict_target: part(20),
             merge_events: part(21).chars().filter_map(Event::from_letter).collect(),
             merge_actions: part(22),
-            broadcasts: decode_broadcasts(parts.get(23..).unwrap_or_default()),
+            runs_before_writes_to: part(23)
+                .split(',')
+                .filter_map(|oid| Some(pg_sys::Oid::from(oid.parse::<u32>().ok()?)))
+                .collect(),
+            broadcasts: decode_broadcasts(parts.get(24..).unwrap_or_default()),
         }
     }
 }
@@ -267,6 +280,13 @@ pub struct AnalysedWrite {
     /// and the range-table index of the target there.
     returning: *mut pg_sys::List,
     result_rti: i32,
+}
+
+impl AnalysedWrite {
+    /// See [`ModifyPlan::runs_before_writes_to`].
+    pub fn run_before_writes_to(&mut self, tables: Vec<pg_sys::Oid>) {
+        self.modify.runs_before_writes_to = tables;
+    }
 }
 
 /// The Distributed Modify node that does the work of `mt` (a ModifyTable of `stmt` writing
@@ -814,6 +834,7 @@ pub unsafe fn analyse(
             conflict_target: String::new(),
             merge_events: Vec::new(),
             merge_actions: String::new(),
+            runs_before_writes_to: Vec::new(),
             broadcasts: Vec::new(),
         };
         match (*parse).commandType {

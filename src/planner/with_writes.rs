@@ -15,6 +15,17 @@
 //! one it writes) is read or written by another is therefore refused with 0A000 rather than
 //! answered differently; the rows a write returns may be read anywhere. A part is a WITH query or the
 //! statement's own body, with the plain WITH queries it reads.
+//!
+//! One sharing is exact all the same: a *blind insert* — an INSERT without ON CONFLICT into a
+//! distributed or reference table without triggers or row security, reading nothing of that
+//! table — shares its table with another part that is over before the insert writes. Another
+//! blind insert into the table qualifies (neither sees anything of the table); so does a WITH
+//! query whose rows the insert reads, directly or through other parts
+//! (`WITH old AS (DELETE FROM t WHERE id = 1 RETURNING *) INSERT INTO t SELECT 2, … FROM old`,
+//! how a row gets a new distribution column value), which its node runs to its end first
+//! (`ModifyPlan::runs_before_writes_to`, in case the insert never needed its rows); and so does
+//! the statement's body when the insert is a WITH query the body does not read (it runs at the
+//! end of the statement, after the body, in PostgreSQL too).
 
 use std::collections::HashSet;
 use std::ffi::{c_void, CStr};
@@ -23,6 +34,7 @@ use pgrx::{pg_sys, PgList};
 
 use crate::distribution::create::relation_name;
 use crate::metadata::cache;
+use crate::executor::triggers::{self, Event};
 use crate::metadata::tables::DistTable;
 use crate::planner::modify_plan::{self, AnalysedWrite};
 use crate::planner::PlannerError;
@@ -53,7 +65,7 @@ pub unsafe fn analyse(parse: *mut pg_sys::Query) -> Result<Vec<WithWrite>, Plann
             return Ok(Vec::new());
         }
         let ctes = top_level_ctes(parse);
-        check_parts(parse, &ctes)?;
+        let mut run_first = check_parts(parse, &ctes)?;
         let mut writes = Vec::new();
         for (index, cte) in ctes.iter().enumerate().filter(|(_, cte)| cte.writes()) {
             let Some(table) = target(cte.query).and_then(cache::lookup) else {
@@ -64,7 +76,8 @@ pub unsafe fn analyse(parse: *mut pg_sys::Query) -> Result<Vec<WithWrite>, Plann
                 pg_sys::CmdType::CMD_INSERT => cte.query,
                 _ => standalone_copy(parse, &ctes, index, &table)?,
             };
-            let analysed = modify_plan::analyse(standalone, &table)?;
+            let mut analysed = modify_plan::analyse(standalone, &table)?;
+            analysed.run_before_writes_to(std::mem::take(&mut run_first[index]));
             writes.push(WithWrite(Some((table, analysed))));
         }
         Ok(writes)
@@ -140,39 +153,135 @@ unsafe fn target(query: *mut pg_sys::Query) -> Option<pg_sys::Oid> {
     }
 }
 
+/// One part of the statement: the statement's body or a data-modifying WITH query.
+struct Part {
+    /// The WITH query (None: the statement's body).
+    cte: Option<usize>,
+    /// The table it writes.
+    target: Option<pg_sys::Oid>,
+    reads: Reads,
+    /// The tables its write changes: its target, and the tables foreign key actions reach.
+    writes: Vec<pg_sys::Oid>,
+    /// It is a blind insert into its target (see the module's documentation).
+    blind: bool,
+}
+
 /// Refuses a statement in which a table written by one part is read or written by another
-/// (see the module's documentation), when distributed or reference tables are involved.
-unsafe fn check_parts(parse: *mut pg_sys::Query, ctes: &[Cte]) -> Result<(), PlannerError> {
+/// (see the module's documentation), when distributed or reference tables are involved. Returns,
+/// for each data-modifying WITH query, the tables whose blind inserts it must run before.
+unsafe fn check_parts(
+    parse: *mut pg_sys::Query,
+    ctes: &[Cte],
+) -> Result<Vec<Vec<pg_sys::Oid>>, PlannerError> {
     // SAFETY: parse is a valid Query; the walk only reads it.
     unsafe {
-        let mut parts = vec![(target(parse), tables_read(parse, ctes, None))];
+        let mut parts = vec![Part::of(parse, None, tables_read(parse, ctes, None))];
         for (index, cte) in ctes.iter().enumerate().filter(|(_, cte)| cte.writes()) {
-            parts.push((target(cte.query), tables_read(parse, ctes, Some(index))));
+            let reads = tables_read(parse, ctes, Some(index));
+            parts.push(Part::of(cte.query, Some(index), reads));
         }
+        let mut run_first = vec![Vec::new(); ctes.len()];
         let distributed = parts
             .iter()
-            .flat_map(|(_, read)| read.tables.iter())
+            .flat_map(|part| part.reads.tables.iter().chain(&part.target))
             .any(|oid| cache::lookup(*oid).is_some());
         if !distributed {
-            return Ok(());
+            return Ok(run_first);
         }
-        // A write also changes the tables its foreign keys' actions reach (on the workers,
-        // when it runs, not at the end of the statement).
-        let written: Vec<Vec<pg_sys::Oid>> = parts
-            .iter()
-            .map(|(target, _)| target.map(written_through_keys).unwrap_or_default())
-            .collect();
-        for (i, tables) in written.iter().enumerate() {
-            for table in tables {
-                let elsewhere = parts.iter().enumerate().any(|(j, (_, read))| {
-                    j != i && (read.tables.contains(table) || written[j].contains(table))
-                });
-                if elsewhere {
-                    return Err(PlannerError::WrittenAndRead(relation_name(*table)));
+        for (i, part) in parts.iter().enumerate() {
+            for table in &part.writes {
+                for (j, other) in parts.iter().enumerate() {
+                    if j == i
+                        || !(other.reads.tables.contains(table) || other.writes.contains(table))
+                    {
+                        continue;
+                    }
+                    let (blind, first) = match (part.blind, other.blind) {
+                        (true, _) => (part, other),
+                        (false, true) => (other, part),
+                        (false, false) => {
+                            return Err(PlannerError::WrittenAndRead(relation_name(*table)))
+                        }
+                    };
+                    match over_before(&parts, first, blind) {
+                        Some(Some(cte)) if !run_first[cte].contains(table) => {
+                            run_first[cte].push(*table)
+                        }
+                        Some(_) => {}
+                        None => return Err(PlannerError::WrittenAndRead(relation_name(*table))),
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(run_first)
+    }
+}
+
+impl Part {
+    unsafe fn of(query: *mut pg_sys::Query, cte: Option<usize>, reads: Reads) -> Part {
+        // SAFETY: query is a valid Query of the statement.
+        unsafe {
+            let target = target(query);
+            let insert = (*query).commandType == pg_sys::CmdType::CMD_INSERT;
+            let writes = match (target, insert) {
+                (Some(table), true) => vec![table],
+                (Some(table), false) => written_through_keys(table),
+                (None, _) => Vec::new(),
+            };
+            let blind = insert
+                && (*query).onConflict.is_null()
+                && (*query).withCheckOptions.is_null()
+                && target.is_some_and(|table| {
+                    cache::lookup(table).is_some()
+                        && !reads.tables.contains(&table)
+                        && !triggers::find(table, Event::Insert).any()
+                });
+            Part {
+                cte,
+                target,
+                reads,
+                writes,
+                blind,
+            }
+        }
+    }
+
+    /// The data-modifying WITH queries whose rows this part reads, directly or through others.
+    fn reached(&self, parts: &[Part]) -> Vec<usize> {
+        let mut reached = Vec::new();
+        let mut next = vec![self];
+        while let Some(part) = next.pop() {
+            for cte in &part.reads.ctes {
+                if let Some(read) = parts.iter().find(|p| p.cte == Some(*cte)) {
+                    if !reached.contains(cte) {
+                        reached.push(*cte);
+                        next.push(read);
+                    }
+                }
+            }
+        }
+        reached
+    }
+}
+
+/// Whether part `first`, which shares a table with blind insert `blind`, is over before
+/// `blind` writes: Some(Some(cte)) when WITH query `cte` must be run to its end first,
+/// Some(None) when it is anyway, None when it may not be.
+fn over_before(parts: &[Part], first: &Part, blind: &Part) -> Option<Option<usize>> {
+    if first.blind {
+        return Some(None);
+    }
+    match first.cte {
+        // The body runs to its end before the WITH queries nobody read.
+        None => {
+            let cte = blind.cte?;
+            (!first.reached(parts).contains(&cte)).then_some(None)
+        }
+        // Only a Distributed Modify node can be run ahead of its readers.
+        Some(cte) => {
+            let ours = first.target.and_then(cache::lookup).is_some();
+            (ours && blind.reached(parts).contains(&cte)).then_some(Some(cte))
+        }
     }
 }
 
@@ -217,6 +326,8 @@ unsafe fn tables_read(parse: *mut pg_sys::Query, ctes: &[Cte], cte: Option<usize
         ctes: &'a [Cte],
         /// How many levels below the statement the query being walked is.
         level: u32,
+        /// The part's own target, which it writes rather than reads (null: none).
+        target: *mut pg_sys::RangeTblEntry,
         reads: Reads,
     }
     impl Walk<'_> {
@@ -250,7 +361,7 @@ unsafe fn tables_read(parse: *mut pg_sys::Query, ctes: &[Cte], cte: Option<usize
                 pg_sys::NodeTag::T_RangeTblEntry => {
                     let rte = node.cast::<pg_sys::RangeTblEntry>();
                     match (*rte).rtekind {
-                        pg_sys::RTEKind::RTE_RELATION => {
+                        pg_sys::RTEKind::RTE_RELATION if rte != state.target => {
                             state.reads.tables.insert((*rte).relid);
                         }
                         pg_sys::RTEKind::RTE_CTE if (*rte).ctelevelsup == state.level => {
@@ -272,19 +383,28 @@ unsafe fn tables_read(parse: *mut pg_sys::Query, ctes: &[Cte], cte: Option<usize
             }
         }
     }
-    let mut walk = Walk {
-        ctes,
-        level: 0,
-        reads: Reads::default(),
-    };
-    // SAFETY: parse and the WITH queries are valid Query nodes.
+    let part = cte.map_or(parse, |index| ctes[index].query);
+    // SAFETY: parse and the WITH queries are valid Query nodes; resultRelation indexes the
+    // part's range table.
     unsafe {
+        let target = match usize::try_from((*part).resultRelation) {
+            Ok(rti) if rti > 0 => {
+                pg_sys::list_nth((*part).rtable, rti as i32 - 1).cast::<pg_sys::RangeTblEntry>()
+            }
+            _ => std::ptr::null_mut(),
+        };
+        let mut walk = Walk {
+            ctes,
+            level: 0,
+            target,
+            reads: Reads::default(),
+        };
         match cte {
             None => walk.query(parse, 0, pg_sys::QTW_IGNORE_CTE_SUBQUERIES),
-            Some(index) => walk.query(ctes[index].query, 1, 0),
+            Some(_) => walk.query(part, 1, 0),
         }
+        walk.reads
     }
-    walk.reads
 }
 
 /// A private copy of WITH query `index` of `parse` that stands on its own: the statement's
