@@ -241,7 +241,10 @@ unsafe fn run_writes_first(node: *mut pg_sys::CustomScanState, relid: pg_sys::Oi
             }
             let other = other.cast::<pg_sys::CustomScanState>();
             if (*other).methods == &raw const EXEC_METHODS
-                && runtime_of(other).plan.runs_before_writes_to.contains(&relid)
+                && runtime_of(other)
+                    .plan
+                    .runs_before_writes_to
+                    .contains(&relid)
             {
                 write_once(other);
             }

@@ -33,8 +33,8 @@ use std::ffi::{c_void, CStr};
 use pgrx::{pg_sys, PgList};
 
 use crate::distribution::create::relation_name;
-use crate::metadata::cache;
 use crate::executor::triggers::{self, Event};
+use crate::metadata::cache;
 use crate::metadata::tables::DistTable;
 use crate::planner::modify_plan::{self, AnalysedWrite};
 use crate::planner::PlannerError;
