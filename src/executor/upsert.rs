@@ -2,14 +2,17 @@
 //!
 //! A shard's own upsert gives the coordinator no say between finding the conflicting row and
 //! updating it, where PostgreSQL fires the BEFORE UPDATE triggers. So the coordinator does what
-//! PostgreSQL's speculative insertion does, in round trips: (1) every shard locks and returns
-//! the existing rows its proposed rows conflict with — `SELECT … FROM <shard> JOIN (VALUES
+//! PostgreSQL's speculative insertion does, in round trips: (1) every placement of a shard (the
+//! first one first, then a reference table's copies) locks and returns the existing rows its
+//! proposed rows conflict with — `SELECT … FROM <shard> JOIN (VALUES
 //! <proposed rows>) AS excluded ON <conflict columns equal> FOR UPDATE` (`ModifyPlan::
 //! upsert_source`), with the SET values and the DO UPDATE WHERE computed there; (2) a row with
 //! a conflicting row is updated by ctid and tableoid after the BEFORE UPDATE triggers (unless
 //! the WHERE says no), a row without is inserted with `ON CONFLICT DO NOTHING`; (3) a row whose
 //! insert met a conflict after all (a concurrent insert, or a row this statement wrote) goes back
-//! to (1). A row that would change a row this statement already inserted or updated fails with
+//! to (1). The first placement's rows decide; a copy updates its own copy of the row by its own
+//! ctid, or inserts with `ON CONFLICT DO NOTHING` as well (its writes follow the first
+//! placement's row locks, so it meets the same conflicts). A row that would change a row this statement already inserted or updated fails with
 //! PostgreSQL's error (21000). The BEFORE INSERT triggers ran when the row was proposed; the
 //! AFTER INSERT / UPDATE triggers are queued in the order the rows were written.
 
@@ -29,7 +32,6 @@ use crate::executor::triggers::Event;
 use crate::metadata::cache;
 use crate::planner::modify_pushdown::ROW_TAG_SQL;
 use crate::planner::shippable::RELATION_BASE;
-use crate::planner::PlannerError;
 use crate::remote::quote::{quote_identifier, quote_literal, quote_qualified, replace_dollar_refs};
 use crate::remote::NodeAddress;
 
@@ -74,18 +76,13 @@ pub(crate) unsafe fn upsert(
         let tupdesc = (*relation).rd_att;
         let columns = live_columns(tupdesc);
         let table = crate::distribution::create::relation_name(plan.relid);
-        let placements = cache::placements(plan.relid);
-        let mut nodes: HashMap<i64, NodeAddress> = HashMap::new();
-        for placement in placements.iter() {
-            if nodes
-                .insert(placement.shard_id, placement.node.clone())
-                .is_some()
-            {
-                crate::error::raise(PlannerError::Triggers(
-                    table,
-                    "INSERT … ON CONFLICT DO UPDATE into a table with copies of its shards".into(),
-                ));
-            }
+        // Each shard's placements, the first one's first.
+        let mut nodes: HashMap<i64, Vec<NodeAddress>> = HashMap::new();
+        for placement in cache::placements(plan.relid).iter() {
+            nodes
+                .entry(placement.shard_id)
+                .or_default()
+                .push(placement.node.clone());
         }
         let (schema, name) = crate::executor::schema_and_name(plan.relid);
         let shard_name =
@@ -127,6 +124,7 @@ pub(crate) unsafe fn upsert(
         let written_nodes: HashSet<i32> = shards
             .iter()
             .filter_map(|s| nodes.get(s))
+            .flatten()
             .map(|n| n.node_id)
             .collect();
         crate::executor::write_locks::lock_for_multi_node_write(shards, written_nodes.len());
@@ -154,31 +152,36 @@ pub(crate) unsafe fn upsert(
             }
             let mut work: BTreeMap<i32, (NodeAddress, Vec<(FragmentSql, bool)>)> = BTreeMap::new();
             for (shard_id, rows) in &per_shard {
-                let Some(address) = nodes.get(shard_id) else {
-                    continue;
-                };
                 let at = upsert_source.rfind("{rows}").unwrap_or(upsert_source.len());
                 let mut sql = upsert_source.to_string();
                 sql.replace_range(at..(at + "{rows}".len()).min(sql.len()), &rows.join(", "));
-                let sql = sql.replacen(ROW_TAG_SQL, &quote_literal(&shard_id.to_string()), 1);
                 let sql = replace_dollar_refs(&sql, |id| {
                     (id == RELATION_BASE).then(|| shard_name(*shard_id))
                 });
-                work.entry(address.node_id)
-                    .or_insert_with(|| (address.clone(), Vec::new()))
-                    .1
-                    .push((FragmentSql::plain(sql), true));
+                // Every copy of the shard locks its rows (the first placement's first), tagged
+                // with its node.
+                for (i, address) in nodes.get(shard_id).into_iter().flatten().enumerate() {
+                    let tag = quote_literal(&address.node_id.to_string());
+                    let sql = sql.replacen(ROW_TAG_SQL, &tag, 1);
+                    work.entry(address.node_id)
+                        .or_insert_with(|| (address.clone(), Vec::new()))
+                        .1
+                        .push((FragmentSql::plain(sql), i == 0));
+                }
             }
             let locked = run_statements_all_rows(work.into_values().collect());
             let width = columns.len();
             let sets = plan.set_attnos.len();
             let mut conflicts: HashMap<usize, Conflict> = HashMap::new();
+            // (proposed row, node) → (ctid, tableoid) of the conflicting row in a copy.
+            let mut in_copies: HashMap<(usize, i32), (String, String)> = HashMap::new();
             let mut seen: HashSet<(i64, String, String)> = HashSet::new();
             for mut row in locked {
                 // tag, ctid, tableoid, columns, pgdist_n, SET values, WHERE
                 if row.len() != 3 + width + 1 + sets + 1 {
                     continue;
                 }
+                let node_id: i32 = row[0].as_deref().and_then(|t| t.parse().ok()).unwrap_or(0);
                 let update = row.pop().flatten().as_deref() == Some("t");
                 let set = row.split_off(3 + width + 1);
                 let n: usize = row
@@ -190,6 +193,11 @@ pub(crate) unsafe fn upsert(
                 let tableoid = row.pop().flatten().unwrap_or_default();
                 let ctid = row.pop().flatten().unwrap_or_default();
                 let shard_id = proposed.get(n).map_or(0, |p| p.shard_id);
+                let first = nodes.get(&shard_id).and_then(|n| n.first());
+                if first.is_some_and(|address| address.node_id != node_id) {
+                    in_copies.insert((n, node_id), (ctid, tableoid));
+                    continue;
+                }
                 let key = (shard_id, ctid.clone(), tableoid.clone());
                 if touched.contains(&key) || !seen.insert(key) {
                     affect_twice();
@@ -212,11 +220,14 @@ pub(crate) unsafe fn upsert(
             let mut inserts = Vec::new();
             for &n in &pending {
                 let row = &proposed[n];
-                let Some(address) = nodes.get(&row.shard_id) else {
+                let Some((address, copies)) =
+                    nodes.get(&row.shard_id).and_then(|n| n.split_first())
+                else {
                     continue;
                 };
                 let shard = shard_name(row.shard_id);
-                let sql = match conflicts.get(&n) {
+                // The statement for the first placement, and for the copies.
+                let (sql, copy_sql) = match conflicts.get(&n) {
                     Some(conflict) if !conflict.update => continue,
                     Some(conflict) => {
                         let mut new = with_set_values(
@@ -245,12 +256,27 @@ pub(crate) unsafe fn upsert(
                         let assignments =
                             assignments(&columns, &plan.set_attnos, &conflict.old, &new);
                         updates.insert(n, conflict.old.clone());
-                        format!(
-                            "UPDATE {shard} SET {assignments} WHERE ctid = {} AND tableoid = {} \
-                             RETURNING '{n}', ctid, tableoid, {all_names}",
-                            quote_literal(&conflict.ctid),
-                            quote_literal(&conflict.tableoid)
-                        )
+                        let update = |ctid: &str, tableoid: &str| {
+                            format!(
+                                "UPDATE {shard} SET {assignments} WHERE ctid = {} AND tableoid = {}",
+                                quote_literal(ctid),
+                                quote_literal(tableoid)
+                            )
+                        };
+                        let copy_sql = |node_id: i32| match in_copies.get(&(n, node_id)) {
+                            Some((ctid, tableoid)) => update(ctid, tableoid),
+                            None => pgrx::error!(
+                                "pgdist: the placements of shard {} hold different rows",
+                                row.shard_id
+                            ),
+                        };
+                        let copy_sql: Vec<String> =
+                            copies.iter().map(|c| copy_sql(c.node_id)).collect();
+                        let sql = format!(
+                            "{} RETURNING '{n}', ctid, tableoid, {all_names}",
+                            update(&conflict.ctid, &conflict.tableoid)
+                        );
+                        (sql, copy_sql)
                     }
                     None => {
                         let values: Vec<String> = stored
@@ -265,19 +291,27 @@ pub(crate) unsafe fn upsert(
                             )),
                         );
                         inserts.push(n);
-                        format!(
+                        // A copy meets a conflict exactly when the first placement does: their
+                        // writes are ordered by the first placement's row locks.
+                        let insert = format!(
                             "INSERT INTO {shard}{alias} ({stored_names}) OVERRIDING SYSTEM VALUE \
-                             VALUES ({}) ON CONFLICT {target} DO NOTHING RETURNING '{n}', ctid, \
-                             tableoid, {all_names}",
+                             VALUES ({}) ON CONFLICT {target} DO NOTHING",
                             values.join(", ")
-                        )
+                        );
+                        let sql = format!("{insert} RETURNING '{n}', ctid, tableoid, {all_names}");
+                        (sql, vec![insert; copies.len()])
                     }
                 };
-                statements
-                    .entry(address.node_id)
-                    .or_insert_with(|| (address.clone(), Vec::new()))
-                    .1
-                    .push((FragmentSql::plain(sql), true));
+                let statements_of = [(address, sql)]
+                    .into_iter()
+                    .chain(copies.iter().zip(copy_sql));
+                for (i, (address, sql)) in statements_of.enumerate() {
+                    statements
+                        .entry(address.node_id)
+                        .or_insert_with(|| (address.clone(), Vec::new()))
+                        .1
+                        .push((FragmentSql::plain(sql), i == 0));
+                }
             }
             let (done, rows) = run_statements(statements.into_values().collect());
             count += done;
