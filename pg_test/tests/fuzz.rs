@@ -1059,6 +1059,13 @@ fn random_writes_match_plain_postgres(cluster: &Cluster) {
                         eprintln!("refused: {sql}");
                     }
                 }
+                // A WITH query's rows written back into its own table: PostgreSQL checks the
+                // unique index as each row arrives, so a new key that another of the query's
+                // rows still holds fails there, depending on its scan order; pgdist's WITH query
+                // is over first (the SQL standard's end-of-statement check).
+                (Ok(_), Err(state)) if state == "23505" && sql.starts_with("WITH") => {
+                    refused += 1;
+                }
                 // Both failed: which error comes first may differ (evaluation order).
                 (Err(_), Err(_)) => {}
                 _ => panic!(
@@ -1066,7 +1073,7 @@ fn random_writes_match_plain_postgres(cluster: &Cluster) {
                     history.join(";\n  ")
                 ),
             }
-            if got.is_err() || (savepoint && generator.random.chance(30)) {
+            if got.is_err() || want.is_err() || (savepoint && generator.random.chance(30)) {
                 if !savepoint {
                     failed = true;
                     break;
@@ -1092,7 +1099,7 @@ fn random_writes_match_plain_postgres(cluster: &Cluster) {
             );
         }
     }
-    eprintln!("fuzz: seed {seed}, {statements} writes, {refused} refused with 0A000");
+    eprintln!("fuzz: seed {seed}, {statements} writes, {refused} refused or failed on one side");
     run_on_both(
         &mut coordinator,
         &mut reference,

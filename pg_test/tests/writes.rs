@@ -38,6 +38,7 @@ fn main() {
             transaction_blocks_read_their_writes_and_roll_back_everywhere,
             statements_that_read_a_node_twice_work_after_the_transaction_wrote_there,
             savepoints_roll_back_on_the_workers_too,
+            repeatable_read_and_serializable_keep_one_snapshot_per_node,
             a_failure_at_prepare_leaves_nothing_visible,
             copy_of_a_million_rows_is_exact,
             copy_formats_options_and_bad_input_match_plain_postgres,
@@ -933,6 +934,67 @@ fn statements_that_read_a_node_twice_work_after_the_transaction_wrote_there(clus
         &mut reference,
         "DROP TABLE twice_a; DROP TABLE twice_b",
     );
+}
+
+/// `BEGIN ISOLATION LEVEL REPEATABLE READ` / `SERIALIZABLE` (and `SET TRANSACTION`) work, and
+/// the transaction sees one snapshot per node from its first read there on: a concurrent
+/// transaction's committed changes stay out of its later reads, and updating a row that
+/// transaction changed fails with 40001, as on one server. The same interleaving runs on the
+/// cluster and on plain PostgreSQL.
+fn repeatable_read_and_serializable_keep_one_snapshot_per_node(cluster: &Cluster) {
+    let mut coordinator = cluster.coordinator_client();
+    let mut reference = cluster.reference.connect();
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "CREATE TABLE iso (id int PRIMARY KEY, v int);
+         INSERT INTO iso SELECT i, i FROM generate_series(1, 40) i;",
+    );
+    coordinator
+        .batch_execute("SELECT pgdist.create_distributed_table('iso', 'id', shard_count => 4)")
+        .unwrap();
+    let steps: [(bool, &str); 14] = [
+        (true, "BEGIN ISOLATION LEVEL REPEATABLE READ"),
+        (true, "SHOW transaction_isolation"),
+        (true, "SELECT count(*), sum(v) FROM iso"),
+        (false, "UPDATE iso SET v = v + 100"),
+        (false, "INSERT INTO iso VALUES (41, 41), (42, 42)"),
+        (true, "SELECT count(*), sum(v) FROM iso"),
+        (true, "SELECT v FROM iso WHERE id = 7"),
+        (true, "UPDATE iso SET v = 0 WHERE id = 7"),
+        (true, "ROLLBACK"),
+        (true, "BEGIN"),
+        (true, "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+        (true, "SELECT count(*), sum(v) FROM iso WHERE id > 10"),
+        (
+            true,
+            "UPDATE iso SET v = v - 1 WHERE id IN (11, 12) RETURNING id, v",
+        ),
+        (true, "COMMIT"),
+    ];
+    let mut outcomes = Vec::new();
+    for server in [0, 1] {
+        let (mut first, mut second) = match server {
+            0 => (cluster.coordinator_client(), cluster.coordinator_client()),
+            _ => (cluster.reference.connect(), cluster.reference.connect()),
+        };
+        let seen: Vec<Outcome> = steps
+            .iter()
+            .map(|(in_first, sql)| match in_first {
+                true => outcome(&mut first, sql),
+                false => outcome(&mut second, sql),
+            })
+            .collect();
+        outcomes.push((seen, outcome(&mut first, "SELECT * FROM iso ORDER BY id")));
+    }
+    assert_eq!(outcomes[0], outcomes[1]);
+    let (seen, _) = &outcomes[0];
+    assert_eq!(
+        seen[2].as_ref().map(|r| &r.0),
+        seen[5].as_ref().map(|r| &r.0)
+    );
+    assert_eq!(seen[7], Err("40001".to_string()));
+    run_on_both(&mut coordinator, &mut reference, "DROP TABLE iso");
 }
 
 fn savepoints_roll_back_on_the_workers_too(cluster: &Cluster) {
@@ -2916,6 +2978,12 @@ fn triggers_fire_on_the_coordinator_as_plain_postgres_fires_them(cluster: &Clust
             "INSERT INTO tr_codes VALUES ('a', 'x'), ('b', 'y')",
             "UPDATE tr_codes SET label = 'z' WHERE code = 'b'",
             "DELETE FROM tr_codes WHERE code = 'a'",
+            // An upsert into it: each copy locks its conflicting rows, the first one's decide.
+            "INSERT INTO tr_codes VALUES ('b', 'upd'), ('q', 'new') \
+               ON CONFLICT (code) DO UPDATE SET label = excluded.label || tr_codes.label RETURNING *",
+            "INSERT INTO tr_codes VALUES ('q', 'again'), ('r', 'new') ON CONFLICT (code) \
+               DO UPDATE SET label = excluded.label WHERE tr_codes.label = 'nomatch'",
+            "INSERT INTO tr_codes VALUES ('r', 'one'), ('r', 'two') ON CONFLICT (code) DO UPDATE SET label = excluded.label",
             // UPDATE and DELETE reading other tables (one code per item: PostgreSQL would pick
             // any of several) and subqueries.
             "INSERT INTO tr_codes VALUES ('zz', 'zz')",
@@ -2971,8 +3039,22 @@ fn triggers_fire_on_the_coordinator_as_plain_postgres_fires_them(cluster: &Clust
         compare(&mut coordinator, &mut reference, table);
     }
     // Only what the coordinator cannot fire as PostgreSQL does is refused, changing nothing.
+    let copies: Vec<String> = coordinator
+        .query(
+            "SELECT r.result FROM pgdist.shards s, LATERAL pgdist.run_on_workers(format(
+               'SELECT string_agg(code || '':'' || label, '','' ORDER BY code) FROM %s', s.shard_name)) r
+             WHERE s.table_name::text = 'tr_codes' AND r.node_id = s.node_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        copies.len() == 2 && copies[0] == copies[1],
+        "every copy of tr_codes holds the same rows: {copies:?}"
+    );
     for sql in [
-        "INSERT INTO tr_codes VALUES ('zz', 'x') ON CONFLICT (code) DO UPDATE SET label = excluded.label",
         "CREATE CONSTRAINT TRIGGER h_deferred AFTER INSERT ON tr_items DEFERRABLE INITIALLY DEFERRED \
            FOR EACH ROW EXECUTE FUNCTION tr_log()",
         "ALTER TABLE tr_items DISABLE TRIGGER ALL",

@@ -146,6 +146,26 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
+    // Transaction control and settings are PostgreSQL's alone, and must not find a snapshot
+    // taken (reading pgdist's catalog takes one): `BEGIN ISOLATION LEVEL …` and `SET
+    // TRANSACTION …` must come before any query.
+    // SAFETY: pstmt is the statement being run.
+    if unsafe { is_transaction_control(pstmt) } {
+        // SAFETY: chaining with the arguments we were given, unchanged.
+        unsafe {
+            run_next(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            )
+        };
+        return;
+    }
     // SAFETY: as below; COPY FROM into a distributed table is run here instead of on the shell.
     let mut pstmt = pstmt;
     unsafe {
@@ -194,6 +214,36 @@ unsafe extern "C-unwind" fn process_utility(
     // SAFETY: chaining to the previous hook or the standard implementation with the arguments
     // we were given, unchanged.
     unsafe {
+        run_next(
+            pstmt,
+            query_string,
+            read_only_tree,
+            context,
+            params,
+            query_env,
+            dest,
+            qc,
+        )
+    }
+    if let Some(propagation) = propagation {
+        crate::metadata::as_catalog_owner(|| propagate(propagation)).or_raise();
+    }
+}
+
+/// Runs the statement: the previous hook, or PostgreSQL's own implementation.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_next(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: the caller passes the hook's own arguments.
+    unsafe {
         match PREVIOUS_HOOK {
             Some(previous) => previous(
                 pstmt,
@@ -217,8 +267,21 @@ unsafe extern "C-unwind" fn process_utility(
             ),
         }
     }
-    if let Some(propagation) = propagation {
-        crate::metadata::as_catalog_owner(|| propagate(propagation)).or_raise();
+}
+
+/// `pstmt` is a transaction control statement (BEGIN, COMMIT, SAVEPOINT, …) or a `SET` /
+/// `SHOW` of a setting.
+unsafe fn is_transaction_control(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+    // SAFETY: pstmt is the statement being run.
+    unsafe {
+        let node = (*pstmt).utilityStmt;
+        !node.is_null()
+            && matches!(
+                (*node).type_,
+                pg_sys::NodeTag::T_TransactionStmt
+                    | pg_sys::NodeTag::T_VariableSetStmt
+                    | pg_sys::NodeTag::T_VariableShowStmt
+            )
     }
 }
 

@@ -239,18 +239,20 @@ pub struct FragmentStream {
 impl FragmentStream {
     /// Starts every fragment. `work` is one entry per node: its target and its fragments;
     /// `settings` (SET statements) go first on connections that do not have them yet. With
-    /// `in_transaction` (row locks) every node is read through the coordinator transaction's
-    /// connection, joining it to the transaction where needed. With `merge_order` (an `ORDER
+    /// `locks_rows`, and in a REPEATABLE READ or SERIALIZABLE transaction block, every node is
+    /// read through the coordinator transaction's connection, joining it to the transaction
+    /// where needed. With `merge_order` (an `ORDER
     /// BY` of output positions) each connection's share is one sorted query with a stream of
     /// its own.
     pub fn start(
         work: Vec<(NodeTarget, Vec<FragmentSql>)>,
         settings: String,
         connections_per_node: usize,
-        in_transaction: bool,
+        locks_rows: bool,
         merge_order: Option<String>,
     ) -> FragmentStream {
         let mut channels = Channels::new(merge_order);
+        let in_transaction = locks_rows || remote_xact::snapshot_per_transaction();
         let (transactional, work): (Vec<_>, Vec<_>) = work.into_iter().partition(|(target, _)| {
             in_transaction || remote_xact::is_participant(target.node.node_id)
         });
@@ -261,8 +263,12 @@ impl FragmentStream {
         let mut checkout = None;
         if !transactional.is_empty() {
             let targets: Vec<NodeTarget> = transactional.iter().map(|(t, _)| t.clone()).collect();
-            let mut lent =
-                remote_xact::checkout(&targets).unwrap_or_else(|e| crate::error::raise(e));
+            // Row locks must last until the transaction ends everywhere (two-phase commit).
+            let lent = match locks_rows {
+                true => remote_xact::checkout(&targets),
+                false => remote_xact::checkout_for_reads(&targets),
+            };
+            let mut lent = lent.unwrap_or_else(|e| crate::error::raise(e));
             let conns = std::mem::take(&mut lent.conns);
             for (i, ((target, fragments), conn)) in transactional.into_iter().zip(conns).enumerate()
             {

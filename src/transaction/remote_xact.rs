@@ -31,6 +31,9 @@ struct Participant {
     /// How far the remote transaction has been opened: 0 nothing sent yet, 1 `BEGIN` sent,
     /// n > 1 also `SAVEPOINT pgdist_2` … `pgdist_n`, one per open local subtransaction level.
     sent_level: i32,
+    /// It may have written or locked rows; false while it only read (in a REPEATABLE READ or
+    /// SERIALIZABLE transaction), when it commits alone, without being prepared.
+    writes: bool,
 }
 
 #[derive(Default)]
@@ -204,14 +207,15 @@ impl Drop for Checkout {
     }
 }
 
-/// `BEGIN` (if not sent yet) and the savepoints for subtransaction levels above `from` up to
+/// `begin` (if not sent yet) and the savepoints for subtransaction levels above `from` up to
 /// `to`, as one SQL prefix. A remote transaction that begins here also gets the constraint
 /// modes `SET CONSTRAINTS` gave the transaction (the nodes already in it got them then).
-fn opening_statements(from: i32, to: i32, modes: &[(i32, &str)]) -> String {
+fn opening_statements(begin: &str, from: i32, to: i32, modes: &[(i32, &str)]) -> String {
     let mut sql = String::new();
     let with_modes = from < 1;
     if with_modes {
-        sql.push_str("BEGIN;");
+        sql.push_str(begin);
+        sql.push(';');
     }
     for level in from.max(0) + 1..=to {
         if level > 1 {
@@ -223,6 +227,27 @@ fn opening_statements(from: i32, to: i32, modes: &[(i32, &str)]) -> String {
         }
     }
     sql
+}
+
+/// The coordinator transaction's isolation level is REPEATABLE READ or SERIALIZABLE: every
+/// statement of a transaction block must see, on each node, the snapshot the node's remote
+/// transaction took first, so reads go through the transaction's connections too.
+pub fn snapshot_per_transaction() -> bool {
+    // SAFETY: plain reads of backend state.
+    unsafe {
+        pg_sys::IsTransactionBlock() && pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32
+    }
+}
+
+/// What opens a remote transaction: `BEGIN` with the coordinator transaction's isolation level
+/// (READ UNCOMMITTED is READ COMMITTED in PostgreSQL).
+fn begin_statement() -> &'static str {
+    // SAFETY: a plain read of backend state.
+    match unsafe { pg_sys::XactIsoLevel } as u32 {
+        pg_sys::XACT_SERIALIZABLE => "BEGIN ISOLATION LEVEL SERIALIZABLE",
+        pg_sys::XACT_REPEATABLE_READ => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+        _ => "BEGIN",
+    }
 }
 
 /// `SET CONSTRAINTS ALL DEFERRED` (or `IMMEDIATE`) ran on the coordinator: the nodes in the
@@ -257,6 +282,16 @@ pub fn set_constraint_mode(deferred: bool) {
 /// Lends the participant connections for `targets` (one per node, in the same order), opening
 /// connections for nodes new to the transaction. Nothing is sent yet: see [`Checkout`].
 pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
+    checkout_for(targets, true)
+}
+
+/// As [`checkout`], for work that only reads without locking: a node that only ever does such
+/// work commits without two-phase commit.
+pub fn checkout_for_reads(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
+    checkout_for(targets, false)
+}
+
+fn checkout_for(targets: &[NodeTarget], writes: bool) -> Result<Checkout, RemoteError> {
     connection::notice_closed_connections();
     let level = nest_level();
     let node_ids: Vec<i32> = targets.iter().map(|t| t.node.node_id).collect();
@@ -291,7 +326,9 @@ pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
                         reclaim: None,
                         prepared_gid: None,
                         sent_level: 0,
+                        writes,
                     });
+                participant.writes |= writes;
                 let level = participant.sent_level;
                 participant.conn.take().map(|conn| (conn, level))
             })
@@ -336,7 +373,9 @@ pub fn checkout(targets: &[NodeTarget]) -> Result<Checkout, RemoteError> {
             (
                 *id,
                 (
-                    with_state(|state| opening_statements(*from, level, &state.constraint_modes)),
+                    with_state(|state| {
+                        opening_statements(begin_statement(), *from, level, &state.constraint_modes)
+                    }),
                     *from,
                 ),
             )
@@ -526,9 +565,15 @@ pub fn pre_commit() {
                 reclaim: None,
                 sent_level,
                 prepared_gid: None,
+                writes: participant.writes,
             }),
         }
     }
+    // Nodes that only read have nothing to make atomic: they commit now.
+    let (writing, reading): (Vec<Participant>, Vec<Participant>) =
+        participants.into_iter().partition(|p| p.writes);
+    commit_reading(reading);
+    let mut participants = writing;
     if participants.is_empty() {
         return;
     }
@@ -774,6 +819,30 @@ pub fn subtransaction_committed() {
     });
 }
 
+/// Commits the remote transactions of nodes that only read, all at once; the first failure
+/// is raised (the coordinator transaction then aborts, and the others are rolled back).
+fn commit_reading(reading: Vec<Participant>) {
+    if reading.is_empty() {
+        return;
+    }
+    let conns: Vec<NodeConnection> = reading.into_iter().filter_map(|p| p.conn).collect();
+    let commits = conns.iter().map(|conn| conn.simple_query("COMMIT"));
+    let results = match runtime::block_on(futures_util::future::join_all(commits)) {
+        Ok(results) => results,
+        Err(_) => runtime::raise_interrupt(),
+    };
+    let mut failure = None;
+    for (conn, result) in conns.into_iter().zip(results) {
+        match result {
+            Ok(_) => connection::give_back(conn),
+            Err(err) => failure = failure.or(Some(err)),
+        }
+    }
+    if let Some(err) = failure {
+        raise(err);
+    }
+}
+
 /// XACT_EVENT_PRE_PREPARE: a user's PREPARE TRANSACTION cannot include remote work.
 pub fn refuse_prepare() {
     if has_participants() {
@@ -792,15 +861,18 @@ mod unit {
             (3, "SET CONSTRAINTS ALL IMMEDIATE"),
         ];
         assert_eq!(
-            opening_statements(0, 3, &modes),
+            opening_statements("BEGIN", 0, 3, &modes),
             "BEGIN;SET CONSTRAINTS ALL DEFERRED;SAVEPOINT pgdist_2;SAVEPOINT pgdist_3;\
              SET CONSTRAINTS ALL IMMEDIATE;"
         );
         // A node already in the transaction got them when they ran.
         assert_eq!(
-            opening_statements(1, 3, &modes),
+            opening_statements("BEGIN", 1, 3, &modes),
             "SAVEPOINT pgdist_2;SAVEPOINT pgdist_3;"
         );
-        assert_eq!(opening_statements(0, 1, &[]), "BEGIN;");
+        assert_eq!(
+            opening_statements("BEGIN ISOLATION LEVEL SERIALIZABLE", 0, 1, &[]),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE;"
+        );
     }
 }
