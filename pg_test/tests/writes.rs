@@ -1324,6 +1324,9 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
          SELECT count(*) FROM orders, i",
         "WITH i AS (INSERT INTO orders VALUES (8004, 1, 1, 'x') RETURNING id) \
          UPDATE orders SET amount = 0 WHERE id IN (SELECT id FROM i)",
+        // A blind insert into another table that reads the table the WITH query deletes from.
+        "WITH d AS (DELETE FROM orders WHERE id = 50 RETURNING id) \
+         INSERT INTO orders_archive SELECT o.* FROM orders o JOIN d USING (id)",
         "WITH d AS (DELETE FROM orders WHERE id = 3 RETURNING id) \
          UPDATE orders SET status = 'x' FROM d WHERE orders.id = d.id + 1",
     ] {

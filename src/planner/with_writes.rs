@@ -196,7 +196,9 @@ unsafe fn check_parts(
                     {
                         continue;
                     }
-                    let (blind, first) = match (part.blind, other.blind) {
+                    // Only a blind insert into this very table sees nothing of it.
+                    let blind_into = |p: &Part| p.blind && p.target == Some(*table);
+                    let (blind, first) = match (blind_into(part), blind_into(other)) {
                         (true, _) => (part, other),
                         (false, true) => (other, part),
                         (false, false) => {
