@@ -1483,6 +1483,33 @@ fn explain_shows_fragments_remote_plans_and_timings(cluster: &Cluster) {
         })
         .sum();
     assert_eq!(fragments, 8, "{plan:?}");
+    // In JSON the properties with several values are lists, not repeated keys.
+    coordinator
+        .batch_execute(
+            "CREATE FUNCTION explain_json(q text) RETURNS jsonb LANGUAGE plpgsql AS $$
+             DECLARE plan jsonb;
+             BEGIN EXECUTE 'EXPLAIN (ANALYZE, FORMAT JSON) ' || q INTO plan; RETURN plan; END $$",
+        )
+        .unwrap();
+    let (timings, remote_plan): (i32, i32) = coordinator
+        .query_one(
+            "SELECT jsonb_array_length(s -> 'Fragment Timings')::int,
+                    jsonb_array_length(s -> 'Remote Plan')::int
+               FROM explain_json('SELECT count(*) FROM orders WHERE qty = 3') p,
+                    jsonb_path_query(p, 'strict $.**') s
+              WHERE s ? 'Fragment Timings'",
+            &[],
+        )
+        .map(|row| (row.get(0), row.get(1)))
+        .unwrap();
+    assert_eq!(timings, 2);
+    assert!(
+        remote_plan >= 2,
+        "the remote plan has several lines: {remote_plan}"
+    );
+    coordinator
+        .batch_execute("DROP FUNCTION explain_json")
+        .unwrap();
 }
 
 fn errors_match_plain_postgres(cluster: &Cluster) {

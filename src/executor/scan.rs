@@ -375,6 +375,25 @@ unsafe extern "C-unwind" fn explain(
             let value = CString::new(value).unwrap_or_default();
             pg_sys::ExplainPropertyText(label.as_ptr(), value.as_ptr(), es);
         };
+        // A property with several values: a line each in text, one list in JSON, XML or YAML
+        // (where a repeated key would lose all but one value).
+        let lines = |label: &CStr, values: &[String]| {
+            if values.is_empty() {
+                return;
+            }
+            if (*es).format == pg_sys::ExplainFormat::EXPLAIN_FORMAT_TEXT {
+                for value in values {
+                    text(label, value);
+                }
+                return;
+            }
+            let mut list = pgrx::PgList::<std::ffi::c_char>::new();
+            for value in values {
+                let value = CString::new(value.as_str()).unwrap_or_default();
+                list.push(pg_sys::pstrdup(value.as_ptr()));
+            }
+            pg_sys::ExplainPropertyList(label.as_ptr(), list.into_pg(), es);
+        };
         let runtime = runtime_of(node);
         // Broadcast rows would drown the fragment's text: it shows empty arrays instead.
         let broadcast = runtime.broadcast.take();
@@ -388,6 +407,7 @@ unsafe extern "C-unwind" fn explain(
                 "fast path, the whole statement runs on one shard",
             );
         }
+        let (mut repartitioned, mut broadcast) = (Vec::new(), Vec::new());
         for (index, read) in runtime.plan.broadcasts.iter().enumerate() {
             let rows = match &runtime.broadcast {
                 Some(read) => format!("{} rows", read.counts[index]),
@@ -395,17 +415,13 @@ unsafe extern "C-unwind" fn explain(
             };
             let name = CStr::from_ptr(pg_sys::get_rel_name(read.relid)).to_string_lossy();
             if read.partitioned {
-                text(
-                    c"Repartitioned",
-                    &format!("{name}: {rows} read first, each sent as arrays only to the fragment of the shard its join key hashes to (shown empty below)"),
-                );
+                repartitioned.push(format!("{name}: {rows} read first, each sent as arrays only to the fragment of the shard its join key hashes to (shown empty below)"));
             } else {
-                text(
-                    c"Broadcast",
-                    &format!("{name}: {rows} read first and sent with every fragment as arrays (shown empty below)"),
-                );
+                broadcast.push(format!("{name}: {rows} read first and sent with every fragment as arrays (shown empty below)"));
             }
         }
+        lines(c"Repartitioned", &repartitioned);
+        lines(c"Broadcast", &broadcast);
         let Some((target, first)) = work
             .first()
             .and_then(|(t, f)| f.first().map(|sql| (t, sql.literal())))
@@ -425,11 +441,11 @@ unsafe extern "C-unwind" fn explain(
             if let Some(Ok(messages)) =
                 crate::remote::run_on_each(std::slice::from_ref(target), &explain).pop()
             {
-                for row in crate::remote::rows_as_text(&messages) {
-                    if let Some(Some(line)) = row.into_iter().next() {
-                        text(c"Remote Plan", &line);
-                    }
-                }
+                let plan: Vec<String> = crate::remote::rows_as_text(&messages)
+                    .into_iter()
+                    .filter_map(|row| row.into_iter().next().flatten())
+                    .collect();
+                lines(c"Remote Plan", &plan);
             }
         }
         if (*es).analyze {
@@ -449,12 +465,13 @@ unsafe extern "C-unwind" fn explain(
                     entry.3 + ms,
                 );
             }
-            for (node_id, (fragments, rows, slowest, total)) in per_node {
-                text(
-                    c"Fragment Timings",
-                    &format!("node {node_id}: {fragments} fragment(s), {rows} rows, slowest {slowest:.3} ms, total {total:.3} ms"),
-                );
-            }
+            let timings: Vec<String> = per_node
+                .into_iter()
+                .map(|(node_id, (fragments, rows, slowest, total))| {
+                    format!("node {node_id}: {fragments} fragment(s), {rows} rows, slowest {slowest:.3} ms, total {total:.3} ms")
+                })
+                .collect();
+            lines(c"Fragment Timings", &timings);
         }
     }
 }
