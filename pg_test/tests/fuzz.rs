@@ -434,8 +434,21 @@ fn random_queries_match_plain_postgres(cluster: &Cluster) {
         if nested {
             run_on_both(&mut coordinator, &mut reference, NESTED_LOOPS);
         }
+        // Every seventh runs in a REPEATABLE READ transaction block, reading every node
+        // through the transaction's one connection there.
+        let repeatable = i % 7 == 3;
+        if repeatable {
+            run_on_both(
+                &mut coordinator,
+                &mut reference,
+                "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            );
+        }
         if compare(&mut coordinator, &mut reference, &sql) != Comparison::Same {
             refused += 1;
+        }
+        if repeatable {
+            run_on_both(&mut coordinator, &mut reference, "COMMIT");
         }
         if nested {
             run_on_both(
@@ -1017,8 +1030,14 @@ fn random_writes_match_plain_postgres(cluster: &Cluster) {
         }
         // A transaction of one to three statements, some of them reads of a table it wrote,
         // some behind a savepoint that is rolled back; then COMMIT, or now and then ROLLBACK.
-        run_on_both(&mut coordinator, &mut reference, "BEGIN");
-        let mut history = Vec::new();
+        // Some run under REPEATABLE READ, where every read goes through the transaction's
+        // connections.
+        let begin = match generator.random.chance(20) {
+            true => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            false => "BEGIN",
+        };
+        run_on_both(&mut coordinator, &mut reference, begin);
+        let mut history = vec![begin.to_string()];
         let mut savepoint = false;
         let mut failed = false;
         for _ in 0..1 + generator.random.below(3) {
