@@ -40,6 +40,7 @@ fn main() {
             every_type_and_null_round_trips,
             session_settings_travel_with_fragments,
             prepared_statements_prune_by_parameter,
+            portals_fetch_in_batches_and_interleave,
             range_tables_prune_by_comparisons,
             explain_shows_fragments_remote_plans_and_timings,
             errors_match_plain_postgres,
@@ -1432,6 +1433,57 @@ fn range_tables_prune_by_comparisons(cluster: &Cluster) {
         let line = fragments(&mut coordinator, sql);
         assert!(line.contains(expected), "{sql}: {line}");
     }
+}
+
+/// The extended protocol's portals (a driver's fetch size: `Execute` with a row limit) fetch
+/// a distributed query's rows batch by batch, and two open portals interleave — also in a
+/// REPEATABLE READ transaction, where both read every node through the transaction's one
+/// connection there. The rows match plain PostgreSQL's.
+fn portals_fetch_in_batches_and_interleave(cluster: &Cluster) {
+    let first = "SELECT customer_id, order_id, amount::text FROM orders WHERE order_id % 20 = 0 \
+                 ORDER BY order_id";
+    let second = "SELECT o.order_id, c.name FROM orders o JOIN customers c USING (customer_id) \
+                  WHERE o.qty > $1 AND o.order_id % 30 = 0 ORDER BY o.order_id";
+    let mut results = Vec::new();
+    for server in [0, 1] {
+        let mut client = match server {
+            0 => cluster.coordinator_client(),
+            _ => cluster.reference.connect(),
+        };
+        let mut rows = Vec::new();
+        for isolation in [
+            postgres::IsolationLevel::ReadCommitted,
+            postgres::IsolationLevel::RepeatableRead,
+        ] {
+            let mut transaction = client
+                .build_transaction()
+                .isolation_level(isolation)
+                .start()
+                .unwrap();
+            let one = transaction.bind(first, &[]).unwrap();
+            let two = transaction.bind(second, &[&2i32]).unwrap();
+            loop {
+                let a = transaction.query_portal(&one, 7).unwrap();
+                let b = transaction.query_portal(&two, 5).unwrap();
+                if a.is_empty() && b.is_empty() {
+                    break;
+                }
+                for row in &a {
+                    let (customer, order, amount): (i32, i64, Option<String>) =
+                        (row.get(0), row.get(1), row.get(2));
+                    rows.push(format!("a {customer} {order} {amount:?}"));
+                }
+                for row in &b {
+                    let (order, name): (i64, Option<String>) = (row.get(0), row.get(1));
+                    rows.push(format!("b {order} {name:?}"));
+                }
+            }
+            transaction.commit().unwrap();
+        }
+        results.push(rows);
+    }
+    assert!(results[0].len() > 100, "{}", results[0].len());
+    assert_eq!(results[0], results[1]);
 }
 
 fn explain_shows_fragments_remote_plans_and_timings(cluster: &Cluster) {
