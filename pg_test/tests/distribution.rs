@@ -1379,6 +1379,55 @@ fn foreign_keys_reach_the_shards_and_unenforceable_ones_are_refused(cluster: &Cl
     client
         .batch_execute("INSERT INTO fk_invoices VALUES (42, 1)")
         .unwrap();
+
+    // An existing schema converts table by table, referenced tables first: the rows of a
+    // loaded local table keep their key to the rows that moved to the shards (no ON DELETE
+    // action fires), and the key goes to the shards when that table is distributed too.
+    client
+        .batch_execute(
+            "CREATE TABLE fk_products (id int PRIMARY KEY, name text);
+             INSERT INTO fk_products SELECT i, 'p' || i FROM generate_series(1, 10) i;
+             CREATE TABLE fk_lines (order_id int, product int REFERENCES fk_products (id) ON DELETE CASCADE, qty int);
+             INSERT INTO fk_lines SELECT i, 1 + i % 10, i FROM generate_series(1, 100) i;
+             SELECT pgdist.create_reference_table('fk_products');",
+        )
+        .unwrap();
+    assert_eq!(one_i64(&mut client, "SELECT count(*) FROM fk_lines"), 100);
+    assert_eq!(
+        one_i64(
+            &mut client,
+            "SELECT count(*) FROM fk_lines JOIN fk_products p ON p.id = product"
+        ),
+        100
+    );
+    let err = client
+        .batch_execute("INSERT INTO fk_lines VALUES (101, 99, 1)")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23503", "{err:?}");
+    let err = client
+        .batch_execute("DELETE FROM fk_products WHERE id = 1")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    assert!(message(&err).contains("fk_lines"), "{}", message(&err));
+    client
+        .batch_execute(
+            "SELECT pgdist.create_distributed_table('fk_lines', 'order_id');
+             DELETE FROM fk_products WHERE id = 1;",
+        )
+        .unwrap();
+    assert_eq!(one_i64(&mut client, "SELECT count(*) FROM fk_lines"), 90);
+    let line_shards = shards(&mut client, "fk_lines").len();
+    assert_eq!(
+        shard_foreign_keys(cluster, &mut client, "fk_lines").len(),
+        line_shards
+    );
+    let err = client
+        .batch_execute("INSERT INTO fk_lines VALUES (101, 99, 1)")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23503", "{err:?}");
+    client
+        .batch_execute("DROP TABLE fk_lines, fk_products")
+        .unwrap();
 }
 
 /// One number from a worker.

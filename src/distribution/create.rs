@@ -174,16 +174,16 @@ pub fn distribute_partition(oid: pg_sys::Oid, parent: &DistTable) -> Result<(), 
     )
 }
 
-/// The local tables whose foreign keys reference table `oid`, directly or through each other,
-/// which must be empty: the table's rows leave its shell, where their keys look for them (their
-/// inserts will find the rows in the shards). Returns their names, to be emptied with the shell
-/// (TRUNCATE wants every referencing table in the same statement).
-fn empty_referencing_tables(
-    oid: pg_sys::Oid,
-    name: &str,
-) -> Result<Vec<String>, DistributionError> {
+/// How the rows of table `oid` leave its shell once they are in the shards: with TRUNCATE of it
+/// and of the local tables whose foreign keys reference it (directly or through each other)
+/// when those are all empty — TRUNCATE wants every referencing table in the same statement —,
+/// or, when one of them has rows, with a DELETE that fires no foreign-key trigger: its rows keep
+/// referencing the moved rows, which their inserts and the key's checks now find in the shards.
+/// Refused when a distributed table references it (its rows cannot be checked there).
+fn shell_emptying(oid: pg_sys::Oid, name: &str) -> Result<String, DistributionError> {
     let mut seen = vec![oid];
-    let mut names = Vec::new();
+    let mut empty = vec![name.to_string()];
+    let mut with_rows = false;
     let mut next = 0;
     while next < seen.len() {
         let referenced = seen[next];
@@ -194,25 +194,26 @@ fn empty_referencing_tables(
             }
             seen.push(table);
             let referencing = relation_name(table);
-            let has_rows =
-                Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT 1 FROM ONLY {referencing})"))?;
-            if distributed || has_rows == Some(true) {
+            if distributed {
                 return Err(unsupported(
                     name,
-                    "tables whose rows are referenced by the rows of other tables",
+                    "tables referenced by distributed tables",
                     &format!(
-                        "{referencing} has rows whose foreign key references {}. Distribute \
-                         {name} before loading {referencing}, or drop the foreign key, \
-                         distribute the tables and add it again with ALTER TABLE (the workers \
-                         check the rows).",
-                        relation_name(referenced)
+                        "Drop the foreign key of {referencing}, distribute {name} and add the key \
+                         again with ALTER TABLE."
                     ),
                 ));
             }
-            names.push(referencing);
+            let has_rows =
+                Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT 1 FROM ONLY {referencing})"))?;
+            with_rows |= has_rows == Some(true);
+            empty.push(referencing);
         }
     }
-    Ok(names)
+    Ok(match with_rows {
+        true => format!("DELETE FROM ONLY {name}"),
+        false => format!("TRUNCATE ONLY {}", empty.join(", ")),
+    })
 }
 
 /// Uniqueness must include the distribution column; foreign keys must be ones the shards can
@@ -520,8 +521,7 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
         },
         column,
     )?;
-    let mut emptied = vec![name.clone()];
-    emptied.extend(empty_referencing_tables(oid, &name)?);
+    let emptying = shell_emptying(oid, &name)?;
     if let Some(column) = column {
         let has_nulls = Spi::get_one::<bool>(&format!(
             "SELECT EXISTS (SELECT 1 FROM ONLY {name} WHERE {} IS NULL)",
@@ -550,8 +550,7 @@ pub fn distribute(oid: pg_sys::Oid, spec: DistributionSpec) -> Result<(), Distri
         0
     } else {
         let moved = move_rows(&table, &shards, &index_sql)?;
-        let truncate = format!("TRUNCATE ONLY {}", emptied.join(", "));
-        crate::distribution::without_user_triggers(|| Spi::run(&truncate))?;
+        crate::distribution::without_user_triggers(|| Spi::run(&emptying))?;
         moved
     };
 
