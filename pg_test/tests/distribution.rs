@@ -1425,8 +1425,27 @@ fn foreign_keys_reach_the_shards_and_unenforceable_ones_are_refused(cluster: &Cl
         .batch_execute("INSERT INTO fk_lines VALUES (101, 99, 1)")
         .unwrap_err();
     assert_eq!(sqlstate(&err), "23503", "{err:?}");
+    // A worker's error names the partition the row went to, as PostgreSQL does.
     client
-        .batch_execute("DROP TABLE fk_lines, fk_products")
+        .batch_execute(
+            "CREATE TABLE fk_parts (order_id int, product int REFERENCES fk_products (id), qty int)
+               PARTITION BY RANGE (qty);
+             CREATE TABLE fk_parts_low PARTITION OF fk_parts FOR VALUES FROM (MINVALUE) TO (100);
+             CREATE TABLE fk_parts_high PARTITION OF fk_parts DEFAULT;
+             SELECT pgdist.create_distributed_table('fk_parts', 'order_id');",
+        )
+        .unwrap();
+    let err = client
+        .batch_execute("INSERT INTO fk_parts VALUES (1, 99, 5)")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23503", "{err:?}");
+    assert!(
+        message(&err).contains("on table \"fk_parts_low\""),
+        "{}",
+        message(&err)
+    );
+    client
+        .batch_execute("DROP TABLE fk_parts, fk_lines, fk_products")
         .unwrap();
 }
 

@@ -337,8 +337,9 @@ pub unsafe fn local_reference_blocking(
 }
 
 /// Loads the placements of the distributed and reference tables that table `relid`'s foreign
-/// keys reference or are referenced from, so that a worker's foreign-key error names them as
-/// the coordinator does (`error::coordinator_names` reads only what is loaded).
+/// keys reference or are referenced from, and of its leaf partitions (where a row lands), so that
+/// a worker's foreign-key error names them as the coordinator does (`error::coordinator_names`
+/// reads only what is loaded).
 ///
 /// # Safety
 /// Call inside a transaction, with `relid` locked by the running statement.
@@ -361,6 +362,7 @@ pub unsafe fn load_related_placements(relid: pg_sys::Oid) {
         }
         pg_sys::RelationClose(rel);
     }
+    related.extend(crate::metadata::leaf_partitions(relid));
     for table in related {
         if cache::lookup(table).is_some() {
             cache::placements(table);

@@ -79,7 +79,7 @@ pub unsafe fn find(relid: pg_sys::Oid, event: Event) -> Found {
     // SAFETY: as triggers_of.
     unsafe {
         let mut found = triggers_of(relid, event);
-        for leaf in leaf_partitions(relid) {
+        for leaf in crate::metadata::leaf_partitions(relid) {
             found.rows |= triggers_of(leaf, event).row;
         }
         Found {
@@ -118,21 +118,6 @@ unsafe fn triggers_of(relid: pg_sys::Oid, event: Event) -> Kinds {
         pg_sys::RelationClose(relation);
         found
     }
-}
-
-/// The leaf partitions of `relid` when it is a partitioned table (none otherwise).
-fn leaf_partitions(relid: pg_sys::Oid) -> Vec<pg_sys::Oid> {
-    // SAFETY: a catalog lookup of a table the statement has locked.
-    let partitioned = unsafe { pg_sys::get_rel_relkind(relid) }
-        == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
-    if !partitioned {
-        return Vec::new();
-    }
-    crate::metadata::oids(
-        "SELECT relid FROM pg_catalog.pg_partition_tree($1) WHERE isleaf ORDER BY relid",
-        relid,
-    )
-    .unwrap_or_else(|err| crate::error::raise(err))
 }
 
 /// The triggers of `trigdesc` that PostgreSQL did not create for a constraint itself.
@@ -260,7 +245,7 @@ impl Triggers {
             };
             // The partitions' row triggers of any event (an UPDATE that moves a row would fire
             // DELETE and INSERT triggers).
-            let leaves = leaf_partitions(relid);
+            let leaves = crate::metadata::leaf_partitions(relid);
             let partition_row_triggers = leaves.iter().any(|oid| {
                 [Event::Insert, Event::Update, Event::Delete]
                     .into_iter()

@@ -33,6 +33,21 @@ pub fn oids(sql: &str, oid: pg_sys::Oid) -> Result<Vec<pg_sys::Oid>, MetadataErr
     .collect())
 }
 
+/// The leaf partitions of `relid` when it is a partitioned table (none otherwise).
+pub fn leaf_partitions(relid: pg_sys::Oid) -> Vec<pg_sys::Oid> {
+    // SAFETY: a catalog lookup of a table the statement has locked.
+    let partitioned = unsafe { pg_sys::get_rel_relkind(relid) }
+        == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
+    if !partitioned {
+        return Vec::new();
+    }
+    oids(
+        "SELECT relid FROM pg_catalog.pg_partition_tree($1) WHERE isleaf ORDER BY relid",
+        relid,
+    )
+    .unwrap_or_else(|err| crate::error::raise(err))
+}
+
 /// Runs `f` — reads or writes of pgdist's own catalog — as the bootstrap superuser.
 ///
 /// The catalog is pgdist's bookkeeping, not user data: every role's queries are planned and
