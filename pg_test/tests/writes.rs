@@ -1721,10 +1721,46 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
         &["SELECT * FROM stock_levels", "SELECT * FROM merge_rows"],
         &["SELECT 1"],
     );
+    // Into a distribution column that allows NULL: rows with keys merge as on one server; a
+    // source row without one fails as an INSERT of it does (23502), with or without row
+    // triggers, and changes nothing.
     run_on_both(
         &mut coordinator,
         &mut reference,
-        "DROP TABLE stock_levels, deliveries, price_list, shelf, elsewhere, merge_log, merge_rows;
+        "CREATE TABLE loose (item int, qty int);
+         INSERT INTO loose SELECT i, i FROM generate_series(1, 30) i;",
+    );
+    coordinator
+        .batch_execute("SELECT pgdist.create_distributed_table('loose', 'item', shard_count => 4)")
+        .unwrap();
+    let merge_loose = "MERGE INTO loose l USING elsewhere e ON l.item = e.item \
+                       WHEN MATCHED THEN UPDATE SET qty = l.qty + e.qty \
+                       WHEN NOT MATCHED THEN INSERT VALUES (e.item, e.qty)";
+    same_writes_to(cluster, &["SELECT * FROM loose"], &[merge_loose]);
+    let with_null_key = "MERGE INTO loose l USING (SELECT item, qty FROM elsewhere UNION ALL \
+                         SELECT NULL, 5) e ON l.item = e.item \
+                         WHEN NOT MATCHED THEN INSERT VALUES (e.item, e.qty)";
+    for triggers in [false, true] {
+        if triggers {
+            coordinator
+                .batch_execute(
+                    "CREATE TRIGGER loose_after AFTER INSERT ON loose FOR EACH ROW \
+                     EXECUTE FUNCTION shelf_row()",
+                )
+                .unwrap();
+        }
+        let before = outcome(&mut coordinator, "SELECT * FROM loose ORDER BY item");
+        let err = coordinator.batch_execute(with_null_key).unwrap_err();
+        assert_eq!(sqlstate(&err), "23502", "{err:?}");
+        assert_eq!(
+            outcome(&mut coordinator, "SELECT * FROM loose ORDER BY item"),
+            before
+        );
+    }
+    run_on_both(
+        &mut coordinator,
+        &mut reference,
+        "DROP TABLE stock_levels, deliveries, price_list, shelf, elsewhere, merge_log, merge_rows, loose;
          DROP FUNCTION log_statement(), stock_row(), stock_changed(), shelf_row()",
     );
 }

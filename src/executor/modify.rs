@@ -661,6 +661,22 @@ unsafe fn update_or_delete(
     (count, rows)
 }
 
+/// The check a shard's MERGE makes on the distribution value of a row it inserts whose source
+/// may hold NULL there (`merge_plan`): true when `present`, otherwise the error an INSERT of such
+/// a row gets on the coordinator (23502).
+#[pg_extern(volatile, parallel_safe)]
+fn distribution_value_present(present: bool, table_name: &str, column: &str) -> bool {
+    if !present {
+        crate::error::raise(
+            crate::executor::shard_writer::WriteError::NullDistributionValue {
+                table: table_name.into(),
+                column: column.into(),
+            },
+        );
+    }
+    true
+}
+
 /// A row-level security check that the shards make themselves — on a conflicting row of an
 /// `INSERT … ON CONFLICT DO UPDATE`, on the rows a MERGE acts on (`security_quals::check_call`):
 /// true when `passed`, otherwise PostgreSQL's own error for a check of `kind`: `new` (WITH

@@ -158,6 +158,15 @@ pub(crate) unsafe fn update_or_delete(
                 if write != Write::Delete && write != Write::MovedAway {
                     refuse_moved_row(plan.relid, &rows.columns, distribution, &row.old, &new);
                 }
+                // A MERGE's source row with a NULL key comes from the first shard.
+                if let Some(index) =
+                    distribution.filter(|i| write == Write::Insert && new[*i].is_none())
+                {
+                    crate::error::raise(WriteError::NullDistributionValue {
+                        table: crate::distribution::create::relation_name(plan.relid),
+                        column: rows.columns[index].name.clone(),
+                    });
+                }
                 let mut copies = vec![(primary.0, row.id.clone())];
                 copies.extend(
                     others

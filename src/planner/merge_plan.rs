@@ -34,7 +34,7 @@ use crate::planner::shippable::{
     shippable, travels_in_array, with_coordinator_values, RELATION_BASE,
 };
 use crate::planner::PlannerError;
-use crate::remote::quote::quote_identifier;
+use crate::remote::quote::{quote_identifier, quote_literal};
 
 /// The alias numbers of the target and the source in the shards' MERGE.
 const TARGET_K: u32 = 1;
@@ -167,17 +167,13 @@ pub unsafe fn plan(
                      a column of the source of the same type (or another integer type)",
                 ),
             };
-        // A repartitioned source row with a NULL key goes to the first shard, where inserting
-        // it fails as in PostgreSQL; a NULL a shard could store would break the distribution.
-        if repartition_by.is_some()
+        // A repartitioned source row with a NULL key goes to the first shard. A NOT NULL
+        // column fails there as in PostgreSQL; into a column that allows NULL the shard's INSERT
+        // checks the value (`pgdist.distribution_value_present`): a NULL a shard stored would
+        // break the distribution.
+        let guard_null_key = repartition_by.is_some()
             && inserts
-            && !dist_attno.is_some_and(|a| not_null(table.oid, a))
-        {
-            return refuse(
-                "WHEN NOT MATCHED … INSERT into a distribution column that allows NULL (add NOT \
-                 NULL to it)",
-            );
-        }
+            && !dist_attno.is_some_and(|a| not_null(table.oid, a));
         // The source column each shard's rows are tied to: INSERT must take it.
         let shard_key = if co_located {
             source_dist_attno
@@ -262,10 +258,28 @@ pub unsafe fn plan(
             _ => vec![(TARGET_K, table.oid)],
         };
         let renamed = read_first.as_ref().and_then(|r| r.renamed.as_deref());
-        let Some(texts) = deparse_parts(parse, result_rti, source_rti, &relations, renamed, &exprs)
+        let Some(mut texts) =
+            deparse_parts(parse, result_rti, source_rti, &relations, renamed, &exprs)
         else {
             return refuse("an expression pgdist could not write as SQL for the shards");
         };
+        if guard_null_key {
+            let column = table.distribution_column.clone().unwrap_or_default();
+            let inserted_keys = shapes
+                .iter()
+                .filter(|action| action.command == pg_sys::CmdType::CMD_INSERT)
+                .flat_map(|action| action.columns.iter())
+                .filter(|(attno, _)| Some(*attno) == dist_attno);
+            for (_, i) in inserted_keys {
+                texts[*i] = format!(
+                    "CASE WHEN pgdist.distribution_value_present(({}) IS NOT NULL, {}, {}) THEN {} END",
+                    texts[*i],
+                    quote_literal(&crate::distribution::create::relation_name(table.oid)),
+                    quote_literal(&column),
+                    texts[*i]
+                );
+            }
+        }
         let (using, broadcasts) = match (read_first, repartition_by) {
             (Some(read), _) => (read.using, vec![read.read]),
             (None, None) => (
