@@ -241,9 +241,8 @@ impl FragmentStream {
     /// `settings` (SET statements) go first on connections that do not have them yet. With
     /// `locks_rows`, and in a REPEATABLE READ or SERIALIZABLE transaction block, every node is
     /// read through the coordinator transaction's connection, joining it to the transaction
-    /// where needed. With `merge_order` (an `ORDER
-    /// BY` of output positions) each connection's share is one sorted query with a stream of
-    /// its own.
+    /// where needed. With `merge_order` (an `ORDER BY` of output positions) each connection's
+    /// share is one sorted query with a stream of its own.
     pub fn start(
         work: Vec<(NodeTarget, Vec<FragmentSql>)>,
         settings: String,

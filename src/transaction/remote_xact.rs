@@ -569,10 +569,20 @@ pub fn pre_commit() {
             }),
         }
     }
-    // Nodes that only read have nothing to make atomic: they commit now.
+    // Nodes that only read have nothing to make atomic: they commit now. If one fails, the
+    // others go back to the transaction, for the abort to roll them back.
     let (writing, reading): (Vec<Participant>, Vec<Participant>) =
         participants.into_iter().partition(|p| p.writes);
-    commit_reading(reading);
+    if let Some(err) = commit_reading(reading) {
+        with_state(|state| {
+            for participant in writing {
+                if let Some(node_id) = participant.conn.as_ref().map(|c| c.node.node_id) {
+                    state.participants.insert(node_id, participant);
+                }
+            }
+        });
+        raise(err);
+    }
     let mut participants = writing;
     if participants.is_empty() {
         return;
@@ -819,11 +829,10 @@ pub fn subtransaction_committed() {
     });
 }
 
-/// Commits the remote transactions of nodes that only read, all at once; the first failure
-/// is raised (the coordinator transaction then aborts, and the others are rolled back).
-fn commit_reading(reading: Vec<Participant>) {
+/// Commits the remote transactions of nodes that only read, all at once; the first failure.
+fn commit_reading(reading: Vec<Participant>) -> Option<RemoteError> {
     if reading.is_empty() {
-        return;
+        return None;
     }
     let conns: Vec<NodeConnection> = reading.into_iter().filter_map(|p| p.conn).collect();
     let commits = conns.iter().map(|conn| conn.simple_query("COMMIT"));
@@ -838,9 +847,7 @@ fn commit_reading(reading: Vec<Participant>) {
             Err(err) => failure = failure.or(Some(err)),
         }
     }
-    if let Some(err) = failure {
-        raise(err);
-    }
+    failure
 }
 
 /// XACT_EVENT_PRE_PREPARE: a user's PREPARE TRANSACTION cannot include remote work.
