@@ -822,10 +822,6 @@ fn bad_input_gives_clear_errors_and_changes_nothing(cluster: &Cluster) {
             "42710",
         ),
         (
-            "SELECT pgdist.create_distributed_table('parent', 'k')",
-            "0A000",
-        ),
-        (
             "SELECT pgdist.create_distributed_table('child', 'k')",
             "0A000",
         ),

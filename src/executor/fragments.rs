@@ -251,10 +251,32 @@ impl FragmentStream {
         merge_order: Option<String>,
     ) -> FragmentStream {
         let mut channels = Channels::new(merge_order);
-        let in_transaction = locks_rows || remote_xact::snapshot_per_transaction();
-        let (transactional, work): (Vec<_>, Vec<_>) = work.into_iter().partition(|(target, _)| {
-            in_transaction || remote_xact::is_participant(target.node.node_id)
-        });
+        // Where each node is read: through the transaction's connection, or on connections of
+        // their own — in REPEATABLE READ with the snapshot the transaction's exported.
+        let snapshot_per_transaction = remote_xact::snapshot_per_transaction();
+        let mut transactional = Vec::new();
+        let mut lanes_of_their_own = Vec::new();
+        for (target, fragments) in work {
+            let node_id = target.node.node_id;
+            let opening = if locks_rows || remote_xact::writes_on(node_id) {
+                None
+            } else if snapshot_per_transaction {
+                remote_xact::read_snapshot(&target).map(|id| {
+                    format!(
+                        "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT {};",
+                        crate::remote::quote::quote_literal(&id)
+                    )
+                })
+            } else if remote_xact::is_participant(node_id) {
+                None
+            } else {
+                Some(String::new())
+            };
+            match opening {
+                Some(opening) => lanes_of_their_own.push((target, fragments, opening)),
+                None => transactional.push((target, fragments)),
+            }
+        }
         let mut tasks = Vec::new();
         let mut participant_tasks = Vec::new();
         let mut set_aside = Vec::new();
@@ -279,6 +301,7 @@ impl FragmentStream {
                     target,
                     fragments,
                     prefix: lent.take_prefix(i),
+                    opening: String::new(),
                     settings: settings.clone(),
                     sender: Sender {
                         channel,
@@ -292,7 +315,7 @@ impl FragmentStream {
             }
             checkout = Some(lent);
         }
-        for (target, fragments) in work {
+        for (target, fragments, opening) in lanes_of_their_own {
             let lanes = connections_per_node.clamp(1, fragments.len().max(1));
             let mut shares: Vec<Vec<FragmentSql>> = vec![Vec::new(); lanes];
             for (i, fragment) in fragments.into_iter().enumerate() {
@@ -308,6 +331,7 @@ impl FragmentStream {
                     target: target.clone(),
                     fragments,
                     prefix: String::new(),
+                    opening: opening.clone(),
                     settings: settings.clone(),
                     sender: Sender {
                         channel,
@@ -555,6 +579,10 @@ struct Share {
     fragments: Vec<Fragment>,
     /// Statements that must go first (BEGIN / SAVEPOINT of the transaction's connection).
     prefix: String,
+    /// A transaction of the lane's own that must go first, on any connection it runs on
+    /// (REPEATABLE READ with the coordinator transaction's snapshot of the node), committed
+    /// when the lane is done.
+    opening: String,
     settings: String,
     sender: Sender,
     /// On the transaction's connection: keep it alive whatever happens, read to the end.
@@ -575,7 +603,7 @@ impl Share {
         };
         // Registered for the whole share, so an interrupt while rows stream cancels it.
         let mut _in_flight = runtime::InFlight::register(conn.canceller());
-        let mut prefix = self.prefix;
+        let mut prefix = format!("{}{}", self.prefix, self.opening);
         let mut receiving = true;
         for Fragment { sql, count } in self.fragments {
             let mut sent = std::mem::take(&mut prefix);
@@ -605,7 +633,7 @@ impl Share {
                     let (prepare, run, fresh) = statement_text(&mut conn, &sql);
                     sent_as = fresh;
                     let sender = receiving.then_some(&self.sender);
-                    let text = format!("{}{prepare}{run}", self.settings);
+                    let text = format!("{}{}{prepare}{run}", self.opening, self.settings);
                     result = run_fragment(&conn, &text, sender, false).await;
                 }
             }
@@ -632,6 +660,9 @@ impl Share {
             if !receiving && !self.transactional {
                 return None;
             }
+        }
+        if !self.opening.is_empty() && conn.simple_query("COMMIT").await.is_err() {
+            return None;
         }
         Some(conn)
     }

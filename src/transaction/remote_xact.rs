@@ -34,6 +34,9 @@ struct Participant {
     /// It may have written or locked rows; false while it only read (in a REPEATABLE READ or
     /// SERIALIZABLE transaction), when it commits alone, without being prepared.
     writes: bool,
+    /// REPEATABLE READ: the snapshot its remote transaction exported for the connections that
+    /// read the node in parallel (`read_snapshot`).
+    snapshot: Option<String>,
 }
 
 #[derive(Default)]
@@ -327,6 +330,7 @@ fn checkout_for(targets: &[NodeTarget], writes: bool) -> Result<Checkout, Remote
                         prepared_gid: None,
                         sent_level: 0,
                         writes,
+                        snapshot: None,
                     });
                 participant.writes |= writes;
                 let level = participant.sent_level;
@@ -493,6 +497,72 @@ pub fn is_participant(node_id: i32) -> bool {
     })
 }
 
+/// True when the transaction may have written or locked rows on node `node_id`: its reads there
+/// must see that through the transaction's own connection.
+pub fn writes_on(node_id: i32) -> bool {
+    with_state(|state| {
+        state
+            .participants
+            .get(&node_id)
+            .is_some_and(|p| p.sent_level > 0 && p.writes)
+    })
+}
+
+/// The snapshot of the node's remote transaction, exported (`pg_export_snapshot()`) for other
+/// connections to read the node with (`SET TRANSACTION SNAPSHOT`), when the transaction is
+/// REPEATABLE READ and has only read there. None otherwise — SERIALIZABLE, whose reads must be
+/// the transaction's own; a node written or locked; a remote transaction that would have to
+/// export from a subtransaction, which PostgreSQL refuses — and the node is then read through
+/// the transaction's connection.
+pub fn read_snapshot(target: &NodeTarget) -> Option<String> {
+    // SAFETY: a plain read of backend state.
+    if unsafe { pg_sys::XactIsoLevel } != pg_sys::XACT_REPEATABLE_READ as i32 {
+        return None;
+    }
+    let node_id = target.node.node_id;
+    let known = with_state(|state| {
+        state
+            .participants
+            .get(&node_id)
+            .map(|p| (p.sent_level, p.writes, p.snapshot.clone()))
+    });
+    match known {
+        Some((_, false, Some(snapshot))) => return Some(snapshot),
+        Some((sent_level, false, None)) if sent_level == 0 => {}
+        None => {}
+        Some(_) => return None,
+    }
+    if nest_level() > 1 {
+        return None;
+    }
+    let mut lent = checkout_for_reads(std::slice::from_ref(target)).ok()?;
+    let sql = format!(
+        "{}SELECT pg_catalog.pg_export_snapshot()",
+        lent.take_prefix(0)
+    );
+    let exported = match runtime::block_on(lent.conns[0].simple_query(&sql)) {
+        Ok(Ok(messages)) => crate::remote::rows_as_text(&messages)
+            .into_iter()
+            .next()
+            .and_then(|row| row.into_iter().next().flatten()),
+        Ok(Err(err)) => {
+            lent.finish();
+            raise(err)
+        }
+        Err(_) => {
+            lent.finish();
+            runtime::raise_interrupt()
+        }
+    };
+    lent.finish();
+    with_state(|state| {
+        if let Some(participant) = state.participants.get_mut(&node_id) {
+            participant.snapshot = exported.clone();
+        }
+    });
+    exported
+}
+
 /// True when this transaction has remote participants.
 pub fn has_participants() -> bool {
     with_state(|state| state.participants.values().any(|p| p.sent_level > 0))
@@ -566,6 +636,7 @@ pub fn pre_commit() {
                 sent_level,
                 prepared_gid: None,
                 writes: participant.writes,
+                snapshot: None,
             }),
         }
     }
