@@ -953,7 +953,7 @@ fn repeatable_read_and_serializable_keep_one_snapshot_per_node(cluster: &Cluster
     coordinator
         .batch_execute("SELECT pgdist.create_distributed_table('iso', 'id', shard_count => 4)")
         .unwrap();
-    let steps: [(bool, &str); 14] = [
+    let steps: &[(bool, &str)] = &[
         (true, "BEGIN ISOLATION LEVEL REPEATABLE READ"),
         (true, "SHOW transaction_isolation"),
         (true, "SELECT count(*), sum(v) FROM iso"),
@@ -969,6 +969,19 @@ fn repeatable_read_and_serializable_keep_one_snapshot_per_node(cluster: &Cluster
         (
             true,
             "UPDATE iso SET v = v - 1 WHERE id IN (11, 12) RETURNING id, v",
+        ),
+        (true, "COMMIT"),
+        // First read inside a savepoint (no snapshot can be exported there), kept after the
+        // savepoint is rolled back.
+        (true, "BEGIN ISOLATION LEVEL REPEATABLE READ"),
+        (true, "SAVEPOINT s"),
+        (true, "SELECT count(*), sum(v) FROM iso"),
+        (false, "UPDATE iso SET v = v + 1 WHERE id < 5"),
+        (true, "ROLLBACK TO SAVEPOINT s"),
+        (true, "SELECT count(*), sum(v) FROM iso"),
+        (
+            true,
+            "SELECT id, v FROM iso WHERE id < 5 ORDER BY id LIMIT 2",
         ),
         (true, "COMMIT"),
     ];
@@ -994,6 +1007,10 @@ fn repeatable_read_and_serializable_keep_one_snapshot_per_node(cluster: &Cluster
         seen[5].as_ref().map(|r| &r.0)
     );
     assert_eq!(seen[7], Err("40001".to_string()));
+    assert_eq!(
+        seen[16].as_ref().map(|r| &r.0),
+        seen[19].as_ref().map(|r| &r.0)
+    );
     run_on_both(&mut coordinator, &mut reference, "DROP TABLE iso");
 }
 
