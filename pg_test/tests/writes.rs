@@ -984,6 +984,17 @@ fn repeatable_read_and_serializable_keep_one_snapshot_per_node(cluster: &Cluster
             "SELECT id, v FROM iso WHERE id < 5 ORDER BY id LIMIT 2",
         ),
         (true, "COMMIT"),
+        // Read first, then written on every node, then read again: committed with two-phase
+        // commit, the writes made in the snapshot of the first read.
+        (true, "BEGIN ISOLATION LEVEL REPEATABLE READ"),
+        (true, "SELECT count(*), sum(v) FROM iso"),
+        (false, "UPDATE iso SET v = v + 1000 WHERE id = 20"),
+        (
+            true,
+            "UPDATE iso SET v = v + 1 WHERE id BETWEEN 1 AND 10 RETURNING id, v",
+        ),
+        (true, "SELECT count(*), sum(v) FROM iso"),
+        (true, "COMMIT"),
     ];
     let mut outcomes = Vec::new();
     for server in [0, 1] {

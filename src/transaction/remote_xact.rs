@@ -34,9 +34,6 @@ struct Participant {
     /// It may have written or locked rows; false while it only read (in a REPEATABLE READ or
     /// SERIALIZABLE transaction), when it commits alone, without being prepared.
     writes: bool,
-    /// REPEATABLE READ: the snapshot its remote transaction exported for the connections that
-    /// read the node in parallel (`read_snapshot`).
-    snapshot: Option<String>,
 }
 
 #[derive(Default)]
@@ -49,6 +46,16 @@ struct XactState {
     /// `SET CONSTRAINTS ALL …` run in this transaction, with the subtransaction level it ran
     /// at: nodes that join the transaction later run them after the matching savepoint.
     constraint_modes: Vec<(i32, &'static str)>,
+    /// REPEATABLE READ: per node, a connection whose read-only transaction exported the
+    /// snapshot the transaction reads the node with (`read_snapshot`).
+    holders: HashMap<i32, SnapshotHolder>,
+}
+
+/// A remote transaction that only holds a snapshot for others to import. (The participant
+/// cannot export it: PostgreSQL refuses to prepare a transaction that exported a snapshot.)
+struct SnapshotHolder {
+    conn: NodeConnection,
+    snapshot: String,
 }
 
 fn with_state<R>(f: impl FnOnce(&mut XactState) -> R) -> R {
@@ -330,7 +337,6 @@ fn checkout_for(targets: &[NodeTarget], writes: bool) -> Result<Checkout, Remote
                         prepared_gid: None,
                         sent_level: 0,
                         writes,
-                        snapshot: None,
                     });
                 participant.writes |= writes;
                 let level = participant.sent_level;
@@ -378,7 +384,15 @@ fn checkout_for(targets: &[NodeTarget], writes: bool) -> Result<Checkout, Remote
                 *id,
                 (
                     with_state(|state| {
-                        opening_statements(begin_statement(), *from, level, &state.constraint_modes)
+                        let begin = match state.holders.get(id) {
+                            Some(holder) => format!(
+                                "{}; SET TRANSACTION SNAPSHOT {}",
+                                begin_statement(),
+                                crate::remote::quote::quote_literal(&holder.snapshot)
+                            ),
+                            None => begin_statement().to_string(),
+                        };
+                        opening_statements(&begin, *from, level, &state.constraint_modes)
                     }),
                     *from,
                 ),
@@ -508,12 +522,12 @@ pub fn writes_on(node_id: i32) -> bool {
     })
 }
 
-/// The snapshot of the node's remote transaction, exported (`pg_export_snapshot()`) for other
-/// connections to read the node with (`SET TRANSACTION SNAPSHOT`), when the transaction is
-/// REPEATABLE READ and has only read there. None otherwise — SERIALIZABLE, whose reads must be
-/// the transaction's own; a node written or locked; a remote transaction that would have to
-/// export from a subtransaction, which PostgreSQL refuses — and the node is then read through
-/// the transaction's connection.
+/// The snapshot the transaction reads node `target` with, exported for other connections to
+/// import (`SET TRANSACTION SNAPSHOT`), when the transaction is REPEATABLE READ and has not begun
+/// its remote transaction there yet (which then imports it too): taken by a connection of its
+/// own that holds it until the transaction ends. None otherwise — SERIALIZABLE, whose reads must
+/// be the remote transaction's own; a remote transaction that began with a snapshot of its own —
+/// and the node is then read through the transaction's connection.
 pub fn read_snapshot(target: &NodeTarget) -> Option<String> {
     // SAFETY: a plain read of backend state.
     if unsafe { pg_sys::XactIsoLevel } != pg_sys::XACT_REPEATABLE_READ as i32 {
@@ -521,46 +535,66 @@ pub fn read_snapshot(target: &NodeTarget) -> Option<String> {
     }
     let node_id = target.node.node_id;
     let known = with_state(|state| {
-        state
+        let begun = state
             .participants
             .get(&node_id)
-            .map(|p| (p.sent_level, p.writes, p.snapshot.clone()))
+            .is_some_and(|p| p.sent_level > 0);
+        let held = state.holders.get(&node_id).map(|h| h.snapshot.clone());
+        (begun, held)
     });
     match known {
-        Some((_, false, Some(snapshot))) => return Some(snapshot),
-        Some((sent_level, false, None)) if sent_level == 0 => {}
-        None => {}
-        Some(_) => return None,
+        (_, Some(snapshot)) => return Some(snapshot),
+        (true, None) => return None,
+        (false, None) => {}
     }
-    if nest_level() > 1 {
-        return None;
-    }
-    let mut lent = checkout_for_reads(std::slice::from_ref(target)).ok()?;
-    let sql = format!(
-        "{}SELECT pg_catalog.pg_export_snapshot()",
-        lent.take_prefix(0)
-    );
-    let exported = match runtime::block_on(lent.conns[0].simple_query(&sql)) {
-        Ok(Ok(messages)) => crate::remote::rows_as_text(&messages)
-            .into_iter()
-            .next()
-            .and_then(|row| row.into_iter().next().flatten()),
-        Ok(Err(err)) => {
-            lent.finish();
-            raise(err)
-        }
-        Err(_) => {
-            lent.finish();
-            runtime::raise_interrupt()
-        }
-    };
-    lent.finish();
-    with_state(|state| {
-        if let Some(participant) = state.participants.get_mut(&node_id) {
-            participant.snapshot = exported.clone();
-        }
+    let opened = runtime::block_on(async {
+        let conn = match connection::take_cached(target) {
+            Some(conn) => conn,
+            None => NodeConnection::open(target).await?,
+        };
+        let messages = conn
+            .simple_query(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.pg_export_snapshot()",
+            )
+            .await?;
+        Ok::<_, RemoteError>((conn, messages))
     });
-    exported
+    let (conn, messages) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(err)) => raise(err),
+        Err(_) => runtime::raise_interrupt(),
+    };
+    let snapshot = crate::remote::rows_as_text(&messages)
+        .into_iter()
+        .next()
+        .and_then(|row| row.into_iter().next().flatten())?;
+    with_state(|state| {
+        state.holders.insert(
+            node_id,
+            SnapshotHolder {
+                conn,
+                snapshot: snapshot.clone(),
+            },
+        )
+    });
+    Some(snapshot)
+}
+
+/// Ends the transactions that hold snapshots (they only read), all at once.
+fn end_snapshot_holders() {
+    let holders: Vec<SnapshotHolder> =
+        with_state(|state| state.holders.drain().map(|(_, holder)| holder).collect());
+    if holders.is_empty() {
+        return;
+    }
+    let ends = holders.iter().map(|h| h.conn.simple_query("ROLLBACK"));
+    if let Ok(results) = runtime::block_on(futures_util::future::join_all(ends)) {
+        for (holder, result) in holders.into_iter().zip(results) {
+            if result.is_ok() {
+                connection::give_back(holder.conn);
+            }
+        }
+    }
 }
 
 /// True when this transaction has remote participants.
@@ -614,6 +648,8 @@ fn gid_for(node_id: i32) -> String {
 
 /// XACT_EVENT_PRE_COMMIT: prepare or commit the participants; errors abort the transaction.
 pub fn pre_commit() {
+    // Every remote transaction that imports a held snapshot has begun by now.
+    end_snapshot_holders();
     let lost =
         with_state(|state| state.poisoned || state.participants.values().any(|p| p.conn.is_none()));
     if lost {
@@ -636,7 +672,6 @@ pub fn pre_commit() {
                 sent_level,
                 prepared_gid: None,
                 writes: participant.writes,
-                snapshot: None,
             }),
         }
     }
@@ -786,6 +821,7 @@ pub fn after_commit() {
 
 /// XACT_EVENT_ABORT: roll back every participant (prepared or not). Never raises.
 pub fn after_abort() {
+    end_snapshot_holders();
     let participants = take_all();
     if participants.is_empty() {
         return;
