@@ -239,10 +239,11 @@ pub struct FragmentStream {
 impl FragmentStream {
     /// Starts every fragment. `work` is one entry per node: its target and its fragments;
     /// `settings` (SET statements) go first on connections that do not have them yet. With
-    /// `locks_rows`, and in a REPEATABLE READ or SERIALIZABLE transaction block, every node is
-    /// read through the coordinator transaction's connection, joining it to the transaction
-    /// where needed. With `merge_order` (an `ORDER BY` of output positions) each connection's
-    /// share is one sorted query with a stream of its own.
+    /// `locks_rows`, on nodes where the transaction wrote, and in a SERIALIZABLE transaction
+    /// block, a node is read through the coordinator transaction's connection, joining it to
+    /// the transaction where needed; in a REPEATABLE READ block, on connections of its own that
+    /// import the transaction's snapshot of the node. With `merge_order` (an `ORDER BY` of
+    /// output positions) each connection's share is one sorted query with a stream of its own.
     pub fn start(
         work: Vec<(NodeTarget, Vec<FragmentSql>)>,
         settings: String,
@@ -252,7 +253,7 @@ impl FragmentStream {
     ) -> FragmentStream {
         let mut channels = Channels::new(merge_order);
         // Where each node is read: through the transaction's connection, or on connections of
-        // their own — in REPEATABLE READ with the snapshot the transaction's exported.
+        // its own (under REPEATABLE READ in a transaction of their own with its snapshot).
         let snapshot_per_transaction = remote_xact::snapshot_per_transaction();
         let mut transactional = Vec::new();
         let mut lanes_of_their_own = Vec::new();
