@@ -1376,6 +1376,28 @@ fn writes_inside_with_match_plain_postgres(cluster: &Cluster) {
 /// columns, a reference source, or any other source — a table, a subquery, a view, VALUES, a
 /// function, a WITH query — repartitioned by the source column the ON condition equates with
 /// the distribution column; other shapes are refused with 0A000 and change nothing.
+/// Asserts that both workers' copies of reference table `table` hold the same rows: `row` (SQL
+/// for one row as text, quotes doubled) of each, ordered by `order`.
+fn copies_agree(client: &mut Client, table: &str, row: &str, order: &str) {
+    let copies: Vec<String> = client
+        .query(
+            &format!(
+                "SELECT r.result FROM pgdist.shards s, LATERAL pgdist.run_on_workers(format(
+                   'SELECT string_agg({row}, '','' ORDER BY {order}) FROM %s', s.shard_name)) r
+                 WHERE s.table_name::text = '{table}' AND r.node_id = s.node_id"
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        copies.len() == 2 && copies[0] == copies[1],
+        "every copy of {table} holds the same rows: {copies:?}"
+    );
+}
+
 fn merge_matches_plain_postgres(cluster: &Cluster) {
     let mut coordinator = cluster.coordinator_client();
     let mut reference = cluster.reference.connect();
@@ -1704,21 +1726,7 @@ fn merge_matches_plain_postgres(cluster: &Cluster) {
              WHEN NOT MATCHED AND p.item <= 40 THEN INSERT VALUES (p.item, p.item % 3)",
         ],
     );
-    let copies: Vec<String> = coordinator
-        .query(
-            "SELECT r.result FROM pgdist.shards s, LATERAL pgdist.run_on_workers(format(
-               'SELECT string_agg(item || '':'' || qty, '','' ORDER BY item) FROM %s', s.shard_name)) r
-             WHERE s.table_name::text = 'shelf' AND r.node_id = s.node_id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert!(
-        copies.len() == 2 && copies[0] == copies[1],
-        "every copy of shelf holds the same rows: {copies:?}"
-    );
+    copies_agree(&mut coordinator, "shelf", "item || '':'' || qty", "item");
     let fired: i64 = coordinator
         .query_one(
             "SELECT count(DISTINCT split_part(what, ' ', 1)) FROM merge_rows \
@@ -3105,22 +3113,13 @@ fn triggers_fire_on_the_coordinator_as_plain_postgres_fires_them(cluster: &Clust
     for table in tables {
         compare(&mut coordinator, &mut reference, table);
     }
-    // Only what the coordinator cannot fire as PostgreSQL does is refused, changing nothing.
-    let copies: Vec<String> = coordinator
-        .query(
-            "SELECT r.result FROM pgdist.shards s, LATERAL pgdist.run_on_workers(format(
-               'SELECT string_agg(code || '':'' || label, '','' ORDER BY code) FROM %s', s.shard_name)) r
-             WHERE s.table_name::text = 'tr_codes' AND r.node_id = s.node_id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert!(
-        copies.len() == 2 && copies[0] == copies[1],
-        "every copy of tr_codes holds the same rows: {copies:?}"
+    copies_agree(
+        &mut coordinator,
+        "tr_codes",
+        "code || '':'' || label",
+        "code",
     );
+    // Only what the coordinator cannot fire as PostgreSQL does is refused, changing nothing.
     for sql in [
         "CREATE CONSTRAINT TRIGGER h_deferred AFTER INSERT ON tr_items DEFERRABLE INITIALLY DEFERRED \
            FOR EACH ROW EXECUTE FUNCTION tr_log()",
