@@ -146,26 +146,6 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    // Transaction control and settings are PostgreSQL's alone, and must not find a snapshot
-    // taken (reading pgdist's catalog takes one): `BEGIN ISOLATION LEVEL …` and `SET
-    // TRANSACTION …` must come before any query.
-    // SAFETY: pstmt is the statement being run.
-    if unsafe { is_transaction_control(pstmt) } {
-        // SAFETY: chaining with the arguments we were given, unchanged.
-        unsafe {
-            run_next(
-                pstmt,
-                query_string,
-                read_only_tree,
-                context,
-                params,
-                query_env,
-                dest,
-                qc,
-            )
-        };
-        return;
-    }
     // SAFETY: as below; COPY FROM into a distributed table is run here instead of on the shell.
     let mut pstmt = pstmt;
     unsafe {
@@ -201,8 +181,12 @@ unsafe extern "C-unwind" fn process_utility(
     // as its owner (`metadata::as_catalog_owner`), whoever runs the statement.
     // SAFETY: a plain getter of the current user.
     let user = unsafe { pg_sys::GetUserId() };
+    // Transaction control and settings are PostgreSQL's alone, and must not find a snapshot
+    // taken (reading pgdist's catalog takes one): `BEGIN ISOLATION LEVEL …` and `SET
+    // TRANSACTION …` must come before any query. (The COPY, DROP DATABASE and ALTER TABLE
+    // checks look at the statement's type first.)
     let propagation = unsafe {
-        if pgdist_is_active() {
+        if !is_transaction_control(pstmt) && pgdist_is_active() {
             crate::metadata::as_catalog_owner(|| plan(pstmt, query_string, user)).or_raise()
         } else {
             None
@@ -213,36 +197,6 @@ unsafe extern "C-unwind" fn process_utility(
         unsafe { alters_distributed_table(pstmt) }.then(crate::planner::ShellsOnly::enter);
     // SAFETY: chaining to the previous hook or the standard implementation with the arguments
     // we were given, unchanged.
-    unsafe {
-        run_next(
-            pstmt,
-            query_string,
-            read_only_tree,
-            context,
-            params,
-            query_env,
-            dest,
-            qc,
-        )
-    }
-    if let Some(propagation) = propagation {
-        crate::metadata::as_catalog_owner(|| propagate(propagation)).or_raise();
-    }
-}
-
-/// Runs the statement: the previous hook, or PostgreSQL's own implementation.
-#[allow(clippy::too_many_arguments)]
-unsafe fn run_next(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query_string: *const std::ffi::c_char,
-    read_only_tree: bool,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    query_env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
-    // SAFETY: the caller passes the hook's own arguments.
     unsafe {
         match PREVIOUS_HOOK {
             Some(previous) => previous(
@@ -266,6 +220,9 @@ unsafe fn run_next(
                 qc,
             ),
         }
+    }
+    if let Some(propagation) = propagation {
+        crate::metadata::as_catalog_owner(|| propagate(propagation)).or_raise();
     }
 }
 
